@@ -1,0 +1,24 @@
+"""The one error type gguf-split lets escape.
+
+Every problem with a user's input (a file, a spec, an output directory, a full disk) is reported as a
+`GGUFSplitError` naming the file and the problem; the CLI prints it as one line and exits with code 2.
+Anything else escaping is a bug in gguf-split.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class GGUFSplitError(Exception):
+    """A problem with a file or spec the user gave us: `str(err)` is "<path>: <problem>"."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, problem: str) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+def os_problem(err: OSError) -> str:
+    """A short text for an OSError, without the path (the caller names the file)."""
+    return err.strerror or str(err)

@@ -1,0 +1,517 @@
+"""GGUF files: a lean, strict header reader and a byte-exact header writer.
+
+Why not `gguf.GGUFReader`: it builds numpy views for every array element and takes ~27 s on Gemma-3's
+262k-token vocabulary here; a `struct` walk over an mmap takes ~0.1 s. Type tables (value types, ggml
+types, block sizes) come from the installed `gguf` package, so a ggml type added there is known here.
+
+The reader keeps every key/value pair and tensor-info record as a byte span of the file, so a header can be
+written back byte for byte (bit-exact restore) without re-encoding anything. Every count, length and
+offset read from the file is checked against the file size before it is used to allocate or loop: a
+30-byte file can claim 2^63 tensors. Only `GGUFSplitError` escapes, naming the file and the problem.
+
+Layout (little-endian; see ../shared/NOTES.md): magic "GGUF", version u32 (2 or 3), n_tensors u64, n_kv u64,
+n_kv KV records, n_tensors tensor-info records, zero padding to `general.alignment`, the data section.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from gguf.constants import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFValueType,
+    Keys,
+)
+
+from .errors import GGUFSplitError, os_problem
+
+MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+WRITE_VERSION = 3
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_NESTING = 8  # deeper nesting is refused (llama.cpp writes at most 1 level)
+ALIGNMENT_KEY = Keys.General.ALIGNMENT
+ARCHITECTURE_KEY = Keys.General.ARCHITECTURE
+
+# struct formats of the fixed-size value types; STRING and ARRAY are handled apart.
+SCALAR_FORMATS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+SCALAR_SIZES = {t: struct.calcsize(f) for t, f in SCALAR_FORMATS.items()}
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_PREFIX = struct.Struct("<4sIQQ")
+_VALUE_TYPES = {int(t): t for t in GGUFValueType}
+_GGML_TYPES = {int(t): t for t in GGML_QUANT_SIZES}
+
+
+def align_up(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of `shape` (ne0 first) in `ggml_type`, from gguf's block-size table."""
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * type_size
+
+
+def type_name(ggml_type: int) -> str:
+    t = _GGML_TYPES.get(ggml_type)
+    return t.name if t is not None else f"type{ggml_type}"
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    """One key/value record, as the byte span [start, end) of its file."""
+
+    key: str
+    vtype: GGUFValueType
+    start: int  # offset of the record (its key's length field)
+    value_start: int  # offset of the value, after the u32 value type
+    end: int
+    subtype: GGUFValueType | None = None  # element type, for arrays
+    count: int = 1  # element count, for arrays
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor-info record: `shape` is GGUF order (ne0, the fastest-moving dim, first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int  # relative to the data section
+    nbytes: int
+    start: int  # byte span of the record in its file
+    end: int
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.ggml_type)
+
+
+@dataclass
+class Header:
+    path: str
+    version: int
+    kvs: list[KV]
+    tensors: list[TensorInfo]
+    alignment: int
+    tensor_info_start: int
+    data_start: int
+    file_size: int
+    kv_by_key: dict[str, KV] = field(default_factory=dict)
+    tensor_by_name: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def kv_start(self) -> int:
+        return _PREFIX.size
+
+    @property
+    def tensor_info_end(self) -> int:
+        return self.tensors[-1].end if self.tensors else self.tensor_info_start
+
+    def data_end(self) -> int:
+        """End of the last tensor's bytes (the data start when there is no tensor)."""
+        return max((self.data_start + t.offset + t.nbytes for t in self.tensors), default=self.data_start)
+
+
+class _Cursor:
+    """Bounds-checked reads from a buffer; every failure names the file and the byte offset."""
+
+    __slots__ = ("buf", "pos", "size", "path")
+
+    def __init__(self, buf: Any, pos: int, size: int, path: str) -> None:
+        self.buf, self.pos, self.size, self.path = buf, pos, size, path
+
+    def fail(self, problem: str, at: int | None = None) -> GGUFSplitError:
+        return GGUFSplitError(self.path, f"{problem} (at byte {self.pos if at is None else at})")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"truncated: {what} needs {n} bytes, {max(self.size - self.pos, 0)} left")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        (v,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return v
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        (v,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return v
+
+    def skip_string(self, what: str) -> None:
+        n = self.u64(f"{what} length")
+        self.need(n, what)
+        self.pos += n
+
+    def text(self, what: str) -> str:
+        start = self.pos
+        n = self.u64(f"{what} length")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8", at=start) from None
+
+    def value_type(self, what: str) -> GGUFValueType:
+        at = self.pos
+        raw = self.u32(what)
+        t = _VALUE_TYPES.get(raw)
+        if t is None:
+            raise self.fail(f"{what}: unknown value type {raw}", at=at)
+        return t
+
+    def skip_value(self, vtype: GGUFValueType, what: str, depth: int = 0) -> tuple[GGUFValueType | None, int]:
+        """Skip one value; for an array return (element type, count)."""
+        if vtype is GGUFValueType.STRING:
+            self.skip_string(what)
+            return None, 1
+        if vtype is not GGUFValueType.ARRAY:
+            self.need(SCALAR_SIZES[vtype], what)
+            self.pos += SCALAR_SIZES[vtype]
+            return None, 1
+        if depth >= MAX_ARRAY_NESTING:
+            raise self.fail(f"{what}: arrays nested deeper than {MAX_ARRAY_NESTING}")
+        sub = self.value_type(f"{what} element type")
+        count = self.u64(f"{what} element count")
+        left = self.size - self.pos
+        if sub is GGUFValueType.STRING:
+            # each string needs at least its 8-byte length: check the claim before looping
+            if count > left // 8:
+                raise self.fail(f"{what}: array claims {count} strings, the file holds at most {left // 8}")
+            buf, pos, size = self.buf, self.pos, self.size
+            unpack = _U64.unpack_from
+            for _ in range(count):
+                if pos + 8 > size:
+                    raise self.fail(f"truncated: {what} string length", at=pos)
+                (n,) = unpack(buf, pos)
+                pos += 8
+                if n > size - pos:
+                    raise self.fail(f"truncated: {what} string of {n} bytes", at=pos - 8)
+                pos += n
+            self.pos = pos
+        elif sub is GGUFValueType.ARRAY:
+            if count > left // 12:
+                raise self.fail(f"{what}: array claims {count} arrays, the file holds at most {left // 12}")
+            for _ in range(count):
+                self.skip_value(GGUFValueType.ARRAY, what, depth + 1)
+        else:
+            n = count * SCALAR_SIZES[sub]
+            if n > left:
+                raise self.fail(f"{what}: array claims {count} elements ({n} bytes), {left} bytes left")
+            self.pos += n
+        return sub, count
+
+
+def read_kv(cur: _Cursor, i: int) -> KV:
+    start = cur.pos
+    key = cur.text(f"key of key/value pair {i}")
+    vtype = cur.value_type(f"value type of {key!r}")
+    value_start = cur.pos
+    sub, count = cur.skip_value(vtype, f"value of {key!r}")
+    return KV(key, vtype, start, value_start, cur.pos, sub, count)
+
+
+def parse_kvs(buf: bytes, path: str) -> list[KV]:
+    """Parse a run of KV records filling `buf` (as gguf-split stores them in its restore records)."""
+    cur, out = _Cursor(buf, 0, len(buf), path), []
+    while cur.pos < len(buf):
+        out.append(read_kv(cur, len(out)))
+    return out
+
+
+def parse_header(buf: Any, size: int, path: str) -> Header:
+    """Parse and check the GGUF header at the start of `buf` (bytes, mmap or memoryview) for a file of
+    `size` bytes. `buf` may hold the header alone (a rebuilt header): reads are bounded by len(buf), the
+    data-section checks by `size`."""
+    if len(buf) < _PREFIX.size:
+        if len(buf) >= 4 and bytes(buf[:4]) != MAGIC:
+            raise GGUFSplitError(path, "not a GGUF file (no GGUF magic)")
+        raise GGUFSplitError(path, f"not a GGUF file: {len(buf)} bytes, too short for a GGUF header")
+    magic, version, n_tensors, n_kv = _PREFIX.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise GGUFSplitError(path, "not a GGUF file (no GGUF magic)")
+    if version not in SUPPORTED_VERSIONS:
+        if version & 0xFFFF == 0 and (version >> 16) in (1, 2, 3):
+            raise GGUFSplitError(path, "big-endian GGUF is not supported (llama.cpp cannot load it on this machine either)")
+        if version == 1:
+            raise GGUFSplitError(path, "GGUF version 1 is obsolete and not supported; convert it again with current llama.cpp")
+        raise GGUFSplitError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
+    cur = _Cursor(buf, _PREFIX.size, len(buf), path)
+    # a KV record is at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at least 8 + 4 + 4 + 8
+    room = cur.size - cur.pos
+    if n_kv > room // 13:
+        raise cur.fail(f"header claims {n_kv} key/value pairs, the file can hold at most {room // 13}", at=16)
+    if n_tensors > room // 24:
+        raise cur.fail(f"header claims {n_tensors} tensors, the file can hold at most {room // 24}", at=8)
+
+    kvs: list[KV] = []
+    kv_by_key: dict[str, KV] = {}
+    for i in range(n_kv):
+        kv = read_kv(cur, i)
+        if kv.key in kv_by_key:
+            raise cur.fail(f"duplicate key {kv.key!r}", at=kv.start)
+        kv_by_key[kv.key] = kv
+        kvs.append(kv)
+
+    alignment = GGUF_DEFAULT_ALIGNMENT
+    akv = kv_by_key.get(ALIGNMENT_KEY)
+    if akv is not None:
+        if akv.vtype is not GGUFValueType.UINT32:
+            raise cur.fail(f"{ALIGNMENT_KEY} must be a u32, not {akv.vtype.name}", at=akv.start)
+        (alignment,) = _U32.unpack_from(buf, akv.value_start)
+        if alignment == 0 or alignment & (alignment - 1):
+            raise cur.fail(f"{ALIGNMENT_KEY} = {alignment} is not a power of two", at=akv.start)
+
+    tensor_info_start = cur.pos
+    tensors = read_tensor_infos(cur, n_tensors, alignment)
+    by_name = {t.name: t for t in tensors}
+
+    data_start = align_up(cur.pos, alignment)
+    header = Header(path, version, kvs, tensors, alignment, tensor_info_start, data_start, size, kv_by_key, by_name)
+    _check_data_layout(header)
+    return header
+
+
+def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> list[TensorInfo]:
+    """Read `n_tensors` tensor-info records (None: until the end of the buffer) and check each."""
+    tensors: list[TensorInfo] = []
+    names: set[str] = set()
+    i = 0
+    while (i < n_tensors) if n_tensors is not None else (cur.pos < cur.size):
+        start = cur.pos
+        name = cur.text(f"name of tensor {i}")
+        if name in names:
+            raise cur.fail(f"duplicate tensor name {name!r}", at=start)
+        n_dims = cur.u32(f"dimension count of tensor {name!r}")
+        if n_dims > MAX_DIMS:
+            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS} are allowed", at=cur.pos - 4)
+        shape = tuple(cur.u64(f"dimensions of tensor {name!r}") for _ in range(n_dims))
+        at = cur.pos
+        raw_type = cur.u32(f"type of tensor {name!r}")
+        offset = cur.u64(f"offset of tensor {name!r}")
+        if raw_type not in _GGML_TYPES:
+            raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}", at=at)
+        n_elems = 1
+        for d in shape:
+            if d == 0:
+                raise cur.fail(f"tensor {name!r} has a zero dimension {list(shape)}", at=at)
+            n_elems *= d
+        if n_elems >= 1 << 63:
+            raise cur.fail(f"tensor {name!r}: element count of shape {list(shape)} overflows", at=at)
+        block, type_size = GGML_QUANT_SIZES[_GGML_TYPES[raw_type]]
+        if block == 0 or type_size == 0:
+            raise cur.fail(f"tensor {name!r} has ggml type {type_name(raw_type)}, which has no block size", at=at)
+        if shape and shape[0] % block:
+            raise cur.fail(f"tensor {name!r}: first dimension {shape[0]} is not a multiple of "
+                           f"{type_name(raw_type)}'s block size {block}", at=at)
+        if offset % alignment:
+            raise cur.fail(f"tensor {name!r}: offset {offset} is not a multiple of the alignment {alignment}", at=at + 4)
+        names.add(name)
+        tensors.append(TensorInfo(name, shape, raw_type, offset, n_elems // block * type_size, start, cur.pos))
+        i += 1
+    return tensors
+
+
+def parse_tensor_infos(buf: bytes, path: str, alignment: int) -> list[TensorInfo]:
+    """Parse a run of tensor-info records filling `buf` (spans are relative to `buf`)."""
+    return read_tensor_infos(_Cursor(buf, 0, len(buf), path), None, alignment)
+
+
+def _check_data_layout(h: Header) -> None:
+    """Every tensor's bytes lie inside the file, and no two tensors overlap."""
+    end_prev, prev = 0, None
+    for t in sorted(h.tensors, key=lambda t: t.offset):
+        if h.data_start + t.offset + t.nbytes > h.file_size:
+            raise GGUFSplitError(h.path, f"tensor {t.name!r} ({t.nbytes} bytes at data offset {t.offset}) lies past the "
+                                         f"end of the file: truncated or corrupt")
+        if prev is not None and t.offset < end_prev:
+            raise GGUFSplitError(h.path, f"tensors {prev.name!r} and {t.name!r} overlap in the data section")
+        end_prev, prev = t.offset + t.nbytes, t
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values
+
+
+def decode_value(buf: Any, vtype: GGUFValueType, pos: int) -> tuple[Any, int]:
+    """Decode one value at `pos` of an already checked header; return (value, end). Strings that are not
+    valid UTF-8 come back as `bytes` (the file keeps them byte-exact)."""
+    if vtype is GGUFValueType.STRING:
+        (n,) = _U64.unpack_from(buf, pos)
+        raw = bytes(buf[pos + 8 : pos + 8 + n])
+        try:
+            return raw.decode("utf-8"), pos + 8 + n
+        except UnicodeDecodeError:
+            return raw, pos + 8 + n
+    if vtype is GGUFValueType.ARRAY:
+        (sub,) = _U32.unpack_from(buf, pos)
+        (count,) = _U64.unpack_from(buf, pos + 4)
+        sub_t = GGUFValueType(sub)
+        pos += 12
+        if sub_t in SCALAR_FORMATS:
+            fmt = SCALAR_FORMATS[sub_t]
+            n = SCALAR_SIZES[sub_t] * count
+            vals = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, pos)) if count else []
+            return vals, pos + n
+        out = []
+        for _ in range(count):
+            v, pos = decode_value(buf, sub_t, pos)
+            out.append(v)
+        return out, pos
+    (v,) = struct.unpack_from(SCALAR_FORMATS[vtype], buf, pos)
+    return v, pos + SCALAR_SIZES[vtype]
+
+
+def encode_value(vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None = None) -> bytes:
+    """Encode a value the way llama.cpp and gguf-py do (typed, little-endian)."""
+    if vtype is GGUFValueType.STRING:
+        raw = value if isinstance(value, (bytes, bytearray)) else str(value).encode("utf-8")
+        return _U64.pack(len(raw)) + raw
+    if vtype is GGUFValueType.ARRAY:
+        if subtype is None:
+            raise ValueError("an array needs its element type")
+        if subtype in SCALAR_FORMATS:
+            body = struct.pack(f"<{len(value)}{SCALAR_FORMATS[subtype][1]}", *value)
+        else:
+            body = b"".join(encode_value(subtype, v) for v in value)
+        return _U32.pack(subtype) + _U64.pack(len(value)) + body
+    return struct.pack(SCALAR_FORMATS[vtype], value)
+
+
+def encode_kv(key: str, vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None = None) -> bytes:
+    return encode_value(GGUFValueType.STRING, key) + _U32.pack(vtype) + encode_value(vtype, value, subtype)
+
+
+def encode_tensor_info(name: str, shape: tuple[int, ...], ggml_type: int, offset: int) -> bytes:
+    parts = [encode_value(GGUFValueType.STRING, name), _U32.pack(len(shape))]
+    parts += [_U64.pack(d) for d in shape]
+    parts += [_U32.pack(ggml_type), _U64.pack(offset)]
+    return b"".join(parts)
+
+
+def encode_prefix(version: int, n_tensors: int, n_kv: int) -> bytes:
+    return _PREFIX.pack(MAGIC, version, n_tensors, n_kv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+
+
+class GGUFFile:
+    """A GGUF file opened read-only and mapped: its checked header plus zero-copy views of its bytes.
+
+    The map is shared by every view handed out; close() (or the context manager) releases it once no view
+    is alive any more.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._mm: mmap.mmap | None = None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise GGUFSplitError(self.path, f"cannot open: {os_problem(e)}") from None
+        try:
+            st = os.fstat(fd)
+            if not _is_regular(st.st_mode):
+                raise GGUFSplitError(self.path, "not a regular file")
+            self.size = st.st_size
+            if self.size == 0:
+                raise GGUFSplitError(self.path, "empty file, not a GGUF file")
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            self.fd = fd
+        except OSError as e:
+            os.close(fd)
+            raise GGUFSplitError(self.path, f"cannot map: {os_problem(e)}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            self.header = parse_header(self._mm, self.size, self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def mm(self) -> mmap.mmap:
+        if self._mm is None:
+            raise GGUFSplitError(self.path, "file is closed")
+        return self._mm
+
+    def view(self, start: int, end: int) -> memoryview:
+        return memoryview(self.mm)[start:end]
+
+    def tensor_view(self, t: TensorInfo) -> memoryview:
+        s = self.header.data_start + t.offset
+        return memoryview(self.mm)[s : s + t.nbytes]
+
+    def kv_value(self, key: str) -> Any:
+        kv = self.header.kv_by_key[key]
+        return decode_value(self.mm, kv.vtype, kv.value_start)[0]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.kv_value(key) if key in self.header.kv_by_key else default
+
+    def raw(self, start: int, end: int) -> bytes:
+        return bytes(self.mm[start:end])
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a view is still alive: the map goes when it does
+            os.close(self.fd)
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_regular(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(mode)
+
+
+def iter_gaps(h: Header) -> Iterator[tuple[int, int]]:
+    """Byte spans of the file that no header record and no tensor covers: the header padding, padding
+    between tensors, and bytes after the last tensor. Writers zero-fill them."""
+    pos = h.tensor_info_end
+    for t in sorted(h.tensors, key=lambda t: t.offset):
+        s = h.data_start + t.offset
+        if s > pos:
+            yield pos, s
+        pos = max(pos, s + t.nbytes)
+    if h.file_size > pos:
+        yield pos, h.file_size
