@@ -515,3 +515,27 @@ def iter_gaps(h: Header) -> Iterator[tuple[int, int]]:
         pos = max(pos, s + t.nbytes)
     if h.file_size > pos:
         yield pos, h.file_size
+
+
+_PLAIN_DTYPES = {
+    GGMLQuantizationType.I8: "<i1",
+    GGMLQuantizationType.I16: "<i2",
+    GGMLQuantizationType.I32: "<i4",
+    GGMLQuantizationType.I64: "<i8",
+    GGMLQuantizationType.F64: "<f8",
+}
+
+
+def to_numpy(raw: Any, ggml_type: int, shape: tuple[int, ...]) -> "Any":
+    """A tensor's bytes as a numpy array in numpy order (reversed GGUF shape): float32 dequantized through
+    gguf's quants for float and quantized types; integer tensors keep their integer dtype."""
+    import numpy as np
+    from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+    qt = GGMLQuantizationType(ggml_type)
+    np_shape = tuple(reversed(shape)) or (1,)
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if qt in _PLAIN_DTYPES:
+        return data.view(_PLAIN_DTYPES[qt]).reshape(np_shape)
+    out = dequantize(data.reshape(quant_shape_to_byte_shape(np_shape, qt)), qt)
+    return np.asarray(out, dtype=np.float32).reshape(np_shape)
