@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny GGUF models written with gguf's own GGUFWriter (never committed files)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from gguf import GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+# name -> (ggml type, GGUF shape ne0 first). Covers F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K.
+BASE_TENSORS: dict[str, tuple[Q, tuple[int, ...]]] = {
+    "token_embd.weight": (Q.Q8_0, (64, 16)),
+    "blk.0.attn_norm.weight": (Q.F32, (64,)),
+    "blk.0.attn_q.weight": (Q.Q4_0, (64, 64)),
+    "blk.0.attn_v.weight": (Q.BF16, (64, 32)),
+    "blk.0.ffn_up.weight": (Q.Q4_K, (256, 8)),
+    "blk.0.ffn_down.weight": (Q.Q6_K, (256, 4)),
+    "blk.1.attn_q.weight": (Q.F16, (64, 64)),
+    "output_norm.weight": (Q.F32, (64,)),
+}
+
+
+def raw_tensor(rng: np.random.Generator, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """Random raw bytes of the right size for `qtype`/`shape`, as the uint8 byte-shaped array
+    GGUFWriter.add_tensor(raw_dtype=...) takes (numpy order: reversed GGUF shape)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    np_shape = tuple(reversed(shape))
+    byte_shape = (*np_shape[:-1], np_shape[-1] // block * size)
+    return rng.integers(0, 256, size=byte_shape, dtype=np.uint8)
+
+
+def write_model(path: str | os.PathLike[str], tensors: dict[str, tuple[Q, tuple[int, ...], int]], *,
+                arch: str = "llama", kvs: Callable[[GGUFWriter], None] | None = None,
+                alignment: int | None = None) -> str:
+    """Write a GGUF with `tensors` (name -> (type, GGUF shape, seed)); byte content depends on the seed only."""
+    w = GGUFWriter(os.fspath(path), arch)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
+    w.add_name("test model")
+    w.add_uint32(f"{arch}.block_count", 2)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_array("tokenizer.ggml.tokens", ["<s>", "</s>", "a", "b", "\u00e9\u4e2d"])
+    w.add_array("tokenizer.ggml.scores", [0.0, -1.0, -2.5, -3.0, -4.0])
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.add_array("test.strings_nested", [["x", "y"], ["z"]])
+    w.add_int64("test.i64", -(1 << 40))
+    w.add_float64("test.f64", 2.5)
+    if kvs is not None:
+        kvs(w)
+    for name, (qtype, shape, seed) in tensors.items():
+        rng = np.random.default_rng(seed)
+        w.add_tensor(name, raw_tensor(rng, qtype, shape), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(path)
+
+
+def base_tensors(seed: int = 0) -> dict[str, tuple[Q, tuple[int, ...], int]]:
+    return {name: (qt, shape, seed * 1000 + i) for i, (name, (qt, shape)) in enumerate(BASE_TENSORS.items())}
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def model_factory(tmp_path: Path) -> Callable[..., str]:
+    """model_factory("name", changes={tensor: seed or (type, shape, seed) or None}, **write_model kwargs):
+    the base model with some tensors changed, added (new name) or removed (None)."""
+
+    def make(name: str, changes: dict[str, Any] | None = None, **kwargs: Any) -> str:
+        tensors = base_tensors()
+        for t, change in (changes or {}).items():
+            if change is None:
+                tensors.pop(t, None)
+            elif isinstance(change, int):
+                qt, shape, _ = tensors[t]
+                tensors[t] = (qt, shape, change)
+            else:
+                tensors[t] = change
+        return write_model(tmp_path / f"{name}.gguf", tensors, **kwargs)
+
+    return make
