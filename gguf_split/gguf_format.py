@@ -246,10 +246,8 @@ def parse_kvs(buf: bytes, path: str) -> list[KV]:
     return out
 
 
-def parse_header(buf: Any, size: int, path: str) -> Header:
-    """Parse and check the GGUF header at the start of `buf` (bytes, mmap or memoryview) for a file of
-    `size` bytes. `buf` may hold the header alone (a rebuilt header): reads are bounded by len(buf), the
-    data-section checks by `size`."""
+def read_prefix(buf: Any, path: str) -> tuple[int, int, int]:
+    """Check magic and version; return (version, n_tensors, n_kv)."""
     if len(buf) < _PREFIX.size:
         if len(buf) >= 4 and bytes(buf[:4]) != MAGIC:
             raise GGUFSplitError(path, "not a GGUF file (no GGUF magic)")
@@ -263,6 +261,27 @@ def parse_header(buf: Any, size: int, path: str) -> Header:
         if version == 1:
             raise GGUFSplitError(path, "GGUF version 1 is obsolete and not supported; convert it again with current llama.cpp")
         raise GGUFSplitError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
+    return version, n_tensors, n_kv
+
+
+def read_kv_at(buf: Any, pos: int, path: str) -> KV:
+    """One checked KV record at byte `pos` of `buf`."""
+    return read_kv(_Cursor(buf, pos, len(buf), path), 0)
+
+
+def read_tensor_infos_at(buf: Any, pos: int, n_tensors: int, alignment: int, path: str) -> list[TensorInfo]:
+    """`n_tensors` checked tensor-info records from byte `pos` of `buf`."""
+    room = len(buf) - pos
+    if n_tensors > room // 24:
+        raise GGUFSplitError(path, f"header claims {n_tensors} tensors, the file can hold at most {room // 24}")
+    return read_tensor_infos(_Cursor(buf, pos, len(buf), path), n_tensors, alignment)
+
+
+def parse_header(buf: Any, size: int, path: str) -> Header:
+    """Parse and check the GGUF header at the start of `buf` (bytes, mmap or memoryview) for a file of
+    `size` bytes. `buf` may hold the header alone (a rebuilt header): reads are bounded by len(buf), the
+    data-section checks by `size`."""
+    version, n_tensors, n_kv = read_prefix(buf, path)
     cur = _Cursor(buf, _PREFIX.size, len(buf), path)
     # a KV record is at least 8 (key length) + 4 (type) + 1 bytes; a tensor info at least 8 + 4 + 4 + 8
     room = cur.size - cur.pos
@@ -431,7 +450,11 @@ class GGUFFile:
     is alive any more.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    header: Header
+
+    def __init__(self, path: str | os.PathLike[str], *, parse: bool = True) -> None:
+        """Open and map `path`; with parse=False the caller parses the header itself (the runtime
+        loader reads gguf-split's own files through their header index)."""
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
         try:
@@ -443,6 +466,7 @@ class GGUFFile:
             if not _is_regular(st.st_mode):
                 raise GGUFSplitError(self.path, "not a regular file")
             self.size = st.st_size
+            self.identity = (st.st_dev, st.st_ino)
             if self.size == 0:
                 raise GGUFSplitError(self.path, "empty file, not a GGUF file")
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -453,11 +477,12 @@ class GGUFFile:
         except BaseException:
             os.close(fd)
             raise
-        try:
-            self.header = parse_header(self._mm, self.size, self.path)
-        except BaseException:
-            self.close()
-            raise
+        if parse:
+            try:
+                self.header = parse_header(self._mm, self.size, self.path)
+            except BaseException:
+                self.close()
+                raise
 
     @property
     def mm(self) -> mmap.mmap:
@@ -468,8 +493,8 @@ class GGUFFile:
     def view(self, start: int, end: int) -> memoryview:
         return memoryview(self.mm)[start:end]
 
-    def tensor_view(self, t: TensorInfo) -> memoryview:
-        s = self.header.data_start + t.offset
+    def tensor_view(self, t: TensorInfo, data_start: int | None = None) -> memoryview:
+        s = (self.header.data_start if data_start is None else data_start) + t.offset
         return memoryview(self.mm)[s : s + t.nbytes]
 
     def kv_value(self, key: str) -> Any:

@@ -6,8 +6,9 @@ adaptor-<task>.gguf = llama.cpp split 0: gguf-split's records, `split.no` = 0, `
 (llama.cpp reads model metadata from split 0 only), then the task's own tensors.
 
 gguf-split's records come first in each file (keys `gguf_split.*`), so a reader can find
-`gguf_split.header_index` (the byte offsets of the original KVs, the tensor infos and the data) without
-walking a 262k-token vocabulary. The adaptor also records what a bit-exact restore takes: the original
+`gguf_split.header_index` (the byte offsets of the tensor infos, the data section and every KV after the
+index) without walking a 262k-token vocabulary; the first record, `gguf_split.header_xxh3`, seals the
+whole header so `verify` catches any change to it. The adaptor also records what a bit-exact restore takes: the original
 GGUF version, the original tensor-info block (names, shapes, types, data offsets, in order), any original
 KV it had to replace (`split.*`) with its position, any non-zero padding byte, the original size and
 whole-file xxh3-128 (what `xxh128sum` prints), and the foundation's identity.
@@ -45,7 +46,7 @@ K_SEAL = "gguf_split.header_xxh3"  # hex xxh3-128 of this file's header with thi
 K_VERSION = "gguf_split.version"
 K_ROLE = "gguf_split.role"
 K_TASK = "gguf_split.task"
-K_INDEX = "gguf_split.header_index"  # u64 array: [first original KV, tensor infos, data section] offsets
+K_INDEX = "gguf_split.header_index"  # u64 array: offsets of [tensor infos, data section, each KV after this one]
 K_FOUNDATION_ID = "gguf_split.foundation.id"  # hex xxh3-128 of the foundation's tensor identities
 K_FOUNDATION_FILE = "gguf_split.foundation.file"  # the foundation's file name, beside the adaptor
 K_DIGESTS = "gguf_split.tensor_digests"  # u8 array: 16-byte xxh3-128 per tensor of this file, in order
@@ -124,12 +125,15 @@ def build_header(own_kvs: list[bytes], tail_kvs: list[bytes], tensors: list[Plan
     n_kv = 1 + len(own_kvs) + 1 + len(tail_kvs)
     prefix = encode_prefix(3, len(tensors), n_kv)
     own = encode_kv(K_SEAL, STR, _UNSEALED) + b"".join(own_kvs)
-    index_len = len(encode_kv(K_INDEX, ARR, [0, 0, 0], U64))
+    index_len = len(encode_kv(K_INDEX, ARR, [0] * (2 + len(tail_kvs)), U64))
     tail = b"".join(tail_kvs)
-    first_tail = len(prefix) + len(own) + index_len
-    ti_start = first_tail + len(tail)
+    kv_offsets, pos = [], len(prefix) + len(own) + index_len
+    for kv in tail_kvs:
+        kv_offsets.append(pos)
+        pos += len(kv)
+    ti_start = pos
     data_start = (ti_start + len(infos) + alignment - 1) // alignment * alignment
-    index = encode_kv(K_INDEX, ARR, [first_tail, ti_start, data_start], U64)
+    index = encode_kv(K_INDEX, ARR, [ti_start, data_start, *kv_offsets], U64)
     header = prefix + own + index + tail + infos
     seal = xxhash.xxh3_128(header).hexdigest().encode()
     at = _seal_offset()
