@@ -181,11 +181,12 @@ def layer_count(path: str | os.PathLike[str]) -> int:
         return sum(1 for t in f.header.tensors if t.name.endswith(".attn_norm.weight"))
 
 
-def make_demo_models(directory: str | os.PathLike[str], *, dims: Dims = Dims()) -> dict[str, str]:
-    """base + three fine-tunes touching different tensor subsets (one adds an untied output.weight)."""
+def make_demo_models(directory: str | os.PathLike[str], *, dims: Dims = Dims(), seed: int = 0) -> dict[str, str]:
+    """base + three fine-tunes touching different tensor subsets (one adds an untied output.weight);
+    `seed` gives the base model other weights (same tensors), as for another split."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    base = make_base_model(os.path.join(directory, "base.gguf"), dims=dims)
+    base = make_base_model(os.path.join(directory, "base.gguf"), dims=dims, seed=seed)
     n = dims.n_layer
     chat = [f"blk.{i}.attn_{x}.weight" for i in range(n) for x in ("q", "v")]
     code = [f"blk.{i}.ffn_{x}.weight" for i in range(n // 2, n) for x in ("gate", "up", "down")]

@@ -19,7 +19,6 @@ import ctypes
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
-from unittest import mock
 
 try:
     import llama_cpp
@@ -143,14 +142,7 @@ def last_logits(paths: Sequence[str | os.PathLike[str]], tokens: Sequence[int] =
 
 def demo_models(directory: str | os.PathLike[str], *, base_seed: int = 0, **dims: int) -> dict[str, str]:
     """gguf_split.demo.make_demo_models with another base seed or other dimensions: the same tasks and
-    tensor names, other weights (a "foreign" split). Stopgap: make_demo_models has no seed parameter, so
-    the base builder it calls is wrapped for the duration of the call."""
+    tensor names, other weights (a "foreign" split)."""
     from gguf_split import demo
 
-    build = demo.make_base_model
-
-    def base(path: str, **kw: Any) -> str:
-        return build(path, **{**kw, "seed": base_seed})
-
-    with mock.patch.object(demo, "make_base_model", base):
-        return demo.make_demo_models(directory, dims=demo.Dims(**dims))
+    return demo.make_demo_models(directory, dims=demo.Dims(**dims), seed=base_seed)
