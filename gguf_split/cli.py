@@ -106,10 +106,14 @@ def split_cmd(
 
     def run() -> Any:
         opts = load_spec(spec) if spec is not None else SplitOptions()
+        given: set[str] = set()
         for item in task:
             name, sep, path = item.partition("=")
             if not sep or not name or not path:
                 raise GGUFSplitError(None, f"--task {item!r}: expected NAME=PATH")
+            if name in given:
+                raise GGUFSplitError(None, f"--task {name}: task name given twice")
+            given.add(name)
             if not os.path.isfile(path):
                 raise GGUFSplitError(path, f"--task {name}: file not found")
             opts.tasks[name] = os.path.abspath(path)

@@ -256,7 +256,7 @@ def read_prefix(buf: Any, path: str) -> tuple[int, int, int]:
     if magic != MAGIC:
         raise GGUFSplitError(path, "not a GGUF file (no GGUF magic)")
     if version not in SUPPORTED_VERSIONS:
-        if version & 0xFFFF == 0 and (version >> 16) in (1, 2, 3):
+        if version & 0xFFFFFF == 0 and (version >> 24) in (1, 2, 3):
             raise GGUFSplitError(path, "big-endian GGUF is not supported (llama.cpp cannot load it on this machine either)")
         if version == 1:
             raise GGUFSplitError(path, "GGUF version 1 is obsolete and not supported; convert it again with current llama.cpp")

@@ -34,7 +34,7 @@ from .gguf_format import (
     encode_prefix,
     encode_tensor_info,
     parse_header,
-    parse_kvs,
+    read_kv_at,
     parse_tensor_infos,
 )
 
@@ -307,9 +307,9 @@ def plan_restore(adaptor: GGUFFile, foundation: GGUFFile) -> RestorePlan:
     try:
         while pos < len(raw_replaced):
             (where,) = struct.unpack_from("<I", raw_replaced, pos)
-            rec_kv = parse_kvs(raw_replaced[pos + 4 :], path)[0]
-            kept.insert(where, raw_replaced[pos + 4 : pos + 4 + rec_kv.end])
-            pos += 4 + rec_kv.end
+            rec_kv = read_kv_at(raw_replaced, pos + 4, path)
+            kept.insert(where, raw_replaced[rec_kv.start : rec_kv.end])
+            pos = rec_kv.end
     except (struct.error, IndexError, GGUFSplitError):
         raise damaged(K_SRC_REPLACED_KVS) from None
 

@@ -1,7 +1,9 @@
-"""Progress bars with bytes/s on stderr (rich, through typer), or nothing at all with `--quiet`."""
+"""Progress bars with bytes/s on stderr (rich, through typer), or nothing at all with `--quiet` or when
+stderr is not a terminal (logs and pipes get the result lines only, and an error stays one line)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Protocol
@@ -20,7 +22,7 @@ class Progress:
     """`with progress.bar("hashing", total_bytes) as bar: bar.advance(n)`; thread-safe."""
 
     def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
+        self.quiet = quiet or not sys.stderr.isatty()
 
     @contextmanager
     def bar(self, description: str, total: int) -> Iterator[Reporter]:

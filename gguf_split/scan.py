@@ -76,7 +76,8 @@ def check_splittable(f: GGUFFile) -> None:
     kvs = f.header.kv_by_key
     if any(k.startswith(OWN_PREFIX) for k in kvs):
         role = f.get("gguf_split.role", "output")
-        raise GGUFSplitError(f.path, f"is a gguf-split {role}, not a model (use `gguf-split restore` to get the model back)")
+        hint = " (`gguf-split restore` gives the model back)" if role == "adaptor" else ""
+        raise GGUFSplitError(f.path, f"is a gguf-split {role}, not a model{hint}")
     count = f.get("split.count")
     if isinstance(count, int) and count > 1:
         raise GGUFSplitError(f.path, f"is shard {f.get('split.no', '?')} of a {count}-file split model; join it first "
