@@ -163,14 +163,22 @@ class _Cursor:
         self.pos += 8
         return v
 
+    def length(self, what: str) -> int:
+        """A u64 string length; `what` is formatted only on failure (this runs for every record)."""
+        if self.pos + 8 > self.size:
+            raise self.fail(f"truncated: {what} length needs 8 bytes, {max(self.size - self.pos, 0)} left")
+        (n,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return n
+
     def skip_string(self, what: str) -> None:
-        n = self.u64(f"{what} length")
+        n = self.length(what)
         self.need(n, what)
         self.pos += n
 
     def text(self, what: str) -> str:
         start = self.pos
-        n = self.u64(f"{what} length")
+        n = self.length(what)
         self.need(n, what)
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
@@ -318,33 +326,48 @@ def parse_header(buf: Any, size: int, path: str) -> Header:
     return header
 
 
+_DIMS = [struct.Struct(f"<{n}Q") for n in range(MAX_DIMS + 1)]
+_TYPE_OFFSET = struct.Struct("<IQ")
+
+
 def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> list[TensorInfo]:
-    """Read `n_tensors` tensor-info records (None: until the end of the buffer) and check each."""
+    """Read `n_tensors` tensor-info records (None: until the end of the buffer) and check each.
+
+    One struct call per group of fields and messages formatted only on failure: the runtime loader opens
+    a task by reading its tensor infos, and must do so in a few milliseconds."""
+    buf, size = cur.buf, cur.size
     tensors: list[TensorInfo] = []
     names: set[str] = set()
     i = 0
-    while (i < n_tensors) if n_tensors is not None else (cur.pos < cur.size):
+    while (i < n_tensors) if n_tensors is not None else (cur.pos < size):
         start = cur.pos
-        name = cur.text(f"name of tensor {i}")
+        name = cur.text("tensor name")
         if name in names:
             raise cur.fail(f"duplicate tensor name {name!r}", at=start)
-        n_dims = cur.u32(f"dimension count of tensor {name!r}")
+        pos = cur.pos
+        if pos + 4 > size:
+            raise cur.fail(f"truncated: dimension count of tensor {name!r}")
+        (n_dims,) = _U32.unpack_from(buf, pos)
         if n_dims > MAX_DIMS:
-            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS} are allowed", at=cur.pos - 4)
-        shape = tuple(cur.u64(f"dimensions of tensor {name!r}") for _ in range(n_dims))
-        at = cur.pos
-        raw_type = cur.u32(f"type of tensor {name!r}")
-        offset = cur.u64(f"offset of tensor {name!r}")
-        if raw_type not in _GGML_TYPES:
+            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions, at most {MAX_DIMS} are allowed", at=pos)
+        at = pos + 4 + 8 * n_dims  # the type field
+        if at + 12 > size:
+            raise cur.fail(f"truncated: dimensions, type and offset of tensor {name!r} need {at + 12 - pos} "
+                           f"bytes, {size - pos} left", at=pos)
+        shape = _DIMS[n_dims].unpack_from(buf, pos + 4)
+        raw_type, offset = _TYPE_OFFSET.unpack_from(buf, at)
+        cur.pos = at + 12
+        sizes = GGML_QUANT_SIZES.get(_GGML_TYPES.get(raw_type))  # type: ignore[arg-type]
+        if sizes is None:
             raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}", at=at)
+        block, type_size = sizes
         n_elems = 1
         for d in shape:
-            if d == 0:
-                raise cur.fail(f"tensor {name!r} has a zero dimension {list(shape)}", at=at)
             n_elems *= d
+        if n_elems == 0:
+            raise cur.fail(f"tensor {name!r} has a zero dimension {list(shape)}", at=at)
         if n_elems >= 1 << 63:
             raise cur.fail(f"tensor {name!r}: element count of shape {list(shape)} overflows", at=at)
-        block, type_size = GGML_QUANT_SIZES[_GGML_TYPES[raw_type]]
         if block == 0 or type_size == 0:
             raise cur.fail(f"tensor {name!r} has ggml type {type_name(raw_type)}, which has no block size", at=at)
         if shape and shape[0] % block:

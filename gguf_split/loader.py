@@ -158,7 +158,7 @@ class _Tensors(Mapping[str, Tensor]):
         got = self._cache.get(name)
         if got is None:
             f, h, t = self._index[name]
-            got = Tensor(t.name, t.ggml_type, t.shape, f.tensor_view(t, h.data_start), f.path)
+            got = Tensor(t.name, t.ggml_type, t.shape, _view(f, t, h.data_start), f.path)
             self._cache[name] = got  # a racing thread may build an equal Tensor: harmless
         return got
 
@@ -221,11 +221,37 @@ def open_model(path: str | os.PathLike[str]) -> Model:
 # gguf-split files through their header index
 
 
+class _MappedFile(GGUFFile):
+    """A GGUFFile that keeps no descriptor once mapped (the mmap holds its own), so dropping the last
+    reference unmaps it with nothing left to close: a swap can let go of the old adaptor without pulling
+    the map from under a reader that is still using it."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, parse=False)
+        os.close(self.fd)
+        self.fd = -1
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a view is still alive: the map goes when it does
+
+
+def _view(f: GGUFFile, t: TensorInfo, data_start: int) -> memoryview:
+    try:
+        return f.tensor_view(t, data_start)
+    except ValueError:  # closed by another thread between the check and the view
+        raise GGUFSplitError(f.path, "file is closed") from None
+
+
 def _open_indexed(path: str | os.PathLike[str]) -> tuple[GGUFFile, dict[str, tuple[int, int]]]:
     """Map a gguf-split file and read its own records, index and tensor infos without walking the
     original KVs. Returns the file (its `header.kvs` = gguf-split's records only) and key -> record span
     of the original KVs."""
-    f = GGUFFile(path, parse=False)
+    f = _MappedFile(path)
     try:
         mm, p = f.mm, f.path
         version, n_tensors, n_kv = read_prefix(mm, p)
@@ -251,12 +277,13 @@ def _open_indexed(path: str | os.PathLike[str]) -> tuple[GGUFFile, dict[str, tup
         if not in_order or ti_start > f.size:
             raise GGUFSplitError(p, "header index offsets are out of order or out of range: damaged")
         tail: dict[str, tuple[int, int]] = {}
+        own_keys = {kv.key for kv in own}
         alignment = 32
         for start, end in zip(offsets, [*offsets[1:], ti_start]):
             cur = _Cursor(mm, start, end, p)  # bounded by the next record: a damaged index cannot run on
             key = cur.text("metadata key")
             vtype = cur.value_type(f"value type of {key!r}")
-            if key in tail or any(k.key == key for k in own):
+            if key in tail or key in own_keys:
                 raise GGUFSplitError(p, f"duplicate key {key!r}")
             tail[key] = (start, end)
             if key == ALIGNMENT_KEY:
@@ -299,8 +326,8 @@ class _SharedFoundation:
     def acquire(cls, path: str | os.PathLike[str]) -> "_SharedFoundation":
         try:
             st = os.stat(path)
-        except OSError as e:
-            raise GGUFSplitError(path, f"cannot open: {e.strerror}") from None
+        except (OSError, ValueError) as e:
+            raise GGUFSplitError(path, f"cannot open: {getattr(e, 'strerror', None) or e}") from None
         with cls.lock:
             shared = cls.registry.get((st.st_dev, st.st_ino))
             if shared is None:
@@ -445,9 +472,12 @@ class TaskModel:
         """Replace the adaptor (another task of the same foundation); the foundation stays mapped."""
         new = _Overlay(self.foundation, self.foundation.adaptor_path(task_or_path))
         with self._lock:
-            old, self._overlay = self._overlay, new
-        if old is not None:
-            old.file.close()
+            if self._overlay is None:
+                new.file.close()
+                raise GGUFSplitError(None, "task model is closed")
+            self._overlay = new
+        # The old adaptor is not closed here: a reader may be inside a lookup on it (it took
+        # `model.tensors` before this swap). It is unmapped when its last reference goes.
 
     def llama_cpp_paths(self) -> list[str]:
         """[adaptor, foundation]: the split list for llama.cpp's `llama_model_load_from_splits`."""
