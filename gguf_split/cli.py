@@ -15,6 +15,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import GGUFSplitError
 from .progress import Progress
@@ -26,13 +27,27 @@ app = typer.Typer(
     help="Split fine-tuned GGUF models into one shared foundation + small per-task adaptors that stock "
          "llama.cpp loads as a two-file split; restore any task byte for byte.",
 )
-out = Console() if sys.stdout.isatty() else Console(width=120)  # no terminal: don't squeeze tables to 80
+# markup=False: names, paths and metadata printed here come from files and may hold "[...]"
+out = Console(markup=False) if sys.stdout.isatty() else Console(width=120, markup=False)  # no terminal: 120 wide
 T = TypeVar("T")
 
 
+def _one_line(text: str) -> str:
+    """Control characters (text from a damaged file may hold them) escaped: the error stays one line and
+    cannot drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _fail(message: str, code: int = 2) -> None:
-    sys.stderr.write(f"gguf-split: error: {message}\n")
+    sys.stderr.write(f"gguf-split: error: {_one_line(message)}\n")
     raise typer.Exit(code)
+
+
+def _json_default(value: Any) -> str:
+    """A string value that is not UTF-8 (kept as bytes, as the file has it), shown with escapes."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -136,7 +151,7 @@ def split_cmd(
 
     report = _run(run)
     if json_out:
-        print(json.dumps(_split_json(report), indent=2))
+        print(json.dumps(_split_json(report), indent=2, default=_json_default))
     else:
         _print_split(report)
 
@@ -205,7 +220,7 @@ def info_cmd(
         if not tensors:
             for item in items:
                 item.pop("tensor_list", None)
-        print(json.dumps(items if len(items) > 1 else items[0], indent=2))
+        print(json.dumps(items if len(items) > 1 else items[0], indent=2, default=_json_default))
         return
     for item in items:
         if "adaptors" in item:
@@ -221,9 +236,10 @@ def _print_savings(s: dict[str, Any]) -> None:
     f = s["foundation"]
     table.add_row(os.path.basename(f["path"]), str(f["tensors"]), _size(f["bytes"]), "shared")
     for a in s["adaptors"]:
-        warn = "" if a["foundation_match"] else "  [red](other foundation!)[/red]"
-        table.add_row(os.path.basename(a["path"]), str(a["tensors"]), _size(a["bytes"]),
-                      f"{a['source']} ({_size(a['source_bytes'])}){warn}")
+        replaces = Text(f"{a['source']} ({_size(a['source_bytes'])})")
+        if not a["foundation_match"]:
+            replaces.append("  (other foundation!)", style="red")
+        table.add_row(os.path.basename(a["path"]), str(a["tensors"]), _size(a["bytes"]), replaces)
     table.add_section()
     table.add_row("total", "", _size(s["output_bytes"]), f"inputs {_size(s['input_bytes'])}")
     out.print(table)
@@ -232,8 +248,8 @@ def _print_savings(s: dict[str, Any]) -> None:
 
 
 def _print_file(d: dict[str, Any], tensors: bool) -> None:
-    out.print(f"[bold]{d['path']}[/bold]: {d['role']}, GGUF v{d['gguf_version']}, {d['architecture']}, "
-              f"{_size(d['file_bytes'])}")
+    out.print(Text.assemble((str(d["path"]), "bold"), f": {d['role']}, GGUF v{d['gguf_version']}, "
+                            f"{d['architecture']}, {_size(d['file_bytes'])}"))
     out.print(f"  {d['tensors']} tensors ({_size(d['tensor_bytes'])}): "
               + ", ".join(f"{n} {k}" for k, n in sorted(d["types"].items())))
     if d["role"] == "foundation":

@@ -481,9 +481,12 @@ class GGUFFile:
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (the fstat below refuses it)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             raise GGUFSplitError(self.path, f"cannot open: {os_problem(e)}") from None
+        except ValueError:
+            raise GGUFSplitError(self.path, "cannot open: the path holds a NUL byte") from None
         try:
             st = os.fstat(fd)
             if not _is_regular(st.st_mode):

@@ -19,7 +19,10 @@ from .layout import (
     ROLE_ADAPTOR,
     ROLE_FOUNDATION,
     SPLIT_KEYS,
+    U64,
+    check_seal,
     is_added_key,
+    record,
     role_of,
 )
 from .restore import find_split
@@ -30,6 +33,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     with GGUFFile(path) as f:
         h = f.header
         role = role_of(f) or "model"
+        if role in (ROLE_FOUNDATION, ROLE_ADAPTOR):
+            check_seal(f)  # its records are read below: refuse a damaged header with one clear error
         out: dict[str, Any] = {
             "path": f.path,
             "role": role,
@@ -51,7 +56,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "foundation_file": f.get(K_FOUNDATION_FILE),
                 "model_tensors": f.get("split.tensors.count"),
                 "kvs": sum(1 for kv in h.kvs if not is_added_key(kv.key)),
-                "source": {"name": f.get(K_SRC_NAME), "bytes": f.get(K_SRC_SIZE), "xxh3": f.get(K_SRC_XXH3)},
+                "source": {"name": f.get(K_SRC_NAME), "bytes": record(f, K_SRC_SIZE, U64),
+                           "xxh3": f.get(K_SRC_XXH3)},
             })
         else:
             out["kvs"] = len(h.kvs)

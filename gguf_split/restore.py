@@ -47,7 +47,10 @@ _ZERO_CHUNK = bytes(1 << 20)
 def foundation_for(adaptor: GGUFFile) -> str:
     """The foundation file recorded in an adaptor, beside it."""
     name = record(adaptor, K_FOUNDATION_FILE, STR)
-    return os.path.join(os.path.dirname(os.path.abspath(adaptor.path)), str(name))
+    if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name or "\0" in name:
+        raise GGUFSplitError(adaptor.path, f"recorded foundation file name {name!r} is not a plain file name: "
+                                           "damaged")
+    return os.path.join(os.path.dirname(os.path.abspath(adaptor.path)), name)
 
 
 @dataclass
@@ -65,7 +68,9 @@ def restore(adaptor: str | os.PathLike[str], output: str | os.PathLike[str] | No
     file name in the current directory)."""
     with GGUFFile(adaptor) as ad:
         require_role(ad, ROLE_ADAPTOR)
+        check_seal(ad)  # the restore plan comes from this header: a damaged one must not drive the writes
         with GGUFFile(foundation or foundation_for(ad)) as fnd:
+            check_seal(fnd)
             rp = plan_restore(ad, fnd)
             out_path = os.path.abspath(output if output is not None else rp.source_name)
             with OutputDir(os.path.dirname(out_path), force=force, protect=[ad.path, fnd.path]) as out:
@@ -74,8 +79,8 @@ def restore(adaptor: str | os.PathLike[str], output: str | os.PathLike[str] | No
                 with progress.bar("restoring", rp.size) as bar:
                     out.guard(tmp, lambda fd: _write_spans(fd, rp.spans, h, bar))
                 if h.hexdigest() != rp.xxh3:
-                    raise GGUFSplitError(_culprit(rp.spans), "restored bytes differ from the original's recorded "
-                                         "digest; run `gguf-split verify` (nothing was written)")
+                    raise GGUFSplitError(_culprit(rp.spans, ad.path), "restored bytes differ from the original's "
+                                         "recorded digest; run `gguf-split verify` (nothing was written)")
                 out.commit()
             return RestoreReport(rp.task, out_path, rp.size, rp.xxh3)
 
@@ -101,12 +106,12 @@ def _write_spans(fd: int, spans: list, h: "xxhash.xxh3_128", bar: Reporter) -> N
             bar.advance(len(span))
 
 
-def _culprit(spans: list) -> str:
+def _culprit(spans: list, adaptor: str) -> str:
     for span in spans:
         if isinstance(span, Copy):
             if xxhash.xxh3_128(span.src.view(span.offset, span.offset + span.nbytes)).digest() != span.digest:
                 return f"{span.src.path}: tensor {span.tensor!r}"
-    return "restore"
+    return adaptor  # every tensor matches: the adaptor's restore record is at fault
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,6 +202,8 @@ def find_split(directory: str | os.PathLike[str]) -> tuple[str, list[str]]:
             with GGUFFile(path) as f:
                 role = role_of(f)
         except GGUFSplitError:
+            if _looks_like_output(path):
+                raise  # a damaged foundation or adaptor is what verify must report, not skip
             continue
         if role == ROLE_FOUNDATION:
             foundations.append(path)
@@ -208,6 +215,12 @@ def find_split(directory: str | os.PathLike[str]) -> tuple[str, list[str]]:
         raise GGUFSplitError(directory, f"holds {len(foundations)} foundations ({', '.join(map(os.path.basename, foundations))}); "
                                         "name the files to use")
     return foundations[0], adaptors
+
+
+def _looks_like_output(path: str) -> bool:
+    """Named as gguf-split names its outputs: <prefix>foundation.gguf, <prefix>adaptor-<task>.gguf."""
+    name = os.path.basename(path)
+    return name.endswith("foundation.gguf") or "adaptor-" in name
 
 
 def resolve_split_args(paths: list[str]) -> tuple[str, list[str]]:

@@ -8,6 +8,7 @@ same type, shape and digest, and that the padding restore would write equals the
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from .errors import GGUFSplitError
 from .gguf_format import GGUFFile
 from .layout import (
+    K_FOUNDATION_FILE,
+    ROLE_ADAPTOR,
     Copy,
     PlannedTensor,
     adaptor_kvs,
@@ -23,6 +26,7 @@ from .layout import (
     foundation_kvs,
     identity_record,
     plan_restore,
+    role_of,
 )
 from .plan import ModelTensors, SplitPlan, TensorId, missing_tensors, plan_split
 from .progress import QUIET, Progress
@@ -154,6 +158,7 @@ def _write(models: dict[str, ScannedModel], summary: dict[str, ModelTensors], pl
         temps = {}
         for name, *_ in outputs:
             out.check_target(name)
+        check_no_orphans(out.dir, prefix, set(models), f_name)
         if link:
             for task in models:
                 check_links(out.dir, task, adaptor_name(task, prefix), f_name, force=force)
@@ -176,6 +181,23 @@ def _write(models: dict[str, ScannedModel], summary: dict[str, ModelTensors], pl
                                       missing_tensors(summary)[task], links))
         f_path = out.path(f_name)
         return SplitReport(out.dir, f_path, os.path.getsize(f_path), len(plan.foundation), fid, reports)
+
+
+def check_no_orphans(directory: str, prefix: str, tasks: set[str], f_name: str) -> None:
+    """Replacing `f_name` would strand the adaptors of other tasks that use it (they could no longer be
+    restored or loaded, and the directory would no longer verify): refuse, before anything is written."""
+    keep = {adaptor_name(t, prefix) for t in tasks}
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), f"{glob.escape(prefix)}adaptor-*.gguf"))):
+        if os.path.basename(path) in keep or os.path.islink(path):
+            continue
+        try:
+            with GGUFFile(path) as f:
+                uses = f.get(K_FOUNDATION_FILE) if role_of(f) == ROLE_ADAPTOR else None
+        except GGUFSplitError:
+            continue
+        if uses == f_name:
+            raise GGUFSplitError(path, f"uses {f_name}, which this split would replace, and its task is not in "
+                                       "this split: add the task, remove this file, or split into another directory")
 
 
 def _prove(models: dict[str, ScannedModel], adaptor_tmp: dict[str, str], foundation_tmp: str) -> None:

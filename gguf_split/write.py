@@ -93,8 +93,12 @@ class OutputDir:
             if os.path.exists(self.dir) and not os.path.isdir(self.dir):
                 raise GGUFSplitError(self.dir, "output path exists and is not a directory")
             if not os.path.isdir(self.dir):
-                os.makedirs(self.dir)
-                self.created_dir = True
+                try:
+                    os.makedirs(self.dir)
+                    self.created_dir = True
+                except FileExistsError:  # a concurrent run made it first: fine, its lock serialises us
+                    if not os.path.isdir(self.dir):
+                        raise
             self.lock_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
             self._remove_stale_temps()
@@ -147,14 +151,26 @@ class OutputDir:
             raise GGUFSplitError(t.final, f"write failed: {os_problem(e)}") from None
 
     def commit(self) -> None:
+        """Rename the outputs into place. Several outputs (a foundation first, then the adaptors that need
+        it) cannot be replaced at once: the old files they replace go first, in reverse order (adaptors,
+        then their foundation), then the new ones in order, so a crash at any point leaves a consistent
+        (possibly partial) set, never a new foundation beside old adaptors."""
         for t in self.pending:
             t.close()
-        for t in self.pending:
-            try:
+        try:
+            if len(self.pending) > 1:
+                for t in reversed(self.pending):
+                    if os.path.lexists(t.final):
+                        os.unlink(t.final)
+                self._sync_dir()
+            for t in self.pending:
                 os.replace(t.tmp, t.final)
-            except OSError as e:
-                raise GGUFSplitError(t.final, f"cannot rename into place: {os_problem(e)}") from None
+        except OSError as e:
+            raise GGUFSplitError(self.dir, f"cannot move the outputs into place: {os_problem(e)}") from None
         self.committed = True
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
         if self.lock_fd is not None:
             os.fsync(self.lock_fd)
 

@@ -393,14 +393,20 @@ def test_existing_outputs_need_force(model_factory: Factory, tmp_path: Path) -> 
     assert_one_line_error(code, stderr, out / "foundation.gguf", "already exists")
     assert snapshot(out) == before_out
 
+    # --force would replace foundation.gguf, which adaptor-chat.gguf (not in this split) needs: refused
     code, _, stderr = run_cli(second, out, "--link", "--force")
+    assert_one_line_error(code, stderr, out / "adaptor-chat.gguf", "uses foundation.gguf")
+    assert snapshot(out) == before_out
+
+    # with every task of the directory in the split, --force overwrites
+    third = {**second, "chat": first["chat"]}
+    code, _, stderr = run_cli(third, out, "--link", "--force")
     assert code == 0, stderr
     after = snapshot(out)
     assert after is not None and before_out is not None
     assert after["foundation.gguf"] != before_out["foundation.gguf"], "foundation not overwritten"
-    assert after["adaptor-chat.gguf"] == before_out["adaptor-chat.gguf"], "--force touched a file it does not write"
     assert after["code-00001-of-00002.gguf"] == ("link", "adaptor-code.gguf")
-    for task, src in second.items():
+    for task, src in third.items():
         restored = tmp_path / f"{task}.restored.gguf"
         restore(out / f"adaptor-{task}.gguf", restored)
         assert sha256(restored) == sha256(src)
