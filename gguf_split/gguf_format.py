@@ -341,7 +341,10 @@ def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> li
     i = 0
     while (i < n_tensors) if n_tensors is not None else (cur.pos < size):
         start = cur.pos
-        name = cur.text("tensor name")
+        try:
+            name = cur.text("tensor name")
+        except GGUFSplitError as e:  # name the record only on failure: formatting is the costly part
+            raise GGUFSplitError(cur.path, e.problem.replace("tensor name", f"name of tensor {i}", 1)) from None
         if name in names:
             raise cur.fail(f"duplicate tensor name {name!r}", at=start)
         pos = cur.pos
