@@ -16,22 +16,29 @@ What is measured (page cache warm: every input is read once before any timing):
   `sync FILE... DIR` (fsync of each copy and the directory), because the split fsyncs every output and
   its directory before it returns. The split must also hash the inputs and prove its restore: the goal
   allows it 30% over the floor for that.
-- header parse: `GGUFFile(path)` (open + mmap + strict parse + close) against `gguf.GGUFReader(path)` on
-  each base model.
+- header parse: `GGUFFile(path)` (open + mmap + strict parse + close), each run in a fresh interpreter
+  (imports untimed; the goal's figure) and again in this process, against `gguf.GGUFReader(path)` on each
+  base model.
 - bytes: tensor digests computed here (xxh3-128 over an mmap of each tensor, not through gguf_split.scan)
   give the per-tensor dedup optimum (each distinct name+type+shape+digest once) and the two-file optimum
   (what a llama.cpp two-file split can reach: tensors identical in all models once, the rest per model).
   Each output is parsed to separate its header, header padding and tensor padding.
 - hashing: `gguf_split.scan.hash_models` with threads=1 and threads=2 (python-xxhash releases the GIL),
-  against one thread of plain xxh3-128 over each input's mmap.
+  in GB/s of the bytes it hashes (each input twice: the whole-file digest and the tensor digests), against
+  plain xxh3-128 over each input's mmap (each input once) with 1 and 2 threads: the 2-thread baseline
+  shows what the second core gives at the time of the run.
+- phases: the split's wall time per phase (functions of the package wrapped with timers), to show where
+  the time goes when the goal is missed.
 
-Usage: python bench/bench_split.py [--models smollm2 gemma3] [--repeats 5] [--json out.json] [--profile]
+Usage: python bench/bench_split.py [--models smollm2 gemma3] [--repeats 5] [--phases 3] [--json out.json]
+       [--profile] (see --help)
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import io
 import json
 import os
@@ -43,10 +50,13 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import gguf_split
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -154,22 +164,42 @@ def time_split_and_floor(tasks: dict[str, str], scratch: Path, repeats: int) -> 
     return samples
 
 
-def time_header_parse(path: Path, repeats: int, reader_runs: int) -> tuple[Sample, Sample]:
-    """GGUFFile (open + parse + close) against gguf.GGUFReader on the same file."""
+FRESH_PARSE = """
+import sys, time
+from gguf_split.gguf_format import GGUFFile
+t0 = time.perf_counter()
+GGUFFile(sys.argv[1]).close()
+print(time.perf_counter() - t0)
+"""
+
+
+def parse_in_fresh_process(path: Path) -> float:
+    """Seconds of one GGUFFile(path) in a new interpreter (imports not timed): what `gguf-split info`
+    pays, with nothing learnt from an earlier parse. Run from this directory so that the interpreter
+    imports the same gguf_split as this process (PYTHONPATH or the installed package)."""
+    done = subprocess.run([sys.executable, "-c", FRESH_PARSE, str(path)], check=True, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent)
+    return float(done.stdout)
+
+
+def time_header_parse(path: Path, repeats: int, reader_runs: int) -> dict[str, Sample]:
+    """GGUFFile (open + parse + close), in a fresh process and again in this one, against
+    gguf.GGUFReader on the same file."""
     from gguf import GGUFReader
 
-    def ours() -> None:
+    def again() -> None:
         with GGUFFile(path):
             pass
 
-    ours()
-    lean = Sample([timed(ours) for _ in range(repeats)])
-    reader = Sample([timed(lambda: GGUFReader(path, "r")) for _ in range(reader_runs)])
-    return lean, reader
+    again()
+    return {"fresh": Sample([parse_in_fresh_process(path) for _ in range(repeats)]),
+            "again": Sample([timed(again) for _ in range(repeats)]),
+            "GGUFReader": Sample([timed(lambda: GGUFReader(path, "r")) for _ in range(reader_runs)])}
 
 
 def time_hashing(tasks: dict[str, str], repeats: int) -> dict[str, float]:
-    """GB/s of the split's hashing step with 1 and 2 threads, and of one thread of plain xxh3-128."""
+    """GB/s of the split's hashing step with 1 and 2 threads, against plain xxh3-128 over each input's
+    mmap with 1 and 2 threads (what this machine gives right now: other load takes the second core)."""
     def scan(threads: int) -> tuple[float, int]:
         models = [open_model(t, p) for t, p in tasks.items()]
         try:
@@ -179,17 +209,19 @@ def time_hashing(tasks: dict[str, str], repeats: int) -> dict[str, float]:
             for m in models:
                 m.close()
 
-    def plain() -> tuple[float, int]:
+    def plain(threads: int) -> tuple[float, int]:
         files = [GGUFFile(p) for p in tasks.values()]
         try:
-            return timed(lambda: [xxhash.xxh3_128(f.view(0, f.size)).digest() for f in files]), sum(f.size for f in files)
+            with ThreadPoolExecutor(threads) as pool:
+                digest = lambda f: xxhash.xxh3_128(f.view(0, f.size)).digest()  # noqa: E731
+                return timed(lambda: list(pool.map(digest, files))), sum(f.size for f in files)
         finally:
             for f in files:
                 f.close()
 
     result = {}
-    for label, fn in (("plain xxh3, 1 thread", plain), ("hash_models threads=1", lambda: scan(1)),
-                      ("hash_models threads=2", lambda: scan(2))):
+    for label, fn in (("plain xxh3, 1 thread", lambda: plain(1)), ("plain xxh3, 2 threads", lambda: plain(2)),
+                      ("hash_models threads=1", lambda: scan(1)), ("hash_models threads=2", lambda: scan(2))):
         fn()
         runs = [fn() for _ in range(repeats)]
         result[label] = statistics.median(n / s for s, n in runs) / 1e9
@@ -273,29 +305,95 @@ def byte_accounting(tasks: dict[str, str], out: Path) -> dict[str, object]:
 # One model, the table, the command line
 
 
+PARTS = ("time", "parse", "hash", "bytes", "phases")
+
+
 def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
+    """Every measurement of `args.parts` on one model's base + fine-tunes."""
     paths = finetunes(which)
     tasks = {t: str(p) for t, p in paths.items()}
     scratch = Path(args.work) / which
-    print(f"[{which}] timing split and floor ({args.repeats} rounds)...", file=sys.stderr)
-    times = time_split_and_floor(tasks, scratch, args.repeats)
-    print(f"[{which}] header parse (GGUFReader x{args.reader_runs})...", file=sys.stderr)
-    lean, reader = time_header_parse(paths["base"], 20, args.reader_runs)
-    print(f"[{which}] hashing...", file=sys.stderr)
-    hashing = time_hashing(tasks, args.repeats)
-    print(f"[{which}] bytes...", file=sys.stderr)
-    nbytes = byte_accounting(tasks, scratch / "reference")
-    result = {
-        "times": {k: s.runs for k, s in times.items()},
-        "parse": {"GGUFFile": lean.runs, "GGUFReader": reader.runs},
-        "hash_GBps": hashing,
-        "bytes": nbytes,
-    }
+    result: dict[str, object] = {}
+
+    def step(name: str, what: str) -> bool:
+        if name in args.parts:
+            print(f"[{which}] {what}...", file=sys.stderr)
+        return name in args.parts
+
+    if step("time", f"timing split and floor ({args.repeats} rounds)"):
+        result["times"] = {k: s.runs for k, s in time_split_and_floor(tasks, scratch, args.repeats).items()}
+    if step("parse", f"header parse (GGUFReader x{args.reader_runs})"):
+        result["parse"] = {k: s.runs for k, s in time_header_parse(paths["base"], args.parse_runs,
+                                                                   args.reader_runs).items()}
+    if step("hash", "hashing"):
+        result["hash_GBps"] = time_hashing(tasks, args.repeats)
+    if step("bytes", "bytes"):
+        if not (scratch / "reference").is_dir():
+            run_split(tasks, scratch / "reference")
+        result["bytes"] = byte_accounting(tasks, scratch / "reference")
+    if step("phases", f"phases ({args.phases} splits)"):
+        result["phases"] = split_phases(tasks, scratch / "phases", args.phases)
     if args.profile:
         result["profile"] = profile_split(tasks, scratch / "profile")
     if not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+# where the split's wall time goes: (module, function, label); a function the package no longer has is skipped
+PHASES = (
+    ("gguf_split.split", "open_model", "open + parse inputs"),
+    ("gguf_split.split", "hash_models", "hash (file + tensor digests)"),
+    ("gguf_split.split", "plan_split", "plan"),
+    ("gguf_split.split", "build_header", "build headers"),
+    ("gguf_split.split", "write_gguf", "write (copy tensors)"),
+    ("os", "fsync", "fsync"),
+    ("gguf_split.split", "_prove", "prove restore (parse outputs)"),
+)
+OTHER = "other (lock, rename, close, report)"
+
+
+@contextmanager
+def phase_timers(acc: dict[str, float]) -> Iterator[None]:
+    """Wrap the PHASES functions so each call adds its wall time to `acc[label]` (wall clock, unlike
+    cProfile, which inflates the parser's many small calls ~2x)."""
+    saved = []
+    for module_name, attr, label in PHASES:
+        module = importlib.import_module(module_name)
+        fn = getattr(module, attr, None)
+        if fn is None:
+            continue
+
+        def wrapper(*a: object, _fn: Callable = fn, _label: str = label, **k: object) -> object:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc[_label] = acc.get(_label, 0.0) + time.perf_counter() - t0
+
+        setattr(module, attr, wrapper)
+        saved.append((module, attr, fn))
+    try:
+        yield
+    finally:
+        for module, attr, fn in saved:
+            setattr(module, attr, fn)
+
+
+def split_phases(tasks: dict[str, str], out: Path, repeats: int) -> dict[str, list[float]]:
+    """Seconds per phase of `repeats` splits (each from an emptied, synced directory)."""
+    runs: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats):
+        settle(out)
+        acc: dict[str, float] = {}
+        with phase_timers(acc):
+            total = timed(lambda: run_split(tasks, out))
+        acc[OTHER] = total - sum(acc.values())
+        acc["total"] = total
+        for label, seconds in acc.items():
+            runs[label].append(seconds)
+    settle(out)
+    return dict(runs)
 
 
 def profile_split(tasks: dict[str, str], out: Path) -> str:
@@ -313,61 +411,103 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def rows_for(r: dict) -> list[tuple[str, str]]:
-    """The table rows of one model: (metric, figure)."""
+def time_rows(r: dict) -> list[tuple[str, str]]:
     t = {k: Sample(v) for k, v in r["times"].items()}
     floor = t["read"].median + t["cp"].median
     ratio = t["split"].median / floor
-    lean, reader = Sample(r["parse"]["GGUFFile"]), Sample(r["parse"]["GGUFReader"])
-    speedup = reader.median / lean.median
-    b = r["bytes"]
-    h = r["hash_GBps"]
-    structural = b["two_file_optimum"] - b["dedup_optimum"]
-    dedup_goal = b["outputs"] - b["dedup_optimum"] - b["headers"]
-    two_file_exact = b["output_tensors"] == b["two_file_optimum"] and b["placement_ok"]
     return [
-        ("inputs (base + 3 fine-tunes)", f"{b['inputs'] / MB:,.1f} MB"),
         ("split wall, median [min-max]", t["split"].show()),
         ("  split wall, threads=1", t["split threads=1"].show()),
         ("floor: read inputs (16 MiB reads)", t["read"].show()),
         ("floor: cp outputs + fsync", t["cp"].show()),
         ("floor total", f"{floor:.3f} s"),
         (f"split / floor (goal <= {SPLIT_GOAL})", f"{ratio:.2f}  {verdict(ratio <= SPLIT_GOAL)}"),
-        ("header parse GGUFFile, median", f"{lean.median * 1e3:.1f} ms"),
-        ("header parse GGUFReader", f"{reader.median:.2f} s"),
-        (f"GGUFReader / GGUFFile (goal >= {PARSE_GOAL:.0f})", f"{speedup:,.0f}x  {verdict(speedup >= PARSE_GOAL)}"),
+    ]
+
+
+def parse_rows(r: dict) -> list[tuple[str, str]]:
+    parse = {k: Sample(v) for k, v in r["parse"].items()}
+    speedup = parse["GGUFReader"].median / parse["fresh"].median
+    return [
+        ("header parse GGUFFile, fresh process", f"{parse['fresh'].median * 1e3:.1f} ms"),
+        ("  GGUFFile again, same process", f"{parse['again'].median * 1e3:.1f} ms"),
+        ("header parse GGUFReader", f"{parse['GGUFReader'].median:.2f} s"),
+        (f"GGUFReader / GGUFFile fresh (goal >= {PARSE_GOAL:.0f})", f"{speedup:,.0f}x  {verdict(speedup >= PARSE_GOAL)}"),
+    ]
+
+
+def bytes_rows(r: dict) -> list[tuple[str, str]]:
+    b = r["bytes"]
+    structural = b["two_file_optimum"] - b["dedup_optimum"]
+    over_dedup = b["outputs"] - b["dedup_optimum"] - b["headers"]
+    two_file_exact = (b["output_tensors"] == b["two_file_optimum"] and b["placement_ok"]
+                      and b["padding"] <= b["padding_bound"]
+                      and b["outputs"] == b["two_file_optimum"] + b["headers"] + b["padding"])
+    return [
+        ("inputs (base + 3 fine-tunes)", f"{b['inputs'] / MB:,.1f} MB"),
         ("outputs (foundation + 4 adaptors)", f"{b['outputs'] / MB:,.1f} MB"),
         ("outputs / inputs", f"{b['outputs'] / b['inputs']:.3f}"),
         ("dedup optimum: distinct tensors", f"{b['dedup_optimum'] / MB:,.1f} MB"),
         ("output headers (4 carry all KVs)", f"{b['headers'] / MB:,.2f} MB"),
-        ("padding (header / tensors)", f"{b['padding'] / 1e3:,.1f} kB ({b['header_pad'] / 1e3:,.1f} / "
-                                       f"{b['tensor_pad'] / 1e3:,.1f})"),
-        ("outputs - (dedup optimum + headers)", f"{dedup_goal / MB:,.2f} MB"),
+        ("padding (header / tensors)", f"{b['padding']:,} B ({b['header_pad']:,} / {b['tensor_pad']:,})"),
+        ("outputs - (dedup optimum + headers)", f"{over_dedup / MB:,.2f} MB"),
         ("  of which tensors repeated by design", f"{structural / MB:,.2f} MB"),
-        ("  of which padding", f"{b['padding'] / MB:,.2f} MB"),
-        ("goal: outputs = dedup opt + headers + pad", verdict(dedup_goal == b["padding"])),
+        ("  of which padding", f"{b['padding']:,} B"),
+        ("goal: outputs = dedup opt + headers + pad", verdict(over_dedup == b["padding"])),
         ("two-file optimum (shared once, rest/model)", f"{b['two_file_optimum'] / MB:,.1f} MB"),
-        ("outputs = two-file opt + headers + pad", verdict(two_file_exact and b["padding"] <= b["padding_bound"]
-                                                           and b["outputs"] == b["two_file_optimum"] + b["headers"]
-                                                           + b["padding"])),
-        ("hash GB/s: plain xxh3 1 thread", f"{h['plain xxh3, 1 thread']:.2f}"),
-        ("hash GB/s: split threads=1", f"{h['hash_models threads=1']:.2f}"),
-        ("hash GB/s: split threads=2", f"{h['hash_models threads=2']:.2f}  "
-                                       f"({h['hash_models threads=2'] / h['hash_models threads=1']:.2f}x)"),
+        ("outputs = two-file opt + headers + pad", verdict(two_file_exact)),
     ]
+
+
+def hash_rows(r: dict) -> list[tuple[str, str]]:
+    h = r["hash_GBps"]
+
+    def pair(one: str, two: str) -> list[tuple[str, str]]:
+        return [(f"hash GB/s: {one}", f"{h[one]:.2f}"), (f"hash GB/s: {two}", f"{h[two]:.2f}  ({h[two] / h[one]:.2f}x)")]
+
+    return pair("plain xxh3, 1 thread", "plain xxh3, 2 threads") + pair("hash_models threads=1", "hash_models threads=2")
+
+
+SECTIONS = (("times", time_rows), ("parse", parse_rows), ("bytes", bytes_rows), ("hash_GBps", hash_rows))
+
+
+def rows_for(r: dict) -> list[tuple[str, str]]:
+    """The table rows of one model: (metric, figure), for the parts measured."""
+    return [row for key, rows in SECTIONS if key in r for row in rows(r)]
+
+
+def print_phases(results: dict[str, dict]) -> None:
+    """Median seconds per phase of the split, per model (phases are medians of their own, so they need
+    not add up to the total exactly)."""
+    names = [n for n, r in results.items() if "phases" in r]
+    if not names:
+        return
+    labels = list(dict.fromkeys(k for n in names for k in results[n]["phases"]))
+    width = max(map(len, labels)) + 2
+    runs = len(results[names[0]]["phases"]["total"])
+    print(f"\nWhere the split's time goes (median of {runs} runs, wall clock; a phase run in a background thread "
+          "overlaps the others, so 'other' can be negative):\n")
+    print("| " + " | ".join(["phase".ljust(width), *(n.ljust(10) for n in names)]) + " |")
+    print("|" + "|".join(["-" * (width + 2), *("-" * 12 for _ in names)]) + "|")
+    for label in labels:
+        cells = [f"{statistics.median(results[n]['phases'][label]):.3f} s" if label in results[n]["phases"] else "-"
+                 for n in names]
+        print("| " + " | ".join([label.ljust(width), *(c.ljust(10) for c in cells)]) + " |")
 
 
 def print_table(results: dict[str, dict]) -> None:
     names = list(results)
     table = {m: dict(rows_for(r)) for m, r in results.items()}
     metrics = [k for k, _ in rows_for(results[names[0]])]
-    width = max(map(len, metrics)) + 2
-    print("| " + " | ".join(["metric".ljust(width), *(n.ljust(30) for n in names)]) + " |")
-    print("|" + "|".join(["-" * (width + 2), *("-" * 32 for _ in names)]) + "|")
-    for metric in metrics:
-        print("| " + " | ".join([metric.ljust(width), *(table[n][metric].ljust(30) for n in names)]) + " |")
+    if metrics:
+        width = max(map(len, metrics)) + 2
+        print("| " + " | ".join(["metric".ljust(width), *(n.ljust(30) for n in names)]) + " |")
+        print("|" + "|".join(["-" * (width + 2), *("-" * 32 for _ in names)]) + "|")
+        for metric in metrics:
+            print("| " + " | ".join([metric.ljust(width), *(table[n][metric].ljust(30) for n in names)]) + " |")
+    print_phases(results)
     for n in names:
-        groups = results[n]["bytes"]["repeated_by_group"]
+        groups = results[n].get("bytes", {}).get("repeated_by_group")
         if groups:
             listing = ", ".join(f"{g}: {v / MB:.2f} MB" for g, v in groups.items())
             print(f"\n{n}: tensors held by some but not all models, extra copies by holder group: {listing}")
@@ -380,14 +520,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=[SMOLLM2, GEMMA3], choices=[SMOLLM2, GEMMA3])
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median reported)")
     ap.add_argument("--reader-runs", type=int, default=1, help="GGUFReader runs (~8 s SmolLM2, ~27 s Gemma-3)")
+    ap.add_argument("--parse-runs", type=int, default=9, help="GGUFFile runs (fresh processes, and in-process)")
     ap.add_argument("--work", default=str(WORK / "bench-split"), help="scratch directory (outputs, copies)")
     ap.add_argument("--json", help="also write all raw figures to this file")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="measurements to run (default: all)")
+    ap.add_argument("--phases", type=int, default=3, help="splits timed phase by phase")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one split per model")
     ap.add_argument("--keep", action="store_true", help="keep the scratch outputs")
     args = ap.parse_args(argv)
+    load_before = os.getloadavg()[0]
     results = {m: bench_model(m, args) for m in args.models}
     print(f"# gguf-split split benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}, page cache warm")
+          f"{os.cpu_count()} cores, Python {platform.python_version()}, page cache warm, "
+          f"package {Path(gguf_split.__file__).parent}, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=lambda x: x.hex()))
