@@ -432,7 +432,8 @@ def parse_rows(r: dict) -> list[tuple[str, str]]:
         ("header parse GGUFFile, fresh process", f"{parse['fresh'].median * 1e3:.1f} ms"),
         ("  GGUFFile again, same process", f"{parse['again'].median * 1e3:.1f} ms"),
         ("header parse GGUFReader", f"{parse['GGUFReader'].median:.2f} s"),
-        (f"GGUFReader / GGUFFile fresh (goal >= {PARSE_GOAL:.0f})", f"{speedup:,.0f}x  {verdict(speedup >= PARSE_GOAL)}"),
+        (f"GGUFReader / GGUFFile fresh (goal >= {PARSE_GOAL:.0f})",
+         f"{speedup:,.0f}x  {verdict(speedup >= PARSE_GOAL)}"),
     ]
 
 
@@ -463,9 +464,11 @@ def hash_rows(r: dict) -> list[tuple[str, str]]:
     h = r["hash_GBps"]
 
     def pair(one: str, two: str) -> list[tuple[str, str]]:
-        return [(f"hash GB/s: {one}", f"{h[one]:.2f}"), (f"hash GB/s: {two}", f"{h[two]:.2f}  ({h[two] / h[one]:.2f}x)")]
+        return [(f"hash GB/s: {one}", f"{h[one]:.2f}"),
+                (f"hash GB/s: {two}", f"{h[two]:.2f}  ({h[two] / h[one]:.2f}x)")]
 
-    return pair("plain xxh3, 1 thread", "plain xxh3, 2 threads") + pair("hash_models threads=1", "hash_models threads=2")
+    return (pair("plain xxh3, 1 thread", "plain xxh3, 2 threads")
+            + pair("hash_models threads=1", "hash_models threads=2"))
 
 
 SECTIONS = (("times", time_rows), ("parse", parse_rows), ("bytes", bytes_rows), ("hash_GBps", hash_rows))
