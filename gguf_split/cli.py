@@ -275,8 +275,7 @@ def link_cmd(
 ) -> None:
     """Make DIR/<task>-00001-of-00002.gguf (adaptor) and -00002-of-00002.gguf (foundation) links, the names
     llama.cpp's split loader looks for."""
-    from .gguf_format import GGUFFile
-    from .layout import K_FOUNDATION_FILE, ROLE_ADAPTOR, STR, record, require_role
+    from .layout import K_FOUNDATION_FILE, ROLE_ADAPTOR, STR, open_output, record, require_role
     from .split import adaptor_name, check_task_name
     from .write import make_links
 
@@ -284,7 +283,7 @@ def link_cmd(
         check_task_name(task)
         a_name = adaptor_name(task, prefix)
         a_path = os.path.join(directory, a_name)
-        with GGUFFile(a_path) as ad:
+        with open_output(a_path) as ad:
             require_role(ad, ROLE_ADAPTOR)
             f_name = str(record(ad, K_FOUNDATION_FILE, STR))
         if not os.path.isfile(os.path.join(directory, f_name)):

@@ -483,6 +483,7 @@ class GGUFFile:
         loader reads gguf-split's own files through their header index)."""
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
+        self.fd = -1
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer (the fstat below refuses it)
             fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
@@ -543,7 +544,9 @@ class GGUFFile:
                 mm.close()
             except BufferError:
                 pass  # a view is still alive: the map goes when it does
+        if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> "GGUFFile":
         return self

@@ -21,7 +21,7 @@ from .layout import (
     SPLIT_KEYS,
     U64,
     check_seal,
-    is_added_key,
+    open_output,
     record,
     role_of,
 )
@@ -30,7 +30,7 @@ from .restore import find_split
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON-ready description of one GGUF file (header only)."""
-    with GGUFFile(path) as f:
+    with open_output(path) as f:
         h = f.header
         role = role_of(f) or "model"
         if role in (ROLE_FOUNDATION, ROLE_ADAPTOR):
@@ -55,7 +55,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "foundation_id": f.get(K_FOUNDATION_ID),
                 "foundation_file": f.get(K_FOUNDATION_FILE),
                 "model_tensors": f.get("split.tensors.count"),
-                "kvs": sum(1 for kv in h.kvs if not is_added_key(kv.key)),
+                "kvs": len(f.tail),
                 "source": {"name": f.get(K_SRC_NAME), "bytes": record(f, K_SRC_SIZE, U64),
                            "xxh3": f.get(K_SRC_XXH3)},
             })

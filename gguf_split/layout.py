@@ -27,15 +27,21 @@ from gguf.constants import GGUFValueType
 from .errors import GGUFSplitError
 from .gguf_format import (
     ALIGNMENT_KEY,
+    KV,
     GGUFFile,
     Header,
     TensorInfo,
+    _check_data_layout,
+    _Cursor,
+    align_up,
+    decode_value,
     encode_kv,
     encode_prefix,
     encode_tensor_info,
-    parse_header,
     read_kv_at,
-    parse_tensor_infos,
+    read_prefix,
+    read_tensor_infos,
+    read_tensor_infos_at,
 )
 
 FORMAT_VERSION = 1
@@ -211,6 +217,112 @@ def adaptor_kvs(*, task: str, source: GGUFFile, source_digest: bytes, nonzero_ga
 # Reading gguf-split's records back
 
 
+class NotASplitFile(GGUFSplitError):
+    """The file is a valid GGUF start but not written by gguf-split (no seal record first)."""
+
+
+class SplitFile(GGUFFile):
+    """A file gguf-split wrote, opened through its header index: gguf-split's own records and the tensor
+    infos are read and checked; the original model's KVs (a 262k-token vocabulary, say) are located but
+    not walked (`tail`: key -> record span, in file order; `get` checks and decodes one on demand).
+    `header.kvs` holds gguf-split's records only. With keep_fd=False no descriptor is kept (the map has
+    its own), so dropping the last reference releases everything (the runtime loader's swap relies on it).
+    Their header is sealed: `check_seal` before trusting a file that may have been changed."""
+
+    tail: dict[str, tuple[int, int]]
+
+    def __init__(self, path: str | os.PathLike[str], *, keep_fd: bool = True) -> None:
+        super().__init__(path, parse=False)
+        try:
+            if not keep_fd:
+                os.close(self.fd)
+                self.fd = -1
+            self._parse_indexed()
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse_indexed(self) -> None:
+        mm, p = self.mm, self.path
+        version, n_tensors, n_kv = read_prefix(mm, p)
+        own: list[KV] = []
+        pos, index = 24, None
+        while len(own) < n_kv:
+            kv = read_kv_at(mm, pos, p)
+            if not own and kv.key != K_SEAL:
+                raise NotASplitFile(p, "not written by gguf-split (no gguf-split seal record)")
+            own.append(kv)
+            pos = kv.end
+            if kv.key == K_INDEX:
+                index = kv
+                break
+        if index is None or index.vtype is not ARR or index.subtype is not U64:
+            raise GGUFSplitError(p, "gguf-split header index is missing or damaged")
+        values = decode_value(mm, index.vtype, index.value_start)[0]
+        if len(values) != 2 + n_kv - len(own):
+            raise GGUFSplitError(p, "header index does not match the header: damaged")
+        ti_start, data_start, offsets = values[0], values[1], values[2:]
+        # the original KVs follow the index back to back: pos = offsets[0] < offsets[1] < ... < ti_start
+        starts = [*offsets, ti_start]
+        if starts[0] != pos or any(a >= b for a, b in zip(starts, starts[1:])) or ti_start > self.size:
+            raise GGUFSplitError(p, "header index offsets are out of order or out of range: damaged")
+        own_keys = {kv.key for kv in own}
+        if len(own_keys) != len(own):
+            raise GGUFSplitError(p, "duplicate gguf-split record: damaged")
+        tail: dict[str, tuple[int, int]] = {}
+        alignment = 32
+        for start, end in zip(offsets, starts[1:]):
+            cur = _Cursor(mm, start, end, p)  # bounded by the next record: a damaged index cannot run on
+            key = cur.text("metadata key")
+            vtype = cur.value_type(f"value type of {key!r}")
+            if key in tail or key in own_keys:
+                raise GGUFSplitError(p, f"duplicate key {key!r}")
+            tail[key] = (start, end)
+            if key == ALIGNMENT_KEY:
+                if vtype is not U32:
+                    raise GGUFSplitError(p, f"{ALIGNMENT_KEY} must be a u32, not {vtype.name}")
+                alignment = cur.u32(ALIGNMENT_KEY)
+        for kv in own:
+            if kv.key == ALIGNMENT_KEY:
+                if kv.vtype is not U32:
+                    raise GGUFSplitError(p, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
+                alignment = decode_value(mm, kv.vtype, kv.value_start)[0]
+        if alignment == 0 or alignment & (alignment - 1):
+            raise GGUFSplitError(p, f"{ALIGNMENT_KEY} = {alignment} is not a power of two")
+        tensors = read_tensor_infos_at(mm, ti_start, n_tensors, alignment, p)
+        if align_up(tensors[-1].end if tensors else ti_start, alignment) != data_start:
+            raise GGUFSplitError(p, "header index: data offset does not match the tensor infos: damaged")
+        self.header = Header(p, version, own, tensors, alignment, ti_start, data_start, self.size,
+                             {kv.key: kv for kv in own}, {t.name: t for t in tensors})
+        _check_data_layout(self.header)
+        self.tail = tail
+
+    def tail_kv(self, key: str) -> KV:
+        """The original KV `key`, checked against the file (every length) and its index span."""
+        start, end = self.tail[key]
+        kv = read_kv_at(self.mm, start, self.path)
+        if kv.end != end or kv.key != key:
+            raise GGUFSplitError(self.path, f"metadata record {key!r} does not match the header index: damaged")
+        return kv
+
+    def get(self, key: str, default: object = None) -> object:
+        if key in self.header.kv_by_key:
+            return self.kv_value(key)
+        if key in self.tail:
+            kv = self.tail_kv(key)
+            return decode_value(self.mm, kv.vtype, kv.value_start)[0]
+        return default
+
+
+def open_output(path: str | os.PathLike[str]) -> GGUFFile:
+    """A gguf-split file through its index (SplitFile), any other GGUF parsed in full."""
+    try:
+        return SplitFile(path)
+    except NotASplitFile:
+        return GGUFFile(path)
+
+
+
 def blob(f: GGUFFile, key: str) -> bytes:
     kv = f.header.kv_by_key.get(key)
     if kv is None or kv.vtype is not ARR or kv.subtype is not U8:
@@ -226,6 +338,9 @@ def record(f: GGUFFile, key: str, vtype: GGUFValueType) -> object:
 
 
 def role_of(f: GGUFFile) -> str | None:
+    """gguf-split's role record of a file it wrote (opened as a SplitFile), else None."""
+    if not isinstance(f, SplitFile):
+        return None
     kv = f.header.kv_by_key.get(K_ROLE)
     return f.kv_value(K_ROLE) if kv is not None and kv.vtype is STR else None
 
@@ -293,7 +408,7 @@ def check_pair(adaptor: GGUFFile, foundation: GGUFFile) -> None:
                                            "(an adaptor from another split?)")
 
 
-def plan_restore(adaptor: GGUFFile, foundation: GGUFFile) -> RestorePlan:
+def plan_restore(adaptor: SplitFile, foundation: GGUFFile) -> RestorePlan:
     """Rebuild the original header from the adaptor's records and map every original byte to its source."""
     check_pair(adaptor, foundation)
     path = adaptor.path
@@ -301,7 +416,7 @@ def plan_restore(adaptor: GGUFFile, foundation: GGUFFile) -> RestorePlan:
     def damaged(what: str) -> GGUFSplitError:
         return GGUFSplitError(path, f"restore record damaged: {what}")
 
-    kept = [adaptor.raw(kv.start, kv.end) for kv in adaptor.header.kvs if not is_added_key(kv.key)]
+    kept = [adaptor.raw(start, end) for start, end in adaptor.tail.values()]
     raw_replaced = blob(adaptor, K_SRC_REPLACED_KVS)
     pos = 0
     try:
@@ -310,7 +425,7 @@ def plan_restore(adaptor: GGUFFile, foundation: GGUFFile) -> RestorePlan:
             rec_kv = read_kv_at(raw_replaced, pos + 4, path)
             kept.insert(where, raw_replaced[rec_kv.start : rec_kv.end])
             pos = rec_kv.end
-    except (struct.error, IndexError, GGUFSplitError):
+    except (struct.error, GGUFSplitError):
         raise damaged(K_SRC_REPLACED_KVS) from None
 
     version = record(adaptor, K_SRC_VERSION, U32)
@@ -319,12 +434,17 @@ def plan_restore(adaptor: GGUFFile, foundation: GGUFFile) -> RestorePlan:
     name = record(adaptor, K_SRC_NAME, STR)
     infos = blob(adaptor, K_SRC_TENSOR_INFOS)
     kv_bytes = b"".join(kept)
+    # The original's alignment is the adaptor's own (an adaptor keeps its model's general.alignment), so
+    # the rebuilt header is checked without walking its KVs again.
+    alignment = adaptor.header.alignment
     try:
-        # tensor count first: the infos parse needs the alignment, which the KVs give
-        align_probe = parse_header(encode_prefix(int(version), 0, len(kept)) + kv_bytes, 10**18, path).alignment
-        n_tensors = len(parse_tensor_infos(infos, path, align_probe))
-        header_bytes = encode_prefix(int(version), n_tensors, len(kept)) + kv_bytes + infos
-        header = parse_header(header_bytes, int(size), path)
+        head = encode_prefix(int(version), 0, len(kept)) + kv_bytes
+        tensors = read_tensor_infos(_Cursor(head + infos, len(head), len(head) + len(infos), path), None, alignment)
+        header_bytes = encode_prefix(int(version), len(tensors), len(kept)) + kv_bytes + infos
+        read_prefix(header_bytes, path)
+        header = Header(path, int(version), [], tensors, alignment, len(head), align_up(len(header_bytes), alignment),
+                        int(size), {}, {t.name: t for t in tensors})
+        _check_data_layout(header)
     except GGUFSplitError as e:
         raise damaged(e.problem) from None
 

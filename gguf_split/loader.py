@@ -36,25 +36,17 @@ from gguf.constants import GGUFValueType
 
 from .errors import GGUFSplitError
 from .gguf_format import (
-    ALIGNMENT_KEY,
-    KV,
     GGUFFile,
     Header,
     TensorInfo,
-    _Cursor,
-    _check_data_layout,
-    align_up,
     decode_value,
     parse_tensor_infos,
     read_kv_at,
-    read_prefix,
-    read_tensor_infos_at,
     to_numpy,
     type_name,
 )
 from .layout import (
     K_FOUNDATION_ID,
-    K_INDEX,
     K_SRC_TENSOR_INFOS,
     K_SPLIT_TENSORS,
     K_TASK,
@@ -62,6 +54,7 @@ from .layout import (
     ROLE_FOUNDATION,
     I32,
     STR,
+    SplitFile,
     blob,
     record,
     require_role,
@@ -221,92 +214,11 @@ def open_model(path: str | os.PathLike[str]) -> Model:
 # gguf-split files through their header index
 
 
-class _MappedFile(GGUFFile):
-    """A GGUFFile that keeps no descriptor once mapped (the mmap holds its own), so dropping the last
-    reference unmaps it with nothing left to close: a swap can let go of the old adaptor without pulling
-    the map from under a reader that is still using it."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        super().__init__(path, parse=False)
-        os.close(self.fd)
-        self.fd = -1
-
-    def close(self) -> None:
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a view is still alive: the map goes when it does
-
-
 def _view(f: GGUFFile, t: TensorInfo, data_start: int) -> memoryview:
     try:
         return f.tensor_view(t, data_start)
     except ValueError:  # closed by another thread between the check and the view
         raise GGUFSplitError(f.path, "file is closed") from None
-
-
-def _open_indexed(path: str | os.PathLike[str]) -> tuple[GGUFFile, dict[str, tuple[int, int]]]:
-    """Map a gguf-split file and read its own records, index and tensor infos without walking the
-    original KVs. Returns the file (its `header.kvs` = gguf-split's records only) and key -> record span
-    of the original KVs."""
-    f = _MappedFile(path)
-    try:
-        mm, p = f.mm, f.path
-        version, n_tensors, n_kv = read_prefix(mm, p)
-        own: list[KV] = []
-        pos, index = 24, None
-        while len(own) < n_kv:
-            kv = read_kv_at(mm, pos, p)
-            own.append(kv)
-            pos = kv.end
-            if kv.key == K_INDEX:
-                index = kv
-                break
-        if index is None or index.vtype is not GGUFValueType.ARRAY or index.subtype is not GGUFValueType.UINT64:
-            raise GGUFSplitError(p, "not a gguf-split file with a header index (written by another tool?)")
-        values = decode_value(mm, index.vtype, index.value_start)[0]
-        n_tail = n_kv - len(own)
-        if len(values) != 2 + n_tail:
-            raise GGUFSplitError(p, "header index does not match the header: damaged")
-        ti_start, data_start, offsets = values[0], values[1], values[2:]
-        # the original KVs follow the index back to back: [pos = offsets[0] < offsets[1] < ... < ti_start]
-        starts = [*offsets, ti_start]
-        in_order = starts[0] == pos and all(a < b for a, b in zip(starts, starts[1:]))
-        if not in_order or ti_start > f.size:
-            raise GGUFSplitError(p, "header index offsets are out of order or out of range: damaged")
-        tail: dict[str, tuple[int, int]] = {}
-        own_keys = {kv.key for kv in own}
-        alignment = 32
-        for start, end in zip(offsets, [*offsets[1:], ti_start]):
-            cur = _Cursor(mm, start, end, p)  # bounded by the next record: a damaged index cannot run on
-            key = cur.text("metadata key")
-            vtype = cur.value_type(f"value type of {key!r}")
-            if key in tail or key in own_keys:
-                raise GGUFSplitError(p, f"duplicate key {key!r}")
-            tail[key] = (start, end)
-            if key == ALIGNMENT_KEY:
-                if vtype is not GGUFValueType.UINT32:
-                    raise GGUFSplitError(p, f"{ALIGNMENT_KEY} must be a u32")
-                alignment = decode_value(mm, vtype, cur.pos)[0]
-        for kv in own:
-            if kv.key == ALIGNMENT_KEY:
-                alignment = decode_value(mm, kv.vtype, kv.value_start)[0]
-        if alignment == 0 or alignment & (alignment - 1):
-            raise GGUFSplitError(p, f"{ALIGNMENT_KEY} = {alignment} is not a power of two")
-        tensors = read_tensor_infos_at(mm, ti_start, n_tensors, alignment, p)
-        ti_end = tensors[-1].end if tensors else ti_start
-        if align_up(ti_end, alignment) != data_start:
-            raise GGUFSplitError(p, "header index: data offset does not match the tensor infos: damaged")
-        h = Header(p, version, own, tensors, alignment, ti_start, data_start, f.size,
-                   {kv.key: kv for kv in own}, {t.name: t for t in tensors})
-        _check_data_layout(h)
-        f.header = h
-        return f, tail
-    except BaseException:
-        f.close()
-        raise
 
 
 class _SharedFoundation:
@@ -331,7 +243,7 @@ class _SharedFoundation:
         with cls.lock:
             shared = cls.registry.get((st.st_dev, st.st_ino))
             if shared is None:
-                f, _ = _open_indexed(path)
+                f = SplitFile(path, keep_fd=False)
                 try:
                     shared = cls(f)
                 except BaseException:
@@ -413,7 +325,8 @@ class _Overlay:
     """One adaptor over the foundation: everything a TaskModel swaps at once."""
 
     def __init__(self, foundation: Foundation, path: str) -> None:
-        f, tail = _open_indexed(path)
+        f = SplitFile(path, keep_fd=False)
+        tail = f.tail
         try:
             require_role(f, ROLE_ADAPTOR)
             want = str(record(f, K_FOUNDATION_ID, STR))

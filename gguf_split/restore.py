@@ -31,6 +31,7 @@ from .layout import (
     check_pair,
     check_seal,
     computed_foundation_id,
+    open_output,
     plan_restore,
     record,
     recorded_digests,
@@ -66,10 +67,10 @@ def restore(adaptor: str | os.PathLike[str], output: str | os.PathLike[str] | No
             progress: Progress = QUIET) -> RestoreReport:
     """Rebuild the original model of `adaptor` (with its foundation) at `output` (default: the original
     file name in the current directory)."""
-    with GGUFFile(adaptor) as ad:
+    with open_output(adaptor) as ad:
         require_role(ad, ROLE_ADAPTOR)
         check_seal(ad)  # the restore plan comes from this header: a damaged one must not drive the writes
-        with GGUFFile(foundation or foundation_for(ad)) as fnd:
+        with open_output(foundation or foundation_for(ad)) as fnd:
             check_seal(fnd)
             rp = plan_restore(ad, fnd)
             out_path = os.path.abspath(output if output is not None else rp.source_name)
@@ -159,7 +160,7 @@ def _check_file(f: GGUFFile, bar: Reporter, threads: int) -> int:
 def verify(foundation: str | os.PathLike[str], adaptors: list[str | os.PathLike[str]], *,
            progress: Progress = QUIET, threads: int | None = None) -> VerifyReport:
     threads = threads or min(os.cpu_count() or 1, 8)
-    with GGUFFile(foundation) as fnd:
+    with open_output(foundation) as fnd:
         require_role(fnd, ROLE_FOUNDATION)
         check_seal(fnd)
         fid = str(record(fnd, K_FOUNDATION_ID, STR))
@@ -168,7 +169,7 @@ def verify(foundation: str | os.PathLike[str], adaptors: list[str | os.PathLike[
         opened = []
         try:
             for a in adaptors:
-                ad = GGUFFile(a)
+                ad = open_output(a)
                 opened.append(ad)
                 require_role(ad, ROLE_ADAPTOR)
                 check_seal(ad)
@@ -199,7 +200,7 @@ def find_split(directory: str | os.PathLike[str]) -> tuple[str, list[str]]:
         if os.path.islink(path):
             continue  # llama.cpp names made by `gguf-split link`
         try:
-            with GGUFFile(path) as f:
+            with open_output(path) as f:
                 role = role_of(f)
         except GGUFSplitError:
             if _looks_like_output(path):
@@ -230,7 +231,7 @@ def resolve_split_args(paths: list[str]) -> tuple[str, list[str]]:
         return find_split(paths[0])
     foundation, adaptors = None, []
     for p in paths:
-        with GGUFFile(p) as f:
+        with open_output(p) as f:
             role = role_of(f)
             if role == ROLE_FOUNDATION:
                 if foundation is not None:
@@ -241,6 +242,6 @@ def resolve_split_args(paths: list[str]) -> tuple[str, list[str]]:
             else:
                 raise GGUFSplitError(p, "not a gguf-split foundation or adaptor")
     if foundation is None:
-        with GGUFFile(adaptors[0]) as f:
+        with open_output(adaptors[0]) as f:
             foundation = foundation_for(f)
     return foundation, adaptors

@@ -5,8 +5,9 @@ Per model we compute, from one mmap of the file:
 - the xxh3-128 digest of the whole file (what `xxh128sum` prints), recorded so restore can prove its output;
 - the bytes outside every tensor and header record (padding): writers zero them; any non-zero byte there
   is kept so restore stays byte-exact.
-Work items run on a thread pool: python-xxhash releases the GIL, so two threads hash ~2x as fast. Each
-item walks its file front to back, so cold reads stay sequential.
+Models are hashed on a thread pool (python-xxhash releases the GIL: two threads hash ~1.5-2x as fast),
+each in one front-to-back sweep that feeds every piece to both hashers while it is in the CPU cache, so
+cold reads stay sequential and memory is read once.
 """
 
 from __future__ import annotations
@@ -97,24 +98,38 @@ def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
     return ScannedModel(task, f)
 
 
-def _hash_tensors(m: ScannedModel, bar: Reporter) -> None:
+SWEEP_PIECE = 1 << 20  # small enough that the second hasher finds the piece still in the CPU cache
+
+
+def _hash_model(m: ScannedModel, bar: Reporter) -> None:
+    """Tensor digests, non-zero gaps and the whole-file digest in one front-to-back sweep: each piece feeds
+    the whole-file hasher and the hasher of the tensor it belongs to while it is in the CPU cache, so the
+    file is read from memory once instead of twice (the parser guarantees tensors do not overlap, so the
+    header, the tensors and the gaps tile the file)."""
     h, f = m.header, m.file
-    for t in sorted(h.tensors, key=lambda t: t.offset):
-        m.digests[t.name] = hash_view(f.tensor_view(t), bar)
+    whole = xxhash.xxh3_128()
+    whole.update(f.view(0, h.tensor_info_end))
+    spans = [(h.data_start + t.offset, h.data_start + t.offset + t.nbytes, t.name) for t in h.tensors]
+    spans += [(s, e, None) for s, e in iter_gaps(h)]
     total_nonzero = 0
-    for start, end in iter_gaps(h):
-        gap = f.view(start, end)
-        if not is_zero(gap):
-            total_nonzero += end - start
+    for s, e, name in sorted(spans):
+        own = xxhash.xxh3_128() if name is not None else None
+        for at in range(s, e, SWEEP_PIECE):
+            piece = f.view(at, min(at + SWEEP_PIECE, e))
+            whole.update(piece)
+            if own is not None:
+                own.update(piece)
+            bar.advance(2 * len(piece))
+        if name is not None:
+            m.digests[name] = own.digest()
+        elif not is_zero(f.view(s, e)):
+            total_nonzero += e - s
             if total_nonzero > MAX_NONZERO_GAP_BYTES:
                 raise GGUFSplitError(m.path, f"holds more than {MAX_NONZERO_GAP_BYTES >> 20} MiB of non-zero bytes "
                                              "outside its tensors; not a file llama.cpp or gguf-py writes")
-            m.nonzero_gaps.append((start, bytes(gap)))
-        bar.advance(end - start)
-
-
-def _hash_file(m: ScannedModel, bar: Reporter) -> None:
-    m.file_digest = hash_view(m.file.view(0, m.file.size), bar)
+            m.nonzero_gaps.append((s, f.raw(s, e)))
+    bar.advance(h.tensor_info_end)
+    m.file_digest = whole.digest()
 
 
 def hash_models(models: list[ScannedModel], progress: Progress = QUIET, threads: int | None = None) -> None:
@@ -122,7 +137,7 @@ def hash_models(models: list[ScannedModel], progress: Progress = QUIET, threads:
     threads = threads or min(os.cpu_count() or 1, 8)
     total = sum(2 * m.file.size - m.header.tensor_info_end for m in models)
     with progress.bar("hashing", total) as bar:
-        items = [(fn, m) for m in models for fn in (_hash_file, _hash_tensors)]
+        items = [(_hash_model, m) for m in sorted(models, key=lambda m: -m.file.size)]
         if threads <= 1:
             for fn, m in items:
                 fn(m, bar)

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import GGUFSplitError
-from .gguf_format import GGUFFile
 from .layout import (
     K_FOUNDATION_FILE,
     ROLE_ADAPTOR,
@@ -25,6 +24,8 @@ from .layout import (
     foundation_id,
     foundation_kvs,
     identity_record,
+    SplitFile,
+    open_output,
     plan_restore,
     role_of,
 )
@@ -191,7 +192,7 @@ def check_no_orphans(directory: str, prefix: str, tasks: set[str], f_name: str) 
         if os.path.basename(path) in keep or os.path.islink(path):
             continue
         try:
-            with GGUFFile(path) as f:
+            with open_output(path) as f:
                 uses = f.get(K_FOUNDATION_FILE) if role_of(f) == ROLE_ADAPTOR else None
         except GGUFSplitError:
             continue
@@ -202,9 +203,9 @@ def check_no_orphans(directory: str, prefix: str, tasks: set[str], f_name: str) 
 
 def _prove(models: dict[str, ScannedModel], adaptor_tmp: dict[str, str], foundation_tmp: str) -> None:
     """Check, from the files just written, that restore would rebuild every input byte for byte."""
-    with GGUFFile(foundation_tmp) as fnd:
+    with SplitFile(foundation_tmp) as fnd:
         for task, m in models.items():
-            with GGUFFile(adaptor_tmp[task]) as ad:
+            with SplitFile(adaptor_tmp[task]) as ad:
                 rp = plan_restore(ad, fnd)
                 src = m.file
                 h = m.header

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 from .errors import GGUFSplitError, os_problem
@@ -87,6 +88,7 @@ class OutputDir:
         self.lock_fd: int | None = None
         self.pending: list[_Temp] = []
         self.committed = False
+        self._syncer: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> "OutputDir":
         try:
@@ -143,18 +145,35 @@ class OutputDir:
         return t
 
     def guard(self, t: "_Temp", fn: Callable[[int], None]) -> None:
-        """Run `fn(t.fd)`, turning OS errors (a full disk) into one line naming the output file."""
+        """Run `fn(t.fd)`, turning OS errors (a full disk) into one line naming the output file, then start
+        its fsync in the background (fsync releases the GIL): the disk writes this file back while the
+        caller writes the next one and proves the restore; commit() waits and reports any fsync error."""
         try:
             fn(t.fd)
-            os.fsync(t.fd)
         except OSError as e:
             raise GGUFSplitError(t.final, f"write failed: {os_problem(e)}") from None
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="gguf-split-fsync")
+        t.synced = self._syncer.submit(os.fsync, t.fd)
+
+    def _wait_for_fsyncs(self) -> None:
+        """Every fd stays open until its fsync has returned (a closed fd number could be reused)."""
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
 
     def commit(self) -> None:
         """Rename the outputs into place. Several outputs (a foundation first, then the adaptors that need
         it) cannot be replaced at once: the old files they replace go first, in reverse order (adaptors,
         then their foundation), then the new ones in order, so a crash at any point leaves a consistent
         (possibly partial) set, never a new foundation beside old adaptors."""
+        self._wait_for_fsyncs()
+        for t in self.pending:
+            try:
+                if t.synced is not None:
+                    t.synced.result()
+            except OSError as e:
+                raise GGUFSplitError(t.final, f"write failed: {os_problem(e)}") from None
         for t in self.pending:
             t.close()
         try:
@@ -175,6 +194,7 @@ class OutputDir:
             os.fsync(self.lock_fd)
 
     def _cleanup(self) -> None:
+        self._wait_for_fsyncs()
         if not self.committed:
             for t in self.pending:
                 t.close()
@@ -199,6 +219,7 @@ class _Temp:
     def __init__(self, final: str, tmp: str, fd: int) -> None:
         self.final, self.tmp, self.fd = final, tmp, fd
         self.closed = False
+        self.synced: Future[None] | None = None
 
     @property
     def name(self) -> str:

@@ -425,3 +425,27 @@ def test_input_inside_output_directory_is_not_overwritten(tmp_path: Path) -> Non
     assert_one_line_error(code, stderr, base, "input")
     assert snapshot(out) == before_out
     assert input_state([base, chat]) == before_in
+
+
+def test_background_fsync_failure_fails_the_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs are fsynced in a background thread while the next is written: a failing fsync (a full
+    disk found at write-back) must still fail the split, naming the file, with nothing left behind."""
+    import errno
+
+    from gguf_split import GGUFSplitError
+
+    a = write_model(tmp_path / "a.gguf", base_tensors())
+    b = write_model(tmp_path / "b.gguf", {**base_tensors(), "output_norm.weight": (Q.F32, (64,), 99)})
+    out = tmp_path / "out"
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if "adaptor-b" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(GGUFSplitError) as e:
+        split({"a": a, "b": b}, out)
+    assert "adaptor-b.gguf" in str(e.value) and "No space" in str(e.value)
+    assert not out.exists()

@@ -33,7 +33,7 @@ from conftest import write_model
 from gguf_split.errors import GGUFSplitError
 from gguf_split.gguf_format import GGUFFile, Header, decode_value, iter_gaps, parse_header, parse_tensor_infos
 from gguf_split.info import describe
-from gguf_split.layout import OWN_PREFIX, plan_restore
+from gguf_split.layout import OWN_PREFIX, open_output, plan_restore
 from gguf_split.loader import Foundation, open_model
 from gguf_split.restore import verify
 from gguf_split.split import split
@@ -259,7 +259,7 @@ def _load_task(foundation: Path, adaptor: Path) -> None:
 
 
 def _plan(foundation: Path, adaptor: Path) -> None:
-    with GGUFFile(adaptor) as ad, GGUFFile(foundation) as fnd:
+    with open_output(adaptor) as ad, open_output(foundation) as fnd:
         plan_restore(ad, fnd)
 
 
