@@ -300,3 +300,46 @@ def test_other_versions_are_refused_by_name(tmp_path: Path, field: bytes, proble
         GGUFFile(bad)
     assert err.value.path == str(bad)
     assert problem in err.value.problem
+
+
+# The walked-arrays memo: a vocabulary identical to one already walked costs one byte comparison.
+MEMO_VOCAB = [f"token-{i:06d}" for i in range(8000)]  # above _WalkedArrays.MIN_COUNT
+
+
+def memo_model(path: Path) -> tuple[str, int, int]:
+    """A model with a large string array; returns (path, start, end) of its string records."""
+    p = write_model(path, base_tensors(), kvs=lambda w: w.add_array("test.vocab", MEMO_VOCAB))
+    with GGUFFile(p) as f:  # walked once: now remembered
+        kv = f.header.kv_by_key["test.vocab"]
+        return p, kv.value_start + 12, kv.end
+
+
+def test_memo_replays_an_identical_vocabulary(tmp_path: Path) -> None:
+    from gguf_split.gguf_format import _WALKED
+
+    a, start, end = memo_model(tmp_path / "a.gguf")
+    b, _, _ = memo_model(tmp_path / "b.gguf")
+    data = Path(b).read_bytes()
+    assert _WALKED.match(data, start, len(data), len(MEMO_VOCAB)) == end - start  # replayed, not walked
+    with GGUFFile(b) as fb:
+        assert fb.get("test.vocab") == MEMO_VOCAB
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_memo_does_not_hide_a_changed_string_length(tmp_path: Path, where: str) -> None:
+    good, start, end = memo_model(tmp_path / "good.gguf")
+    raw = bytearray(Path(good).read_bytes())
+    at = start if where == "first" else end - 8 - len(MEMO_VOCAB[-1])
+    raw[at : at + 8] = (1 << 40).to_bytes(8, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(raw)
+    with pytest.raises(GGUFSplitError, match="string of"):
+        GGUFFile(bad)
+
+
+def test_memo_does_not_hide_truncation(tmp_path: Path) -> None:
+    good, start, end = memo_model(tmp_path / "good.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(Path(good).read_bytes()[: (start + end) // 2])
+    with pytest.raises(GGUFSplitError, match="truncated"):
+        GGUFFile(bad)
