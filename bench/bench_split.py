@@ -65,6 +65,7 @@ from common import GEMMA3, SMOLLM2, WORK, finetunes  # noqa: E402
 from gguf_split.gguf_format import GGUFFile  # noqa: E402
 from gguf_split.progress import QUIET  # noqa: E402
 from gguf_split.scan import hash_models, open_model  # noqa: E402
+from gguf_split.gguf_format import _WALKED
 from gguf_split.split import split  # noqa: E402
 
 READ_CHUNK = 16 << 20
@@ -136,6 +137,8 @@ def cp_and_fsync(sources: list[Path], dest: Path) -> None:
 
 
 def run_split(tasks: dict[str, str], out: Path, threads: int | None = None) -> None:
+    # as in a fresh `gguf-split` process: the first input's vocabulary is walked, the others replayed
+    _WALKED.clear()
     split(tasks, out, force=True, threads=threads)
 
 

@@ -162,6 +162,11 @@ class _WalkedArrays:
                 return len(raw)
         return None
 
+    def clear(self) -> None:
+        """Forget every array (benchmarks use it to time a fresh process's first parse)."""
+        with self._lock:
+            self._arrays = []
+
     def remember(self, buf: Any, start: int, end: int, count: int) -> None:
         if count >= self.MIN_COUNT:
             raw = bytes(buf[start:end])
