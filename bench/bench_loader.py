@@ -14,7 +14,8 @@ What is measured, in this process unless said otherwise:
 - swap: `model.swap(task)` cycling chat -> code -> summarize -> base, median of `--repeats` runs.
 - baselines on the same files: `gguf.GGUFReader` of the adaptor and of the original fine-tune (run
   `--reader-runs` times, ~8 s and ~27 s each), and `open_model(original)` (the loader's path for any
-  third-party GGUF: a full strict header parse) as a median of runs.
+  third-party GGUF: a full strict header parse) as a median of runs, with the vocabulary memo
+  (gguf_format._WalkedArrays) cleared before each run as in a fresh process, and again with it warm.
 - memory: a fresh subprocess opens 1, 2, then 3 tasks (chat, code, summarize) side by side from one
   foundation and touches every byte of every tensor of each (xxh3 over each view), reading VmRSS from
   /proc/self/status and Rss/Pss from /proc/self/smaps_rollup after each step; another does the same
@@ -49,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GEMMA3, SMOLLM2, WORK, finetunes  # noqa: E402
 
 from gguf_split import Foundation, open_model  # noqa: E402
+from gguf_split.gguf_format import _WALKED  # noqa: E402
 from gguf_split.loader import _SharedFoundation  # noqa: E402
 from gguf_split.split import split  # noqa: E402
 
@@ -132,9 +134,14 @@ def time_swap(foundation: Path, tasks: list[str], repeats: int) -> list[Run]:
         return [timed(lambda: model.swap(t)) for t in itertools.islice(itertools.cycle(tasks), repeats)]
 
 
-def time_open_model(path: Path, repeats: int) -> list[Run]:
+def time_open_model(path: Path, repeats: int, memo: bool = False) -> list[Run]:
+    """open_model(path) + close. Unless `memo`, the vocabulary memo is cleared (untimed) before each run,
+    so every run walks the tokenizer arrays as a fresh process's first open does; with `memo`, the
+    arrays are replayed from the memo (a byte comparison), as for a second fine-tune of the same model."""
     runs = []
     for _ in range(repeats):
+        if not memo:
+            _WALKED.clear()
         t0 = now()
         model = open_model(path)
         runs.append(since(t0))
@@ -251,6 +258,7 @@ def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
         "load_shared": time_load_shared(foundation, tasks, args.repeats),
         "swap": time_swap(foundation, tasks, args.repeats),
         "open_model": time_open_model(originals["chat"], max(5, args.repeats // 10)),
+        "open_model_memo": time_open_model(originals["chat"], max(5, args.repeats // 10), memo=True),
         "fresh": [run_child("first-open", str(foundation), "chat", "code") for _ in range(args.fresh)],
     }
     print(f"[{which}] GGUFReader x{args.reader_runs} on adaptor and original...", file=sys.stderr)
@@ -319,6 +327,7 @@ def rows_for(r: dict) -> list[tuple[str, str]]:
         ("  first swap in a fresh process", f"{show_ms(fresh_swap)}  "
                                             f"{verdict(median_ms(fresh_swap) <= OPEN_GOAL_MS)}"),
         ("open_model(original), median", show_ms(r["open_model"])),
+        ("  vocabulary replayed from the memo", show_ms(r["open_model_memo"])),
         (f"open_model <= {OPEN_MODEL_GOAL_MS:g} ms", verdict(om_ms <= OPEN_MODEL_GOAL_MS)),
     ]
     if r["reader_adaptor"]:
