@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,12 +36,12 @@ from gguf.constants import GGUFValueType
 
 from .errors import GGUFSplitError
 from .gguf_format import (
+    KV,
     GGUFFile,
     Header,
     TensorInfo,
     decode_value,
     parse_tensor_infos,
-    read_kv_at,
     to_numpy,
     type_name,
 )
@@ -100,20 +100,29 @@ class Field:
 class Metadata(Mapping[str, Any]):
     """The model's KV metadata; a value is bounds-checked and decoded the first time it is asked for."""
 
-    def __init__(self, file: GGUFFile, records: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, file: GGUFFile, keys: list[str], lookup: Callable[[str], KV]) -> None:
         self._file = file
-        self._records = records  # key -> (record start, record end)
+        self._keys = keys  # in file order
+        self._key_set = set(keys)
+        self._lookup = lookup  # key -> its checked KV record
         self._cache: dict[str, Field] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, file: GGUFFile) -> "Metadata":
+        """A plain GGUF's metadata (its header was checked in full) or a gguf-split file's original KVs
+        (each checked when first asked for)."""
+        if isinstance(file, SplitFile):
+            return cls(file, list(file.tail), file.tail_kv)
+        return cls(file, [kv.key for kv in file.header.kvs], file.header.kv_by_key.__getitem__)
 
     def field(self, key: str) -> Field:
         got = self._cache.get(key)
         if got is not None:
             return got
-        start, end = self._records[key]
-        kv = read_kv_at(self._file.mm, start, self._file.path)  # checks every length against the file
-        if kv.end != end or kv.key != key:
-            raise GGUFSplitError(self._file.path, f"metadata record {key!r} does not match the header index: damaged")
+        if key not in self:
+            raise KeyError(key)
+        kv = self._lookup(key)
         value = decode_value(self._file.mm, kv.vtype, kv.value_start)[0]
         got = Field(key, kv.vtype, kv.subtype, kv.count, value)
         with self._lock:
@@ -127,13 +136,13 @@ class Metadata(Mapping[str, Any]):
         return self.field(key).value
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._records)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._records
+        return key in self._key_set
 
 
 class _Tensors(Mapping[str, Tensor]):
@@ -192,7 +201,7 @@ class Model:
         self._file = file
         h = file.header
         self.path = file.path
-        self.metadata = Metadata(file, {kv.key: (kv.start, kv.end) for kv in h.kvs})
+        self.metadata = Metadata.of(file)
         self.tensors: Mapping[str, Tensor] = _Tensors([(file, h)], _Order(None))
 
     def close(self) -> None:
@@ -326,7 +335,6 @@ class _Overlay:
 
     def __init__(self, foundation: Foundation, path: str) -> None:
         f = SplitFile(path, keep_fd=False)
-        tail = f.tail
         try:
             require_role(f, ROLE_ADAPTOR)
             want = str(record(f, K_FOUNDATION_ID, STR))
@@ -337,7 +345,7 @@ class _Overlay:
             clash = next((t.name for t in f.header.tensors if t.name in fnd.header.tensor_by_name), None)
             if clash is not None:
                 raise GGUFSplitError(f.path, f"tensor {clash!r} is in both this adaptor and the foundation: damaged")
-            self.metadata = Metadata(f, tail)
+            self.metadata = Metadata.of(f)
             expected = record(f, K_SPLIT_TENSORS, I32)
             n = len(f.header.tensors) + len(fnd.header.tensors)
             if expected != n:
