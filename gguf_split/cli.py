@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import GGUFSplitError
+from .plan import CHANGED, ONLY_HERE, RETYPED
 from .progress import Progress
 
 app = typer.Typer(
@@ -82,6 +83,10 @@ def _split_table(report: Any) -> Table:
     return table
 
 
+_REASON_TEXT = {CHANGED: "with other bytes than another task's", RETYPED: "with another type or shape than "
+                "another task's", ONLY_HERE: "that not every task has"}
+
+
 def _print_split(report: Any) -> None:
     out.print(_split_table(report))
     out.print(f"output is {report.ratio:.1%} of the inputs: saves {_size(report.input_bytes - report.output_bytes)}. "
@@ -91,8 +96,9 @@ def _print_split(report: Any) -> None:
         for name, why in t.reasons.items():
             counts.setdefault(why, []).append(name)
         if counts:
-            out.print(f"  {t.task}: " + "; ".join(f"{len(v)} {k}" for k, v in counts.items()))
-        only = counts.get("not in every model", [])
+            out.print(f"  {t.task}: {t.tensors} tensors of its own (" + "; ".join(
+                f"{len(v)} {_REASON_TEXT.get(k, k)}" for k, v in counts.items()) + ")")
+        only = counts.get(ONLY_HERE, [])
         if only:
             out.print(f"    kept in its adaptor, other tasks lack them: {', '.join(only)}")
         if t.missing:
