@@ -107,7 +107,3 @@ def finetunes(which: str) -> dict[str, Path]:
                   f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
         paths[task] = p
     return paths
-
-
-def drop_caches_hint() -> str:
-    return "page cache warm (inputs read once before timing); figures are ratios measured in the same run"

@@ -67,15 +67,6 @@ def align_up(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of `shape` (ne0 first) in `ggml_type`, from gguf's block-size table."""
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    n = 1
-    for d in shape:
-        n *= d
-    return n // block * type_size
-
-
 def type_name(ggml_type: int) -> str:
     t = _GGML_TYPES.get(ggml_type)
     return t.name if t is not None else f"type{ggml_type}"

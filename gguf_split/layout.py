@@ -28,6 +28,7 @@ from .errors import GGUFSplitError
 from .gguf_format import (
     ALIGNMENT_KEY,
     KV,
+    WRITE_VERSION,
     GGUFFile,
     Header,
     TensorInfo,
@@ -70,11 +71,6 @@ U8, U16, U32, U64, I32, STR, ARR = (GGUFValueType.UINT8, GGUFValueType.UINT16, G
                                      GGUFValueType.UINT64, GGUFValueType.INT32, GGUFValueType.STRING,
                                      GGUFValueType.ARRAY)
 DIGEST_SIZE = 16
-
-
-def is_added_key(key: str) -> bool:
-    """Keys gguf-split writes into an adaptor on top of the original model's."""
-    return key.startswith(OWN_PREFIX) or key in SPLIT_KEYS
 
 
 def blob_kv(key: str, data: bytes) -> bytes:
@@ -129,7 +125,7 @@ def build_header(own_kvs: list[bytes], tail_kvs: list[bytes], tensors: list[Plan
     offsets = layout_data(tensors, alignment)
     infos = b"".join(encode_tensor_info(t.name, t.shape, t.ggml_type, o) for t, o in zip(tensors, offsets))
     n_kv = 1 + len(own_kvs) + 1 + len(tail_kvs)
-    prefix = encode_prefix(3, len(tensors), n_kv)
+    prefix = encode_prefix(WRITE_VERSION, len(tensors), n_kv)
     own = encode_kv(K_SEAL, STR, _UNSEALED) + b"".join(own_kvs)
     index_len = len(encode_kv(K_INDEX, ARR, [0] * (2 + len(tail_kvs)), U64))
     tail = b"".join(tail_kvs)

@@ -46,13 +46,13 @@ from .gguf_format import (
     type_name,
 )
 from .layout import (
+    I32,
     K_FOUNDATION_ID,
-    K_SRC_TENSOR_INFOS,
     K_SPLIT_TENSORS,
+    K_SRC_TENSOR_INFOS,
     K_TASK,
     ROLE_ADAPTOR,
     ROLE_FOUNDATION,
-    I32,
     STR,
     SplitFile,
     blob,

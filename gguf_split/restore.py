@@ -28,6 +28,7 @@ from .layout import (
     ROLE_FOUNDATION,
     STR,
     Copy,
+    SplitFile,
     check_pair,
     check_seal,
     computed_foundation_id,
@@ -200,9 +201,9 @@ def find_split(directory: str | os.PathLike[str]) -> tuple[str, list[str]]:
         if os.path.islink(path):
             continue  # llama.cpp names made by `gguf-split link`
         try:
-            with open_output(path) as f:
+            with SplitFile(path) as f:
                 role = role_of(f)
-        except GGUFSplitError:
+        except GGUFSplitError:  # NotASplitFile included: another model in the directory
             if _looks_like_output(path):
                 raise  # a damaged foundation or adaptor is what verify must report, not skip
             continue

@@ -20,12 +20,11 @@ import xxhash
 
 from .errors import GGUFSplitError
 from .gguf_format import ARCHITECTURE_KEY, GGUFFile, iter_gaps
+from .layout import OWN_PREFIX
 from .progress import QUIET, Progress, Reporter
 
 CHUNK = 16 << 20  # hash in 16 MiB pieces so progress moves and caches stay warm
 MAX_NONZERO_GAP_BYTES = 16 << 20  # more than this outside the tensors is not padding; refuse
-SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
-OWN_PREFIX = "gguf_split."
 
 
 @dataclass
