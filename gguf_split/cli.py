@@ -1,7 +1,14 @@
 """The `gguf-split` command: a thin layer over the library.
 
-Every GGUFSplitError becomes one line on stderr, `gguf-split: error: <file>: <problem>`, and exit code 2;
-usage errors also exit with 2 (typer's convention); Ctrl-C exits with 130 and leaves no partial output.
+Manners, as a careful user of git, pip or llama.cpp's tools expects:
+- every GGUFSplitError is one line on stderr, `gguf-split: error: <file>: <problem>`, exit code 2; usage
+  errors exit 2 too (click's convention); Ctrl-C exits 130 and SIGTERM 143 with one line, at any moment
+  from the first import on, leaving no partial output (every writer cleans up or commits atomically);
+- file names that are not valid UTF-8 are printed with escapes, never crash the output;
+- tables and reports are not wrapped when stdout is not a terminal (scripts and logs get whole lines);
+- `--version`, and the version in `info --json`;
+- start-up: `gguf-split --version` imports nothing heavy; typer and rich load only for commands, gguf
+  and numpy only for the commands that need them.
 """
 
 from __future__ import annotations
@@ -13,29 +20,50 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from . import __version__
 from .errors import GGUFSplitError
-from .plan import CHANGED, ONLY_HERE, RETYPED
-from .progress import Progress
+from .naming import show
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Split fine-tuned GGUF models into one shared foundation + small per-task adaptors that stock "
-         "llama.cpp loads as a two-file split; restore any task byte for byte.",
+    help="Store fine-tunes of one GGUF model with every distinct tensor once: per task a small adaptor plus "
+         "shared files that stock llama.cpp loads as an ordinary multi-file split; restore any model byte "
+         "for byte.",
 )
-# markup=False: names, paths and metadata printed here come from files and may hold "[...]"
-out = Console(markup=False) if sys.stdout.isatty() else Console(width=120, markup=False)  # no terminal: 120 wide
-T = TypeVar("T")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console(markup=False, highlight=False)
+    # not a terminal: no wrapping at all (a table is as wide as its content)
+    return Console(markup=False, highlight=False, width=100_000, soft_wrap=True, no_color=True)
+
+
+class _Out:
+    """stdout through rich, created on first use (rich is not imported for --version or errors)."""
+
+    _c: Any = None
+
+    def print(self, *args: Any) -> None:
+        if self._c is None:
+            self._c = _console()
+        self._c.print(*args)
+
+
+out = _Out()
 
 
 def _one_line(text: str) -> str:
-    """Control characters (text from a damaged file may hold them) escaped: the error stays one line and
-    cannot drive the terminal."""
+    """Control characters (text from a damaged file may hold them) escaped: an error stays one line and
+    cannot drive the terminal; file names that are not UTF-8 are shown with escapes."""
+    text = show(text)
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
@@ -44,11 +72,18 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _json_default(value: Any) -> str:
-    """A string value that is not UTF-8 (kept as bytes, as the file has it), shown with escapes."""
-    if isinstance(value, bytes):
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):  # a string value that is not UTF-8, kept as bytes as the file has it
         return value.decode("utf-8", "backslashreplace")
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=_json_default, ensure_ascii=False) + "\n")
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -56,9 +91,13 @@ def _run(fn: Callable[[], T]) -> T:
         return fn()
     except GGUFSplitError as e:
         _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", 130)
     raise AssertionError("unreachable")
+
+
+def _progress(quiet: bool) -> Any:
+    from .progress import Progress
+
+    return Progress(quiet)
 
 
 def _size(n: float) -> str:
@@ -69,77 +108,158 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _split_table(report: Any) -> Table:
-    table = Table(title=f"split into {report.directory}", title_justify="left")
-    for col in ("file", "tensors", "bytes", "shared", "replaces"):
-        table.add_column(col, justify="left" if col in ("file", "replaces") else "right", no_wrap=True)
-    table.add_row(os.path.basename(report.foundation), str(report.foundation_tensors),
-                  _size(report.foundation_bytes), "", "(all tasks)")
+def _size_option(name: str, value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    from .spec import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise GGUFSplitError(None, f"{name}: {e}") from None
+
+
+def _tasks_from(spec: Optional[Path], models: List[Path], task: List[str], *, need_output: bool) -> Any:
+    """Options from a spec (a .yaml/.yml file among the positional arguments), then -t NAME=PATH, then
+    positional models (task name = the file's stem, e.g. chat.gguf -> chat)."""
+    from .scan import check_input_path
+    from .spec import SplitOptions, load_spec
+
+    positional = ([spec] if spec is not None else []) + list(models)
+    specs = [p for p in positional if p.suffix.lower() in (".yaml", ".yml")]
+    files = [p for p in positional if p not in specs]
+    if len(specs) > 1:
+        raise GGUFSplitError(None, "give at most one spec file")
+    opts = load_spec(specs[0], need_output=need_output) if specs else SplitOptions()
+    given: dict[str, str] = {}
+    for item in task:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise GGUFSplitError(None, f"-t/--task {item!r}: expected NAME=PATH (for example -t chat=chat.gguf)")
+        if name in given:
+            raise GGUFSplitError(None, f"-t/--task {name}: task name given twice")
+        check_input_path(path)
+        given[name] = os.path.abspath(path)
+    for p in files:
+        check_input_path(p)
+        name = _stem(p)
+        if name in given:
+            raise GGUFSplitError(show(p), f"task name {name!r} (from the file name) is also given for "
+                                          f"{show(given[name])}: name them with -t NAME=PATH")
+        given[name] = os.path.abspath(p)
+    opts.tasks.update(given)
+    return opts
+
+
+def _stem(p: Path) -> str:
+    """chat.gguf -> chat; name-00001-of-00003.gguf (a sharded model) -> name."""
+    import re
+
+    from .naming import check_task_name
+
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", p.name[:-5] if p.name.endswith(".gguf") else p.stem)
+    try:
+        return check_task_name(stem)
+    except GGUFSplitError as e:
+        raise GGUFSplitError(show(p), f"{e.problem}: name the task with -t NAME=PATH") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# split / add / remove
+
+_REASONS = {
+    "changed": "changed (no other task has these bytes)",
+    "type/shape differs": "of another type or shape than in other tasks",
+    "not in every model": "that not every task has",
+    "too small for a file": "shared, but too small to pay for a file (--file-cost)",
+    "over the file cap": "shared, but left out by --max-shared-files",
+}
+
+
+def _print_split(report: Any, title: str = "split into") -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{title} {show(report.directory)}" + (" (dry run: nothing written)" if report.dry_run else ""),
+                  title_justify="left")
+    for col in ("file", "split.no", "tensors", "bytes", "used by"):
+        table.add_column(col, justify="left" if col in ("file", "used by") else "right", no_wrap=True)
+    n_tasks = len(report.tasks)
+    for f in report.files:
+        users = "all tasks" if len(f.tasks) == n_tasks and n_tasks > 1 else ", ".join(f.tasks)
+        table.add_row(f.name + (" (kept)" if f.kept else ""), str(f.position), str(f.tensors), _size(f.bytes), users)
     for t in report.tasks:
-        table.add_row(os.path.basename(t.adaptor), f"{t.tensors}/{t.model_tensors}", _size(t.adaptor_bytes),
-                      f"{t.foundation_share:.0%}", f"{os.path.basename(t.source)} ({_size(t.source_bytes)})")
+        table.add_row(os.path.basename(t.adaptor), "0", f"{t.tensors}/{t.model_tensors}", _size(t.adaptor_bytes),
+                      f"{t.task} (replaces {', '.join(os.path.basename(s) for s in t.sources)}, {_size(t.source_bytes)})")
     table.add_section()
-    table.add_row("total", "", _size(report.output_bytes), "", f"{_size(report.input_bytes)}")
-    return table
-
-
-_REASON_TEXT = {CHANGED: "with other bytes than another task's", RETYPED: "with another type or shape than "
-                "another task's", ONLY_HERE: "that not every task has"}
-
-
-def _print_split(report: Any) -> None:
-    out.print(_split_table(report))
-    out.print(f"output is {report.ratio:.1%} of the inputs: saves {_size(report.input_bytes - report.output_bytes)}. "
-              "'shared' = the task's tensor bytes served by the foundation.")
+    table.add_row("total", "", "", _size(report.output_bytes), f"inputs {_size(report.input_bytes)}")
+    out.print(table)
+    if not report.shares_anything:
+        why = "one model" if n_tasks == 1 else "no group of shared tensors pays for a file (see --file-cost)"
+        out.print(f"nothing is shared ({why}): the split is {_size(-report.saved_bytes)} larger than the inputs "
+                  "(each adaptor adds gguf-split's records); it restores byte for byte all the same")
+    else:
+        out.print(f"the split is {report.ratio:.1%} of the inputs: saves {_size(report.saved_bytes)}; every "
+                  f"distinct tensor once would take {_size(report.dedup_optimum)} of tensor bytes"
+                  + ("" if report.exact else f" (greedy plan; lower bound {_size(report.lower_bound)})"))
     for t in report.tasks:
         counts: dict[str, list[str]] = {}
         for name, why in t.reasons.items():
             counts.setdefault(why, []).append(name)
         if counts:
-            out.print(f"  {t.task}: {t.tensors} tensors of its own (" + "; ".join(
-                f"{len(v)} {_REASON_TEXT.get(k, k)}" for k, v in counts.items()) + ")")
-        only = counts.get(ONLY_HERE, [])
-        if only:
-            out.print(f"    kept in its adaptor, other tasks lack them: {', '.join(only)}")
+            out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: " + "; ".join(
+                f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items()))
         if t.missing:
             out.print(f"    has no {', '.join(t.missing)} (other tasks do)")
         if t.links:
-            out.print(f"    llama.cpp: -m {t.links[0]}")
+            out.print(f"    llama.cpp: -m {show(t.links[0])}")
+    if report.removed:
+        out.print(f"removed {len(report.removed)} file(s) of the previous split no task uses any more: "
+                  f"{', '.join(report.removed)}")
+    if report.models_dir:
+        out.print(f"llama-server: --models-dir {show(report.models_dir)}")
+
+
+_SPEC_HELP = "A YAML split spec (.yaml/.yml) and/or model files (task name = file stem)."
+_OPT_TASK = typer.Option([], "--task", "-t", help="NAME=PATH of a model; repeat for each task.")
+_OPT_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or waiting messages.")
+_OPT_JSON = typer.Option(False, "--json", help="Print the report as JSON.")
+_OPT_SHARED = typer.Option([], "--shared", "-s", help="Where moved shared files are (a file or a directory); repeat.")
+_OPT_FOUNDATION = typer.Option([], "--foundation", "-f", help="Same as --shared (the 0.1 name).", hidden=True)
 
 
 @app.command("split")
 def split_cmd(
-    spec: Optional[Path] = typer.Argument(None, help="YAML split spec (see specs/example.yaml)."),
-    task: List[str] = typer.Option([], "--task", "-t", help="NAME=PATH of a model; repeat for each task."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory."),
-    prefix: Optional[str] = typer.Option(None, "--prefix", help="File-name prefix for the outputs."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
-    link: bool = typer.Option(False, "--link", help="Make <task>-00001-of-00002.gguf links for llama.cpp."),
+    spec: Optional[Path] = typer.Argument(None, help=_SPEC_HELP, show_default=False),
+    models: List[Path] = typer.Argument(None, help="More model files.", show_default=False),
+    task: List[str] = _OPT_TASK,
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output directory (the split)."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="File-name prefix for every file of the split."),
+    force: bool = typer.Option(False, "--force", help="Replace the split already in the output directory."),
+    link: bool = typer.Option(False, "--link", help="Make <task>-0000k-of-0000N.gguf links for llama.cpp."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Also write llama-server's models directory."),
     allow_unrelated: bool = typer.Option(False, "--allow-unrelated",
-                                         help="Split models of different architectures or with no tensor in common."),
+                                         help="Split models of different architectures or with nothing in common."),
+    max_shared_files: Optional[int] = typer.Option(None, "--max-shared-files", min=1,
+                                                   help="At most N shared files per task (default: no cap)."),
+    file_cost: Optional[str] = typer.Option(None, "--file-cost",
+                                            help="A group of shared tensors gets its own file only if it saves more "
+                                                 "bytes than this (default 1MiB)."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size",
+                                                 help="Cut files larger than this (e.g. 20G) into several."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Hashing threads (default: all cores)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report; write nothing."),
+    quiet: bool = _OPT_QUIET,
+    json_out: bool = _OPT_JSON,
 ) -> None:
-    """Split models into foundation.gguf + adaptor-<task>.gguf (from a spec, --task options, or both)."""
-    from .spec import SplitOptions, load_spec
-    from .split import split
+    """Split models into a directory: per task adaptor-<task>.gguf plus the shared files it loads."""
 
     def run() -> Any:
-        opts = load_spec(spec) if spec is not None else SplitOptions()
-        given: set[str] = set()
-        for item in task:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise GGUFSplitError(None, f"--task {item!r}: expected NAME=PATH")
-            if name in given:
-                raise GGUFSplitError(None, f"--task {name}: task name given twice")
-            given.add(name)
-            if not os.path.isfile(path):
-                raise GGUFSplitError(path, f"--task {name}: file not found")
-            opts.tasks[name] = os.path.abspath(path)
+        from .plan import DEFAULT_FILE_COST
+        from .split import split
+
+        opts = _tasks_from(spec, models or [], task, need_output=output is None)
         if output is not None:
-            opts.output = os.fspath(output)
+            opts.output = output
         if prefix is not None:
             opts.prefix = prefix
         opts.force |= force
@@ -148,123 +268,250 @@ def split_cmd(
         opts.quiet |= quiet or json_out
         if threads is not None:
             opts.threads = threads
+        if max_shared_files is not None:
+            opts.max_shared_files = max_shared_files
+        if file_cost is not None:
+            opts.file_cost = _size_option("--file-cost", file_cost)
+        if max_shard_size is not None:
+            opts.max_shard_size = _size_option("--max-shard-size", max_shard_size)
+        if models_dir is not None:
+            opts.models_dir = os.fspath(models_dir)
         if not opts.tasks:
-            raise GGUFSplitError(None, "no tasks: give a spec file or --task NAME=PATH")
+            raise GGUFSplitError(None, "no tasks: give model files, -t NAME=PATH, or a spec file")
         if opts.output is None:
             raise GGUFSplitError(None, "no output directory: give -o DIR or `output:` in the spec")
         return split(opts.tasks, opts.output, prefix=opts.prefix, force=opts.force, link=opts.link,
-                     allow_unrelated=opts.allow_unrelated, threads=opts.threads, progress=Progress(opts.quiet))
+                     allow_unrelated=opts.allow_unrelated, threads=opts.threads,
+                     max_shared_files=opts.max_shared_files,
+                     file_cost=opts.file_cost if opts.file_cost is not None else DEFAULT_FILE_COST,
+                     max_shard_size=opts.max_shard_size, dry_run=dry_run, models_dir=opts.models_dir,
+                     progress=_progress(opts.quiet))
 
     report = _run(run)
     if json_out:
-        print(json.dumps(_split_json(report), indent=2, default=_json_default))
+        _print_json({"version": __version__, **_report_json(report)})
     else:
         _print_split(report)
 
 
-def _split_json(report: Any) -> dict[str, Any]:
-    return {
-        "directory": report.directory, "foundation": report.foundation, "foundation_bytes": report.foundation_bytes,
-        "foundation_tensors": report.foundation_tensors, "foundation_id": report.foundation_id,
-        "input_bytes": report.input_bytes, "output_bytes": report.output_bytes, "ratio": report.ratio,
-        "tasks": [{"task": t.task, "source": t.source, "source_bytes": t.source_bytes, "adaptor": t.adaptor,
-                   "adaptor_bytes": t.adaptor_bytes, "tensors": t.tensors, "tensor_bytes": t.tensor_bytes,
-                   "foundation_share": t.foundation_share, "reasons": t.reasons, "missing": t.missing,
-                   "links": t.links} for t in report.tasks],
-    }
+def _report_json(report: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(report)
+    d.update(input_bytes=report.input_bytes, output_bytes=report.output_bytes, saved_bytes=report.saved_bytes,
+             ratio=report.ratio)
+    return d
+
+
+@app.command("add")
+def add_cmd(
+    directory: Path = typer.Argument(..., help="The split directory."),
+    models: List[Path] = typer.Argument(None, help=_SPEC_HELP, show_default=False),
+    task: List[str] = _OPT_TASK,
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Also update llama-server's models directory."),
+    allow_unrelated: bool = typer.Option(False, "--allow-unrelated", help="Add a model of another architecture."),
+    max_shared_files: Optional[int] = typer.Option(None, "--max-shared-files", min=1,
+                                                   help="At most N shared files per new task."),
+    file_cost: Optional[str] = typer.Option(None, "--file-cost", help="Per-file cost for new shared files (1MiB)."),
+    max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Cut new files larger than this."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Hashing threads (default: all cores)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report; write nothing."),
+    quiet: bool = _OPT_QUIET,
+    json_out: bool = _OPT_JSON,
+) -> None:
+    """Add tasks to a shipped split: no existing file changes; existing shared files are reused."""
+
+    def run() -> Any:
+        from .plan import DEFAULT_FILE_COST
+        from .update import add
+
+        spec = next((m for m in models or [] if m.suffix.lower() in (".yaml", ".yml")), None)
+        opts = _tasks_from(spec, [m for m in models or [] if m != spec], task, need_output=False)
+        if spec is not None and opts.output is not None and os.path.realpath(opts.output) != os.path.realpath(directory):
+            raise GGUFSplitError(show(spec), f"output: {show(opts.output)} is not the split directory {show(directory)}")
+        if not opts.tasks:
+            raise GGUFSplitError(None, "no tasks to add: give model files, -t NAME=PATH, or a spec file")
+        cost = _size_option("--file-cost", file_cost) if file_cost is not None else opts.file_cost
+        return add(directory, opts.tasks, max_shared_files=max_shared_files or opts.max_shared_files,
+                   file_cost=cost if cost is not None else DEFAULT_FILE_COST,
+                   max_shard_size=_size_option("--max-shard-size", max_shard_size) or opts.max_shard_size,
+                   allow_unrelated=allow_unrelated or opts.allow_unrelated, threads=threads or opts.threads,
+                   dry_run=dry_run, models_dir=os.fspath(models_dir) if models_dir else opts.models_dir,
+                   progress=_progress(quiet or json_out or opts.quiet))
+
+    report = _run(run)
+    if json_out:
+        from dataclasses import asdict
+
+        _print_json({"version": __version__, **asdict(report), "split": _report_json(report.split)})
+        return
+    _print_split(report.split, title="added to")
+    out.print(f"reused {_size(report.reused_bytes)} of tensors already in the split "
+              f"(tasks there: {', '.join(report.existing_tasks)})")
+    if report.resplit_would_save > 0:
+        out.print(f"a fresh split of all {len(report.existing_tasks) + len(report.split.tasks)} tasks would store "
+                  f"{_size(report.resplit_would_save)} less (it needs every original model)")
+    else:
+        out.print("a fresh split of all tasks would store no less")
+
+
+@app.command("remove")
+def remove_cmd(
+    directory: Path = typer.Argument(..., help="The split directory."),
+    names: List[str] = typer.Argument(..., help="Task names to remove."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Also update llama-server's models directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; delete nothing."),
+    quiet: bool = _OPT_QUIET,
+    json_out: bool = _OPT_JSON,
+) -> None:
+    """Remove tasks: their adaptors and every shared file no remaining task uses."""
+    from .update import remove
+
+    r = _run(lambda: remove(directory, names, dry_run=dry_run, models_dir=models_dir, progress=_progress(quiet)))
+    if json_out:
+        from dataclasses import asdict
+
+        _print_json({"version": __version__, **asdict(r)})
+        return
+    verb = "would delete" if r.dry_run else "deleted"
+    out.print(f"removed {', '.join(r.removed_tasks)}: {verb} {len(r.deleted)} file(s), {_size(r.freed_bytes)}: "
+              f"{', '.join(r.deleted)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# restore / verify / info
 
 
 @app.command("restore")
 def restore_cmd(
-    adaptor: Path = typer.Argument(..., help="adaptor-<task>.gguf"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o",
-                                          help="Output file (default: the original file name, here)."),
-    foundation: Optional[Path] = typer.Option(None, "--foundation", "-f",
-                                              help="Foundation (default: the one recorded, beside the adaptor)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    source: Path = typer.Argument(..., help="adaptor-<task>.gguf, or the split directory (then TASK)."),
+    task: Optional[str] = typer.Argument(None, help="The task to restore, with a split directory."),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Output file, or directory (default: the original file name(s), here)."),
+    shared: List[Path] = _OPT_SHARED,
+    foundation: List[Path] = _OPT_FOUNDATION,
+    force: bool = typer.Option(False, "--force", help="Replace existing output files."),
+    quiet: bool = _OPT_QUIET,
 ) -> None:
-    """Rebuild a task's original GGUF, byte for byte (checked against its recorded xxh3-128)."""
+    """Rebuild a task's original GGUF file(s), byte for byte (checked as read back from the disk)."""
     from .restore import restore
 
-    r = _run(lambda: restore(adaptor, output, foundation=foundation, force=force, progress=Progress(quiet)))
-    out.print(f"restored {r.task}: {r.output} ({_size(r.size)}, xxh3-128 {r.xxh3}, identical to the original)")
+    r = _run(lambda: restore(source, output, task=task, shared=[*shared, *foundation], force=force,
+                             progress=_progress(quiet)))
+    for f in r.files:
+        out.print(f"restored {r.task}: {show(f.path)} ({_size(f.size)}, xxh3-128 {f.xxh3}, identical to the original)")
 
 
 @app.command("verify")
 def verify_cmd(
-    paths: List[Path] = typer.Argument(..., help="A split directory, or a foundation and/or adaptors."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    paths: List[Path] = typer.Argument(..., help="Split directories and/or adaptor files."),
+    shared: List[Path] = _OPT_SHARED,
+    foundation: List[Path] = _OPT_FOUNDATION,
+    sha256: bool = typer.Option(False, "--sha256", help="Also check every shared file's recorded sha256."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Hashing threads (default: all cores)."),
+    quiet: bool = _OPT_QUIET,
+    json_out: bool = _OPT_JSON,
 ) -> None:
-    """Re-hash foundation and adaptors against the digests recorded at split time."""
-    from .restore import resolve_split_args, verify
+    """Re-hash every file of every task against the digests recorded when it was written."""
+    from .verify import verify
 
-    def run() -> Any:
-        foundation, adaptors = resolve_split_args([os.fspath(p) for p in paths])
-        return verify(foundation, adaptors, progress=Progress(quiet))
+    r = _run(lambda: verify(paths, shared=[*shared, *foundation], sha256=sha256, threads=threads,
+                            progress=_progress(quiet or json_out)))
+    if json_out:
+        from dataclasses import asdict
 
-    r = _run(run)
-    tasks = ", ".join(r.adaptors) or "no adaptors"
-    out.print(f"ok: {r.foundation} (foundation {r.foundation_id}) and {len(r.adaptors)} adaptor(s) ({tasks}): "
-              f"{r.tensors} tensors, {_size(r.bytes)} match their recorded digests")
+        _print_json({"version": __version__, "ok": True, **asdict(r)})
+        return
+    out.print(f"ok: {len(r.tasks)} task(s) ({', '.join(r.tasks)}), {r.files} files, {r.tensors} tensors, "
+              f"{_size(r.bytes)} match their recorded digests")
+    if r.unused:
+        out.print(f"note: {len(r.unused)} shared file(s) no task uses: {', '.join(map(os.path.basename, r.unused))}")
+    if r.pending_commit:
+        out.print("note: a killed run's commit is pending; it is complete and is what was verified (the next "
+                  "split/add/remove here tidies it)")
 
 
 @app.command("info")
 def info_cmd(
-    paths: List[Path] = typer.Argument(..., help="GGUF files, or a split directory."),
+    paths: List[str] = typer.Argument(..., help="GGUF files, or a split directory (optionally with a TASK)."),
+    files: bool = typer.Option(False, "--files", help="With DIR TASK: list exactly the files the task needs."),
+    shared: List[Path] = _OPT_SHARED,
     json_out: bool = typer.Option(False, "--json", help="JSON for scripts."),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
 ) -> None:
-    """What a foundation, an adaptor or any GGUF holds; for a split directory, the savings."""
-    from .info import describe, savings
+    """What a file holds; for a split directory which task uses which file, and the savings."""
+    from .info import describe, savings, task_files
 
     def run() -> list[dict[str, Any]]:
-        return [savings(p) if p.is_dir() else describe(p) for p in paths]
+        if len(paths) == 2 and os.path.isdir(paths[0]) and not os.path.exists(paths[1]):
+            return [task_files(paths[0], paths[1], shared=[os.fspath(s) for s in shared])]
+        if files:
+            raise GGUFSplitError(None, "--files needs a split directory and a task: info DIR TASK --files")
+        return [savings(p, shared=[os.fspath(s) for s in shared]) if os.path.isdir(p) else describe(p) for p in paths]
 
     items = _run(run)
     if json_out:
         if not tensors:
             for item in items:
                 item.pop("tensor_list", None)
-        print(json.dumps(items if len(items) > 1 else items[0], indent=2, default=_json_default))
+        for item in items:
+            item["version"] = __version__
+        _print_json(items if len(items) > 1 else items[0])
         return
     for item in items:
-        if "adaptors" in item:
+        if "files" in item and "task" in item and "tasks" not in item:
+            _print_task_files(item)
+        elif "tasks" in item:
             _print_savings(item)
         else:
             _print_file(item, tensors)
 
 
+def _print_task_files(d: dict[str, Any]) -> None:
+    for r in d["files"]:
+        out.print(f"{show(r['path'])}\t{r['bytes']}\t{r['sha256'] or '-'}")
+    out.print(f"task {d['task']}: {len(d['files'])} files, {_size(d['bytes'])}; give llama.cpp the first "
+              "(llama_model_load_from_splits takes them in this order)")
+
+
 def _print_savings(s: dict[str, Any]) -> None:
-    table = Table(title=f"split {s['directory']}", title_justify="left")
-    for col in ("file", "tensors", "bytes", "replaces"):
-        table.add_column(col, justify="left" if col in ("file", "replaces") else "right")
-    f = s["foundation"]
-    table.add_row(os.path.basename(f["path"]), str(f["tensors"]), _size(f["bytes"]), "shared")
-    for a in s["adaptors"]:
-        replaces = Text(f"{a['source']} ({_size(a['source_bytes'])})")
-        if not a["foundation_match"]:
-            replaces.append("  (other foundation!)", style="red")
-        table.add_row(os.path.basename(a["path"]), str(a["tensors"]), _size(a["bytes"]), replaces)
+    from rich.table import Table
+
+    table = Table(title=f"split {show(s['directory'])}", title_justify="left")
+    for col in ("file", "split.no", "tensors", "bytes", "used by"):
+        table.add_column(col, justify="left" if col in ("file", "used by") else "right")
+    n = len(s["tasks"])
+    for f in s["files"]:
+        users = "all tasks" if len(f["tasks"]) == n and n > 1 else ", ".join(f["tasks"])
+        table.add_row(f["name"], str(f["position"]), str(f["tensors"]), _size(f["bytes"]), users)
+    for t in s["tasks"]:
+        table.add_row(os.path.basename(t["path"]), "0", str(t["tensors"]), _size(t["bytes"]),
+                      f"{t['task']} (replaces {', '.join(t['sources'])}, {_size(t['source_bytes'])})")
     table.add_section()
-    table.add_row("total", "", _size(s["output_bytes"]), f"inputs {_size(s['input_bytes'])}")
+    table.add_row("total", "", "", _size(s["output_bytes"]), f"inputs {_size(s['input_bytes'])}")
     out.print(table)
     if s["ratio"] is not None:
-        out.print(f"output is {s['ratio']:.1%} of the inputs; saves {_size(s['saved_bytes'])}")
+        out.print(f"the split is {s['ratio']:.1%} of the inputs: saves {_size(s['saved_bytes'])}; "
+                  f"{_size(s['over_optimum_bytes'])} over the dedup optimum (every distinct tensor once + "
+                  "every adaptor's header)")
+    if s["unused"]:
+        out.print(f"note: shared file(s) no task uses: {', '.join(s['unused'])}")
 
 
 def _print_file(d: dict[str, Any], tensors: bool) -> None:
-    out.print(Text.assemble((str(d["path"]), "bold"), f": {d['role']}, GGUF v{d['gguf_version']}, "
-                            f"{d['architecture']}, {_size(d['file_bytes'])}"))
+    out.print(f"{show(d['path'])}: {d['role']}, GGUF v{d['gguf_version']}, {d['architecture']}, "
+              f"{_size(d['file_bytes'])}")
     out.print(f"  {d['tensors']} tensors ({_size(d['tensor_bytes'])}): "
               + ", ".join(f"{n} {k}" for k, n in sorted(d["types"].items())))
-    if d["role"] == "foundation":
-        out.print(f"  foundation id {d['foundation_id']}")
+    if d["role"] == "shared":
+        out.print(f"  shared file at split.no {d['split_no']}, content id {d['content_id']}")
     elif d["role"] == "adaptor":
-        src = d["source"]
-        out.print(f"  task {d['task']}: {d['model_tensors']} tensors in the model, {d['tensors']} here, the rest "
-                  f"in {d['foundation_file']} (foundation {d['foundation_id']})")
-        out.print(f"  restores {src['name']} ({_size(src['bytes'])}, xxh3-128 {src['xxh3']}); {d['kvs']} metadata keys")
+        out.print(f"  task {d['task']}: {d['model_tensors']} tensors in the model, {d['tensors']} here; "
+                  f"{d['kvs']} metadata keys")
+        for f in d["files"]:
+            out.print(f"  split.no {f['position']}: {f['name']} ({_size(f['bytes'])})")
+        for s in d["sources"]:
+            out.print(f"  restores {s['name']} ({_size(s['bytes'])}, xxh3-128 {s['xxh3']})")
     elif d.get("split"):
         out.print(f"  llama.cpp split metadata: {d['split']}")
     if tensors:
@@ -272,55 +519,75 @@ def _print_file(d: dict[str, Any], tensors: bool) -> None:
             out.print(f"  {t['name']:<40} {t['type']:<8} {str(t['shape']):<24} {_size(t['bytes'])}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# llama.cpp: link / models-dir
+
+
 @app.command("link")
 def link_cmd(
     task: str = typer.Argument(..., help="Task name."),
     directory: Path = typer.Argument(..., help="Split directory."),
-    prefix: str = typer.Option("", "--prefix", help="File-name prefix used by the split."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Make the links in this directory (default: the split's)."),
+    shared: List[Path] = _OPT_SHARED,
     force: bool = typer.Option(False, "--force", help="Replace existing files of those names."),
 ) -> None:
-    """Make DIR/<task>-00001-of-00002.gguf (adaptor) and -00002-of-00002.gguf (foundation) links, the names
-    llama.cpp's split loader looks for."""
-    from .layout import K_FOUNDATION_FILE, ROLE_ADAPTOR, STR, open_output, record, require_role
-    from .split import adaptor_name, check_task_name
-    from .write import make_links
+    """Make <task>-0000k-of-0000N.gguf links to the task's files, the names llama.cpp's loader looks for."""
+    from .links import link_task
 
-    def run() -> list[str]:
-        check_task_name(task)
-        a_name = adaptor_name(task, prefix)
-        a_path = os.path.join(directory, a_name)
-        with open_output(a_path) as ad:
-            require_role(ad, ROLE_ADAPTOR)
-            f_name = str(record(ad, K_FOUNDATION_FILE, STR))
-        if not os.path.isfile(os.path.join(directory, f_name)):
-            raise GGUFSplitError(os.path.join(directory, f_name), "foundation not found")
-        return make_links(os.fspath(directory), task, a_name, f_name, force=force)
+    links = _run(lambda: link_task(directory, task, directory=to, force=force,
+                                   shared=tuple(os.fspath(s) for s in shared)))
+    out.print(f"llama.cpp: llama-cli -m {show(links[0])}   ({len(links)} files)")
 
-    links = _run(run)
-    out.print(f"llama.cpp: llama-cli -m {links[0]}   (split 1 of 2: {os.path.basename(links[1])})")
+
+@app.command("models-dir")
+def models_dir_cmd(
+    directory: Path = typer.Argument(..., help="Split directory."),
+    out_dir: Path = typer.Argument(..., help="The models directory to write or update."),
+) -> None:
+    """Write llama-server's router directory: OUT/<task>/<task>-0000k-of-0000N.gguf links, one per task."""
+    from .links import write_models_dir
+
+    r = _run(lambda: write_models_dir(directory, out_dir))
+    changes = [f"{w} {', '.join(v)}" for w, v in (("added", r.added), ("updated", r.updated), ("removed", r.removed)) if v]
+    out.print(f"{show(r.directory)}: {len(r.tasks)} task(s)" + (f"; {'; '.join(changes)}" if changes else "; up to date"))
+    out.print(f"llama-server --models-dir {show(r.directory)}   (request \"model\": one of {', '.join(r.tasks)})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demo
 
 
 @app.command("demo")
 def demo_cmd(
-    directory: Path = typer.Argument(Path("gguf-split-demo"), help="Where to build the demo (replaced on re-run)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    directory: Path = typer.Argument(Path("gguf-split-demo"), help="Where to build the demo (its own files are "
+                                                                   "replaced on re-run)."),
+    quiet: bool = _OPT_QUIET,
 ) -> None:
     """Build a small base model and three fine-tunes, split, verify, restore, and show the savings."""
     from .demo import run_demo
 
-    result = _run(lambda: run_demo(directory, Progress(quiet)))
+    result = _run(lambda: run_demo(directory, _progress(quiet)))
     _print_split(result["split"])
     v = result["verify"]
-    out.print(f"verify: {v.tensors} tensors match their recorded digests; foundation {v.foundation_id}")
+    out.print(f"verify: {len(v.tasks)} tasks, {v.files} files, {v.tensors} tensors match their recorded digests")
     for task, same in result["restored_identical"].items():
         out.print(f"restore {task}: {'byte-identical to the original (sha256)' if same else 'DIFFERS'}")
     if not all(result["restored_identical"].values()):
         _fail("a restored model differs from its original", 1)
 
 
-def main() -> None:
-    app(prog_name="gguf-split")
+def _version_callback(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"gguf-split {__version__}\n")
+        raise typer.Exit(0)
 
 
-if __name__ == "__main__":
-    main()
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """gguf-split"""
+
+
+def run(argv: list[str]) -> None:
+    """Run the command line (exits through SystemExit, as click does)."""
+    app(args=argv, prog_name="gguf-split")

@@ -209,21 +209,43 @@ def sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+DEMO_FILE_COST = 0  # the demo's models are tiny: let every shared group get a file, to show the layout
+
+
 def run_demo(directory: str | os.PathLike[str], progress: Progress = QUIET) -> dict[str, Any]:
-    """Build the demo models in DIR/models, split them into DIR/split, verify, restore each task into
-    DIR/restored and compare sha256 with the original. Re-running replaces the demo's own files."""
-    from .restore import restore, verify
+    """Build the demo models in DIR/models, split them into DIR/split (with llama.cpp links), verify,
+    restore each task into DIR/restored and compare sha256 with the original. Re-running replaces the
+    demo's own files (DIR/models, DIR/split, DIR/restored), nothing else in DIR."""
+    from .commit import check_space
+    from .errors import GGUFSplitError
+    from .restore import restore
     from .split import split
+    from .verify import verify
 
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise GGUFSplitError(directory, "exists and is not a directory: give the demo a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise GGUFSplitError(directory, f"cannot create directory: {e.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise GGUFSplitError(directory, "directory is not writable")
+    check_space(directory, 8 << 20, "the demo")
     for sub in ("models", "split", "restored"):
-        shutil.rmtree(os.path.join(directory, sub), ignore_errors=True)
-    models = make_demo_models(os.path.join(directory, "models"))
-    report = split(models, os.path.join(directory, "split"), link=True, progress=progress)
-    checked = verify(report.foundation, [t.adaptor for t in report.tasks], progress=progress)
+        path = os.path.join(directory, sub)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise GGUFSplitError(path, "exists and is not a directory (the demo uses this name)")
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        models = make_demo_models(os.path.join(directory, "models"))
+    except OSError as e:
+        raise GGUFSplitError(directory, f"cannot write the demo models: {e.strerror}") from None
+    report = split(models, os.path.join(directory, "split"), link=True, file_cost=DEMO_FILE_COST, progress=progress)
+    checked = verify([report.directory], progress=progress)
     restored = {}
+    os.makedirs(os.path.join(directory, "restored"), exist_ok=True)
     for t in report.tasks:
-        out = os.path.join(directory, "restored", f"{t.task}.gguf")
-        restore(t.adaptor, out, progress=progress)
-        restored[t.task] = sha256(out) == sha256(models[t.task])
+        r = restore(report.directory, os.path.join(directory, "restored"), task=t.task, progress=progress)
+        restored[t.task] = sha256(r.output) == sha256(models[t.task])
     return {"split": report, "verify": checked, "restored_identical": restored}

@@ -1,40 +1,38 @@
-"""Info: what a foundation, an adaptor or any GGUF holds, and what a split directory saves.
+"""Info: what a file holds, what a split directory saves, and which files one task needs.
 
-Reads headers only (no tensor data), so it is instant on any model size.
+Reads headers only (no tensor data), so it is instant on any model size. A split directory is checked as
+far as headers tell (seals, every task's files present and the ones recorded): an inconsistent split is
+an error, as in `verify`, not a line in a table.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from .gguf_format import ARCHITECTURE_KEY, GGUFFile
-from .layout import (
-    K_FOUNDATION_FILE,
-    K_FOUNDATION_ID,
-    K_SRC_NAME,
-    K_SRC_SIZE,
-    K_SRC_XXH3,
+from .records import (
+    K_CONTENT_ID,
     K_TASK,
     ROLE_ADAPTOR,
-    ROLE_FOUNDATION,
+    ROLE_SHARED,
     SPLIT_KEYS,
-    U64,
-    check_seal,
-    open_output,
-    record,
+    AdaptorInfo,
+    SplitFile,
+    open_split_file,
     role_of,
 )
-from .restore import find_split
+from .splitdir import FileFinder, SplitDir, open_task
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON-ready description of one GGUF file (header only)."""
-    with open_output(path) as f:
+    with open_split_file(path) as f:
         h = f.header
         role = role_of(f) or "model"
-        if role in (ROLE_FOUNDATION, ROLE_ADAPTOR):
-            check_seal(f)  # its records are read below: refuse a damaged header with one clear error
+        if isinstance(f, SplitFile):
+            f.check_seal()  # its records are read below: refuse a damaged header with one clear error
         out: dict[str, Any] = {
             "path": f.path,
             "role": role,
@@ -47,17 +45,19 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             "header_bytes": h.data_start,
             "types": _type_counts(f),
         }
-        if role == ROLE_FOUNDATION:
-            out["foundation_id"] = f.get(K_FOUNDATION_ID)
-        elif role == ROLE_ADAPTOR:
+        if isinstance(f, SplitFile) and role == ROLE_SHARED:
+            f.require(ROLE_SHARED)
+            out["content_id"] = f.get(K_CONTENT_ID)
+            out["split_no"] = f.split_no()
+        elif isinstance(f, SplitFile) and role == ROLE_ADAPTOR:
+            a = AdaptorInfo.read(f)
             out.update({
                 "task": f.get(K_TASK),
-                "foundation_id": f.get(K_FOUNDATION_ID),
-                "foundation_file": f.get(K_FOUNDATION_FILE),
-                "model_tensors": f.get("split.tensors.count"),
+                "model_tensors": a.n_model_tensors,
                 "kvs": len(f.tail),
-                "source": {"name": f.get(K_SRC_NAME), "bytes": record(f, K_SRC_SIZE, U64),
-                           "xxh3": f.get(K_SRC_XXH3)},
+                "files": [{"position": r.position, "name": r.name, "content_id": r.content_id, "bytes": r.size,
+                           "sha256": r.sha256} for r in a.files],
+                "sources": [{"name": s.name, "bytes": s.size, "xxh3": s.xxh3} for s in a.sources],
             })
         else:
             out["kvs"] = len(h.kvs)
@@ -74,22 +74,61 @@ def _type_counts(f: GGUFFile) -> dict[str, int]:
     return counts
 
 
-def savings(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Sizes of a split directory against the models it replaces."""
-    foundation, adaptors = find_split(directory)
-    fnd = describe(foundation)
-    rows = [describe(a) for a in adaptors]
-    inputs = sum(int(r["source"]["bytes"]) for r in rows)
-    total = fnd["file_bytes"] + sum(r["file_bytes"] for r in rows)
+def savings(directory: str | os.PathLike[str], *, shared: Sequence[str] = ()) -> dict[str, Any]:
+    """Files of a split directory, which tasks use each, and what the split saves."""
+    sd = SplitDir.open(directory)
+    sd.require_split()
+    finder = FileFinder(shared)
+    cache: dict[str, SplitFile] = {}
+    users: dict[str, list[str]] = {}
+    tasks = []
+    versions: dict[tuple[str, int, tuple[int, ...], bytes], int] = {}
+    header_bytes = 0
+    try:
+        for task in sd.tasks:
+            tf = open_task(sd.adaptors[task], finder, cache=cache)
+            with tf.adaptor:
+                for f in tf.files:
+                    for t, d in zip(f.header.tensors, f.digests()):
+                        versions[(t.name, t.ggml_type, t.shape, d)] = t.nbytes
+                    if f is not tf.adaptor:
+                        users.setdefault(os.path.abspath(f.path), []).append(task)
+                header_bytes += tf.adaptor.header.data_start
+                tasks.append({"task": task, "path": tf.adaptor.path, "bytes": tf.adaptor.size,
+                              "tensors": len(tf.adaptor.header.tensors),
+                              "files": [os.path.basename(f.path) for f in tf.shared],
+                              "sources": [s.name for s in tf.info.sources],
+                              "source_bytes": sum(s.size for s in tf.info.sources)})
+        files = [{"name": os.path.basename(p), "path": p, "bytes": f.size, "tensors": len(f.header.tensors),
+                  "position": f.split_no(), "tasks": users.get(os.path.abspath(p), [])}
+                 for p, f in sorted(cache.items(), key=lambda kv: (kv[1].split_no(), kv[0]))]
+    finally:
+        for f in cache.values():
+            f.close()
+    unused = [os.path.basename(p) for n, p in sd.shared.items() if os.path.abspath(p) not in cache]
+    inputs = sum(t["source_bytes"] for t in tasks)
+    total = sum(f["bytes"] for f in files) + sum(t["bytes"] for t in tasks)
+    optimum = sum(versions.values()) + header_bytes
     return {
         "directory": os.fspath(directory),
-        "foundation": {"path": foundation, "bytes": fnd["file_bytes"], "tensors": fnd["tensors"],
-                       "id": fnd["foundation_id"]},
-        "adaptors": [{"task": r["task"], "path": r["path"], "bytes": r["file_bytes"], "tensors": r["tensors"],
-                      "source": r["source"]["name"], "source_bytes": r["source"]["bytes"],
-                      "foundation_match": r["foundation_id"] == fnd["foundation_id"]} for r in rows],
+        "tasks": tasks,
+        "files": files,
+        "unused": unused,
+        "pending_commit": sd.pending,
         "input_bytes": inputs,
         "output_bytes": total,
         "saved_bytes": inputs - total,
         "ratio": total / inputs if inputs else None,
+        "dedup_optimum_bytes": optimum,
+        "over_optimum_bytes": total - optimum,
     }
+
+
+def task_files(directory: str | os.PathLike[str], task: str, *, shared: Sequence[str] = ()) -> dict[str, Any]:
+    """Exactly the files one task needs (e.g. to download just those from a hub), in llama.cpp order."""
+    sd = SplitDir.open(directory)
+    with open_task(sd.adaptor(task), FileFinder(shared)) as tf:
+        rows = [{"position": 0, "path": tf.adaptor.path, "bytes": tf.adaptor.size, "sha256": None}]
+        rows += [{"position": r.position, "path": f.path, "bytes": f.size, "sha256": r.sha256}
+                 for r, f in zip(tf.info.files, tf.shared)]
+        return {"task": task, "files": rows, "bytes": sum(r["bytes"] for r in rows)}

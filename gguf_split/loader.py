@@ -1,66 +1,48 @@
-"""Runtime loader: a task = its adaptor overlaid on the shared foundation, zero-copy.
+"""Runtime loader: a task = its adaptor overlaid on its shared files, zero-copy.
 
-    from gguf_split import Foundation
-    with Foundation.open("out/foundation.gguf") as fnd:
-        model = fnd.load("chat")                      # or a path: fnd.load("out/adaptor-chat.gguf")
-        model.metadata["general.name"]                # decoded on first use; GGUF types kept (.field())
-        t = model.tensors["blk.0.attn_q.weight"]      # name, ggml type, shape, read-only mmap view
-        t.to_numpy()                                  # dequantized float32 (gguf's quants)
-        model.swap("code")                            # foundation stays mapped; only the adaptor changes
-        model.llama_cpp_paths()                       # [adaptor, foundation] for llama_model_load_from_splits
+    import gguf_split
+    with gguf_split.open_split("out") as split:          # a split directory
+        model = split.load("chat")                       # a task name (a str is always a task name)
+        model.metadata["general.name"]                   # decoded on first use; GGUF types kept (.field())
+        t = model.tensors["blk.0.attn_q.weight"]         # name, ggml type, shape, read-only mmap view
+        t.to_numpy()                                     # dequantized float32 (gguf's quants)
+        model.swap("code")                               # maps only the files `code` adds
+        model.llama_cpp_paths()                          # the list for llama_model_load_from_splits
 
 What it promises, and how:
 - Zero-copy: opening and swapping read headers only; tensor bytes are views of read-only mmaps, paged in
-  by the OS when first touched. A foundation file is mapped once per process (a registry keyed by device
-  and inode), however many `Foundation.open` calls and tasks use it.
-- Cost independent of model size: gguf-split writes its own records first in every file, including a
-  header index (offsets of the tensor infos, the data and every KV), so opening an adaptor reads its ~20
-  records and its tensor infos and jumps over the tokenizer arrays; metadata values are decoded (and
-  bounds-checked) only when asked for.
-- Safety: an adaptor whose recorded foundation identity differs from the open foundation is refused;
-  missing, truncated or hostile files raise `GGUFSplitError` naming the file, as the CLI reports.
+  by the OS when first touched. Each file is mapped once per process (a registry keyed by device and
+  inode, holding weak references): every task that uses a shared file reuses its mapping, and a mapping
+  goes away when no task (and no view a caller holds) uses it any more, so `swap` maps only what the new
+  task adds and unmaps what nothing uses, and loading and swapping 10,000 times keeps memory flat.
+- Cost independent of model size: gguf-split writes its records first in every file, with a header index,
+  so opening an adaptor reads its records and tensor infos and jumps over the tokenizer arrays; its seal
+  (xxh3-128 of the header) is checked on every load (~1.5 ms for Gemma-3's 7 MB header): an edited header
+  is refused, as `verify` refuses it. Shared files are checked against what the adaptor recorded.
+- Names: `load("x")` takes a task name, always, found beside the path the split was opened with;
+  a file is given as a `pathlib.Path` (or any os.PathLike): `load(Path("elsewhere/adaptor-x.gguf"))`.
 - Threads: reads are safe from several threads; `swap` is atomic for readers (a lookup sees the old task
-  or the new one, never a mix). `close()` (or leaving `with`) releases the maps; views still held by the
-  caller keep their map alive until they are dropped.
+  or the new one, never a mix).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gguf.constants import GGUFValueType
 
 from .errors import GGUFSplitError
-from .gguf_format import (
-    KV,
-    GGUFFile,
-    Header,
-    TensorInfo,
-    decode_value,
-    parse_tensor_infos,
-    to_numpy,
-    type_name,
-)
-from .layout import (
-    I32,
-    K_FOUNDATION_ID,
-    K_SPLIT_TENSORS,
-    K_SRC_TENSOR_INFOS,
-    K_TASK,
-    ROLE_ADAPTOR,
-    ROLE_FOUNDATION,
-    STR,
-    SplitFile,
-    blob,
-    record,
-    require_role,
-)
+from .gguf_format import KV, GGUFFile, TensorInfo, decode_value, parse_tensor_infos, to_numpy, type_name
+from .naming import adaptor_name, check_task_name, show
+from .records import K_SRC_TENSOR_INFOS, ROLE_ADAPTOR, AdaptorInfo, SplitFile
+from .splitdir import FileFinder, SplitDir, check_shared
 
-__all__ = ["Foundation", "Model", "TaskModel", "Tensor", "Field", "Metadata", "open_model"]
+__all__ = ["Split", "Foundation", "Model", "TaskModel", "Tensor", "Field", "Metadata", "open_model", "open_split"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +53,7 @@ class Tensor:
     ggml_type: int
     shape: tuple[int, ...]
     data: memoryview
-    file: str  # the file its bytes live in (adaptor or foundation)
+    file: str  # the file its bytes live in
 
     @property
     def type_name(self) -> str:
@@ -145,30 +127,40 @@ class Metadata(Mapping[str, Any]):
         return key in self._key_set
 
 
-class _Tensors(Mapping[str, Tensor]):
-    """name -> Tensor over one or two files (adaptor first, then foundation); views made on first use."""
+def _view(f: GGUFFile, t: TensorInfo) -> memoryview:
+    try:
+        return f.tensor_view(t)
+    except ValueError:  # closed by another thread between the check and the view
+        raise GGUFSplitError(f.path, "file is closed") from None
 
-    def __init__(self, sources: list[tuple[GGUFFile, Header]], order: "_Order") -> None:
-        self._index: dict[str, tuple[GGUFFile, Header, TensorInfo]] = {}
-        for f, h in reversed(sources):  # adaptor entries win
-            for t in h.tensors:
-                self._index[t.name] = (f, h, t)
+
+class _Tensors(Mapping[str, Tensor]):
+    """name -> Tensor over one or more files; views made on first use."""
+
+    def __init__(self, files: Sequence[GGUFFile], order: Callable[[], list[str]] | None = None) -> None:
+        self._index: dict[str, tuple[GGUFFile, TensorInfo]] = {}
+        for f in files:
+            for t in f.header.tensors:
+                self._index[t.name] = (f, t)
         self._order = order
+        self._names: list[str] | None = None
         self._cache: dict[str, Tensor] = {}
 
     def __getitem__(self, name: str) -> Tensor:
         got = self._cache.get(name)
         if got is None:
-            f, h, t = self._index[name]
-            got = Tensor(t.name, t.ggml_type, t.shape, _view(f, t, h.data_start), f.path)
+            f, t = self._index[name]
+            got = Tensor(t.name, t.ggml_type, t.shape, _view(f, t), f.path)
             self._cache[name] = got  # a racing thread may build an equal Tensor: harmless
         return got
 
     def info(self, name: str) -> TensorInfo:
-        return self._index[name][2]
+        return self._index[name][1]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._order.names(self._index))
+        if self._names is None:
+            self._names = self._order() if self._order is not None else list(self._index)
+        return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -177,32 +169,14 @@ class _Tensors(Mapping[str, Tensor]):
         return name in self._index
 
 
-class _Order:
-    """The original model's tensor order, parsed from the adaptor's restore record on first iteration."""
-
-    def __init__(self, file: GGUFFile | None) -> None:
-        self._file = file
-        self._names: list[str] | None = None
-
-    def names(self, index: Mapping[str, Any]) -> list[str]:
-        if self._names is None:
-            if self._file is None:
-                self._names = list(index)
-            else:
-                infos = parse_tensor_infos(blob(self._file, K_SRC_TENSOR_INFOS), self._file.path, 1)
-                self._names = [t.name for t in infos if t.name in index]
-        return self._names
-
-
 class Model:
     """A model's metadata and tensors. `open_model(path)` gives one for any GGUF file."""
 
     def __init__(self, file: GGUFFile) -> None:
         self._file = file
-        h = file.header
         self.path = file.path
         self.metadata = Metadata.of(file)
-        self.tensors: Mapping[str, Tensor] = _Tensors([(file, h)], _Order(None))
+        self.tensors: Mapping[str, Tensor] = _Tensors([file])
 
     def close(self) -> None:
         self._file.close()
@@ -220,151 +194,94 @@ def open_model(path: str | os.PathLike[str]) -> Model:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# gguf-split files through their header index
+# Shared mappings
 
 
-def _view(f: GGUFFile, t: TensorInfo, data_start: int) -> memoryview:
-    try:
-        return f.tensor_view(t, data_start)
-    except ValueError:  # closed by another thread between the check and the view
-        raise GGUFSplitError(f.path, "file is closed") from None
+class _Mapped:
+    """One mapping of a gguf-split file, shared by every task in this process that uses it. Released (the
+    map closed) when the last reference goes."""
 
+    _registry: "weakref.WeakValueDictionary[tuple[int, int], _Mapped]" = weakref.WeakValueDictionary()
+    _lock = threading.Lock()
 
-class _SharedFoundation:
-    """One mapping of a foundation file, shared by every `Foundation` handle on it in this process."""
-
-    registry: dict[tuple[int, int], "_SharedFoundation"] = {}
-    lock = threading.Lock()
-
-    def __init__(self, file: GGUFFile) -> None:
+    def __init__(self, file: SplitFile) -> None:
         self.file = file
-        self.refs = 0
-        require_role(file, ROLE_FOUNDATION)
-        self.id = str(record(file, K_FOUNDATION_ID, STR))
-        self.tensors = _Tensors([(file, file.header)], _Order(None))
+        weakref.finalize(self, file.close)
 
     @classmethod
-    def acquire(cls, path: str | os.PathLike[str]) -> "_SharedFoundation":
+    def get(cls, path: str, check: Callable[[SplitFile], None]) -> "_Mapped":
         try:
             st = os.stat(path)
         except (OSError, ValueError) as e:
-            raise GGUFSplitError(path, f"cannot open: {getattr(e, 'strerror', None) or e}") from None
-        with cls.lock:
-            shared = cls.registry.get((st.st_dev, st.st_ino))
-            if shared is None:
-                f = SplitFile(path, keep_fd=False)
-                try:
-                    shared = cls(f)
-                except BaseException:
-                    f.close()
-                    raise
-                cls.registry[f.identity] = shared
-            shared.refs += 1
-            return shared
-
-    def release(self) -> None:
-        with self.lock:
-            self.refs -= 1
-            if self.refs == 0:
-                self.registry.pop(self.file.identity, None)
-                self.file.close()
-
-
-class Foundation:
-    """A foundation file, mapped once per process; `load()` overlays a task on it."""
-
-    def __init__(self, shared: _SharedFoundation) -> None:
-        self._shared: _SharedFoundation | None = shared
-        self.path = shared.file.path
-        self.id = shared.id
-        self._models: list[TaskModel] = []
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "Foundation":
-        return cls(_SharedFoundation.acquire(path))
-
-    @property
-    def shared(self) -> _SharedFoundation:
-        if self._shared is None:
-            raise GGUFSplitError(self.path, "foundation is closed")
-        return self._shared
-
-    @property
-    def tensors(self) -> Mapping[str, Tensor]:
-        """The shared tensors (every task has them)."""
-        return self.shared.tensors
-
-    def adaptor_path(self, task_or_path: str | os.PathLike[str]) -> str:
-        """A path as given, or a task name resolved beside the foundation (same file-name prefix)."""
-        p = os.fspath(task_or_path)
-        if os.sep in p or p.endswith(".gguf"):
-            return p
-        directory, name = os.path.split(self.path)
-        prefix = name[: -len("foundation.gguf")] if name.endswith("foundation.gguf") else ""
-        return os.path.join(directory, f"{prefix}adaptor-{p}.gguf")
-
-    def tasks(self) -> list[str]:
-        """Task names of the adaptors beside this foundation (by file name; not opened)."""
-        directory, name = os.path.split(self.path)
-        prefix = (name[: -len("foundation.gguf")] if name.endswith("foundation.gguf") else "") + "adaptor-"
-        return sorted(n[len(prefix) : -5] for n in os.listdir(directory or ".")
-                      if n.startswith(prefix) and n.endswith(".gguf"))
-
-    def load(self, task_or_path: str | os.PathLike[str]) -> "TaskModel":
-        model = TaskModel(self, self.adaptor_path(task_or_path))
-        self._models.append(model)
-        return model
-
-    def close(self) -> None:
-        for m in self._models:
-            m.close()
-        self._models.clear()
-        shared, self._shared = self._shared, None
-        if shared is not None:
-            shared.release()
-
-    def __enter__(self) -> "Foundation":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _Overlay:
-    """One adaptor over the foundation: everything a TaskModel swaps at once."""
-
-    def __init__(self, foundation: Foundation, path: str) -> None:
+            raise GGUFSplitError(show(path), f"cannot open: {getattr(e, 'strerror', None) or e}") from None
+        key = (st.st_dev, st.st_ino)
+        with cls._lock:
+            got = cls._registry.get(key)
+            if got is not None and got.file.size == st.st_size:
+                return got
         f = SplitFile(path, keep_fd=False)
         try:
-            require_role(f, ROLE_ADAPTOR)
-            want = str(record(f, K_FOUNDATION_ID, STR))
-            if want != foundation.id:
-                raise GGUFSplitError(f.path, f"belongs to foundation {want}, but {foundation.path} is foundation "
-                                             f"{foundation.id} (an adaptor from another split?)")
-            fnd = foundation.shared.file
-            clash = next((t.name for t in f.header.tensors if t.name in fnd.header.tensor_by_name), None)
-            if clash is not None:
-                raise GGUFSplitError(f.path, f"tensor {clash!r} is in both this adaptor and the foundation: damaged")
-            self.metadata = Metadata.of(f)
-            expected = record(f, K_SPLIT_TENSORS, I32)
-            n = len(f.header.tensors) + len(fnd.header.tensors)
-            if expected != n:
-                raise GGUFSplitError(f.path, f"adaptor + foundation hold {n} tensors, the task has {expected}: damaged")
-            self.task = str(record(f, K_TASK, STR))
-            self.file = f
-            self.tensors = _Tensors([(f, f.header), (fnd, fnd.header)], _Order(f))
+            check(f)
         except BaseException:
             f.close()
             raise
+        with cls._lock:
+            got = cls._registry.get(f.identity)
+            if got is None:
+                got = cls(f)
+                cls._registry[f.identity] = got
+            else:
+                f.close()
+            return got
+
+    @classmethod
+    def count(cls) -> int:
+        """Files mapped by the loader in this process (for tests and benchmarks)."""
+        return len(cls._registry)
+
+
+class _Overlay:
+    """One task: its adaptor and shared files; everything a TaskModel swaps at once."""
+
+    def __init__(self, adaptor_path: str, finder: FileFinder) -> None:
+        ad = SplitFile(adaptor_path, keep_fd=False)
+        try:
+            ad.check_seal()
+            info = AdaptorInfo.read(ad)
+            shared = [_Mapped.get(finder.find(ref, info), lambda f, ref=ref: check_shared(f, ref, info))
+                      for ref in info.files]
+            files: list[GGUFFile] = [ad, *(m.file for m in shared)]
+            n = sum(len(f.header.tensors) for f in files)
+            tensors = _Tensors(files, lambda: self._model_order(ad, info))
+            if len(tensors) != n or n != info.n_model_tensors:
+                raise GGUFSplitError(ad.path, f"its files hold {n} tensors ({len(tensors)} distinct), the task has "
+                                              f"{info.n_model_tensors}: a file of another split?")
+        except BaseException:
+            ad.close()
+            raise
+        self.adaptor = ad
+        self.info = info
+        self.shared = shared  # strong references: the mappings live as long as this overlay
+        self.metadata = Metadata.of(ad)
+        self.tensors = tensors
+        weakref.finalize(self, ad.close)
+
+    @staticmethod
+    def _model_order(ad: SplitFile, info: AdaptorInfo) -> list[str]:
+        infos = parse_tensor_infos(ad.blob(K_SRC_TENSOR_INFOS), ad.path, 1)
+        return [t.name for t in infos]
+
+    def paths(self) -> list[str]:
+        return [os.path.abspath(self.adaptor.path), *(os.path.abspath(m.file.path) for m in self.shared)]
 
 
 class TaskModel:
-    """A task: its adaptor's metadata and tensors over the shared foundation's tensors."""
+    """A task: its adaptor's metadata, and its tensors from the adaptor and its shared files."""
 
-    def __init__(self, foundation: Foundation, adaptor: str) -> None:
-        self.foundation = foundation
+    def __init__(self, split: "Split", adaptor_path: str) -> None:
+        self.split = split
         self._lock = threading.Lock()
-        self._overlay: _Overlay | None = _Overlay(foundation, adaptor)
+        self._overlay: _Overlay | None = _Overlay(adaptor_path, split.finder)
 
     @property
     def _current(self) -> _Overlay:
@@ -375,11 +292,11 @@ class TaskModel:
 
     @property
     def task(self) -> str:
-        return self._current.task
+        return self._current.info.task
 
     @property
     def adaptor_path(self) -> str:
-        return self._current.file.path
+        return self._current.adaptor.path
 
     @property
     def metadata(self) -> Metadata:
@@ -389,29 +306,103 @@ class TaskModel:
     def tensors(self) -> Mapping[str, Tensor]:
         return self._current.tensors
 
-    def swap(self, task_or_path: str | os.PathLike[str]) -> None:
-        """Replace the adaptor (another task of the same foundation); the foundation stays mapped."""
-        new = _Overlay(self.foundation, self.foundation.adaptor_path(task_or_path))
+    @property
+    def files(self) -> list[str]:
+        """The task's files: adaptor, then its shared files in position order."""
+        return self._current.paths()
+
+    def swap(self, task: str | os.PathLike[str]) -> None:
+        """Become another task of the split: files both tasks use stay mapped; the others are unmapped when
+        nothing uses them any more."""
+        new = _Overlay(self.split.adaptor_path(task), self.split.finder)
         with self._lock:
             if self._overlay is None:
-                new.file.close()
                 raise GGUFSplitError(None, "task model is closed")
             self._overlay = new
-        # The old adaptor is not closed here: a reader may be inside a lookup on it (it took
+        # The old overlay is not closed here: a reader may be inside a lookup on it (it took
         # `model.tensors` before this swap). It is unmapped when its last reference goes.
 
     def llama_cpp_paths(self) -> list[str]:
-        """[adaptor, foundation]: the split list for llama.cpp's `llama_model_load_from_splits`."""
-        return [os.path.abspath(self.adaptor_path), os.path.abspath(self.foundation.path)]
+        """The split list for llama.cpp's `llama_model_load_from_splits`: adaptor first, then positions 1..k."""
+        return self.files
 
     def close(self) -> None:
         with self._lock:
-            old, self._overlay = self._overlay, None
-        if old is not None:
-            old.file.close()
+            self._overlay = None
 
     def __enter__(self) -> "TaskModel":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Split:
+    """A split directory opened for loading: `load(task)` gives a TaskModel."""
+
+    def __init__(self, directory: str, shared: Sequence[str | os.PathLike[str]] = ()) -> None:
+        self.directory = directory
+        self.finder = FileFinder(shared)
+        self._models: "weakref.WeakSet[TaskModel]" = weakref.WeakSet()
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, shared: Sequence[str | os.PathLike[str]] = ()) -> "Split":
+        """A split directory, or any file in it (tasks are looked up beside the path as given)."""
+        p = os.fspath(path)
+        if os.path.isdir(p):
+            return cls(p, shared)
+        if not os.path.exists(p):
+            raise GGUFSplitError(show(p), "no such file or directory")
+        return cls(os.path.dirname(p) or ".", shared)
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks of the split (its adaptors, found by their records)."""
+        return SplitDir.open(self.directory).tasks
+
+    def adaptor_path(self, task: str | os.PathLike[str]) -> str:
+        """A task name (a str, always) resolved in the split directory; an os.PathLike is an adaptor file."""
+        if self._closed:
+            raise GGUFSplitError(show(self.directory), "split is closed")
+        if isinstance(task, str):
+            try:
+                check_task_name(task)
+            except GGUFSplitError as e:
+                hint = " (to load a file, pass a pathlib.Path)" if os.sep in task or task.endswith(".gguf") else ""
+                raise GGUFSplitError(None, e.problem + hint) from None
+            by_name = os.path.join(self.directory, adaptor_name(task))
+            if os.path.isfile(by_name):
+                with SplitFile(by_name) as f:
+                    if f.role == ROLE_ADAPTOR and f.get("gguf_split.task") == task:
+                        return by_name
+            return SplitDir.open(self.directory).adaptor(task)
+        if isinstance(task, os.PathLike):
+            return os.fspath(task)
+        raise TypeError(f"task must be a task name (str) or a path (os.PathLike), not {type(task).__name__}")
+
+    def load(self, task: str | os.PathLike[str]) -> TaskModel:
+        model = TaskModel(self, self.adaptor_path(task))
+        self._models.add(model)
+        return model
+
+    def close(self) -> None:
+        """Close every task loaded through this split (views a caller still holds keep their map alive)."""
+        self._closed = True
+        for m in list(self._models):
+            m.close()
+
+    def __enter__(self) -> "Split":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_split(path: str | os.PathLike[str], *, shared: Sequence[str | os.PathLike[str]] = ()) -> Split:
+    """Open a split directory (or the directory of a file in it) for loading tasks."""
+    return Split.open(path, shared=shared)
+
+
+class Foundation(Split):
+    """The 0.1 name of `Split`: `Foundation.open("out/foundation-<id>.gguf")` opens the split beside it."""

@@ -1,248 +1,340 @@
-"""Restore and verify: rebuild a task's original GGUF byte for byte; check a split against its records.
+"""Restore: rebuild a task's original GGUF file(s) byte for byte, and prove it from what was written.
 
-restore writes the plan of `layout.plan_restore` (header bytes, zero padding, tensor bytes copied from the
-adaptor or the foundation) and hashes what it writes: the output is renamed into place only if its
-xxh3-128 equals the original file's recorded digest.
+The restore plan rebuilds each original header from the adaptor's records (original tensor infos, the
+KVs kept in the adaptor with the replaced `split.*` ones put back, other shards' KVs) and maps every
+original byte to its source: header bytes, zero padding, recorded non-zero padding, tensor bytes in the
+adaptor or one of the task's shared files (per the adaptor's tensor index).
 
-verify re-hashes every tensor of the foundation and the adaptors against the digests recorded at split
-time, checks each header against its seal, the padding and the file size, and refuses an adaptor whose
-recorded foundation identity differs from the given foundation. It names the file and the tensor.
+What is written is what is checked: each output is written under a temporary name, fsynced, its cached
+pages dropped (`posix_fadvise(DONTNEED)`), read back from the disk and hashed; it is renamed into place
+only if that xxh3-128 equals the original's recorded digest. A short write, a disk error or a writer bug
+therefore never puts a wrong file in place. Outputs of a sharded model appear together or not at all
+(commit.Transaction).
 """
 
 from __future__ import annotations
 
-import glob
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
 
 import xxhash
 
-from .errors import GGUFSplitError
-from .gguf_format import GGUFFile, align_up, iter_gaps
-from .layout import (
-    K_FOUNDATION_FILE,
-    K_FOUNDATION_ID,
-    K_TASK,
-    ROLE_ADAPTOR,
-    ROLE_FOUNDATION,
-    STR,
-    Copy,
-    SplitFile,
-    check_pair,
-    check_seal,
-    computed_foundation_id,
-    open_output,
-    plan_restore,
-    record,
-    recorded_digests,
-    require_role,
-    role_of,
-)
+from .commit import Transaction, check_space, stderr_note
+from .errors import GGUFSplitError, os_problem
+from .gguf_format import GGUFFile, Header, _check_data_layout, _Cursor, align_up, encode_prefix, parse_header, \
+    read_kv_at, read_prefix, read_tensor_infos
+from .naming import show
 from .progress import QUIET, Progress, Reporter
-from .scan import CHUNK, hash_view, is_zero
-from .write import OutputDir, copy_bytes, write_all, write_zeros
+from .records import (
+    K_SRC_GAPS,
+    K_SRC_REPLACED_KVS,
+    K_SRC_SHARD_KVS,
+    K_SRC_TENSOR_INFOS,
+    SplitFile,
+)
+from .splitdir import FileFinder, SplitDir, TaskFiles, open_task
+from .write import copy_bytes, write_all, write_zeros
 
-_ZERO_CHUNK = bytes(1 << 20)
+READ_BACK = 16 << 20
 
 
-def foundation_for(adaptor: GGUFFile) -> str:
-    """The foundation file recorded in an adaptor, beside it."""
-    name = record(adaptor, K_FOUNDATION_FILE, STR)
-    if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name or "\0" in name:
-        raise GGUFSplitError(adaptor.path, f"recorded foundation file name {name!r} is not a plain file name: "
-                                           "damaged")
-    return os.path.join(os.path.dirname(os.path.abspath(adaptor.path)), name)
+@dataclass(frozen=True)
+class Copy:
+    """`nbytes` of `src` from file offset `offset`; `digest` is what the split recorded for them."""
+
+    src: GGUFFile
+    offset: int
+    nbytes: int
+    digest: bytes
+    tensor: str
+
+
+Span = Union[bytes, int, Copy]  # literal bytes, a run of that many zero bytes, or a copy
+
+
+@dataclass
+class RestorePlan:
+    """One original file: its name, size, digest, rebuilt header, and every byte's source."""
+
+    name: str
+    size: int
+    xxh3: str
+    header: Header
+    header_bytes: bytes  # the original bytes [0, end of tensor infos)
+    spans: list[Span]
+
+
+def plan_restore(tf: TaskFiles) -> list[RestorePlan]:
+    """The original file(s) of a task, from its (checked) files."""
+    ad, info = tf.adaptor, tf.info
+    path = ad.path
+
+    def damaged(what: str) -> GGUFSplitError:
+        return GGUFSplitError(path, f"restore record damaged: {what}")
+
+    # every tensor of the task: name -> (file, its tensor info there, recorded digest)
+    held: dict[str, tuple[GGUFFile, object, bytes]] = {}
+    for f in tf.files:
+        for t, d in zip(f.header.tensors, f.digests()):
+            held[t.name] = (f, t, d)
+
+    infos_blob = ad.blob(K_SRC_TENSOR_INFOS)
+    shard_kvs = ad.blob(K_SRC_SHARD_KVS)
+    gaps = _parse_gaps(ad.blob(K_SRC_GAPS), len(info.sources), damaged)
+    plans: list[RestorePlan] = []
+    ti_pos, shard_pos, model_index = 0, 0, 0
+    for i, src in enumerate(info.sources):
+        try:
+            if i == 0:
+                kvs = _first_kvs(ad, damaged)
+                head = encode_prefix(src.version, src.n_tensors, len(kvs)) + b"".join(kvs)
+                cur = _Cursor(head + infos_blob[ti_pos:], len(head), len(head) + len(infos_blob) - ti_pos, path)
+                tensors = read_tensor_infos(cur, src.n_tensors, ad.header.alignment)
+                header_bytes = head + infos_blob[ti_pos:ti_pos + cur.pos - len(head)]
+                read_prefix(header_bytes, path)
+                # the original's alignment is the adaptor's own: the adaptor keeps its model's KVs
+                header = Header(path, src.version, [], tensors, ad.header.alignment, len(head),
+                                align_up(len(header_bytes), ad.header.alignment), src.size, {},
+                                {t.name: t for t in tensors})
+                _check_data_layout(header)
+            else:
+                if shard_pos + 16 > len(shard_kvs):
+                    raise damaged(K_SRC_SHARD_KVS)
+                n_kv, n = struct.unpack_from("<QQ", shard_kvs, shard_pos)
+                kv_bytes = shard_kvs[shard_pos + 16:shard_pos + 16 + n]
+                if len(kv_bytes) != n:
+                    raise damaged(K_SRC_SHARD_KVS)
+                shard_pos += 16 + n
+                head = encode_prefix(src.version, src.n_tensors, n_kv) + kv_bytes
+                cur = _Cursor(head + infos_blob[ti_pos:], len(head), len(head) + len(infos_blob) - ti_pos, path)
+                read_tensor_infos(cur, src.n_tensors, 1)
+                header_bytes = head + infos_blob[ti_pos:ti_pos + cur.pos - len(head)]
+                header = parse_header(header_bytes, src.size, path)
+            ti_pos += len(header_bytes) - len(head)
+        except GGUFSplitError as e:
+            raise damaged(e.problem) from None
+        spans: list[Span] = [header_bytes]
+        cursor = header.tensor_info_end
+        file_gaps = gaps.get(i, {})
+
+        def fill(start: int, end: int) -> None:
+            b = file_gaps.pop(start, None)
+            if b is not None:
+                if len(b) != end - start:
+                    raise damaged(f"padding record at byte {start} of {src.name}")
+                spans.append(b)
+            else:
+                spans.append(end - start)
+
+        for t in sorted(header.tensors, key=lambda t: t.offset):
+            start = header.data_start + t.offset
+            if start > cursor:
+                fill(cursor, start)
+            entry = held.get(t.name)
+            if entry is None:
+                raise GGUFSplitError(path, f"tensor {t.name!r} is in none of the task's files")
+            f, st, digest = entry
+            if (st.shape, st.ggml_type) != (t.shape, t.ggml_type):  # type: ignore[attr-defined]
+                raise GGUFSplitError(f.path, f"tensor {t.name!r} has another type or shape than task {info.task!r} needs")
+            spans.append(Copy(f, f.header.data_start + st.offset, st.nbytes, digest, t.name))  # type: ignore[attr-defined]
+            cursor = start + t.nbytes
+        if header.file_size > cursor:
+            fill(cursor, header.file_size)
+        if file_gaps:
+            raise damaged(K_SRC_GAPS)
+        model_index += len(header.tensors)
+        plans.append(RestorePlan(src.name, src.size, src.xxh3, header, header_bytes, spans))
+    if ti_pos != len(infos_blob) or shard_pos != len(shard_kvs) or model_index != info.n_model_tensors:
+        raise damaged("source records do not add up")
+    names = [t.name for p in plans for t in p.header.tensors]
+    expected = {n: pos for n, pos in zip(names, info.tensor_files)}
+    for f_pos, f in enumerate(tf.files):
+        for t in f.header.tensors:
+            if expected.get(t.name) != f_pos:
+                raise GGUFSplitError(f.path, f"holds tensor {t.name!r}, which task {info.task!r} records "
+                                             f"{'elsewhere' if t.name in expected else 'nowhere'}")
+    return plans
+
+
+def _first_kvs(ad: SplitFile, damaged: object) -> list[bytes]:
+    kept = [ad.raw(start, end) for start, end in ad.tail.values()]
+    raw = ad.blob(K_SRC_REPLACED_KVS)
+    pos = 0
+    try:
+        while pos < len(raw):
+            (where,) = struct.unpack_from("<I", raw, pos)
+            kv = read_kv_at(raw, pos + 4, ad.path)
+            if where > len(kept):
+                raise struct.error("position")
+            kept.insert(where, raw[kv.start:kv.end])
+            pos = kv.end
+    except (struct.error, GGUFSplitError):
+        raise damaged(K_SRC_REPLACED_KVS) from None  # type: ignore[operator]
+    return kept
+
+
+def _parse_gaps(raw: bytes, n_sources: int, damaged: object) -> dict[int, dict[int, bytes]]:
+    out: dict[int, dict[int, bytes]] = {}
+    pos = 0
+    while pos < len(raw):
+        if pos + 20 > len(raw):
+            raise damaged(K_SRC_GAPS)  # type: ignore[operator]
+        src, off, n = struct.unpack_from("<IQQ", raw, pos)
+        b = raw[pos + 20:pos + 20 + n]
+        if src >= n_sources or len(b) != n:
+            raise damaged(K_SRC_GAPS)  # type: ignore[operator]
+        out.setdefault(src, {})[off] = b
+        pos += 20 + n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# restore
+
+
+@dataclass
+class RestoredFile:
+    path: str
+    size: int
+    xxh3: str
 
 
 @dataclass
 class RestoreReport:
     task: str
-    output: str
-    size: int
-    xxh3: str
+    files: list[RestoredFile]
+
+    @property
+    def output(self) -> str:
+        return self.files[0].path
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
 
 
-def restore(adaptor: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
-            foundation: str | os.PathLike[str] | None = None, force: bool = False,
+def adaptor_for(path: str | os.PathLike[str], task: str | None) -> str:
+    """An adaptor path from (adaptor file) or (split directory, task)."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        if task is None:
+            sd = SplitDir.open(p)
+            sd.require_split()
+            raise GGUFSplitError(show(p), f"is a split directory: name the task to restore ({', '.join(sd.tasks)})")
+        return SplitDir.open(p).adaptor(task)
+    if task is not None:
+        with SplitFile(p) as f:
+            own = f.get("gguf_split.task")
+        if own != task:
+            raise GGUFSplitError(show(p), f"is the adaptor of task {own!r}, not {task!r}")
+    return p
+
+
+def restore(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *, task: str | None = None,
+            shared: Sequence[str | os.PathLike[str]] = (), force: bool = False,
             progress: Progress = QUIET) -> RestoreReport:
-    """Rebuild the original model of `adaptor` (with its foundation) at `output` (default: the original
-    file name in the current directory)."""
-    with open_output(adaptor) as ad:
-        require_role(ad, ROLE_ADAPTOR)
-        check_seal(ad)  # the restore plan comes from this header: a damaged one must not drive the writes
-        with open_output(foundation or foundation_for(ad)) as fnd:
-            check_seal(fnd)
-            rp = plan_restore(ad, fnd)
-            out_path = os.path.abspath(output if output is not None else rp.source_name)
-            with OutputDir(os.path.dirname(out_path), force=force, protect=[ad.path, fnd.path]) as out:
-                tmp = out.new(os.path.basename(out_path))
-                h = xxhash.xxh3_128()
-                with progress.bar("restoring", rp.size) as bar:
-                    out.guard(tmp, lambda fd: _write_spans(fd, rp.spans, h, bar))
-                if h.hexdigest() != rp.xxh3:
-                    raise GGUFSplitError(_culprit(rp.spans, ad.path), "restored bytes differ from the original's "
-                                         "recorded digest; run `gguf-split verify` (nothing was written)")
-                out.commit()
-            return RestoreReport(rp.task, out_path, rp.size, rp.xxh3)
+    """Rebuild a task's original model file(s). `path` is its adaptor, or the split directory with `task`.
+    `output`: a file (one-file models) or a directory (default: the current directory), where the original
+    file names are used."""
+    adaptor = adaptor_for(path, task)
+    with open_task(adaptor, FileFinder(shared)) as tf:
+        plans = plan_restore(tf)
+        out_dir, names = _outputs(output, plans)
+        inputs = {os.path.realpath(p) for p in tf.paths()}
+        for n in names:
+            final = os.path.join(out_dir, n)
+            if os.path.realpath(final) in inputs:
+                raise GGUFSplitError(show(final), "is one of the split's own files; restore elsewhere")
+            if os.path.isdir(final):
+                raise GGUFSplitError(show(final), "is a directory")
+            if os.path.lexists(final) and not force:
+                raise GGUFSplitError(show(final), "already exists (use --force to replace it)")
+        with Transaction(out_dir, on_wait=None if progress.quiet else stderr_note) as tx:
+            check_space(tx.dir, sum(p.size for p in plans))
+            done = []
+            total = sum(p.size for p in plans)
+            with progress.bar("restoring", total) as bar:
+                for plan, name in zip(plans, names):
+                    nf = tx.new(name)
+                    tx.write(nf, lambda fd, p=plan: _write_spans(fd, p.spans, bar))
+            tx.wait_synced()
+            with progress.bar("checking", total) as bar:
+                for plan, nf in zip(plans, tx.files):
+                    got = read_back(nf.path, bar)
+                    if got != plan.xxh3:
+                        raise GGUFSplitError(_culprit(plan, tf.adaptor.path), f"the restored {plan.name} does not "
+                                             "match the original's recorded digest; nothing was written (run "
+                                             "`gguf-split verify`)")
+                    done.append(RestoredFile(nf.final_path, plan.size, got))
+            tx.commit()
+        return RestoreReport(tf.info.task, done)
 
 
-def _write_spans(fd: int, spans: list, h: "xxhash.xxh3_128", bar: Reporter) -> None:
+def _outputs(output: str | os.PathLike[str] | None, plans: list[RestorePlan]) -> tuple[str, list[str]]:
+    names = [p.name for p in plans]
+    if output is None:
+        return os.getcwd(), names
+    out = os.fspath(output)
+    if out == "":
+        raise GGUFSplitError(None, "-o/--output: empty path")
+    if os.path.isdir(out):
+        return os.path.abspath(out), names
+    if len(plans) > 1:
+        if os.path.lexists(out):
+            raise GGUFSplitError(show(out), f"is a file; this task's original is {len(plans)} files (shards): give "
+                                            "a directory")
+        return os.path.abspath(out), names  # created
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise GGUFSplitError(show(out), "its directory does not exist" if not os.path.exists(parent)
+                             else "its parent is not a directory")
+    return parent, [os.path.basename(out)]
+
+
+def _write_spans(fd: int, spans: list[Span], bar: Reporter) -> None:
     for span in spans:
         if isinstance(span, Copy):
             copy_bytes(span.src, span.offset, span.nbytes, fd, bar)
-            view = span.src.view(span.offset, span.offset + span.nbytes)
-            for s in range(0, len(view), CHUNK):
-                h.update(view[s : s + CHUNK])
         elif isinstance(span, int):
             write_zeros(fd, span)
-            n = span
-            while n:
-                k = min(n, len(_ZERO_CHUNK))
-                h.update(_ZERO_CHUNK[:k])
-                n -= k
             bar.advance(span)
         else:
             write_all(fd, span)
-            h.update(span)
             bar.advance(len(span))
 
 
-def _culprit(spans: list, adaptor: str) -> str:
-    for span in spans:
+def read_back(path: str, bar: Reporter) -> str:
+    """xxh3-128 of what is on the disk: the file's cached pages are dropped first (it was fsynced), so the
+    bytes come from the device, not from the writes' page cache."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise GGUFSplitError(path, f"cannot read back: {os_problem(e)}") from None
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        h = xxhash.xxh3_128()
+        buf = bytearray(READ_BACK)
+        view = memoryview(buf)
+        while True:
+            n = os.readv(fd, [buf])
+            if n == 0:
+                break
+            h.update(view[:n])
+            bar.advance(n)
+        return h.hexdigest()
+    except OSError as e:
+        raise GGUFSplitError(path, f"cannot read back: {os_problem(e)}") from None
+    finally:
+        os.close(fd)
+
+
+def _culprit(plan: RestorePlan, adaptor: str) -> str:
+    for span in plan.spans:
         if isinstance(span, Copy):
             if xxhash.xxh3_128(span.src.view(span.offset, span.offset + span.nbytes)).digest() != span.digest:
                 return f"{span.src.path}: tensor {span.tensor!r}"
-    return adaptor  # every tensor matches: the adaptor's restore record is at fault
-
-
-# ---------------------------------------------------------------------------------------------------------
-# verify
-
-
-@dataclass
-class VerifyReport:
-    foundation: str
-    foundation_id: str
-    adaptors: dict[str, str] = field(default_factory=dict)  # task -> path
-    tensors: int = 0
-    bytes: int = 0
-
-
-def _check_file(f: GGUFFile, bar: Reporter, threads: int) -> int:
-    """Tensor digests, zero padding, exact size of a file whose seal was checked; returns the tensor
-    bytes hashed."""
-    h = f.header
-    digests = recorded_digests(f)
-    last = max((t.offset + t.nbytes for t in h.tensors), default=0)
-    expected = h.data_start + align_up(last, h.alignment)
-    if f.size != expected:
-        raise GGUFSplitError(f.path, f"is {f.size} bytes, the split wrote {expected}: truncated or appended to")
-    for start, end in iter_gaps(h):
-        if not is_zero(f.view(start, end)):
-            raise GGUFSplitError(f.path, f"padding at bytes {start}-{end} is not zero: corrupted")
-        bar.advance(end - start)
-
-    def one(i: int) -> None:
-        t = h.tensors[i]
-        if hash_view(f.tensor_view(t), bar) != digests[i]:
-            raise GGUFSplitError(f.path, f"tensor {t.name!r} does not match its recorded digest: corrupted")
-
-    order = sorted(range(len(h.tensors)), key=lambda i: -h.tensors[i].nbytes)
-    if threads > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, order))
-    else:
-        for i in order:
-            one(i)
-    return sum(t.nbytes for t in h.tensors)
-
-
-def verify(foundation: str | os.PathLike[str], adaptors: list[str | os.PathLike[str]], *,
-           progress: Progress = QUIET, threads: int | None = None) -> VerifyReport:
-    threads = threads or min(os.cpu_count() or 1, 8)
-    with open_output(foundation) as fnd:
-        require_role(fnd, ROLE_FOUNDATION)
-        check_seal(fnd)
-        fid = str(record(fnd, K_FOUNDATION_ID, STR))
-        if computed_foundation_id(fnd) != fid:
-            raise GGUFSplitError(fnd.path, "its tensors do not match its recorded identity: corrupted")
-        opened = []
-        try:
-            for a in adaptors:
-                ad = open_output(a)
-                opened.append(ad)
-                require_role(ad, ROLE_ADAPTOR)
-                check_seal(ad)
-                check_pair(ad, fnd)
-            total = sum(f.size - f.header.tensor_info_end for f in [fnd, *opened])
-            report = VerifyReport(fnd.path, fid)
-            with progress.bar("verifying", total) as bar:
-                report.bytes += _check_file(fnd, bar, threads)
-                report.tensors += len(fnd.header.tensors)
-                for ad in opened:
-                    report.bytes += _check_file(ad, bar, threads)
-                    report.tensors += len(ad.header.tensors)
-                    plan_restore(ad, fnd)  # the restore record parses and every tensor resolves
-                    report.adaptors[str(record(ad, K_TASK, STR))] = ad.path
-            return report
-        finally:
-            for ad in opened:
-                ad.close()
-
-
-def find_split(directory: str | os.PathLike[str]) -> tuple[str, list[str]]:
-    """(foundation, adaptors) of a split directory, found by their gguf-split records."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise GGUFSplitError(directory, "not a directory")
-    foundations, adaptors = [], []
-    for path in sorted(glob.glob(os.path.join(directory, "*.gguf"))):
-        if os.path.islink(path):
-            continue  # llama.cpp names made by `gguf-split link`
-        try:
-            with SplitFile(path) as f:
-                role = role_of(f)
-        except GGUFSplitError:  # NotASplitFile included: another model in the directory
-            if _looks_like_output(path):
-                raise  # a damaged foundation or adaptor is what verify must report, not skip
-            continue
-        if role == ROLE_FOUNDATION:
-            foundations.append(path)
-        elif role == ROLE_ADAPTOR:
-            adaptors.append(path)
-    if not foundations:
-        raise GGUFSplitError(directory, "holds no gguf-split foundation")
-    if len(foundations) > 1:
-        raise GGUFSplitError(directory, f"holds {len(foundations)} foundations ({', '.join(map(os.path.basename, foundations))}); "
-                                        "name the files to use")
-    return foundations[0], adaptors
-
-
-def _looks_like_output(path: str) -> bool:
-    """Named as gguf-split names its outputs: <prefix>foundation.gguf, <prefix>adaptor-<task>.gguf."""
-    name = os.path.basename(path)
-    return name.endswith("foundation.gguf") or "adaptor-" in name
-
-
-def resolve_split_args(paths: list[str]) -> tuple[str, list[str]]:
-    """verify/info arguments: a split directory, or files (a foundation and/or adaptors; an adaptor alone
-    brings the foundation it records)."""
-    if len(paths) == 1 and os.path.isdir(paths[0]):
-        return find_split(paths[0])
-    foundation, adaptors = None, []
-    for p in paths:
-        with open_output(p) as f:
-            role = role_of(f)
-            if role == ROLE_FOUNDATION:
-                if foundation is not None:
-                    raise GGUFSplitError(p, f"a second foundation (first: {foundation})")
-                foundation = p
-            elif role == ROLE_ADAPTOR:
-                adaptors.append(p)
-            else:
-                raise GGUFSplitError(p, "not a gguf-split foundation or adaptor")
-    if foundation is None:
-        with open_output(adaptors[0]) as f:
-            foundation = foundation_for(f)
-    return foundation, adaptors
+    return adaptor

@@ -1,146 +1,318 @@
 """Scan: open each input model, check it can be split, and hash it (xxh3-128).
 
-Per model we compute, from one mmap of the file:
-- the xxh3-128 digest of every tensor's bytes (a tensor's identity is name + ggml type + shape + digest);
-- the xxh3-128 digest of the whole file (what `xxh128sum` prints), recorded so restore can prove its output;
-- the bytes outside every tensor and header record (padding): writers zero them; any non-zero byte there
-  is kept so restore stays byte-exact.
-Models are hashed on a thread pool (python-xxhash releases the GIL: two threads hash ~1.5-2x as fast),
-each in one front-to-back sweep that feeds every piece to both hashers while it is in the CPU cache, so
-cold reads stay sequential and memory is read once.
+A model is one GGUF file, or several: a model shipped as llama.cpp shards (`name-00001-of-00003.gguf`, as
+`llama-gguf-split` writes and hubs serve) is given by its first shard and read as one model: KVs from
+shard 1, tensors from all shards in order, `split.count` and `split.tensors.count` checked.
+
+Opening checks everything that can be checked from headers (and padding, which is small) before any
+tensor byte is hashed, so a refusal comes at once. Hashing then computes, per input file, in one
+front-to-back sweep of its mmap (each piece feeds the whole-file hasher and its tensor's hasher while it
+is in the CPU cache): every tensor's digest and the whole file's (what `xxh128sum` prints, recorded so
+restore can prove its output). Files are hashed on a thread pool (python-xxhash releases the GIL);
+Ctrl-C is acted on within a fraction of a second whatever the input size: workers check a flag between
+1 MiB pieces and the main thread never blocks on them without a timeout.
+
+An input rewritten in place while it is split would make the split's records lie: `check_unchanged`
+compares each input's size, mtime and inode after the outputs are written with what they were at open.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import re
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import xxhash
 
-from .errors import GGUFSplitError
-from .gguf_format import ARCHITECTURE_KEY, GGUFFile, iter_gaps
-from .layout import OWN_PREFIX
+from .errors import GGUFSplitError, os_problem
+from .gguf_format import ARCHITECTURE_KEY, GGUFFile, TensorInfo, iter_gaps
+from .naming import show
+from .plan import TensorId
 from .progress import QUIET, Progress, Reporter
+from .records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, SourceFile, SourceRecords
 
-CHUNK = 16 << 20  # hash in 16 MiB pieces so progress moves and caches stay warm
+PIECE = 1 << 20  # small enough that the second hasher finds the piece still in the CPU cache
 MAX_NONZERO_GAP_BYTES = 16 << 20  # more than this outside the tensors is not padding; refuse
+_SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in workers when the run is being cancelled."""
 
 
 @dataclass
-class ScannedModel:
-    """One input model, open and hashed."""
+class InputFile:
+    """One file of an input model, open, with what scanning found in it."""
 
-    task: str
     file: GGUFFile
-    digests: dict[str, bytes] = field(default_factory=dict)  # tensor name -> xxh3-128 (16 bytes)
-    file_digest: bytes = b""
+    stat: tuple[int, int, int, int]  # dev, inode, size, mtime_ns at open
+    digest: bytes = b""  # whole file, xxh3-128
     nonzero_gaps: list[tuple[int, bytes]] = field(default_factory=list)  # (file offset, bytes)
 
     @property
     def path(self) -> str:
         return self.file.path
 
+
+@dataclass
+class ScannedModel:
+    """One input model (one file, or a model's shards), open and hashed."""
+
+    task: str
+    files: list[InputFile]
+    tensors: list[tuple[TensorInfo, int]]  # every tensor in source order, with the index of its file
+    digests: dict[str, bytes] = field(default_factory=dict)  # tensor name -> xxh3-128
+
     @property
-    def header(self):  # noqa: ANN201 - a gguf_format.Header
-        return self.file.header
+    def path(self) -> str:
+        return self.files[0].path
+
+    @property
+    def first(self) -> GGUFFile:
+        return self.files[0].file
 
     @property
     def architecture(self) -> str | None:
-        arch = self.file.get(ARCHITECTURE_KEY)
+        arch = self.first.get(ARCHITECTURE_KEY)
         return arch if isinstance(arch, str) else None
 
+    @property
+    def size(self) -> int:
+        return sum(f.file.size for f in self.files)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t, _ in self.tensors)
+
+    @property
+    def header_bytes(self) -> int:
+        """Bytes of the first file's KVs (what the adaptor repeats)."""
+        h = self.first.header
+        return h.tensor_info_start
+
+    def tensor_ids(self) -> list[TensorId]:
+        return [TensorId(t.name, t.ggml_type, t.shape, self.digests[t.name], t.nbytes) for t, _ in self.tensors]
+
+    def source_of(self, name: str) -> tuple[GGUFFile, int]:
+        """(file, absolute offset) of a tensor's bytes."""
+        t, i = self._by_name[name]
+        f = self.files[i].file
+        return f, f.header.data_start + t.offset
+
+    def __post_init__(self) -> None:
+        self._by_name = {t.name: (t, i) for t, i in self.tensors}
+
+    def source_records(self) -> SourceRecords:
+        """What the adaptor records so restore rebuilds every input file byte for byte."""
+        files, infos, shard_kvs, gaps = [], [], [], []
+        replaced = b""
+        kept: list[bytes] = []
+        for i, inp in enumerate(self.files):
+            f, h = inp.file, inp.file.header
+            files.append(SourceFile(os.path.basename(f.path), f.size, inp.digest.hex(), h.version, len(h.tensors)))
+            infos.append(f.raw(h.tensor_info_start, h.tensor_info_end))
+            if i == 0:
+                replaced = b"".join(struct.pack("<I", j) + f.raw(kv.start, kv.end)
+                                    for j, kv in enumerate(h.kvs) if kv.key in SPLIT_KEYS)
+                kept = [f.raw(kv.start, kv.end) for kv in h.kvs if kv.key not in SPLIT_KEYS]
+            else:
+                kvs = f.raw(h.kv_start, h.tensor_info_start)
+                shard_kvs.append(struct.pack("<QQ", len(h.kvs), len(kvs)) + kvs)
+            gaps += [struct.pack("<IQQ", i, off, len(b)) + b for off, b in inp.nonzero_gaps]
+        return SourceRecords(files, b"".join(infos), replaced, b"".join(shard_kvs), b"".join(gaps), kept)
+
     def close(self) -> None:
-        self.file.close()
+        for f in self.files:
+            f.file.close()
 
 
-def hash_view(view: memoryview, bar: Reporter) -> bytes:
-    h = xxhash.xxh3_128()
-    for s in range(0, len(view), CHUNK):
-        piece = view[s : s + CHUNK]
-        h.update(piece)
-        bar.advance(len(piece))
-    return h.digest()
+def _stat(f: GGUFFile) -> tuple[int, int, int, int]:
+    st = os.fstat(f.fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def is_zero(view: memoryview) -> bool:
-    for s in range(0, len(view), CHUNK):
-        piece = bytes(view[s : s + CHUNK])
-        if piece.count(0) != len(piece):
-            return False
-    return True
+def check_input_path(path: str | os.PathLike[str], what: str = "model") -> None:
+    """One clear line for a path that is not a readable regular file (before opening it)."""
+    import stat as st_mod
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise GGUFSplitError(show(path), "file not found") from None
+    except OSError as e:
+        raise GGUFSplitError(show(path), f"cannot open: {os_problem(e)}") from None
+    except ValueError:
+        raise GGUFSplitError(show(path), "cannot open: the path holds a NUL byte") from None
+    mode = st.st_mode
+    kind = ("a directory" if st_mod.S_ISDIR(mode) else "a FIFO (named pipe)" if st_mod.S_ISFIFO(mode)
+            else "a character device" if st_mod.S_ISCHR(mode) else "a block device" if st_mod.S_ISBLK(mode)
+            else "a socket" if st_mod.S_ISSOCK(mode) else None)
+    if kind is not None:
+        raise GGUFSplitError(show(path), f"is {kind}, not a GGUF {what} file")
 
 
-def check_splittable(f: GGUFFile) -> None:
-    """Refuse inputs that are themselves parts of a split: llama.cpp shards and gguf-split outputs."""
-    kvs = f.header.kv_by_key
-    if any(k.startswith(OWN_PREFIX) for k in kvs):
+def _refuse_own_output(f: GGUFFile) -> None:
+    if any(k.startswith(OWN_PREFIX) for k in f.header.kv_by_key):
         role = f.get("gguf_split.role", "output")
         hint = " (`gguf-split restore` gives the model back)" if role == "adaptor" else ""
-        raise GGUFSplitError(f.path, f"is a gguf-split {role}, not a model{hint}")
-    count = f.get("split.count")
-    if isinstance(count, int) and count > 1:
-        raise GGUFSplitError(f.path, f"is shard {f.get('split.no', '?')} of a {count}-file split model; join it first "
-                                     "with `llama-gguf-split --merge`")
-    if "split.no" in kvs and f.get("split.no") not in (0, None):
-        raise GGUFSplitError(f.path, f"is shard {f.get('split.no')} of a split model; join it first with "
-                                     "`llama-gguf-split --merge`")
+        raise GGUFSplitError(f.path, f"is a gguf-split {role} file, not a model{hint}")
+
+
+def _int_kv(f: GGUFFile, key: str) -> int | None:
+    v = f.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
-    f = GGUFFile(path)
+    """Open a model (or the first shard of a sharded model, with its siblings) and check it is splittable."""
+    check_input_path(path)
+    first = GGUFFile(path)
+    opened = [first]
     try:
-        check_splittable(f)
+        _refuse_own_output(first)
+        count = _int_kv(first, SPLIT_COUNT)
+        no = _int_kv(first, SPLIT_NO)
+        if no not in (0, None) and count is not None and count > 1:
+            raise GGUFSplitError(first.path, f"is shard {no + 1} of a {count}-file model: give its first shard "
+                                             f"(…-00001-of-{count:05d}.gguf)")
+        if no not in (0, None):
+            raise GGUFSplitError(first.path, f"is shard {no + 1} of a split model (split.no = {no}): give its "
+                                             "first shard")
+        if count is not None and count > 1:
+            opened += _open_siblings(first, count)
+            total = _int_kv(first, SPLIT_TENSORS)
+            n = sum(len(f.header.tensors) for f in opened)
+            if total is not None and total != n:
+                raise GGUFSplitError(first.path, f"its {count} shards hold {n} tensors, split.tensors.count says {total}")
+        tensors: list[tuple[TensorInfo, int]] = []
+        seen: dict[str, int] = {}
+        for i, f in enumerate(opened):
+            for t in f.header.tensors:
+                if t.name in seen:
+                    raise GGUFSplitError(f.path, f"tensor {t.name!r} is also in {opened[seen[t.name]].path}")
+                seen[t.name] = i
+                tensors.append((t, i))
+        files = [InputFile(f, _stat(f)) for f in opened]
+        total_nonzero = 0
+        for inp in files:
+            for s, e in iter_gaps(inp.file.header):
+                view = inp.file.view(s, e)
+                if any(view[j:j + PIECE].tobytes().count(0) != len(view[j:j + PIECE]) for j in range(0, e - s, PIECE)):
+                    total_nonzero += e - s
+                    if total_nonzero > MAX_NONZERO_GAP_BYTES:
+                        raise GGUFSplitError(inp.path, f"holds more than {MAX_NONZERO_GAP_BYTES >> 20} MiB of non-zero "
+                                                       "bytes outside its tensors; not a file llama.cpp or gguf-py writes")
+                    inp.nonzero_gaps.append((s, inp.file.raw(s, e)))
+        return ScannedModel(task, files, tensors)
     except BaseException:
-        f.close()
+        for f in opened:
+            f.close()
         raise
-    return ScannedModel(task, f)
 
 
-SWEEP_PIECE = 1 << 20  # small enough that the second hasher finds the piece still in the CPU cache
+def _open_siblings(first: GGUFFile, count: int) -> list[GGUFFile]:
+    name = os.path.basename(first.path)
+    m = _SHARD_NAME.match(name)
+    if m is None or int(m["no"]) != 1 or int(m["count"]) != count:
+        raise GGUFSplitError(first.path, f"is the first of {count} shards, but its name does not end in "
+                                         f"-00001-of-{count:05d}.gguf, so its other shards cannot be found")
+    directory = os.path.dirname(first.path)
+    out: list[GGUFFile] = []
+    try:
+        for k in range(2, count + 1):
+            p = os.path.join(directory, f"{m['prefix']}-{k:05d}-of-{count:05d}.gguf")
+            if not os.path.lexists(p):
+                raise GGUFSplitError(p, f"shard {k} of {count} of {show(first.path)} is missing")
+            check_input_path(p)
+            f = GGUFFile(p)
+            out.append(f)
+            _refuse_own_output(f)
+            if _int_kv(f, SPLIT_NO) != k - 1 or _int_kv(f, SPLIT_COUNT) not in (count, None):
+                raise GGUFSplitError(p, f"is not shard {k} of {count} of {show(first.path)} (split.no = "
+                                        f"{f.get(SPLIT_NO)}, split.count = {f.get(SPLIT_COUNT)})")
+            total = _int_kv(f, SPLIT_TENSORS)
+            if total is not None and total != _int_kv(first, SPLIT_TENSORS):
+                raise GGUFSplitError(p, f"is a shard of another model (split.tensors.count {total}, the first "
+                                        f"shard says {first.get(SPLIT_TENSORS)})")
+        return out
+    except BaseException:
+        for f in out:
+            f.close()
+        raise
 
 
-def _hash_model(m: ScannedModel, bar: Reporter) -> None:
-    """Tensor digests, non-zero gaps and the whole-file digest in one front-to-back sweep: each piece feeds
-    the whole-file hasher and the hasher of the tensor it belongs to while it is in the CPU cache, so the
-    file is read from memory once instead of twice (the parser guarantees tensors do not overlap, so the
-    header, the tensors and the gaps tile the file)."""
-    h, f = m.header, m.file
+def _hash_file(inp: InputFile, model: ScannedModel, bar: Reporter, cancel: threading.Event) -> None:
+    """Tensor digests and the whole-file digest in one front-to-back sweep (the parser guarantees tensors do
+    not overlap, so the header, the tensors and the gaps tile the file)."""
+    f, h = inp.file, inp.file.header
     whole = xxhash.xxh3_128()
     whole.update(f.view(0, h.tensor_info_end))
-    spans = [(h.data_start + t.offset, h.data_start + t.offset + t.nbytes, t.name) for t in h.tensors]
+    spans: list[tuple[int, int, str | None]] = [(h.data_start + t.offset, h.data_start + t.offset + t.nbytes, t.name)
+                                                for t in h.tensors]
     spans += [(s, e, None) for s, e in iter_gaps(h)]
-    total_nonzero = 0
-    for s, e, name in sorted(spans):
+    for s, e, name in sorted(spans, key=lambda x: x[0]):
         own = xxhash.xxh3_128() if name is not None else None
-        for at in range(s, e, SWEEP_PIECE):
-            piece = f.view(at, min(at + SWEEP_PIECE, e))
+        for at in range(s, e, PIECE):
+            if cancel.is_set():
+                raise Interrupted()
+            piece = f.view(at, min(at + PIECE, e))
             whole.update(piece)
             if own is not None:
                 own.update(piece)
-            bar.advance(2 * len(piece))
-        if name is not None:
-            m.digests[name] = own.digest()
-        elif not is_zero(f.view(s, e)):
-            total_nonzero += e - s
-            if total_nonzero > MAX_NONZERO_GAP_BYTES:
-                raise GGUFSplitError(m.path, f"holds more than {MAX_NONZERO_GAP_BYTES >> 20} MiB of non-zero bytes "
-                                             "outside its tensors; not a file llama.cpp or gguf-py writes")
-            m.nonzero_gaps.append((s, f.raw(s, e)))
-    bar.advance(h.tensor_info_end)
-    m.file_digest = whole.digest()
+            bar.advance(len(piece))
+        if own is not None and name is not None:
+            model.digests[name] = own.digest()
+    inp.digest = whole.digest()
 
 
-def hash_models(models: list[ScannedModel], progress: Progress = QUIET, threads: int | None = None) -> None:
-    """Fill in every model's tensor digests, file digest and non-zero gaps."""
+def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple[object, ...]], threads: int | None) -> None:
+    """Run `fn(*job, cancel)` for every job on a thread pool, acting on Ctrl-C within a fraction of a
+    second: the workers check `cancel` between pieces, and the main thread waits with a timeout."""
     threads = threads or min(os.cpu_count() or 1, 8)
-    total = sum(2 * m.file.size - m.header.tensor_info_end for m in models)
+    cancel = threading.Event()
+    if threads <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            fn(*job, cancel)
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gguf-split-hash")
+    futures: list[Future[None]] = [pool.submit(fn, *job, cancel) for job in jobs]
+    try:
+        for fut in futures:
+            while True:
+                try:
+                    fut.result(timeout=0.1)  # a timeout keeps the main thread responsive to Ctrl-C
+                    break
+                except FutureTimeout:
+                    continue
+    except BaseException:
+        cancel.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def hash_models(models: Sequence[ScannedModel], progress: Progress = QUIET, threads: int | None = None) -> None:
+    """Fill in every model's tensor digests and every input file's digest."""
+    jobs = sorted(((inp, m) for m in models for inp in m.files), key=lambda x: -x[0].file.size)
+    total = sum(inp.file.size - inp.file.header.tensor_info_end for inp, _ in jobs)
     with progress.bar("hashing", total) as bar:
-        items = [(_hash_model, m) for m in sorted(models, key=lambda m: -m.file.size)]
-        if threads <= 1:
-            for fn, m in items:
-                fn(m, bar)
-            return
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gguf-split-hash") as pool:
-            for fut in [pool.submit(fn, m, bar) for fn, m in items]:
-                fut.result()
+        run_jobs(_hash_file, [(inp, m, bar) for inp, m in jobs], threads)
+
+
+def check_unchanged(models: Sequence[ScannedModel]) -> None:
+    """Refuse a split whose inputs changed while it ran (its records would describe other bytes)."""
+    for m in models:
+        for inp in m.files:
+            try:
+                now = _stat(inp.file) if inp.file.fd >= 0 else None
+                st = os.stat(inp.path)
+            except OSError:
+                now, st = None, None
+            if now != inp.stat or st is None or (st.st_dev, st.st_ino) != inp.stat[:2]:
+                raise GGUFSplitError(inp.path, "changed while it was being split (size, time or file replaced); "
+                                               "nothing was written: run the split again")

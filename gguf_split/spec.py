@@ -1,20 +1,26 @@
 """Spec: a YAML split spec turned into validated options, before any model is opened.
 
-    output: out/              # directory for foundation.gguf and adaptor-<task>.gguf (relative to the spec)
-    prefix: ""                # optional file-name prefix: <prefix>foundation.gguf, <prefix>adaptor-<task>.gguf
-    tasks:                    # task name -> GGUF file (relative to the spec file)
-      chat: models/chat.gguf
+    output: out/              # the split directory (relative to the spec file)
+    prefix: ""                # optional file-name prefix for every file of the split
+    tasks:                    # task name -> GGUF file (relative to the spec file); a sharded model by
+      chat: models/chat.gguf  #   its first shard (name-00001-of-0000N.gguf)
       code: models/code.gguf
     options:                  # all optional
-      force: false            # overwrite existing outputs
-      link: false             # also make <task>-00001-of-00002.gguf / -00002-of-00002.gguf links for llama.cpp
+      force: false            # replace the split already in `output` (same tasks)
+      link: false             # also make <task>-0000k-of-0000N.gguf links for llama.cpp
+      models_dir: null        # also write llama-server's --models-dir directory there
       allow_unrelated: false  # split models with different architectures or no tensor in common
+      max_shared_files: null  # at most this many shared files per task (default: no cap)
+      file_cost: 1MiB         # a group of shared tensors gets a file only if it saves more than this
+      max_shard_size: null    # cut any file larger than this (e.g. 20G) into several
       threads: 2              # hashing threads (default: all cores)
       quiet: false            # no progress bars
 
+`gguf-split add DIR SPEC` reads the same file: its tasks are added; `output`, if given, must be DIR.
 Every problem is one GGUFSplitError naming the spec file and the key, e.g.
 `specs/x.yaml: tasks.chat: file not found: /data/chat.gguf`. Duplicate keys are errors (YAML itself would
-silently keep the last one).
+silently keep the last one). Sizes are bytes or a number with K, M, G, T (powers of 1000, as
+`llama-gguf-split --split-max-size` reads them) or KiB, MiB, GiB, TiB (powers of 1024).
 """
 
 from __future__ import annotations
@@ -26,10 +32,31 @@ from typing import Any
 import yaml
 
 from .errors import GGUFSplitError
-from .split import check_task_name
+import re
+
+from .naming import check_task_name
 
 TOP_KEYS = {"output", "prefix", "tasks", "options"}
-OPTION_TYPES: dict[str, type] = {"force": bool, "link": bool, "allow_unrelated": bool, "threads": int, "quiet": bool}
+OPTION_TYPES: dict[str, type] = {"force": bool, "link": bool, "allow_unrelated": bool, "threads": int, "quiet": bool,
+                                 "max_shared_files": int, "file_cost": str, "max_shard_size": str, "models_dir": str}
+SIZE_OPTIONS = {"file_cost", "max_shard_size"}
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_size(text: object) -> int:
+    """'20G' -> 20_000_000_000, '1MiB' -> 1_048_576, 4096 -> 4096; ValueError otherwise."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a size: {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"a size cannot be negative: {text}")
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if m is None or m[2].upper() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use bytes or a number with K, M, G, T, KiB, MiB, GiB, TiB)")
+    return int(float(m[1]) * _UNITS[m[2].upper()])
 
 
 @dataclass
@@ -44,6 +71,10 @@ class SplitOptions:
     allow_unrelated: bool = False
     threads: int | None = None
     quiet: bool = False
+    max_shared_files: int | None = None
+    file_cost: int | None = None
+    max_shard_size: int | None = None
+    models_dir: str | None = None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -67,7 +98,7 @@ def _type_name(t: type) -> str:
     return {bool: "true or false", int: "a whole number", str: "a string"}.get(t, t.__name__)
 
 
-def load_spec(path: str | os.PathLike[str]) -> SplitOptions:
+def load_spec(path: str | os.PathLike[str], *, need_output: bool = True) -> SplitOptions:
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -81,10 +112,10 @@ def load_spec(path: str | os.PathLike[str]) -> SplitOptions:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise GGUFSplitError(path, f"invalid YAML{where}: {problem}") from None
-    return parse_spec(data, path)
+    return parse_spec(data, path, need_output=need_output)
 
 
-def parse_spec(data: Any, path: str) -> SplitOptions:
+def parse_spec(data: Any, path: str, *, need_output: bool = True) -> SplitOptions:
     """Validate an already-loaded spec; paths are resolved relative to the spec file's directory."""
     def fail(key: str, problem: str) -> GGUFSplitError:
         return GGUFSplitError(path, f"{key}: {problem}" if key else problem)
@@ -119,12 +150,14 @@ def parse_spec(data: Any, path: str) -> SplitOptions:
         opts.tasks[name] = full
 
     if "output" not in data:
-        raise fail("output", "missing: the directory to write the split into")
-    if not isinstance(data["output"], str) or not data["output"]:
-        raise fail("output", "must be a directory path")
-    opts.output = os.path.normpath(os.path.join(base, os.path.expanduser(data["output"])))
-    if os.path.exists(opts.output) and not os.path.isdir(opts.output):
-        raise fail("output", f"exists and is not a directory: {opts.output}")
+        if need_output:
+            raise fail("output", "missing: the directory to write the split into")
+    else:
+        if not isinstance(data["output"], str) or not data["output"]:
+            raise fail("output", "must be a directory path")
+        opts.output = os.path.normpath(os.path.join(base, os.path.expanduser(data["output"])))
+        if os.path.exists(opts.output) and not os.path.isdir(opts.output):
+            raise fail("output", f"exists and is not a directory: {opts.output}")
 
     if "prefix" in data:
         if not isinstance(data["prefix"], str):
@@ -138,9 +171,18 @@ def parse_spec(data: Any, path: str) -> SplitOptions:
         want = OPTION_TYPES.get(key)
         if want is None:
             raise fail(f"options.{key}", f"unknown option (known: {', '.join(sorted(OPTION_TYPES))})")
-        if type(value) is not want:  # bool is an int subclass: be exact
+        if value is None and key in ("max_shared_files", "max_shard_size", "models_dir", "threads"):
+            continue
+        if key in SIZE_OPTIONS:
+            try:
+                value = parse_size(value)
+            except ValueError as e:
+                raise fail(f"options.{key}", str(e)) from None
+        elif type(value) is not want:  # bool is an int subclass: be exact
             raise fail(f"options.{key}", f"must be {_type_name(want)}, not {value!r}")
-        if key == "threads" and value < 1:
-            raise fail("options.threads", "must be at least 1")
+        if key in ("threads", "max_shared_files") and value < 1:
+            raise fail(f"options.{key}", "must be at least 1")
+        if key == "models_dir":
+            value = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
         setattr(opts, key, value)
     return opts

@@ -1,85 +1,103 @@
-"""Split: scan + plan + write + prove, the library call behind `gguf-split split`.
+"""Split: scan + plan + write + prove + commit, the library call behind `gguf-split split`.
 
-The split proves every task's restore before it reports success, without reading tensor data a second
-time: it rebuilds each original header from the adaptor it has just written and compares it byte for byte
-with the original's, checks that every original tensor resolves (adaptor or foundation) to a tensor of the
-same type, shape and digest, and that the padding restore would write equals the original's.
+Order of work, so that every refusal comes before the long part and nothing is left half done:
+1. check names and options; take the output directory's lock (before reading any input), and refuse an
+   output that holds other tasks (they would be orphaned: `remove` or `add` them), or this split's tasks
+   without `force`;
+2. open every input (headers, padding): refuse wrong files, shards without siblings and architecture
+   mismatches before hashing any tensor;
+3. hash, plan (plan.py, a pure function), check free space;
+4. write every new file under a temporary name (shared files first, then the adaptors that record their
+   sizes and digests), prove every task's restore from what was written, check the inputs did not change,
+   and commit (commit.py): the old split stays complete until the switch, and its files that the new split
+   does not use are deleted only after it.
+A file the new split needs that the directory already holds (same name, same content id: a re-split that
+changed one task keeps the others' shared files) is kept, not rewritten.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from .commit import Transaction, check_space, stderr_note
 from .errors import GGUFSplitError
-from .layout import (
-    K_FOUNDATION_FILE,
-    ROLE_ADAPTOR,
-    Copy,
-    PlannedTensor,
+from .gguf_format import GGUFFile
+from .naming import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
+from .plan import DEFAULT_FILE_COST, HOLE, OWN, SHARED, Layout, PlannedFile, TensorId, plan_layout
+from .progress import QUIET, Progress
+from .records import (
+    ROLE_SHARED,
+    BuiltHeader,
+    FileRef,
+    OutTensor,
+    SharedInfo,
     SplitFile,
     adaptor_kvs,
     build_header,
-    foundation_id,
-    foundation_kvs,
-    identity_record,
-    open_output,
-    plan_restore,
-    role_of,
+    content_id,
+    shared_kvs,
 )
-from .plan import ModelTensors, SplitPlan, TensorId, missing_tensors, plan_split
-from .progress import QUIET, Progress
-from .scan import ScannedModel, hash_models, open_model
-from .write import OutputDir, check_links, make_links, write_gguf
-
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
+from .restore import Copy, plan_restore
+from .scan import ScannedModel, check_input_path, check_unchanged, hash_models, open_model
+from .splitdir import SplitDir, TaskFiles
+from .write import file_digests, write_gguf
 
 
-def foundation_name(prefix: str = "") -> str:
-    return f"{prefix}foundation.gguf"
+@dataclass
+class FileReport:
+    """One file of the split (besides the adaptors)."""
 
-
-def adaptor_name(task: str, prefix: str = "") -> str:
-    return f"{prefix}adaptor-{task}.gguf"
-
-
-def check_task_name(task: str, where: str | None = None) -> None:
-    if not TASK_NAME.match(task):
-        raise GGUFSplitError(where, f"task name {task!r} must start with a letter or digit and hold only letters, "
-                                    "digits and _ . + - (it becomes part of a file name)")
+    name: str
+    kind: str  # "foundation", "shared", "hole" or "own"
+    position: int
+    tensors: int
+    tensor_bytes: int
+    bytes: int  # file size
+    tasks: list[str]  # tasks that load it
+    kept: bool = False  # already in the directory with the same content: not rewritten
 
 
 @dataclass
 class TaskReport:
     task: str
-    source: str
+    sources: list[str]  # the original file(s)
     source_bytes: int
     adaptor: str
     adaptor_bytes: int  # file size
     tensors: int  # tensors in the adaptor
-    tensor_bytes: int  # their bytes
-    model_tensors: int  # tensors of the whole model
+    tensor_bytes: int
+    model_tensors: int
     model_tensor_bytes: int
+    files: list[str]  # the task's other files, positions 1..k
     reasons: dict[str, str] = field(default_factory=dict)  # adaptor tensor -> why it is not shared
     missing: list[str] = field(default_factory=list)  # tensors other tasks have, this one does not
     links: list[str] = field(default_factory=list)
 
     @property
-    def foundation_share(self) -> float:
-        """Fraction of this model's tensor bytes served by the foundation."""
+    def source(self) -> str:
+        return self.sources[0]
+
+    @property
+    def shared_share(self) -> float:
+        """Fraction of this model's tensor bytes served by shared files."""
         return 1 - self.tensor_bytes / self.model_tensor_bytes if self.model_tensor_bytes else 0.0
 
 
 @dataclass
 class SplitReport:
     directory: str
-    foundation: str
-    foundation_bytes: int  # file size
-    foundation_tensors: int
-    foundation_id: str
+    files: list[FileReport]
     tasks: list[TaskReport]
+    dedup_optimum: int  # every distinct tensor version once (tensor bytes)
+    exact: bool  # the plan is proven minimal (else a greedy, within `lower_bound`)
+    lower_bound: int
+    small_group_bytes: int
+    dry_run: bool = False
+    removed: list[str] = field(default_factory=list)  # old files the commit deleted
+    models_dir: str | None = None
 
     @property
     def input_bytes(self) -> int:
@@ -87,152 +105,382 @@ class SplitReport:
 
     @property
     def output_bytes(self) -> int:
-        return self.foundation_bytes + sum(t.adaptor_bytes for t in self.tasks)
+        return sum(f.bytes for f in self.files) + sum(t.adaptor_bytes for t in self.tasks)
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.input_bytes - self.output_bytes
 
     @property
     def ratio(self) -> float:
         return self.output_bytes / self.input_bytes if self.input_bytes else 0.0
 
+    @property
+    def shares_anything(self) -> bool:
+        return any(f.kind in ("foundation", "shared") for f in self.files)
 
-def _model_tensors(m: ScannedModel) -> ModelTensors:
-    return ModelTensors(m.architecture, tuple(TensorId(t.name, t.ggml_type, t.shape, m.digests[t.name], t.nbytes)
-                                              for t in m.header.tensors))
+
+def check_options(tasks: Mapping[str, str | os.PathLike[str]], *, max_shared_files: int | None,
+                  file_cost: int, max_shard_size: int | None) -> None:
+    """Programming errors (wrong types, impossible values) are TypeError/ValueError, not GGUFSplitError."""
+    if not isinstance(tasks, Mapping):
+        raise TypeError(f"tasks must be a mapping of task name -> path, not {type(tasks).__name__}")
+    if max_shared_files is not None and (not isinstance(max_shared_files, int) or max_shared_files < 1):
+        raise ValueError(f"max_shared_files must be a whole number >= 1, not {max_shared_files!r}")
+    if not isinstance(file_cost, int) or file_cost < 0:
+        raise ValueError(f"file_cost must be a whole number of bytes >= 0, not {file_cost!r}")
+    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < (1 << 20)):
+        raise ValueError(f"max_shard_size must be at least 1 MiB, not {max_shard_size!r}")
 
 
-def split(tasks: dict[str, str | os.PathLike[str]], output: str | os.PathLike[str], *, prefix: str = "",
-          force: bool = False, link: bool = False, allow_unrelated: bool = False, threads: int | None = None,
-          progress: Progress = QUIET) -> SplitReport:
-    """Split `tasks` (name -> GGUF path) into `output`/foundation.gguf + adaptor-<task>.gguf."""
-    if not tasks:
-        raise GGUFSplitError(None, "no tasks given")
-    for task in tasks:
-        check_task_name(task)
-    if prefix and not re.match(r"^[A-Za-z0-9_.+-]*$", prefix):
-        raise GGUFSplitError(None, f"prefix {prefix!r} may hold only letters, digits and _ . + -")
+def open_models(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated: bool,
+                protect: Sequence[str] = ()) -> dict[str, ScannedModel]:
+    """Open every model (headers only) and check what can be checked before hashing."""
     models: dict[str, ScannedModel] = {}
     try:
         seen: dict[str, str] = {}
         for task, path in tasks.items():
+            check_input_path(path)
             real = os.path.realpath(path)
             if real in seen:
-                raise GGUFSplitError(path, f"is given twice (tasks {seen[real]!r} and {task!r})")
+                raise GGUFSplitError(show(path), f"is given twice (tasks {seen[real]!r} and {task!r})")
             seen[real] = task
             models[task] = open_model(task, path)
-        hash_models(list(models.values()), progress, threads)
-        summary = {t: _model_tensors(m) for t, m in models.items()}
-        plan = plan_split(summary, allow_unrelated=allow_unrelated, paths={t: m.path for t, m in models.items()})
-        return _write(models, summary, plan, output, prefix=prefix, force=force, link=link, progress=progress)
-    finally:
+        archs = {t: m.architecture for t, m in models.items()}
+        if not allow_unrelated and len(set(archs.values())) > 1:
+            first = next(iter(models))
+            other = next(t for t in models if archs[t] != archs[first])
+            listing = ", ".join(f"{t}={a}" for t, a in archs.items())
+            raise GGUFSplitError(models[other].path, f"general.architecture differs between tasks ({listing}); these "
+                                                     "models cannot share tensors (pass --allow-unrelated to split anyway)")
+        return models
+    except BaseException:
         for m in models.values():
             m.close()
+        raise
 
 
-def _write(models: dict[str, ScannedModel], summary: dict[str, ModelTensors], plan: SplitPlan,
-           output: str | os.PathLike[str], *, prefix: str, force: bool, link: bool, progress: Progress) -> SplitReport:
-    alignment = max(m.header.alignment for m in models.values())
-    found_src = {t: m for m in reversed(list(models.values())) for t in m.header.tensor_by_name}
-
-    def planned(x: TensorId, m: ScannedModel) -> PlannedTensor:
-        t = m.header.tensor_by_name[x.name]
-        return PlannedTensor(x.name, x.shape, x.ggml_type, x.nbytes, m.file, m.header.data_start + t.offset, x.digest)
-
-    f_tensors = [planned(x, found_src[x.name]) for x in plan.foundation]
-    fid = foundation_id(identity_record((t.name, t.shape, t.ggml_type), t.digest) for t in f_tensors)
-    archs = {m.architecture for m in models.values()}
-    f_kvs = foundation_kvs(archs.pop() if len(archs) == 1 else None, fid,
-                           b"".join(t.digest for t in f_tensors), alignment)
-    f_header, f_offsets, f_data = build_header(f_kvs, [], f_tensors, alignment)
-    f_name = foundation_name(prefix)
-
-    outputs: list[tuple[str, bytes, int, list[PlannedTensor], list[int], int]] = [
-        (f_name, f_header, f_data, f_tensors, f_offsets, alignment)]
-    for task, m in models.items():
-        a_tensors = [planned(x, m) for x in plan.adaptors[task]]
-        own, kept = adaptor_kvs(task=task, source=m.file, source_digest=m.file_digest, nonzero_gaps=m.nonzero_gaps,
-                                fid=fid, foundation_file=f_name, digests=b"".join(t.digest for t in a_tensors))
-        header, offsets, data = build_header(own, kept, a_tensors, m.header.alignment)
-        outputs.append((adaptor_name(task, prefix), header, data, a_tensors, offsets, m.header.alignment))
-
-    total = sum(t.nbytes for o in outputs for t in o[3])
-    inputs = [m.path for m in models.values()]
-    with OutputDir(output, force=force, protect=inputs) as out:
-        temps = {}
-        for name, *_ in outputs:
-            out.check_target(name)
-        check_no_orphans(out.dir, prefix, set(models), f_name)
-        if link:
-            for task in models:
-                check_links(out.dir, task, adaptor_name(task, prefix), f_name, force=force)
-        with progress.bar("writing", total) as bar:
-            for name, header, data, tensors, offsets, align in outputs:
-                tmp = out.new(name)
-                temps[name] = tmp
-                pieces = [(o, t.src, t.src_offset, t.nbytes) for t, o in zip(tensors, offsets)]
-                out.guard(tmp, lambda fd, h=header, d=data, p=pieces, a=align: write_gguf(fd, h, d, p, bar, a))
-        _prove(models, {t: temps[adaptor_name(t, prefix)].tmp for t in models}, temps[f_name].tmp)
-        out.commit()
-        reports = []
-        for task, m in models.items():
-            a_path = out.path(adaptor_name(task, prefix))
-            links = make_links(out.dir, task, os.path.basename(a_path), f_name, force=force) if link else []
-            a_tensors = plan.adaptors[task]
-            reports.append(TaskReport(task, m.path, m.file.size, a_path, os.path.getsize(a_path), len(a_tensors),
-                                      sum(x.nbytes for x in a_tensors), len(m.header.tensors),
-                                      sum(t.nbytes for t in m.header.tensors), plan.reasons[task],
-                                      missing_tensors(summary)[task], links))
-        f_path = out.path(f_name)
-        return SplitReport(out.dir, f_path, os.path.getsize(f_path), len(plan.foundation), fid, reports)
-
-
-def check_no_orphans(directory: str, prefix: str, tasks: set[str], f_name: str) -> None:
-    """Replacing `f_name` would strand the adaptors of other tasks that use it (they could no longer be
-    restored or loaded, and the directory would no longer verify): refuse, before anything is written."""
-    keep = {adaptor_name(t, prefix) for t in tasks}
-    for path in sorted(glob.glob(os.path.join(glob.escape(directory), f"{glob.escape(prefix)}adaptor-*.gguf"))):
-        if os.path.basename(path) in keep or os.path.islink(path):
-            continue
+def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike[str], *, prefix: str = "",
+          force: bool = False, link: bool = False, allow_unrelated: bool = False,
+          max_shared_files: int | None = None, file_cost: int = DEFAULT_FILE_COST,
+          max_shard_size: int | None = None, threads: int | None = None, dry_run: bool = False,
+          models_dir: str | os.PathLike[str] | None = None, progress: Progress = QUIET) -> SplitReport:
+    """Split `tasks` (name -> GGUF path, or a sharded model's first shard) into `output`."""
+    check_options(tasks, max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    if not tasks:
+        raise GGUFSplitError(None, "no tasks given")
+    for task in tasks:
+        check_task_name(task)
+    check_prefix(prefix)
+    out = os.fspath(output)
+    if out == "":
+        raise GGUFSplitError(None, "-o/--output: empty path")
+    options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    if dry_run:
+        _check_existing(out, tasks, prefix, force) if os.path.isdir(out) else None
+        models = open_models(tasks, allow_unrelated=allow_unrelated)
         try:
-            with open_output(path) as f:
-                uses = f.get(K_FOUNDATION_FILE) if role_of(f) == ROLE_ADAPTOR else None
-        except GGUFSplitError:
-            continue
-        if uses == f_name:
-            raise GGUFSplitError(path, f"uses {f_name}, which this split would replace, and its task is not in "
-                                       "this split: add the task, remove this file, or split into another directory")
+            hash_models(list(models.values()), progress, threads)
+            layout = _plan(models, options)
+            return _report(out, models, layout, _name_files(models, layout, prefix), {}, dry_run=True, prefix=prefix)
+        finally:
+            for m in models.values():
+                m.close()
+    with Transaction(out, on_wait=None if progress.quiet else stderr_note) as tx:
+        old = _check_existing(tx.dir, tasks, prefix, force)
+        models = open_models(tasks, allow_unrelated=allow_unrelated)
+        try:
+            for m in models.values():
+                for inp in m.files:
+                    if os.path.dirname(os.path.realpath(inp.path)) == os.path.realpath(tx.dir) and \
+                            os.path.basename(inp.path) in {adaptor_name(t, prefix) for t in tasks}:
+                        raise GGUFSplitError(inp.path, "output would overwrite an input file")
+            hash_models(list(models.values()), progress, threads)
+            layout = _plan(models, options)
+            st = layout.stats
+            if len(models) > 1 and not allow_unrelated and st is not None and st.dedup_optimum >= st.input_bytes:
+                a, b = list(models.values())[:2]
+                raise GGUFSplitError(b.path, f"has no tensor in common with {show(a.path)}: nothing to share (pass "
+                                             "--allow-unrelated to split anyway)")
+            named = _name_files(models, layout, prefix)
+            report = _write(tx, models, layout, named, old, prefix=prefix, progress=progress)
+        finally:
+            for m in models.values():
+                m.close()
+    if link or models_dir is not None:
+        from .links import link_task, write_models_dir
+
+        if link:
+            for t in report.tasks:
+                t.links = link_task(report.directory, t.task)
+        if models_dir is not None:
+            write_models_dir(report.directory, models_dir)
+            report.models_dir = os.fspath(models_dir)
+    return report
 
 
-def _prove(models: dict[str, ScannedModel], adaptor_tmp: dict[str, str], foundation_tmp: str) -> None:
-    """Check, from the files just written, that restore would rebuild every input byte for byte."""
-    with SplitFile(foundation_tmp) as fnd:
+def _plan(models: Mapping[str, ScannedModel], options: dict[str, Any]) -> Layout:
+    ids = {t: m.tensor_ids() for t, m in models.items()}
+    alignment = max(m.first.header.alignment for m in models.values())
+    head = {t: m.header_bytes + 4096 + 200 * len(m.tensors) for t, m in models.items()}
+    return plan_layout(ids, alignment=alignment, adaptor_header_bytes=head, **options)
+
+
+@dataclass
+class NamedFile:
+    """A planned file with everything its bytes depend on: name, content id, header, sources."""
+
+    planned: PlannedFile
+    name: str
+    kind: str
+    cid: str
+    tensors: list[OutTensor]
+    built: BuiltHeader
+
+
+def _name_files(models: Mapping[str, ScannedModel], layout: Layout, prefix: str, *,
+                foundation: bool = True) -> list[NamedFile]:
+    """Name every planned file after its content. The file every task of a split loads is the foundation
+    (`foundation=False` for files added later to a split: they do not serve every task)."""
+    all_tasks = set(models) if foundation else set()
+    out: list[NamedFile] = []
+    for pf in layout.files:
+        holders = [models[t] for t in pf.tasks] if pf.kind != HOLE else []
+        tensors = [_out_tensor(x, holders) for x in pf.tensors]
+        if pf.kind == HOLE:
+            alignment, arch = 32, None
+        else:
+            alignment = max(m.first.header.alignment for m in holders)
+            archs = {m.architecture for m in holders}
+            arch = archs.pop() if len(archs) == 1 else None
+        cid = content_id(pf.position, alignment, arch, ((t.name, t.shape, t.ggml_type, t.digest) for t in tensors))
+        built = build_header(shared_kvs(position=pf.position, cid=cid, digests=b"".join(t.digest for t in tensors),
+                                        architecture=arch, alignment=alignment), [], tensors, alignment)
+        if pf.kind == HOLE:
+            name, kind = hole_name(pf.position, prefix), "hole"
+        elif pf.kind == OWN:
+            name, kind = own_part_name(pf.tasks[0], pf.part + 1, cid, prefix), "own"
+        else:
+            kind = "foundation" if set(pf.tasks) == all_tasks and len(all_tasks) > 1 else "shared"
+            name = shared_name(cid, foundation=kind == "foundation", prefix=prefix)
+        out.append(NamedFile(pf, name, kind, cid, tensors, built))
+    return out
+
+
+def _out_tensor(x: TensorId, holders: Sequence[ScannedModel]) -> OutTensor:
+    for m in holders:
+        if m.digests.get(x.name) == x.digest:
+            src, offset = m.source_of(x.name)
+            return OutTensor(x.name, x.shape, x.ggml_type, x.nbytes, x.digest, src, offset)
+    raise AssertionError(f"planned tensor {x.name} has no source")
+
+
+def _check_existing(directory: str, tasks: Mapping[str, Any], prefix: str, force: bool) -> SplitDir | None:
+    """Refuse to orphan other tasks, or to replace this split's tasks without `force`."""
+    if not os.path.isdir(directory):
+        return None
+    sd = SplitDir.open(directory)
+    others = [t for t in sd.tasks if t not in tasks]
+    if others:
+        raise GGUFSplitError(show(directory), f"holds a split with other tasks ({', '.join(others)}) that this split "
+                                              "does not include: add them with -t, remove them first (`gguf-split "
+                                              "remove`), use `gguf-split add` to add tasks, or split into another "
+                                              "directory")
+    if sd.tasks and not force:
+        raise GGUFSplitError(show(sd.adaptors[sd.tasks[0]]), "already exists (use --force to replace the split)")
+    for task in tasks:
+        p = os.path.join(directory, adaptor_name(task, prefix))
+        if os.path.lexists(p) and task not in sd.adaptors:
+            raise GGUFSplitError(show(p), "exists and is not this task's adaptor; move it away first")
+    return sd
+
+
+def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
+           old: SplitDir | None, *, prefix: str, progress: Progress,
+           known: Mapping[str, FileRef] | None = None) -> SplitReport:
+    """Write every new file, prove, commit. `known`: files already in the directory whose records (size,
+    digests) were checked by the caller (add)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    refs: dict[int, FileRef] = {}
+    kept: set[int] = set()
+    to_write: list[int] = []
+    for i, nf in enumerate(named):
+        existing = tx.path(nf.name)
+        if known is not None and nf.name in known:
+            refs[i] = known[nf.name]
+            kept.add(i)
+        elif os.path.lexists(existing):
+            refs[i] = _reuse(existing, nf)
+            kept.add(i)
+        else:
+            to_write.append(i)
+    adaptors: dict[str, Any] = {}
+    need = sum(named[i].built.file_size for i in to_write)
+    need += sum(m.header_bytes + sum(x.nbytes for x in layout.adaptor_tensors[t]) for t, m in models.items())
+    check_space(tx.dir, need)
+    hashers = ThreadPoolExecutor(1, thread_name_prefix="gguf-split-digest")
+    temps: dict[int, str] = {}
+    try:
+        total = sum(named[i].planned.nbytes for i in to_write) + sum(
+            sum(x.nbytes for x in layout.adaptor_tensors[t]) for t in models)
+        with progress.bar("writing", total) as bar:
+            futures = {i: hashers.submit(file_digests, named[i].built, named[i].tensors) for i in to_write}
+            for i in to_write:
+                nf = named[i]
+                f = tx.new(nf.name)
+                temps[i] = f.path
+                tx.write(f, lambda fd, nf=nf: write_gguf(fd, nf.built, nf.tensors, bar))
+            for i in to_write:
+                x, s = futures[i].result()
+                nf = named[i]
+                refs[i] = FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size, x, s)
+            for task, m in models.items():
+                built, tensors = _adaptor(m, layout, named, refs, task)
+                adaptors[task] = tx.new(adaptor_name(task, prefix))
+                tx.write(adaptors[task], lambda fd, b=built, ts=tensors: write_gguf(fd, b, ts, bar))
+    finally:
+        hashers.shutdown(wait=True)
+    tx.wait_synced()
+    file_paths = {i: temps.get(i, tx.path(named[i].name)) for i in range(len(named))}
+    _prove_all(models, layout, named, file_paths, {t: f.path for t, f in adaptors.items()})
+    check_unchanged(list(models.values()))
+    removed: list[str] = []
+    if old is not None:
+        keep = {nf.name for nf in named} | {adaptor_name(t, prefix) for t in models}
+        for name, path in old.shared.items():
+            if name not in keep:
+                tx.delete(name)
+                removed.append(name)
+    tx.commit()
+    return _report(tx.dir, models, layout, named, refs, kept=kept, removed=removed, prefix=prefix)
+
+
+def _reuse(path: str, nf: NamedFile) -> FileRef:
+    """A file of this name is already here: keep it if it holds exactly the planned content."""
+    try:
+        with SplitFile(path) as f:
+            f.check_seal()
+            info = SharedInfo.read(f)
+            if info.content_id != nf.cid:
+                raise GGUFSplitError(show(path), "exists with other content than this split would write: move it away")
+            x, s = _whole_digests(f)
+    except GGUFSplitError as e:
+        if "other content" in e.problem:
+            raise
+        raise GGUFSplitError(show(path), f"exists and is not the file this split would write ({e.problem}): move it "
+                                         "away or run `gguf-split verify`") from None
+    return FileRef(nf.planned.position, nf.name, nf.cid, os.path.getsize(path), x, s)
+
+
+def _whole_digests(f: GGUFFile) -> tuple[str, str]:
+    import hashlib
+
+    import xxhash
+
+    x, s = xxhash.xxh3_128(), hashlib.sha256()
+    for at in range(0, f.size, 16 << 20):
+        piece = f.view(at, min(at + (16 << 20), f.size))
+        x.update(piece)
+        s.update(piece)
+    return x.hexdigest(), s.hexdigest()
+
+
+def _adaptor(m: ScannedModel, layout: Layout, named: list[NamedFile], refs: Mapping[int, FileRef],
+             task: str) -> tuple[BuiltHeader, list[OutTensor]]:
+    own = [_out_tensor(x, [m]) for x in layout.adaptor_tensors[task]]
+    order = layout.task_files[task]
+    files = [refs[i] for i in order]
+    where: dict[str, int] = {x.name: 0 for x in layout.adaptor_tensors[task]}
+    for pos, i in enumerate(order, start=1):
+        for x in named[i].planned.tensors:
+            where[x.name] = pos
+    tensor_files = [where[t.name] for t, _ in m.tensors]
+    source = m.source_records()
+    kvs = adaptor_kvs(task=task, files=files, tensor_files=tensor_files, digests=b"".join(t.digest for t in own),
+                      source=source, n_model_tensors=len(m.tensors))
+    return build_header(kvs, source.kept_kvs, own, m.first.header.alignment), own
+
+
+def _prove_all(models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
+               file_paths: Mapping[int, str], adaptor_paths: Mapping[str, str]) -> None:
+    """Check, from the files just written, that restore rebuilds every input byte for byte (headers and the
+    mapping of every tensor; tensor bytes were copied from the hashed inputs and verify re-hashes them)."""
+    opened: dict[int, SplitFile] = {}
+    try:
         for task, m in models.items():
-            with SplitFile(adaptor_tmp[task]) as ad:
-                rp = plan_restore(ad, fnd)
-                src = m.file
-                h = m.header
+            shared = []
+            for i in layout.task_files[task]:
+                if i not in opened:
+                    opened[i] = SplitFile(file_paths[i])
+                shared.append(opened[i])
+            with SplitFile(adaptor_paths[task]) as ad:
+                from .records import AdaptorInfo
 
-                def fail(what: str) -> GGUFSplitError:
-                    return GGUFSplitError(m.path, f"internal error: the split could not prove its restore ({what}); "
-                                                  "nothing was written. Please report this.")
+                tf = TaskFiles(ad, AdaptorInfo.read(ad), shared)
+                _prove(m, plan_restore(tf))
+    finally:
+        for f in opened.values():
+            f.close()
 
-                if rp.size != src.size or rp.xxh3 != m.file_digest.hex():
-                    raise fail("size or digest record")
-                if rp.header_bytes != src.raw(0, h.tensor_info_end):
-                    raise fail("header bytes differ")
-                gaps = dict(m.nonzero_gaps)
-                pos = 0
-                for span in rp.spans:
-                    if isinstance(span, Copy):
-                        t = h.tensor_by_name[span.tensor]
-                        if pos != h.data_start + t.offset or span.nbytes != t.nbytes or span.digest != m.digests[t.name]:
-                            raise fail(f"tensor {t.name!r}")
-                        pos += span.nbytes
-                    elif isinstance(span, int):
-                        if pos in gaps:
-                            raise fail(f"padding at byte {pos}")
-                        pos += span
-                    else:
-                        if pos and gaps.get(pos) != span:
-                            raise fail(f"padding at byte {pos}")
-                        pos += len(span)
-                if pos != src.size:
-                    raise fail("file size")
+
+def _prove(m: ScannedModel, plans: list[Any]) -> None:
+    def fail(what: str) -> GGUFSplitError:
+        return GGUFSplitError(m.path, f"internal error: the split could not prove its restore ({what}); nothing was "
+                                      "written. Please report this.")
+
+    if len(plans) != len(m.files):
+        raise fail("number of files")
+    for rp, inp in zip(plans, m.files):
+        src, h = inp.file, inp.file.header
+        if rp.size != src.size or rp.xxh3 != inp.digest.hex() or rp.name != os.path.basename(src.path):
+            raise fail("size, name or digest record")
+        if rp.header_bytes != src.raw(0, h.tensor_info_end):
+            raise fail("header bytes differ")
+        gaps = dict(inp.nonzero_gaps)
+        pos = 0
+        for span in rp.spans:
+            if isinstance(span, Copy):
+                t = h.tensor_by_name[span.tensor]
+                if pos != h.data_start + t.offset or span.nbytes != t.nbytes or span.digest != m.digests[t.name]:
+                    raise fail(f"tensor {t.name!r}")
+                pos += span.nbytes
+            elif isinstance(span, int):
+                if pos in gaps:
+                    raise fail(f"padding at byte {pos}")
+                pos += span
+            else:
+                if pos and gaps.get(pos) != span:
+                    raise fail(f"padding at byte {pos}")
+                pos += len(span)
+        if pos != src.size:
+            raise fail("file size")
+
+
+def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
+            refs: Mapping[int, FileRef], *, dry_run: bool = False, kept: set[int] | None = None,
+            removed: list[str] | None = None, prefix: str = "") -> SplitReport:
+    kept = kept or set()
+    files = [FileReport(nf.name, nf.kind, nf.planned.position, len(nf.tensors), nf.planned.nbytes,
+                        refs[i].size if i in refs else nf.built.file_size, list(nf.planned.tasks) if nf.kind != "hole"
+                        else [t for t, order in layout.task_files.items() if i in order], i in kept)
+             for i, nf in enumerate(named)]
+    all_names: dict[str, None] = {}
+    for m in models.values():
+        for t, _ in m.tensors:
+            all_names.setdefault(t.name)
+    tasks = []
+    for task, m in models.items():
+        own = layout.adaptor_tensors[task]
+        path = os.path.join(directory, adaptor_name(task, prefix))
+        size = os.path.getsize(path) if not dry_run and os.path.exists(path) else \
+            m.header_bytes + sum(x.nbytes for x in own)
+        have = {t.name for t, _ in m.tensors}
+        tasks.append(TaskReport(task, [inp.path for inp in m.files], m.size, path, size, len(own),
+                                sum(x.nbytes for x in own), len(m.tensors), m.tensor_bytes,
+                                [named[i].name for i in layout.task_files[task]], dict(layout.reasons.get(task, {})),
+                                [n for n in all_names if n not in have]))
+    st = layout.stats
+    return SplitReport(os.path.abspath(directory), files, tasks, st.dedup_optimum if st else 0,
+                       st.exact if st else False, st.lower_bound if st else 0, st.small_group_bytes if st else 0,
+                       dry_run=dry_run, removed=removed or [])

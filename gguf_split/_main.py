@@ -1,0 +1,54 @@
+"""The console script's entry point: as little as possible runs before Ctrl-C and SIGTERM are handled.
+
+`gguf-split --version` answers without importing typer, rich, numpy or gguf. Everything else imports the
+CLI inside the handlers, so an interruption at any moment, even while modules load, is one line and exit
+code 130 (Ctrl-C) or 143 (SIGTERM), never a traceback. The handlers raise `Interrupted`, a BaseException
+that is not a KeyboardInterrupt, so click does not turn it into "Aborted!" and every `with` block on the
+way out still cleans up (temporary files removed, a commit either done or not started).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT)."""
+
+
+class Terminated(Interrupted):
+    """SIGTERM or SIGHUP."""
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Terminated(signum) if signum != signal.SIGINT else Interrupted(signum)
+
+
+def main() -> None:
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                signal.signal(sig, _interrupt)
+        argv = sys.argv[1:]
+        if argv in (["--version"], ["-V"]):
+            from . import __version__
+
+            sys.stdout.write(f"gguf-split {__version__}\n")
+            return
+        for stream in (sys.stdout, sys.stderr):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 never crashes output
+        from .cli import run
+
+        run(argv)
+    except (Interrupted, KeyboardInterrupt) as e:
+        terminated = isinstance(e, Terminated)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the message
+            sys.stderr.write(f"gguf-split: {'terminated' if terminated else 'interrupted'}; no partial output "
+                             "was left behind\n")
+        except Exception:  # noqa: BLE001 - stderr itself may be gone
+            pass
+        sys.exit(143 if terminated else 130)

@@ -1,0 +1,419 @@
+"""Commit: all-or-nothing changes to one directory, safe against a kill or a power loss at any moment.
+
+Why: a user's directory must always hold either the complete old state or the complete new one (the
+split they shipped, or the one they asked for), never a mix and never nothing. The protocol:
+
+1. Lock. An flock on the directory serialises gguf-split runs on it (taken before any input is read).
+   Then recover: roll forward a journal left by a killed run; remove temporary files no journal names.
+2. Write. Every new file goes to a hidden temporary name in the directory and is fsynced. Nothing
+   visible changes, and every new file is complete and durable before anything points at it.
+3. Switch. The journal (the renames and deletions to do) is written to a temporary, fsynced and renamed
+   to `.gguf-split-journal`, then the directory is fsynced: from this instant the new state *is* the state.
+4. Apply. Each temporary is renamed to its final name; fsync the directory; the files the journal lists
+   are deleted (old files, only now that the switch is durable); fsync; the journal goes; fsync.
+
+Readers (verify, info, restore, the loader) honour a journal (`pending_view`): they see the state it
+leads to. A kill before step 3 leaves the old state plus temporaries the next run removes; after it, the
+new state, which the next run in this directory completes. Files shared between tasks are named after
+their content (naming.py), so a new file never takes an old file's name with other bytes.
+
+A test hook makes the process kill itself at step k (`GGUF_SPLIT_TEST_KILL_AT=k`) and can log the steps
+(`GGUF_SPLIT_TEST_STEPS=file`), so a test can kill a run at every step.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .errors import GGUFSplitError, os_problem
+from .naming import JOURNAL, TMP_SUFFIX, check_bare_name, is_temp, show, temp_name
+
+JOURNAL_VERSION = 1
+SPACE_MARGIN = 16 << 20  # keep this much free beyond what a run needs
+
+_steps = 0
+
+
+def checkpoint(label: str) -> None:
+    """A point where a test may kill the process (SIGKILL: no cleanup, like a power cut or the OOM killer)."""
+    global _steps
+    _steps += 1
+    log = os.environ.get("GGUF_SPLIT_TEST_STEPS")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{_steps} {label}\n")
+    if os.environ.get("GGUF_SPLIT_TEST_KILL_AT") == str(_steps):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # not supported here (Windows): renames are as durable as the platform makes them
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def check_space(directory: str, needed: int, what: str = "the outputs") -> None:
+    """Refuse up front, in one line, when `directory`'s file system cannot hold `needed` more bytes."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return
+    free = st.f_bavail * st.f_frsize
+    if needed + SPACE_MARGIN > free:
+        raise GGUFSplitError(directory, f"not enough free space: {what} need {_mb(needed)}, "
+                                        f"{_mb(free)} free")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n < 10**10 else f"{n / 1e9:,.2f} GB"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The journal
+
+
+@dataclass
+class Journal:
+    renames: list[tuple[str, str]] = field(default_factory=list)  # (temporary name, final name)
+    deletes: list[str] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        return json.dumps({"gguf_split_journal": JOURNAL_VERSION, "renames": self.renames,
+                           "deletes": self.deletes}, indent=1).encode()
+
+    @classmethod
+    def read(cls, directory: str) -> "Journal | None":
+        path = os.path.join(directory, JOURNAL)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(1 << 24)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise GGUFSplitError(path, f"cannot read the commit journal: {os_problem(e)}") from None
+        try:
+            data = json.loads(raw)
+            if data.get("gguf_split_journal") != JOURNAL_VERSION:
+                raise ValueError(f"journal version {data.get('gguf_split_journal')!r}")
+            renames = [(check_bare_name(a, path), check_bare_name(b, path)) for a, b in data["renames"]]
+            deletes = [check_bare_name(d, path) for d in data["deletes"]]
+        except GGUFSplitError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise GGUFSplitError(path, f"commit journal is damaged ({e}); remove it only if you know the last "
+                                       "gguf-split run here finished") from None
+        if any(not is_temp(a) for a, _ in renames):
+            raise GGUFSplitError(path, "commit journal renames a file that is not a gguf-split temporary: damaged")
+        return cls(renames, deletes)
+
+
+def pending_view(directory: str) -> dict[str, str | None]:
+    """What a journal left by an unfinished commit changes, as final name -> the name that holds its
+    bytes now (the temporary, or the final name once renamed), or None for a file it deletes. Empty when
+    no commit is pending. Readers apply it so they see the state the commit leads to."""
+    j = Journal.read(directory)
+    if j is None:
+        return {}
+    view: dict[str, str | None] = {name: None for name in j.deletes}
+    for tmp, final in j.renames:
+        view[final] = tmp if os.path.lexists(os.path.join(directory, tmp)) else final
+    return view
+
+
+def roll_forward(directory: str, journal: Journal) -> None:
+    """Step 4: idempotent, so a kill in the middle is completed by the next run."""
+    for tmp, final in journal.renames:
+        src = os.path.join(directory, tmp)
+        if os.path.lexists(src):
+            checkpoint(f"rename {final}")
+            os.replace(src, os.path.join(directory, final))
+    fsync_dir(directory)
+    checkpoint("renames durable")
+    for name in journal.deletes:
+        try:
+            checkpoint(f"delete {name}")
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    fsync_dir(directory)
+    checkpoint("deletes durable")
+    try:
+        os.unlink(os.path.join(directory, JOURNAL))
+    except FileNotFoundError:
+        pass
+    fsync_dir(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Locking
+
+
+def _lock_holder(directory: str) -> str | None:
+    """Who holds the flock on `directory` (Linux: from /proc/locks), for the waiting message."""
+    try:
+        st = os.stat(directory)
+        ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 12345 fd:01:1234567 0 EOF"; waiters are marked "->"
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == ident:
+                    pid = parts[4]
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as c:
+                            cmd = c.read(300).replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                    except OSError:
+                        cmd = ""
+                    return f"pid {pid}" + (f": {cmd}" if cmd else "")
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@contextmanager
+def locked(directory: str, on_wait: Callable[[str], None] | None = None) -> Iterator[int]:
+    """Hold the directory's flock (POSIX); on Windows there is no lock (single-user use)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield -1
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise GGUFSplitError(directory, f"cannot open directory: {os_problem(e)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                who = _lock_holder(directory)
+                on_wait(f"waiting for another gguf-split run to finish with {show(directory)}"
+                        + (f" ({who})" if who else ""))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transactions
+
+
+class NewFile:
+    """A file being written under a temporary name; `final` is the name it gets at commit."""
+
+    def __init__(self, directory: str, final: str) -> None:
+        self.final = final
+        self.tmp = temp_name(final)
+        self.path = os.path.join(directory, self.tmp)
+        self.final_path = os.path.join(directory, final)
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        except OSError as e:
+            raise GGUFSplitError(self.final_path, f"cannot create: {os_problem(e)}") from None
+        self.synced: Future[None] | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+class Transaction:
+    """All-or-nothing changes to one directory (see the module docstring):
+
+        with Transaction(dir) as tx:
+            f = tx.new("adaptor-chat.gguf"); tx.write(f, lambda fd: ...)
+            tx.delete("shared-old.gguf")
+            tx.commit()
+
+    Leaving the block without commit() removes every temporary and leaves the directory as it was (it is
+    removed again if the transaction created it and it is empty)."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, create: bool = True,
+                 on_wait: Callable[[str], None] | None = None) -> None:
+        self.dir = os.path.abspath(os.fspath(directory))
+        self.create = create
+        self.on_wait = on_wait
+        self.created_dir = False
+        self.files: list[NewFile] = []
+        self.deletes: list[str] = []
+        self.committed = False
+        self._lock: contextmanager | None = None  # type: ignore[valid-type]
+        self._syncer: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> "Transaction":
+        try:
+            if os.path.lexists(self.dir) and not os.path.isdir(self.dir):
+                raise GGUFSplitError(self.dir, "exists and is not a directory")
+            if not os.path.isdir(self.dir):
+                if not self.create:
+                    raise GGUFSplitError(self.dir, "no such directory")
+                try:
+                    os.makedirs(self.dir)
+                    self.created_dir = True
+                except FileExistsError:
+                    if not os.path.isdir(self.dir):
+                        raise GGUFSplitError(self.dir, "exists and is not a directory") from None
+                except OSError as e:
+                    raise GGUFSplitError(self.dir, f"cannot create directory: {os_problem(e)}") from None
+            self._lock = locked(self.dir, self.on_wait)
+            self._lock.__enter__()
+            self.recover()
+            if not os.access(self.dir, os.W_OK):
+                raise GGUFSplitError(self.dir, "directory is not writable")
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def recover(self) -> None:
+        """Finish a commit a killed run switched to; remove temporaries of runs that died before."""
+        journal = Journal.read(self.dir)
+        if journal is not None:
+            try:
+                roll_forward(self.dir, journal)
+            except OSError as e:
+                raise GGUFSplitError(self.dir, f"cannot finish the interrupted commit: {os_problem(e)}") from None
+        try:
+            names = os.listdir(self.dir)
+        except OSError as e:
+            raise GGUFSplitError(self.dir, f"cannot list directory: {os_problem(e)}") from None
+        for name in names:
+            if is_temp(name):  # we hold the lock: it belongs to a run that died
+                try:
+                    os.unlink(os.path.join(self.dir, name))
+                except OSError:
+                    pass
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def new(self, final: str) -> NewFile:
+        f = NewFile(self.dir, final)
+        self.files.append(f)
+        return f
+
+    def write(self, f: NewFile, fn: Callable[[int], None]) -> None:
+        """Run `fn(f.fd)` (OS errors, a full disk, become one line naming the final file), then fsync it in
+        the background while the caller writes the next file (fsync releases the GIL)."""
+        try:
+            fn(f.fd)
+        except OSError as e:
+            raise GGUFSplitError(f.final_path, f"write failed: {os_problem(e)}") from None
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="gguf-split-fsync")
+        f.synced = self._syncer.submit(os.fsync, f.fd)
+
+    def wait_synced(self) -> None:
+        """Every new file is durable (fsync returned) and closed; raises the first fsync error."""
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+        for f in self.files:
+            try:
+                if f.synced is not None:
+                    f.synced.result()
+                else:
+                    os.fsync(f.fd)
+            except OSError as e:
+                raise GGUFSplitError(f.final_path, f"write failed: {os_problem(e)}") from None
+            finally:
+                f.close()
+            checkpoint(f"written {f.final}")
+
+    def delete(self, name: str) -> None:
+        self.deletes.append(name)
+
+    def commit(self) -> None:
+        self.wait_synced()
+        journal = Journal([(f.tmp, f.final) for f in self.files],
+                          [d for d in self.deletes if d not in {f.final for f in self.files}])
+        if not journal.renames and not journal.deletes:
+            self.committed = True
+            return
+        jfile = NewFile(self.dir, JOURNAL)
+        try:
+            try:
+                data = journal.encode()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(jfile.fd, view):]
+                os.fsync(jfile.fd)
+            finally:
+                jfile.close()
+            checkpoint("journal written")
+            os.replace(jfile.path, os.path.join(self.dir, JOURNAL))
+            fsync_dir(self.dir)
+        except OSError as e:
+            try:
+                os.unlink(jfile.path)
+            except OSError:
+                pass
+            raise GGUFSplitError(self.dir, f"cannot commit: {os_problem(e)}") from None
+        self.committed = True  # the new state is the state from here on
+        checkpoint("switched")
+        try:
+            roll_forward(self.dir, journal)
+        except OSError as e:
+            raise GGUFSplitError(self.dir, f"committed, but could not finish moving files into place "
+                                           f"({os_problem(e)}); the next gguf-split run here finishes it") from None
+
+    def _cleanup(self) -> None:
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
+        if not self.committed:
+            for f in self.files:
+                f.close()
+                try:
+                    os.unlink(f.path)
+                except OSError:
+                    pass
+            if self.created_dir:
+                try:
+                    os.rmdir(self.dir)
+                except OSError:
+                    pass
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.__exit__(None, None, None)
+
+    def __exit__(self, *exc: object) -> None:
+        self._cleanup()
+
+
+def remove_all(directory: str, names: Sequence[str]) -> None:
+    """Best-effort removal (links being replaced)."""
+    for n in names:
+        try:
+            os.unlink(os.path.join(directory, n))
+        except OSError:
+            pass
+
+
+def stderr_note(message: str) -> None:
+    sys.stderr.write(f"gguf-split: {message}\n")
+    sys.stderr.flush()
+
+
+__all__ = ["Transaction", "NewFile", "Journal", "checkpoint", "check_space", "fsync_dir", "locked",
+           "pending_view", "roll_forward", "TMP_SUFFIX"]

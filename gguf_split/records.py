@@ -1,0 +1,538 @@
+"""Records: what gguf-split writes into its files besides the tensors, and how it reads them back.
+
+Every file gguf-split writes starts with its own KV records (keys `gguf_split.*`):
+- `gguf_split.header_xxh3`, first: the seal, xxh3-128 (hex) of the whole header with this value zeroed;
+  any change to a header (one flipped bit, an edited KV) breaks it;
+- `gguf_split.version` (layout version), `gguf_split.role` ("adaptor" or "shared");
+- `gguf_split.tensor_digests`: xxh3-128 of every tensor of this file, 16 bytes each, in order;
+- `gguf_split.header_index`, last of gguf-split's records: byte offsets of the tensor infos, the data
+  section and every KV after it, so a reader finds everything without walking a 262k-token vocabulary.
+
+A shared file (split k >= 1 of the tasks that load it) adds `gguf_split.content_id` (xxh3-128 over its
+position, alignment, architecture and its tensors' names, types, shapes and digests) and `split.no`. It
+names no task: adding tasks later never rewrites a shipped file.
+
+An adaptor (split 0 of its task) adds the task name; the ordered list of the task's other files
+(`gguf_split.files.*`: name, content id, size, xxh3-128 and sha256 of the whole file, for positions 1..k);
+the task's tensor index (`gguf_split.tensor_files`: for every tensor of the model, the position of the
+file holding it); what a bit-exact restore takes (`gguf_split.source.*`, one entry per original file: a
+model given as llama.cpp shards has several): name, size, whole-file xxh3-128, GGUF version, tensor count,
+the original tensor-info records, the original KVs it had to replace (`split.*`) with their positions, the
+other shards' KVs, and any non-zero padding byte; then `split.no` = 0, `split.count`, `split.tensors.count`,
+and every KV of the original model in its order (llama.cpp reads model metadata from split 0 only).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import xxhash
+from gguf.constants import GGUFValueType, Keys
+
+from .errors import GGUFSplitError
+from .gguf_format import (
+    ALIGNMENT_KEY,
+    ARCHITECTURE_KEY,
+    KV,
+    WRITE_VERSION,
+    GGUFFile,
+    Header,
+    TensorInfo,
+    _check_data_layout,
+    _Cursor,
+    align_up,
+    decode_value,
+    encode_kv,
+    encode_prefix,
+    encode_tensor_info,
+    read_kv_at,
+    read_prefix,
+    read_tensor_infos_at,
+)
+from .naming import check_bare_name
+
+LAYOUT_VERSION = 2
+ROLE_ADAPTOR = "adaptor"
+ROLE_SHARED = "shared"
+ROLE_FOUNDATION_V1 = "foundation"  # layout 1 (gguf-split 0.1)
+
+U8, U16, U32, U64, I32, STR, ARR = (GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32,
+                                     GGUFValueType.UINT64, GGUFValueType.INT32, GGUFValueType.STRING,
+                                     GGUFValueType.ARRAY)
+SPLIT_NO = Keys.Split.LLM_KV_SPLIT_NO
+SPLIT_COUNT = Keys.Split.LLM_KV_SPLIT_COUNT
+SPLIT_TENSORS = Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT
+SPLIT_KEYS = (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS)
+
+OWN_PREFIX = "gguf_split."
+K_SEAL = "gguf_split.header_xxh3"
+K_VERSION = "gguf_split.version"
+K_ROLE = "gguf_split.role"
+K_INDEX = "gguf_split.header_index"
+K_DIGESTS = "gguf_split.tensor_digests"
+K_CONTENT_ID = "gguf_split.content_id"
+K_TASK = "gguf_split.task"
+K_FILES_NAME = "gguf_split.files.name"
+K_FILES_ID = "gguf_split.files.content_id"
+K_FILES_SIZE = "gguf_split.files.size"
+K_FILES_XXH3 = "gguf_split.files.xxh3"
+K_FILES_SHA256 = "gguf_split.files.sha256"
+K_TENSOR_FILES = "gguf_split.tensor_files"
+K_SRC_NAME = "gguf_split.source.name"
+K_SRC_SIZE = "gguf_split.source.size"
+K_SRC_XXH3 = "gguf_split.source.xxh3"
+K_SRC_VERSION = "gguf_split.source.version"
+K_SRC_NTENSORS = "gguf_split.source.tensor_count"
+K_SRC_TENSOR_INFOS = "gguf_split.source.tensor_infos"
+K_SRC_REPLACED_KVS = "gguf_split.source.replaced_kvs"
+K_SRC_SHARD_KVS = "gguf_split.source.shard_kvs"
+K_SRC_GAPS = "gguf_split.source.gaps"
+
+DIGEST_SIZE = 16
+HEX_DIGEST = 32
+PREFIX_SIZE = 24  # magic, version, n_tensors, n_kv
+_UNSEALED = "0" * HEX_DIGEST
+MAX_POSITIONS = 0xFFFF  # split.no is a u16
+
+
+def blob_kv(key: str, data: bytes) -> bytes:
+    return encode_kv(key, ARR, data, U8)
+
+
+def identity_record(name: str, shape: tuple[int, ...], ggml_type: int, digest: bytes) -> bytes:
+    return encode_tensor_info(name, shape, ggml_type, 0) + digest
+
+
+def content_id(position: int, alignment: int, architecture: str | None,
+               tensors: Iterable[tuple[str, tuple[int, ...], int, bytes]]) -> str:
+    """A shared file's identity: everything its bytes depend on (its position is in the file)."""
+    h = xxhash.xxh3_128()
+    h.update(b"gguf-split shared file\0" + struct.pack("<IHI", LAYOUT_VERSION, position, alignment))
+    h.update((architecture or "").encode() + b"\0")
+    for name, shape, ggml_type, digest in tensors:
+        h.update(identity_record(name, shape, ggml_type, digest))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing headers
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """A tensor to write: its identity and where its bytes come from (an open input and an offset)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    nbytes: int
+    digest: bytes
+    src: GGUFFile
+    src_offset: int
+
+
+def data_offsets(tensors: Sequence[OutTensor], alignment: int) -> list[int]:
+    offsets, pos = [], 0
+    for t in tensors:
+        offsets.append(pos)
+        pos += align_up(t.nbytes, alignment)
+    return offsets
+
+
+@dataclass
+class BuiltHeader:
+    data: bytes  # header bytes up to the end of the tensor infos (padding to data_start not included)
+    data_start: int
+    offsets: list[int]  # tensor data offsets
+    file_size: int  # data_start + every tensor, each padded to the alignment (as llama.cpp writes)
+
+
+def build_header(own_kvs: Sequence[bytes], tail_kvs: Sequence[bytes], tensors: Sequence[OutTensor],
+                 alignment: int) -> BuiltHeader:
+    """A sealed, indexed header: the seal, `own_kvs` (gguf-split's records), the index, `tail_kvs` (the
+    original model's KVs, byte for byte), then the tensor infos."""
+    offsets = data_offsets(tensors, alignment)
+    infos = b"".join(encode_tensor_info(t.name, t.shape, t.ggml_type, o) for t, o in zip(tensors, offsets))
+    n_kv = 1 + len(own_kvs) + 1 + len(tail_kvs)
+    prefix = encode_prefix(WRITE_VERSION, len(tensors), n_kv)
+    own = encode_kv(K_SEAL, STR, _UNSEALED) + b"".join(own_kvs)
+    index_len = len(encode_kv(K_INDEX, ARR, [0] * (2 + len(tail_kvs)), U64))
+    kv_offsets, pos = [], len(prefix) + len(own) + index_len
+    for kv in tail_kvs:
+        kv_offsets.append(pos)
+        pos += len(kv)
+    ti_start = pos
+    data_start = align_up(ti_start + len(infos), alignment)
+    index = encode_kv(K_INDEX, ARR, [ti_start, data_start, *kv_offsets], U64)
+    header = prefix + own + index + b"".join(tail_kvs) + infos
+    seal = xxhash.xxh3_128(header).hexdigest().encode()
+    at = seal_offset()
+    data_len = offsets[-1] + align_up(tensors[-1].nbytes, alignment) if tensors else 0
+    return BuiltHeader(header[:at] + seal + header[at + len(seal):], data_start, offsets, data_start + data_len)
+
+
+def seal_offset() -> int:
+    """Byte offset of the seal's hex text: it is the first KV, right after the 24-byte prefix."""
+    return PREFIX_SIZE + len(encode_kv(K_SEAL, STR, _UNSEALED)) - HEX_DIGEST
+
+
+def shared_kvs(*, position: int, cid: str, digests: bytes, architecture: str | None, alignment: int) -> list[bytes]:
+    kvs = [
+        encode_kv(K_VERSION, U32, LAYOUT_VERSION),
+        encode_kv(K_ROLE, STR, ROLE_SHARED),
+        encode_kv(K_CONTENT_ID, STR, cid),
+        blob_kv(K_DIGESTS, digests),
+        encode_kv(SPLIT_NO, U16, position),
+    ]
+    if architecture is not None:
+        kvs.append(encode_kv(ARCHITECTURE_KEY, STR, architecture))
+    if alignment != 32:
+        kvs.append(encode_kv(ALIGNMENT_KEY, U32, alignment))
+    return kvs
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One entry of an adaptor's list of files: the file at `position` (its split.no) for this task."""
+
+    position: int
+    name: str
+    content_id: str
+    size: int
+    xxh3: str  # whole file, hex xxh3-128 (what `xxh128sum` prints)
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One original file of a task (a model, or one shard of a model given as llama.cpp shards)."""
+
+    name: str
+    size: int
+    xxh3: str
+    version: int
+    n_tensors: int
+
+
+@dataclass
+class SourceRecords:
+    """What an adaptor records to rebuild the original file(s) byte for byte (built by scan)."""
+
+    files: list[SourceFile]
+    tensor_infos: bytes  # every source file's tensor-info block, in order
+    replaced_kvs: bytes  # source 0: (u32 position + the KV record) for each split.* KV it had
+    shard_kvs: bytes  # sources 1..n-1: (u64 n_kv, u64 byte length, the KV records) each
+    gaps: bytes  # (u32 source, u64 offset, u64 length, bytes) of every non-zero padding run
+    kept_kvs: list[bytes]  # source 0's KVs except split.*, in order: the adaptor's tail
+
+
+def adaptor_kvs(*, task: str, files: Sequence[FileRef], tensor_files: Sequence[int], digests: bytes,
+                source: SourceRecords, n_model_tensors: int) -> list[bytes]:
+    """gguf-split's records of an adaptor (the tail, source.kept_kvs, follows the index)."""
+    s = source
+    return [
+        encode_kv(K_VERSION, U32, LAYOUT_VERSION),
+        encode_kv(K_ROLE, STR, ROLE_ADAPTOR),
+        encode_kv(K_TASK, STR, task),
+        encode_kv(K_FILES_NAME, ARR, [f.name for f in files], STR),
+        encode_kv(K_FILES_ID, ARR, [f.content_id for f in files], STR),
+        encode_kv(K_FILES_SIZE, ARR, [f.size for f in files], U64),
+        encode_kv(K_FILES_XXH3, ARR, [f.xxh3 for f in files], STR),
+        encode_kv(K_FILES_SHA256, ARR, [f.sha256 for f in files], STR),
+        encode_kv(K_TENSOR_FILES, ARR, list(tensor_files), U16),
+        blob_kv(K_DIGESTS, digests),
+        encode_kv(K_SRC_NAME, ARR, [f.name for f in s.files], STR),
+        encode_kv(K_SRC_SIZE, ARR, [f.size for f in s.files], U64),
+        encode_kv(K_SRC_XXH3, ARR, [f.xxh3 for f in s.files], STR),
+        encode_kv(K_SRC_VERSION, ARR, [f.version for f in s.files], U32),
+        encode_kv(K_SRC_NTENSORS, ARR, [f.n_tensors for f in s.files], U64),
+        blob_kv(K_SRC_TENSOR_INFOS, s.tensor_infos),
+        blob_kv(K_SRC_REPLACED_KVS, s.replaced_kvs),
+        blob_kv(K_SRC_SHARD_KVS, s.shard_kvs),
+        blob_kv(K_SRC_GAPS, s.gaps),
+        encode_kv(SPLIT_NO, U16, 0),
+        encode_kv(SPLIT_COUNT, U16, len(files) + 1),
+        encode_kv(SPLIT_TENSORS, I32, n_model_tensors),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading gguf-split's files back
+
+
+class NotASplitFile(GGUFSplitError):
+    """A valid GGUF start, but not written by gguf-split (no seal record first)."""
+
+
+class SplitFile(GGUFFile):
+    """A file gguf-split wrote, opened through its header index: gguf-split's records and the tensor infos
+    are read and checked; the original model's KVs (a 262k-token vocabulary, say) are located but not
+    walked (`tail`: key -> record span, in file order; `get` checks and decodes one on demand).
+    `header.kvs` holds gguf-split's records only. With keep_fd=False no descriptor is kept (the map has its
+    own), so dropping the last reference releases everything. `check_seal()` before trusting a header."""
+
+    tail: dict[str, tuple[int, int]]
+
+    def __init__(self, path: str | os.PathLike[str], *, keep_fd: bool = True) -> None:
+        super().__init__(path, parse=False)
+        try:
+            if not keep_fd:
+                os.close(self.fd)
+                self.fd = -1
+            self._parse_indexed()
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse_indexed(self) -> None:
+        mm, p = self.mm, self.path
+        version, n_tensors, n_kv = read_prefix(mm, p)
+        own: list[KV] = []
+        pos, index = PREFIX_SIZE, None
+        while len(own) < n_kv:
+            kv = read_kv_at(mm, pos, p)
+            if not own and kv.key != K_SEAL:
+                raise NotASplitFile(p, "not written by gguf-split (no gguf-split seal record)")
+            own.append(kv)
+            pos = kv.end
+            if kv.key == K_INDEX:
+                index = kv
+                break
+        if index is None or index.vtype is not ARR or index.subtype is not U64:
+            raise GGUFSplitError(p, "gguf-split header index is missing or damaged")
+        values = decode_value(mm, index.vtype, index.value_start)[0]
+        if len(values) != 2 + n_kv - len(own):
+            raise GGUFSplitError(p, "header index does not match the header: damaged")
+        ti_start, data_start, offsets = values[0], values[1], values[2:]
+        starts = [*offsets, ti_start]  # the original KVs follow the index back to back
+        if starts[0] != pos or any(a >= b for a, b in zip(starts, starts[1:])) or ti_start > self.size:
+            raise GGUFSplitError(p, "header index offsets are out of order or out of range: damaged")
+        own_keys = {kv.key for kv in own}
+        if len(own_keys) != len(own):
+            raise GGUFSplitError(p, "duplicate gguf-split record: damaged")
+        tail: dict[str, tuple[int, int]] = {}
+        alignment = 32
+        for start, end in zip(offsets, starts[1:]):
+            cur = _Cursor(mm, start, end, p)  # bounded by the next record: a damaged index cannot run on
+            key = cur.text("metadata key")
+            vtype = cur.value_type(f"value type of {key!r}")
+            if key in tail or key in own_keys:
+                raise GGUFSplitError(p, f"duplicate key {key!r}")
+            tail[key] = (start, end)
+            if key == ALIGNMENT_KEY:
+                if vtype is not U32:
+                    raise GGUFSplitError(p, f"{ALIGNMENT_KEY} must be a u32, not {vtype.name}")
+                alignment = cur.u32(ALIGNMENT_KEY)
+        for kv in own:
+            if kv.key == ALIGNMENT_KEY:
+                if kv.vtype is not U32:
+                    raise GGUFSplitError(p, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
+                alignment = decode_value(mm, kv.vtype, kv.value_start)[0]
+        if alignment == 0 or alignment & (alignment - 1):
+            raise GGUFSplitError(p, f"{ALIGNMENT_KEY} = {alignment} is not a power of two")
+        tensors = read_tensor_infos_at(mm, ti_start, n_tensors, alignment, p)
+        if align_up(tensors[-1].end if tensors else ti_start, alignment) != data_start:
+            raise GGUFSplitError(p, "header index: data offset does not match the tensor infos: damaged")
+        self.header = Header(p, version, own, tensors, alignment, ti_start, data_start, self.size,
+                             {kv.key: kv for kv in own}, {t.name: t for t in tensors})
+        _check_data_layout(self.header)
+        self.tail = tail
+
+    def tail_kv(self, key: str) -> KV:
+        """The original KV `key`, checked against the file (every length) and its index span."""
+        start, end = self.tail[key]
+        kv = read_kv_at(self.mm, start, self.path)
+        if kv.end != end or kv.key != key:
+            raise GGUFSplitError(self.path, f"metadata record {key!r} does not match the header index: damaged")
+        return kv
+
+    def get(self, key: str, default: object = None) -> object:
+        if key in self.header.kv_by_key:
+            return self.kv_value(key)
+        if key in self.tail:
+            kv = self.tail_kv(key)
+            return decode_value(self.mm, kv.vtype, kv.value_start)[0]
+        return default
+
+    # -- gguf-split's own records ------------------------------------------------------------------------
+
+    def check_seal(self) -> None:
+        """Any change to the header (one flipped bit, an edited KV) breaks the seal: ~1.5 ms for a 7 MB
+        header (Gemma-3's tokenizer), so the loader checks it on every open."""
+        first = self.header.kvs[0] if self.header.kvs else None
+        at = seal_offset()
+        if first is None or first.key != K_SEAL or first.vtype is not STR or first.end != at + HEX_DIGEST:
+            raise GGUFSplitError(self.path, "header damaged: its seal record is missing or altered")
+        h = xxhash.xxh3_128()
+        h.update(self.view(0, at))
+        h.update(_UNSEALED.encode())
+        h.update(self.view(at + HEX_DIGEST, self.header.tensor_info_end))
+        if h.hexdigest().encode() != self.raw(at, at + HEX_DIGEST):
+            raise GGUFSplitError(self.path, "header damaged: its bytes do not match the seal gguf-split wrote "
+                                            "(modified or corrupted after the split)")
+
+    def record(self, key: str, vtype: GGUFValueType, subtype: GGUFValueType | None = None) -> object:
+        kv = self.header.kv_by_key.get(key)
+        if kv is None or kv.vtype is not vtype or (subtype is not None and kv.subtype is not subtype):
+            raise GGUFSplitError(self.path, f"gguf-split record {key!r} is missing or damaged")
+        return self.kv_value(key)
+
+    def text(self, key: str) -> str:
+        v = self.record(key, STR)
+        if not isinstance(v, str):
+            raise GGUFSplitError(self.path, f"gguf-split record {key!r} is not valid UTF-8: damaged")
+        return v
+
+    def blob(self, key: str) -> bytes:
+        kv = self.header.kv_by_key.get(key)
+        if kv is None or kv.vtype is not ARR or kv.subtype is not U8:
+            raise GGUFSplitError(self.path, f"gguf-split record {key!r} is missing or damaged")
+        return self.raw(kv.value_start + 12, kv.end)
+
+    def array(self, key: str, subtype: GGUFValueType, n: int | None = None) -> list:  # type: ignore[type-arg]
+        values = self.record(key, ARR, subtype)
+        assert isinstance(values, list)
+        if n is not None and len(values) != n:
+            raise GGUFSplitError(self.path, f"gguf-split record {key!r} holds {len(values)} entries, {n} expected: "
+                                            "damaged")
+        if subtype is STR and any(not isinstance(v, str) for v in values):
+            raise GGUFSplitError(self.path, f"gguf-split record {key!r} is not valid UTF-8: damaged")
+        return values
+
+    @property
+    def role(self) -> str | None:
+        kv = self.header.kv_by_key.get(K_ROLE)
+        if kv is None or kv.vtype is not STR:
+            return None
+        v = self.kv_value(K_ROLE)
+        return v if isinstance(v, str) else None
+
+    @property
+    def layout_version(self) -> int | None:
+        kv = self.header.kv_by_key.get(K_VERSION)
+        return self.kv_value(K_VERSION) if kv is not None and kv.vtype is U32 else None
+
+    def require(self, role: str) -> None:
+        """This file is a gguf-split `role` of the layout this version reads."""
+        version = self.layout_version
+        if version == 1:
+            raise GGUFSplitError(self.path, "written by gguf-split 0.1 (layout 1), which this version reads only to "
+                                            "restore: run `gguf-split restore` on its adaptors, then split the "
+                                            "restored models again")
+        if version != LAYOUT_VERSION:
+            raise GGUFSplitError(self.path, f"written by a gguf-split with layout version {version}; this one reads "
+                                            f"{LAYOUT_VERSION}")
+        actual = self.role
+        if actual != role:
+            what = f"a gguf-split {actual} file" if actual else "not a gguf-split file"
+            raise GGUFSplitError(self.path, f"expected a gguf-split {role} file, but this is {what}")
+
+    def digests(self) -> list[bytes]:
+        raw = self.blob(K_DIGESTS)
+        n = len(self.header.tensors)
+        if len(raw) != n * DIGEST_SIZE:
+            raise GGUFSplitError(self.path, f"gguf-split record {K_DIGESTS!r} holds {len(raw) // DIGEST_SIZE} digests "
+                                            f"for {n} tensors: damaged")
+        return [raw[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] for i in range(n)]
+
+    def split_no(self) -> int:
+        v = self.record(SPLIT_NO, U16)
+        assert isinstance(v, int)
+        return v
+
+
+def open_split_file(path: str | os.PathLike[str], *, keep_fd: bool = True) -> GGUFFile:
+    """A gguf-split file through its index (SplitFile), any other GGUF parsed in full."""
+    try:
+        return SplitFile(path, keep_fd=keep_fd)
+    except NotASplitFile:
+        return GGUFFile(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsed records
+
+
+@dataclass
+class SharedInfo:
+    """A shared file's records (its header was sealed and is checked by the caller)."""
+
+    path: str
+    position: int
+    content_id: str
+    architecture: str | None
+    n_tensors: int
+
+    @classmethod
+    def read(cls, f: SplitFile) -> "SharedInfo":
+        f.require(ROLE_SHARED)
+        cid = f.text(K_CONTENT_ID)
+        position = f.split_no()
+        if position < 1:
+            raise GGUFSplitError(f.path, f"shared file with split.no {position}: damaged")
+        arch = f.get(ARCHITECTURE_KEY)
+        architecture = arch if isinstance(arch, str) else None
+        digests = f.digests()
+        expect = content_id(position, f.header.alignment, architecture,
+                            ((t.name, t.shape, t.ggml_type, d) for t, d in zip(f.header.tensors, digests)))
+        if expect != cid:
+            raise GGUFSplitError(f.path, "its tensors do not match its recorded content id: damaged")
+        return cls(f.path, position, cid, architecture, len(f.header.tensors))
+
+
+@dataclass
+class AdaptorInfo:
+    """An adaptor's records, parsed and cross-checked (not against other files: see splitdir/restore)."""
+
+    path: str
+    task: str
+    files: list[FileRef]  # positions 1..k
+    tensor_files: list[int]  # per model tensor (source order): position of the file holding it
+    sources: list[SourceFile]
+    n_model_tensors: int
+
+    @classmethod
+    def read(cls, f: SplitFile) -> "AdaptorInfo":
+        f.require(ROLE_ADAPTOR)
+        p = f.path
+        task = f.text(K_TASK)
+        names = f.array(K_FILES_NAME, STR)
+        k = len(names)
+        if k > MAX_POSITIONS - 1:
+            raise GGUFSplitError(p, f"lists {k} files: damaged")
+        ids = f.array(K_FILES_ID, STR, k)
+        sizes = f.array(K_FILES_SIZE, U64, k)
+        xxh = f.array(K_FILES_XXH3, STR, k)
+        sha = f.array(K_FILES_SHA256, STR, k)
+        files = [FileRef(i + 1, check_bare_name(n, p, "shared file name"), cid, s, x, h)
+                 for i, (n, cid, s, x, h) in enumerate(zip(names, ids, sizes, xxh, sha))]
+        if len({fr.name for fr in files}) != k:
+            raise GGUFSplitError(p, "lists one file at two positions: damaged")
+        src_names = f.array(K_SRC_NAME, STR)
+        n_src = len(src_names)
+        if n_src < 1:
+            raise GGUFSplitError(p, "records no source file: damaged")
+        sources = [SourceFile(check_bare_name(n, p, "original file name"), s, x, v, c) for n, s, x, v, c in zip(
+            src_names, f.array(K_SRC_SIZE, U64, n_src), f.array(K_SRC_XXH3, STR, n_src),
+            f.array(K_SRC_VERSION, U32, n_src), f.array(K_SRC_NTENSORS, U64, n_src))]
+        n_model = sum(s.n_tensors for s in sources)
+        if f.record(SPLIT_TENSORS, I32) != n_model or f.record(SPLIT_COUNT, U16) != k + 1 or f.split_no() != 0:
+            raise GGUFSplitError(p, "split.* records do not match gguf-split's records: damaged")
+        tensor_files = f.array(K_TENSOR_FILES, U16, n_model)
+        if any(pos > k for pos in tensor_files):
+            raise GGUFSplitError(p, "tensor index names a file position the task does not have: damaged")
+        if sum(1 for pos in tensor_files if pos == 0) != len(f.header.tensors):
+            raise GGUFSplitError(p, "tensor index does not match the adaptor's own tensors: damaged")
+        return cls(p, task, files, tensor_files, sources, n_model)
+
+    def paths(self) -> list[str]:
+        """The task's llama.cpp split list: this adaptor, then its files in order (beside it)."""
+        d = os.path.dirname(os.path.abspath(self.path))
+        return [os.path.abspath(self.path), *(os.path.join(d, fr.name) for fr in self.files)]
+
+
+def role_of(f: GGUFFile) -> str | None:
+    return f.role if isinstance(f, SplitFile) else None

@@ -1,0 +1,244 @@
+"""Grow and shrink a shipped split: `add` tasks, `remove` tasks; no shipped file ever changes.
+
+Users ship a split once (to phones, edge boxes, a hub) and publish new fine-tunes for months. `add`
+writes adaptors for the new tasks, reusing every existing shared file whose tensors a new task holds
+byte-identical at its position, and new shared files among the new tasks where they pay off; the
+originals of the existing tasks are not needed, and no existing file is touched (same bytes, same mtime).
+`remove` deletes tasks' adaptors and every shared file no remaining task uses, never one still in use.
+Both commit like `split` (commit.py): a kill at any moment leaves the old or the new state.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .commit import Transaction, stderr_note
+from .errors import GGUFSplitError
+from .naming import check_task_name, show
+from .plan import DEFAULT_FILE_COST, FixedFile, Layout, TensorId, plan_layout
+from .progress import QUIET, Progress
+from .records import AdaptorInfo, FileRef, SplitFile
+from .scan import hash_models
+from .split import SplitReport, _name_files, _report, _write, check_options, open_models
+from .splitdir import FileFinder, SplitDir, TaskFiles, open_task
+from .verify import _sweep
+
+
+@dataclass
+class AddReport:
+    split: SplitReport  # the new tasks: their adaptors and the files they load
+    reused_bytes: int  # tensor bytes the new tasks load from files that were already there
+    existing_tasks: list[str]
+    stored_bytes: int  # tensor bytes of the whole split after the add
+    fresh_split_bytes: int  # what a fresh split of all tasks would store
+    dry_run: bool = False
+
+    @property
+    def resplit_would_save(self) -> int:
+        return max(0, self.stored_bytes - self.fresh_split_bytes)
+
+
+@dataclass
+class RemoveReport:
+    directory: str
+    removed_tasks: list[str]
+    deleted: list[str] = field(default_factory=list)  # file names
+    freed_bytes: int = 0
+    dry_run: bool = False
+
+
+def task_tensor_ids(tf: TaskFiles) -> list[TensorId]:
+    """A task's tensor identities in model order, from records only (no tensor data read)."""
+    from .gguf_format import parse_tensor_infos
+    from .records import K_SRC_TENSOR_INFOS
+
+    held: dict[str, TensorId] = {}
+    for f in tf.files:
+        for t, d in zip(f.header.tensors, f.digests()):
+            held[t.name] = TensorId(t.name, t.ggml_type, t.shape, d, t.nbytes)
+    order = parse_tensor_infos(tf.adaptor.blob(K_SRC_TENSOR_INFOS), tf.adaptor.path, 1)
+    return [held[t.name] for t in order if t.name in held]
+
+
+def _existing(sd: SplitDir) -> tuple[dict[str, list[TensorId]], dict[str, FixedFile], dict[str, str], set[str]]:
+    """(task -> tensor ids, file name -> FixedFile, file name -> path, architectures) of a split."""
+    finder = FileFinder()
+    cache: dict[str, SplitFile] = {}
+    ids: dict[str, list[TensorId]] = {}
+    fixed: dict[str, FixedFile] = {}
+    paths: dict[str, str] = {}
+    archs: set[str] = set()
+    try:
+        for task in sd.tasks:
+            tf = open_task(sd.adaptors[task], finder, cache=cache)
+            with tf.adaptor:
+                ids[task] = task_tensor_ids(tf)
+                arch = tf.adaptor.get("general.architecture")
+                if isinstance(arch, str):
+                    archs.add(arch)
+                for ref, f in zip(tf.info.files, tf.shared):
+                    if ref.name not in fixed:
+                        fixed[ref.name] = FixedFile(ref.name, ref.position, tuple(
+                            TensorId(t.name, t.ggml_type, t.shape, d, t.nbytes)
+                            for t, d in zip(f.header.tensors, f.digests())))
+                        paths[ref.name] = f.path
+    finally:
+        for f in cache.values():
+            f.close()
+    return ids, fixed, paths, archs
+
+
+def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]], *,
+        max_shared_files: int | None = None, file_cost: int = DEFAULT_FILE_COST, max_shard_size: int | None = None,
+        allow_unrelated: bool = False, threads: int | None = None, dry_run: bool = False,
+        models_dir: str | os.PathLike[str] | None = None, prefix: str = "", progress: Progress = QUIET) -> AddReport:
+    """Add `tasks` (name -> GGUF path) to the split in `split_dir`."""
+    check_options(tasks, max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    if not tasks:
+        raise GGUFSplitError(None, "no tasks to add")
+    for t in tasks:
+        check_task_name(t)
+    d = os.fspath(split_dir)
+    sd0 = SplitDir.open(d)
+    sd0.require_split()
+    if dry_run:
+        return _add(d, sd0, tasks, None, dict(max_shared_files=max_shared_files, file_cost=file_cost,
+                                              max_shard_size=max_shard_size), allow_unrelated, threads, prefix, progress)
+    with Transaction(d, create=False, on_wait=None if progress.quiet else stderr_note) as tx:
+        report = _add(d, SplitDir.open(d), tasks, tx, dict(max_shared_files=max_shared_files, file_cost=file_cost,
+                                                             max_shard_size=max_shard_size), allow_unrelated, threads,
+                      prefix, progress)
+    if models_dir is not None:
+        from .links import write_models_dir
+
+        write_models_dir(d, models_dir)
+        report.split.models_dir = os.fspath(models_dir)
+    return report
+
+
+def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transaction | None,
+         options: dict[str, int | None], allow_unrelated: bool, threads: int | None, prefix: str,
+         progress: Progress) -> AddReport:
+    clash = [t for t in tasks if t in sd.adaptors]
+    if clash:
+        raise GGUFSplitError(show(sd.adaptors[clash[0]]), f"task {clash[0]!r} is already in the split; remove it "
+                                                          "first or choose another name")
+    ids, fixed, fixed_paths, archs = _existing(sd)
+    models = open_models(tasks, allow_unrelated=allow_unrelated)
+    try:
+        if not allow_unrelated:
+            for t, m in models.items():
+                if archs and m.architecture not in archs:
+                    raise GGUFSplitError(m.path, f"is a {m.architecture} model, the split holds {', '.join(sorted(archs))} "
+                                                 "models (pass --allow-unrelated to add it anyway)")
+        hash_models(list(models.values()), progress, threads)
+        new_ids = {t: m.tensor_ids() for t, m in models.items()}
+        alignment = max(m.first.header.alignment for m in models.values())
+        head = {t: m.header_bytes + 4096 + 200 * len(m.tensors) for t, m in models.items()}
+        layout = plan_layout(new_ids, alignment=alignment, adaptor_header_bytes=head,
+                             fixed_files=list(fixed.values()), **options)  # type: ignore[arg-type]
+        named = _name_files(models, layout, prefix, foundation=False)
+        known: dict[str, FileRef] = {}
+        for pf, nf in zip(layout.files, named):
+            if pf.fixed is not None:
+                nf.name = pf.fixed
+                if pf.fixed not in known:
+                    known[pf.fixed] = _check_reused(fixed_paths[pf.fixed], sd, pf.fixed, check=tx is not None)
+        reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
+                           for pf in [layout.files[i]] if pf.fixed is not None)
+        if tx is None:
+            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix)
+        else:
+            split_report = _write(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known)
+        stored_before = sum(x.nbytes for f in fixed.values() for x in f.tensors)
+        stored_before += _adaptor_tensor_bytes(ids, fixed)
+        stored = stored_before + (layout.stats.stored_bytes if layout.stats else 0)
+        fresh = plan_layout({**ids, **new_ids}, alignment=alignment, **options)  # type: ignore[arg-type]
+        return AddReport(split_report, reused_bytes, sd.tasks, stored,
+                         fresh.stats.stored_bytes if fresh.stats else stored, dry_run=tx is None)
+    finally:
+        for m in models.values():
+            m.close()
+
+
+def _adaptor_tensor_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile]) -> int:
+    in_files = {x for f in fixed.values() for x in f.tensors}
+    return sum(x.nbytes for xs in ids.values() for x in xs if x not in in_files)
+
+
+def _check_reused(path: str, sd: SplitDir, name: str, *, check: bool) -> FileRef:
+    """An existing file a new task will load must still be what its adaptors recorded, byte for byte
+    (every adaptor that lists it agrees, its tensors and whole-file digest match); returns the record."""
+    import threading
+
+    from .progress import _Nothing
+
+    refs: list[FileRef] = []
+    for task in sd.tasks:
+        with SplitFile(sd.adaptors[task]) as ad:
+            refs += [r for r in AdaptorInfo.read(ad).files if r.name == name]
+    if any(r != refs[0] for r in refs):
+        raise GGUFSplitError(show(path), "the split's adaptors record different digests for this file: damaged "
+                                         "(run `gguf-split verify`)")
+    if check:
+        with SplitFile(path) as f:
+            f.check_seal()
+            try:
+                _sweep(f, refs, False, _Nothing(), threading.Event())
+            except GGUFSplitError as e:
+                raise GGUFSplitError(e.path, f"{e.problem}; the split's existing files must be intact to add tasks "
+                                             "(run `gguf-split verify`)") from None
+    return refs[0]
+
+
+def remove(split_dir: str | os.PathLike[str], names: Sequence[str], *, dry_run: bool = False,
+           models_dir: str | os.PathLike[str] | None = None, progress: Progress = QUIET) -> RemoveReport:
+    """Remove tasks: their adaptors and every file no remaining task uses."""
+    if isinstance(names, str):
+        raise TypeError("names must be a sequence of task names, not a str")
+    if not names:
+        raise GGUFSplitError(None, "no tasks to remove")
+    d = os.fspath(split_dir)
+
+    def run(tx: Transaction | None) -> RemoveReport:
+        sd = SplitDir.open(d)
+        sd.require_split()
+        for n in names:
+            sd.adaptor(n)
+        keep: set[str] = set()
+        for task in sd.tasks:
+            if task in names:
+                continue
+            with SplitFile(sd.adaptors[task]) as ad:
+                keep |= {r.name for r in AdaptorInfo.read(ad).files}
+        drop_files: set[str] = set()
+        for task in names:
+            with SplitFile(sd.adaptors[task]) as ad:
+                drop_files |= {r.name for r in AdaptorInfo.read(ad).files if r.name not in keep}
+        report = RemoveReport(os.path.abspath(d), list(names), dry_run=tx is None)
+        for task in names:
+            p = sd.adaptors[task]
+            report.deleted.append(os.path.basename(p))
+            report.freed_bytes += os.path.getsize(p)
+        for name in sorted(drop_files):
+            p = sd.shared.get(name)
+            if p is not None:
+                report.deleted.append(name)
+                report.freed_bytes += os.path.getsize(p)
+        if tx is not None:
+            for name in report.deleted:
+                tx.delete(name)
+            tx.commit()
+        return report
+
+    if dry_run:
+        return run(None)
+    with Transaction(d, create=False, on_wait=None if progress.quiet else stderr_note) as tx:
+        report = run(tx)
+    if models_dir is not None:
+        from .links import write_models_dir
+
+        write_models_dir(d, models_dir)
+    return report

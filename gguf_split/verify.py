@@ -1,0 +1,126 @@
+"""Verify: check a split against its records, every byte of every file, naming the file and tensor.
+
+For every task: its adaptor's seal and records; each file it lists is found (a missing one is named with
+the option that points at it), sealed, the one recorded (content id, position, size); the restore plan
+resolves every original tensor. For every distinct file, once however many tasks use it: its exact size,
+zero padding, every tensor's xxh3-128 against the recorded digest, and the whole file's xxh3-128 (and
+with `sha256=True` its sha256) against what each adaptor that lists it recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+from .errors import GGUFSplitError
+from .gguf_format import align_up, iter_gaps
+from .naming import show
+from .progress import QUIET, Progress, Reporter
+from .records import FileRef, SplitFile
+from .restore import plan_restore
+from .scan import PIECE, Interrupted, run_jobs
+from .splitdir import FileFinder, SplitDir, TaskFiles, open_task, resolve_tasks
+
+
+@dataclass
+class VerifyReport:
+    tasks: dict[str, str] = field(default_factory=dict)  # task -> adaptor path
+    files: int = 0  # distinct files checked (adaptors included)
+    tensors: int = 0
+    bytes: int = 0  # every byte of every file
+    unused: list[str] = field(default_factory=list)  # shared files in the directories no task lists
+    pending_commit: bool = False  # a killed run's commit was honoured (the next write finishes it)
+
+
+def _sweep(f: SplitFile, want: list[FileRef], sha: bool, bar: Reporter, cancel: threading.Event) -> None:
+    """One front-to-back pass over `f`: tensor digests, zero padding, whole-file xxh3 (and sha256)."""
+    h = f.header
+    last = max((t.offset + t.nbytes for t in h.tensors), default=0)
+    expected = h.data_start + align_up(last, h.alignment)
+    if f.size != expected:
+        raise GGUFSplitError(f.path, f"is {f.size} bytes, the split wrote {expected}: truncated or appended to")
+    digests = f.digests()
+    whole = xxhash.xxh3_128()
+    sha256 = hashlib.sha256() if sha else None
+    head = f.view(0, h.tensor_info_end)
+    whole.update(head)
+    if sha256 is not None:
+        sha256.update(head)
+    spans: list[tuple[int, int, int]] = [(h.data_start + t.offset, h.data_start + t.offset + t.nbytes, i)
+                                         for i, t in enumerate(h.tensors)]
+    spans += [(s, e, -1) for s, e in iter_gaps(h)]
+    for s, e, i in sorted(spans):
+        own = xxhash.xxh3_128() if i >= 0 else None
+        for at in range(s, e, PIECE):
+            if cancel.is_set():
+                raise Interrupted()
+            piece = f.view(at, min(at + PIECE, e))
+            whole.update(piece)
+            if sha256 is not None:
+                sha256.update(piece)
+            if own is not None:
+                own.update(piece)
+            elif bytes(piece).count(0) != len(piece):
+                raise GGUFSplitError(f.path, f"padding at bytes {s}-{e} is not zero: corrupted")
+            bar.advance(len(piece))
+        if own is not None and own.digest() != digests[i]:
+            raise GGUFSplitError(f.path, f"tensor {h.tensors[i].name!r} does not match its recorded digest: corrupted")
+    x = whole.hexdigest()
+    for ref in want:
+        if ref.xxh3 != x:
+            raise GGUFSplitError(f.path, f"its bytes do not match the xxh3-128 recorded for {ref.name} "
+                                         "(the header is intact): corrupted")
+        if sha256 is not None and ref.sha256 != sha256.hexdigest():
+            raise GGUFSplitError(f.path, f"its sha256 differs from the one recorded for {ref.name}: corrupted")
+
+
+def verify(paths: Sequence[str | os.PathLike[str]], *, shared: Sequence[str | os.PathLike[str]] = (),
+           sha256: bool = False, progress: Progress = QUIET, threads: int | None = None) -> VerifyReport:
+    """Verify split directories and/or adaptor files (each with every file it lists)."""
+    if not paths:
+        raise GGUFSplitError(None, "nothing to verify: give a split directory or adaptor files")
+    adaptors, dirs = resolve_tasks(paths)
+    finder = FileFinder(shared)
+    cache: dict[str, SplitFile] = {}
+    opened: list[TaskFiles] = []
+    report = VerifyReport()
+    try:
+        want: dict[str, list[FileRef]] = {}
+        for a in adaptors:
+            tf = open_task(a, finder, cache=cache)
+            opened.append(tf)
+            if tf.info.task in report.tasks:
+                raise GGUFSplitError(tf.adaptor.path, f"a second adaptor of task {tf.info.task!r} "
+                                                      f"(first: {show(report.tasks[tf.info.task])})")
+            report.tasks[tf.info.task] = tf.adaptor.path
+            for ref, f in zip(tf.info.files, tf.shared):
+                want.setdefault(os.path.abspath(f.path), []).append(ref)
+            plan_restore(tf)
+        files: dict[str, tuple[SplitFile, list[FileRef]]] = {}
+        for tf in opened:
+            files[os.path.abspath(tf.adaptor.path)] = (tf.adaptor, [])
+        for key, f in cache.items():
+            files[key] = (f, want.get(key, []))
+        total = sum(f.size - f.header.tensor_info_end for f, _ in files.values())
+        with progress.bar("verifying", total) as bar:
+            jobs = sorted(((f, refs, sha256, bar) for f, refs in files.values()), key=lambda j: -j[0].size)
+            run_jobs(_sweep, jobs, threads)
+        report.files = len(files)
+        report.tensors = sum(len(f.header.tensors) for f, _ in files.values())
+        report.bytes = sum(f.size for f, _ in files.values())
+        for d in dirs:
+            sd = SplitDir.open(d)
+            report.pending_commit |= sd.pending
+            used = set(cache)
+            report.unused += [p for p in sd.shared.values() if os.path.abspath(p) not in used]
+        return report
+    finally:
+        for tf in opened:
+            tf.adaptor.close()
+        for f in cache.values():
+            f.close()
