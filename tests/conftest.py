@@ -89,3 +89,44 @@ def model_factory(tmp_path: Path) -> Callable[..., str]:
         return write_model(tmp_path / f"{name}.gguf", tensors, **kwargs)
 
     return make
+
+
+def write_sharded(prefix: str | os.PathLike[str], tensors: dict[str, tuple[Q, tuple[int, ...], int]], n: int,
+                  **kwargs: Any) -> str:
+    """A model as `llama-gguf-split --split` writes it: `<prefix>-0000k-of-0000N.gguf`, the tensors spread
+    in order over n shards; shard 1 holds every KV, and every shard `split.no` (u16), `split.count` (u16)
+    and `split.tensors.count` (i32). Returns the first shard's path."""
+    names = list(tensors)
+    per = -(-len(names) // n)
+    paths = []
+    for k in range(n):
+        path = f"{os.fspath(prefix)}-{k + 1:05d}-of-{n:05d}.gguf"
+        part = {name: tensors[name] for name in names[k * per:(k + 1) * per]}
+
+        def split_kvs(w: GGUFWriter, k: int = k) -> None:
+            w.add_uint16("split.no", k)
+            w.add_uint16("split.count", n)
+            w.add_int32("split.tensors.count", len(names))
+
+        if k == 0:
+            user = kwargs.get("kvs")
+            write_model(path, part, kvs=lambda w: (user(w) if user else None, split_kvs(w)),
+                        **{a: b for a, b in kwargs.items() if a != "kvs"})
+        else:
+            _write_bare(path, part, split_kvs)
+        paths.append(path)
+    return paths[0]
+
+
+def _write_bare(path: str, tensors: dict[str, tuple[Q, tuple[int, ...], int]],
+                kvs: Callable[[GGUFWriter], None]) -> None:
+    """A shard after the first: no architecture or model KVs, only what `kvs` adds."""
+    w = GGUFWriter(path, arch="llama")
+    w.kv_data[0].pop("general.architecture", None)
+    kvs(w)
+    for name, (qtype, shape, seed) in tensors.items():
+        w.add_tensor(name, raw_tensor(np.random.default_rng(seed), qtype, shape), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
