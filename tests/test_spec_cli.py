@@ -1,5 +1,6 @@
-"""The YAML spec and the CLI commands (split, info, restore, verify, link, demo), run in-process through
-typer's CliRunner, plus `python -m gguf_split --help` as a real process."""
+"""The YAML spec and the CLI commands (split, add, remove, info, restore, verify, link, models-dir, demo), run
+in-process through typer's CliRunner, plus the console script as a real process (--version, --help, piped
+output)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from gguf import GGUFReader
 from typer.testing import CliRunner
 
 from conftest import base_tensors, sha256, write_model
+from gguf_split import GGUFSplitError
 from gguf_split.cli import app
 
 ERROR_PREFIX = "gguf-split: error: "
@@ -78,6 +80,7 @@ options:
   link: true
   threads: 2
   quiet: true
+  file_cost: 0
 """
 
 
@@ -85,6 +88,10 @@ def write_spec(project: Path, text: str, name: str = "spec.yaml") -> Path:
     path = project / name
     path.write_text(text)
     return path
+
+
+def regular_files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and not p.is_symlink()}
 
 
 def test_spec_split_resolves_paths_against_the_spec(project: Path, tmp_path: Path,
@@ -96,12 +103,13 @@ def test_spec_split_resolves_paths_against_the_spec(project: Path, tmp_path: Pat
     ok("split", str(spec))
     out = project / "out"
     files = directory_files(out)
-    assert set(files) == {"p-foundation.gguf", "p-adaptor-base.gguf", "p-adaptor-chat.gguf", "p-adaptor-code.gguf",
-                          *(f"{t}-0000{i}-of-00002.gguf" for t in ("base", "chat", "code") for i in (1, 2))}
-    assert files["chat-00001-of-00002.gguf"] == "p-adaptor-chat.gguf"
-    assert files["chat-00002-of-00002.gguf"] == "p-foundation.gguf"
+    assert {"p-adaptor-base.gguf", "p-adaptor-chat.gguf", "p-adaptor-code.gguf"} <= set(files)
+    assert any(n.startswith("p-foundation-") for n in files)
+    assert all(n.startswith("p-") or "-of-" in n for n in files)
+    first = next(n for n in files if n.startswith("chat-00001-of-"))
+    assert files[first] == "p-adaptor-chat.gguf"
     assert os.listdir(elsewhere) == []
-    # force: true in the spec lets a second run overwrite
+    # force: true in the spec lets a second run replace the split (identical here)
     ok("split", str(spec))
     assert directory_files(out) == files
 
@@ -110,20 +118,38 @@ def test_cli_flags_give_the_same_files_as_the_spec(project: Path) -> None:
     ok("split", str(write_spec(project, SPEC)))
     models = project / "models"
     cli_out = project / "cli-out"
-    args = ["split", "-q", "-o", str(cli_out), "--prefix", "p-", "--link", "--threads", "2"]
+    args = ["split", "-q", "-o", str(cli_out), "--prefix", "p-", "--link", "--threads", "2", "--file-cost", "0"]
     for task in ("base", "chat", "code"):
         args += ["--task", f"{task}={models / f'{task}.gguf'}"]
     ok(*args)
-    ok(*args, "--force")  # --force: the second run overwrites instead of refusing
-    assert directory_files(cli_out) == directory_files(project / "out")
+    code, _, stderr = cli(*args)  # a second run without --force is refused, naming --force
+    assert "--force" in error_line(code, stderr)
+    ok(*args, "--force")
+    assert regular_files(cli_out) == regular_files(project / "out")
+
+
+def test_positional_models_take_their_file_stem_as_task_name(project: Path) -> None:
+    models = project / "models"
+    ok("split", "-q", str(models / "base.gguf"), str(models / "chat.gguf"), "-o", str(project / "pos"),
+       "--file-cost", "0")
+    assert {"adaptor-base.gguf", "adaptor-chat.gguf"} <= set(os.listdir(project / "pos"))
+    # a clash of stems is one clear line pointing at -t NAME=PATH
+    other = project / "other"
+    other.mkdir()
+    (other / "chat.gguf").write_bytes((models / "code.gguf").read_bytes())
+    code, _, stderr = cli("split", "-q", str(models / "chat.gguf"), str(other / "chat.gguf"), "-o", str(project / "x"))
+    line = error_line(code, stderr)
+    assert "-t NAME=PATH" in line and "'chat'" in line
+    assert not (project / "x").exists()
 
 
 def test_cli_task_and_output_override_the_spec(project: Path) -> None:
     """Spec tasks plus a --task, and -o instead of the spec's output."""
-    spec = write_spec(project, "output: out\ntasks:\n  base: models/base.gguf\n")
+    spec = write_spec(project, "output: out\ntasks:\n  base: models/base.gguf\noptions:\n  file_cost: 0\n")
     ok("split", str(spec), "-q", "-t", f"chat={project / 'models' / 'chat.gguf'}", "-o", str(project / "other"))
     assert not (project / "out").exists()
-    assert sorted(os.listdir(project / "other")) == ["adaptor-base.gguf", "adaptor-chat.gguf", "foundation.gguf"]
+    names = sorted(os.listdir(project / "other"))
+    assert names[:2] == ["adaptor-base.gguf", "adaptor-chat.gguf"] and names[2].startswith("foundation-")
 
 
 def test_cli_duplicate_task_name_is_refused(project: Path) -> None:
@@ -144,10 +170,14 @@ SPEC_ERRORS = {
     "threads not a number": ("output: out\n" + TASKS + "options:\n  threads: two\n", "options.threads"),
     "force a string": ("output: out\n" + TASKS + 'options:\n  force: "yes"\n', "options.force"),
     "threads zero": ("output: out\n" + TASKS + "options:\n  threads: 0\n", "options.threads"),
+    "cap zero": ("output: out\n" + TASKS + "options:\n  max_shared_files: 0\n", "options.max_shared_files"),
+    "bad size": ("output: out\n" + TASKS + "options:\n  max_shard_size: 20 gallons\n", "options.max_shard_size"),
     "options not a mapping": ("output: out\n" + TASKS + "options: [force]\n", "options"),
     "task path not found": ("output: out\ntasks:\n  base: models/base.gguf\n  chat: models/nope.gguf\n", "tasks.chat"),
     "duplicate task name": ("output: out\n" + TASKS + "  chat: models/base.gguf\n", "duplicate key 'chat'"),
     "invalid task name": ("output: out\ntasks:\n  base: models/base.gguf\n  ../evil: models/chat.gguf\n", "tasks.../evil"),
+    "task name too long": ("output: out\ntasks:\n  base: models/base.gguf\n  " + "x" * 70 + ": models/chat.gguf\n",
+                           "at most 64"),
     "task path not a string": ("output: out\ntasks:\n  base: models/base.gguf\n  chat: 3\n", "tasks.chat"),
     "invalid YAML": ("output: out\ntasks: [base: models/base.gguf\n", "invalid YAML"),
     "not a mapping": ("- output\n- tasks\n", "mapping"),
@@ -166,24 +196,39 @@ def test_spec_error_names_spec_file_and_key(project: Path, case: str) -> None:
     assert not (project / "out").exists()
 
 
+def test_task_name_errors_state_the_broken_rule() -> None:
+    from gguf_split.naming import check_task_name
+
+    with pytest.raises(GGUFSplitError) as err:
+        check_task_name("x" * 65)
+    assert "65 characters long, at most 64" in err.value.problem and "holds" not in err.value.problem
+    with pytest.raises(GGUFSplitError) as err:
+        check_task_name("a b")
+    assert "holds ' '" in err.value.problem
+    with pytest.raises(GGUFSplitError) as err:
+        check_task_name("-x")
+    assert "starts with '-'" in err.value.problem
+
+
 def test_missing_spec_file(project: Path) -> None:
     missing = project / "nope.yaml"
     assert str(missing) in error_line(*cli("split", str(missing))[::2])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# info, restore, verify, link
+# info, restore, verify, link, models-dir, add, remove
 
 
 @pytest.fixture
 def split_dir(project: Path) -> Path:
     models = project / "models"
     out = project / "out"
-    ok("split", "-q", "-o", str(out), *[a for t in ("base", "chat", "code") for a in ("-t", f"{t}={models / f'{t}.gguf'}")])
+    ok("split", "-q", "-o", str(out), "--file-cost", "0",
+       *[a for t in ("base", "chat", "code") for a in ("-t", f"{t}={models / f'{t}.gguf'}")])
     return out
 
 
-def info_json(*paths: Path) -> Any:
+def info_json(*paths: Path | str) -> Any:
     return json.loads(ok("info", "--json", *map(str, paths)))
 
 
@@ -195,11 +240,28 @@ def test_info_json_on_split_dir_matches_file_sizes(project: Path, split_dir: Pat
     assert s["output_bytes"] == outputs
     assert s["saved_bytes"] == s["input_bytes"] - s["output_bytes"] > 0
     assert s["ratio"] == pytest.approx(outputs / sum(inputs.values()))
-    assert s["foundation"]["bytes"] == (split_dir / "foundation.gguf").stat().st_size
-    assert {a["task"]: a["source_bytes"] for a in s["adaptors"]} == inputs
-    for a in s["adaptors"]:
-        assert a["bytes"] == os.path.getsize(a["path"]) and a["foundation_match"] is True
+    assert {t["task"]: t["source_bytes"] for t in s["tasks"]} == inputs
+    for t in s["tasks"]:
+        assert t["bytes"] == os.path.getsize(t["path"])
+    for f in s["files"]:
+        assert f["bytes"] == os.path.getsize(f["path"])
+        for task in f["tasks"]:  # who uses a file is what each adaptor lists
+            assert f["name"] in next(t for t in s["tasks"] if t["task"] == task)["files"]
+    from gguf_split import __version__
+
+    assert s["version"] == __version__
     assert "split" in ok("info", str(split_dir))  # the table renders
+
+
+def test_info_task_files_lists_what_llama_cpp_needs(split_dir: Path) -> None:
+    d = info_json(split_dir, "code")
+    paths = [r["path"] for r in d["files"]]
+    names = GGUFReader(split_dir / "adaptor-code.gguf").fields["gguf_split.files.name"].contents()
+    assert paths == [str(split_dir / "adaptor-code.gguf"), *(str(split_dir / n) for n in names)]
+    for r in d["files"][1:]:
+        assert r["sha256"] == sha256(r["path"])
+    text = ok("info", str(split_dir), "code", "--files")
+    assert all(p in text for p in paths)
 
 
 def test_info_on_adaptor_and_plain_model(project: Path, split_dir: Path) -> None:
@@ -210,7 +272,7 @@ def test_info_on_adaptor_and_plain_model(project: Path, split_dir: Path) -> None
     assert a["file_bytes"] == adaptor.stat().st_size
     assert a["tensors"] == len(GGUFReader(adaptor).tensors)
     assert a["model_tensors"] == len(GGUFReader(model).tensors)
-    assert a["source"]["name"] == "chat.gguf" and a["source"]["bytes"] == model.stat().st_size
+    assert a["sources"] == [{"name": "chat.gguf", "bytes": model.stat().st_size, "xxh3": a["sources"][0]["xxh3"]}]
     m = info_json(model)
     reader = GGUFReader(model)
     assert (m["role"], m["architecture"], m["split"]) == ("model", "llama", None)
@@ -223,6 +285,20 @@ def test_info_on_adaptor_and_plain_model(project: Path, split_dir: Path) -> None
     assert str(model) in ok("info", str(model), "--tensors")
 
 
+def test_info_exits_2_on_an_inconsistent_split(project: Path, split_dir: Path) -> None:
+    """A split whose files do not belong together is an error (exit 2), as in verify, not a table note."""
+    shared = next(p for p in split_dir.iterdir() if p.name.startswith("foundation-"))
+    other = project / "other"
+    ok("split", "-q", "-o", str(other), "--file-cost", "0", "-t", f"a={project / 'models' / 'base.gguf'}",
+       "-t", f"b={project / 'models' / 'code.gguf'}")
+    foreign = next(p for p in other.iterdir() if p.name.startswith("foundation-"))
+    shared.write_bytes(foreign.read_bytes())
+    line = error_line(*cli("info", str(split_dir))[::2])
+    assert str(shared) in line and "another split" in line
+    line = error_line(*cli("link", "chat", str(split_dir))[::2])
+    assert str(shared) in line
+
+
 def test_restore_via_cli(project: Path, split_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "chat-restored.gguf"
     ok("restore", "-q", str(split_dir / "adaptor-chat.gguf"), "-o", str(target))
@@ -230,15 +306,33 @@ def test_restore_via_cli(project: Path, split_dir: Path, tmp_path: Path) -> None
     # existing output: refused without --force, replaced with it
     target.write_bytes(b"old")
     code, _, stderr = cli("restore", "-q", str(split_dir / "adaptor-chat.gguf"), "-o", str(target))
-    assert str(target) in error_line(code, stderr) and target.read_bytes() == b"old"
-    ok("restore", "-q", str(split_dir / "adaptor-code.gguf"), "-o", str(target), "--force",
-       "-f", str(split_dir / "foundation.gguf"))
+    line = error_line(code, stderr)
+    assert str(target) in line and "--force" in line and target.read_bytes() == b"old"
+    ok("restore", "-q", str(split_dir), "code", "-o", str(target), "--force")
     assert sha256(target) == sha256(project / "models" / "code.gguf")
+    # into a directory: the original file name inside it
+    where = tmp_path / "into"
+    where.mkdir()
+    ok("restore", "-q", str(split_dir), "base", "-o", str(where))
+    assert sha256(where / "base.gguf") == sha256(project / "models" / "base.gguf")
+
+
+def test_moved_shared_files_are_found_with_the_shared_option(project: Path, split_dir: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for p in list(split_dir.iterdir()):
+        if not p.name.startswith("adaptor-"):
+            p.rename(moved / p.name)
+    line = error_line(*cli("restore", "-q", str(split_dir / "adaptor-chat.gguf"), "-o", str(tmp_path / "x.gguf"))[::2])
+    assert "-s/--shared" in line and "not found" in line
+    ok("restore", "-q", str(split_dir / "adaptor-chat.gguf"), "-o", str(tmp_path / "x.gguf"), "-s", str(moved))
+    assert sha256(tmp_path / "x.gguf") == sha256(project / "models" / "chat.gguf")
+    assert "ok" in ok("verify", "-q", str(split_dir), "--shared", str(moved))
 
 
 def test_verify_via_cli(split_dir: Path) -> None:
     assert "ok" in ok("verify", "-q", str(split_dir))
-    assert "ok" in ok("verify", "-q", str(split_dir / "adaptor-chat.gguf"))  # its foundation is found beside it
+    assert "ok" in ok("verify", "-q", "--sha256", str(split_dir / "adaptor-chat.gguf"))  # its files beside it
     victim = split_dir / "adaptor-chat.gguf"
     reader = GGUFReader(victim)
     t = reader.tensors[0]
@@ -251,10 +345,51 @@ def test_verify_via_cli(split_dir: Path) -> None:
 
 def test_link_command(split_dir: Path) -> None:
     ok("link", "code", str(split_dir))
-    assert os.readlink(split_dir / "code-00001-of-00002.gguf") == "adaptor-code.gguf"
-    assert os.readlink(split_dir / "code-00002-of-00002.gguf") == "foundation.gguf"
+    names = GGUFReader(split_dir / "adaptor-code.gguf").fields["gguf_split.files.name"].contents()
+    n = 1 + len(names)
+    assert os.readlink(split_dir / f"code-00001-of-{n:05d}.gguf") == "adaptor-code.gguf"
+    for k, name in enumerate(names, start=2):
+        assert os.readlink(split_dir / f"code-{k:05d}-of-{n:05d}.gguf") == name
     line = error_line(*cli("link", "nope", str(split_dir))[::2])
-    assert "adaptor-nope.gguf" in line
+    assert "'nope'" in line and "tasks: base, chat, code" in line
+
+
+def test_models_dir_tracks_the_split(project: Path, split_dir: Path, tmp_path: Path) -> None:
+    """llama-server's router reads OUT/<task>/<task>-0000k-of-0000N.gguf; re-running follows add/remove."""
+    out = tmp_path / "served"
+    ok("models-dir", str(split_dir), str(out))
+    for task in ("base", "chat", "code"):
+        files = sorted((out / task).iterdir())
+        names = GGUFReader(split_dir / f"adaptor-{task}.gguf").fields["gguf_split.files.name"].contents()
+        assert [p.resolve() for p in files] == [(split_dir / f"adaptor-{task}.gguf").resolve(),
+                                                *((split_dir / n).resolve() for n in names)]
+        assert files[0].name == f"{task}-00001-of-{len(files):05d}.gguf"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["base", "chat", "code"]
+    ok("remove", "-q", str(split_dir), "chat", "--models-dir", str(out))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["base", "code"]
+    ok("add", "-q", str(split_dir), "-t", f"chat2={project / 'models' / 'chat.gguf'}", "--file-cost", "0",
+       "--models-dir", str(out))
+    first = next((out / "chat2").glob("chat2-00001-of-*.gguf"))
+    assert first.resolve() == (split_dir / "adaptor-chat2.gguf").resolve()
+    assert "up to date" in ok("models-dir", str(split_dir), str(out))
+
+
+def test_add_and_remove_via_cli(project: Path, split_dir: Path, tmp_path: Path) -> None:
+    models = project / "models"
+    before = {p.name: (sha256(p), p.stat().st_mtime_ns) for p in split_dir.iterdir()}
+    code, _, stderr = cli("add", "-q", str(split_dir), "-t", f"chat={models / 'code.gguf'}")
+    assert "already in the split" in error_line(code, stderr)
+    dry = ok("add", str(split_dir), "-t", f"more={models / 'chat.gguf'}", "--dry-run", "--file-cost", "0")
+    assert "dry run" in dry and not (split_dir / "adaptor-more.gguf").exists()
+    ok("add", "-q", str(split_dir), "-t", f"more={models / 'chat.gguf'}", "--file-cost", "0")
+    assert {p.name: (sha256(p), p.stat().st_mtime_ns) for p in split_dir.iterdir() if p.name in before} == before
+    ok("restore", "-q", str(split_dir), "more", "-o", str(tmp_path / "more.gguf"))
+    assert sha256(tmp_path / "more.gguf") == sha256(models / "chat.gguf")
+    assert "would delete" in ok("remove", str(split_dir), "more", "--dry-run")
+    assert (split_dir / "adaptor-more.gguf").exists()
+    ok("remove", "-q", str(split_dir), "more")
+    assert not (split_dir / "adaptor-more.gguf").exists()
+    assert "ok" in ok("verify", "-q", str(split_dir))
 
 
 def test_demo_restores_identical(tmp_path: Path) -> None:
@@ -266,11 +401,55 @@ def test_demo_restores_identical(tmp_path: Path) -> None:
     assert all("byte-identical" in line for line in restores)
     for m in models:  # and independently of the demo's own comparison
         assert sha256(tmp_path / "demo" / "restored" / m.name) == sha256(m)
+    shared = [p for p in (tmp_path / "demo" / "split").glob("*.gguf")
+              if not p.is_symlink() and not p.name.startswith("adaptor-") and not p.name.startswith("hole-")]
+    assert len(shared) >= 2, "the demo must show more than one shared file"
 
 
-def test_python_m_help(tmp_path: Path) -> None:
+# ---------------------------------------------------------------------------------------------------------
+# the console script as a real process
+
+
+def script(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "gguf-split"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gguf_split"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_version_and_help(tmp_path: Path) -> None:
+    from gguf_split import __version__
+
+    p = script("--version", cwd=tmp_path)
+    assert (p.returncode, p.stdout) == (0, f"gguf-split {__version__}\n")
     p = subprocess.run([sys.executable, "-m", "gguf_split", "--help"], capture_output=True, text=True, cwd=tmp_path,
                        timeout=120)
     assert p.returncode == 0, p.stderr
-    for command in ("split", "restore", "verify", "info", "demo"):
+    for command in ("split", "add", "remove", "restore", "verify", "info", "link", "models-dir", "demo"):
         assert command in p.stdout
+
+
+def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
+    """`--version` answers before typer, rich, numpy or gguf are imported (start-up time)."""
+    code = ("import sys; sys.argv=['gguf-split','--version']\n"
+            "from gguf_split._main import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('typer', 'rich', 'numpy', 'gguf') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert "HEAVY []" in p.stdout, p.stdout + p.stderr
+
+
+def test_piped_output_is_not_wrapped(project: Path, split_dir: Path) -> None:
+    """Tables and reports keep whole lines when stdout is a pipe (scripts, logs)."""
+    p = script("info", str(split_dir), cwd=project, env={"COLUMNS": "40"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    row = next(line for line in lines if "adaptor-chat.gguf" in line)
+    assert "replaces chat.gguf" in row  # the whole row on one line, not wrapped at 40 (or 120) columns
+    assert any(len(line) > 120 for line in lines) or all("…" not in line for line in lines)
+
+
+def test_one_model_split_says_nothing_is_shared(project: Path) -> None:
+    text = ok("split", "-q", "-t", f"only={project / 'models' / 'base.gguf'}", "-o", str(project / "one"))
+    assert "nothing is shared (one model)" in text and "saves -" not in text
