@@ -319,6 +319,7 @@ class Transaction:
             fn(f.fd)
         except OSError as e:
             raise GGUFSplitError(f.final_path, f"write failed: {os_problem(e)}") from None
+        checkpoint(f"wrote {f.final}")
         if self._syncer is None:
             self._syncer = ThreadPoolExecutor(1, thread_name_prefix="gguf-split-fsync")
         f.synced = self._syncer.submit(os.fsync, f.fd)
@@ -338,7 +339,7 @@ class Transaction:
                 raise GGUFSplitError(f.final_path, f"write failed: {os_problem(e)}") from None
             finally:
                 f.close()
-            checkpoint(f"written {f.final}")
+        checkpoint("all files durable")
 
     def delete(self, name: str) -> None:
         self.deletes.append(name)

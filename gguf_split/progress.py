@@ -22,7 +22,13 @@ class Progress:
     """`with progress.bar("hashing", total_bytes) as bar: bar.advance(n)`; thread-safe."""
 
     def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet or not sys.stderr.isatty()
+        self.quiet = quiet or not sys.stderr.isatty()  # no bars
+        self.notes = not quiet  # one-line notices on stderr (e.g. waiting for another run's lock)
+
+    def note(self, message: str) -> None:
+        if self.notes:
+            sys.stderr.write(f"gguf-split: {message}\n")
+            sys.stderr.flush()
 
     @contextmanager
     def bar(self, description: str, total: int) -> Iterator[Reporter]:

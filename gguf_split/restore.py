@@ -22,7 +22,7 @@ from typing import Union
 
 import xxhash
 
-from .commit import Transaction, check_space, stderr_note
+from .commit import Transaction, check_space
 from .errors import GGUFSplitError, os_problem
 from .gguf_format import GGUFFile, Header, _check_data_layout, _Cursor, align_up, encode_prefix, parse_header, \
     read_kv_at, read_prefix, read_tensor_infos
@@ -252,7 +252,7 @@ def restore(path: str | os.PathLike[str], output: str | os.PathLike[str] | None 
                 raise GGUFSplitError(show(final), "is a directory")
             if os.path.lexists(final) and not force:
                 raise GGUFSplitError(show(final), "already exists (use --force to replace it)")
-        with Transaction(out_dir, on_wait=None if progress.quiet else stderr_note) as tx:
+        with Transaction(out_dir, on_wait=progress.note) as tx:
             check_space(tx.dir, sum(p.size for p in plans))
             done = []
             total = sum(p.size for p in plans)

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .commit import Transaction, check_space, stderr_note
+from .commit import Transaction, check_space
 from .errors import GGUFSplitError
 from .gguf_format import GGUFFile
 from .naming import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
@@ -186,7 +186,7 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
         finally:
             for m in models.values():
                 m.close()
-    with Transaction(out, on_wait=None if progress.quiet else stderr_note) as tx:
+    with Transaction(out, on_wait=progress.note) as tx:
         old = _check_existing(tx.dir, tasks, prefix, force)
         models = open_models(tasks, allow_unrelated=allow_unrelated)
         try:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .commit import Transaction, stderr_note
+from .commit import Transaction
 from .errors import GGUFSplitError
 from .naming import check_task_name, show
 from .plan import DEFAULT_FILE_COST, FixedFile, Layout, TensorId, plan_layout
@@ -106,7 +106,7 @@ def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike
     if dry_run:
         return _add(d, sd0, tasks, None, dict(max_shared_files=max_shared_files, file_cost=file_cost,
                                               max_shard_size=max_shard_size), allow_unrelated, threads, prefix, progress)
-    with Transaction(d, create=False, on_wait=None if progress.quiet else stderr_note) as tx:
+    with Transaction(d, create=False, on_wait=progress.note) as tx:
         report = _add(d, SplitDir.open(d), tasks, tx, dict(max_shared_files=max_shared_files, file_cost=file_cost,
                                                              max_shard_size=max_shard_size), allow_unrelated, threads,
                       prefix, progress)
@@ -235,7 +235,7 @@ def remove(split_dir: str | os.PathLike[str], names: Sequence[str], *, dry_run: 
 
     if dry_run:
         return run(None)
-    with Transaction(d, create=False, on_wait=None if progress.quiet else stderr_note) as tx:
+    with Transaction(d, create=False, on_wait=progress.note) as tx:
         report = run(tx)
     if models_dir is not None:
         from .links import write_models_dir
