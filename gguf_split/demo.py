@@ -117,7 +117,8 @@ def lora_merge(w: np.ndarray, rng: np.random.Generator, rank: int = 8, alpha: fl
     n_out, n_in = w.shape[0], int(np.prod(w.shape[1:]))
     a = rng.standard_normal((rank, n_in)).astype(np.float32) / np.sqrt(n_in)
     b = rng.standard_normal((n_out, rank)).astype(np.float32) * 0.01
-    return (w.reshape(n_out, n_in) + (alpha / rank) * (b @ a)).reshape(w.shape)
+    merged: np.ndarray = (w.reshape(n_out, n_in) + (alpha / rank) * (b @ a)).reshape(w.shape)
+    return merged
 
 
 def make_finetune(src: str | os.PathLike[str], dst: str | os.PathLike[str], targets: Iterable[str], *,

@@ -81,7 +81,7 @@ def savings(directory: str | os.PathLike[str], *, shared: Sequence[str] = ()) ->
     finder = FileFinder(shared)
     cache: dict[str, SplitFile] = {}
     users: dict[str, list[str]] = {}
-    tasks = []
+    tasks: list[dict[str, Any]] = []
     versions: dict[tuple[str, int, tuple[int, ...], bytes], int] = {}
     header_bytes = 0
     try:
@@ -99,7 +99,7 @@ def savings(directory: str | os.PathLike[str], *, shared: Sequence[str] = ()) ->
                               "files": [os.path.basename(f.path) for f in tf.shared],
                               "sources": [s.name for s in tf.info.sources],
                               "source_bytes": sum(s.size for s in tf.info.sources)})
-        files = [{"name": os.path.basename(p), "path": p, "bytes": f.size, "tensors": len(f.header.tensors),
+        files: list[dict[str, Any]] = [{"name": os.path.basename(p), "path": p, "bytes": f.size, "tensors": len(f.header.tensors),
                   "position": f.split_no(), "tasks": users.get(os.path.abspath(p), [])}
                  for p, f in sorted(cache.items(), key=lambda kv: (kv[1].split_no(), kv[0]))]
     finally:

@@ -341,6 +341,9 @@ class SplitFile(GGUFFile):
         _check_data_layout(self.header)
         self.tail = tail
 
+    def __enter__(self) -> "SplitFile":
+        return self
+
     def tail_kv(self, key: str) -> KV:
         """The original KV `key`, checked against the file (every length) and its index span."""
         start, end = self.tail[key]

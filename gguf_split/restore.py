@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -24,8 +24,19 @@ import xxhash
 
 from .commit import Transaction, check_space
 from .errors import GGUFSplitError, os_problem
-from .gguf_format import GGUFFile, Header, _check_data_layout, _Cursor, align_up, encode_prefix, parse_header, \
-    read_kv_at, read_prefix, read_tensor_infos
+from .gguf_format import (
+    GGUFFile,
+    Header,
+    TensorInfo,
+    _check_data_layout,
+    _Cursor,
+    align_up,
+    encode_prefix,
+    parse_header,
+    read_kv_at,
+    read_prefix,
+    read_tensor_infos,
+)
 from .naming import show
 from .progress import QUIET, Progress, Reporter
 from .records import (
@@ -76,7 +87,7 @@ def plan_restore(tf: TaskFiles) -> list[RestorePlan]:
         return GGUFSplitError(path, f"restore record damaged: {what}")
 
     # every tensor of the task: name -> (file, its tensor info there, recorded digest)
-    held: dict[str, tuple[GGUFFile, object, bytes]] = {}
+    held: dict[str, tuple[SplitFile, TensorInfo, bytes]] = {}
     for f in tf.files:
         for t, d in zip(f.header.tensors, f.digests()):
             held[t.name] = (f, t, d)
@@ -137,9 +148,9 @@ def plan_restore(tf: TaskFiles) -> list[RestorePlan]:
             if entry is None:
                 raise GGUFSplitError(path, f"tensor {t.name!r} is in none of the task's files")
             f, st, digest = entry
-            if (st.shape, st.ggml_type) != (t.shape, t.ggml_type):  # type: ignore[attr-defined]
+            if (st.shape, st.ggml_type) != (t.shape, t.ggml_type):
                 raise GGUFSplitError(f.path, f"tensor {t.name!r} has another type or shape than task {info.task!r} needs")
-            spans.append(Copy(f, f.header.data_start + st.offset, st.nbytes, digest, t.name))  # type: ignore[attr-defined]
+            spans.append(Copy(f, f.header.data_start + st.offset, st.nbytes, digest, t.name))
             cursor = start + t.nbytes
         if header.file_size > cursor:
             fill(cursor, header.file_size)
@@ -159,7 +170,7 @@ def plan_restore(tf: TaskFiles) -> list[RestorePlan]:
     return plans
 
 
-def _first_kvs(ad: SplitFile, damaged: object) -> list[bytes]:
+def _first_kvs(ad: SplitFile, damaged: Callable[[str], GGUFSplitError]) -> list[bytes]:
     kept = [ad.raw(start, end) for start, end in ad.tail.values()]
     raw = ad.blob(K_SRC_REPLACED_KVS)
     pos = 0
@@ -172,20 +183,20 @@ def _first_kvs(ad: SplitFile, damaged: object) -> list[bytes]:
             kept.insert(where, raw[kv.start:kv.end])
             pos = kv.end
     except (struct.error, GGUFSplitError):
-        raise damaged(K_SRC_REPLACED_KVS) from None  # type: ignore[operator]
+        raise damaged(K_SRC_REPLACED_KVS) from None
     return kept
 
 
-def _parse_gaps(raw: bytes, n_sources: int, damaged: object) -> dict[int, dict[int, bytes]]:
+def _parse_gaps(raw: bytes, n_sources: int, damaged: Callable[[str], GGUFSplitError]) -> dict[int, dict[int, bytes]]:
     out: dict[int, dict[int, bytes]] = {}
     pos = 0
     while pos < len(raw):
         if pos + 20 > len(raw):
-            raise damaged(K_SRC_GAPS)  # type: ignore[operator]
+            raise damaged(K_SRC_GAPS)
         src, off, n = struct.unpack_from("<IQQ", raw, pos)
         b = raw[pos + 20:pos + 20 + n]
         if src >= n_sources or len(b) != n:
-            raise damaged(K_SRC_GAPS)  # type: ignore[operator]
+            raise damaged(K_SRC_GAPS)
         out.setdefault(src, {})[off] = b
         pos += 20 + n
     return out
@@ -259,7 +270,8 @@ def restore(path: str | os.PathLike[str], output: str | os.PathLike[str] | None 
             with progress.bar("restoring", total) as bar:
                 for plan, name in zip(plans, names):
                     nf = tx.new(name)
-                    tx.write(nf, lambda fd, p=plan: _write_spans(fd, p.spans, bar))
+                    spans = plan.spans
+                    tx.write(nf, lambda fd: _write_spans(fd, spans, bar))
             tx.wait_synced()
             with progress.bar("checking", total) as bar:
                 for plan, nf in zip(plans, tx.files):

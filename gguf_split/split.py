@@ -330,15 +330,16 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
                 nf = named[i]
                 f = tx.new(nf.name)
                 temps[i] = f.path
-                tx.write(f, lambda fd, nf=nf: write_gguf(fd, nf.built, nf.tensors, bar))
+                built, tensors = nf.built, nf.tensors
+                tx.write(f, lambda fd: write_gguf(fd, built, tensors, bar))
             for i in to_write:
                 x, s = futures[i].result()
                 nf = named[i]
                 refs[i] = FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size, x, s)
             for task, m in models.items():
-                built, tensors = _adaptor(m, layout, named, refs, task)
+                a_built, a_tensors = _adaptor(m, layout, named, refs, task)
                 adaptors[task] = tx.new(adaptor_name(task, prefix))
-                tx.write(adaptors[task], lambda fd, b=built, ts=tensors: write_gguf(fd, b, ts, bar))
+                tx.write(adaptors[task], lambda fd: write_gguf(fd, a_built, a_tensors, bar))
     finally:
         hashers.shutdown(wait=True)
     tx.wait_synced()

@@ -223,10 +223,10 @@ def remove(split_dir: str | os.PathLike[str], names: Sequence[str], *, dry_run: 
             report.deleted.append(os.path.basename(p))
             report.freed_bytes += os.path.getsize(p)
         for name in sorted(drop_files):
-            p = sd.shared.get(name)
-            if p is not None:
+            path = sd.shared.get(name)
+            if path is not None:
                 report.deleted.append(name)
-                report.freed_bytes += os.path.getsize(p)
+                report.freed_bytes += os.path.getsize(path)
         if tx is not None:
             for name in report.deleted:
                 tx.delete(name)
