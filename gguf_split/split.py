@@ -203,7 +203,8 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
                 raise GGUFSplitError(b.path, f"has no tensor in common with {show(a.path)}: nothing to share (pass "
                                              "--allow-unrelated to split anyway)")
             named = _name_files(models, layout, prefix)
-            report = _write(tx, models, layout, named, old, prefix=prefix, progress=progress)
+            report = _write(tx, models, layout, named, old, prefix=prefix, progress=progress,
+                            max_shard_size=max_shard_size)
         finally:
             for m in models.values():
                 m.close()
@@ -297,7 +298,7 @@ def _check_existing(directory: str, tasks: Mapping[str, Any], prefix: str, force
 
 def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
            old: SplitDir | None, *, prefix: str, progress: Progress,
-           known: Mapping[str, FileRef] | None = None) -> SplitReport:
+           known: Mapping[str, FileRef] | None = None, max_shard_size: int | None = None) -> SplitReport:
     """Write every new file, prove, commit. `known`: files already in the directory whose records (size,
     digests) were checked by the caller (add)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -343,6 +344,14 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     finally:
         hashers.shutdown(wait=True)
     tx.wait_synced()
+    if max_shard_size is not None:
+        sizes = [(named[i].name, named[i].built.file_size, len(named[i].tensors)) for i in to_write]
+        sizes += [(adaptor_name(t, prefix), os.fstat(f.fd).st_size if not f.closed else os.path.getsize(f.path),
+                   len(layout.adaptor_tensors[t])) for t, f in adaptors.items()]
+        for name, size, n in sizes:
+            if size > max_shard_size and n > 1:
+                raise GGUFSplitError(name, f"internal error: {size} bytes, over the shard size {max_shard_size} "
+                                           "(nothing was written). Please report this.")
     file_paths = {i: temps.get(i, tx.path(named[i].name)) for i in range(len(named))}
     _prove_all(models, layout, named, file_paths, {t: f.path for t, f in adaptors.items()})
     check_unchanged(list(models.values()))

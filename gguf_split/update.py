@@ -151,7 +151,8 @@ def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: 
         if tx is None:
             split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix)
         else:
-            split_report = _write(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known)
+            split_report = _write(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known,
+                                  max_shard_size=options.get("max_shard_size"))
         stored_before = sum(x.nbytes for f in fixed.values() for x in f.tensors)
         stored_before += _adaptor_tensor_bytes(ids, fixed)
         stored = stored_before + (layout.stats.stored_bytes if layout.stats else 0)
