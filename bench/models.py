@@ -4,8 +4,8 @@
 `model_set(name)` -> {task: GGUF path}. Each set is made once: every fine-tune by `llama-export-lora` from a
 random LoRA adapter written here with gguf's GGUFWriter, every quantization by `llama-quantize
 --allow-requantize`; each new model is then loaded once in llama-cpp-python (`Llama(model_path=...,
-n_ctx=64)`, 8 greedy tokens, the top next-token logit of the prompt) and the result recorded in `<work>/sets/<set>/manifest.json`. A set whose
-manifest lists all its files is reused as is.
+n_ctx=64)`: 8 greedy tokens and the top next-token logit of the prompt), the result recorded in
+`<work>/sets/<set>/manifest.json`. A set whose manifest lists all its files is reused as is.
 
 Sets (n = layer count, top quarter = the last max(1, n // 4) layers):
 - `smollm2`: SmolLM2-135M-Instruct Q4_1 (llama, 30 layers, tied embeddings) as `base`, plus
