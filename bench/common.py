@@ -10,6 +10,10 @@ tensors, those written as F16, everything else copied unchanged):
 - chat: attn_q and attn_v of every layer;
 - code: the FFN (gate, up, down) of the top quarter of the layers;
 - summarize: an untied output.weight (an lm_head fine-tune) plus attn_q of the top layer.
+
+bench/models.py makes the same kind of sets with llama.cpp's own llama-export-lora and llama-quantize
+(`models.model_set(name)`); export-lora cannot add an output.weight, so there the lm_head case is a
+token_embd fine-tune. `finetunes()` stays as it is for the benchmarks that use it.
 """
 
 from __future__ import annotations
