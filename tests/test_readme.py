@@ -45,3 +45,26 @@ def test_example_spec_runs_as_the_readme_shows(tmp_path: Path, monkeypatch: pyte
     opts = load_spec(tmp_path / "specs" / "example.yaml")
     report = run_split(opts.tasks, opts.output, force=opts.force, link=opts.link, file_cost=opts.file_cost or 0)
     assert len(report.tasks) == 4 and report.shares_anything
+
+
+def test_readme_llama_cpp_python_recipe_runs(tmp_path: Path) -> None:
+    """The high-level llama-cpp-python recipe, on a linked task of the demo split (skipped without the
+    `llama` extra, except under CI=true)."""
+    import os
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            raise
+        pytest.skip(f"llama_cpp: {e}")
+    from gguf_split.demo import run_demo
+
+    report = run_demo(tmp_path / "demo")["split"]
+    link = next(t for t in report.tasks if t.task == "chat").links[0]
+    block = next(b for b in python_blocks() if "from llama_cpp import Llama" in b)
+    code = block.replace('"out/chat-00001-of-00003.gguf"', repr(link))
+    assert code != block, "the README recipe's model path changed: update this test"
+    namespace: dict[str, object] = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["llm"].n_vocab() == 320  # type: ignore[attr-defined]
