@@ -453,3 +453,48 @@ def test_piped_output_is_not_wrapped(project: Path, split_dir: Path) -> None:
 def test_one_model_split_says_nothing_is_shared(project: Path) -> None:
     text = ok("split", "-q", "-t", f"only={project / 'models' / 'base.gguf'}", "-o", str(project / "one"))
     assert "nothing is shared (one model)" in text and "saves -" not in text
+
+
+def _sigint_caught(pid: int) -> bool:
+    """Whether gguf-split has installed its handlers: SIGTERM (bit 15 of SigCgt in /proc/PID/status) is
+    caught, which Python alone never does (its own SIGINT handler is there from the start)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
+    except OSError:
+        pass
+    return False
+
+
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(project: Path) -> None:
+    """From the moment gguf-split handles signals (the first thing it does: polled in /proc), Ctrl-C at a
+    random moment while modules load or the command runs gives one line and exit code 130, never a
+    traceback and never click's "Aborted!"."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(7)
+    exe = Path(sys.executable).parent / "gguf-split"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gguf_split"]
+    models = project / "models"
+    commands = [["info", str(models / "chat.gguf")], ["--help"],
+                ["split", "-q", "-o", str(project / "sig"), "-t", f"a={models / 'base.gguf'}",
+                 "-t", f"b={models / 'chat.gguf'}", "--force"]]
+    interrupted = 0
+    for i in range(12):
+        p = subprocess.Popen([*cmd, *commands[i % 3]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.perf_counter() + 30
+        while not _sigint_caught(p.pid) and p.poll() is None and time.perf_counter() < deadline:
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0, 0.4))
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        if p.returncode == 0:
+            continue  # it finished before the signal
+        interrupted += 1
+        assert p.returncode == 130, err
+        assert err == "gguf-split: interrupted; no partial output was left behind\n", err
+    assert interrupted >= 4
+    assert not list((project / "sig").glob(".*tmp")) if (project / "sig").exists() else True
