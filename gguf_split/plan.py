@@ -113,7 +113,7 @@ def default_header_bound(tensors: Sequence[TensorId]) -> int:
 
 # --- tuning: where the exact search stops and the greedy's budgets ---------------------------------------
 EXACT_MAX_TASKS = 5  # exact search (all task sets of >= 2 tasks are candidate files) up to this many tasks
-EXACT_NODE_BUDGET = 20_000  # search nodes; a search that runs out reports exact=False with its bound
+EXACT_NODE_BUDGET = 10_000  # search nodes; a search that runs out reports exact=False with its bound
 FIXED_EXACT_MAX = 16  # per task: the choice among loadable fixed files is exhaustive up to this many
 GREEDY_SUBSET_TESTS = 2_000_000  # greedy: candidate x group subset tests (keeps it linear for many groups)
 GREEDY_PAIR_TOP = 12  # greedy: intersections of the task sets of this many largest groups are candidates
@@ -371,24 +371,46 @@ def _exact(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, inc
     load = [0] * n
     root_bound: list[int] = []
 
-    def rest_of(i: int) -> tuple[int, int]:
-        r, extra = 0, 0
-        for j in range(i, m):
-            if cap is None or all(load[t] < cap[t] for t in _bits(cands[j])):
-                r |= 1 << j
-                extra += msave[cands[j]]
-        return r, extra
+    sup_of = [[(U, B) for U, B in glist if U & S == S] for S in cands]
 
-    def dfs(i: int, fmask: int, nfiles: int) -> None:
+    def dfs(i: int, fmask: int, nfiles: int, room: dict[int, int]) -> None:
+        # room: per group, what it can still gain over its packing in fmask
         nonlocal nodes, best_val, best_mask
         nodes += 1
         if nodes > budget:
             raise _SearchBudget
-        here = value(fmask, nfiles)
+        here = full - sum(B * room[U] for U, B in glist) - cost * nfiles
         if here > best_val:
             best_val, best_mask = here, fmask
-        rest, extra = rest_of(i)
-        ub = min(value(fmask | rest, nfiles), here + extra)
+        # remaining cap-feasible candidates. Any family below this node gains at most, for any lam_U in {0, 1}:
+        #   sum_{lam_U=0} B(U) room(U) + sum_S max(0, sum_{U >= S, lam_U=1} B(U) min(|S|-1, room(U)) - cost)
+        # (group U's gain is at most room(U), and at most the sum over the opened S <= U of min(|S|-1, room(U))).
+        # lam = 1 everywhere first, then 0 for the groups that bound counts more than their room, twice.
+        feas = [j for j in range(i, m) if cap is None or all(load[t] < cap[t] for t in _bits(cands[j]))]
+        lam0: set[int] = set()
+        ub, rest = None, 0
+        for _ in range(3):
+            extra, over, pos = 0, {}, 0
+            for j in feas:
+                w = wt[j]
+                g = -cost
+                for U, B in sup_of[j]:
+                    if U not in lam0 and room[U]:
+                        g += B * min(w, room[U])
+                if g > 0:
+                    extra += g
+                    pos |= 1 << j
+                    for U, B in sup_of[j]:
+                        over[U] = over.get(U, 0) + min(w, room[U])
+            bound = here + extra + sum(B * room[U] for U, B in glist if U in lam0)
+            if ub is None or bound < ub:
+                ub = bound
+            if not lam0:
+                rest = pos  # a candidate with no possible gain below this node: an optimum without it exists
+            more = {U for U, B in glist if U not in lam0 and over.get(U, 0) > room[U]}
+            if not more:
+                break
+            lam0 |= more
         if not root_bound:
             root_bound.append(ub)
         if ub <= best_val or not rest:
@@ -397,14 +419,19 @@ def _exact(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, inc
         S = cands[j]
         for t in _bits(S):
             load[t] += 1
-        dfs(j + 1, fmask | 1 << j, nfiles + 1)
+        inner = dict(room)
+        f2 = fmask | 1 << j
+        for U, _ in sup_of[j]:
+            inner[U] = _pc(U) - 1 - pack(U, f2 & subbits[U])
+        dfs(j + 1, f2, nfiles + 1, inner)
         for t in _bits(S):
             load[t] -= 1
-        dfs(j + 1, fmask, nfiles)
+        dfs(j + 1, fmask, nfiles, room)
 
+    full = sum(B * (_pc(U) - 1) for U, B in glist)
     done = True
     try:
-        dfs(0, 0, 0)
+        dfs(0, 0, 0, {U: _pc(U) - 1 for U, _ in glist})
     except _SearchBudget:
         done = False
     bound = best_val if done else max(best_val, root_bound[0] if root_bound else best_val)
