@@ -164,11 +164,12 @@ def _drop_unused(fam: _Family) -> None:
     fam.files = {S: None for S in fam.files if S in used}
 
 
-def _greedy(groups: dict[int, int], n: int, cap: list[int] | None, cost: int) -> _Family:
+def _greedy(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, extra: Sequence[int] = ()) -> _Family:
     """Lazy greedy on net gain. Uncapped: every group that pays for its own file gets one first. Then
     candidate task sets (the largest groups, their pairwise intersections, and under a cap the part of a
     blocked set whose tasks still have room) are opened while one gains more than a file costs; opening S
-    re-packs every group U >= S whose packing gains by swapping out the files S overlaps."""
+    re-packs every group U >= S whose packing gains by swapping out the files S overlaps. `extra`: more
+    candidate task sets (the clusters, under a cap)."""
     fam = _Family()
     order = {U: k for k, U in enumerate(groups)}
     own = {U: B * (_pc(U) - 1) for U, B in groups.items()}
@@ -204,10 +205,15 @@ def _greedy(groups: dict[int, int], n: int, cap: list[int] | None, cost: int) ->
 
     # candidates: within a budget of subset tests against all groups
     k_top = max(8, GREEDY_SUBSET_TESTS // max(1, len(glist)))
+    if cap is not None:  # at most n * cap / 2 files can open: look at a few times that many
+        k_top = min(k_top, 2 * n * max(cap) + 32)
     cands: dict[int, int] = {}  # mask -> tie-break order
     for U in ranked[:k_top]:
         if U not in fam.files and own[U] > 0:
             cands.setdefault(U, len(cands))
+    for S in extra:
+        if S not in fam.files:
+            cands.setdefault(S, len(cands))
     top = ranked[:GREEDY_PAIR_TOP]
     for a in range(len(top)):
         for b in range(a + 1, len(top)):
@@ -215,13 +221,29 @@ def _greedy(groups: dict[int, int], n: int, cap: list[int] | None, cost: int) ->
             if _pc(inter) >= 2 and inter not in fam.files:
                 cands.setdefault(inter, len(cands))
 
+    pack_get = fam.pack.get
+
     def gain(S: int) -> int:
         g, w = -cost, _pc(S) - 1
         for U in supersets(S):
-            lost = sum(_pc(F) - 1 for F in fam.pack.get(U, ()) if F & S)
+            P = pack_get(U)
+            if not P:
+                g += groups[U] * w
+                continue
+            lost = 0
+            for F in P:
+                if F & S:
+                    lost += F.bit_count() - 1
             if w > lost:
                 g += groups[U] * (w - lost)
         return g
+
+    def key(S: int) -> float:
+        # uncapped: the most net bytes first; under a cap a task's slots are what is scarce: the most net
+        # bytes per task slot first (eight fine-tunes of one family in one file beat a file for 48 tasks
+        # holding only what all 48 share, when each task may load one file)
+        g = gain(S)
+        return -g / S.bit_count() if cap is not None and g > 0 else -g
 
     uses: dict[int, int] = {}
     for P in fam.pack.values():
@@ -250,7 +272,11 @@ def _greedy(groups: dict[int, int], n: int, cap: list[int] | None, cost: int) ->
                 fam.pack[U] = keep + [S]
                 uses[S] = uses.get(S, 0) + 1
 
-    heap = [(-gain(S), k, S) for S, k in cands.items()]
+    heap = []
+    for S, k in cands.items():
+        # at most sum_{U >= S} B(U) (|S| - 1) - cost: a candidate that cannot pay is never opened
+        if sum(groups[U] for U in supersets(S)) * (_pc(S) - 1) > cost:
+            heap.append((key(S), k, S))
     heapq.heapify(heap)
     fresh: dict[int, int] = {S: 0 for S in cands}  # mask -> stamp its heap gain was computed at
     stamp, seen = 0, set(cands)
@@ -268,13 +294,13 @@ def _greedy(groups: dict[int, int], n: int, cap: list[int] | None, cost: int) ->
                 if _pc(S2) >= 2 and S2 not in seen and S2 not in fam.files:
                     seen.add(S2)
                     fresh[S2] = stamp
-                    heapq.heappush(heap, (-gain(S2), k, S2))
+                    heapq.heappush(heap, (key(S2), k, S2))
                 continue
         if fresh[S] != stamp:
             fresh[S] = stamp
-            heapq.heappush(heap, (-gain(S), k, S))
+            heapq.heappush(heap, (key(S), k, S))
             continue
-        if -neg <= 0:
+        if neg >= 0:
             break
         open_file(S)
         stamp += 1
@@ -380,6 +406,7 @@ def _exact(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, inc
         if nodes > budget:
             raise _SearchBudget
         here = full - sum(B * room[U] for U, B in glist) - cost * nfiles
+        base_room = room
         if here > best_val:
             best_val, best_mask = here, fmask
         # remaining cap-feasible candidates. Any family below this node gains at most, for any lam_U in {0, 1}:
@@ -387,6 +414,11 @@ def _exact(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, inc
         # (group U's gain is at most room(U), and at most the sum over the opened S <= U of min(|S|-1, room(U))).
         # lam = 1 everywhere first, then 0 for the groups that bound counts more than their room, twice.
         feas = [j for j in range(i, m) if cap is None or all(load[t] < cap[t] for t in _bits(cands[j]))]
+        fm = fmask
+        for j in feas:
+            fm |= 1 << j
+        # what each group can still gain: at most its packing with every feasible candidate opened
+        room = {U: r and pack(U, fm & subbits[U]) - (_pc(U) - 1 - r) for U, r in room.items()}
         lam0: set[int] = set()
         ub, rest = None, 0
         for _ in range(3):
@@ -419,14 +451,14 @@ def _exact(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, inc
         S = cands[j]
         for t in _bits(S):
             load[t] += 1
-        inner = dict(room)
+        inner = dict(base_room)
         f2 = fmask | 1 << j
         for U, _ in sup_of[j]:
             inner[U] = _pc(U) - 1 - pack(U, f2 & subbits[U])
         dfs(j + 1, f2, nfiles + 1, inner)
         for t in _bits(S):
             load[t] -= 1
-        dfs(j + 1, fmask, nfiles, room)
+        dfs(j + 1, fmask, nfiles, base_room)
 
     full = sum(B * (_pc(U) - 1) for U, B in glist)
     done = True
@@ -465,32 +497,76 @@ def _exact(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, inc
     return fam, done, bound
 
 
-def _pair_cap_bound(groups: dict[int, int], n: int, cap: list[int]) -> float | None:
+def _pair_cap_bound(groups: dict[int, int], n: int, cap: list[int]) -> tuple[float, list[list[float]]] | None:
     """An upper bound on the gross saving under a cap: attribute a file's saving (|S|-1) bytes(F) to its
     tasks, (1 - 1/|S|) bytes(F) each; a version v in a file S has U(v) >= S, so its share is at most
     w(v) = (1 - 1/|U(v)|) nbytes. Task t loads at most cap[t] files, each with a partner u != t that every
     version in it is shared with, so t's share is at most the sum of its cap[t] largest W(t, u) =
-    sum of w over versions shared by t and u (and at most its total w). None when too costly to compute."""
-    if sum(_pc(U) ** 2 for U in groups) > PAIR_BOUND_BUDGET:
+    sum of w over versions shared by t and u (and at most its total w). A group adds its w to the pairs
+    inside it, or (when it holds most tasks) to all of its tasks' rows and back off the pairs leaving it:
+    sum over groups of min(|U|^2, |U| (n - |U|)) steps, plus n^2. Returns (bound, W); None when that is
+    over budget."""
+    if sum(min(_pc(U) ** 2, _pc(U) * (n - _pc(U))) for U in groups) > PAIR_BOUND_BUDGET:
         return None
-    W = [dict() for _ in range(n)]  # type: list[dict[int, float]]
+    W = [[0.0] * n for _ in range(n)]
+    row_all = [0.0] * n  # added to every pair of the row
     tot = [0.0] * n
+    full = (1 << n) - 1
     for U, B in groups.items():
         k = _pc(U)
         w = B * (k - 1) / k
         members = list(_bits(U))
-        for t in members:
-            tot[t] += w
-            row = W[t]
-            for u in members:
-                if u != t:
-                    row[u] = row.get(u, 0.0) + w
+        if k * k <= k * (n - k):
+            for t in members:
+                tot[t] += w
+                row = W[t]
+                for u in members:
+                    row[u] += w
+        else:
+            outside = list(_bits(full & ~U))
+            for t in members:
+                tot[t] += w
+                row_all[t] += w
+                row = W[t]
+                for u in outside:
+                    row[u] -= w
+    for t in range(n):
+        row, extra = W[t], row_all[t]
+        for u in range(n):
+            row[u] += extra
     total = 0.0
     for t in range(n):
         c = cap[t]
-        share = sum(sorted(W[t].values(), reverse=True)[:c]) if c > 0 else 0.0
-        total += min(share, tot[t])
-    return total
+        if c <= 0:
+            continue
+        vals = sorted((W[t][u] for u in range(n) if u != t), reverse=True)
+        total += min(sum(vals[:c]), tot[t])
+    return total, W
+
+
+def _clusters(W: list[list[float]], n: int) -> list[int]:
+    """Task sets for the capped greedy to consider besides the groups: the clusters of a single-linkage
+    agglomeration on W(t, u) (bytes t and u could share), every merge one candidate. Under a cap the
+    best files are often such clusters (a family of fine-tunes holding what all of them share), which
+    are intersections of many groups and not among the groups themselves."""
+    pairs = sorted(((W[t][u], t, u) for t in range(n) for u in range(t + 1, n) if W[t][u] > 0),
+                   key=lambda p: (-p[0], p[1], p[2]))
+    root = list(range(n))
+    members = [1 << t for t in range(n)]
+
+    def find(x: int) -> int:
+        while root[x] != x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+    out = []
+    for _, t, u in pairs:
+        a, b = find(t), find(u)
+        if a != b:
+            root[b] = a
+            members[a] |= members[b]
+            out.append(members[a])
+    return out
 
 
 # --- cutting files into parts under max_shard_size ----------------------------------------------------------
@@ -684,15 +760,16 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
     if capped and max_shared_files == 0 or not groups:
         fam, exact, ub = _Family(), True, 0
     else:
-        fam = _greedy(groups, n, cap, file_cost)
-        exact, ub = False, dedup_saving
+        exact, ub, extra = False, dedup_saving, []
+        if capped and n > EXACT_MAX_TASKS:
+            pb = _pair_cap_bound(groups, n, cap)
+            if pb is not None:
+                ub = min(ub, int(pb[0] * (1 + 1e-12)) + 1)
+                extra = _clusters(pb[1], n)
+        fam = _greedy(groups, n, cap, file_cost, extra)
         if n <= EXACT_MAX_TASKS:
             fam, exact, ub_search = _exact(groups, n, cap, file_cost, fam, EXACT_NODE_BUDGET)
             ub = min(ub, ub_search)
-        elif capped:
-            pb = _pair_cap_bound(groups, n, cap)
-            if pb is not None:
-                ub = min(ub, int(pb * (1 + 1e-12)) + 1)
     net = _net_saving(groups, fam, file_cost)
     if net >= ub:
         exact = True
@@ -814,15 +891,13 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
     # 9. reasons and stats
     name_tasks: dict[str, int] = {}
     name_kind: dict[str, tuple | None] = {}  # name -> its (type, shape) if one for all, else None
-    for i in range(n):
-        for v in seqs[i]:
-            x = vers[v]
-            name_tasks[x.name] = name_tasks.get(x.name, 0) + 1
-            kind = (x.ggml_type, x.shape)
-            if x.name not in name_kind:
-                name_kind[x.name] = kind
-            elif name_kind[x.name] != kind:
-                name_kind[x.name] = None
+    for v, x in enumerate(vers):  # per version, not per tensor: a task holds a name once
+        name_tasks[x.name] = name_tasks.get(x.name, 0) + _pc(users[v])
+        kind = (x.ggml_type, x.shape)
+        if x.name not in name_kind:
+            name_kind[x.name] = kind
+        elif name_kind[x.name] != kind:
+            name_kind[x.name] = None
     reasons: dict[str, dict[str, str]] = {}
     small = 0
     for i in range(n):
