@@ -16,9 +16,38 @@ whose task set they cover, respects a cap on shared files per task (`max_shared_
 than `max_shard_size` into parts at consecutive positions, and assigns positions so that few holes are
 needed. It never looks at file contents or names: same inputs, same plan (deterministic).
 
-The objective: stored tensor bytes + `file_cost` x number of shared files holding tensors (holes are not
-counted; fewer holes is a secondary goal). Exact (a search) for small instances, a greedy otherwise; the
-plan reports which, with a lower bound (the dedup optimum: every distinct tensor version once).
+The objective: stored tensor bytes + `file_cost` x number of new shared groups holding tensors (a sharded
+group counts once; holes and fixed files are not counted; fewer holes is a secondary goal).
+
+How (in brief):
+1. Every tensor identity gets an int; per version a bitmask of its users (one dict lookup per tensor).
+2. Fixed files (`gguf-split add`): each task loads the fixed files, among those whose every tensor it holds,
+   that save it the most bytes (distinct positions, disjoint tensors, the cap; parts of one `group` count
+   once), exhaustively up to FIXED_EXACT_MAX candidates, else greedily. What they cover leaves the task's
+   effective user sets.
+3. Versions are grouped by effective user set U (>= 2 tasks) with byte totals B(U). Choosing files is then
+   a problem over groups only (see `_Family`): a family F of task sets, per group a packing of pairwise
+   disjoint sets of F inside U; maximise sum_U B(U) pack(U, F) - file_cost |F| with each task in <= cap sets.
+   - up to EXACT_MAX_TASKS (5) tasks: branch and bound over every task set of >= 2 tasks inside some group
+     (intersections and arbitrary subsets included), seeded by the greedy, with an exact per-group packing.
+     Proven minimal for <= 4 tasks always (<= 11 candidate sets) and for 5 tasks unless the search passes
+     EXACT_NODE_BUDGET nodes (then exact=False with the bound of its root);
+   - larger: a lazy greedy. Uncapped, every group whose own file pays gets one; then candidates (the
+     largest groups, intersections of the largest, and under a cap the clusters of a single-linkage
+     agglomeration of tasks by the bytes they could share) are opened while one gains more than a file
+     costs (under a cap: the most bytes per task slot first); opening S re-packs the groups it can serve.
+4. Contents (model order of the file's first task), shards (`max_shard_size`: longest fitting runs; an
+   adaptor's split 0 takes the longest fitting prefix of its own tensors, the rest become OWN parts),
+   positions (first fit by task-set size, every order tried for up to 6 groups to need the fewest holes;
+   OWN parts fill their task's holes first), holes (reusing fixed hole files), reasons and stats.
+All passes are linear in the number of tensors plus sorting, except the greedy's candidate x group subset
+tests (bounded by GREEDY_SUBSET_TESTS) and the cap bound (bounded by PAIR_BOUND_BUDGET).
+
+Bounds (PlanStats): `objective_bound` <= the objective of every valid plan (given the fixed-file choice):
+the exact search's optimum or its root bound; otherwise the dedup optimum and, under a cap, a per-task
+bound (`_pair_cap_bound`); the plan is reported exact whenever its objective meets the bound.
+`lower_bound` = max(dedup optimum, objective_bound - file_cost x this plan's groups): no valid plan with at
+most as many new shared groups stores fewer bytes; == stored_bytes when exact.
 """
 
 from __future__ import annotations
@@ -88,9 +117,9 @@ class PlanStats:
     stored_bytes: int  # tensor bytes the plan stores (adaptors + new shared files; fixed files excluded)
     input_bytes: int  # sum of every task's tensor bytes
     dedup_optimum: int  # every distinct tensor version of the (new) tasks once: a lower bound
-    exact: bool  # True when the objective is proven minimal (a search), False for the greedy
-    lower_bound: int  # a lower bound on stored_bytes under the cap (== stored_bytes when exact)
-    small_group_bytes: int  # bytes of versions shared by >= 2 tasks that stay in several adaptors
+    exact: bool  # True when the objective is proven minimal (given the fixed-file choice)
+    lower_bound: int  # no valid plan with at most `groups` new shared groups stores less (== stored when exact)
+    small_group_bytes: int  # bytes of the adaptor copies of versions shared by >= 2 tasks (TOO_SMALL, CAPPED)
     objective: int = 0  # stored_bytes + file_cost x groups (the quantity the planner minimises)
     objective_bound: int = 0  # a lower bound on the objective of any valid plan (== objective when exact)
     groups: int = 0  # new shared groups holding tensors (a sharded group counts once)

@@ -502,3 +502,32 @@ def test_edges():
         plan_layout({"a": [T("x", 0), T("x", 1)]})
     with pytest.raises(ValueError):
         plan_layout({"a": [T("x")]}, max_shared_files=-1)
+
+
+def test_cap_one_families_get_a_file_each_in_the_greedy():
+    """12 tasks in 3 families (a family changes its own 10 tensors alike; each task changes 2 of its own),
+    cap 1: each family shares one file holding what its members share (not one file for everyone, which
+    could hold only what all 12 share)."""
+    base = [T(f"w{i}", 0, 100_000) for i in range(60)]
+    models = {}
+    for k in range(12):
+        fam = k // 4
+        models[f"t{k}"] = [T(x.name, 100 + fam, x.nbytes) if fam * 10 <= i < fam * 10 + 10 else
+                           T(x.name, 1000 + k, x.nbytes) if i in (40 + k, 41 + k) else x for i, x in enumerate(base)]
+    lay = plan(models, max_shared_files=1, file_cost=0)
+    assert not lay.stats.exact
+    assert set(shared_sets(lay)) == {frozenset(f"t{k}" for k in range(f * 4, f * 4 + 4)) for f in range(3)}
+    assert lay.stats.lower_bound <= lay.stats.stored_bytes
+
+
+def test_search_out_of_budget_says_so(monkeypatch):
+    monkeypatch.setattr(P, "EXACT_NODE_BUDGET", 1)
+    rng = random.Random(3)
+    seen_inexact = False
+    for _ in range(10):
+        models = random_models(rng, 4, 8)
+        lay = plan(models, file_cost=2000)
+        opt = brute_force(models, None, 2000)
+        assert lay.stats.objective_bound <= opt <= lay.stats.objective
+        seen_inexact |= not lay.stats.exact
+    assert seen_inexact
