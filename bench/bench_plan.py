@@ -23,16 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from gguf_split import plan as P
-except ImportError:  # on the planner branch the package __init__ still imports the old split.py
-    import importlib.util
-
-    _spec = importlib.util.spec_from_file_location("gguf_split_plan_standalone",
-                                                   Path(__file__).resolve().parents[1] / "gguf_split" / "plan.py")
-    P = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = P
-    _spec.loader.exec_module(P)
+from gguf_split import plan as P
 
 TensorId = P.TensorId
 MB = 1e6

@@ -224,17 +224,30 @@ class NewFile:
         self.tmp = temp_name(final)
         self.path = os.path.join(directory, self.tmp)
         self.final_path = os.path.join(directory, final)
+        self.fd = -1
+        self.synced: Future[None] | None = None
+        self.closed = False
+
+    def open(self) -> "NewFile":
+        """Create the file (registered with its owner first, so an interruption cannot leak it)."""
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         except OSError as e:
             raise GGUFSplitError(self.final_path, f"cannot create: {os_problem(e)}") from None
-        self.synced: Future[None] | None = None
-        self.closed = False
+        return self
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
+
+    def discard(self) -> None:
+        self.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 class Transaction:
@@ -310,7 +323,7 @@ class Transaction:
     def new(self, final: str) -> NewFile:
         f = NewFile(self.dir, final)
         self.files.append(f)
-        return f
+        return f.open()
 
     def write(self, f: NewFile, fn: Callable[[int], None]) -> None:
         """Run `fn(f.fd)` (OS errors, a full disk, become one line naming the final file), then fsync it in
@@ -352,7 +365,9 @@ class Transaction:
             self.committed = True
             return
         jfile = NewFile(self.dir, JOURNAL)
+        switched = False
         try:
+            jfile.open()
             try:
                 data = journal.encode()
                 view = memoryview(data)
@@ -363,13 +378,16 @@ class Transaction:
                 jfile.close()
             checkpoint("journal written")
             os.replace(jfile.path, os.path.join(self.dir, JOURNAL))
+            switched = True
             fsync_dir(self.dir)
-        except OSError as e:
-            try:
-                os.unlink(jfile.path)
-            except OSError:
-                pass
-            raise GGUFSplitError(self.dir, f"cannot commit: {os_problem(e)}") from None
+        except BaseException as e:  # an OSError, or an interruption (Ctrl-C, SIGTERM)
+            if switched:
+                self.committed = True  # the journal is in place: the new state stands, the next run finishes it
+            else:
+                jfile.discard()
+            if isinstance(e, OSError):
+                raise GGUFSplitError(self.dir, f"cannot commit: {os_problem(e)}") from None
+            raise
         self.committed = True  # the new state is the state from here on
         checkpoint("switched")
         try:
@@ -384,11 +402,7 @@ class Transaction:
             self._syncer = None
         if not self.committed:
             for f in self.files:
-                f.close()
-                try:
-                    os.unlink(f.path)
-                except OSError:
-                    pass
+                f.discard()
             if self.created_dir:
                 try:
                     os.rmdir(self.dir)

@@ -10,17 +10,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from gguf_split import plan as P
-except ImportError:  # on the planner branch the package __init__ still imports the old split.py (being replaced)
-    import importlib.util
-    import sys
-
-    _spec = importlib.util.spec_from_file_location("gguf_split_plan_standalone",
-                                                   Path(__file__).resolve().parents[1] / "gguf_split" / "plan.py")
-    P = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = P
-    _spec.loader.exec_module(P)
+from gguf_split import plan as P
 
 TensorId, FixedFile, plan_layout = P.TensorId, P.FixedFile, P.plan_layout
 MiB = 1 << 20
