@@ -410,7 +410,12 @@ def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> li
             raise cur.fail(f"tensor {name!r}: element count of shape {list(shape)} overflows", at=at)
         if block == 0 or type_size == 0:
             raise cur.fail(f"tensor {name!r} has ggml type {type_name(raw_type)}, which has no block size", at=at)
-        if shape and shape[0] % block:
+        # ne0 of a tensor with no dimensions is 1 (a scalar), as in llama.cpp's gguf.cpp, which refuses any
+        # type whose block holds more than one element: such a tensor would have 0 bytes
+        if (shape[0] % block) if shape else (block > 1):
+            if not shape:
+                raise cur.fail(f"tensor {name!r} has no dimensions (a scalar: 1 element), but a "
+                               f"{type_name(raw_type)} block holds {block} elements", at=pos)
             raise cur.fail(f"tensor {name!r}: first dimension {shape[0]} is not a multiple of "
                            f"{type_name(raw_type)}'s block size {block}", at=at)
         if offset % alignment:
