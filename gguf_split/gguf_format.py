@@ -38,6 +38,12 @@ SUPPORTED_VERSIONS = (2, 3)
 WRITE_VERSION = 3
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_NESTING = 8  # deeper nesting is refused (llama.cpp writes at most 1 level)
+# Lengths and counts a file may claim, whatever its size (a sparse file can be 2^40 bytes of holes):
+MAX_STRING_LENGTH = 1 << 30  # llama.cpp's GGUF_MAX_STRING_LENGTH: a longer string value is refused
+MAX_ARRAY_ELEMENTS = 1 << 30  # llama.cpp's GGUF_MAX_ARRAY_ELEMENTS, for every element type
+# Keys and tensor names are decoded at parse time, so they get a limit that bounds the parse's memory: the
+# GGUF spec's limit for keys (2^16 - 1 bytes). llama.cpp refuses tensor names of 64 bytes and more.
+MAX_NAME_LENGTH = (1 << 16) - 1
 ALIGNMENT_KEY = Keys.General.ALIGNMENT
 ARCHITECTURE_KEY = Keys.General.ARCHITECTURE
 
@@ -137,6 +143,7 @@ class _WalkedArrays:
 
     MIN_COUNT = 4096
     KEEP = 4
+    MAX_BYTES = 32 << 20  # a larger array is walked every time: the memo holds at most KEEP x MAX_BYTES
 
     def __init__(self) -> None:
         self._arrays: list[tuple[int, bytes]] = []  # (count, the array's string records), newest last
@@ -159,7 +166,7 @@ class _WalkedArrays:
             self._arrays = []
 
     def remember(self, buf: Any, start: int, end: int, count: int) -> None:
-        if count >= self.MIN_COUNT:
+        if count >= self.MIN_COUNT and end - start <= self.MAX_BYTES:
             raw = bytes(buf[start:end])
             with self._lock:
                 self._arrays = [a for a in self._arrays if a[1] != raw][-(self.KEEP - 1) :] + [(count, raw)]
@@ -206,12 +213,18 @@ class _Cursor:
     def skip_string(self, what: str) -> None:
         n = self.length(what)
         self.need(n, what)
+        if n > MAX_STRING_LENGTH:
+            raise self.fail(f"{what}: string of {n} bytes is longer than llama.cpp's limit of {MAX_STRING_LENGTH} "
+                            f"bytes", at=self.pos - 8)
         self.pos += n
 
     def text(self, what: str) -> str:
+        """A key or tensor name (at most MAX_NAME_LENGTH bytes), decoded."""
         start = self.pos
         n = self.length(what)
         self.need(n, what)
+        if n > MAX_NAME_LENGTH:
+            raise self.fail(f"{what} is {n} bytes long, longer than the {MAX_NAME_LENGTH} bytes allowed", at=start)
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         try:
@@ -241,10 +254,23 @@ class _Cursor:
         sub = self.value_type(f"{what} element type")
         count = self.u64(f"{what} element count")
         left = self.size - self.pos
+        # every claim is checked against the bytes left before anything loops over it, then against llama.cpp's
+        # limit (a sparse file can hold what a count claims)
         if sub is GGUFValueType.STRING:
-            # each string needs at least its 8-byte length: check the claim before looping
+            # each string needs at least its 8-byte length
             if count > left // 8:
                 raise self.fail(f"{what}: array claims {count} strings, the file holds at most {left // 8}")
+        elif sub is GGUFValueType.ARRAY:
+            # each inner array needs at least its element type and count
+            if count > left // 12:
+                raise self.fail(f"{what}: array claims {count} arrays, the file holds at most {left // 12}")
+        elif count * SCALAR_SIZES[sub] > left:
+            raise self.fail(f"{what}: array claims {count} elements ({count * SCALAR_SIZES[sub]} bytes), "
+                            f"{left} bytes left")
+        if count > MAX_ARRAY_ELEMENTS:
+            raise self.fail(f"{what}: array claims {count} elements, more than llama.cpp's limit of "
+                            f"{MAX_ARRAY_ELEMENTS}", at=self.pos - 8)
+        if sub is GGUFValueType.STRING:
             known = _WALKED.match(self.buf, self.pos, self.size, count)
             if known is not None:
                 self.pos += known
@@ -259,19 +285,26 @@ class _Cursor:
                 if n > size - pos:
                     raise self.fail(f"truncated: {what} string of {n} bytes", at=pos - 8)
                 pos += n
+            if pos - self.pos > MAX_STRING_LENGTH + 8 * count:  # only then can one string be too long
+                self._check_string_lengths(what, count)
             _WALKED.remember(self.buf, self.pos, pos, count)
             self.pos = pos
         elif sub is GGUFValueType.ARRAY:
-            if count > left // 12:
-                raise self.fail(f"{what}: array claims {count} arrays, the file holds at most {left // 12}")
             for _ in range(count):
                 self.skip_value(GGUFValueType.ARRAY, what, depth + 1)
         else:
-            n = count * SCALAR_SIZES[sub]
-            if n > left:
-                raise self.fail(f"{what}: array claims {count} elements ({n} bytes), {left} bytes left")
-            self.pos += n
+            self.pos += count * SCALAR_SIZES[sub]
         return sub, count
+
+    def _check_string_lengths(self, what: str, count: int) -> None:
+        """Refuse a string longer than llama.cpp's limit in the string array at self.pos (walked already)."""
+        buf, pos = self.buf, self.pos
+        for i in range(count):
+            (n,) = _U64.unpack_from(buf, pos)
+            if n > MAX_STRING_LENGTH:
+                raise self.fail(f"{what}: string {i} of {n} bytes is longer than llama.cpp's limit of "
+                                f"{MAX_STRING_LENGTH} bytes", at=pos)
+            pos += 8 + n
 
 
 def read_kv(cur: _Cursor, i: int) -> KV:
