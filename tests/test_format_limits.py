@@ -526,3 +526,51 @@ def test_walked_arrays_memo_keeps_no_huge_array(tmp_path: Path, monkeypatch: pyt
     path = sparse_file(tmp_path / "vocab.gguf", head, align_up(len(head) + 8 * n, 32))
     parse_bounded(path)
     assert _WALKED.match(path.read_bytes(), len(head), len(head) + 8 * n, n) == 8 * n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Element counts, byte sizes, offsets and the data start: arithmetic past 2^63 and 2^64.
+
+
+@pytest.mark.parametrize("shape, qtype, problem", [
+    ((1 << 32, 1 << 31), Q.F32, "element count of shape [4294967296, 2147483648] overflows"),
+    (((1 << 64) - 1,), Q.I8, "element count of shape [18446744073709551615] overflows"),
+    ((1 << 63,), Q.I8, "element count of shape [9223372036854775808] overflows"),
+    ((1 << 16, 1 << 16, 1 << 16, 1 << 15), Q.F16, "element count of shape [65536, 65536, 65536, 32768] overflows"),
+    # the largest count llama.cpp represents (2^63 - 1): nbytes ~2^65, far past any file
+    (((1 << 63) - 1,), Q.F64, f"({((1 << 63) - 1) * 8} bytes at data offset 0) lies past the end of the file"),
+    ((1 << 32, (1 << 31) - 1), Q.F32, f"({(1 << 32) * ((1 << 31) - 1) * 4} bytes at data offset 0) lies past the end of the file"),
+    (((1 << 63) - 32,), Q.Q4_0, f"({((1 << 63) - 32) // 32 * 18} bytes at data offset 0) lies past the end of the file"),
+    (((1 << 63) - 256, 1), Q.Q8_K, f"({((1 << 63) - 256) // 256 * 292} bytes at data offset 0) lies past the end"),
+], ids=str)
+def test_element_count_and_byte_size_overflow(tmp_path: Path, shape: tuple[int, ...], qtype: Q, problem: str) -> None:
+    path = tmp_path / "big.gguf"
+    path.write_bytes(gguf_bytes([], [encode_tensor_info("t", shape, int(qtype), 0)], data=bytes(64)))
+    err = refused(path)
+    assert problem in err.problem and err.problem.startswith("tensor 't'")
+
+
+@pytest.mark.parametrize("offset", [(1 << 64) - 32, (1 << 64) - 64, (1 << 63), (1 << 32) - 32])
+def test_offset_plus_size_past_the_file(tmp_path: Path, offset: int) -> None:
+    """offset + nbytes wraps past 2^64 in C; here it is compared with the file size as it is."""
+    path = tmp_path / "off.gguf"
+    path.write_bytes(gguf_bytes([], [encode_tensor_info("t", (64,), int(Q.F32), offset)], data=bytes(256)))
+    err = refused(path)
+    assert err.problem == (f"tensor 't' (256 bytes at data offset {offset}) lies past the end of the file: "
+                           f"truncated or corrupt")
+
+
+@pytest.mark.parametrize("alignment", [1 << 31, 1 << 30, 1 << 12])
+def test_data_start_alignment(tmp_path: Path, alignment: int) -> None:
+    """The data section starts at the end of the tensor infos rounded up to the alignment (up to 2^31):
+    in a sparse file long enough the tensor is found there, in a file one byte too short it is refused."""
+    kv = encode_kv("general.alignment", V.UINT32, alignment)
+    info = encode_tensor_info("t", (8,), int(Q.F32), 0)
+    head = encode_prefix(3, 1, 1) + kv + info
+    path = sparse_file(tmp_path / "a.gguf", head, alignment + 32)
+    got, peak = parse_bounded(path)
+    assert peak < 64 << 10
+    assert (got.data_start, got.tensors[0].nbytes) == (alignment, 32)
+    os.truncate(path, alignment + 31)
+    err = refused(path)
+    assert err.problem == "tensor 't' (32 bytes at data offset 0) lies past the end of the file: truncated or corrupt"
