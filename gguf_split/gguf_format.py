@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -480,33 +481,93 @@ def _check_data_layout(h: Header) -> None:
 # Values
 
 
-def decode_value(buf: Any, vtype: GGUFValueType, pos: int) -> tuple[Any, int]:
-    """Decode one value at `pos` of an already checked header; return (value, end). Strings that are not
-    valid UTF-8 come back as `bytes` (the file keeps them byte-exact)."""
+def decode_value(buf: Any, vtype: GGUFValueType, pos: int, *, path: str | None = None,
+                 end: int | None = None) -> tuple[Any, int]:
+    """Decode one value at `pos` of `buf` (bytes, mmap or memoryview); return (value, end). Strings that
+    are not valid UTF-8 come back as `bytes` (the file keeps them byte-exact).
+
+    Meant for a value of a checked header, but safe on any bytes: every length and count is checked
+    against the buffer (or `end`) before it drives an allocation or a loop, and anything wrong is one
+    GGUFSplitError naming `path`. What it allocates is bounded by the bytes it decodes."""
+    size = len(buf) if end is None else min(end, len(buf))
+    t = vtype if isinstance(vtype, GGUFValueType) else _VALUE_TYPES.get(vtype)
+    if t is None or not 0 <= pos <= size:
+        raise GGUFSplitError(path, f"cannot decode a value of type {getattr(t, 'name', vtype)} at byte {pos} of {size}")
+    return _decode(buf, t, pos, size, path, 0)
+
+
+_NATIVE_LITTLE = sys.byteorder == "little"
+
+
+def _decode(buf: Any, vtype: GGUFValueType, pos: int, size: int, path: str | None, depth: int) -> tuple[Any, int]:
+    def fail(problem: str, at: int) -> GGUFSplitError:
+        return GGUFSplitError(path, f"{problem} (at byte {at})")
+
     if vtype is GGUFValueType.STRING:
+        if pos + 8 > size:
+            raise fail("truncated: string length", pos)
         (n,) = _U64.unpack_from(buf, pos)
-        raw = bytes(buf[pos + 8 : pos + 8 + n])
+        if n > size - pos - 8:
+            raise fail(f"truncated: string of {n} bytes, {size - pos - 8} left", pos)
+        raw = buf[pos + 8 : pos + 8 + n]
         try:
-            return raw.decode("utf-8"), pos + 8 + n
+            return str(raw, "utf-8"), pos + 8 + n
         except UnicodeDecodeError:
-            return raw, pos + 8 + n
-    if vtype is GGUFValueType.ARRAY:
-        (sub,) = _U32.unpack_from(buf, pos)
-        (count,) = _U64.unpack_from(buf, pos + 4)
-        sub_t = GGUFValueType(sub)
-        pos += 12
-        if sub_t in SCALAR_FORMATS:
-            fmt = SCALAR_FORMATS[sub_t]
-            n = SCALAR_SIZES[sub_t] * count
-            vals = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, pos)) if count else []
-            return vals, pos + n
-        out = []
+            return bytes(raw), pos + 8 + n
+    if vtype is not GGUFValueType.ARRAY:
+        width = SCALAR_SIZES[vtype]
+        if width > size - pos:
+            raise fail(f"truncated: {vtype.name} needs {width} bytes, {max(size - pos, 0)} left", pos)
+        (v,) = struct.unpack_from(SCALAR_FORMATS[vtype], buf, pos)
+        return v, pos + width
+    if depth >= MAX_ARRAY_NESTING:
+        raise fail(f"arrays nested deeper than {MAX_ARRAY_NESTING}", pos)
+    if pos + 12 > size:
+        raise fail("truncated: array element type and count", pos)
+    (raw_sub,) = _U32.unpack_from(buf, pos)
+    (count,) = _U64.unpack_from(buf, pos + 4)
+    sub = _VALUE_TYPES.get(raw_sub)
+    if sub is None:
+        raise fail(f"unknown array element type {raw_sub}", pos)
+    at, pos = pos, pos + 12
+    left = size - pos
+    if sub in SCALAR_SIZES:
+        n = count * SCALAR_SIZES[sub]
+        if n > left:
+            raise fail(f"array claims {count} elements ({n} bytes), {left} bytes left", at)
+        if not count:
+            return [], pos
+        fmt = SCALAR_FORMATS[sub][1]
+        if _NATIVE_LITTLE and fmt != "?":  # one list, no intermediate tuple (a bool byte of 2 stays struct's)
+            with memoryview(buf) as whole, whole[pos : pos + n] as part, part.cast("B") as b, b.cast(fmt) as typed:
+                return typed.tolist(), pos + n
+        return list(struct.unpack_from(f"<{count}{fmt}", buf, pos)), pos + n
+    if sub is GGUFValueType.STRING:
+        if count > left // 8:
+            raise fail(f"array claims {count} strings, the buffer holds at most {left // 8}", at)
+        out: list[Any] = []
+        append, unpack = out.append, _U64.unpack_from
         for _ in range(count):
-            v, pos = decode_value(buf, sub_t, pos)
-            out.append(v)
+            if pos + 8 > size:
+                raise fail("truncated: string length", pos)
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                raise fail(f"truncated: string of {n} bytes, {size - pos} left", pos - 8)
+            raw = buf[pos : pos + n]
+            pos += n
+            try:
+                append(str(raw, "utf-8"))
+            except UnicodeDecodeError:
+                append(bytes(raw))
         return out, pos
-    (v,) = struct.unpack_from(SCALAR_FORMATS[vtype], buf, pos)
-    return v, pos + SCALAR_SIZES[vtype]
+    if count > left // 12:
+        raise fail(f"array claims {count} arrays, the buffer holds at most {left // 12}", at)
+    out = []
+    for _ in range(count):
+        v, pos = _decode(buf, GGUFValueType.ARRAY, pos, size, path, depth + 1)
+        out.append(v)
+    return out, pos
 
 
 def encode_value(vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None = None) -> bytes:
@@ -602,12 +663,16 @@ class GGUFFile:
         s = (self.header.data_start if data_start is None else data_start) + t.offset
         return memoryview(self.mm)[s : s + t.nbytes]
 
-    def kv_value(self, key: str) -> Any:
+    def kv_value(self, key: str, *, expect: GGUFValueType | None = None) -> Any:
+        """The value of `key`; with `expect`, a KV of another type is refused before it is decoded (a
+        caller wanting a scalar never decodes an array of 2^30 elements a hostile file put there)."""
         kv = self.header.kv_by_key[key]
-        return decode_value(self.mm, kv.vtype, kv.value_start)[0]
+        if expect is not None and kv.vtype is not expect:
+            raise GGUFSplitError(self.path, f"{key} is a {kv.vtype.name}, expected a {expect.name}")
+        return decode_value(self.mm, kv.vtype, kv.value_start, path=self.path)[0]
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.kv_value(key) if key in self.header.kv_by_key else default
+    def get(self, key: str, default: Any = None, *, expect: GGUFValueType | None = None) -> Any:
+        return self.kv_value(key, expect=expect) if key in self.header.kv_by_key else default
 
     def raw(self, start: int, end: int) -> bytes:
         return bytes(self.mm[start:end])

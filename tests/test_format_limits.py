@@ -574,3 +574,101 @@ def test_data_start_alignment(tmp_path: Path, alignment: int) -> None:
     os.truncate(path, alignment + 31)
     err = refused(path)
     assert err.problem == "tensor 't' (32 bytes at data offset 0) lies past the end of the file: truncated or corrupt"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decode_value: safe on any bytes (it used to trust its buffer: struct.error, ValueError, RecursionError,
+# a silently short string, or a tuple and a list of the claimed count).
+
+from gguf_split.gguf_format import decode_value  # noqa: E402
+
+
+def arr(sub: V, count: int, body: bytes = b"") -> bytes:
+    return struct.pack("<IQ", sub, count) + body
+
+
+@pytest.mark.parametrize("buf, vtype, pos, problem", [
+    pytest.param(struct.pack("<Q", 1 << 40) + b"abc", V.STRING, 0, "truncated: string of 1099511627776 bytes, 3 left (at byte 0)", id="string-length"),
+    pytest.param(b"\1\2\3", V.STRING, 0, "truncated: string length (at byte 0)", id="string-no-length"),
+    pytest.param(b"\1\2", V.UINT32, 0, "truncated: UINT32 needs 4 bytes, 2 left (at byte 0)", id="scalar"),
+    pytest.param(arr(V.UINT8, 1 << 60, b"xy"), V.ARRAY, 0, "array claims 1152921504606846976 elements (1152921504606846976 bytes), 2 bytes left (at byte 0)", id="u8-count"),
+    pytest.param(arr(V.FLOAT64, 3, bytes(16)), V.ARRAY, 0, "array claims 3 elements (24 bytes), 16 bytes left (at byte 0)", id="f64-count"),
+    pytest.param(arr(V.STRING, (1 << 64) - 1, bytes(16)), V.ARRAY, 0, "array claims 18446744073709551615 strings, the buffer holds at most 2 (at byte 0)", id="string-count"),
+    pytest.param(arr(V.STRING, 2, struct.pack("<Q", 1) + b"a" + struct.pack("<Q", 9) + b"b"), V.ARRAY, 0, "truncated: string of 9 bytes, 1 left (at byte 21)", id="string-in-array"),
+    pytest.param(arr(V.STRING, 2, struct.pack("<Q", 1) + b"a" + bytes(7)), V.ARRAY, 0, "truncated: string length (at byte 21)", id="string-length-in-array"),
+    pytest.param(arr(V.ARRAY, 1 << 62, bytes(24)), V.ARRAY, 0, "array claims 4611686018427387904 arrays, the buffer holds at most 2 (at byte 0)", id="nested-count"),
+    pytest.param(arr(V.ARRAY, 1, arr(V.UINT16, 5, b"\0\0")), V.ARRAY, 0, "array claims 5 elements (10 bytes), 2 bytes left (at byte 12)", id="inner-count"),
+    pytest.param(b"".join(arr(V.ARRAY, 1) for _ in range(9)) + arr(V.UINT8, 0), V.ARRAY, 0, "arrays nested deeper than 8 (at byte 96)", id="nesting"),
+    pytest.param(arr(13, 1, b"x"), V.ARRAY, 0, "unknown array element type 13 (at byte 0)", id="element-type"),
+    pytest.param(arr(V.UINT8, 0), V.ARRAY, 5, "truncated: array element type and count (at byte 5)", id="array-header"),
+    pytest.param(b"abc", 99, 0, "cannot decode a value of type 99 at byte 0 of 3", id="value-type"),
+    pytest.param(b"abc", V.UINT8, 4, "cannot decode a value of type UINT8 at byte 4 of 3", id="position"),
+])
+def test_decode_value_refuses_what_the_buffer_does_not_hold(buf: bytes, vtype: Any, pos: int, problem: str) -> None:
+    with pytest.raises(GGUFSplitError) as err:
+        decode_value(buf, vtype, pos, path="f.gguf")
+    assert (err.value.path, err.value.problem) == ("f.gguf", problem)
+
+
+def test_decode_value_stops_at_end() -> None:
+    rec = encode_kv("k", V.ARRAY, ["ab", "cd"], V.STRING)[1 + 8 + 4:]
+    assert decode_value(rec, V.ARRAY, 0) == (["ab", "cd"], len(rec))
+    assert decode_value(memoryview(rec), V.ARRAY, 0) == (["ab", "cd"], len(rec))
+    with pytest.raises(GGUFSplitError, match=r"^truncated: string of 2 bytes, 1 left \(at byte 22\)$"):
+        decode_value(rec + b"more bytes", V.ARRAY, 0, end=len(rec) - 1)
+
+
+def test_decode_value_of_random_bytes_raises_only_gguf_split_error() -> None:
+    """Every value type at every offset of mutated records: a value or a GGUFSplitError, nothing else."""
+    rng = np.random.default_rng(7)
+    base = b"".join(encode_kv(f"k{i}", V.ARRAY, v, sub) for i, (v, sub) in enumerate(
+        [(["a", "\u00e9", ""], V.STRING), ([1, 2, 3], V.UINT16), ([0.5], V.FLOAT64), ([True], V.BOOL)]))
+    outcomes = {"value": 0, "error": 0}
+    for _ in range(300):
+        buf = bytearray(base)
+        for at in rng.integers(0, len(buf), size=3):
+            buf[at] = int(rng.integers(0, 256))
+        for vtype in V:
+            for pos in range(0, len(buf), 3):
+                try:
+                    decode_value(bytes(buf), vtype, pos)
+                    outcomes["value"] += 1
+                except GGUFSplitError:
+                    outcomes["error"] += 1
+    assert outcomes["value"] > 1000 and outcomes["error"] > 1000
+
+
+def test_decode_value_of_bool_bytes_other_than_0_and_1() -> None:
+    assert decode_value(arr(V.BOOL, 3, b"\0\1\2"), V.ARRAY, 0)[0] == [False, True, True]
+
+
+def test_decode_value_of_a_large_array_makes_one_list() -> None:
+    """The values are decoded into one list (8 bytes a pointer), not a tuple and then a list (twice that)."""
+    n = 1 << 21
+    buf = arr(V.UINT8, n, bytes(n))
+    tracemalloc.start()
+    try:
+        values, end = decode_value(buf, V.ARRAY, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (len(values), end, values[0]) == (n, len(buf), 0)
+    assert peak < 8 * n * 1.25, peak
+
+
+def test_get_with_expect_refuses_a_huge_array_before_decoding_it(tmp_path: Path) -> None:
+    """general.architecture as a 2^30-element u8 array in a sparse file: a caller asking for a string gets
+    an error, not a 2^30-element list (~8 GB)."""
+    head = one_kv_head(struct.pack("<IQ", V.UINT8, LIMIT), V.ARRAY, b"general.architecture")
+    path = sparse_file(tmp_path / "arch.gguf", head, len(head) + LIMIT + 64)
+    with GGUFFile(path) as f:
+        tracemalloc.start()
+        try:
+            with pytest.raises(GGUFSplitError) as err:
+                f.get("general.architecture", expect=V.STRING)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert err.value.path == str(path) and peak < 64 << 10
+        assert err.value.problem == "general.architecture is a ARRAY, expected a STRING"
+        assert f.get("general.name", "none", expect=V.STRING) == "none"
