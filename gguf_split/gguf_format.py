@@ -350,7 +350,7 @@ def read_kv_at(buf: Any, pos: int, path: str) -> KV:
 
 def read_tensor_infos_at(buf: Any, pos: int, n_tensors: int, alignment: int, path: str) -> list[TensorInfo]:
     """`n_tensors` checked tensor-info records from byte `pos` of `buf`."""
-    room = len(buf) - pos
+    room = max(len(buf) - pos, 0)  # pos comes from a header index: it may lie past the end
     if n_tensors > room // 24:
         raise GGUFSplitError(path, f"header claims {n_tensors} tensors, the file can hold at most {room // 24}")
     return read_tensor_infos(_Cursor(buf, pos, len(buf), path), n_tensors, alignment)

@@ -672,3 +672,14 @@ def test_get_with_expect_refuses_a_huge_array_before_decoding_it(tmp_path: Path)
         assert err.value.path == str(path) and peak < 64 << 10
         assert err.value.problem == "general.architecture is a ARRAY, expected a STRING"
         assert f.get("general.name", "none", expect=V.STRING) == "none"
+
+
+def test_tensor_infos_at_a_position_past_the_end() -> None:
+    """A header index can point past the file: zero tensors there are none, one is refused plainly (it
+    said 'the file can hold at most -1', and refused even zero tensors)."""
+    from gguf_split.gguf_format import read_tensor_infos_at
+
+    assert read_tensor_infos_at(b"GGUF", 100, 0, 32, "f.gguf") == []
+    with pytest.raises(GGUFSplitError) as err:
+        read_tensor_infos_at(b"GGUF", 100, 1, 32, "f.gguf")
+    assert err.value.problem == "header claims 1 tensors, the file can hold at most 0"
