@@ -7,7 +7,11 @@ types, block sizes) come from the installed `gguf` package, so a ggml type added
 The reader keeps every key/value pair and tensor-info record as a byte span of the file, so a header can be
 written back byte for byte (bit-exact restore) without re-encoding anything. Every count, length and
 offset read from the file is checked against the file size before it is used to allocate or loop: a
-30-byte file can claim 2^63 tensors. Only `GGUFSplitError` escapes, naming the file and the problem.
+30-byte file can claim 2^63 tensors. And since a sparse file can hold what it claims (gigabytes of holes),
+also against fixed limits: llama.cpp's 2^30 for string values and array counts, 2^16 - 1 bytes for keys
+and tensor names (decoded at parse time); the parse never reads a value or tensor data into memory.
+Tensor shapes follow llama.cpp's gguf.cpp (a 0-dim tensor is a scalar of one element; ne0 must be a
+multiple of the block size). Only `GGUFSplitError` escapes, naming the file and the problem.
 
 Layout (little-endian; see ../shared/NOTES.md): magic "GGUF", version u32 (2 or 3), n_tensors u64, n_kv u64,
 n_kv KV records, n_tensors tensor-info records, zero padding to `general.alignment`, the data section.

@@ -480,7 +480,8 @@ def test_key_length_limit(tmp_path: Path, n: int) -> None:
     if n < 1 << 16:
         assert got.kvs[0].key == key.decode()
     else:
-        assert got.problem == "key of key/value pair 0 is 65536 bytes long, longer than the 65535 bytes allowed (at byte 24)"
+        assert got.problem == ("key of key/value pair 0 is 65536 bytes long, longer than the 65535 bytes allowed "
+                               "(at byte 24)")
 
 
 @pytest.mark.parametrize("n", [(1 << 16) - 1, 1 << 16])
@@ -491,7 +492,8 @@ def test_tensor_name_length_limit(tmp_path: Path, n: int) -> None:
     if n < 1 << 16:
         assert got.tensors[0].name == "t" * n
     else:
-        assert got.problem == "name of tensor 0 is 65536 bytes long, longer than the 65535 bytes allowed (at byte 24)"
+        assert got.problem == ("name of tensor 0 is 65536 bytes long, longer than the 65535 bytes allowed "
+                               "(at byte 24)")
 
 
 def test_a_key_of_gigabytes_in_a_sparse_file_is_not_read(tmp_path: Path) -> None:
@@ -538,9 +540,9 @@ def test_walked_arrays_memo_keeps_no_huge_array(tmp_path: Path, monkeypatch: pyt
     ((1 << 63,), Q.I8, "element count of shape [9223372036854775808] overflows"),
     ((1 << 16, 1 << 16, 1 << 16, 1 << 15), Q.F16, "element count of shape [65536, 65536, 65536, 32768] overflows"),
     # the largest count llama.cpp represents (2^63 - 1): nbytes ~2^65, far past any file
-    (((1 << 63) - 1,), Q.F64, f"({((1 << 63) - 1) * 8} bytes at data offset 0) lies past the end of the file"),
-    ((1 << 32, (1 << 31) - 1), Q.F32, f"({(1 << 32) * ((1 << 31) - 1) * 4} bytes at data offset 0) lies past the end of the file"),
-    (((1 << 63) - 32,), Q.Q4_0, f"({((1 << 63) - 32) // 32 * 18} bytes at data offset 0) lies past the end of the file"),
+    (((1 << 63) - 1,), Q.F64, f"({((1 << 63) - 1) * 8} bytes at data offset 0) lies past the end"),
+    ((1 << 32, (1 << 31) - 1), Q.F32, f"({(1 << 32) * ((1 << 31) - 1) * 4} bytes at data offset 0) lies past the end"),
+    (((1 << 63) - 32,), Q.Q4_0, f"({((1 << 63) - 32) // 32 * 18} bytes at data offset 0) lies past the end"),
     (((1 << 63) - 256, 1), Q.Q8_K, f"({((1 << 63) - 256) // 256 * 292} bytes at data offset 0) lies past the end"),
 ], ids=str)
 def test_element_count_and_byte_size_overflow(tmp_path: Path, shape: tuple[int, ...], qtype: Q, problem: str) -> None:
@@ -588,17 +590,26 @@ def arr(sub: V, count: int, body: bytes = b"") -> bytes:
 
 
 @pytest.mark.parametrize("buf, vtype, pos, problem", [
-    pytest.param(struct.pack("<Q", 1 << 40) + b"abc", V.STRING, 0, "truncated: string of 1099511627776 bytes, 3 left (at byte 0)", id="string-length"),
+    pytest.param(struct.pack("<Q", 1 << 40) + b"abc", V.STRING, 0,
+                 "truncated: string of 1099511627776 bytes, 3 left (at byte 0)", id="string-length"),
     pytest.param(b"\1\2\3", V.STRING, 0, "truncated: string length (at byte 0)", id="string-no-length"),
     pytest.param(b"\1\2", V.UINT32, 0, "truncated: UINT32 needs 4 bytes, 2 left (at byte 0)", id="scalar"),
-    pytest.param(arr(V.UINT8, 1 << 60, b"xy"), V.ARRAY, 0, "array claims 1152921504606846976 elements (1152921504606846976 bytes), 2 bytes left (at byte 0)", id="u8-count"),
-    pytest.param(arr(V.FLOAT64, 3, bytes(16)), V.ARRAY, 0, "array claims 3 elements (24 bytes), 16 bytes left (at byte 0)", id="f64-count"),
-    pytest.param(arr(V.STRING, (1 << 64) - 1, bytes(16)), V.ARRAY, 0, "array claims 18446744073709551615 strings, the buffer holds at most 2 (at byte 0)", id="string-count"),
-    pytest.param(arr(V.STRING, 2, struct.pack("<Q", 1) + b"a" + struct.pack("<Q", 9) + b"b"), V.ARRAY, 0, "truncated: string of 9 bytes, 1 left (at byte 21)", id="string-in-array"),
-    pytest.param(arr(V.STRING, 2, struct.pack("<Q", 1) + b"a" + bytes(7)), V.ARRAY, 0, "truncated: string length (at byte 21)", id="string-length-in-array"),
-    pytest.param(arr(V.ARRAY, 1 << 62, bytes(24)), V.ARRAY, 0, "array claims 4611686018427387904 arrays, the buffer holds at most 2 (at byte 0)", id="nested-count"),
-    pytest.param(arr(V.ARRAY, 1, arr(V.UINT16, 5, b"\0\0")), V.ARRAY, 0, "array claims 5 elements (10 bytes), 2 bytes left (at byte 12)", id="inner-count"),
-    pytest.param(b"".join(arr(V.ARRAY, 1) for _ in range(9)) + arr(V.UINT8, 0), V.ARRAY, 0, "arrays nested deeper than 8 (at byte 96)", id="nesting"),
+    pytest.param(arr(V.UINT8, 1 << 60, b"xy"), V.ARRAY, 0,
+                 "array claims 1152921504606846976 elements (1152921504606846976 bytes), 2 bytes left (at byte 0)", id="u8-count"),
+    pytest.param(arr(V.FLOAT64, 3, bytes(16)), V.ARRAY, 0,
+                 "array claims 3 elements (24 bytes), 16 bytes left (at byte 0)", id="f64-count"),
+    pytest.param(arr(V.STRING, (1 << 64) - 1, bytes(16)), V.ARRAY, 0,
+                 "array claims 18446744073709551615 strings, the buffer holds at most 2 (at byte 0)", id="string-count"),
+    pytest.param(arr(V.STRING, 2, struct.pack("<Q", 1) + b"a" + struct.pack("<Q", 9) + b"b"), V.ARRAY, 0,
+                 "truncated: string of 9 bytes, 1 left (at byte 21)", id="string-in-array"),
+    pytest.param(arr(V.STRING, 2, struct.pack("<Q", 1) + b"a" + bytes(7)), V.ARRAY, 0,
+                 "truncated: string length (at byte 21)", id="string-length-in-array"),
+    pytest.param(arr(V.ARRAY, 1 << 62, bytes(24)), V.ARRAY, 0,
+                 "array claims 4611686018427387904 arrays, the buffer holds at most 2 (at byte 0)", id="nested-count"),
+    pytest.param(arr(V.ARRAY, 1, arr(V.UINT16, 5, b"\0\0")), V.ARRAY, 0,
+                 "array claims 5 elements (10 bytes), 2 bytes left (at byte 12)", id="inner-count"),
+    pytest.param(b"".join(arr(V.ARRAY, 1) for _ in range(9)) + arr(V.UINT8, 0), V.ARRAY, 0,
+                 "arrays nested deeper than 8 (at byte 96)", id="nesting"),
     pytest.param(arr(13, 1, b"x"), V.ARRAY, 0, "unknown array element type 13 (at byte 0)", id="element-type"),
     pytest.param(arr(V.UINT8, 0), V.ARRAY, 5, "truncated: array element type and count (at byte 5)", id="array-header"),
     pytest.param(b"abc", 99, 0, "cannot decode a value of type 99 at byte 0 of 3", id="value-type"),
