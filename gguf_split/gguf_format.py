@@ -7,7 +7,11 @@ types, block sizes) come from the installed `gguf` package, so a ggml type added
 The reader keeps every key/value pair and tensor-info record as a byte span of the file, so a header can be
 written back byte for byte (bit-exact restore) without re-encoding anything. Every count, length and
 offset read from the file is checked against the file size before it is used to allocate or loop: a
-30-byte file can claim 2^63 tensors. Only `GGUFSplitError` escapes, naming the file and the problem.
+30-byte file can claim 2^63 tensors. And since a sparse file can hold what it claims (gigabytes of holes),
+also against fixed limits: llama.cpp's 2^30 for string values and array counts, 2^16 - 1 bytes for keys
+and tensor names (decoded at parse time); the parse never reads a value or tensor data into memory.
+Tensor shapes follow llama.cpp's gguf.cpp (a 0-dim tensor is a scalar of one element; ne0 must be a
+multiple of the block size). Only `GGUFSplitError` escapes, naming the file and the problem.
 
 Layout (little-endian; see ../shared/NOTES.md): magic "GGUF", version u32 (2 or 3), n_tensors u64, n_kv u64,
 n_kv KV records, n_tensors tensor-info records, zero padding to `general.alignment`, the data section.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -38,6 +43,12 @@ SUPPORTED_VERSIONS = (2, 3)
 WRITE_VERSION = 3
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_NESTING = 8  # deeper nesting is refused (llama.cpp writes at most 1 level)
+# Lengths and counts a file may claim, whatever its size (a sparse file can be 2^40 bytes of holes):
+MAX_STRING_LENGTH = 1 << 30  # llama.cpp's GGUF_MAX_STRING_LENGTH: a longer string value is refused
+MAX_ARRAY_ELEMENTS = 1 << 30  # llama.cpp's GGUF_MAX_ARRAY_ELEMENTS, for every element type
+# Keys and tensor names are decoded at parse time, so they get a limit that bounds the parse's memory: the
+# GGUF spec's limit for keys (2^16 - 1 bytes). llama.cpp refuses tensor names of 64 bytes and more.
+MAX_NAME_LENGTH = (1 << 16) - 1
 ALIGNMENT_KEY = Keys.General.ALIGNMENT
 ARCHITECTURE_KEY = Keys.General.ARCHITECTURE
 
@@ -137,6 +148,7 @@ class _WalkedArrays:
 
     MIN_COUNT = 4096
     KEEP = 4
+    MAX_BYTES = 32 << 20  # a larger array is walked every time: the memo holds at most KEEP x MAX_BYTES
 
     def __init__(self) -> None:
         self._arrays: list[tuple[int, bytes]] = []  # (count, the array's string records), newest last
@@ -159,7 +171,7 @@ class _WalkedArrays:
             self._arrays = []
 
     def remember(self, buf: Any, start: int, end: int, count: int) -> None:
-        if count >= self.MIN_COUNT:
+        if count >= self.MIN_COUNT and end - start <= self.MAX_BYTES:
             raw = bytes(buf[start:end])
             with self._lock:
                 self._arrays = [a for a in self._arrays if a[1] != raw][-(self.KEEP - 1) :] + [(count, raw)]
@@ -206,12 +218,18 @@ class _Cursor:
     def skip_string(self, what: str) -> None:
         n = self.length(what)
         self.need(n, what)
+        if n > MAX_STRING_LENGTH:
+            raise self.fail(f"{what}: string of {n} bytes is longer than llama.cpp's limit of {MAX_STRING_LENGTH} "
+                            f"bytes", at=self.pos - 8)
         self.pos += n
 
     def text(self, what: str) -> str:
+        """A key or tensor name (at most MAX_NAME_LENGTH bytes), decoded."""
         start = self.pos
         n = self.length(what)
         self.need(n, what)
+        if n > MAX_NAME_LENGTH:
+            raise self.fail(f"{what} is {n} bytes long, longer than the {MAX_NAME_LENGTH} bytes allowed", at=start)
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         try:
@@ -241,10 +259,23 @@ class _Cursor:
         sub = self.value_type(f"{what} element type")
         count = self.u64(f"{what} element count")
         left = self.size - self.pos
+        # every claim is checked against the bytes left before anything loops over it, then against llama.cpp's
+        # limit (a sparse file can hold what a count claims)
         if sub is GGUFValueType.STRING:
-            # each string needs at least its 8-byte length: check the claim before looping
+            # each string needs at least its 8-byte length
             if count > left // 8:
                 raise self.fail(f"{what}: array claims {count} strings, the file holds at most {left // 8}")
+        elif sub is GGUFValueType.ARRAY:
+            # each inner array needs at least its element type and count
+            if count > left // 12:
+                raise self.fail(f"{what}: array claims {count} arrays, the file holds at most {left // 12}")
+        elif count * SCALAR_SIZES[sub] > left:
+            raise self.fail(f"{what}: array claims {count} elements ({count * SCALAR_SIZES[sub]} bytes), "
+                            f"{left} bytes left")
+        if count > MAX_ARRAY_ELEMENTS:
+            raise self.fail(f"{what}: array claims {count} elements, more than llama.cpp's limit of "
+                            f"{MAX_ARRAY_ELEMENTS}", at=self.pos - 8)
+        if sub is GGUFValueType.STRING:
             known = _WALKED.match(self.buf, self.pos, self.size, count)
             if known is not None:
                 self.pos += known
@@ -259,19 +290,26 @@ class _Cursor:
                 if n > size - pos:
                     raise self.fail(f"truncated: {what} string of {n} bytes", at=pos - 8)
                 pos += n
+            if pos - self.pos > MAX_STRING_LENGTH + 8 * count:  # only then can one string be too long
+                self._check_string_lengths(what, count)
             _WALKED.remember(self.buf, self.pos, pos, count)
             self.pos = pos
         elif sub is GGUFValueType.ARRAY:
-            if count > left // 12:
-                raise self.fail(f"{what}: array claims {count} arrays, the file holds at most {left // 12}")
             for _ in range(count):
                 self.skip_value(GGUFValueType.ARRAY, what, depth + 1)
         else:
-            n = count * SCALAR_SIZES[sub]
-            if n > left:
-                raise self.fail(f"{what}: array claims {count} elements ({n} bytes), {left} bytes left")
-            self.pos += n
+            self.pos += count * SCALAR_SIZES[sub]
         return sub, count
+
+    def _check_string_lengths(self, what: str, count: int) -> None:
+        """Refuse a string longer than llama.cpp's limit in the string array at self.pos (walked already)."""
+        buf, pos = self.buf, self.pos
+        for i in range(count):
+            (n,) = _U64.unpack_from(buf, pos)
+            if n > MAX_STRING_LENGTH:
+                raise self.fail(f"{what}: string {i} of {n} bytes is longer than llama.cpp's limit of "
+                                f"{MAX_STRING_LENGTH} bytes", at=pos)
+            pos += 8 + n
 
 
 def read_kv(cur: _Cursor, i: int) -> KV:
@@ -316,7 +354,7 @@ def read_kv_at(buf: Any, pos: int, path: str) -> KV:
 
 def read_tensor_infos_at(buf: Any, pos: int, n_tensors: int, alignment: int, path: str) -> list[TensorInfo]:
     """`n_tensors` checked tensor-info records from byte `pos` of `buf`."""
-    room = len(buf) - pos
+    room = max(len(buf) - pos, 0)  # pos comes from a header index: it may lie past the end
     if n_tensors > room // 24:
         raise GGUFSplitError(path, f"header claims {n_tensors} tensors, the file can hold at most {room // 24}")
     return read_tensor_infos(_Cursor(buf, pos, len(buf), path), n_tensors, alignment)
@@ -410,7 +448,12 @@ def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> li
             raise cur.fail(f"tensor {name!r}: element count of shape {list(shape)} overflows", at=at)
         if block == 0 or type_size == 0:
             raise cur.fail(f"tensor {name!r} has ggml type {type_name(raw_type)}, which has no block size", at=at)
-        if shape and shape[0] % block:
+        # ne0 of a tensor with no dimensions is 1 (a scalar), as in llama.cpp's gguf.cpp, which refuses any
+        # type whose block holds more than one element: such a tensor would have 0 bytes
+        if (shape[0] % block) if shape else (block > 1):
+            if not shape:
+                raise cur.fail(f"tensor {name!r} has no dimensions (a scalar: 1 element), but a "
+                               f"{type_name(raw_type)} block holds {block} elements", at=pos)
             raise cur.fail(f"tensor {name!r}: first dimension {shape[0]} is not a multiple of "
                            f"{type_name(raw_type)}'s block size {block}", at=at)
         if offset % alignment:
@@ -442,33 +485,93 @@ def _check_data_layout(h: Header) -> None:
 # Values
 
 
-def decode_value(buf: Any, vtype: GGUFValueType, pos: int) -> tuple[Any, int]:
-    """Decode one value at `pos` of an already checked header; return (value, end). Strings that are not
-    valid UTF-8 come back as `bytes` (the file keeps them byte-exact)."""
+def decode_value(buf: Any, vtype: GGUFValueType, pos: int, *, path: str | None = None,
+                 end: int | None = None) -> tuple[Any, int]:
+    """Decode one value at `pos` of `buf` (bytes, mmap or memoryview); return (value, end). Strings that
+    are not valid UTF-8 come back as `bytes` (the file keeps them byte-exact).
+
+    Meant for a value of a checked header, but safe on any bytes: every length and count is checked
+    against the buffer (or `end`) before it drives an allocation or a loop, and anything wrong is one
+    GGUFSplitError naming `path`. What it allocates is bounded by the bytes it decodes."""
+    size = len(buf) if end is None else min(end, len(buf))
+    t = vtype if isinstance(vtype, GGUFValueType) else _VALUE_TYPES.get(vtype)
+    if t is None or not 0 <= pos <= size:
+        raise GGUFSplitError(path, f"cannot decode a value of type {getattr(t, 'name', vtype)} at byte {pos} of {size}")
+    return _decode(buf, t, pos, size, path, 0)
+
+
+_NATIVE_LITTLE = sys.byteorder == "little"
+
+
+def _decode(buf: Any, vtype: GGUFValueType, pos: int, size: int, path: str | None, depth: int) -> tuple[Any, int]:
+    def fail(problem: str, at: int) -> GGUFSplitError:
+        return GGUFSplitError(path, f"{problem} (at byte {at})")
+
     if vtype is GGUFValueType.STRING:
+        if pos + 8 > size:
+            raise fail("truncated: string length", pos)
         (n,) = _U64.unpack_from(buf, pos)
-        raw = bytes(buf[pos + 8 : pos + 8 + n])
+        if n > size - pos - 8:
+            raise fail(f"truncated: string of {n} bytes, {size - pos - 8} left", pos)
+        raw = buf[pos + 8 : pos + 8 + n]
         try:
-            return raw.decode("utf-8"), pos + 8 + n
+            return str(raw, "utf-8"), pos + 8 + n
         except UnicodeDecodeError:
-            return raw, pos + 8 + n
-    if vtype is GGUFValueType.ARRAY:
-        (sub,) = _U32.unpack_from(buf, pos)
-        (count,) = _U64.unpack_from(buf, pos + 4)
-        sub_t = GGUFValueType(sub)
-        pos += 12
-        if sub_t in SCALAR_FORMATS:
-            fmt = SCALAR_FORMATS[sub_t]
-            n = SCALAR_SIZES[sub_t] * count
-            vals = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, pos)) if count else []
-            return vals, pos + n
-        out = []
+            return bytes(raw), pos + 8 + n
+    if vtype is not GGUFValueType.ARRAY:
+        width = SCALAR_SIZES[vtype]
+        if width > size - pos:
+            raise fail(f"truncated: {vtype.name} needs {width} bytes, {max(size - pos, 0)} left", pos)
+        (v,) = struct.unpack_from(SCALAR_FORMATS[vtype], buf, pos)
+        return v, pos + width
+    if depth >= MAX_ARRAY_NESTING:
+        raise fail(f"arrays nested deeper than {MAX_ARRAY_NESTING}", pos)
+    if pos + 12 > size:
+        raise fail("truncated: array element type and count", pos)
+    (raw_sub,) = _U32.unpack_from(buf, pos)
+    (count,) = _U64.unpack_from(buf, pos + 4)
+    sub = _VALUE_TYPES.get(raw_sub)
+    if sub is None:
+        raise fail(f"unknown array element type {raw_sub}", pos)
+    at, pos = pos, pos + 12
+    left = size - pos
+    if sub in SCALAR_SIZES:
+        n = count * SCALAR_SIZES[sub]
+        if n > left:
+            raise fail(f"array claims {count} elements ({n} bytes), {left} bytes left", at)
+        if not count:
+            return [], pos
+        fmt = SCALAR_FORMATS[sub][1]
+        if _NATIVE_LITTLE and fmt != "?":  # one list, no intermediate tuple (a bool byte of 2 stays struct's)
+            with memoryview(buf) as whole, whole[pos : pos + n] as part, part.cast("B") as b, b.cast(fmt) as typed:
+                return typed.tolist(), pos + n
+        return list(struct.unpack_from(f"<{count}{fmt}", buf, pos)), pos + n
+    if sub is GGUFValueType.STRING:
+        if count > left // 8:
+            raise fail(f"array claims {count} strings, the buffer holds at most {left // 8}", at)
+        out: list[Any] = []
+        append, unpack = out.append, _U64.unpack_from
         for _ in range(count):
-            v, pos = decode_value(buf, sub_t, pos)
-            out.append(v)
+            if pos + 8 > size:
+                raise fail("truncated: string length", pos)
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                raise fail(f"truncated: string of {n} bytes, {size - pos} left", pos - 8)
+            raw = buf[pos : pos + n]
+            pos += n
+            try:
+                append(str(raw, "utf-8"))
+            except UnicodeDecodeError:
+                append(bytes(raw))
         return out, pos
-    (v,) = struct.unpack_from(SCALAR_FORMATS[vtype], buf, pos)
-    return v, pos + SCALAR_SIZES[vtype]
+    if count > left // 12:
+        raise fail(f"array claims {count} arrays, the buffer holds at most {left // 12}", at)
+    out = []
+    for _ in range(count):
+        v, pos = _decode(buf, GGUFValueType.ARRAY, pos, size, path, depth + 1)
+        out.append(v)
+    return out, pos
 
 
 def encode_value(vtype: GGUFValueType, value: Any, subtype: GGUFValueType | None = None) -> bytes:
@@ -564,12 +667,16 @@ class GGUFFile:
         s = (self.header.data_start if data_start is None else data_start) + t.offset
         return memoryview(self.mm)[s : s + t.nbytes]
 
-    def kv_value(self, key: str) -> Any:
+    def kv_value(self, key: str, *, expect: GGUFValueType | None = None) -> Any:
+        """The value of `key`; with `expect`, a KV of another type is refused before it is decoded (a
+        caller wanting a scalar never decodes an array of 2^30 elements a hostile file put there)."""
         kv = self.header.kv_by_key[key]
-        return decode_value(self.mm, kv.vtype, kv.value_start)[0]
+        if expect is not None and kv.vtype is not expect:
+            raise GGUFSplitError(self.path, f"{key} is a {kv.vtype.name}, expected a {expect.name}")
+        return decode_value(self.mm, kv.vtype, kv.value_start, path=self.path)[0]
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.kv_value(key) if key in self.header.kv_by_key else default
+    def get(self, key: str, default: Any = None, *, expect: GGUFValueType | None = None) -> Any:
+        return self.kv_value(key, expect=expect) if key in self.header.kv_by_key else default
 
     def raw(self, start: int, end: int) -> bytes:
         return bytes(self.mm[start:end])
