@@ -303,9 +303,9 @@ class SplitFile(GGUFFile):
                 break
         if index is None or index.vtype is not ARR or index.subtype is not U64:
             raise GGUFSplitError(p, "gguf-split header index is missing or damaged")
-        values = decode_value(mm, index.vtype, index.value_start)[0]
-        if len(values) != 2 + n_kv - len(own):
+        if index.count != 2 + n_kv - len(own):  # checked before decoding: the count comes from the file
             raise GGUFSplitError(p, "header index does not match the header: damaged")
+        values = decode_value(mm, index.vtype, index.value_start)[0]
         ti_start, data_start, offsets = values[0], values[1], values[2:]
         starts = [*offsets, ti_start]  # the original KVs follow the index back to back
         if starts[0] != pos or any(a >= b for a, b in zip(starts, starts[1:])) or ti_start > self.size:
@@ -352,11 +352,13 @@ class SplitFile(GGUFFile):
             raise GGUFSplitError(self.path, f"metadata record {key!r} does not match the header index: damaged")
         return kv
 
-    def get(self, key: str, default: object = None) -> object:
+    def get(self, key: str, default: object = None, *, expect: GGUFValueType | None = None) -> object:
         if key in self.header.kv_by_key:
-            return self.kv_value(key)
+            return self.kv_value(key, expect=expect)
         if key in self.tail:
             kv = self.tail_kv(key)
+            if expect is not None and kv.vtype is not expect:
+                raise GGUFSplitError(self.path, f"{key} is a {kv.vtype.name}, expected a {expect.name}")
             return decode_value(self.mm, kv.vtype, kv.value_start)[0]
         return default
 

@@ -28,6 +28,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import xxhash
+from gguf.constants import GGUFValueType
 
 from .errors import GGUFSplitError, os_problem
 from .gguf_format import ARCHITECTURE_KEY, GGUFFile, TensorInfo, iter_gaps
@@ -78,7 +79,7 @@ class ScannedModel:
 
     @property
     def architecture(self) -> str | None:
-        arch = self.first.get(ARCHITECTURE_KEY)
+        arch = self.first.get(ARCHITECTURE_KEY, expect=GGUFValueType.STRING)
         return arch if isinstance(arch, str) else None
 
     @property
@@ -163,8 +164,17 @@ def _refuse_own_output(f: GGUFFile) -> None:
         raise GGUFSplitError(f.path, f"is a gguf-split {role} file, not a model{hint}")
 
 
+_INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, GGUFValueType.UINT64,
+              GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64}
+
+
 def _int_kv(f: GGUFFile, key: str) -> int | None:
-    v = f.get(key)
+    """An integer KV (split.no and friends are u16/i32 in llama.cpp's files; any integer type is read),
+    without decoding whatever else a file may have put under that key."""
+    kv = f.header.kv_by_key.get(key)
+    if kv is None or kv.vtype not in _INT_TYPES:
+        return None
+    v = f.kv_value(key)
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
