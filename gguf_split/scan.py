@@ -163,6 +163,15 @@ def _refuse_own_output(f: GGUFFile) -> None:
         raise GGUFSplitError(f.path, f"is a gguf-split {role} file, not a model{hint}")
 
 
+def _check_name(path: str) -> None:
+    """The adaptor records each original file's name (GGUF text is UTF-8) for restore to write it back."""
+    try:
+        os.path.basename(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise GGUFSplitError(show(path), "file name is not valid UTF-8: rename the file first (the split records "
+                                         "the original file name, as UTF-8 text, for restore)") from None
+
+
 def _int_kv(f: GGUFFile, key: str) -> int | None:
     v = f.get(key)
     return v if isinstance(v, int) and not isinstance(v, bool) else None
@@ -197,6 +206,8 @@ def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
                     raise GGUFSplitError(f.path, f"tensor {t.name!r} is also in {opened[seen[t.name]].path}")
                 seen[t.name] = i
                 tensors.append((t, i))
+        for f in opened:
+            _check_name(f.path)
         files = [InputFile(f, _stat(f)) for f in opened]
         total_nonzero = 0
         for inp in files:
