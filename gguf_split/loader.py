@@ -252,7 +252,7 @@ class _Overlay:
                       for ref in info.files]
             files: list[GGUFFile] = [ad, *(m.file for m in shared)]
             n = sum(len(f.header.tensors) for f in files)
-            tensors = _Tensors(files, lambda: self._model_order(ad, info))
+            tensors = _Tensors(files, lambda: self._model_order(ad, info, tensors))
             if len(tensors) != n or n != info.n_model_tensors:
                 raise GGUFSplitError(ad.path, f"its files hold {n} tensors ({len(tensors)} distinct), the task has "
                                               f"{info.n_model_tensors}: a file of another split?")
@@ -267,9 +267,15 @@ class _Overlay:
         weakref.finalize(self, ad.close)
 
     @staticmethod
-    def _model_order(ad: SplitFile, info: AdaptorInfo) -> list[str]:
+    def _model_order(ad: SplitFile, info: AdaptorInfo, held: "_Tensors") -> list[str]:
         infos = parse_tensor_infos(ad.blob(K_SRC_TENSOR_INFOS), ad.path, 1)
-        return [t.name for t in infos]
+        names = [t.name for t in infos]
+        # the order comes from a record: it must name exactly the tensors the files hold (a forged record
+        # that passes the seal must not make iteration yield names the mapping does not have)
+        if len(names) != len(held) or len(set(names)) != len(names) or any(n not in held for n in names):
+            raise GGUFSplitError(ad.path, "its record of the model's tensors does not match the task's files: "
+                                          "damaged")
+        return names
 
     def paths(self) -> list[str]:
         return [os.path.abspath(self.adaptor.path), *(os.path.abspath(m.file.path) for m in self.shared)]
