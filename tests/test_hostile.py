@@ -881,6 +881,14 @@ def cli_rows() -> list[Row]:
         Row("restore-output-overwrites-shared-file-via-link", "output would overwrite an input", lambda w: Call(
             ["restore", "-q", "--force", str(w.path("split", "adaptor-a.gguf")), "-o", str(link_to_shared(w))],
             str(link_to_shared(w))), ("one of the split's own files",)),
+        Row("restore-output-overwrites-other-tasks-adaptor", "output would overwrite an input", lambda w: Call(
+            ["restore", "-q", "--force", str(w.path("split", "adaptor-a.gguf")), "-o",
+             str(w.path("split", "adaptor-b.gguf"))], str(w.path("split", "adaptor-b.gguf"))),
+            ("is a gguf-split adaptor file; restore elsewhere",)),
+        Row("restore-output-overwrites-other-splits-file", "output would overwrite an input", lambda w: Call(
+            ["restore", "-q", "--force", str(w.path("split", "adaptor-a.gguf")), "-o",
+             str(w.path("other", w.foundation("other")))], str(w.path("other", w.foundation("other")))),
+            ("is a gguf-split shared file; restore elsewhere",)),
         Row("restore-output-empty", "output exists", lambda w: Call(
             ["restore", "-q", str(w.path("split", "adaptor-a.gguf")), "-o", ""], "-o/--output"), ("empty path",)),
         Row("split-output-empty", "output exists", lambda w: Call(
