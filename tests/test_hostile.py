@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import resource
 import shutil
 import stat
@@ -960,13 +961,38 @@ def check_error_line(code: int, stdout: str, stderr: str, named: str, keywords: 
     return line
 
 
+def documented_messages() -> dict[str, list[re.Pattern[str]]]:
+    """docs/bad-inputs.md's table rows: family -> the messages of its last column, as patterns (`<f>` and
+    the like stand for a path or a name, `…` for anything)."""
+    out: dict[str, list[re.Pattern[str]]] = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if not line.startswith("| ") or len(cells) != 3 or set(cells[0]) <= {"-"}:
+            continue
+        spans = [a or b for a, b in re.findall(r"``\s?(.+?)\s?``|`([^`]+)`", cells[2])]
+        pats = []
+        for text in spans:
+            parts = re.split(r"(<[a-z0-9 -]+>|…)", text)
+            rx = "".join(".+?" if p.startswith("<") and p.endswith(">") else ".*?" if p == "…" else re.escape(p)
+                         for p in parts)
+            pats.append(re.compile(rx))
+        out.setdefault(cells[0], []).extend(pats)
+    return out
+
+
+DOCUMENTED = documented_messages()
+
+
 @pytest.mark.parametrize("row", _params())
 def test_hostile_input(row: Row, world: World) -> None:
     call = row.build(world)
     before = snapshot(world.root)
     code, stdout, stderr = run_cli(call.args, world.root, row.in_subprocess, row.timeout)
-    check_error_line(code, stdout, stderr, call.named, row.keywords)
+    line = check_error_line(code, stdout, stderr, call.named, row.keywords)
     assert snapshot(world.root) == before, "a failed run changed or wrote files"
+    message = line[len(ERROR_PREFIX):]
+    assert any(p.fullmatch(message) for p in DOCUMENTED.get(row.family, [])), \
+        f"docs/bad-inputs.md, row {row.family!r}, does not give this message: {message}"
 
 
 def test_info_json_of_non_utf8_string_value(world: World) -> None:
