@@ -38,7 +38,7 @@ from gguf.constants import GGUFValueType
 
 from .errors import GGUFSplitError
 from .gguf_format import KV, GGUFFile, TensorInfo, decode_value, parse_tensor_infos, to_numpy, type_name
-from .naming import adaptor_name, check_task_name, show
+from .naming import JOURNAL, adaptor_name, check_task_name, show
 from .records import K_SRC_TENSOR_INFOS, ROLE_ADAPTOR, AdaptorInfo, SplitFile
 from .splitdir import FileFinder, SplitDir, check_shared
 
@@ -378,7 +378,8 @@ class Split:
                 hint = " (to load a file, pass a pathlib.Path)" if os.sep in task or task.endswith(".gguf") else ""
                 raise GGUFSplitError(None, e.problem + hint) from None
             by_name = os.path.join(self.directory, adaptor_name(task))
-            if os.path.isfile(by_name):
+            # the fast path by name only when no killed run's commit is pending (SplitDir honours it)
+            if os.path.isfile(by_name) and not os.path.lexists(os.path.join(self.directory, JOURNAL)):
                 with SplitFile(by_name) as f:
                     if f.role == ROLE_ADAPTOR and f.get("gguf_split.task") == task:
                         return by_name

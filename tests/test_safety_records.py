@@ -91,3 +91,18 @@ def test_restore_refuses_a_forged_original_name(split_dir: Path, tmp_path: Path,
         restore(split_dir, out, task="a")
     assert tree(tmp_path) == before
     assert os.path.lexists("/tmp/x") == existed
+
+
+def test_loader_honours_a_pending_commit(split_dir: Path) -> None:
+    """A killed `remove a` left its journal (switched, not applied): every reader sees task a gone, the
+    loader's load-by-name too (it must not load the adaptor the commit deletes)."""
+    import json
+
+    (split_dir / ".gguf-split-journal").write_text(json.dumps(
+        {"gguf_split_journal": 1, "renames": [], "deletes": ["adaptor-a.gguf"]}))
+    assert list(verify([split_dir]).tasks) == ["b"]
+    with open_split(split_dir) as s:
+        assert s.tasks == ["b"]
+        with pytest.raises(GGUFSplitError, match="holds no task 'a'"):
+            s.load("a")
+        assert len(list(s.load("b").tensors)) == len(base_tensors(0))
