@@ -348,3 +348,44 @@ def test_input_rewritten_with_its_mtime_put_back(models: dict[str, Path], tmp_pa
         assert not out.exists()
         return
     verify([out])  # a committed split must verify
+
+
+def test_inputs_are_opened_read_only(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every open of an input (the models for split and add; the split's files for verify, info, restore
+    and the loader) is read-only: os.open and open() are watched for write flags on those paths."""
+    import builtins
+
+    from gguf_split import open_split
+    from gguf_split.info import savings
+
+    out = tmp_path / "out"
+    split({"a": models["a"], "b": models["b"]}, out, file_cost=0)
+    watched = {os.path.realpath(p) for p in models.values()} | {os.path.realpath(p) for p in out.iterdir()}
+    writes: list[str] = []
+    real_open, real_builtin_open = os.open, builtins.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC
+
+    def spy_open(path, flags, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(path) in watched and flags & write_flags:
+            writes.append(os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def spy_builtin_open(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if isinstance(file, (str, bytes, os.PathLike)) and os.path.realpath(file) in watched and set(mode) & set("wax+"):
+            writes.append(os.fspath(file))
+        return real_builtin_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(builtins, "open", spy_builtin_open)
+    split({"a": models["a"], "b": models["b"]}, tmp_path / "again", file_cost=0)
+    verify([out], sha256=True)
+    savings(out)
+    restore(out, tmp_path / "b.gguf", task="b")
+    with open_split(out) as s:
+        for name in s.load("b").tensors:
+            s.load("b").tensors[name].data
+    add(out, {"c": models["c"]})
+    assert writes == [], f"opened for writing: {writes}"
+    with open(models["a"], "r+b"):  # the spy itself works
+        pass
+    assert writes == [str(models["a"])]
