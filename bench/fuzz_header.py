@@ -1,4 +1,4 @@
-"""Long fuzz run: random mutations of real headers and of gguf-split's records, for a time budget.
+"""Long fuzz run: random mutations of real headers, gguf-split's records and commit journals, for a time budget.
 
     python bench/fuzz_header.py --seconds 60 [--seed 1] [--memory-gib 2]
 
@@ -6,12 +6,18 @@ The mutation engine and the targets are tests/test_fuzz.py's (one vocabulary for
 insertions and deletions, truncations, and overwrites of every integer field (lengths, counts, types, dims,
 offsets, found by parsing) with huge or random values, applied to
 - model: a small GGUFWriter model, fed to parse_header (bytes), GGUFFile + info + the loader's open_model;
-- adaptor / foundation: a real split's files, either reshaped anywhere in the header or with only the
-  contents of gguf-split's records changed (lengths kept, so the records get interpreted), half of them
-  with the seal recomputed as a forger would; fed to plan_restore, verify, the runtime loader and info.
-The promise checked: only GGUFSplitError comes out, and no input takes long (a loop or an allocation on a
-claimed size would). The process address space is capped (RLIMIT_AS) so such an allocation fails here
-instead of swapping. Inputs that raised anything else are saved to bench/work/fuzz-escapes/.
+- split: the same model mutated (header reshaped, or contents changed in place) and split beside a good
+  one; a split that succeeds must verify and restore both inputs byte for byte;
+- adaptor / shared: a real split's adaptor or shared file, either reshaped anywhere in the header or with
+  only the contents of gguf-split's records changed (lengths kept, so the records get interpreted), half of
+  them with the seal recomputed as a forger would; fed to plan_restore, verify, the runtime loader and
+  info; when verify accepts them, restore must give the original byte for byte or refuse;
+- journal: a pending commit's `.gguf-split-journal`, its bytes mutated; fed to verify, info, the loader,
+  restore and `remove` (which rolls it forward); nothing outside the split directory may change.
+The promise checked: only GGUFSplitError comes out, every oracle holds, and no input takes long (a loop
+or an allocation on a claimed size would). The process address space is capped (RLIMIT_AS) so such an
+allocation fails here instead of swapping. Inputs that raised anything else (or broke an oracle) are saved
+to bench/work/fuzz-escapes/.
 
 Printed: inputs run per target, how many were accepted, how many distinct error messages (numbers and
 quoted names folded), the slowest input, and the mutated-input rate as a ratio of the rate on the
@@ -75,7 +81,7 @@ def run_one(tally: Tally, label: str, data: bytes, fn: Callable[[], list[str | N
     t0 = time.perf_counter()
     try:
         problems = fn()
-    except Exception as e:  # noqa: BLE001 - anything but GGUFSplitError is what we are looking for
+    except Exception as e:  # noqa: BLE001 - anything but GGUFSplitError (or a broken oracle) is what we look for
         where = save_escape(data, f"{label}-{tally.inputs}.gguf")
         tb = traceback.extract_tb(e.__traceback__)[-1]
         tally.escapes.append(f"{type(e).__name__}: {e} at {tb.filename}:{tb.lineno} (input: {where})")
@@ -91,20 +97,44 @@ def draw(rng: random.Random) -> list[engine.Op]:
     return [engine.random_op(rng) for _ in range(rng.randrange(1, 5))]
 
 
+def mutate_journal(rng: random.Random, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randrange(1, 4)):
+        at = rng.randrange(len(out) + 1)
+        kind = rng.choice(("flip", "insert", "delete", "truncate"))
+        if kind == "flip" and at < len(out):
+            out[at] ^= 1 << rng.randrange(8)
+        elif kind == "insert":
+            out[at:at] = rng.choice((rng.randbytes(rng.randrange(1, 9)), b'"../x"', b'"/etc/passwd"', b"[", b"{"))
+        elif kind == "delete":
+            del out[at : at + rng.randrange(1, 9)]
+        elif kind == "truncate":
+            del out[at:]
+    return bytes(out)
+
+
 def one_input(rng: random.Random, corpus: engine.Corpus, work: Path, tallies: dict[str, Tally]) -> None:
-    """Mutate one target at random and run it through its readers."""
-    target = rng.choice(("model", "adaptor", "foundation"))
+    """Mutate one target at random and run it through its readers (and oracles)."""
+    target = rng.choice(("model", "split", "adaptor", "shared", "journal"))
     if target == "model":
         data = corpus.model.mutated(draw(rng), contents_only=False)
         run_one(tallies["model"], "model", data, lambda: [engine.exercise_reader(data, work / "m.gguf")])
+        return
+    if target == "split":
+        data = corpus.model.mutated(draw(rng), contents_only=rng.random() < 0.5)
+        run_one(tallies["split"], "split", data, lambda: [engine.exercise_split(corpus, data, work / "split-run")])
+        return
+    if target == "journal":
+        data = mutate_journal(rng, corpus.journal)
+        run_one(tallies["journal"], "journal", data, lambda: engine.exercise_journal(corpus, data, work / "journal"))
         return
     contents_only = rng.random() < 0.5
     data = getattr(corpus, target).mutated(draw(rng), contents_only=contents_only)
     if rng.random() < 0.5:
         data = engine.reseal(data)
-    pair = (data, corpus.foundation.data) if target == "adaptor" else (corpus.adaptor.data, data)
+    pair = (data, corpus.shared.data) if target == "adaptor" else (corpus.adaptor.data, data)
     label = f"{target}-{'contents' if contents_only else 'shape'}"
-    run_one(tallies[label], label, data, lambda: engine.exercise_split_files(*pair, work))
+    run_one(tallies[label], label, data, lambda: engine.exercise_split_files(corpus, *pair, work / "files"))
 
 
 def baseline_rate(corpus: engine.Corpus, work: Path, seconds: float) -> float:
@@ -112,7 +142,7 @@ def baseline_rate(corpus: engine.Corpus, work: Path, seconds: float) -> float:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         engine.exercise_reader(corpus.model.data, work / "m.gguf")
-        engine.exercise_split_files(corpus.adaptor.data, corpus.foundation.data, work)
+        engine.exercise_split_files(corpus, corpus.adaptor.data, corpus.shared.data, work / "files")
         n += 2
     return n / (time.perf_counter() - t0)
 
@@ -150,8 +180,8 @@ def main() -> int:
         limit_memory(args.memory_gib)
         base = baseline_rate(corpus, work, min(2.0, args.seconds / 10))
         rng = random.Random(args.seed)
-        tallies = {k: Tally() for k in ("model", "adaptor-shape", "adaptor-contents", "foundation-shape",
-                                        "foundation-contents")}
+        tallies = {k: Tally() for k in ("model", "split", "adaptor-shape", "adaptor-contents", "shared-shape",
+                                        "shared-contents", "journal")}
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < args.seconds:
             one_input(rng, corpus, work, tallies)

@@ -115,7 +115,7 @@ class Journal:
             deletes = [check_bare_name(d, path) for d in data["deletes"]]
         except GGUFSplitError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise GGUFSplitError(path, f"commit journal is damaged ({e}); remove it only if you know the last "
                                        "gguf-split run here finished") from None
         if any(not is_temp(a) for a, _ in renames):

@@ -76,6 +76,8 @@ def link_task(split_dir: str | os.PathLike[str], task: str, *, directory: str | 
     wanted = {link_name(task, i, n): p for i, p in enumerate(paths)}
     for name, target in wanted.items():
         link = os.path.join(d, name)
+        if os.path.isdir(link) and not os.path.islink(link):
+            raise GGUFSplitError(show(link), "is a directory; move it away first")  # --force cannot replace it
         if os.path.lexists(link) and not os.path.islink(link) and not force:
             raise GGUFSplitError(show(link), "exists and is not a link (use --force to replace it)")
     made = []

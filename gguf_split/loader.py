@@ -38,7 +38,7 @@ from gguf.constants import GGUFValueType
 
 from .errors import GGUFSplitError
 from .gguf_format import KV, GGUFFile, TensorInfo, decode_value, parse_tensor_infos, to_numpy, type_name
-from .naming import adaptor_name, check_task_name, show
+from .naming import JOURNAL, adaptor_name, check_task_name, show
 from .records import K_SRC_TENSOR_INFOS, ROLE_ADAPTOR, AdaptorInfo, SplitFile
 from .splitdir import FileFinder, SplitDir, check_shared
 
@@ -252,7 +252,7 @@ class _Overlay:
                       for ref in info.files]
             files: list[GGUFFile] = [ad, *(m.file for m in shared)]
             n = sum(len(f.header.tensors) for f in files)
-            tensors = _Tensors(files, lambda: self._model_order(ad, info))
+            tensors = _Tensors(files, lambda: self._model_order(ad, info, tensors))
             if len(tensors) != n or n != info.n_model_tensors:
                 raise GGUFSplitError(ad.path, f"its files hold {n} tensors ({len(tensors)} distinct), the task has "
                                               f"{info.n_model_tensors}: a file of another split?")
@@ -267,9 +267,15 @@ class _Overlay:
         weakref.finalize(self, ad.close)
 
     @staticmethod
-    def _model_order(ad: SplitFile, info: AdaptorInfo) -> list[str]:
+    def _model_order(ad: SplitFile, info: AdaptorInfo, held: "_Tensors") -> list[str]:
         infos = parse_tensor_infos(ad.blob(K_SRC_TENSOR_INFOS), ad.path, 1)
-        return [t.name for t in infos]
+        names = [t.name for t in infos]
+        # the order comes from a record: it must name exactly the tensors the files hold (a forged record
+        # that passes the seal must not make iteration yield names the mapping does not have)
+        if len(names) != len(held) or len(set(names)) != len(names) or any(n not in held for n in names):
+            raise GGUFSplitError(ad.path, "its record of the model's tensors does not match the task's files: "
+                                          "damaged")
+        return names
 
     def paths(self) -> list[str]:
         return [os.path.abspath(self.adaptor.path), *(os.path.abspath(m.file.path) for m in self.shared)]
@@ -372,7 +378,8 @@ class Split:
                 hint = " (to load a file, pass a pathlib.Path)" if os.sep in task or task.endswith(".gguf") else ""
                 raise GGUFSplitError(None, e.problem + hint) from None
             by_name = os.path.join(self.directory, adaptor_name(task))
-            if os.path.isfile(by_name):
+            # the fast path by name only when no killed run's commit is pending (SplitDir honours it)
+            if os.path.isfile(by_name) and not os.path.lexists(os.path.join(self.directory, JOURNAL)):
                 with SplitFile(by_name) as f:
                     if f.role == ROLE_ADAPTOR and f.get("gguf_split.task") == task:
                         return by_name

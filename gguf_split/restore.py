@@ -261,6 +261,9 @@ def restore(path: str | os.PathLike[str], output: str | os.PathLike[str] | None 
                 raise GGUFSplitError(show(final), "is one of the split's own files; restore elsewhere")
             if os.path.isdir(final):
                 raise GGUFSplitError(show(final), "is a directory")
+            role = _split_role(final) if os.path.lexists(final) else None
+            if role is not None:  # another task's, or another split's: --force must not destroy it
+                raise GGUFSplitError(show(final), f"is a gguf-split {role} file; restore elsewhere")
             if os.path.lexists(final) and not force:
                 raise GGUFSplitError(show(final), "already exists (use --force to replace it)")
         with Transaction(out_dir, on_wait=progress.note) as tx:
@@ -283,6 +286,15 @@ def restore(path: str | os.PathLike[str], output: str | os.PathLike[str] | None 
                     done.append(RestoredFile(nf.final_path, plan.size, got))
             tx.commit()
         return RestoreReport(tf.info.task, done)
+
+
+def _split_role(path: str) -> str | None:
+    """The role of a file gguf-split wrote ("adaptor", "shared"), None for any other file."""
+    try:
+        with SplitFile(path) as f:
+            return f.role or "output"
+    except GGUFSplitError:
+        return None
 
 
 def _outputs(output: str | os.PathLike[str] | None, plans: list[RestorePlan]) -> tuple[str, list[str]]:

@@ -168,6 +168,15 @@ _INT_TYPES = {GGUFValueType.UINT8, GGUFValueType.UINT16, GGUFValueType.UINT32, G
               GGUFValueType.INT8, GGUFValueType.INT16, GGUFValueType.INT32, GGUFValueType.INT64}
 
 
+def _check_name(path: str) -> None:
+    """The adaptor records each original file's name (GGUF text is UTF-8) for restore to write it back."""
+    try:
+        os.path.basename(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise GGUFSplitError(show(path), "file name is not valid UTF-8: rename the file first (the split records "
+                                         "the original file name, as UTF-8 text, for restore)") from None
+
+
 def _int_kv(f: GGUFFile, key: str) -> int | None:
     """An integer KV (split.no and friends are u16/i32 in llama.cpp's files; any integer type is read),
     without decoding whatever else a file may have put under that key."""
@@ -207,6 +216,8 @@ def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
                     raise GGUFSplitError(f.path, f"tensor {t.name!r} is also in {opened[seen[t.name]].path}")
                 seen[t.name] = i
                 tensors.append((t, i))
+        for f in opened:
+            _check_name(f.path)
         files = [InputFile(f, _stat(f)) for f in opened]
         total_nonzero = 0
         for inp in files:

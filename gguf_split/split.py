@@ -1,11 +1,12 @@
 """Split: scan + plan + write + prove + commit, the library call behind `gguf-split split`.
 
 Order of work, so that every refusal comes before the long part and nothing is left half done:
-1. check names and options; take the output directory's lock (before reading any input), and refuse an
-   output that holds other tasks (they would be orphaned: `remove` or `add` them), or this split's tasks
-   without `force`;
-2. open every input (headers, padding): refuse wrong files, shards without siblings and architecture
-   mismatches before hashing any tensor;
+1. check names and options; take the output directory's lock (before reading any input);
+2. open every input (headers, padding): refuse wrong files, shards without siblings, architecture
+   mismatches and inputs the outputs would overwrite; then refuse an output that holds other tasks (they
+   would be orphaned: `remove` or `add` them), or this split's tasks without `force`. Inputs come first so
+   that an error suggests `--force` only when `--force` would get past it; all of this before any tensor
+   is hashed;
 3. hash, plan (plan.py, a pure function), check free space;
 4. write every new file under a temporary name (shared files first, then the adaptors that record their
    sizes and digests), prove every task's restore from what was written, check the inputs did not change,
@@ -177,9 +178,9 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
         raise GGUFSplitError(None, "-o/--output: empty path")
     options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
     if dry_run:
-        _check_existing(out, tasks, prefix, force) if os.path.isdir(out) else None
         models = open_models(tasks, allow_unrelated=allow_unrelated)
         try:
+            _check_existing(out, tasks, prefix, force) if os.path.isdir(out) else None
             hash_models(list(models.values()), progress, threads)
             layout = _plan(models, options)
             return _report(out, models, layout, _name_files(models, layout, prefix), {}, dry_run=True, prefix=prefix)
@@ -187,7 +188,6 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
             for m in models.values():
                 m.close()
     with Transaction(out, on_wait=progress.note) as tx:
-        old = _check_existing(tx.dir, tasks, prefix, force)
         models = open_models(tasks, allow_unrelated=allow_unrelated)
         try:
             for m in models.values():
@@ -195,6 +195,7 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
                     if os.path.dirname(os.path.realpath(inp.path)) == os.path.realpath(tx.dir) and \
                             os.path.basename(inp.path) in {adaptor_name(t, prefix) for t in tasks}:
                         raise GGUFSplitError(inp.path, "output would overwrite an input file")
+            old = _check_existing(tx.dir, tasks, prefix, force)
             hash_models(list(models.values()), progress, threads)
             layout = _plan(models, options)
             st = layout.stats

@@ -232,23 +232,47 @@ def shard_kvs(no: int, count: int) -> Callable[[GGUFWriter], None]:
 
 
 def case_shard_0(make: Factory, tmp: Path) -> Case:
-    return bad(make, tmp, make("shard", kvs=shard_kvs(0, 2)), "shard")
+    """The first of 2 shards, named so that its sibling cannot be found."""
+    return bad(make, tmp, make("shard", kvs=shard_kvs(0, 2)), "00001-of-00002")
 
 
 def case_shard_1(make: Factory, tmp: Path) -> Case:
-    return bad(make, tmp, make("shard", kvs=shard_kvs(1, 2)), "shard")
+    return bad(make, tmp, make("shard", kvs=shard_kvs(1, 2)), "first shard")
+
+
+def case_shard_sibling_missing(make: Factory, tmp: Path) -> Case:
+    first = make("model-00001-of-00002", kvs=shard_kvs(0, 2))
+    return Case({"base": make("base"), "bad": first}, str(tmp / "model-00002-of-00002.gguf"), "is missing")
+
+
+def case_dev_zero(make: Factory, tmp: Path) -> Case:
+    return bad(make, tmp, "/dev/zero", "is a character device")
+
+
+def case_fifo(make: Factory, tmp: Path) -> Case:
+    os.mkfifo(tmp / "pipe.gguf")
+    return bad(make, tmp, str(tmp / "pipe.gguf"), "is a FIFO")
+
+
+def case_directory(make: Factory, tmp: Path) -> Case:
+    (tmp / "dir.gguf").mkdir()
+    return bad(make, tmp, str(tmp / "dir.gguf"), "is a directory")
 
 
 def earlier_split(make: Factory, tmp: Path) -> SplitReport:
-    return split({"base": make("base"), "chat": make("chat", {"blk.0.attn_q.weight": 9})}, tmp / "earlier")
+    report = split({"base": make("base"), "chat": make("chat", {"blk.0.attn_q.weight": 9})}, tmp / "earlier",
+                   file_cost=0)  # tiny models: share anyway, so there is a shared file
+    assert report.shares_anything
+    return report
 
 
 def case_adaptor_as_input(make: Factory, tmp: Path) -> Case:
     return bad(make, tmp, earlier_split(make, tmp).tasks[1].adaptor, "gguf-split adaptor")
 
 
-def case_foundation_as_input(make: Factory, tmp: Path) -> Case:
-    return bad(make, tmp, earlier_split(make, tmp).foundation, "gguf-split foundation")
+def case_shared_file_as_input(make: Factory, tmp: Path) -> Case:
+    report = earlier_split(make, tmp)
+    return bad(make, tmp, os.path.join(report.directory, report.files[0].name), "gguf-split shared")
 
 
 def case_other_architecture(make: Factory, tmp: Path) -> Case:
@@ -326,7 +350,7 @@ def test_output_parent_is_a_file(model_factory: Factory, tmp_path: Path) -> None
     out = blocker / "out"
     before_in = input_state(list(tasks.values()))
     code, _, stderr = run_cli(tasks, out)
-    assert_one_line_error(code, stderr, out, "cannot write")
+    assert_one_line_error(code, stderr, out, "cannot create directory")
     assert blocker.read_text() == "a file, not a directory"
     assert input_state(list(tasks.values())) == before_in
 
@@ -355,7 +379,7 @@ def test_output_directory_not_writable(model_factory: Factory, tmp_path: Path) -
         out.chmod(0o700)
 
 
-FSIZE_LIMIT = 8192  # bytes: the inputs are ~20 KB, the foundation ~17 KB; writing it fails half-way
+FSIZE_LIMIT = 8192  # bytes: the inputs are ~20 KB, so is each adaptor (nothing shared at the default file cost); writing fails half-way
 
 
 def small_disk() -> None:
@@ -383,29 +407,31 @@ def test_full_disk_leaves_output_as_it_was(model_factory: Factory, tmp_path: Pat
 def test_existing_outputs_need_force(model_factory: Factory, tmp_path: Path) -> None:
     first = two_models(model_factory)
     out = tmp_path / "out"
-    code, _, stderr = run_cli(first, out, "--link")
+    code, _, stderr = run_cli(first, out, "--link", "--file-cost", "0")
     assert code == 0, stderr
     second = {"base": first["base"], "code": model_factory("code", {"blk.0.ffn_up.weight": 22})}
     inputs = list(first.values()) + list(second.values())
     before_out, before_in = snapshot(out), input_state(inputs)
 
-    code, _, stderr = run_cli(second, out, "--link")
-    assert_one_line_error(code, stderr, out / "foundation.gguf", "already exists")
-    assert snapshot(out) == before_out
+    # the directory holds task chat, which this split does not include: refused, and --force cannot help
+    for extra in ((), ("--force",)):
+        code, _, stderr = run_cli(second, out, "--link", "--file-cost", "0", *extra)
+        assert_one_line_error(code, stderr, out, "other tasks (chat)")
+        assert "--force" not in stderr
+        assert snapshot(out) == before_out
 
-    # --force would replace foundation.gguf, which adaptor-chat.gguf (not in this split) needs: refused
-    code, _, stderr = run_cli(second, out, "--link", "--force")
-    assert_one_line_error(code, stderr, out / "adaptor-chat.gguf", "uses foundation.gguf")
-    assert snapshot(out) == before_out
-
-    # with every task of the directory in the split, --force overwrites
+    # every task of the directory in the split: refused without --force (which it names), done with it
     third = {**second, "chat": first["chat"]}
-    code, _, stderr = run_cli(third, out, "--link", "--force")
+    code, _, stderr = run_cli(third, out, "--link", "--file-cost", "0")
+    assert_one_line_error(code, stderr, out / "adaptor-base.gguf", "use --force")
+    assert snapshot(out) == before_out
+    code, _, stderr = run_cli(third, out, "--link", "--file-cost", "0", "--force")
     assert code == 0, stderr
     after = snapshot(out)
     assert after is not None and before_out is not None
-    assert after["foundation.gguf"] != before_out["foundation.gguf"], "foundation not overwritten"
-    assert after["code-00001-of-00002.gguf"] == ("link", "adaptor-code.gguf")
+    assert after["adaptor-base.gguf"] != before_out["adaptor-base.gguf"], "adaptor not replaced"
+    n = len(SplitFileNames.of(out, "code"))
+    assert after[f"code-00001-of-{n:05d}.gguf"] == ("link", "adaptor-code.gguf")
     for task, src in third.items():
         restored = tmp_path / f"{task}.restored.gguf"
         restore(out / f"adaptor-{task}.gguf", restored)
@@ -414,11 +440,21 @@ def test_existing_outputs_need_force(model_factory: Factory, tmp_path: Path) -> 
     assert not [n for n in os.listdir(out) if n.startswith(".")], "temporary files left behind"
 
 
+class SplitFileNames:
+    @staticmethod
+    def of(directory: Path, task: str) -> list[str]:
+        """The task's files in llama.cpp order, from gguf-split's records."""
+        from gguf_split.splitdir import open_task
+
+        with open_task(directory / f"adaptor-{task}.gguf") as tf:
+            return tf.paths()
+
+
 def test_input_inside_output_directory_is_not_overwritten(tmp_path: Path) -> None:
     """An input named like an output, in the output directory, with --force: refused, input intact."""
     out = tmp_path / "out"
     out.mkdir()
-    base = write_model(out / "foundation.gguf", base_tensors())
+    base = write_model(out / "adaptor-base.gguf", base_tensors())
     chat = write_model(tmp_path / "chat.gguf", {**base_tensors(), "blk.0.attn_q.weight": (Q.Q4_0, (64, 64), 23)})
     before_out, before_in = snapshot(out), input_state([base, chat])
     code, _, stderr = run_cli({"base": base, "chat": chat}, out, "--force")

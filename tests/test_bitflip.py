@@ -1,15 +1,19 @@
 """`verify` catches every single-bit flip in a split: headers, tensor infos, padding and tensor data, of
-the foundation and of each adaptor.
+every shared file and of each adaptor.
 
-Why: a split replaces several models; a silently corrupted foundation would corrupt every task. verify
-re-hashes each tensor against the xxh3-128 recorded at split time, checks each header against its seal
-(an xxh3-128 of the header bytes), that padding is zero and that the size is what the split wrote. These
-tests flip one bit at a seeded random place of each region of each file (~130 cases over 3 files x 5
-regions) and require a GGUFSplitError naming the file, and the tensor when the flip is in tensor data.
+Why: a split replaces several models; a silently corrupted shared file would corrupt every task that
+loads it. verify re-hashes each tensor against the xxh3-128 recorded at split time, checks each header
+against its seal (an xxh3-128 of the header bytes), that padding is zero, that the size is what the split
+wrote, and each shared file's whole-file xxh3-128 against what the adaptors recorded. These tests flip one
+bit at a seeded random place of each region of each file (~130 cases over 3 files x 5 regions) and
+require a GGUFSplitError naming the file, and the tensor when the flip is in tensor data. A flip must
+also never let `restore` write a wrong file: restore refuses, or (where verify would have refused too)
+never produces bytes other than the original's.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +24,9 @@ from gguf.constants import GGMLQuantizationType as Q
 from conftest import base_tensors, write_model
 from gguf_split.errors import GGUFSplitError
 from gguf_split.gguf_format import GGUFFile, Header, iter_gaps
-from gguf_split.restore import verify
-from gguf_split.split import split
+from gguf_split import restore, split, verify
 
-FILES = ("foundation.gguf", "adaptor-a.gguf", "adaptor-b.gguf")
+ADAPTORS = ("adaptor-a.gguf", "adaptor-b.gguf")
 REGIONS = ("prefix", "kvs", "tensor infos", "padding", "tensor data")
 CASES_PER_CELL = 9  # 3 files x 5 regions x 9 = 135 flips
 SEED = 20261123
@@ -74,12 +77,21 @@ def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     b["blk.2.extra.weight"] = (Q.Q6_K, (256, 3), 9)  # only in b: adaptor-b holds it alone
     write_model(root / "a.gguf", a)
     write_model(root / "b.gguf", b)
-    split({"a": root / "a.gguf", "b": root / "b.gguf"}, root / "split")
+    report = split({"a": root / "a.gguf", "b": root / "b.gguf"}, root / "split", file_cost=0)  # tiny: share anyway
+    assert report.shares_anything
     return root / "split"
 
 
+def files_of(d: Path) -> tuple[str, ...]:
+    """The shared files (whatever the planner named them), then the adaptors."""
+    shared = sorted(n for n in os.listdir(d) if n.endswith(".gguf") and n not in ADAPTORS)
+    with GGUFFile(d / shared[0]) as f:
+        assert f.header.tensors, "the first shared file must hold tensors"
+    return (shared[0], *ADAPTORS)
+
+
 def run_verify(d: Path) -> None:
-    verify(d / FILES[0], [d / FILES[1], d / FILES[2]], threads=1)
+    verify([d], threads=1)
 
 
 def flip(path: Path, at: int, bit: int) -> None:
@@ -94,7 +106,7 @@ def all_cases(d: Path) -> list[tuple[str, str, int, int, str | None]]:
     """(file, region, byte offset, bit, tensor) for every flip, seeded."""
     rng = random.Random(SEED)
     cases = []
-    for name in FILES:
+    for name in files_of(d):
         with GGUFFile(d / name) as f:
             regions = regions_of(f.header)
         for region in REGIONS:
@@ -133,5 +145,32 @@ def test_every_single_bit_flip_is_caught(split_dir: Path) -> None:
 def test_cases_cover_every_file_and_region(split_dir: Path) -> None:
     """The seeded draw spreads over all 15 (file, region) cells and hits every tensor of the data regions."""
     cases = all_cases(split_dir)
-    assert {(c[0], c[1]) for c in cases} == {(f, r) for f in FILES for r in REGIONS}
+    assert {(c[0], c[1]) for c in cases} == {(f, r) for f in files_of(split_dir) for r in REGIONS}
     assert len({c[4] for c in cases if c[4] is not None}) >= 5
+
+
+def test_restore_never_writes_a_flipped_byte(split_dir: Path, tmp_path: Path) -> None:
+    """restore of each task under a third of the flips (every region of every file): it refuses with a
+    GGUFSplitError and leaves nothing, or (a flip in bytes the task does not read, e.g. the other adaptor)
+    writes the original byte for byte."""
+    originals = {t: (split_dir.parent / f"{t}.gguf").read_bytes() for t in ("a", "b")}
+    out = tmp_path / "out"
+    out.mkdir()
+    refused = 0
+    for k, (name, region, at, bit, _) in enumerate(all_cases(split_dir)):
+        if k % 3:
+            continue
+        path = split_dir / name
+        flip(path, at, bit)
+        try:
+            for task in ("a", "b"):
+                try:
+                    r = restore(split_dir, out, task=task, force=True)
+                except GGUFSplitError:
+                    refused += 1
+                    assert not any(n.startswith(".") for n in os.listdir(out)), "temporary left behind"
+                    continue
+                assert Path(r.output).read_bytes() == originals[task], (name, region, at, bit, task)
+        finally:
+            flip(path, at, bit)
+    assert refused >= 30

@@ -1,11 +1,22 @@
-"""Fuzzing the readers: mutated real headers and mutated gguf-split records only ever raise GGUFSplitError.
+"""Fuzzing with oracles: mutated models, mutated gguf-split records and mutated commit journals.
 
 Why: every count, length, offset and record gguf-split reads comes from a file that may be truncated,
 corrupted or hostile. The promise is one error naming the file, never a struct.error, IndexError,
-MemoryError, RecursionError, UnicodeDecodeError, ValueError, OverflowError or a hang. The inputs are small
-valid files (conftest.write_model, and a real split of two of them) mutated by random bit flips, byte
-insertions and deletions, truncations, and overwrites of the integer fields (lengths, counts, types,
-dims, offsets: found by parsing) with huge or random values.
+MemoryError, RecursionError, UnicodeDecodeError, ValueError, OverflowError or a hang. Not crashing is not
+enough, so each target has an oracle:
+- a mutated model: the reader's parse of the bytes and of the file agree; `split` of it either raises
+  GGUFSplitError and leaves no output directory, or succeeds, and then the split verifies and restores
+  every task to its input bytes;
+- a mutated adaptor or shared file (anywhere in the header, or only the contents of gguf-split's records,
+  with the seal left broken or recomputed as a forger would): plan_restore, verify, info and the loader
+  raise GGUFSplitError or accept it; when verify accepts it, restore gives the original byte for byte or
+  refuses, and never leaves a temporary file;
+- a mutated commit journal (bytes, or well-formed JSON holding hostile names): readers and a writer raise
+  GGUFSplitError or honour it; nothing outside the split directory is touched; when verify accepts the
+  directory, restore gives the original byte for byte or refuses.
+The inputs are small valid files (conftest.write_model, and a real split of two of them) mutated by random
+bit flips, byte insertions and deletions, truncations, and overwrites of the integer fields (lengths,
+counts, types, dims, offsets: found by parsing) with huge or random values.
 
 The mutation engine here is shared with bench/fuzz_header.py, the long-running version (a time budget,
 distinct messages, a memory limit); these tests keep to a few hundred derandomized examples.
@@ -13,9 +24,11 @@ distinct messages, a memory limit); these tests keep to a few hundred derandomiz
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
+import shutil
 import struct
 import time
 from dataclasses import dataclass
@@ -30,15 +43,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import write_model
+from gguf_split import open_split, restore, split, verify
 from gguf_split.errors import GGUFSplitError
 from gguf_split.gguf_format import GGUFFile, Header, decode_value, iter_gaps, parse_header, parse_tensor_infos
-from gguf_split.info import describe
-from gguf_split.layout import OWN_PREFIX, open_output, plan_restore
-from gguf_split.loader import Foundation, open_model
-from gguf_split.restore import verify
-from gguf_split.split import split
+from gguf_split.info import describe, savings, task_files
+from gguf_split.loader import open_model
+from gguf_split.naming import JOURNAL, TMP_SUFFIX
+from gguf_split.records import OWN_PREFIX
+from gguf_split.restore import plan_restore
+from gguf_split.splitdir import open_task
+from gguf_split.update import remove
 
 SLOW = 0.5  # seconds: no single input may take longer (a loop on a claimed count would take forever)
+SLOW_WRITE = 5.0  # the same for targets that write and fsync a split (a loaded disk stalls fsync for a while)
 HUGE_VALUES = (0, 1, 7, 13, 255, 1 << 15, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 40, 1 << 60,
                (1 << 63) - 1, 1 << 63, (1 << 64) - 32, (1 << 64) - 1)
 KINDS = ("flip", "insert", "delete", "truncate", "int")
@@ -99,8 +116,8 @@ def _tensor_info_fields(start: int, name_len: int, n_dims: int) -> list[Field]:
 
 
 def record_fields(data: bytes, h: Header) -> list[Field]:
-    """Integer fields inside gguf-split's blob records (an adaptor's original tensor infos, replaced KVs
-    and non-zero padding), on top of the header's own."""
+    """Integer fields inside gguf-split's blob records (an adaptor's original tensor infos, replaced KVs,
+    other shards' KVs and non-zero padding), on top of the header's own."""
     out: list[Field] = []
     for kv in h.kvs:
         body = kv.value_start + 12
@@ -108,10 +125,10 @@ def record_fields(data: bytes, h: Header) -> list[Field]:
             for t in parse_tensor_infos(data[body : kv.end], "<blob>", 1):
                 out += _tensor_info_fields(body + t.start, len(t.name.encode()), len(t.shape))
         elif kv.key == "gguf_split.source.gaps":
-            pos = body
+            pos = body  # (u32 source, u64 offset, u64 length, bytes) per run
             while pos < kv.end:
-                out += [(pos, 8), (pos + 8, 8)]
-                pos += 16 + struct.unpack_from("<Q", data, pos + 8)[0]
+                out += [(pos, 4), (pos + 4, 8), (pos + 12, 8)]
+                pos += 20 + struct.unpack_from("<Q", data, pos + 12)[0]
         elif kv.key == "gguf_split.source.replaced_kvs":
             pos = body
             while pos < kv.end:
@@ -141,6 +158,17 @@ def record_values(h: Header) -> tuple[list[Field], list[Span]]:
     body = {V.STRING: 8, V.ARRAY: 12}
     spans = [(kv.value_start + body.get(kv.vtype, 0), kv.end) for kv in _own(h)]
     return fields, [(s, e) for s, e in spans if e > s]
+
+
+def model_values(h: Header) -> tuple[list[Field], list[Span]]:
+    """A model's contents that keep it parseable when changed in place: scalar KV values (as int fields),
+    string texts, padding (non-zero padding must come back byte for byte) and tensor data."""
+    widths = {V.UINT16: 2, V.UINT32: 4, V.INT32: 4, V.UINT64: 8, V.INT64: 8}
+    fields = [(kv.value_start, widths[kv.vtype]) for kv in h.kvs if kv.vtype in widths]
+    spans = [(kv.value_start + 8, kv.end) for kv in h.kvs if kv.vtype == V.STRING and kv.end > kv.value_start + 8]
+    spans += [(s, e) for s, e in iter_gaps(h) if e > s]
+    spans += [(h.data_start + t.offset, h.data_start + t.offset + t.nbytes) for t in h.tensors]
+    return fields, spans
 
 
 def _pick(spans: list[Span], pos: int) -> int:
@@ -204,7 +232,7 @@ def ops() -> st.SearchStrategy[list[Op]]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Targets: each returns the GGUFSplitError problem it got (None: the input was accepted); anything else
-# escapes to the caller, which is the bug being looked for.
+# escapes to the caller, which is the bug being looked for. A broken oracle is an AssertionError.
 
 
 def _problem(fn: Callable[[], object]) -> str | None:
@@ -216,7 +244,7 @@ def _problem(fn: Callable[[], object]) -> str | None:
 
 
 def write_new(path: Path, data: bytes) -> Path:
-    """Write through a fresh inode (the loader caches open foundations by device and inode)."""
+    """Write through a fresh inode (the loader caches open files by device and inode)."""
     tmp = path.with_name(path.name + ".new")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -249,26 +277,80 @@ def exercise_reader(data: bytes, path: Path) -> str | None:
     return in_memory or on_disk
 
 
-def _load_task(foundation: Path, adaptor: Path) -> None:
-    with Foundation.open(foundation) as fnd:
-        model = fnd.load(adaptor)
+def no_temporaries(directory: Path) -> None:
+    left = [n for n in os.listdir(directory) if n.endswith(TMP_SUFFIX)]
+    assert not left, f"temporary files left in {directory}: {left}"
+
+
+def exercise_split(corpus: "Corpus", model: bytes, directory: Path) -> str | None:
+    """Split a good model `a` and the (mutated) model `b`. Oracle: a GGUFSplitError leaves no output
+    directory; a split that succeeds verifies, and restores both tasks to their input bytes."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    good = directory / "a.gguf"
+    good.write_bytes(corpus.model_a)
+    bad = directory / "b.gguf"
+    bad.write_bytes(model)
+    out = directory / "out"
+    problem = _problem(lambda: split({"a": good, "b": bad}, out, file_cost=0, threads=1))
+    if problem is not None:
+        assert not out.exists(), f"a refused split left {sorted(os.listdir(out))}"
+        return problem
+    verify([out], threads=1)
+    restored = directory / "restored"
+    restored.mkdir()
+    for task, src in (("a", good), ("b", bad)):
+        r = restore(out, restored, task=task)
+        assert Path(r.output).read_bytes() == src.read_bytes(), f"task {task} restored to other bytes"
+    no_temporaries(out)
+    return None
+
+
+def _load_task(directory: Path, task: str = "a") -> None:
+    with open_split(directory) as s:
+        model = s.load(task)
         for key in model.metadata:
             model.metadata[key]
         for name in model.tensors:
             model.tensors[name].data
 
 
-def _plan(foundation: Path, adaptor: Path) -> None:
-    with open_output(adaptor) as ad, open_output(foundation) as fnd:
-        plan_restore(ad, fnd)
+def _plan(adaptor: Path) -> None:
+    with open_task(adaptor) as tf:
+        plan_restore(tf)
 
 
-def exercise_split_files(adaptor: bytes, foundation: bytes, directory: Path) -> list[str | None]:
-    """plan_restore, verify and the runtime loader on an (adaptor, foundation) pair, either mutated."""
+def restore_oracle(corpus: "Corpus", directory: Path, out: Path) -> str | None:
+    """restore of task a: refused (GGUFSplitError, nothing left in `out`), or the original byte for byte."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
+    reports = []
+    problem = _problem(lambda: reports.append(restore(directory, out, task="a")))
+    if problem is not None:
+        assert os.listdir(out) == [], f"a refused restore left {os.listdir(out)}"
+        return problem
+    # the original's name comes from a record (a resealed forgery may rename it, within `out`)
+    written = Path(reports[0].output)
+    assert os.listdir(out) == [written.name] and written.parent == out, (os.listdir(out), written)
+    assert written.read_bytes() == corpus.original_a, "restore wrote other bytes than the original"
+    return None
+
+
+def exercise_split_files(corpus: "Corpus", adaptor: bytes, shared: bytes, directory: Path) -> list[str | None]:
+    """plan_restore, verify, info and the runtime loader on a split directory holding adaptor-a and its
+    shared file, either mutated. Oracle: when verify accepts them, restore gives the original or refuses."""
+    directory.mkdir(parents=True, exist_ok=True)
     a = write_new(directory / "adaptor-a.gguf", adaptor)
-    f = write_new(directory / "foundation.gguf", foundation)
-    return [_problem(lambda: _plan(f, a)), _problem(lambda: verify(f, [a], threads=1)),
-            _problem(lambda: _load_task(f, a)), _problem(lambda: describe(a))]
+    f = write_new(directory / corpus.shared_name, shared)
+    verified = _problem(lambda: verify([directory], threads=1))
+    problems = [_problem(lambda: _plan(a)), verified, _problem(lambda: _load_task(directory)),
+                _problem(lambda: describe(a)), _problem(lambda: describe(f)), _problem(lambda: savings(directory)),
+                _problem(lambda: task_files(directory, "a"))]
+    if verified is None:
+        problems.append(restore_oracle(corpus, directory, directory.parent / "restored"))
+    return problems
 
 
 def reseal(data: bytes) -> bytes:
@@ -288,6 +370,67 @@ def reseal(data: bytes) -> bytes:
     out = bytearray(data)
     out[at : at + 32] = xxhash.xxh3_128(bytes(header)).hexdigest().encode()
     return bytes(out)
+
+
+# The commit journal: a pending commit (adaptor-a.gguf renamed to a temporary, the journal renaming it
+# back) mutated as bytes, or replaced by well-formed JSON holding hostile names.
+
+SENTINEL = "outside.txt"  # beside the split directory: no journal may touch it
+HOSTILE_NAMES = ("", ".", "..", "../outside.txt", "/etc/passwd", "a\0b", "sub/x.gguf", "adaptor-a.gguf",
+                 "adaptor-b.gguf", "x" * 300, "\\\\evil", ".adaptor-a.gguf.1.abcd" + TMP_SUFFIX,
+                 "." + TMP_SUFFIX, "../." + TMP_SUFFIX, "\udcff.gguf", "\n.gguf")
+
+
+def pending_journal(corpus: "Corpus") -> tuple[str, bytes]:
+    """(temporary name, journal bytes) of a commit that was switched but not applied."""
+    tmp = f".adaptor-a.gguf.4242.0badf00d{TMP_SUFFIX}"
+    body = {"gguf_split_journal": 1, "renames": [[tmp, "adaptor-a.gguf"]], "deletes": ["hole-9.gguf"]}
+    return tmp, json.dumps(body, indent=1).encode()
+
+
+def exercise_journal(corpus: "Corpus", journal: bytes, root: Path) -> list[str | None]:
+    """A fresh copy of the split with adaptor-a as a pending rename and `journal` as its journal: readers
+    (verify, info, restore, the loader), then a writer (remove b: it first rolls the journal forward).
+    Oracles: only GGUFSplitError; nothing outside the directory changes; when verify accepts the
+    directory, restore gives the original byte for byte or refuses."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    d = root / "split"
+    shutil.copytree(corpus.split_dir, d)
+    (root / SENTINEL).write_text("keep")
+    tmp, _ = pending_journal(corpus)
+    os.replace(d / "adaptor-a.gguf", d / tmp)
+    (d / JOURNAL).write_bytes(journal)
+    before_outside = sorted(os.listdir(root))
+    verified = _problem(lambda: verify([d], threads=1))
+    problems = [verified, _problem(lambda: savings(d)), _problem(lambda: _load_task(d)),
+                _problem(lambda: task_files(d, "a"))]
+    if verified is None:
+        problems.append(restore_oracle(corpus, d, root / "restored"))
+        shutil.rmtree(root / "restored")
+    problems.append(_problem(lambda: remove(d, ["b"])))
+    assert sorted(os.listdir(root)) == before_outside, "a journal changed files outside the split directory"
+    assert (root / SENTINEL).read_text() == "keep"
+    return problems
+
+
+def journals() -> st.SearchStrategy[object]:
+    """Well-formed JSON journals, from valid to hostile: names from HOSTILE_NAMES and the split's own files,
+    wrong types and shapes, other versions."""
+    names = st.sampled_from(HOSTILE_NAMES + ("hole-9.gguf", "adaptor-a.gguf", ".adaptor-a.gguf.4242.0badf00d"
+                                             + TMP_SUFFIX))
+    scalar = st.one_of(names, st.integers(-2, 2), st.none(), st.booleans())
+    anything = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.text(max_size=3), inner, max_size=2)),
+                            max_leaves=6)
+    pair = st.one_of(st.lists(names, min_size=2, max_size=2), anything)
+    return st.one_of(
+        st.fixed_dictionaries({"gguf_split_journal": st.one_of(st.just(1), scalar),
+                               "renames": st.one_of(st.lists(pair, max_size=3), anything),
+                               "deletes": st.one_of(st.lists(names, max_size=3), anything)}),
+        anything,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,9 +471,18 @@ class Target:
 
 @dataclass(frozen=True)
 class Corpus:
-    model: Target
-    adaptor: Target
-    foundation: Target
+    model: Target  # models/b.gguf, header-focused
+    adaptor: Target  # split/adaptor-a.gguf
+    shared: Target  # split/<the shared file adaptor-a lists first>
+    journal: bytes  # a valid pending-commit journal
+    model_a: bytes  # the good model split beside a mutated one
+    original_a: bytes  # what task a restores to
+    shared_name: str
+    split_dir: Path  # split/: adaptor-a, adaptor-b and their shared files, unmutated
+
+    @property
+    def foundation(self) -> Target:  # the 0.1 name (bench/fuzz_header.py)
+        return self.shared
 
 
 def make_target(path: Path, *, records: bool) -> Target:
@@ -339,7 +491,7 @@ def make_target(path: Path, *, records: bool) -> Target:
         h = f.header
     header_span = [(0, h.tensor_info_end + 32)]
     if not records:
-        return Target(data, int_fields(data, h), header_span, [], [])
+        return Target(data, int_fields(data, h), header_span, *model_values(h))
     value_fields, value_focus = record_values(h)
     return Target(data, int_fields(data, h) + record_fields(data, h), record_spans(h) + header_span,
                   value_fields, value_focus)
@@ -356,9 +508,15 @@ def build_corpus(root: Path) -> Corpus:
         gap = next(s for s, e in iter_gaps(f.header) if e > s)
     raw[gap] = 0x5A
     a.write_bytes(bytes(raw))
-    split({"a": a, "b": b}, root / "split")
-    return Corpus(make_target(b, records=False), make_target(root / "split" / "adaptor-a.gguf", records=True),
-                  make_target(root / "split" / "foundation.gguf", records=True))
+    d = root / "split"
+    report = split({"a": a, "b": b}, d, file_cost=0)  # tiny models: share anyway
+    assert report.shares_anything
+    with open_task(d / "adaptor-a.gguf") as tf:
+        shared = Path(tf.shared[0].path)
+        assert tf.shared[0].header.tensors
+    corpus = Corpus(make_target(b, records=False), make_target(d / "adaptor-a.gguf", records=True),
+                    make_target(shared, records=True), b"", b.read_bytes(), a.read_bytes(), shared.name, d)
+    return Corpus(**{**corpus.__dict__, "journal": pending_journal(corpus)[1]})
 
 
 @pytest.fixture(scope="module")
@@ -384,15 +542,20 @@ def bounded_memory() -> Iterable[None]:
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-FUZZ = settings(max_examples=200, deadline=timedelta(seconds=2), derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def fuzz(n: int) -> settings:
+    return settings(max_examples=n, deadline=timedelta(seconds=2), derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])
 
 
-def timed(fn: Callable[[], object]) -> object:
+FUZZ = fuzz(200)
+
+
+def timed(fn: Callable[[], object], limit: float = SLOW) -> object:
     t0 = time.perf_counter()
     result = fn()
     elapsed = time.perf_counter() - t0
-    assert elapsed < SLOW, f"one input took {elapsed:.2f} s"
+    assert elapsed < limit, f"one input took {elapsed:.2f} s"
     return result
 
 
@@ -404,7 +567,7 @@ def test_engine_finds_every_field_of_the_corpus(corpus: Corpus) -> None:
     """The int fields point at integers, not text: in a valid file every u32 field (version, value types,
     n_dims, ggml types, record positions) is small and every u64 (lengths, counts, dims, offsets) is below
     1 MiB, while 4 or 8 bytes of key text read as an integer are far larger."""
-    for t in (corpus.model, corpus.adaptor, corpus.foundation):
+    for t in (corpus.model, corpus.adaptor, corpus.shared):
         assert len(set(t.fields)) == len(t.fields) > 40
         for off, width in t.fields:
             value = struct.unpack_from(_INT_FORMATS[width], t.data, off)[0]
@@ -414,12 +577,36 @@ def test_engine_finds_every_field_of_the_corpus(corpus: Corpus) -> None:
     inside = {kv.key for kv in kvs for off, _ in ad.fields if kv.value_start + 12 <= off < kv.end}
     assert {"gguf_split.source.tensor_infos", "gguf_split.source.gaps", "gguf_split.source.replaced_kvs"} <= inside
     assert ad.fields_in(ad.value_focus) and ad.value_fields
+    assert {"gguf_split.files.name", "gguf_split.files.xxh3", "gguf_split.tensor_files", "gguf_split.content_id"} & {
+        kv.key for kv in kvs for s, e in ad.value_focus if kv.start <= s < kv.end}
 
 
 def test_unmutated_corpus_is_accepted(corpus: Corpus, workdir: Path) -> None:
-    """The baseline: without mutation every target accepts the inputs (so a failure below is the mutation's)."""
+    """The baseline: without mutation every target accepts the inputs and every oracle holds (so a
+    failure below is the mutation's)."""
     assert exercise_reader(corpus.model.data, workdir / "m.gguf") is None
-    assert exercise_split_files(corpus.adaptor.data, corpus.foundation.data, workdir) == [None] * 4
+    assert exercise_split(corpus, corpus.model.data, workdir / "split-run") is None
+    assert exercise_split_files(corpus, corpus.adaptor.data, corpus.shared.data, workdir / "files") == [None] * 8
+    assert exercise_journal(corpus, corpus.journal, workdir / "journal") == [None] * 6
+
+
+def test_oracles_catch_a_wrong_restore(corpus: Corpus, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restore oracle is not vacuous: a restore that writes other bytes (its check disabled) fails it."""
+    import importlib
+
+    restore_mod = importlib.import_module("gguf_split.restore")
+    real = restore_mod.read_back
+    monkeypatch.setattr(restore_mod, "copy_bytes", lambda src, off, n, fd, bar: os.write(fd, bytes(n)) and None)
+    monkeypatch.setattr(restore_mod, "read_back", lambda path, bar: corpus_digest(corpus))
+    with pytest.raises(AssertionError, match="other bytes"):
+        exercise_split_files(corpus, corpus.adaptor.data, corpus.shared.data, workdir / "files")
+    monkeypatch.setattr(restore_mod, "read_back", real)
+
+
+def corpus_digest(corpus: Corpus) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128(corpus.original_a).hexdigest()
 
 
 @FUZZ
@@ -429,15 +616,54 @@ def test_mutated_model_headers(corpus: Corpus, workdir: Path, mutation: list[Op]
     timed(lambda: exercise_reader(data, workdir / "m.gguf"))
 
 
+@fuzz(80)
+@given(mutation=ops(), contents_only=st.booleans())
+def test_split_of_mutated_models_verifies_and_restores(corpus: Corpus, workdir: Path, mutation: list[Op],
+                                                       contents_only: bool) -> None:
+    """A mutated model (its header reshaped, or only its contents changed in place: KV values, padding,
+    tensor data) split beside a good one: refused with GGUFSplitError (no output left), or split, and then
+    the split verifies and restores both inputs byte for byte."""
+    data = corpus.model.mutated(mutation, contents_only=contents_only)
+    timed(lambda: exercise_split(corpus, data, workdir / "split-run"), SLOW_WRITE)
+
+
 @FUZZ
-@given(mutation=ops(), target=st.sampled_from(["adaptor", "foundation"]), contents_only=st.booleans(),
+@given(mutation=ops(), target=st.sampled_from(["adaptor", "shared"]), contents_only=st.booleans(),
        sealed=st.booleans())
 def test_mutated_split_records(corpus: Corpus, workdir: Path, mutation: list[Op], target: str, contents_only: bool,
                                sealed: bool) -> None:
-    """A mutated adaptor or foundation (its records' contents, or its shape), with the seal left broken or
-    recomputed: plan_restore, verify, the loader and info raise GGUFSplitError or accept it."""
+    """A mutated adaptor or shared file (its records' contents, or its shape), with the seal left broken or
+    recomputed: plan_restore, verify, the loader and info raise GGUFSplitError or accept it; when verify
+    accepts it, restore gives the original or refuses."""
     mutated = getattr(corpus, target).mutated(mutation, contents_only=contents_only)
     if sealed:
         mutated = reseal(mutated)
-    pair = (mutated, corpus.foundation.data) if target == "adaptor" else (corpus.adaptor.data, mutated)
-    timed(lambda: exercise_split_files(*pair, workdir))
+    pair = (mutated, corpus.shared.data) if target == "adaptor" else (corpus.adaptor.data, mutated)
+    timed(lambda: exercise_split_files(corpus, *pair, workdir / "files"), SLOW_WRITE)  # restore writes
+
+
+@fuzz(100)
+@given(mutation=st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete", "truncate"]),
+                                   st.integers(0, 1 << 16), st.binary(min_size=1, max_size=8)), min_size=1, max_size=3))
+def test_mutated_journal_bytes(corpus: Corpus, workdir: Path, mutation: list) -> None:
+    """The pending commit's journal with bytes flipped, inserted, deleted or cut off."""
+    data = bytearray(corpus.journal)
+    for kind, pos, blob in mutation:
+        at = pos % (len(data) + 1)
+        if kind == "flip" and at < len(data):
+            data[at] ^= blob[0] or 1
+        elif kind == "insert":
+            data[at:at] = blob
+        elif kind == "delete":
+            del data[at : at + len(blob)]
+        elif kind == "truncate":
+            del data[at:]
+    timed(lambda: exercise_journal(corpus, bytes(data), workdir / "journal"), SLOW_WRITE)
+
+
+@fuzz(150)
+@given(body=journals())
+def test_forged_journals(corpus: Corpus, workdir: Path, body: object) -> None:
+    """Well-formed JSON journals with hostile names, wrong types and shapes."""
+    data = json.dumps(body).encode("utf-8", "surrogatepass")
+    timed(lambda: exercise_journal(corpus, data, workdir / "journal"), SLOW_WRITE)

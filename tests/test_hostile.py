@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import resource
 import shutil
 import stat
@@ -139,6 +140,16 @@ class World:
         shutil.copytree(self.path(src), dst)
         return dst
 
+    def foundation(self, src: str = "split") -> str:
+        """The name of the shared file every task of split/ (or other/) loads (named after its content)."""
+        return foundation_name(self.path(src))
+
+
+def foundation_name(directory: Path) -> str:
+    names = [n for n in os.listdir(directory) if n.startswith("foundation-") and n.endswith(".gguf")]
+    assert len(names) == 1, names
+    return names[0]
+
 
 def _changed(seed: int) -> dict:
     tensors = base_tensors(seed)
@@ -181,8 +192,9 @@ def build_world(root: Path) -> World:
     write_model(w.model("shard1"), base_tensors(0), kvs=_split_kvs(1, 3, None))
     write_model(w.model("shard0"), base_tensors(0), kvs=_split_kvs(0, 2, 16))
     write_big_endian(w.model("be"))
-    split({"a": w.model("a"), "b": w.model("b")}, w.path("split"))
-    split({"c": w.model("c"), "d": w.model("d")}, w.path("other"))
+    # tiny models: file_cost=0 so that they share a file anyway (the default cost would share nothing)
+    split({"a": w.model("a"), "b": w.model("b")}, w.path("split"), file_cost=0)
+    split({"c": w.model("c"), "d": w.model("d")}, w.path("other"), file_cost=0)
     w.out.mkdir()
     (w.out / "keep.txt").write_text("a file the user had here\n")
     return w
@@ -463,12 +475,15 @@ def flip_tensor_byte(name: str) -> Edit:
     return edit
 
 
+FOUNDATION = "<foundation>"  # stands for split/'s foundation-<id>.gguf, whatever its content id
+
+
 def damaged_split(w: World, file: str, edit: Edit) -> Path:
     """bad/split/: a copy of split/ with `file` patched; returns the damaged file."""
     d = w.path("bad", "split")
     if not d.exists():
         shutil.copytree(w.path("split"), d)
-    target = d / file
+    target = d / (foundation_name(d) if file == FOUNDATION else file)
     data = bytearray(target.read_bytes())
     new = edit(data, header_of(target))
     target.write_bytes(bytes(data if new is None else new))
@@ -479,11 +494,43 @@ def restore_call(adaptor: Path, w: World, *extra: str) -> Call:
     return Call(["restore", "-q", str(adaptor), "-o", str(w.out / "restored.gguf"), *extra], str(adaptor))
 
 
+def forge_text(key: str, index: int, text: str) -> Edit:
+    """Overwrite entry `index` of the string array record `key` (or the string record `key`) with `text`
+    of the same byte length, and reseal: a forged record that passes the seal."""
+    def edit(d: bytearray, h: Header) -> None:
+        kv = h.kv_by_key[key]
+        pos = kv.value_start + (12 if kv.vtype == 9 else 0)  # GGUFValueType.ARRAY
+        for _ in range(index if kv.vtype == 9 else 0):
+            pos += 8 + struct.unpack_from("<Q", d, pos)[0]
+        n = struct.unpack_from("<Q", d, pos)[0]
+        raw = text.encode()
+        assert len(raw) == n, (text, n)
+        d[pos + 8 : pos + 8 + n] = raw
+        reseal(d)
+    return edit
+
+
+def same_length(prefix: str, n: int) -> str:
+    """`prefix` padded with x to `n` characters, ending in .gguf."""
+    assert len(prefix) + 5 <= n
+    return prefix + "x" * (n - len(prefix) - 5) + ".gguf"
+
+
+def write_journal(d: Path, body: str | bytes) -> None:
+    (d / ".gguf-split-journal").write_bytes(body.encode() if isinstance(body, str) else body)
+
+
+def journal(renames: list, deletes: list) -> str:
+    import json
+
+    return json.dumps({"gguf_split_journal": 1, "renames": renames, "deletes": deletes})
+
+
 def split_file_rows() -> list[Row]:
-    """Foundations and adaptors: paired wrongly, modified after the split, fed back to split, forged."""
-    found, ad_a, ad_b = "foundation.gguf", "adaptor-a.gguf", "adaptor-b.gguf"
+    """Adaptors and shared files: paired wrongly, missing, moved, modified after the split, fed back to
+    split, forged; and the commit journal of a split directory, damaged or forged."""
+    ad_a, ad_b = "adaptor-a.gguf", "adaptor-b.gguf"
     name_kv = lambda d, kv: d.__setitem__(kv.value_start + 8, ord("X"))  # noqa: E731
-    nul_name = lambda d, kv: d.__setitem__(kv.value_start + 8 + 3, 0)  # noqa: E731
 
     def verify_damaged(file: str, edit: Edit) -> Callable[[World], Call]:
         def build(w: World) -> Call:
@@ -492,10 +539,10 @@ def split_file_rows() -> list[Row]:
         return build
 
     def verify_files(file: str, edit: Edit) -> Callable[[World], Call]:
+        """verify of the two adaptors, by file (their shared file is found beside them)."""
         def build(w: World) -> Call:
             bad = damaged_split(w, file, edit)
-            return Call(["verify", "-q", str(bad.parent / found), str(bad.parent / ad_a), str(bad.parent / ad_b)],
-                        str(bad))
+            return Call(["verify", "-q", str(bad.parent / ad_a), str(bad.parent / ad_b)], str(bad))
         return build
 
     def restore_damaged(file: str, edit: Edit, adaptor: str = ad_a) -> Callable[[World], Call]:
@@ -504,20 +551,47 @@ def split_file_rows() -> list[Row]:
             return Call(restore_call(bad.parent / adaptor, w).args, str(bad))
         return build
 
-    def foreign_in_dir(w: World) -> Call:
+    def foreign_shared(command: str) -> Callable[[World], Call]:
+        """other/'s foundation under the name split/'s adaptors record (a download mixed up two splits)."""
+        def build(w: World) -> Call:
+            d = w.split_copy("foreign")
+            ours = d / w.foundation()
+            shutil.copy(w.path("other", w.foundation("other")), ours)
+            if command == "verify":
+                return Call(["verify", "-q", str(d)], str(ours))
+            return Call(restore_call(d / ad_a, w).args, str(ours))
+        return build
+
+    def foreign_via_option(w: World) -> Call:
+        """restore -s DIR, DIR holding another split's file under our name."""
+        elsewhere = w.path("bad", "elsewhere")
+        elsewhere.mkdir(parents=True)
+        shutil.copy(w.path("other", w.foundation("other")), elsewhere / w.foundation())
+        return Call(restore_call(w.path("split", ad_a), w, "-s", str(elsewhere)).args, str(elsewhere / w.foundation()))
+
+    def foreign_adaptor_in_dir(w: World) -> Call:
         d = w.split_copy("mixed")
         shutil.copy(w.path("other", "adaptor-c.gguf"), d / "adaptor-c.gguf")
-        return Call(["verify", "-q", str(d)], str(d / "adaptor-c.gguf"))
+        return Call(["verify", "-q", str(d)], str(d / w.foundation("other")))
 
-    def two_foundations(w: World) -> Call:
-        d = w.split_copy("two")
-        shutil.copy(w.path("other", found), d / "other-foundation.gguf")
-        return Call(["verify", "-q", str(d)], str(d))
+    def missing_shared(command: str) -> Callable[[World], Call]:
+        def build(w: World) -> Call:
+            d = w.split_copy("noshared")
+            (d / w.foundation()).unlink()
+            args = {"restore": restore_call(d / ad_a, w).args, "verify": ["verify", "-q", str(d)],
+                    "info": ["info", str(d)], "info-files": ["info", str(d), "a", "--files"]}[command]
+            return Call(args, str(d / w.foundation()))
+        return build
 
-    def missing_foundation(w: World) -> Call:
-        d = w.split_copy("nofound")
-        (d / found).unlink()
-        return Call(restore_call(d / ad_a, w).args, str(d / found))
+    def moved_adaptor(w: World) -> Call:
+        """The adaptor copied elsewhere without its shared file: the error names the option to point at it."""
+        moved = w.path("bad", "moved")
+        moved.mkdir(parents=True)
+        shutil.copy(w.path("split", ad_a), moved / ad_a)
+        return Call(restore_call(moved / ad_a, w).args, str(moved / w.foundation()))
+
+    def shared_option_missing(w: World) -> Call:
+        return Call(restore_call(w.path("split", ad_a), w, "-s", str(w.path("nowhere"))).args, str(w.path("nowhere")))
 
     def damaged_record_info(w: World) -> Call:
         bad = damaged_split(w, ad_a, lambda d, h: d.__setitem__(
@@ -526,50 +600,92 @@ def split_file_rows() -> list[Row]:
 
     def inflated_size(w: World) -> Call:
         bad = damaged_split(w, ad_a, kv_edit("gguf_split.source.size", lambda d, kv: put(
-            d, kv.value_start, "<Q", struct.unpack_from("<Q", d, kv.value_start)[0] + (1 << 40))))
+            d, kv.value_start + 12, "<Q", struct.unpack_from("<Q", d, kv.value_start + 12)[0] + (1 << 40))))
         return Call(restore_call(bad, w).args, str(bad))
 
-    def forged_foundation_name(w: World) -> Call:
-        bad = damaged_split(w, ad_a, kv_edit("gguf_split.foundation.file", nul_name, sealed=True))
-        return Call(restore_call(bad, w).args, str(bad))
+    def forged_shared_name(prefix: str) -> Callable[[World], Call]:
+        """The adaptor's record of its shared file's name forged to point outside (resealed)."""
+        def build(w: World) -> Call:
+            n = len(w.foundation())
+            bad = damaged_split(w, ad_a, forge_text("gguf_split.files.name", 0, same_length(prefix, n)))
+            return Call(restore_call(bad, w).args, str(bad))
+        return build
+
+    def forged_source_name(name: str) -> Callable[[World], Call]:
+        """The original file name restore writes (`a.gguf`, 6 bytes), forged to leave the output directory
+        (resealed); restore -o DIR would write DIR/<name>."""
+        def build(w: World) -> Call:
+            bad = damaged_split(w, ad_a, forge_text("gguf_split.source.name", 0, name))
+            return Call(["restore", "-q", str(bad), "-o", str(w.out)], str(bad))
+        return build
+
+    def journal_row(body: Callable[[World], str | bytes], command: str) -> Callable[[World], Call]:
+        def build(w: World) -> Call:
+            d = w.split_copy("journal")
+            write_journal(d, body(w))
+            args = {"verify": ["verify", "-q", str(d)], "info": ["info", str(d)],
+                    "restore": ["restore", "-q", str(d), "a", "-o", str(w.out / "restored.gguf")],
+                    "remove": ["remove", "-q", str(d), "b"],
+                    "split": ["split", "-q", "--force", "--file-cost", "0", "-t", f"a={w.model('a')}", "-t",
+                              f"b={w.model('b')}", "-o", str(d)],
+                    "add": ["add", "-q", str(d), "-t", f"c={w.model('c')}"]}[command]
+            return Call(args, str(d / ".gguf-split-journal"))
+        return build
 
     def split_output_as_input(file: str) -> Callable[[World], Call]:
-        return lambda w: split_call(w, w.path("split", file))
+        return lambda w: split_call(w, w.path("split", w.foundation() if file == FOUNDATION else file))
 
+    damaged_journal = "journal is damaged"
     rows = [
-        Row("restore-foreign-foundation", "adaptor with another split's foundation",
-            lambda w: restore_call(w.path("split", ad_a), w, "-f", str(w.path("other", found))), ("belongs to",)),
-        Row("restore-foreign-foundation-subprocess", "adaptor with another split's foundation",
-            lambda w: restore_call(w.path("split", ad_a), w, "-f", str(w.path("other", found))), ("belongs to",),
-            in_subprocess=True),
-        Row("verify-foreign-foundation", "adaptor with another split's foundation",
-            lambda w: Call(["verify", "-q", str(w.path("other", found)), str(w.path("split", ad_a))],
-                           str(w.path("split", ad_a))), ("belongs to",)),
-        Row("verify-foreign-adaptor-in-dir", "adaptor with another split's foundation", foreign_in_dir,
-            ("belongs to",)),
-        Row("verify-dir-two-foundations", "two foundations in a directory", two_foundations, ("2 foundations",)),
-        Row("verify-dir-without-foundation", "directory without a foundation",
+        Row("restore-foreign-shared-file", "shared file from another split", foreign_shared("restore"),
+            ("another split",)),
+        Row("restore-foreign-shared-file-subprocess", "shared file from another split", foreign_shared("restore"),
+            ("another split",), in_subprocess=True),
+        Row("verify-foreign-shared-file", "shared file from another split", foreign_shared("verify"),
+            ("another split",)),
+        Row("restore-foreign-shared-file-via-option", "shared file from another split", foreign_via_option,
+            ("another split",)),
+        Row("verify-dir-without-split", "directory without a split",
             lambda w: Call(["verify", "-q", str(w.path("models"))], str(w.path("models"))),
-            ("no gguf-split foundation",)),
-        Row("restore-missing-foundation", "foundation missing", missing_foundation, ("cannot open",)),
-        Row("restore-foundation-as-adaptor", "not an adaptor",
-            lambda w: restore_call(w.path("split", found), w), ("expected a gguf-split adaptor",)),
+            ("holds no gguf-split adaptor",)),
+        Row("restore-shared-file-missing", "shared file missing", missing_shared("restore"), ("-s/--shared",)),
+        Row("verify-shared-file-missing", "shared file missing", missing_shared("verify"), ("-s/--shared",)),
+        Row("info-shared-file-missing", "shared file missing", missing_shared("info"), ("-s/--shared",)),
+        Row("info-files-shared-file-missing", "shared file missing", missing_shared("info-files"), ("-s/--shared",)),
+        Row("verify-foreign-adaptor-in-dir", "shared file missing", foreign_adaptor_in_dir, ("-s/--shared",)),
+        Row("restore-moved-adaptor", "adaptor moved without its shared files", moved_adaptor, ("-s/--shared",)),
+        Row("restore-moved-adaptor-subprocess", "adaptor moved without its shared files", moved_adaptor,
+            ("-s/--shared",), in_subprocess=True),
+        Row("restore-shared-option-missing", "adaptor moved without its shared files", shared_option_missing,
+            ("-s/--shared: no such file",)),
+        Row("restore-shared-file-as-adaptor", "not an adaptor",
+            lambda w: restore_call(w.path("split", w.foundation()), w), ("expected a gguf-split adaptor",)),
         Row("restore-model-as-adaptor", "not an adaptor",
             lambda w: restore_call(w.model("a"), w), ("not written by gguf-split",)),
-        Row("verify-foundation-tensor-modified", "foundation modified after the split",
-            verify_damaged(found, flip_tensor_byte("token_embd.weight")), ("'token_embd.weight' does not match",)),
-        Row("restore-foundation-tensor-modified", "foundation modified after the split",
-            restore_damaged(found, flip_tensor_byte("token_embd.weight")), ("'token_embd.weight'",)),
-        Row("verify-foundation-header-modified", "foundation modified after the split",
-            verify_damaged(found, kv_edit("general.architecture", name_kv)), ("header damaged",)),
-        Row("verify-foundation-padding-modified", "foundation modified after the split",
-            verify_damaged(found, lambda d, h: d.__setitem__(next(iter_gaps(h))[0], 1)), ("padding",)),
-        Row("verify-foundation-appended", "foundation modified after the split",
-            verify_damaged(found, lambda d, h: d + bytes(h.alignment)), ("appended",)),
-        Row("verify-foundation-truncated", "foundation modified after the split",
-            verify_files(found, lambda d, h: d[:-1]), ("past the end", "truncated")),
+        Row("verify-shared-file-as-adaptor", "not an adaptor",
+            lambda w: Call(["verify", "-q", str(w.path("split", w.foundation()))], str(w.path("split", w.foundation()))),
+            ("is a shared file",)),
+        Row("verify-foundation-tensor-modified", "shared file modified after the split",
+            verify_damaged(FOUNDATION, flip_tensor_byte("token_embd.weight")), ("'token_embd.weight' does not match",)),
+        Row("restore-foundation-tensor-modified", "shared file modified after the split",
+            restore_damaged(FOUNDATION, flip_tensor_byte("token_embd.weight")), ("'token_embd.weight'",)),
+        Row("verify-foundation-header-modified", "shared file modified after the split",
+            verify_damaged(FOUNDATION, kv_edit("general.architecture", name_kv)), ("header damaged",)),
+        Row("restore-foundation-header-modified", "shared file modified after the split",
+            restore_damaged(FOUNDATION, kv_edit("general.architecture", name_kv)), ("header damaged",)),
+        Row("verify-foundation-padding-modified", "shared file modified after the split",
+            verify_damaged(FOUNDATION, lambda d, h: d.__setitem__(next(iter_gaps(h))[0], 1)), ("padding",)),
+        Row("verify-foundation-appended", "shared file modified after the split",
+            verify_damaged(FOUNDATION, lambda d, h: d + bytes(h.alignment)), ("appended",)),
+        Row("restore-foundation-appended", "shared file modified after the split",
+            restore_damaged(FOUNDATION, lambda d, h: d + bytes(h.alignment)), ("appended",)),
+        Row("verify-foundation-truncated", "shared file modified after the split",
+            verify_files(FOUNDATION, lambda d, h: d[:-1]), ("past the end", "truncated")),
+        Row("verify-foundation-record-forged", "shared file modified after the split",
+            verify_damaged(FOUNDATION, kv_edit("gguf_split.content_id", name_kv, sealed=True)),
+            ("content id",)),
         Row("verify-dir-foundation-truncated", "damaged file in a split directory",
-            verify_damaged(found, lambda d, h: d[: h.data_start + 1]), ("past the end",)),
+            verify_damaged(FOUNDATION, lambda d, h: d[: h.data_start + 1]), ("past the end",)),
         Row("verify-dir-adaptor-truncated", "damaged file in a split directory",
             verify_damaged(ad_b, lambda d, h: d[: h.data_start + 1]), ("past the end",)),
         Row("verify-adaptor-tensor-modified", "adaptor modified after the split",
@@ -579,36 +695,82 @@ def split_file_rows() -> list[Row]:
         Row("verify-adaptor-header-modified", "adaptor modified after the split",
             verify_damaged(ad_a, kv_edit("general.name", name_kv)), ("header damaged",)),
         Row("restore-adaptor-header-modified", "adaptor modified after the split",
-            restore_damaged(ad_a, kv_edit("general.name", name_kv)), ("header damaged", "differ")),
+            restore_damaged(ad_a, kv_edit("general.name", name_kv)), ("header damaged",)),
         Row("restore-adaptor-truncated", "adaptor modified after the split",
             restore_damaged(ad_b, lambda d, h: d[: h.data_start + 1], ad_b), ("past the end",)),
         Row("restore-adaptor-size-record-inflated", "adaptor modified after the split", inflated_size,
-            ("header damaged", "record damaged"), in_subprocess=True),
-        Row("restore-forged-foundation-name-nul", "forged adaptor record", forged_foundation_name,
-            ("foundation file",)),
+            ("header damaged",), in_subprocess=True),
+        Row("info-dir-damaged-record", "adaptor modified after the split", damaged_record_info,
+            ("header damaged",)),
+        Row("restore-forged-shared-name-dotdot", "forged file name in an adaptor record", forged_shared_name("../"),
+            ("not a plain file name",)),
+        Row("restore-forged-shared-name-absolute", "forged file name in an adaptor record",
+            forged_shared_name("/etc/"), ("not a plain file name",)),
+        Row("restore-forged-original-name-dotdot", "forged file name in an adaptor record",
+            forged_source_name("../a.g"), ("not a plain file name",)),
+        Row("restore-forged-original-name-absolute", "forged file name in an adaptor record",
+            forged_source_name("/tmp/x"), ("not a plain file name",)),
         Row("restore-newline-in-role-record", "control characters in a record",
             restore_damaged(ad_a, kv_edit("gguf_split.role", lambda d, kv: d.__setitem__(kv.value_start + 11, 10))),
-            ("expected a gguf-split adaptor",)),
-        Row("info-dir-damaged-record", "adaptor modified after the split", damaged_record_info,
-            ("record", "damaged")),
+            ("header damaged",)),
+        Row("restore-newline-in-role-record-resealed", "control characters in a record",
+            restore_damaged(ad_a, kv_edit("gguf_split.role", lambda d, kv: d.__setitem__(kv.value_start + 11, 10),
+                                          sealed=True)), ("expected a gguf-split adaptor",)),
         Row("split-adaptor-as-input", "split output as input", split_output_as_input(ad_a),
             ("is a gguf-split adaptor",)),
-        Row("split-foundation-as-input", "split output as input", split_output_as_input(found),
-            ("is a gguf-split foundation",)),
+        Row("split-shared-file-as-input", "split output as input", split_output_as_input(FOUNDATION),
+            ("is a gguf-split shared",)),
         Row("split-shard1-as-input", "shard of a split model",
-            lambda w: split_call(w, w.model("shard1")), ("shard 1 of a 3-file split",)),
+            lambda w: split_call(w, w.model("shard1")), ("shard 2 of a 3-file model",)),
         Row("split-shard0-as-input", "shard of a split model",
-            lambda w: split_call(w, w.model("shard0")), ("shard 0 of a 2-file split",)),
+            lambda w: split_call(w, w.model("shard0")), ("first of 2 shards",)),
         Row("info-fifo-subprocess", "a FIFO instead of a file", lambda w: fifo_call(w, "info"), ("not a regular file",),
             in_subprocess=True, timeout=2),
+        Row("split-fifo", "a FIFO, a device or a directory as a model", lambda w: split_call(w, fifo_path(w)),
+            ("is a FIFO",)),
+        Row("split-dev-zero", "a FIFO, a device or a directory as a model",
+            lambda w: split_call(w, Path("/dev/zero")), ("is a character device",)),
+        Row("split-directory", "a FIFO, a device or a directory as a model",
+            lambda w: split_call(w, w.path("models")), ("is a directory",)),
+    ]
+    for command in ("verify", "info", "restore", "remove", "split", "add"):
+        rows.append(Row(f"{command}-journal-not-json", "commit journal damaged",
+                        journal_row(lambda w: "{not json", command), (damaged_journal,)))
+    rows += [
+        Row("verify-journal-not-utf8", "commit journal damaged", journal_row(lambda w: b"\xff\xfe\x00", "verify"),
+            (damaged_journal,)),
+        Row("verify-journal-nested-deep", "commit journal damaged", journal_row(lambda w: "[" * 100_000, "verify"),
+            (damaged_journal,)),
+        Row("verify-journal-wrong-shape", "commit journal damaged",
+            journal_row(lambda w: journal([["a", "b", "c"]], []), "verify"), (damaged_journal,)),
+        Row("verify-journal-other-version", "commit journal damaged",
+            journal_row(lambda w: '{"gguf_split_journal": 99, "renames": [], "deletes": []}', "verify"),
+            (damaged_journal,)),
+        Row("remove-journal-renames-non-temporary", "commit journal forged",
+            journal_row(lambda w: journal([["adaptor-a.gguf", "adaptor-z.gguf"]], []), "remove"),
+            ("not a gguf-split temporary",)),
+        Row("split-journal-renames-outside", "commit journal forged",
+            journal_row(lambda w: journal([[".x.gguf-split-tmp", "../escaped.gguf"]], []), "split"),
+            ("not a plain file name",)),
+        Row("remove-journal-deletes-outside", "commit journal forged",
+            journal_row(lambda w: journal([], [str(w.model("a"))]), "remove"), ("not a plain file name",)),
+        Row("add-journal-deletes-parent", "commit journal forged",
+            journal_row(lambda w: journal([], [".."]), "add"), ("not a plain file name",)),
+        Row("verify-journal-deletes-outside", "commit journal forged",
+            journal_row(lambda w: journal([], ["../models/a.gguf"]), "verify"), ("not a plain file name",)),
     ]
     return rows
 
 
-def fifo_call(w: World, command: str) -> Call:
+def fifo_path(w: World) -> Path:
     fifo = w.path("bad", "fifo.gguf")
     fifo.parent.mkdir(exist_ok=True)
     os.mkfifo(fifo)
+    return fifo
+
+
+def fifo_call(w: World, command: str) -> Call:
+    fifo = fifo_path(w)
     return Call([command, str(fifo)], str(fifo))
 
 
@@ -668,9 +830,6 @@ def spec_rows() -> list[Row]:
                  ("not a directory",)),
         spec_row("duplicate-task-name", "duplicate task names",
                  "output: out\ntasks:\n  a: models/a.gguf\n  a: models/b.gguf\n", ("duplicate key",)),
-        Row("spec-output-overwrites-foundation-input", "output would overwrite an input",
-            lambda w: Call(["split", "-q", str(write_spec(w, overwrite_input(w, "foundation.gguf")))],
-                           str(w.out / "foundation.gguf")), ("overwrite an input",)),
         Row("spec-output-overwrites-adaptor-input", "output would overwrite an input",
             lambda w: Call(["split", "-q", str(write_spec(w, overwrite_input(w, "adaptor-a.gguf")))],
                            str(w.out / "adaptor-a.gguf")), ("overwrite an input",)),
@@ -714,15 +873,45 @@ def cli_rows() -> list[Row]:
             str(w.model("gemma"))), ("architecture differs",)),
         Row("restore-output-overwrites-adaptor", "output would overwrite an input", lambda w: Call(
             ["restore", "-q", "--force", str(w.path("split", "adaptor-a.gguf")), "-o",
-             str(w.path("split", "adaptor-a.gguf"))], str(w.path("split", "adaptor-a.gguf"))), ("overwrite an input",)),
-        Row("restore-output-overwrites-foundation", "output would overwrite an input", lambda w: Call(
+             str(w.path("split", "adaptor-a.gguf"))], str(w.path("split", "adaptor-a.gguf"))),
+            ("one of the split's own files",)),
+        Row("restore-output-overwrites-shared-file", "output would overwrite an input", lambda w: Call(
             ["restore", "-q", "--force", str(w.path("split", "adaptor-a.gguf")), "-o",
-             str(w.path("split", "foundation.gguf"))], str(w.path("split", "foundation.gguf"))),
-            ("overwrite an input",)),
+             str(w.path("split", w.foundation()))], str(w.path("split", w.foundation()))),
+            ("one of the split's own files",)),
+        Row("restore-output-overwrites-shared-file-via-link", "output would overwrite an input", lambda w: Call(
+            ["restore", "-q", "--force", str(w.path("split", "adaptor-a.gguf")), "-o", str(link_to_shared(w))],
+            str(link_to_shared(w))), ("one of the split's own files",)),
+        Row("restore-output-overwrites-other-tasks-adaptor", "output would overwrite an input", lambda w: Call(
+            ["restore", "-q", "--force", str(w.path("split", "adaptor-a.gguf")), "-o",
+             str(w.path("split", "adaptor-b.gguf"))], str(w.path("split", "adaptor-b.gguf"))),
+            ("is a gguf-split adaptor file; restore elsewhere",)),
+        Row("restore-output-overwrites-other-splits-file", "output would overwrite an input", lambda w: Call(
+            ["restore", "-q", "--force", str(w.path("split", "adaptor-a.gguf")), "-o",
+             str(w.path("other", w.foundation("other")))], str(w.path("other", w.foundation("other")))),
+            ("is a gguf-split shared file; restore elsewhere",)),
+        Row("restore-output-empty", "output exists", lambda w: Call(
+            ["restore", "-q", str(w.path("split", "adaptor-a.gguf")), "-o", ""], "-o/--output"), ("empty path",)),
+        Row("split-output-empty", "output exists", lambda w: Call(
+            ["split", "-q", *tasks(w, f"a={w.model('a')}", f"b={w.model('b')}"), "-o", ""], "-o/--output"),
+            ("empty path",)),
+        Row("demo-into-a-file", "output exists", lambda w: Call(["demo", "-q", str(w.out / "keep.txt")],
+                                                                str(w.out / "keep.txt")), ("not a directory",)),
+        Row("demo-under-a-file", "output exists", lambda w: Call(["demo", "-q", str(w.out / "keep.txt" / "demo")],
+                                                                 str(w.out / "keep.txt" / "demo")),
+            ("cannot create directory",)),
         Row("restore-output-exists", "output exists", lambda w: Call(
             ["restore", "-q", str(w.path("split", "adaptor-a.gguf")), "-o", str(w.model("a"))], str(w.model("a"))),
             ("already exists",)),
     ]
+
+
+def link_to_shared(w: World) -> Path:
+    """out/shared-link.gguf, a symlink to split/'s shared file (made once per world)."""
+    link = w.out / "shared-link.gguf"
+    if not os.path.lexists(link):
+        os.symlink(w.path("split", w.foundation()), link)
+    return link
 
 
 def overwrite_cli(w: World) -> Path:
@@ -772,13 +961,38 @@ def check_error_line(code: int, stdout: str, stderr: str, named: str, keywords: 
     return line
 
 
+def documented_messages() -> dict[str, list[re.Pattern[str]]]:
+    """docs/bad-inputs.md's table rows: family -> the messages of its last column, as patterns (`<f>` and
+    the like stand for a path or a name, `…` for anything)."""
+    out: dict[str, list[re.Pattern[str]]] = {}
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if not line.startswith("| ") or len(cells) != 3 or set(cells[0]) <= {"-"}:
+            continue
+        spans = [a or b for a, b in re.findall(r"``\s?(.+?)\s?``|`([^`]+)`", cells[2])]
+        pats = []
+        for text in spans:
+            parts = re.split(r"(<[a-z0-9 -]+>|…)", text)
+            rx = "".join(".+?" if p.startswith("<") and p.endswith(">") else ".*?" if p == "…" else re.escape(p)
+                         for p in parts)
+            pats.append(re.compile(rx))
+        out.setdefault(cells[0], []).extend(pats)
+    return out
+
+
+DOCUMENTED = documented_messages()
+
+
 @pytest.mark.parametrize("row", _params())
 def test_hostile_input(row: Row, world: World) -> None:
     call = row.build(world)
     before = snapshot(world.root)
     code, stdout, stderr = run_cli(call.args, world.root, row.in_subprocess, row.timeout)
-    check_error_line(code, stdout, stderr, call.named, row.keywords)
+    line = check_error_line(code, stdout, stderr, call.named, row.keywords)
     assert snapshot(world.root) == before, "a failed run changed or wrote files"
+    message = line[len(ERROR_PREFIX):]
+    assert any(p.fullmatch(message) for p in DOCUMENTED.get(row.family, [])), \
+        f"docs/bad-inputs.md, row {row.family!r}, does not give this message: {message}"
 
 
 def test_info_json_of_non_utf8_string_value(world: World) -> None:
@@ -880,7 +1094,7 @@ def test_field_offsets_match_the_parse(tmp_path: Path) -> None:
 
 def test_reseal_makes_a_patched_header_pass_the_seal(tmp_path: Path) -> None:
     """reseal() really forges the seal (so the forged-record rows test what lies behind it)."""
-    from gguf_split.layout import check_seal
+    from gguf_split.records import SplitFile
 
     w = World(tmp_path)
     w.path("models").mkdir()
@@ -891,12 +1105,12 @@ def test_reseal_makes_a_patched_header_pass_the_seal(tmp_path: Path) -> None:
     data = bytearray(target.read_bytes())
     data[key_at(header_of(target).kv_by_key["general.name"]) + len("general.name") + 12] ^= 1
     target.write_bytes(bytes(data))
-    with GGUFFile(target) as f, pytest.raises(GGUFSplitError, match="header damaged"):
-        check_seal(f)
+    with SplitFile(target) as f, pytest.raises(GGUFSplitError, match="header damaged"):
+        f.check_seal()
     reseal(data)
     target.write_bytes(bytes(data))
-    with GGUFFile(target) as f:
-        check_seal(f)
+    with SplitFile(target) as f:
+        f.check_seal()
 
 
 def test_world_is_valid(pristine: Path) -> None:
