@@ -356,6 +356,7 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     file_paths = {i: temps.get(i, tx.path(named[i].name)) for i in range(len(named))}
     _prove_all(models, layout, named, file_paths, {t: f.path for t, f in adaptors.items()})
     check_unchanged(list(models.values()))
+    _check_written([(temps[i], [refs[i]]) for i in to_write] + [(f.path, []) for f in adaptors.values()], models)
     removed: list[str] = []
     if old is not None:
         keep = {nf.name for nf in named} | {adaptor_name(t, prefix) for t in models}
@@ -365,6 +366,44 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
                 removed.append(name)
     tx.commit()
     return _report(tx.dir, models, layout, named, refs, kept=kept, removed=removed, prefix=prefix)
+
+
+def _check_written(files: Sequence[tuple[str, list[FileRef]]], models: Mapping[str, ScannedModel]) -> None:
+    """What was written is what was recorded: every new file is read back (from the page cache: cheap) and
+    each tensor's xxh3-128, the padding and the whole file's digests checked against the records. This
+    catches an input rewritten in place between hashing and copying (even with its mtime put back) and any
+    writer bug, before anything is committed."""
+    from .progress import _Nothing
+    from .scan import run_jobs
+    from .verify import _sweep
+
+    opened = [(SplitFile(path), refs) for path, refs in files]
+    try:
+        run_jobs(_sweep, [(f, refs, False, _Nothing()) for f, refs in opened], None)
+    except GGUFSplitError as e:
+        check_unchanged(list(models.values()))
+        changed = _changed_input(models)
+        if changed is not None:
+            raise GGUFSplitError(changed, "changed while it was being split (its tensor bytes differ from what was "
+                                          "hashed); nothing was written: run the split again") from None
+        raise GGUFSplitError(e.path, f"internal error: a written file does not match its records ({e.problem}); "
+                                     "nothing was written. Please report this.") from None
+    finally:
+        for f, _ in opened:
+            f.close()
+
+
+def _changed_input(models: Mapping[str, ScannedModel]) -> str | None:
+    """The first input whose tensor bytes no longer match their digests (re-hashed from its mapping)."""
+    import xxhash
+
+    for m in models.values():
+        for t, i in m.tensors:
+            f = m.files[i].file
+            if xxhash.xxh3_128(f.view(f.header.data_start + t.offset,
+                                      f.header.data_start + t.offset + t.nbytes)).digest() != m.digests[t.name]:
+                return f.path
+    return None
 
 
 def _reuse(path: str, nf: NamedFile) -> FileRef:
