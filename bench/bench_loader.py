@@ -150,9 +150,15 @@ def time_swap(directory: Path, tasks: list[str], repeats: int, hold_all: bool = 
         return runs
 
 
-def time_seal(adaptor: Path, repeats: int) -> tuple[list[Run], int]:
+def time_seal(adaptor: Path, repeats: int) -> tuple[list[Run], list[Run], int]:
+    """check_seal on a mapping whose header pages are mapped already (warm), and on a fresh mapping of
+    the file (page cache warm, but the process faults the header's pages in, as a load does)."""
+    fresh = []
+    for _ in range(repeats):
+        with SplitFile(adaptor, keep_fd=False) as f:
+            fresh.append(timed(f.check_seal))
     with SplitFile(adaptor) as f:
-        return [timed(f.check_seal) for _ in range(repeats)], f.header.tensor_info_end
+        return [timed(f.check_seal) for _ in range(repeats)], fresh, f.header.tensor_info_end
 
 
 def time_parse(path: Path, repeats: int, memo: bool = False) -> list[Run]:
@@ -311,7 +317,7 @@ def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
     print(f"[{which}] open / load / swap x{args.repeats}...", file=sys.stderr)
     time_open(out, tasks, 5)  # warm-up
     n = args.repeats
-    seal, header_bytes = time_seal(adaptors["chat"], n)
+    seal, seal_fresh, header_bytes = time_seal(adaptors["chat"], n)
     r: dict[str, object] = {
         "layout": {t: [os.path.basename(f) for f in fs] for t, fs in layout.items()},
         "sizes": {os.path.basename(f): os.path.getsize(f) for f in files},
@@ -322,6 +328,7 @@ def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
         "swap": time_swap(out, tasks, n),
         "swap_held": time_swap(out, tasks, n, hold_all=True),
         "seal": seal,
+        "seal_fresh": seal_fresh,
         "parse_adaptor": time_parse(adaptors["chat"], max(5, n // 10)),
         "parse_adaptor_memo": time_parse(adaptors["chat"], max(5, n // 10), memo=True),
         "open_model": time_open_model(originals["chat"], max(5, n // 10)),
@@ -397,20 +404,29 @@ def cycle_rows(r: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def goal(runs: list[Run]) -> str:
+    """The goal on the wall-clock median, and on the CPU median (what it would be on an idle machine)."""
+    return (f"wall {verdict(median_ms(runs) <= OPEN_GOAL_MS)}, "
+            f"CPU {verdict(median_ms(runs, 1) <= OPEN_GOAL_MS)}")
+
+
 def rows_for(r: dict) -> list[tuple[str, str]]:
-    open_ms, swap_ms = median_ms(r["open"]), median_ms(r["swap"])
+    open_ms = median_ms(r["open"])
     fresh_open, fresh_swap = ([f[k] for f in r["fresh"]] for k in ("open", "swap"))
     parse_ms = median_ms(r["parse_adaptor"])
     rows = [
         ("open: open_split + load, nothing mapped", show_ms(r["open"])),
-        (f"open <= {OPEN_GOAL_MS:g} ms", verdict(open_ms <= OPEN_GOAL_MS)),
-        ("  first open in a fresh process", f"{show_ms(fresh_open)}  {verdict(median_ms(fresh_open) <= OPEN_GOAL_MS)}"),
+        (f"open <= {OPEN_GOAL_MS:g} ms", goal(r["open"])),
+        ("  first open in a fresh process", show_ms(fresh_open)),
+        (f"  first open <= {OPEN_GOAL_MS:g} ms", goal(fresh_open)),
         ("  load, shared files already mapped", show_ms(r["load_shared"])),
         ("swap (maps what the new task adds)", show_ms(r["swap"])),
-        (f"swap <= {OPEN_GOAL_MS:g} ms", verdict(swap_ms <= OPEN_GOAL_MS)),
+        (f"swap <= {OPEN_GOAL_MS:g} ms", goal(r["swap"])),
         ("  swap, every file already mapped", show_ms(r["swap_held"])),
-        ("  first swap in a fresh process", f"{show_ms(fresh_swap)}  {verdict(median_ms(fresh_swap) <= OPEN_GOAL_MS)}"),
-        ("  of which the adaptor's seal (header bytes)", f"{show_ms(r['seal'])} ({r['header_bytes'] / MB:.2f} MB)"),
+        ("  first swap in a fresh process", show_ms(fresh_swap)),
+        (f"  first swap <= {OPEN_GOAL_MS:g} ms", goal(fresh_swap)),
+        ("adaptor's seal, fresh mapping (header bytes)", f"{show_ms(r['seal_fresh'])} ({r['header_bytes'] / MB:.2f} MB)"),
+        ("  header pages already mapped", show_ms(r["seal"])),
         ("baseline: GGUFFile(adaptor) full parse", f"{show_ms(r['parse_adaptor'])} = {parse_ms / open_ms:.1f}x open"),
         ("  vocabulary replayed from the memo", show_ms(r["parse_adaptor_memo"])),
         ("open_model(original chat)", show_ms(r["open_model"])),
