@@ -192,6 +192,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def maps_name_files_as_stat_does(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """/proc/self/maps must show a mapped file's device and inode as os.stat does (overlay file systems
+    may not): every count below relies on it."""
+    p = tmp_path_factory.mktemp("maps") / "probe.bin"
+    p.write_bytes(b"x" * PAGE)
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ):
+        if mappings()[file_id(p)] != 1:
+            pytest.skip("/proc/self/maps does not name files by their stat device and inode here")
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_mapped(tmp_path: Path) -> Iterator[None]:
     """Every test releases what it loads: the registry is as it was, and no file of the test is mapped."""
