@@ -280,8 +280,12 @@ class _OtherTask(GGUFSplitError):
     """The file named after a task holds another task (or no adaptor): look the task up by its records."""
 
 
-def _model_order(ad: SplitFile) -> list[str]:
-    return [t.name for t in parse_tensor_infos(ad.blob(K_SRC_TENSOR_INFOS), ad.path, 1)]
+def _model_order(ad: SplitFile, path: str) -> list[str]:
+    """The task's tensor names in the original model's order (from the restore records)."""
+    try:
+        return [t.name for t in parse_tensor_infos(ad.blob(K_SRC_TENSOR_INFOS), ad.path, 1)]
+    except GGUFSplitError as e:
+        raise _renamed(e, ad, path) from None
 
 
 class _Overlay:
@@ -313,7 +317,7 @@ class _Overlay:
                 raise _renamed(e, m.file, path) from None
             files.append((m, os.path.abspath(path)))
         mapped = tuple(m for m, _ in files)
-        tensors = _Tensors([(m.file, p) for m, p in files], partial(_model_order, f), keep=mapped)
+        tensors = _Tensors([(m.file, p) for m, p in files], partial(_model_order, f, adaptor_path), keep=mapped)
         n = sum(len(m.file.header.tensors) for m in mapped)
         if len(tensors) != n or n != info.n_model_tensors:
             raise GGUFSplitError(show(adaptor_path), f"its files hold {n} tensors ({len(tensors)} distinct), the task "
