@@ -1,28 +1,43 @@
 """Runtime loader: a task = its adaptor overlaid on its shared files, zero-copy.
 
     import gguf_split
-    with gguf_split.open_split("out") as split:          # a split directory
-        model = split.load("chat")                       # a task name (a str is always a task name)
+    from pathlib import Path
+    with gguf_split.open_split("out") as split:          # a split directory (or any file in it)
+        model = split.load("chat")                       # a task name: a str is always a task name
         model.metadata["general.name"]                   # decoded on first use; GGUF types kept (.field())
         t = model.tensors["blk.0.attn_q.weight"]         # name, ggml type, shape, read-only mmap view
         t.to_numpy()                                     # dequantized float32 (gguf's quants)
         model.swap("code")                               # maps only the files `code` adds
         model.llama_cpp_paths()                          # the list for llama_model_load_from_splits
+        other = split.load(Path("elsewhere/adaptor-x.gguf"))   # a file: an os.PathLike, never a str
 
 What it promises, and how:
 - Zero-copy: opening and swapping read headers only; tensor bytes are views of read-only mmaps, paged in
-  by the OS when first touched. Each file is mapped once per process (a registry keyed by device and
-  inode, holding weak references): every task that uses a shared file reuses its mapping, and a mapping
-  goes away when no task (and no view a caller holds) uses it any more, so `swap` maps only what the new
-  task adds and unmaps what nothing uses, and loading and swapping 10,000 times keeps memory flat.
+  by the OS when first touched.
+- Each file is mapped once per process, adaptors and shared files alike: a registry keyed by device and
+  inode (whatever path reaches the file: another directory of hard links, a bind mount, a symlink) holds
+  weak references, so every task that uses a file reuses its mapping, and a mapping goes away as soon as
+  no task, no `model.tensors` / `model.metadata` a reader took, and no view a caller holds uses it any
+  more (reference counting: no garbage collection needed). `swap` maps only what the new task adds and
+  unmaps what nothing uses; loading and swapping 10,000 times keeps memory flat. A file changed on disk
+  (size or mtime) is mapped anew.
+- Paths are the ones the task was reached by: tasks are found beside the path the split was opened with,
+  a task's shared files beside its adaptor (or where `shared=` points), and `files`, `llama_cpp_paths()`
+  and `Tensor.file` report those paths (absolute, symlinks kept), never the path another task mapped the
+  same inode by.
+- Checks: an adaptor's seal (xxh3-128 of its header) is checked on every load and swap (~1.5 ms for
+  Gemma-3's 7 MB header): an edited header is refused, as `verify` refuses it. A shared file's seal and
+  records are checked when it is mapped, and every load compares them with what its adaptor recorded
+  (content id, position, size), whether the file was already mapped or not. Tensor data is not hashed
+  (that is `verify`'s job): opening stays independent of model size.
 - Cost independent of model size: gguf-split writes its records first in every file, with a header index,
-  so opening an adaptor reads its records and tensor infos and jumps over the tokenizer arrays; its seal
-  (xxh3-128 of the header) is checked on every load (~1.5 ms for Gemma-3's 7 MB header): an edited header
-  is refused, as `verify` refuses it. Shared files are checked against what the adaptor recorded.
-- Names: `load("x")` takes a task name, always, found beside the path the split was opened with;
-  a file is given as a `pathlib.Path` (or any os.PathLike): `load(Path("elsewhere/adaptor-x.gguf"))`.
+  so opening an adaptor reads its records and tensor infos and jumps over the tokenizer arrays.
+- Names, one rule: a `str` is always a task name (never a path, even if a file of that name exists); it
+  is looked up as `adaptor-<task>.gguf` beside the opened path, then by the adaptors' records (a prefixed
+  split). A file is given as an os.PathLike (`pathlib.Path`); bytes and other types are a TypeError. So a
+  task named `x.gguf` loads by name, and `load("out/adaptor-x.gguf")` is refused with a hint to pass a Path.
 - Threads: reads are safe from several threads; `swap` is atomic for readers (a lookup sees the old task
-  or the new one, never a mix).
+  or the new one, never a mix); a failed load or swap changes nothing.
 """
 
 from __future__ import annotations
@@ -31,16 +46,18 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from gguf.constants import GGUFValueType
 
 from .errors import GGUFSplitError
 from .gguf_format import KV, GGUFFile, TensorInfo, decode_value, parse_tensor_infos, to_numpy, type_name
-from .naming import JOURNAL, adaptor_name, check_task_name, show
-from .records import K_SRC_TENSOR_INFOS, ROLE_ADAPTOR, AdaptorInfo, SplitFile
-from .splitdir import FileFinder, SplitDir, check_shared
+from .naming import adaptor_name, check_task_name, show
+from .commit import pending_view
+from .records import K_SRC_TENSOR_INFOS, K_TASK, ROLE_ADAPTOR, AdaptorInfo, SharedInfo, SplitFile
+from .splitdir import FileFinder, SplitDir, match_shared, read_shared
 
 __all__ = ["Split", "Foundation", "Model", "TaskModel", "Tensor", "Field", "Metadata", "open_model", "open_split"]
 
@@ -53,7 +70,7 @@ class Tensor:
     ggml_type: int
     shape: tuple[int, ...]
     data: memoryview
-    file: str  # the file its bytes live in
+    file: str  # the file its bytes live in, by the path the task reached it
 
     @property
     def type_name(self) -> str:
@@ -79,11 +96,22 @@ class Field:
     value: Any
 
 
+def _renamed(e: GGUFSplitError, f: GGUFFile, path: str) -> GGUFSplitError:
+    """`e` about `f`, naming `path` instead: the path this task reached a file by, when the mapping was
+    made through another (a hard link)."""
+    if e.path == f.path and f.path != path:
+        return GGUFSplitError(show(path), e.problem)
+    return e
+
+
 class Metadata(Mapping[str, Any]):
     """The model's KV metadata; a value is bounds-checked and decoded the first time it is asked for."""
 
-    def __init__(self, file: GGUFFile, keys: list[str], lookup: Callable[[str], KV]) -> None:
+    def __init__(self, file: GGUFFile, keys: list[str], lookup: Callable[[str], KV], *, path: str | None = None,
+                 keep: object = None) -> None:
         self._file = file
+        self._path = file.path if path is None else path  # named in errors
+        self._keep = keep  # whatever must live as long as this (the adaptor's mapping)
         self._keys = keys  # in file order
         self._key_set = set(keys)
         self._lookup = lookup  # key -> its checked KV record
@@ -91,12 +119,12 @@ class Metadata(Mapping[str, Any]):
         self._lock = threading.Lock()
 
     @classmethod
-    def of(cls, file: GGUFFile) -> "Metadata":
+    def of(cls, file: GGUFFile, *, path: str | None = None, keep: object = None) -> "Metadata":
         """A plain GGUF's metadata (its header was checked in full) or a gguf-split file's original KVs
         (each checked when first asked for)."""
         if isinstance(file, SplitFile):
-            return cls(file, list(file.tail), file.tail_kv)
-        return cls(file, [kv.key for kv in file.header.kvs], file.header.kv_by_key.__getitem__)
+            return cls(file, list(file.tail), file.tail_kv, path=path, keep=keep)
+        return cls(file, [kv.key for kv in file.header.kvs], file.header.kv_by_key.__getitem__, path=path, keep=keep)
 
     def field(self, key: str) -> Field:
         got = self._cache.get(key)
@@ -104,8 +132,11 @@ class Metadata(Mapping[str, Any]):
             return got
         if key not in self:
             raise KeyError(key)
-        kv = self._lookup(key)
-        value = decode_value(self._file.mm, kv.vtype, kv.value_start)[0]
+        try:
+            kv = self._lookup(key)
+            value = decode_value(self._file.mm, kv.vtype, kv.value_start)[0]
+        except GGUFSplitError as e:
+            raise _renamed(e, self._file, self._path) from None
         got = Field(key, kv.vtype, kv.subtype, kv.count, value)
         with self._lock:
             self._cache[key] = got
@@ -127,30 +158,33 @@ class Metadata(Mapping[str, Any]):
         return key in self._key_set
 
 
-def _view(f: GGUFFile, t: TensorInfo) -> memoryview:
-    try:
-        return f.tensor_view(t)
-    except ValueError:  # closed by another thread between the check and the view
-        raise GGUFSplitError(f.path, "file is closed") from None
-
-
 class _Tensors(Mapping[str, Tensor]):
-    """name -> Tensor over one or more files; views made on first use."""
+    """name -> Tensor over one or more files (each with the path to report); views made on first use.
+    `keep` lives as long as this mapping does (the mappings of the task it was taken from), so a reader
+    that took `model.tensors` before a swap still reads the old task."""
 
-    def __init__(self, files: Sequence[GGUFFile], order: Callable[[], list[str]] | None = None) -> None:
-        self._index: dict[str, tuple[GGUFFile, TensorInfo]] = {}
-        for f in files:
+    def __init__(self, files: Sequence[tuple[GGUFFile, str]], order: Callable[[], list[str]] | None = None,
+                 keep: object = None) -> None:
+        self._index: dict[str, tuple[GGUFFile, TensorInfo, str]] = {}
+        for f, path in files:
             for t in f.header.tensors:
-                self._index[t.name] = (f, t)
+                self._index[t.name] = (f, t, path)
         self._order = order
+        self._keep = keep
         self._names: list[str] | None = None
         self._cache: dict[str, Tensor] = {}
 
     def __getitem__(self, name: str) -> Tensor:
         got = self._cache.get(name)
         if got is None:
-            f, t = self._index[name]
-            got = Tensor(t.name, t.ggml_type, t.shape, _view(f, t), f.path)
+            f, t, path = self._index[name]
+            try:
+                view = f.tensor_view(t)
+            except ValueError:  # closed by another thread between the check and the view
+                raise GGUFSplitError(show(path), "file is closed") from None
+            except GGUFSplitError as e:
+                raise _renamed(e, f, path) from None
+            got = Tensor(t.name, t.ggml_type, t.shape, view, path)
             self._cache[name] = got  # a racing thread may build an equal Tensor: harmless
         return got
 
@@ -159,7 +193,15 @@ class _Tensors(Mapping[str, Tensor]):
 
     def __iter__(self) -> Iterator[str]:
         if self._names is None:
-            self._names = self._order() if self._order is not None else list(self._index)
+            names = self._order() if self._order is not None else list(self._index)
+            # the order comes from a record: it must name exactly the tensors the files hold (a forged
+            # record that passes the seal must not make iteration yield names the mapping does not have)
+            if len(names) != len(self._index) or len(set(names)) != len(names) or \
+                    any(n not in self._index for n in names):
+                f, _, path = next(iter(self._index.values()))
+                raise GGUFSplitError(show(path), "its record of the model's tensors does not match the task's "
+                                                 "files: damaged")
+            self._names = names
         return iter(self._names)
 
     def __len__(self) -> int:
@@ -176,7 +218,7 @@ class Model:
         self._file = file
         self.path = file.path
         self.metadata = Metadata.of(file)
-        self.tensors: Mapping[str, Tensor] = _Tensors([file])
+        self.tensors: Mapping[str, Tensor] = _Tensors([(file, file.path)])
 
     def close(self) -> None:
         self._file.close()
@@ -198,41 +240,43 @@ def open_model(path: str | os.PathLike[str]) -> Model:
 
 
 class _Mapped:
-    """One mapping of a gguf-split file, shared by every task in this process that uses it. Released (the
-    map closed) when the last reference goes."""
+    """One mapping of a gguf-split file (an adaptor or a shared file), shared by every task in this process
+    that uses it, whatever path reached it. Closed when the last reference goes (views a caller still
+    holds keep the map itself alive until they go too)."""
 
     _registry: "weakref.WeakValueDictionary[tuple[int, int], _Mapped]" = weakref.WeakValueDictionary()
     _lock = threading.Lock()
 
-    def __init__(self, file: SplitFile) -> None:
+    def __init__(self, file: SplitFile, stamp: tuple[int, int] | None) -> None:
         self.file = file
+        self.stamp = stamp  # (size, mtime) when mapped; None: never reused
+        self.shared: SharedInfo | None = None  # its records, once checked as a shared file
         weakref.finalize(self, file.close)
 
     @classmethod
-    def get(cls, path: str, check: Callable[[SplitFile], None]) -> "_Mapped":
+    def get(cls, path: str) -> "_Mapped":
+        """The mapping of the file at `path`: the one this process has, unless the file changed since."""
         try:
             st = os.stat(path)
         except (OSError, ValueError) as e:
             raise GGUFSplitError(show(path), f"cannot open: {getattr(e, 'strerror', None) or e}") from None
         key = (st.st_dev, st.st_ino)
+        stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
         with cls._lock:
             got = cls._registry.get(key)
-            if got is not None and got.file.size == st.st_size:
-                return got
+        if got is not None and got.stamp == stamp:
+            return got
         f = SplitFile(path, keep_fd=False)
-        try:
-            check(f)
-        except BaseException:
-            f.close()
-            raise
+        if f.identity != key or f.size != st.st_size:
+            stamp = None  # replaced between the stat and the open: map it, but never reuse the mapping
         with cls._lock:
             got = cls._registry.get(f.identity)
-            if got is None:
-                got = cls(f)
-                cls._registry[f.identity] = got
-            else:
-                f.close()
-            return got
+            if got is None or stamp is None or got.stamp != stamp:
+                got = cls(f, stamp)
+                cls._registry[f.identity] = got  # a stale mapping stays with the tasks that use it
+                return got
+        f.close()  # another thread mapped it meanwhile
+        return got
 
     @classmethod
     def count(cls) -> int:
@@ -240,54 +284,65 @@ class _Mapped:
         return len(cls._registry)
 
 
+class _OtherTask(GGUFSplitError):
+    """The file named after a task holds another task (or no adaptor): look the task up by its records."""
+
+
+def _model_order(ad: SplitFile, path: str) -> list[str]:
+    """The task's tensor names in the original model's order (from the restore records)."""
+    try:
+        return [t.name for t in parse_tensor_infos(ad.blob(K_SRC_TENSOR_INFOS), ad.path, 1)]
+    except GGUFSplitError as e:
+        raise _renamed(e, ad, path) from None
+
+
 class _Overlay:
-    """One task: its adaptor and shared files; everything a TaskModel swaps at once."""
+    """One task: its adaptor and shared files; everything a TaskModel swaps at once. Holds its mappings;
+    `metadata` and `tensors` hold what they read, so a reader that took them outlives a swap."""
 
-    def __init__(self, adaptor_path: str, finder: FileFinder) -> None:
-        ad = SplitFile(adaptor_path, keep_fd=False)
+    def __init__(self, adaptor_path: str, finder: FileFinder, task: str | None = None) -> None:
+        ad = _Mapped.get(adaptor_path)
+        f = ad.file
+        if task is not None and (f.role != ROLE_ADAPTOR or f.get(K_TASK) != task):
+            raise _OtherTask(show(adaptor_path), f"holds no adaptor of task {task!r}")
         try:
-            ad.check_seal()
-            info = AdaptorInfo.read(ad)
-            shared = [_Mapped.get(finder.find(ref, info), lambda f, ref=ref: check_shared(f, ref, info))
-                      for ref in info.files]
-            files: list[GGUFFile] = [ad, *(m.file for m in shared)]
-            n = sum(len(f.header.tensors) for f in files)
-            tensors = _Tensors(files, lambda: self._model_order(ad, info, tensors))
-            if len(tensors) != n or n != info.n_model_tensors:
-                raise GGUFSplitError(ad.path, f"its files hold {n} tensors ({len(tensors)} distinct), the task has "
-                                              f"{info.n_model_tensors}: a file of another split?")
-        except BaseException:
-            ad.close()
-            raise
-        self.adaptor = ad
+            f.check_seal()  # on every load: an edit after the file was mapped is refused too
+            info = AdaptorInfo.read(f)
+        except GGUFSplitError as e:
+            raise _renamed(e, f, adaptor_path) from None
+        if info.path != adaptor_path:
+            info = replace(info, path=adaptor_path)  # its files are looked up beside the path given
+        files: list[tuple[_Mapped, str]] = [(ad, os.path.abspath(adaptor_path))]
+        for ref in info.files:
+            path = finder.find(ref, info)
+            m = _Mapped.get(path)
+            try:
+                shared = m.shared
+                if shared is None:
+                    shared = m.shared = read_shared(m.file)
+                match_shared(shared, m.file.size, path, ref, info)
+            except GGUFSplitError as e:
+                raise _renamed(e, m.file, path) from None
+            files.append((m, os.path.abspath(path)))
+        mapped = tuple(m for m, _ in files)
+        tensors = _Tensors([(m.file, p) for m, p in files], partial(_model_order, f, adaptor_path), keep=mapped)
+        n = sum(len(m.file.header.tensors) for m in mapped)
+        if len(tensors) != n or n != info.n_model_tensors:
+            raise GGUFSplitError(show(adaptor_path), f"its files hold {n} tensors ({len(tensors)} distinct), the task "
+                                                     f"has {info.n_model_tensors}: a file of another split?")
         self.info = info
-        self.shared = shared  # strong references: the mappings live as long as this overlay
-        self.metadata = Metadata.of(ad)
-        self.tensors = tensors
-        weakref.finalize(self, ad.close)
-
-    @staticmethod
-    def _model_order(ad: SplitFile, info: AdaptorInfo, held: "_Tensors") -> list[str]:
-        infos = parse_tensor_infos(ad.blob(K_SRC_TENSOR_INFOS), ad.path, 1)
-        names = [t.name for t in infos]
-        # the order comes from a record: it must name exactly the tensors the files hold (a forged record
-        # that passes the seal must not make iteration yield names the mapping does not have)
-        if len(names) != len(held) or len(set(names)) != len(names) or any(n not in held for n in names):
-            raise GGUFSplitError(ad.path, "its record of the model's tensors does not match the task's files: "
-                                          "damaged")
-        return names
-
-    def paths(self) -> list[str]:
-        return [os.path.abspath(self.adaptor.path), *(os.path.abspath(m.file.path) for m in self.shared)]
+        self.paths = [p for _, p in files]
+        self.metadata = Metadata.of(f, path=self.paths[0], keep=ad)
+        self.tensors = tensors  # holds every mapping of the task (no reference cycle: freed at once)
 
 
 class TaskModel:
     """A task: its adaptor's metadata, and its tensors from the adaptor and its shared files."""
 
-    def __init__(self, split: "Split", adaptor_path: str) -> None:
+    def __init__(self, split: "Split", overlay: _Overlay) -> None:
         self.split = split
         self._lock = threading.Lock()
-        self._overlay: _Overlay | None = _Overlay(adaptor_path, split.finder)
+        self._overlay: _Overlay | None = overlay
 
     @property
     def _current(self) -> _Overlay:
@@ -302,7 +357,7 @@ class TaskModel:
 
     @property
     def adaptor_path(self) -> str:
-        return self._current.adaptor.path
+        return self._current.paths[0]
 
     @property
     def metadata(self) -> Metadata:
@@ -314,19 +369,20 @@ class TaskModel:
 
     @property
     def files(self) -> list[str]:
-        """The task's files: adaptor, then its shared files in position order."""
-        return self._current.paths()
+        """The task's files (absolute paths as reached, symlinks kept): adaptor, then positions 1..k."""
+        return list(self._current.paths)
 
     def swap(self, task: str | os.PathLike[str]) -> None:
-        """Become another task of the split: files both tasks use stay mapped; the others are unmapped when
-        nothing uses them any more."""
-        new = _Overlay(self.split.adaptor_path(task), self.split.finder)
+        """Become another task of the split (same naming rule as `Split.load`): files both tasks use stay
+        mapped; the others are unmapped as soon as nothing uses them. On failure the task is unchanged."""
+        new = self.split._overlay(task)
         with self._lock:
             if self._overlay is None:
                 raise GGUFSplitError(None, "task model is closed")
-            self._overlay = new
-        # The old overlay is not closed here: a reader may be inside a lookup on it (it took
-        # `model.tensors` before this swap). It is unmapped when its last reference goes.
+            old, self._overlay = self._overlay, new
+        # A reader may be inside a lookup on the old overlay (it took `model.tensors` before this swap):
+        # dropping our reference unmaps its files only when the last reader lets go too.
+        del old
 
     def llama_cpp_paths(self) -> list[str]:
         """The split list for llama.cpp's `llama_model_load_from_splits`: adaptor first, then positions 1..k."""
@@ -334,7 +390,8 @@ class TaskModel:
 
     def close(self) -> None:
         with self._lock:
-            self._overlay = None
+            old, self._overlay = self._overlay, None
+        del old
 
     def __enter__(self) -> "TaskModel":
         return self
@@ -343,12 +400,17 @@ class TaskModel:
         self.close()
 
 
+_PATH_HINT = " (a str is always a task name: to load a file, pass a pathlib.Path)"
+
+
 class Split:
-    """A split directory opened for loading: `load(task)` gives a TaskModel."""
+    """A split directory opened for loading: `load(task)` gives a TaskModel. Keeps no strong reference to
+    the models it loaded: a model nothing references is released with its mappings."""
 
     def __init__(self, directory: str, shared: Sequence[str | os.PathLike[str]] = ()) -> None:
         self.directory = directory
-        self.finder = FileFinder(shared)
+        self._shared = tuple(os.fspath(p) for p in shared)
+        FileFinder(self._shared)  # refuse a --shared path that does not exist now, not at the first load
         self._models: "weakref.WeakSet[TaskModel]" = weakref.WeakSet()
         self._closed = False
 
@@ -367,29 +429,65 @@ class Split:
         """The tasks of the split (its adaptors, found by their records)."""
         return SplitDir.open(self.directory).tasks
 
-    def adaptor_path(self, task: str | os.PathLike[str]) -> str:
-        """A task name (a str, always) resolved in the split directory; an os.PathLike is an adaptor file."""
+    def _by_name(self, task: str) -> str | None:
+        """`adaptor-<task>.gguf` beside the opened path, a pending commit honoured; None if absent."""
+        name = adaptor_name(task)
+        view = pending_view(self.directory)
+        if name in view:
+            actual = view[name]
+            return os.path.join(self.directory, actual) if actual is not None else None
+        path = os.path.join(self.directory, name)
+        return path if os.path.isfile(path) else None
+
+    def _by_records(self, task: str) -> str:
+        sd = SplitDir.open(self.directory)
+        if task not in sd.adaptors:
+            have = ", ".join(sd.tasks) or "none"
+            hint = _PATH_HINT if task.endswith(".gguf") else ""
+            raise GGUFSplitError(show(self.directory), f"holds no task {task!r} (tasks: {have}){hint}")
+        return sd.adaptors[task]
+
+    def _overlay(self, task: str | os.PathLike[str]) -> _Overlay:
         if self._closed:
             raise GGUFSplitError(show(self.directory), "split is closed")
+        finder = FileFinder(self._shared)  # anew for each load: a commit finished since is seen
         if isinstance(task, str):
             try:
                 check_task_name(task)
             except GGUFSplitError as e:
-                hint = " (to load a file, pass a pathlib.Path)" if os.sep in task or task.endswith(".gguf") else ""
+                hint = _PATH_HINT if "/" in task or os.sep in task or task.endswith(".gguf") else ""
                 raise GGUFSplitError(None, e.problem + hint) from None
-            by_name = os.path.join(self.directory, adaptor_name(task))
-            # the fast path by name only when no killed run's commit is pending (SplitDir honours it)
-            if os.path.isfile(by_name) and not os.path.lexists(os.path.join(self.directory, JOURNAL)):
-                with SplitFile(by_name) as f:
-                    if f.role == ROLE_ADAPTOR and f.get("gguf_split.task") == task:
-                        return by_name
-            return SplitDir.open(self.directory).adaptor(task)
+            path = self._by_name(task)
+            if path is not None:
+                try:
+                    return _Overlay(path, finder, task)
+                except _OtherTask:
+                    pass
+            return _Overlay(self._by_records(task), finder, task)
         if isinstance(task, os.PathLike):
-            return os.fspath(task)
+            path = os.fspath(task)
+            if isinstance(path, str):
+                return _Overlay(path, finder)
+        raise TypeError(f"task must be a task name (str) or a path (os.PathLike), not {type(task).__name__}")
+
+    def adaptor_path(self, task: str | os.PathLike[str]) -> str:
+        """The adaptor `load(task)` would open: a task name (a str, always) resolved beside the opened
+        path; an os.PathLike is an adaptor file."""
+        if isinstance(task, str):
+            check_task_name(task)
+            path = self._by_name(task)
+            if path is not None:
+                with SplitFile(path) as f:
+                    if f.role == ROLE_ADAPTOR and f.get(K_TASK) == task:
+                        return path
+            return self._by_records(task)
+        if isinstance(task, os.PathLike):
+            return os.fspath(task)  # type: ignore[return-value]
         raise TypeError(f"task must be a task name (str) or a path (os.PathLike), not {type(task).__name__}")
 
     def load(self, task: str | os.PathLike[str]) -> TaskModel:
-        model = TaskModel(self, self.adaptor_path(task))
+        """A task by name (a str, always), or the adaptor file given as an os.PathLike."""
+        model = TaskModel(self, self._overlay(task))
         self._models.add(model)
         return model
 

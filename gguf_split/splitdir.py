@@ -138,16 +138,27 @@ class FileFinder:
 
 def check_shared(f: SplitFile, ref: FileRef, adaptor: AdaptorInfo) -> SharedInfo:
     """`f` is the file `adaptor` recorded at `ref.position`, sealed and intact (as far as headers tell)."""
-    f.check_seal()
-    info = SharedInfo.read(f)
-    if info.content_id != ref.content_id or info.position != ref.position:
-        raise GGUFSplitError(f.path, f"is not the file task {adaptor.task!r} was split with ({show(adaptor.path)} "
-                                     f"recorded content id {ref.content_id[:12]} at position {ref.position}, this file is "
-                                     f"{info.content_id[:12]} at position {info.position}): a file of another split?")
-    if f.size != ref.size:
-        raise GGUFSplitError(f.path, f"is {f.size} bytes, {show(adaptor.path)} recorded {ref.size}: truncated or "
-                                     "appended to")
+    info = read_shared(f)
+    match_shared(info, f.size, f.path, ref, adaptor)
     return info
+
+
+def read_shared(f: SplitFile) -> SharedInfo:
+    """A shared file's seal and records, checked: what `match_shared` compares with each adaptor's record
+    (the runtime loader reads a file once per mapping and compares it with every task that uses it)."""
+    f.check_seal()
+    return SharedInfo.read(f)
+
+
+def match_shared(info: SharedInfo, size: int, path: str, ref: FileRef, adaptor: AdaptorInfo) -> None:
+    """The shared file at `path` (`size` bytes, records `info`) is the one `adaptor` recorded at `ref.position`."""
+    if info.content_id != ref.content_id or info.position != ref.position:
+        raise GGUFSplitError(path, f"is not the file task {adaptor.task!r} was split with ({show(adaptor.path)} "
+                                   f"recorded content id {ref.content_id[:12]} at position {ref.position}, this file is "
+                                   f"{info.content_id[:12]} at position {info.position}): a file of another split?")
+    if size != ref.size:
+        raise GGUFSplitError(path, f"is {size} bytes, {show(adaptor.path)} recorded {ref.size}: truncated or "
+                                   "appended to")
 
 
 @dataclass
@@ -197,6 +208,8 @@ def open_task(adaptor_path: str | os.PathLike[str], finder: FileFinder | None = 
                 else:
                     shared.append(f)
                 check_shared(f, ref, info)
+            else:  # opened (and its seal checked) for another task: still the file *this* task recorded?
+                match_shared(SharedInfo.read(f), f.size, f.path, ref, info)
             if cache is not None:
                 shared.append(f)
         count = len(ad.header.tensors) + sum(len(f.header.tensors) for f in shared)

@@ -1,10 +1,19 @@
 """The runtime loader (gguf_split.loader) against the original models, read independently by gguf's GGUFReader.
 
-Why: a task loaded from [adaptor, foundation] must be indistinguishable from its original GGUF (every tensor
-byte, the tensor order, every KV with its GGUF types), while sharing one mapping of the foundation in the
-process and reading nothing but headers to open or swap. Bad files (another split's adaptor, missing,
-truncated, a damaged header index) must surface as GGUFSplitError naming the file, never as another
-exception. Reads from several threads must stay consistent while another thread swaps tasks.
+Why: a task loaded from its adaptor and shared files must be indistinguishable from its original GGUF
+(every tensor byte, the tensor order, every KV with its GGUF types), while mapping each file once in the
+process (every task that uses a shared file reuses its mapping; a swap maps only what the new task adds
+and unmaps what nothing uses any more) and reading nothing but headers to open or swap. Bad files
+(another split's file, missing, truncated, an edited or damaged header) must surface as GGUFSplitError
+naming the file, never as another exception and never as a wrong model. Reads from several threads must
+stay consistent while another thread swaps tasks, and nothing may outlive its last user.
+
+The split under test (`file_cost=0`, so that tiny models share): base, chat (two attention tensors
+changed), code (two FFN tensors changed, one tensor only it has). It has a foundation (every task), a
+shared file of base+chat, one of base+code, and a hole (the task whose shared file sits at position 3
+loads `hole-2.gguf` at 2). What a task loads is read from its adaptor with GGUFReader, not the loader.
+
+Mappings are counted in /proc/self/maps by (device, inode), so "mapped once" is what the kernel says.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import shutil
 import struct
 import sys
 import threading
+import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,19 +37,21 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType as Q, GGUFValueType as V
 from gguf.quants import dequantize
 
 from conftest import base_tensors, write_model
-from gguf_split import Foundation, GGUFFile, GGUFSplitError, TaskModel, Tensor, open_model, verify
-from gguf_split.layout import K_INDEX
-from gguf_split.loader import _SharedFoundation
-from gguf_split.split import split
+from gguf_split import Foundation, GGUFFile, GGUFSplitError, TaskModel, Tensor, open_model, open_split, split, verify
+from gguf_split.loader import _Mapped
+from gguf_split.records import K_INDEX, K_SEAL, seal_offset
 
 MiB = 1 << 20
 PAGE = mmap.PAGESIZE
 TASKS = ("base", "chat", "code")
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts mappings in /proc/self/maps")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,13 +59,47 @@ TASKS = ("base", "chat", "code")
 
 
 @dataclass
-class Split:
+class Made:
+    """A split made for a test, and what it should hold, read with GGUFReader."""
+
     dir: Path
-    foundation: Path
     originals: dict[str, Path]
 
     def adaptor(self, task: str) -> Path:
         return self.dir / f"adaptor-{task}.gguf"
+
+    def listed(self, task: str) -> list[Path]:
+        """The files the task's adaptor lists for positions 1..k, in order."""
+        names = GGUFReader(self.adaptor(task)).fields["gguf_split.files.name"].contents()
+        return [self.dir / n for n in names]
+
+    def paths(self, task: str) -> list[Path]:
+        """The task's llama.cpp split list: adaptor, then positions 1..k."""
+        return [self.adaptor(task), *self.listed(task)]
+
+    def named(self, prefix: str) -> list[Path]:
+        return sorted(p for p in self.dir.iterdir() if p.name.startswith(prefix))
+
+    @property
+    def foundation(self) -> Path:
+        (f,) = self.named("foundation-")
+        return f
+
+    @property
+    def hole(self) -> Path:
+        (h,) = self.named("hole-")
+        return h
+
+    @property
+    def holed(self) -> str:
+        """The task that loads the hole."""
+        (t,) = [t for t in self.originals if self.hole in self.listed(t)]
+        return t
+
+    def only_used_by(self, *tasks: str) -> Path:
+        """The shared file loaded by exactly these tasks."""
+        (f,) = [p for p in self.named("shared-") if {t for t in self.originals if p in self.listed(t)} == set(tasks)]
+        return f
 
 
 def task_kv(task: str) -> Callable[[GGUFWriter], None]:
@@ -71,19 +118,99 @@ def make_tasks(factory: Callable[..., str]) -> dict[str, Path]:
 
 
 @pytest.fixture
-def tasks(model_factory: Callable[..., str], tmp_path: Path) -> Split:
+def tasks(model_factory: Callable[..., str], tmp_path: Path) -> Made:
     originals = make_tasks(model_factory)
-    report = split({t: str(p) for t, p in originals.items()}, tmp_path / "out")
-    return Split(tmp_path / "out", Path(report.foundation), originals)
+    split({t: str(p) for t, p in originals.items()}, tmp_path / "out", file_cost=0)
+    made = Made(tmp_path / "out", originals)
+    # the layout the tests rely on: every kind of file, a task that loads two shared files and a hole
+    assert made.listed("base") == [made.foundation, *made.named("shared-")]
+    assert len(made.named("shared-")) == 2 and made.holed in ("chat", "code")
+    assert made.only_used_by("base", "chat") and made.only_used_by("base", "code")
+    return made
+
+
+def copy_split(made: Made, dest: Path) -> Made:
+    shutil.copytree(made.dir, dest)
+    return Made(dest, made.originals)
+
+
+def hard_link_copy(made: Made, dest: Path) -> Made:
+    """The same files reached by another path: every file of the split hard-linked into `dest`."""
+    dest.mkdir()
+    for p in made.dir.iterdir():
+        if p.is_file():
+            os.link(p, dest / p.name)
+    return Made(dest, made.originals)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the kernel says is mapped
+
+
+FileId = tuple[int, int]
+
+
+def file_id(path: Path | str) -> FileId:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def mappings() -> Counter[FileId]:
+    """(device, inode) -> number of mappings of that file in this process, from /proc/self/maps."""
+    out: Counter[FileId] = Counter()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[4] != "0":
+            major, minor = parts[3].split(":")
+            out[(os.makedev(int(major, 16), int(minor, 16)), int(parts[4]))] += 1
+    return out
+
+
+def mapped_count(paths: list[Path]) -> dict[str, int]:
+    """How many times each file is mapped now (by file name: the tests' files have distinct names)."""
+    now = mappings()
+    return {p.name: now[file_id(p)] for p in paths}
+
+
+def mapped_paths() -> set[str]:
+    return {parts[5] for line in Path("/proc/self/maps").read_text().splitlines()
+            if len(parts := line.split(maxsplit=5)) == 6}
+
+
+def map_range(address: int) -> tuple[int, int, FileId]:
+    """The mapping holding `address`: (start, file offset of start, (device, inode))."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= address < hi:
+            major, minor = parts[3].split(":")
+            return lo, int(parts[2], 16), (os.makedev(int(major, 16), int(minor, 16)), int(parts[4]))
+    raise AssertionError(f"address {address:#x} is in no mapping")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def maps_name_files_as_stat_does(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """/proc/self/maps must show a mapped file's device and inode as os.stat does (overlay file systems
+    may not): every count below relies on it."""
+    p = tmp_path_factory.mktemp("maps") / "probe.bin"
+    p.write_bytes(b"x" * PAGE)
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ):
+        if mappings()[file_id(p)] != 1:
+            pytest.skip("/proc/self/maps does not name files by their stat device and inode here")
 
 
 @pytest.fixture(autouse=True)
-def registry_left_clean() -> Iterator[None]:
-    """Every test closes what it opens: the process-wide registry must be as it was."""
-    before = dict(_SharedFoundation.registry)
+def nothing_left_mapped(tmp_path: Path) -> Iterator[None]:
+    """Every test releases what it loads: the registry is as it was, and no file of the test is mapped."""
+    before = _Mapped.count()
     yield
     gc.collect()
-    assert _SharedFoundation.registry == before
+    assert _Mapped.count() == before
+    assert not [p for p in mapped_paths() if p.startswith(str(tmp_path))]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,30 +273,49 @@ def address(view: memoryview) -> int:
 # Equality with the originals
 
 
-def test_every_task_equals_its_original(tasks: Split) -> None:
-    with Foundation.open(tasks.foundation) as fnd:
-        for task, original in tasks.originals.items():
-            with fnd.load(task) as model:
-                assert model.task == task
-                assert_model_matches(model, original)
+def test_every_task_equals_its_original(tasks: Made) -> None:
+    """Opened as a directory, or (the 0.1 name) as any file of the split: the same tasks, each its original."""
+    for opened in (open_split(tasks.dir), open_split(str(tasks.dir)), Foundation.open(tasks.foundation),
+                   Foundation.open(tasks.named("shared-")[0]), Foundation.open(tasks.adaptor("code"))):
+        with opened as s:
+            assert s.tasks == sorted(TASKS)
+            for task, original in tasks.originals.items():
+                with s.load(task) as model:
+                    assert model.task == task
+                    assert_model_matches(model, original)
 
 
-def test_load_by_path_and_task_names(tasks: Split) -> None:
-    with Foundation.open(tasks.foundation) as fnd:
-        assert fnd.tasks() == sorted(TASKS)
-        with fnd.load(tasks.adaptor("chat")) as model:
-            assert model.task == "chat"
-            assert_model_matches(model, tasks.originals["chat"])
-            assert model.llama_cpp_paths() == [str(tasks.adaptor("chat").resolve()), str(tasks.foundation.resolve())]
+def test_load_by_name_or_path_gives_llama_cpp_its_files(tasks: Made) -> None:
+    with open_split(tasks.dir) as s:
+        for task in TASKS:
+            expected = [str(p.resolve()) for p in tasks.paths(task)]
+            for ask in (task, tasks.adaptor(task), Path(os.path.relpath(tasks.adaptor(task)))):
+                with s.load(ask) as model:
+                    assert model.task == task
+                    assert model.llama_cpp_paths() == model.files == expected
+                    assert model.adaptor_path == expected[0]
+                    assert {t.file for t in model.tensors.values()} <= set(expected)
+            with s.load(task) as model:
+                assert_model_matches(model, tasks.originals[task])
+        with s.load(tasks.holed) as model:  # the hole is in the list, at its position, and holds nothing
+            assert str(tasks.hole.resolve()) in model.llama_cpp_paths()
+            assert GGUFReader(tasks.hole).fields["split.no"].contents() == model.files.index(str(tasks.hole.resolve()))
+            assert str(tasks.hole.resolve()) not in {t.file for t in model.tensors.values()}
 
 
-def test_open_model_equals_gguf_reader(tasks: Split) -> None:
+def test_open_model_equals_gguf_reader(tasks: Made) -> None:
     with open_model(tasks.originals["code"]) as model:
         assert_model_matches(model, tasks.originals["code"])
 
 
-def test_views_are_read_only(tasks: Split) -> None:
-    with Foundation.open(tasks.foundation) as fnd, fnd.load("chat") as model:
+def test_views_are_read_only_and_zero_copy(tasks: Made) -> None:
+    """Each view is the file's bytes where the file is mapped: its address lies in a mapping of the very
+    file it names, at the tensor's file offset (GGUFReader's), so nothing was copied."""
+    with open_split(tasks.dir) as s, s.load("code") as model:
+        ref = {t.name: t for t in GGUFReader(tasks.originals["code"]).tensors}
+        offsets = {}
+        for p in tasks.paths("code"):
+            offsets.update({(str(p.resolve()), t.name): int(t.data_offset) for t in GGUFReader(p).tensors})
         for t in model.tensors.values():
             assert t.data.readonly
             with pytest.raises(TypeError):
@@ -177,11 +323,16 @@ def test_views_are_read_only(tasks: Split) -> None:
             with pytest.raises(TypeError):
                 t.data[:2] = b"xx"
             assert not np.frombuffer(t.data, dtype=np.uint8).flags.writeable
+            start, file_offset, fid = map_range(address(t.data))
+            assert fid == file_id(t.file)
+            assert address(t.data) - start + file_offset == offsets[(t.file, t.name)]
+            assert address(model.tensors[t.name].data) == address(t.data)
+            assert bytes(t.data) == ref[t.name].data.tobytes()
 
 
-def test_to_numpy_matches_gguf_dequantize(tasks: Split) -> None:
+def test_to_numpy_matches_gguf_dequantize(tasks: Made) -> None:
     ref = {t.name: t for t in GGUFReader(tasks.originals["code"]).tensors}
-    with Foundation.open(tasks.foundation) as fnd, fnd.load("code") as model:
+    with open_split(tasks.dir) as s, s.load("code") as model:
         types = set()
         for name, t in model.tensors.items():
             np_shape = tuple(reversed(t.shape))
@@ -202,96 +353,234 @@ def snapshot(model: TaskModel) -> dict[str, tuple[str, int, bytes]]:
     return {n: (t.file, address(t.data), bytes(t.data)) for n, t in model.tensors.items()}
 
 
-def test_swap_changes_exactly_the_adaptor(tasks: Split) -> None:
+@pytest.mark.parametrize("to", ["chat", "code"])
+def test_swap_changes_exactly_what_differs(tasks: Made, to: str) -> None:
+    """base -> `to`: a tensor with the same bytes in both stays the same memory of the same file; every
+    other tensor changes to the new task's bytes; metadata follows."""
     versions = {t: original_tensors(p) for t, p in tasks.originals.items()}
-    base, chat = versions["base"], versions["chat"]
-    shared_names = {n for n in base if all(v.get(n) == base[n] for v in versions.values())}
-    chat_own = {t.name for t in GGUFReader(tasks.adaptor("chat")).tensors}
-    assert chat_own == set(chat) - shared_names and {"blk.0.attn_q.weight", "blk.0.ffn_up.weight"} <= chat_own
-    with Foundation.open(tasks.foundation) as fnd, fnd.load("base") as model:
-        shared, mapping = fnd.shared, fnd.shared.file.mm
+    base, new = versions["base"], versions[to]
+    same = {n for n in base if new.get(n) == base[n]}
+    assert same and set(new) - same
+    with open_split(tasks.dir) as s, s.load("base") as model:
         before = snapshot(model)
-        model.swap("chat")
+        model.swap(to)
         after = snapshot(model)
-        assert model.task == "chat" and model.adaptor_path == str(tasks.adaptor("chat"))
-        assert fnd.shared is shared and shared.file.mm is mapping  # the foundation was not mapped again
-        assert_model_matches(model, tasks.originals["chat"])
-        assert {n for n in after if before[n] != after[n]} == chat_own
-        for n in shared_names:
-            assert before[n] == after[n] and after[n][0] == str(tasks.foundation)  # same file, memory, bytes
-        for n in chat_own:
-            assert (before[n][0], after[n][0]) == (str(tasks.adaptor("base")), str(tasks.adaptor("chat")))
-            assert (before[n][2], after[n][2]) == (base[n], chat[n])
-        assert (model.metadata["test.task"], model.metadata.field("test.task").type) == ("chat", V.STRING)
+        assert model.task == to and model.adaptor_path == str(tasks.adaptor(to).resolve())
+        assert_model_matches(model, tasks.originals[to])
+        assert {n for n in after if before.get(n) != after[n]} == set(new) - same
+        for n in same:
+            assert before[n] == after[n]  # same file, same memory, same bytes
+        for n in set(new) - same:
+            assert after[n][2] == new[n] and after[n][0] == str(tasks.adaptor(to).resolve())
+        assert (model.metadata["test.task"], model.metadata.field("test.task").type) == (to, V.STRING)
 
 
-def test_failed_swap_keeps_the_current_task(tasks: Split) -> None:
-    with Foundation.open(tasks.foundation) as fnd, fnd.load("base") as model:
-        with pytest.raises(GGUFSplitError) as e:
-            model.swap("nosuchtask")
-        assert e.value.path == str(tasks.dir / "adaptor-nosuchtask.gguf")
-        assert model.task == "base"
+def test_swap_maps_only_what_the_new_task_adds(tasks: Made) -> None:
+    """A swap maps the new task's files that are not mapped yet, keeps the ones both tasks use (same
+    mapping), and unmaps at once (no garbage collection needed) what no task uses any more; a file another
+    loaded task still uses stays mapped."""
+    every = sorted({p for t in TASKS for p in tasks.paths(t)})
+    to = tasks.holed
+    added = set(tasks.paths(to)) - set(tasks.paths("base"))
+    dropped = set(tasks.paths("base")) - set(tasks.paths(to))
+    assert tasks.hole in added and tasks.adaptor(to) in added and len(dropped) == 2
+    with open_split(tasks.dir) as s, s.load("base") as model:
+        assert mapped_count(every) == {p.name: int(p in tasks.paths("base")) for p in every}
+        kept = {n: address(model.tensors[n].data) for n in model.tensors if model.tensors[n].file in
+                {str(p.resolve()) for p in tasks.paths(to)}}
+        model.swap(to)
+        assert mapped_count(every) == {p.name: int(p in tasks.paths(to)) for p in every}
+        assert kept and all(address(model.tensors[n].data) == a for n, a in kept.items())
+        model.swap("base")
+        other = "code" if to == "chat" else "chat"
+        with s.load(other) as holder:  # keeps its files mapped through the next swap
+            model.swap(to)
+            assert mapped_count(every) == {p.name: int(p in tasks.paths(to) or p in tasks.paths(other))
+                                           for p in every}
+            assert holder.task == other
+        assert mapped_count(every) == {p.name: int(p in tasks.paths(to)) for p in every}
+
+
+def test_failed_swap_keeps_the_current_task(tasks: Made, tmp_path: Path) -> None:
+    work = copy_split(tasks, tmp_path / "work")
+    hole, holed = work.hole, work.holed
+    every = sorted({p for t in TASKS for p in work.paths(t)} - {hole})
+    hole.unlink()  # the holed task can no longer load; the others can
+    with open_split(work.dir) as s, s.load("base") as model:
+        maps = mapped_count(every)
+        for ask, named in [("nosuchtask", work.dir), (holed, hole),
+                           (tmp_path / "adaptor-x.gguf", tmp_path / "adaptor-x.gguf")]:
+            with pytest.raises(GGUFSplitError) as e:
+                model.swap(ask)
+            assert e.value.path == str(named) or e.value.path == str(Path(named).resolve()), (ask, e.value)
+            del e
+            gc.collect()  # the traceback held the failed attempt's mappings
+            assert model.task == "base"
+            assert mapped_count(every) == maps
         assert_model_matches(model, tasks.originals["base"])
 
 
-def test_tasks_open_side_by_side(tasks: Split) -> None:
-    with Foundation.open(tasks.foundation) as fnd:
-        models = {t: fnd.load(t) for t in TASKS}
+def test_tasks_open_side_by_side(tasks: Made) -> None:
+    """Every task loaded at once: each its original, a file used by several tasks is one piece of memory."""
+    with open_split(tasks.dir) as s:
+        models = {t: s.load(t) for t in TASKS}
         for task, model in models.items():
             assert_model_matches(model, tasks.originals[task])
-        for name in fnd.tensors:  # a shared tensor is one piece of memory for every task
-            assert len({address(m.tensors[name].data) for m in models.values()}) == 1
-            assert address(fnd.tensors[name].data) == address(models["base"].tensors[name].data)
+        every = sorted({p for t in TASKS for p in tasks.paths(t)})
+        assert mapped_count(every) == {p.name: 1 for p in every}
+        by_file: dict[tuple[str, str], set[int]] = {}
+        for m in models.values():
+            for n, t in m.tensors.items():
+                by_file.setdefault((t.file, n), set()).add(address(t.data))
+        assert all(len(a) == 1 for a in by_file.values())
+        shared_names = {n for (f, n) in by_file if "foundation-" in f}
+        assert shared_names and all(len({m.tensors[n].file for m in models.values()}) == 1 for n in shared_names)
+        for m in models.values():
+            m.close()
 
 
-def test_foundation_mapped_once_per_file(tasks: Split, tmp_path: Path) -> None:
-    copy = tmp_path / "copy" / "foundation.gguf"
-    copy.parent.mkdir()
-    shutil.copyfile(tasks.foundation, copy)
-    hard_link = tmp_path / "link.gguf"
-    os.link(tasks.foundation, hard_link)
-    with Foundation.open(tasks.foundation) as a, Foundation.open(str(tasks.foundation)) as b, \
-            Foundation.open(hard_link) as linked, Foundation.open(copy) as other:
-        assert a is not b and a.shared is b.shared is linked.shared
-        assert other.shared is not a.shared and other.shared.file.mm is not a.shared.file.mm
-        assert a.id == other.id  # same content, separate mapping
-        with a.load("chat") as ma, b.load("chat") as mb:
-            assert address(ma.tensors["token_embd.weight"].data) == address(mb.tensors["token_embd.weight"].data)
-        b.close()
-        assert a.shared.file.identity in _SharedFoundation.registry  # still used by `a`
-        with a.load("code") as model:
-            assert_model_matches(model, tasks.originals["code"])
+def test_each_file_mapped_once_per_process(tasks: Made, tmp_path: Path) -> None:
+    """Whatever path or call reaches a file (two opens of the directory, str or Path, the 0.1 name on any
+    of its files, a hard link), it is mapped once; a copy is another file, mapped on its own."""
+    copy = copy_split(tasks, tmp_path / "copy")
+    linked = tasks.dir / "linked.gguf"  # a second name of adaptor-chat.gguf (its files are looked up beside it)
+    os.link(tasks.adaptor("chat"), linked)
+    with open_split(tasks.dir) as a, open_split(str(tasks.dir)) as b, Foundation.open(tasks.foundation) as c, \
+            Foundation.open(tasks.adaptor("code")) as d, open_split(copy.dir) as other:
+        models = [a.load("chat"), b.load("chat"), c.load("base"), d.load(linked), a.load("code"), b.load("code"),
+                  other.load("chat")]
+        every = sorted({p for t in TASKS for p in tasks.paths(t)})
+        assert mapped_count(every) == {p.name: 1 for p in every}
+        assert set(mapped_count([copy.foundation, copy.adaptor("chat")]).values()) == {1}
+        emb = {address(m.tensors["token_embd.weight"].data) for m in models}
+        assert len(emb) == 2  # this split's foundation, and the copy's
+        assert models[3].files[0] == str(linked.resolve())  # the path it was given, the mapping it shares
+        assert address(models[3].tensors["blk.0.attn_q.weight"].data) == \
+            address(models[0].tensors["blk.0.attn_q.weight"].data)
+        for i in (0, 2, 3, 4, 5):
+            models[i].close()
+        assert mapped_count([tasks.adaptor("chat")]) == {"adaptor-chat.gguf": 1}  # still used by models[1]
+        del models
+        assert mapped_count(every) == {p.name: 0 for p in every}
+    linked.unlink()
+
+
+def test_holes(tasks: Made, tmp_path: Path) -> None:
+    """A hole is an empty file at its position: it is mapped like any file, serves no tensor, and the
+    task that needs it fails without it (naming it) while the others still load."""
+    r = GGUFReader(tasks.hole)
+    assert not r.tensors and tasks.listed(tasks.holed).index(tasks.hole) + 1 == r.fields["split.no"].contents()
+    del r  # GGUFReader maps the file too
+    with open_split(tasks.dir) as s, s.load(tasks.holed) as model:
+        assert mapped_count([tasks.hole]) == {tasks.hole.name: 1}
+        assert_model_matches(model, tasks.originals[tasks.holed])
+    work = copy_split(tasks, tmp_path / "work")
+    hole, holed = work.hole, work.holed
+    hole.unlink()
+    with open_split(work.dir) as s:
+        with pytest.raises(GGUFSplitError) as e:
+            s.load(holed)
+        assert e.value.path == str(hole) and "not found" in e.value.problem
+        for t in set(TASKS) - {holed}:
+            with s.load(t) as model:
+                assert_model_matches(model, tasks.originals[t])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Refusals: another split's adaptor, missing, truncated and damaged files
+# Refusals: another split's files, missing, truncated, edited and damaged files
 
 
-def test_adaptor_of_another_split_is_refused(tasks: Split, model_factory: Callable[..., str], tmp_path: Path) -> None:
-    other_model = model_factory("other", {"token_embd.weight": 999, "output_norm.weight": 998})
-    other = split({"other": other_model}, tmp_path / "other")
-    stranger = other.tasks[0].adaptor
-    with Foundation.open(tasks.foundation) as fnd:
+def other_split(factory: Callable[..., str], tmp_path: Path) -> Made:
+    """Another split of the same tensor names and types, other bytes."""
+    originals = {"p": Path(write_model(tmp_path / "other-p.gguf", base_tensors(seed=7), kvs=task_kv("p")))}
+    q = base_tensors(seed=7)
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
+        qt, shape, seed = q[name]
+        q[name] = (qt, shape, seed + 500)
+    originals["q"] = Path(write_model(tmp_path / "other-q.gguf", q, kvs=task_kv("q")))
+    split({t: str(p) for t, p in originals.items()}, tmp_path / "other", file_cost=0)
+    return Made(tmp_path / "other", originals)
+
+
+def test_file_of_another_split_is_refused(tasks: Made, model_factory: Callable[..., str], tmp_path: Path) -> None:
+    """A shared file replaced by another split's (same position, same tensor names) is refused, naming it;
+    another split's adaptor put in this directory looks for its own files beside it, and names the one
+    missing."""
+    other = other_split(model_factory, tmp_path)
+    work = copy_split(tasks, tmp_path / "work")
+    shutil.copyfile(other.foundation, work.foundation)
+    shutil.copyfile(other.adaptor("p"), work.dir / "adaptor-p.gguf")
+    with open_split(work.dir) as s:
         with pytest.raises(GGUFSplitError) as e:
-            fnd.load(stranger)
-        assert e.value.path == stranger and "another split" in e.value.problem
-        with fnd.load("chat") as model:
-            with pytest.raises(GGUFSplitError) as e:
-                model.swap(stranger)
-            assert e.value.path == stranger
-            assert_model_matches(model, tasks.originals["chat"])
+            s.load("base")
+        assert e.value.path == str(work.foundation) and "another split" in e.value.problem
+        with pytest.raises(GGUFSplitError) as e:
+            s.load("p")
+        assert e.value.path == str(work.dir / other.foundation.name) and "not found" in e.value.problem
+    with open_split(tasks.dir) as s, s.load("chat") as model:
+        with pytest.raises(GGUFSplitError) as e:
+            model.swap(work.dir / "adaptor-p.gguf")
+        assert model.task == "chat"
 
 
-def test_missing_files_are_named(tasks: Split, tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere" / "foundation.gguf"
-    with pytest.raises(GGUFSplitError) as e:
-        Foundation.open(missing)
-    assert e.value.path == str(missing)
-    with Foundation.open(tasks.foundation) as fnd:
-        for ask, path in [("ghost", tasks.dir / "adaptor-ghost.gguf"), (str(tmp_path / "x.gguf"), tmp_path / "x.gguf")]:
+def reseal(path: Path) -> None:
+    """What a forger does after editing a header: write the seal of the edited header (xxh3-128 of the
+    header up to the end of the tensor infos, with the seal's hex zeroed)."""
+    with GGUFFile(path) as f:
+        end = f.header.tensor_info_end
+    raw = bytearray(path.read_bytes()[:end])
+    at = seal_offset()
+    assert raw[at - 12 - len(K_SEAL):at - 12] == K_SEAL.encode()
+    raw[at:at + 32] = b"0" * 32
+    patch_file(path, at, xxhash.xxh3_128(bytes(raw)).hexdigest().encode())
+
+
+def test_check_does_not_depend_on_what_is_mapped(tasks: Made, model_factory: Callable[..., str],
+                                                 tmp_path: Path) -> None:
+    """An adaptor that names this split's foundation but recorded another content id (a forged adaptor,
+    resealed) is refused whether or not the foundation is already mapped by another task: a reused
+    mapping is checked against what each adaptor recorded, as a fresh one is."""
+    other = other_split(model_factory, tmp_path)
+    forged = tasks.dir / "adaptor-p.gguf"
+    shutil.copyfile(other.adaptor("p"), forged)
+    raw = forged.read_bytes()
+    assert raw.count(other.foundation.name.encode()) == 1 and len(other.foundation.name) == len(tasks.foundation.name)
+    patch_file(forged, raw.index(other.foundation.name.encode()), tasks.foundation.name.encode())
+    reseal(forged)
+    for mapped_first in (False, True):
+        with open_split(tasks.dir) as s:
+            holder = s.load("chat") if mapped_first else None
             with pytest.raises(GGUFSplitError) as e:
-                fnd.load(ask)
-            assert e.value.path == str(path)
+                s.load("p")
+            assert e.value.path == str(tasks.foundation.resolve()) or e.value.path == str(tasks.foundation)
+            assert "another split" in e.value.problem, mapped_first
+            del holder, e
+
+
+def test_missing_files_are_named(tasks: Made, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    for opener in (open_split, Foundation.open):
+        with pytest.raises(GGUFSplitError) as e:
+            opener(missing)
+        assert e.value.path == str(missing)
+    with open_split(tasks.dir) as s:
+        with pytest.raises(GGUFSplitError) as e:
+            s.load("ghost")
+        assert e.value.path == str(tasks.dir) and "no task 'ghost'" in e.value.problem
+        with pytest.raises(GGUFSplitError) as e:
+            s.load(tmp_path / "x.gguf")
+        assert e.value.path == str(tmp_path / "x.gguf")
+    for victim in sorted({p for t in TASKS for p in tasks.listed(t)}):
+        work = copy_split(tasks, tmp_path / f"no-{victim.name}")
+        (work.dir / victim.name).unlink()
+        with open_split(work.dir) as s:
+            for t in TASKS:
+                if victim in tasks.listed(t):
+                    with pytest.raises(GGUFSplitError) as e:
+                        s.load(t)
+                    assert e.value.path == str(work.dir / victim.name) and "not found" in e.value.problem
+                else:
+                    s.load(t).close()
 
 
 def cut_points(path: Path) -> dict[str, int]:
@@ -300,7 +589,7 @@ def cut_points(path: Path) -> dict[str, int]:
         h = f.header
         index = h.kv_by_key[K_INDEX]
         last_kv = h.kvs[-1]
-        return {
+        points = {
             "empty": 0,
             "magic": 3,
             "prefix": 20,
@@ -313,33 +602,38 @@ def cut_points(path: Path) -> dict[str, int]:
             "data": (h.data_start + h.data_end()) // 2,
             "last byte": h.data_end() - 1,
         }
+        out: dict[str, int] = {}
+        for where, at in points.items():  # a file without tensors has fewer distinct places
+            if at < f.size and at not in out.values():
+                out[where] = at
+        return out
 
 
-def copy_split(tasks: Split, dest: Path) -> Split:
-    shutil.copytree(tasks.dir, dest)
-    return Split(dest, dest / tasks.foundation.name, tasks.originals)
-
-
-def load_all(foundation: Path, adaptor: Path) -> None:
+def load_all(directory: Path, task: str) -> None:
     """Open, load and read every KV and tensor: the only exception allowed out is GGUFSplitError."""
-    with Foundation.open(foundation) as fnd, fnd.load(adaptor) as model:
+    with open_split(directory) as s, s.load(task) as model:
         for key in model.metadata:
             model.metadata.field(key)
         for t in model.tensors.values():
             bytes(t.data)
 
 
-@pytest.mark.parametrize("role", ["adaptor", "foundation"])
-def test_truncated_files_are_named(tasks: Split, tmp_path: Path, role: str) -> None:
-    target = tasks.adaptor("code") if role == "adaptor" else tasks.foundation
+@pytest.mark.parametrize("role", ["adaptor", "foundation", "shared", "hole"])
+def test_truncated_files_are_named(tasks: Made, tmp_path: Path, role: str) -> None:
+    target, task = {
+        "adaptor": (tasks.adaptor("code"), "code"),
+        "foundation": (tasks.foundation, "chat"),
+        "shared": (tasks.only_used_by("base", "code"), "code"),
+        "hole": (tasks.hole, tasks.holed),
+    }[role]
     points = cut_points(target)
-    assert len(set(points.values())) == len(points)  # each cut lands somewhere else
+    assert len(points) >= (6 if role == "hole" else 11)
     for where, size in points.items():
-        work = copy_split(tasks, tmp_path / f"cut-{where}")
+        work = copy_split(tasks, tmp_path / f"cut-{where.replace(' ', '_')}")
         victim = work.dir / target.name
         os.truncate(victim, size)
         with pytest.raises(GGUFSplitError) as e:
-            load_all(work.foundation, work.adaptor("code"))
+            load_all(work.dir, task)
         assert e.value.path == str(victim), (where, e.value)
 
 
@@ -392,7 +686,7 @@ def patch_file(path: Path, offset: int, data: bytes) -> None:
         f.write(data)
 
 
-def test_damaged_header_index_is_refused(tasks: Split, tmp_path: Path) -> None:
+def test_damaged_header_index_is_refused(tasks: Made, tmp_path: Path) -> None:
     at, values = read_index(tasks.adaptor("chat"))
     assert len(values) > 6
     cases = {name: (at + 12, struct.pack(f"<{len(values)}Q", *patched(values, patch)))
@@ -403,22 +697,158 @@ def test_damaged_header_index_is_refused(tasks: Split, tmp_path: Path) -> None:
     for name, (offset, data) in cases.items():
         work = copy_split(tasks, tmp_path / name.replace(" ", "_"))
         patch_file(work.adaptor("chat"), offset, data)
-        with Foundation.open(work.foundation) as fnd:
+        with open_split(work.dir) as s:
             with pytest.raises(GGUFSplitError) as e:
-                fnd.load("chat")  # refused at load, before any value is asked for
+                s.load("chat")  # refused at load, before any value is asked for
             assert e.value.path == str(work.adaptor("chat")), (name, e.value)
 
 
-def test_damaged_foundation_index_is_refused(tasks: Split, tmp_path: Path) -> None:
-    at, values = read_index(tasks.foundation)
-    assert len(values) == 2  # the foundation keeps no original KVs
-    for name, new in {"tensor infos +8": [values[0] + 8, values[1]], "data +alignment": [values[0], values[1] + 32],
-                      "data -alignment": [values[0], values[1] - 32]}.items():
-        work = copy_split(tasks, tmp_path / name.replace(" ", "_"))
-        patch_file(work.foundation, at + 12, struct.pack("<2Q", *new))
+def test_damaged_shared_index_is_refused(tasks: Made, tmp_path: Path) -> None:
+    for target in (tasks.foundation, tasks.only_used_by("base", "chat")):
+        at, values = read_index(target)
+        assert len(values) == 2  # a shared file keeps no original KVs
+        for name, new in {"tensor infos +8": [values[0] + 8, values[1]],
+                          "data +alignment": [values[0], values[1] + 32],
+                          "data -alignment": [values[0], values[1] - 32]}.items():
+            work = copy_split(tasks, tmp_path / f"{target.name}-{name.replace(' ', '_')}")
+            patch_file(work.dir / target.name, at + 12, struct.pack("<2Q", *new))
+            with open_split(work.dir) as s:
+                with pytest.raises(GGUFSplitError) as e:
+                    s.load("chat")
+                assert e.value.path == str(work.dir / target.name), (name, e.value)
+
+
+def kv_value_offset(path: Path, key: str) -> int:
+    """File offset of a string KV's text, per GGUFReader."""
+    f = GGUFReader(path).fields[key]
+    assert f.types == [V.STRING]
+    return int(f.offset) + sum(p.nbytes for p in f.parts[:4])
+
+
+@pytest.mark.parametrize("where", ["adaptor", "shared"])
+def test_edited_header_is_refused_as_verify_refuses_it(tasks: Made, tmp_path: Path, where: str) -> None:
+    """One KV edited in place, lengths kept (a changed value that every parser accepts): verify rejects
+    it, and so does the loader, at load and at swap, naming the file; the current task stays."""
+    work = copy_split(tasks, tmp_path / "work")
+    if where == "adaptor":
+        victim, key, task = work.adaptor("chat"), "test.task", "chat"
+    else:
+        victim, key, task = work.only_used_by("base", "chat"), "general.architecture", "chat"
+    at = kv_value_offset(victim, key)
+    old = victim.read_bytes()[at:at + 4]
+    patch_file(victim, at, old.upper() if old != old.upper() else old.lower())
+    assert reader_fields(victim)[key].contents() != reader_fields(tasks.dir / victim.name)[key].contents()
+    with pytest.raises(GGUFSplitError) as e:
+        verify([work.dir])
+    assert e.value.path == str(victim) and "seal" in e.value.problem
+    with open_split(work.dir) as s:
         with pytest.raises(GGUFSplitError) as e:
-            Foundation.open(work.foundation)
-        assert e.value.path == str(work.foundation), (name, e.value)
+            s.load(task)
+        assert e.value.path == str(victim) and "seal" in e.value.problem
+        with s.load("code") as model:
+            with pytest.raises(GGUFSplitError) as e:
+                model.swap(task)
+            assert e.value.path == str(victim)
+            assert model.task == "code"
+            assert_model_matches(model, tasks.originals["code"])
+
+
+def test_edit_after_load_is_seen_at_the_next_load(tasks: Made, tmp_path: Path) -> None:
+    """A mapping kept for a loaded task is not taken on trust: an adaptor edited in place (same inode)
+    after a task was loaded is refused by the next load of that task."""
+    work = copy_split(tasks, tmp_path / "work")
+    with open_split(work.dir) as s, s.load("chat") as first:
+        at = kv_value_offset(work.adaptor("chat"), "test.task")
+        patch_file(work.adaptor("chat"), at, b"CHAT")
+        with pytest.raises(GGUFSplitError) as e:
+            s.load("chat")
+        assert e.value.path == str(work.adaptor("chat")) and "seal" in e.value.problem
+        assert first.task == "chat"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paths: tasks are found beside the path opened
+
+
+def test_hard_linked_copy_finds_tasks_beside_the_path_opened(tasks: Made, tmp_path: Path) -> None:
+    """The same files reached through two directories (hard links: same inodes, so one mapping each):
+    each split finds its tasks and their files beside the path it was opened with, and reports those
+    paths, whichever was mapped first; removing a file from one directory does not affect the other."""
+    b = hard_link_copy(tasks, tmp_path / "b")
+    c = tmp_path / "c"
+    os.symlink(b.dir, c)  # a symlinked directory: paths as given, not resolved
+    with open_split(tasks.dir) as sa, open_split(b.dir) as sb, Foundation.open(b.foundation) as fb, \
+            open_split(c) as sc:
+        ma = sa.load("chat")
+        for s, where in ((sb, b.dir), (fb, b.dir), (sc, c)):
+            m = s.load("chat")
+            assert m.llama_cpp_paths() == m.files == [str(where.absolute() / p.name) for p in tasks.paths("chat")]
+            assert {Path(t.file).parent for t in m.tensors.values()} == {where.absolute()}
+            assert all(address(m.tensors[n].data) == address(ma.tensors[n].data) for n in m.tensors)
+            m.close()
+        every = sorted({p for t in TASKS for p in tasks.paths(t)})
+        assert mapped_count(every) == {p.name: int(p in tasks.paths("chat")) for p in every}
+        assert ma.files == [str(p.resolve()) for p in tasks.paths("chat")]
+        # remove code's files from a: b still loads code, from b's files
+        mb = sb.load("chat")
+        code_only = tasks.only_used_by("base", "code")
+        tasks.adaptor("code").unlink()
+        code_only.unlink()
+        with pytest.raises(GGUFSplitError) as e:
+            sa.load("code")
+        assert e.value.path == str(tasks.dir)
+        with pytest.raises(GGUFSplitError) as e:
+            sa.load("base")
+        assert e.value.path == str(code_only) and "not found" in e.value.problem
+        for s, where in ((sb, b.dir), (fb, b.dir)):
+            with s.load("code") as m:
+                assert m.files == [str(where.absolute() / p.name) for p in b.paths("code")]
+                assert_model_matches(m, tasks.originals["code"])
+        mb.swap("code")
+        assert mb.files[0] == str(b.adaptor("code").absolute())
+        ma.close()
+        mb.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names: a str is always a task name; a file is given as an os.PathLike
+
+
+def test_task_named_like_a_file_loads_by_name(model_factory: Callable[..., str], tmp_path: Path) -> None:
+    originals = make_tasks(model_factory)
+    split({"x.gguf": str(originals["base"]), "chat": str(originals["chat"])}, tmp_path / "out", file_cost=0)
+    adaptor = tmp_path / "out" / "adaptor-x.gguf.gguf"
+    assert adaptor.is_file()
+    with open_split(tmp_path / "out") as s:
+        assert s.tasks == ["chat", "x.gguf"]
+        for ask in ("x.gguf", adaptor, Path(os.path.relpath(adaptor))):
+            with s.load(ask) as model:
+                assert model.task == "x.gguf"
+                assert_model_matches(model, originals["base"])
+        with s.load("chat") as model:
+            model.swap("x.gguf")
+            assert model.task == "x.gguf"
+
+
+def test_a_str_is_never_a_path(tasks: Made, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A str naming a file (absolute, relative to the working directory, or a file name in the split) is
+    taken as a task name, refused with a hint to pass a pathlib.Path; the Path loads."""
+    monkeypatch.chdir(tasks.dir)
+    with open_split(tasks.dir) as s:
+        for ask in (str(tasks.adaptor("chat")), "./adaptor-chat.gguf", "adaptor-chat.gguf", "chat.gguf"):
+            with pytest.raises(GGUFSplitError) as e:
+                s.load(ask)
+            assert "pass a pathlib.Path" in e.value.problem, ask
+            if "/" not in ask:
+                assert e.value.path == str(tasks.dir) and f"no task {ask!r}" in e.value.problem
+        for ask in (Path("adaptor-chat.gguf"), tasks.adaptor("chat")):
+            with s.load(ask) as model:
+                assert model.task == "chat"
+        with pytest.raises(GGUFSplitError) as e:
+            s.load("ghost")
+        assert "pathlib" not in e.value.problem  # a plain unknown name gets no hint
+        with pytest.raises(TypeError):
+            s.load(b"chat")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -484,7 +914,7 @@ def mapped_rss(path: Path) -> int:
 
 @dataclass
 class BigSplit:
-    split: Split
+    made: Made
     data_start: dict[Path, int]
     window: int
 
@@ -492,41 +922,40 @@ class BigSplit:
 @pytest.fixture
 def big(tmp_path: Path) -> BigSplit:
     """Two tasks with large tensors: a shared one (foundation) and one that differs (adaptors)."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("page residency is checked with Linux mincore and /proc/self/smaps")
     window = max(MiB, readahead_bytes(tmp_path))
     rows = max(16 * MiB, 2 * window) // (1024 * 4)  # F32 rows of 1024 elements
     originals = {}
     for task, seed in [("a", 8), ("b", 9)]:
         tensors = {**base_tensors(), "big.shared": (Q.F32, (1024, rows), 7), "big.task": (Q.F32, (1024, rows), seed)}
         originals[task] = Path(write_model(tmp_path / f"{task}.gguf", tensors))
-    report = split({t: str(p) for t, p in originals.items()}, tmp_path / "out")
-    s = Split(tmp_path / "out", Path(report.foundation), originals)
+    split({t: str(p) for t, p in originals.items()}, tmp_path / "out", file_cost=0)
+    made = Made(tmp_path / "out", originals)
     starts = {}
-    for p in [s.foundation, s.adaptor("a"), s.adaptor("b")]:
+    for p in [made.foundation, made.adaptor("a"), made.adaptor("b")]:
         with GGUFFile(p) as f:
             starts[p] = f.header.data_start
             assert f.size - f.header.data_start > window + 4 * MiB
-    return BigSplit(s, starts, window)
+    assert made.listed("a") == made.listed("b") == [made.foundation]
+    return BigSplit(made, starts, window)
 
 
 def test_open_and_swap_read_no_tensor_data(big: BigSplit) -> None:
     """After eviction, open + load + swap (+ making every view and decoding every KV) leave the data
     sections out of the page cache, except the kernel's mmap read-around of the first header fault (up to
-    the device's read_ahead_kb around it, 8 MiB here; hence the window); the process's own page tables
-    (smaps Rss of each mapping) hold no more than the header plus the fault-around."""
+    the device's read_ahead_kb around it; hence the window); the process's own page tables (smaps Rss of
+    each mapping) hold no more than the header plus the fault-around."""
     files = list(big.data_start)
     for p in files:
         evict(p)
         if resident_pages(p):
             pytest.skip(f"posix_fadvise(DONTNEED) does not evict pages on this file system ({p})")
-    with Foundation.open(big.split.foundation) as fnd, fnd.load("a") as model:
+    with open_split(big.made.dir) as s, s.load("a") as model:
         model.swap("b")
         names = list(model.tensors)
         views = [model.tensors[n] for n in names]  # views are made, not read
         dict(model.metadata)
         fnd_view = model.tensors["big.shared"]
-        assert fnd_view.file == str(big.split.foundation) and model.tensors["big.task"].file == str(files[2])
+        assert fnd_view.file == str(files[0].resolve()) and model.tensors["big.task"].file == str(files[2].resolve())
         for p in files[::2]:  # the files mapped now: foundation and adaptor b
             assert mapped_rss(p) <= big.data_start[p] + 256 * 1024, p
         for p in files:
@@ -550,21 +979,21 @@ def overwrite_data(path: Path) -> None:
     patch_file(path, start, rng.integers(0, 256, size - start, dtype=np.uint8).tobytes())
 
 
-def test_open_does_not_hash_data_but_verify_does(tasks: Split, tmp_path: Path) -> None:
+def test_open_does_not_hash_data_but_verify_does(tasks: Made, tmp_path: Path) -> None:
     work = copy_split(tasks, tmp_path / "garbage")
     overwrite_data(work.foundation)
-    with Foundation.open(work.foundation) as fnd, fnd.load("base") as model:
+    with open_split(work.dir) as s, s.load("base") as model:
         model.swap("chat")
         original = original_tensors(tasks.originals["chat"])
-        served = {n: bytes(t.data) for n, t in model.tensors.items() if t.file == str(work.foundation)}
+        served = {n: bytes(t.data) for n, t in model.tensors.items() if t.file == str(work.foundation.resolve())}
         assert served and all(served[n] != original[n] for n in served)  # the garbage is what is served
     with pytest.raises(GGUFSplitError) as e:
-        verify(work.foundation, [work.adaptor(t) for t in TASKS])
+        verify([work.dir])
     assert e.value.path == str(work.foundation)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Threads and close
+# Threads
 
 
 @contextmanager
@@ -578,7 +1007,7 @@ def fast_thread_switches() -> Iterator[None]:
         sys.setswitchinterval(old)
 
 
-def test_reads_stay_consistent_while_another_thread_swaps(tasks: Split) -> None:
+def test_reads_stay_consistent_while_another_thread_swaps(tasks: Made) -> None:
     versions = {t: original_tensors(tasks.originals[t]) for t in ("base", "chat")}
     allowed = {n: {versions["base"][n], versions["chat"][n]} for n in versions["base"]}
     task_values = {"base", "chat"}
@@ -609,7 +1038,7 @@ def test_reads_stay_consistent_while_another_thread_swaps(tasks: Split) -> None:
         finally:
             done.set()
 
-    with Foundation.open(tasks.foundation) as fnd, fnd.load("base") as model, fast_thread_switches():
+    with open_split(tasks.dir) as s, s.load("base") as model, fast_thread_switches():
         threads = [threading.Thread(target=reader, args=(model, hold)) for hold in (False, False, True)]
         threads.append(threading.Thread(target=swapper, args=(model,)))
         for t in threads:
@@ -621,76 +1050,129 @@ def test_reads_stay_consistent_while_another_thread_swaps(tasks: Split) -> None:
     assert reads[0] > 0
 
 
-def test_lookups_begun_before_a_swap_still_work(tasks: Split) -> None:
+def test_concurrent_swaps_of_one_model_leave_a_whole_task(tasks: Made) -> None:
+    """Several threads swapping the same model: it ends as one of the tasks asked for, whole (metadata,
+    tensors and files of that task, nothing of another), and no mapping is left behind."""
+    errors: list[BaseException] = []
+    with open_split(tasks.dir) as s, s.load("base") as model, fast_thread_switches():
+        def swapper(order: tuple[str, ...]) -> None:
+            try:
+                for i in range(60):
+                    model.swap(order[i % len(order)])
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=swapper, args=(o,)) for o in (TASKS, TASKS[::-1], ("chat", "code"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, repr(errors[0])
+        task = model.task
+        assert model.files == [str(p.resolve()) for p in tasks.paths(task)]
+        assert_model_matches(model, tasks.originals[task])
+        every = sorted({p for t in TASKS for p in tasks.paths(t)})
+        assert mapped_count(every) == {p.name: int(p in tasks.paths(task)) for p in every}
+
+
+def test_lookups_begun_before_a_swap_still_work(tasks: Made) -> None:
     """The thread race above made deterministic: a reader took `model.tensors` / `model.metadata` just
-    before another thread swapped; its lookups must still answer (from the old task), not fail."""
+    before another thread swapped; its lookups must still answer (from the old task), not fail. The old
+    task's files are unmapped as soon as the last reader lets go."""
     base = original_tensors(tasks.originals["base"])
-    with Foundation.open(tasks.foundation) as fnd, fnd.load("base") as model:
+    gone = set(tasks.paths("base")) - set(tasks.paths("chat"))
+    with open_split(tasks.dir) as s, s.load("base") as model:
         tensors, metadata = model.tensors, model.metadata
         model.swap("chat")
         assert {n: bytes(t.data) for n, t in tensors.items()} == base
         assert metadata["test.task"] == "base"
         assert model.metadata["test.task"] == "chat"
-        del tensors, metadata
-        gc.collect()
-        assert str(tasks.adaptor("base")) not in mapped_paths()  # released once the last reader let go
+        assert all(mapped_count(sorted(gone)).values())
+        del tensors
+        assert mapped_count(sorted(gone)) == {p.name: int(p == tasks.adaptor("base")) for p in gone}  # metadata
+        del metadata
+        assert not any(mapped_count(sorted(gone)).values())  # released once the last reader let go
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
-def test_swaps_do_not_leak_maps_or_descriptors(tasks: Split) -> None:
-    def open_fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
+# ---------------------------------------------------------------------------------------------------------
+# Lifetime: nothing outlives its last user
 
-    with Foundation.open(tasks.foundation) as fnd, fnd.load("base") as model:
+
+def test_swaps_do_not_leak_maps_or_descriptors(tasks: Made) -> None:
+    uses = {t: set(tasks.paths(t)) for t in TASKS}
+    every = sorted(set().union(*uses.values()))
+    with open_split(tasks.dir) as s, s.load("base") as model:
         model.swap("chat")
+        gc.collect()
         fds = open_fds()
-        for i in range(50):
+        for i in range(60):
             model.swap(TASKS[i % 3])
             assert model.task == TASKS[i % 3]
             for t in model.tensors.values():
                 bytes(t.data)
+            assert open_fds() <= fds
+            assert mapped_count(every) == {p.name: int(p in uses[model.task]) for p in every}
+
+
+def test_dropped_models_are_released(tasks: Made) -> None:
+    """A model nothing references is gone at once (the split keeps no strong reference to what it
+    loaded), with its mappings; hundreds of loads and swaps leave nothing behind."""
+    every = sorted({p for t in TASKS for p in tasks.paths(t)})
+    with open_split(tasks.dir) as s:
+        model = s.load("chat")
+        ref = weakref.ref(model)
+        bytes(model.tensors["token_embd.weight"].data)
+        del model
+        assert ref() is None  # no garbage collection needed
+        assert mapped_count(every) == {p.name: 0 for p in every}
         gc.collect()
-        assert open_fds() == fds
-        maps = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(tasks.dir) in line]
-        assert sorted({line.split()[-1] for line in maps}) == sorted([str(tasks.foundation), model.adaptor_path])
+        fds, registry = open_fds(), _Mapped.count()
+        refs = []
+        for i in range(300):
+            m = s.load(TASKS[i % 3])
+            m.swap(TASKS[(i + 1) % 3])
+            bytes(m.tensors["output_norm.weight"].data)
+            refs.append(weakref.ref(m))
+            del m
+            assert mapped_count(every) == {p.name: 0 for p in every}
+        assert not any(r() for r in refs)
+        assert open_fds() <= fds and _Mapped.count() == registry
 
 
-def mapped_paths() -> set[str]:
-    return {line.split(maxsplit=5)[5] for line in Path("/proc/self/maps").read_text().splitlines()
-            if len(line.split(maxsplit=5)) == 6}
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_close_releases_the_maps(tasks: Split) -> None:
-    fnd = Foundation.open(tasks.foundation)
-    model = fnd.load("chat")
-    key = fnd.shared.file.identity
+def test_close_releases_the_maps(tasks: Made) -> None:
+    s = open_split(tasks.dir)
+    model = s.load("chat")
+    other = s.load("code")
     held = model.tensors["token_embd.weight"]  # a view the caller still holds after close
     expected = original_tensors(tasks.originals["chat"])["token_embd.weight"]
     for t in model.tensors.values():
         bytes(t.data)
-    assert {str(tasks.foundation), str(tasks.adaptor("chat"))} <= mapped_paths()
-    assert _SharedFoundation.registry[key] is fnd.shared
+    del t
+    files = sorted(set(tasks.paths("chat")) | set(tasks.paths("code")))
+    assert all(mapped_count(files).values())
 
-    fnd.close()
-    assert key not in _SharedFoundation.registry
-    for access in (lambda: model.tensors, lambda: model.metadata, lambda: model.swap("code"), lambda: fnd.tensors):
+    s.close()
+    for access in (lambda: model.tensors, lambda: model.metadata, lambda: model.swap("code"), lambda: other.task,
+                   lambda: s.load("base")):
         with pytest.raises(GGUFSplitError):
             access()
     assert bytes(held.data) == expected  # a held view keeps its map alive ...
-    assert held.file in mapped_paths()
-    del held, t
-    gc.collect()
-    assert not {str(tasks.foundation), str(tasks.adaptor("chat"))} & mapped_paths()  # ... until it is dropped
+    assert mapped_count([Path(held.file)]) == {Path(held.file).name: 1}
+    assert sum(mapped_count(files).values()) == 1
+    del held
+    assert not any(mapped_count(files).values())  # ... until it is dropped
 
 
-def test_task_model_close_keeps_the_foundation(tasks: Split) -> None:
-    with Foundation.open(tasks.foundation) as fnd:
-        with fnd.load("chat") as model:
+def test_task_model_close_keeps_other_tasks_files(tasks: Made) -> None:
+    with open_split(tasks.dir) as s:
+        keep = s.load("base")
+        with s.load("chat") as model:
             pass
         with pytest.raises(GGUFSplitError):
             model.tensors
-        assert str(tasks.adaptor("chat")) not in mapped_paths()
-        assert str(tasks.foundation) in mapped_paths()
-        with fnd.load("code") as again:
+        every = sorted({p for t in TASKS for p in tasks.paths(t)})
+        assert mapped_count(every) == {p.name: int(p in tasks.paths("base")) for p in every}
+        with s.load("code") as again:
             assert_model_matches(again, tasks.originals["code"])
+        assert_model_matches(keep, tasks.originals["base"])
+        keep.close()

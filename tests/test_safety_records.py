@@ -106,3 +106,22 @@ def test_loader_honours_a_pending_commit(split_dir: Path) -> None:
         with pytest.raises(GGUFSplitError, match="holds no task 'a'"):
             s.load("a")
         assert len(list(s.load("b").tensors)) == len(base_tensors(0))
+
+
+def test_every_adaptor_is_compared_with_a_file_other_tasks_opened_first(split_dir: Path) -> None:
+    """verify and info open each shared file once for all tasks; the second task's record of it (here a
+    forged content id, resealed) is still compared with it, not skipped because the file is open already."""
+    name = foundation_name(split_dir)
+    with GGUFFile(split_dir / "adaptor-b.gguf") as f:
+        kv = f.header.kv_by_key["gguf_split.files.content_id"]
+        raw = f.raw(kv.start, kv.end)
+    cid = GGUFFile(split_dir / name).get("gguf_split.content_id")
+    assert cid.encode() in raw
+    forge(split_dir / "adaptor-b.gguf", forge_text("gguf_split.files.content_id", 0, "0" * len(cid)))
+    with pytest.raises(GGUFSplitError, match="another split") as err:
+        verify([split_dir])
+    assert err.value.path == str(split_dir / name)
+    from gguf_split.info import savings
+
+    with pytest.raises(GGUFSplitError, match="another split"):
+        savings(split_dir)
