@@ -32,6 +32,7 @@ import numpy as np
 import zstandard
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
+from gguf import quants as _gguf_quants
 from gguf.quants import dequantize as _gguf_dequantize
 from gguf.quants import quantize as _gguf_quantize
 
@@ -192,14 +193,26 @@ def check_stride(g: Geometry, stride: int) -> None:
 
 
 def dequantize_rows(raw: Any, ggml_type: int, n_rows: int, row_elems: int) -> np.ndarray:
-    """Rows of a base tensor as float32, through gguf's dequantizers (elementwise for DELTA_BASE_TYPES)."""
+    """Rows of a base tensor as float32, through gguf's dequantizers (elementwise for DELTA_BASE_TYPES).
+
+    gguf's per-type `dequantize_blocks` is called on the chunk's blocks directly: its `dequantize` applies
+    the same function to groups of rows (3.4x slower here); elementwise, the results are the same."""
     qt = Q(ggml_type)
     if qt not in DELTA_BASE_TYPES:
         raise CodecError(f"{qt.name} cannot be a delta base")
     data = np.frombuffer(raw, dtype=np.uint8)
     if qt == Q.F32:
         return data.view(np.float32).reshape(n_rows, row_elems)
-    out = _gguf_dequantize(data.reshape(n_rows, -1), qt)
+    if qt == Q.F16:
+        return _gguf_dequantize(data, qt).reshape(n_rows, row_elems)
+    block, type_size = GGML_QUANT_SIZES[qt]
+    if data.size % type_size:
+        raise CodecError(f"{data.size} bytes are not whole {qt.name} blocks")
+    kind = getattr(_gguf_quants, qt.name, None)
+    if kind is not None and hasattr(kind, "dequantize_blocks"):
+        out = kind.dequantize_blocks(data.reshape(-1, type_size))
+    else:  # pragma: no cover - another gguf layout: its public entry point, same results
+        out = _gguf_dequantize(data.reshape(n_rows, -1), qt)
     return np.asarray(out, dtype=np.float32).reshape(n_rows, row_elems)
 
 
@@ -222,11 +235,13 @@ def predict_bits(base: np.ndarray, bt: np.ndarray, a: np.ndarray, target_type: i
     r = bt.shape[0]
     out = np.empty((rows, n), dtype=dtype)
     step = max(1, _SUB_ELEMS // n)
-    d = np.empty((min(step, rows), n), dtype=np.float32)
+    h0 = min(step, rows)
+    d = np.empty((h0, n), dtype=np.float32)
     t = np.empty_like(d)
+    s = np.empty((h0, n), dtype=np.uint32)
     for i0 in range(0, rows, step):
         i1 = min(rows, i0 + step)
-        dd, tt = d[: i1 - i0], t[: i1 - i0]
+        dd, tt, ss = d[: i1 - i0], t[: i1 - i0], s[: i1 - i0]
         if r == 0:
             np.copyto(dd, base[i0:i1])
         else:
@@ -235,17 +250,49 @@ def predict_bits(base: np.ndarray, bt: np.ndarray, a: np.ndarray, target_type: i
                 np.multiply(bt[k, i0:i1, None], a[k][None, :], out=tt)
                 np.add(dd, tt, out=dd)
             np.add(base[i0:i1], dd, out=dd)
-        _round_to(dd, out[i0:i1], target_type)
+        if target_type == Q.F16:
+            _f32_to_f16_bits(dd, ss, tt.view(np.uint32), out[i0:i1])
+        elif target_type == Q.BF16:
+            out[i0:i1] = _bf16_bits(dd)
+        else:
+            out[i0:i1] = dd.view(np.uint32)
     return out
 
 
-def _round_to(p: np.ndarray, out: np.ndarray, target_type: int) -> None:
-    if target_type == Q.F16:
-        np.copyto(out.view(np.float16), p, casting="unsafe")  # IEEE round to nearest even
-    elif target_type == Q.BF16:
-        out[...] = _gguf_quantize(p, Q.BF16).view(np.uint16).reshape(out.shape)  # integer rounding ops
-    else:
-        out[...] = p.view(np.uint32)
+_F16_LO = np.uint32(0x38800000)  # 2^-14, the smallest normal float16
+_F16_SPAN = np.uint32(0x477FF000 - 0x38800000)  # up to 65520, where rounding reaches infinity
+
+
+def _f32_to_f16_bits(p: np.ndarray, s: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """float32 -> float16 bit patterns, IEEE round to nearest even (numpy's own cast, but 5x faster): integer
+    operations for results in the normal float16 range, numpy's cast for the rare others (subnormal,
+    overflow, inf, NaN). `s` and `w` are uint32 scratch of p's shape; `p` is overwritten."""
+    u = p.view(np.uint32)
+    np.right_shift(u, 16, out=s)
+    np.bitwise_and(s, 0x8000, out=s)  # sign, in float16 position
+    np.bitwise_and(u, 0x7FFFFFFF, out=u)  # |p|
+    np.subtract(u, _F16_LO, out=w)  # wraps below 2^-14
+    special = w >= _F16_SPAN
+    np.right_shift(u, 13, out=w)
+    np.bitwise_and(w, 1, out=w)
+    np.add(w, 0x0FFF, out=w)
+    np.add(w, u, out=w)  # round half to even at bit 13
+    np.right_shift(w, 13, out=w)
+    np.subtract(w, 112 << 10, out=w)  # rebias the exponent: 127 - 15 = 112
+    np.bitwise_or(w, s, out=w)
+    np.copyto(out, w, casting="unsafe")
+    if special.any():
+        orig = (u[special] | (s[special] << np.uint32(16))).view(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[special] = orig.astype(np.float16).view(np.uint16)
+
+
+def _bf16_bits(p: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns with gguf's rounding (integer operations)."""
+    kind = getattr(_gguf_quants, "BF16", None)
+    if kind is not None and hasattr(kind, "quantize_blocks"):
+        return kind.quantize_blocks(p.reshape(-1, 1)).view(np.uint16).reshape(p.shape)
+    return _gguf_quantize(p, Q.BF16).view(np.uint16).reshape(p.shape)  # pragma: no cover
 
 
 def factors_from_bytes(raw: Any, factor_type: str, r: int, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -308,22 +355,28 @@ def residual_apply(pred: np.ndarray, buf: Any, mode: str) -> np.ndarray:
     raw = np.frombuffer(buf, dtype=np.uint8)
     if raw.size < nb:
         raise CodecError(f"residual of {raw.size} bytes is shorter than its bitmap ({nb} bytes)")
-    mask = np.unpackbits(raw[:nb], bitorder="little")
+    mask = np.unpackbits(raw[:nb], bitorder="little").view(bool)
     if mask[n:].any():
         raise CodecError("residual bitmap has bits set past the chunk's end")
-    idx = np.flatnonzero(mask[:n])
-    if raw.size != nb + idx.size * width:
-        raise CodecError(f"residual holds {raw.size} bytes, its bitmap calls for {nb + idx.size * width}")
+    mask = mask[:n]
+    count = int(np.count_nonzero(mask))
+    if raw.size != nb + count * width:
+        raise CodecError(f"residual holds {raw.size} bytes, its bitmap calls for {nb + count * width}")
+    if count == 0:
+        return p
     vals = np.ascontiguousarray(raw[nb:].reshape(width, -1).T).view(p.dtype.newbyteorder("<")).reshape(-1)
     vals = vals.astype(p.dtype, copy=False)
     if mode == "sub":
         one = p.dtype.type(1)
-        v = (vals >> one) ^ (p.dtype.type(0) - (vals & one))  # un-zigzag, as an unsigned wrap-around value
-        p[idx] = p[idx] + v
-    elif mode == "xor":
-        p[idx] = p[idx] ^ vals
-    else:
+        vals = (vals >> one) ^ (p.dtype.type(0) - (vals & one))  # un-zigzag, as an unsigned wrap-around value
+    elif mode != "xor":
         raise CodecError(f"unknown residual mode {mode!r}")
+    dense = np.zeros(n, dtype=p.dtype)
+    dense[mask] = vals
+    if mode == "sub":
+        np.add(p, dense, out=p)  # mod 2^(8w)
+    else:
+        np.bitwise_xor(p, dense, out=p)
     return p
 
 
@@ -391,64 +444,77 @@ def _storable(bt: np.ndarray, a: np.ndarray, factor_type: str) -> tuple[np.ndarr
     return bt.astype(dt).astype(np.float32), a.astype(dt).astype(np.float32)
 
 
+# D = target - base is kept in memory while planning when it has at most this many elements (256 MiB of
+# float32), else recomputed from the inputs on each pass
+_PLAN_CACHE_ELEMS = 1 << 26
+
+
 def plan_delta(target: RowReader, target_type: int, base: RowReader, base_type: int, g: Geometry, *,
-               level: int, rows_per_chunk: int, seed: int = 0, max_rank: int = 64,
-               sample_elems: int = 1 << 18, power: int = 2) -> DeltaPlan | None:
+               level: int, rows_per_chunk: int, seed: int = 0, max_rank: int = 128,
+               sample_elems: int = 1 << 17, power: int = 1) -> DeltaPlan | None:
     """Find B and A for target ≈ base + B·A and pick rank, factor type and residual mode by the bytes they
     produce on a sample of rows (every row when the tensor is small). None when the base is not finite."""
     m, n = g.n_rows, g.row_elems
     tdtype, width = DELTA_TARGET_TYPES[Q(target_type)]
     kmax = max(0, min(max_rank, min(m, n) // 2))
-    k = min(kmax + 8, min(m, n)) if kmax > 0 else 0
     rng = np.random.default_rng(seed)
+    blocks = [g.chunk_span(i, rows_per_chunk) for i in range(g.chunk_count(rows_per_chunk))]
 
-    def diff(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def rows_of(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         b = dequantize_rows(base(r0, r1), base_type, r1 - r0, n)
         tb = np.frombuffer(target(r0, r1), dtype=tdtype).reshape(r1 - r0, n)
-        t = dequantize_rows(tb.view(np.uint8), target_type, r1 - r0, n)
-        return b, tb, t - b
+        return b, tb
 
-    # randomized range finder over row blocks with power iterations (the spectrum of a merged update is
-    # signal + a flat floor of rounding noise; without them the noise tilts the subspace found):
-    # Y = D·Ω, then `power` times Q = orth(Y), W = orth(Dᵀ·Q), Y = D·W; finally Z = Qᵀ·D = U S Vᵀ
-    nblocks = g.chunk_count(rows_per_chunk)
-    blocks = [g.chunk_span(i, rows_per_chunk) for i in range(nblocks)]
-
-    def d_times(w: np.ndarray) -> np.ndarray:  # D·w, (m, k)
-        y = np.empty((m, w.shape[1]), dtype=np.float32)
-        for r0, r1 in blocks:
-            b, _, d = diff(r0, r1)
-            y[r0:r1] = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0) @ w
-        return y
-
-    def dt_times(q: np.ndarray) -> np.ndarray:  # Dᵀ·q, (n, k)
-        z = np.zeros((n, q.shape[1]), dtype=np.float64)
-        for r0, r1 in blocks:
-            _, _, d = diff(r0, r1)
-            z += (np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0).T @ q[r0:r1]).astype(np.float64)
-        return z
+    def diff(r0: int, r1: int) -> np.ndarray:
+        b, tb = rows_of(r0, r1)
+        d = dequantize_rows(tb.view(np.uint8), target_type, r1 - r0, n) - b
+        return np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
 
     for r0, r1 in blocks:
         b = dequantize_rows(base(r0, r1), base_type, r1 - r0, n)
-        if not np.isfinite(b).all() or float(np.abs(b).max()) > 1e30:
+        if not np.isfinite(b).all() or float(np.abs(b).max(initial=0)) > 1e30:
             return None
-    if k > 0:
-        w = rng.standard_normal((n, k)).astype(np.float32)
+    cache: list[np.ndarray] | None = [diff(r0, r1) for r0, r1 in blocks] if m * n <= _PLAN_CACHE_ELEMS else None
+
+    def d_block(i: int) -> np.ndarray:
+        return cache[i] if cache is not None else diff(*blocks[i])
+
+    # randomized range finder with power iterations (the spectrum of a merged update is the update's
+    # rank-r signal over a flat floor of rounding noise; without one the noise tilts the subspace found):
+    # Y = D·Ω; `power` times: Q = orth(Y), W = orth(Dᵀ·Q), Y = D·W; then Z = Qᵀ·D = U S Vᵀ.
+    # A sketch of 16 (+8) components first; a larger one only when no clear gap shows in it.
+    def factorize(kk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w = rng.standard_normal((n, kk)).astype(np.float32)
         for it in range(power + 1):
-            qm, _ = np.linalg.qr(d_times(w))
-            z = dt_times(qm)  # (n, k) = (Qᵀ·D)ᵀ
+            y = np.empty((m, kk), dtype=np.float32)
+            for i, (r0, r1) in enumerate(blocks):
+                y[r0:r1] = d_block(i) @ w
+            qm, _ = np.linalg.qr(y)
+            del y
+            z = np.zeros((n, kk), dtype=np.float64)
+            for i, (r0, r1) in enumerate(blocks):
+                z += d_block(i).T @ qm[r0:r1]
             if it < power:
                 w = np.linalg.qr(z)[0].astype(np.float32)
-        uz, s, vt = np.linalg.svd(z.T, full_matrices=False)
-        b_full = (qm @ (uz * s).astype(np.float32)).T  # (k, m)
-        a_full = vt.astype(np.float32)  # (k, n)
-        del qm
-    else:
-        s = np.zeros(0)
-        b_full = np.zeros((0, m), np.float32)
-        a_full = np.zeros((0, n), np.float32)
+        uz, sv, vt = np.linalg.svd(z.T, full_matrices=False)
+        return sv, (qm @ (uz * sv).astype(np.float32)).T, vt.astype(np.float32)
 
-    # the sample: up to 4 evenly spread runs of rows
+    s = np.zeros(0)
+    b_full = np.zeros((0, m), np.float32)
+    a_full = np.zeros((0, n), np.float32)
+    reach = 16
+    while kmax > 0:
+        kk_max = min(kmax, reach)
+        s, b_full, a_full = factorize(min(kk_max + 8, min(m, n)))
+        top = s[: kk_max + 1]
+        clear_gap = any(top[r] <= 0 or top[r - 1] / top[r] >= 4.0 for r in range(1, len(top)))
+        if clear_gap or kk_max >= kmax:
+            kmax = kk_max
+            break
+        reach *= 4
+    del cache
+
+    # the sample: every row of a small tensor, else 4 evenly spread runs of rows
     sample_rows = max(1, min(m, sample_elems // n))
     if sample_rows >= m:
         spans = [(0, m)]
@@ -456,49 +522,72 @@ def plan_delta(target: RowReader, target_type: int, base: RowReader, base_type: 
         run = max(1, sample_rows // 4)
         starts = np.linspace(0, m - run, 4).astype(int)
         spans = sorted({(int(s0), int(s0) + run) for s0 in starts})
-    sampled = sum(r1 - r0 for r0, r1 in spans)
-    scale = m / sampled
-    samples = []
-    for r0, r1 in spans:
-        b, tb, _ = diff(r0, r1)
-        samples.append((r0, r1, np.ascontiguousarray(b), tb))
+    scale = m / sum(r1 - r0 for r0, r1 in spans)
+    samples = [(r0, r1, *rows_of(r0, r1)) for r0, r1 in spans]
+    plain_est = int(scale * sum(len(compress(shuffle(tb.tobytes(), width), level)) for *_, tb in samples))
 
-    plain = 0
-    stride = width
-    for _, _, _, tb in samples:
-        plain += len(compress(shuffle(tb.tobytes(), stride), level))
-    plain_est = int(plain * scale)
+    def residual_bytes(st: tuple[np.ndarray, np.ndarray], modes: tuple[str, ...]) -> dict[str, int]:
+        sizes = {mode: 0 for mode in modes}
+        for r0, r1, b, tb in samples:
+            pred = predict_bits(b, np.ascontiguousarray(st[0][:, r0:r1]), st[1], target_type)
+            for mode in modes:
+                sizes[mode] += len(compress(residual_encode(tb, pred, mode), level))
+        return {mode: int(v * scale) for mode, v in sizes.items()}
 
-    best: tuple[int, int, str, str] | None = None  # (bytes, rank, factor type, mode)
+    def factor_bytes(r: int, ft: str) -> int:
+        return r * (m + n) * np.dtype(FACTOR_DTYPES[ft]).itemsize
+
+    # ranks, cheapest questions first: none, the spectrum's largest gap, then powers of two upwards until
+    # two in a row do worse than the best so far (or their factors alone would)
     cands: dict[int, int] = {}
-    stored: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
-    for r in _rank_candidates(s, kmax):
-        bt_r, a_r = _balanced(b_full[:r], a_full[:r])
-        for ft in ("f16", "f32"):
-            st = _storable(bt_r, a_r, ft)
-            if st is None:
-                continue
-            fbytes = r * (m + n) * np.dtype(FACTOR_DTYPES[ft]).itemsize
-            if best is not None and fbytes >= best[0]:
-                continue
-            sizes = {mode: 0 for mode in RESIDUAL_MODES}
-            for r0, r1, b, tb in samples:
-                pred = predict_bits(b, st[0][:, r0:r1], st[1], target_type)
-                for mode in RESIDUAL_MODES:
-                    sizes[mode] += len(compress(residual_encode(tb, pred, mode), level))
-            mode = min(sizes, key=sizes.__getitem__)
-            total = fbytes + int(sizes[mode] * scale)
-            cands[r] = min(cands.get(r, total), total)
-            if best is None or total < best[0]:
-                best = (total, r, ft, mode)
-                stored[(r, ft)] = st
-            if r == 0:
-                break  # no factors: the factor type does not matter
-    if best is None:
-        return None
-    total, r, ft, mode = best
-    bt, a = stored[(r, ft)]
-    return DeltaPlan(r, ft, mode, bt, a, total, plain_est, cands)
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def try_rank(r: int) -> None:
+        if r in cands or r > kmax:
+            return
+        st = _storable(*_balanced(b_full[:r], a_full[:r]), "f16")
+        if st is None:
+            st = _storable(*_balanced(b_full[:r], a_full[:r]), "f32")
+            ft = "f32"
+        else:
+            ft = "f16"
+        if st is None:
+            return
+        if cands and factor_bytes(r, ft) >= min(cands.values()):
+            return
+        cands[r] = factor_bytes(r, ft) + residual_bytes(st, ("sub",))["sub"]
+        parts[r] = st
+
+    try_rank(0)
+    ladder = _rank_candidates(s, kmax)[1:]  # powers of two and the spectrum's gaps, ascending
+    if ladder:
+        ratios = [(s[r - 1] / s[r] if s[r] > 0 else np.inf, r) for r in range(1, min(len(s), kmax + 1))]
+        start = max(ratios)[1] if ratios else ladder[0]
+        try_rank(start)
+        for direction in (1, -1):  # up from the largest gap, then down, each until two in a row do worse
+            worse = 0
+            for r in (ladder if direction > 0 else ladder[::-1]):
+                if (r - start) * direction <= 0:
+                    continue
+                before = min(cands.values())
+                try_rank(r)
+                worse = worse + 1 if r not in cands or cands[r] >= before else 0
+                if worse >= 2:
+                    break
+    r = min(cands, key=lambda c: (cands[c], c))
+    # at the chosen rank: xor against sub, float32 factors against float16
+    options: list[tuple[int, str, str, tuple[np.ndarray, np.ndarray]]] = []
+    st = parts[r]
+    ft = "f16" if r == 0 or bool((st[0].astype(np.float16).astype(np.float32) == st[0]).all()) else "f32"
+    for mode, size in residual_bytes(st, RESIDUAL_MODES).items():
+        options.append((factor_bytes(r, ft) + size, ft, mode, st))
+    if r > 0 and ft == "f16":
+        st32 = _storable(*_balanced(b_full[:r], a_full[:r]), "f32")
+        if st32 is not None:
+            size = residual_bytes(st32, ("sub",))["sub"]
+            options.append((factor_bytes(r, "f32") + size, "f32", "sub", st32))
+    total, ft, mode, st = min(options, key=lambda o: o[0])
+    return DeltaPlan(r, ft, mode, st[0], st[1], total, plain_est, cands)
 
 
 def encode_delta_chunk(plan: DeltaPlan, base_raw: Any, base_type: int, target_raw: Any, target_type: int,

@@ -735,13 +735,13 @@ def _unlink(p: str) -> None:
 
 
 def _choose_stride(o: _Obj, rows: Callable[[int, int], memoryview], level: int) -> int:
-    """Byte-shuffle stride by the bytes it produces on up to 3 spread samples of ~256 KiB."""
+    """Byte-shuffle stride by the bytes it produces on up to 2 spread samples of ~128 KiB."""
     natural = codec.natural_stride(o.ggml_type)
     if natural <= 1:
         return 1
     m = o.geo.n_rows
-    per = max(1, (256 << 10) // max(1, o.geo.row_bytes))
-    starts = sorted({int(s) for s in np.linspace(0, max(0, m - per), 3)})
+    per = max(1, (128 << 10) // max(1, o.geo.row_bytes))
+    starts = sorted({int(s) for s in np.linspace(0, max(0, m - per), 2)})
     sizes = {1: 0, natural: 0}
     for s in starts:
         raw = bytes(rows(s, min(m, s + per)))
