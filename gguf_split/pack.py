@@ -28,7 +28,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
@@ -254,19 +253,6 @@ def _threads(threads: int | None) -> int:
     if threads is None:
         return max(1, min(8, os.cpu_count() or 1))
     return max(1, int(threads))
-
-
-@contextmanager
-def _blas_single_threaded() -> Iterator[None]:
-    """BLAS/LAPACK in one thread while we run our own pool: with OpenBLAS's 2 threads a 576×72 QR took
-    1.6-2.2 s here against 1.5 ms in one thread."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency; without it packing is only slower
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 def _ordered(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], window: int) -> Iterator[Any]:
@@ -571,7 +557,7 @@ def _pack(files: list[GGUFFile], names: list[str], out_path: str, kind: Any, met
                     return
         o.stride = _choose_stride(o, source_rows(o), level)
 
-    with ThreadPoolExecutor(nthreads) as pool, _blas_single_threaded(), \
+    with ThreadPoolExecutor(nthreads) as pool, codec.blas_single_threaded(), \
             progress.bar("analysing", sum(o.geo.nbytes for o in objs)) as bar:
         def plan_job(o: _Obj) -> None:
             plan(o)
@@ -691,7 +677,7 @@ def _pack(files: list[GGUFFile], names: list[str], out_path: str, kind: Any, met
                             yield plain_job, plain_done
 
             to_write = sum(blobs[i].end - blobs[i].start if t == "b" else objs[i].geo.nbytes for t, i in order)
-            with ThreadPoolExecutor(nthreads) as pool, _blas_single_threaded(), \
+            with ThreadPoolExecutor(nthreads) as pool, codec.blas_single_threaded(), \
                     progress.bar("packing", to_write) as bar:
                 pairs = jobs()
                 done_q: deque[Callable[[Any], None]] = deque()
@@ -1258,7 +1244,7 @@ def unpack(pack_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
             def writer(fi: int) -> Callable[[BinaryIO], None]:
                 def write(out: BinaryIO) -> None:
                     try:
-                        r.write_file(fi, out, pool, 2 * nthreads + 2, bar)
+                        r.write_file(fi, out, pool, nthreads + 2, bar)
                     except _Bad as e:
                         raise GGUFSplitError(r.path, f"corrupt pack: {e}") from None
                 return write
