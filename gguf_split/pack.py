@@ -218,8 +218,9 @@ def _write_outputs(out_dir: str, items: Sequence[tuple[str, Callable[[BinaryIO],
                 raise GGUFSplitError(tmp, f"cannot create: {os_problem(e)}") from None
             temps.append((tmp, final))
             try:
-                with os.fdopen(fd, "wb", buffering=0) as f:
+                with os.fdopen(fd, "wb", buffering=1 << 20) as f:
                     write(f)
+                    f.flush()
                     os.fsync(f.fileno())
             except OSError as e:
                 raise GGUFSplitError(final, f"cannot write: {os_problem(e)}") from None
@@ -387,14 +388,14 @@ def pack_files(inputs: Sequence[tuple[str, str | os.PathLike[str]]], out_path: s
         for gf in files:
             if os.path.exists(out_path) and os.path.samefile(gf.path, out_path):
                 raise GGUFSplitError(out_path, "the pack would overwrite one of its inputs")
-        return _pack(files, names, out_path, kind, meta, nthreads, progress, level, t_start)
+        return _pack(files, names, out_path, kind, meta, nthreads, progress, level, t_start, force)
     finally:
         for gf in files:
             gf.close()
 
 
 def _pack(files: list[GGUFFile], names: list[str], out_path: str, kind: Any, meta: Any, nthreads: int,
-          progress: Progress, level: int, t_start: float) -> PackReport:
+          progress: Progress, level: int, t_start: float, force: bool) -> PackReport:
     total_in = sum(f.size for f in files)
 
     # 1. digests: each file whole (sha256, xxh3-128) and each tensor (xxh3-128)
@@ -568,156 +569,136 @@ def _pack(files: list[GGUFFile], names: list[str], out_path: str, kind: Any, met
             fut.result()
 
     # 4. records, in order of first use (a delta's base before it), then the index and the tail
-    out_dir = os.path.dirname(out_path)
-    tmp = os.path.join(out_dir, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as e:
-        raise GGUFSplitError(tmp, f"cannot create: {os_problem(e)}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            w = _PackWriter(fh)
-            w.write(_HEAD.pack(MAGIC, VERSION, 0))
-            emitted_obj: set[int] = set()
-            emitted_blob: set[int] = set()
-            order: list[tuple[str, int]] = []
+    result: dict[str, int] = {}
 
-            def want_obj(i: int) -> None:
-                if i in emitted_obj:
-                    return
+    def write_pack(fh: BinaryIO) -> None:
+        w = _PackWriter(fh)
+        w.write(_HEAD.pack(MAGIC, VERSION, 0))
+        emitted_obj: set[int] = set()
+        emitted_blob: set[int] = set()
+        order: list[tuple[str, int]] = []
+
+        def want_obj(i: int) -> None:
+            if i in emitted_obj:
+                return
+            o = objs[i]
+            if o.base is not None:
+                want_obj(o.base)
+            emitted_obj.add(i)
+            order.append(("t", i))
+
+        for parts in file_parts:
+            for tag, i in parts:
+                if tag == "b" and i not in emitted_blob:
+                    emitted_blob.add(i)
+                    order.append(("b", i))
+                elif tag == "t":
+                    want_obj(i)
+
+        def jobs() -> Iterator[tuple[Callable[[], Any], Callable[[Any], None]]]:
+            for tag, i in order:
+                if tag == "b":
+                    bl = blobs[i]
+
+                    def blob_job(bl: _Blob = bl) -> Any:
+                        data = files[bl.file].raw(bl.start, bl.end)
+                        z = codec.compress(data, LEVEL_HEADERS)
+                        if len(z) < len(data):
+                            return REC_ZSTD, z, len(data), xxhash.xxh3_128_digest(z)
+                        return REC_STORED, data, len(data), xxhash.xxh3_128_digest(data)
+
+                    def blob_done(res: Any, bl: _Blob = bl) -> None:
+                        bl.offset = w.record(KIND_DATA, res[0], res[1], res[2], res[3])
+                        bl.stored = _REC.size + len(res[1])
+                        bar.advance(bl.end - bl.start)
+
+                    yield blob_job, blob_done
+                    continue
                 o = objs[i]
-                if o.base is not None:
-                    want_obj(o.base)
-                emitted_obj.add(i)
-                order.append(("t", i))
+                rows = source_rows(o)
+                if o.codec == "delta":
+                    assert o.plan is not None and o.base is not None
+                    p, b = o.plan, objs[o.base]
+                    brows = source_rows(b)
+                    if p.rank > 0:
+                        def fac_job(p: codec.DeltaPlan = p) -> Any:
+                            raw = p.factor_bytes()
+                            z = codec.compress(raw, LEVEL_HEADERS if len(raw) < (4 << 20) else level)
+                            if len(z) < len(raw):
+                                return REC_ZSTD, z, len(raw), xxhash.xxh3_128_digest(z)
+                            return REC_STORED, raw, len(raw), xxhash.xxh3_128_digest(raw)
 
-            for parts in file_parts:
-                for tag, i in parts:
-                    if tag == "b" and i not in emitted_blob:
-                        emitted_blob.add(i)
-                        order.append(("b", i))
-                    elif tag == "t":
-                        want_obj(i)
+                        def fac_done(res: Any, o: _Obj = o) -> None:
+                            o.factors_off = w.record(KIND_DATA, *res)
+                            o.stored += _REC.size + len(res[1])
 
-            def jobs() -> Iterator[tuple[Callable[[], Any], Callable[[Any], None]]]:
-                for tag, i in order:
-                    if tag == "b":
-                        bl = blobs[i]
+                        yield fac_job, fac_done
+                    for c in range(o.geo.chunk_count(o.rows_per_chunk)):
+                        r0, r1 = o.geo.chunk_span(c, o.rows_per_chunk)
 
-                        def blob_job(bl: _Blob = bl) -> Any:
-                            data = files[bl.file].raw(bl.start, bl.end)
-                            z = codec.compress(data, LEVEL_HEADERS)
-                            if len(z) < len(data):
-                                return REC_ZSTD, z, len(data), xxhash.xxh3_128_digest(z)
-                            return REC_STORED, data, len(data), xxhash.xxh3_128_digest(data)
+                        def delta_job(o: _Obj = o, b: _Obj = b, r0: int = r0, r1: int = r1,
+                                      rows: Any = rows, brows: Any = brows) -> Any:
+                            assert o.plan is not None
+                            tr, br = rows(r0, r1), brows(r0, r1)
+                            try:
+                                body = codec.encode_delta_chunk(o.plan, br, b.ggml_type, tr, o.ggml_type,
+                                                                r0, r1, o.geo.row_elems, level)
+                            except CodecError as e:
+                                raise GGUFSplitError(out_path, f"tensor {o.names[0]!r}: {e} (a bug: please "
+                                                               "report it)") from None
+                            return REC_ZSTD, body, codec.zstandard.frame_content_size(body), \
+                                xxhash.xxh3_128_digest(body), (r1 - r0) * o.geo.row_bytes
 
-                        def blob_done(res: Any, bl: _Blob = bl) -> None:
-                            bl.offset = w.record(KIND_DATA, res[0], res[1], res[2], res[3])
-                            bl.stored = _REC.size + len(res[1])
-                            bar.advance(bl.end - bl.start)
+                        def chunk_done(res: Any, o: _Obj = o) -> None:
+                            o.chunk_offs.append(w.record(KIND_DATA, *res[:4]))
+                            o.stored += _REC.size + len(res[1])
+                            bar.advance(res[4])
 
-                        yield blob_job, blob_done
-                        continue
-                    o = objs[i]
-                    rows = source_rows(o)
-                    if o.codec == "delta":
-                        assert o.plan is not None and o.base is not None
-                        p, b = o.plan, objs[o.base]
-                        brows = source_rows(b)
-                        if p.rank > 0:
-                            def fac_job(p: codec.DeltaPlan = p) -> Any:
-                                raw = p.factor_bytes()
-                                z = codec.compress(raw, LEVEL_HEADERS if len(raw) < (4 << 20) else level)
-                                if len(z) < len(raw):
-                                    return REC_ZSTD, z, len(raw), xxhash.xxh3_128_digest(z)
-                                return REC_STORED, raw, len(raw), xxhash.xxh3_128_digest(raw)
+                        yield delta_job, chunk_done
+                else:
+                    for c in range(o.geo.chunk_count(o.rows_per_chunk)):
+                        r0, r1 = o.geo.chunk_span(c, o.rows_per_chunk)
 
-                            def fac_done(res: Any, o: _Obj = o) -> None:
-                                o.factors_off = w.record(KIND_DATA, *res)
-                                o.stored += _REC.size + len(res[1])
+                        def plain_job(o: _Obj = o, r0: int = r0, r1: int = r1, rows: Any = rows) -> Any:
+                            raw = rows(r0, r1)
+                            return (*_encode_plain_chunk(raw, o.stride, level), len(raw))
 
-                            yield fac_job, fac_done
-                        for c in range(o.geo.chunk_count(o.rows_per_chunk)):
-                            r0, r1 = o.geo.chunk_span(c, o.rows_per_chunk)
+                        def plain_done(res: Any, o: _Obj = o) -> None:
+                            o.chunk_offs.append(w.record(KIND_DATA, *res[:4]))
+                            o.stored += _REC.size + len(res[1])
+                            if res[0] != REC_STORED:
+                                o.all_stored_raw = False
+                            bar.advance(res[4])
 
-                            def delta_job(o: _Obj = o, b: _Obj = b, r0: int = r0, r1: int = r1,
-                                          rows: Any = rows, brows: Any = brows) -> Any:
-                                assert o.plan is not None
-                                tr, br = rows(r0, r1), brows(r0, r1)
-                                try:
-                                    body = codec.encode_delta_chunk(o.plan, br, b.ggml_type, tr, o.ggml_type,
-                                                                    r0, r1, o.geo.row_elems, level)
-                                except CodecError as e:
-                                    raise GGUFSplitError(out_path, f"tensor {o.names[0]!r}: {e} (a bug: please "
-                                                                   "report it)") from None
-                                return REC_ZSTD, body, codec.zstandard.frame_content_size(body), \
-                                    xxhash.xxh3_128_digest(body), (r1 - r0) * o.geo.row_bytes
+                        yield plain_job, plain_done
 
-                            def chunk_done(res: Any, o: _Obj = o) -> None:
-                                o.chunk_offs.append(w.record(KIND_DATA, *res[:4]))
-                                o.stored += _REC.size + len(res[1])
-                                bar.advance(res[4])
+        to_write = sum(blobs[i].end - blobs[i].start if t == "b" else objs[i].geo.nbytes for t, i in order)
+        with ThreadPoolExecutor(nthreads) as pool, codec.blas_single_threaded(), \
+                progress.bar("packing", to_write) as bar:
+            pairs = jobs()
+            done_q: deque[Callable[[Any], None]] = deque()
 
-                            yield delta_job, chunk_done
-                    else:
-                        for c in range(o.geo.chunk_count(o.rows_per_chunk)):
-                            r0, r1 = o.geo.chunk_span(c, o.rows_per_chunk)
+            def run() -> Iterator[Callable[[], Any]]:
+                for job, done in pairs:
+                    done_q.append(done)
+                    yield job
 
-                            def plain_job(o: _Obj = o, r0: int = r0, r1: int = r1, rows: Any = rows) -> Any:
-                                raw = rows(r0, r1)
-                                return (*_encode_plain_chunk(raw, o.stride, level), len(raw))
+            for res in _ordered(pool, run(), window=2 * nthreads + 2):
+                done_q.popleft()(res)
 
-                            def plain_done(res: Any, o: _Obj = o) -> None:
-                                o.chunk_offs.append(w.record(KIND_DATA, *res[:4]))
-                                o.stored += _REC.size + len(res[1])
-                                if res[0] != REC_STORED:
-                                    o.all_stored_raw = False
-                                bar.advance(res[4])
+        index = _build_index(kind, meta, names, files, file_sha, file_xxh, file_parts, objs, blobs)
+        raw_index = json.dumps(index, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        if len(raw_index) > MAX_INDEX_BYTES:
+            raise GGUFSplitError(out_path, f"the index would be {len(raw_index)} bytes, over the limit of "
+                                           f"{MAX_INDEX_BYTES}")
+        zi = codec.compress(raw_index, LEVEL_HEADERS)
+        ioff = w.record(KIND_INDEX, REC_ZSTD, zi, len(raw_index))
+        w.write(_TAIL.pack(ioff, _REC.size + len(zi), VERSION, 0, MAGIC))
+        result["pack_bytes"] = w.pos
 
-                            yield plain_job, plain_done
-
-            to_write = sum(blobs[i].end - blobs[i].start if t == "b" else objs[i].geo.nbytes for t, i in order)
-            with ThreadPoolExecutor(nthreads) as pool, codec.blas_single_threaded(), \
-                    progress.bar("packing", to_write) as bar:
-                pairs = jobs()
-                done_q: deque[Callable[[Any], None]] = deque()
-
-                def run() -> Iterator[Callable[[], Any]]:
-                    for job, done in pairs:
-                        done_q.append(done)
-                        yield job
-
-                for res in _ordered(pool, run(), window=2 * nthreads + 2):
-                    done_q.popleft()(res)
-
-            index = _build_index(kind, meta, names, files, file_sha, file_xxh, file_parts, objs, blobs)
-            raw_index = json.dumps(index, separators=(",", ":"), allow_nan=False).encode("utf-8")
-            if len(raw_index) > MAX_INDEX_BYTES:
-                raise GGUFSplitError(out_path, f"the index would be {len(raw_index)} bytes, over the limit of "
-                                               f"{MAX_INDEX_BYTES}")
-            zi = codec.compress(raw_index, LEVEL_HEADERS)
-            ioff = w.record(KIND_INDEX, REC_ZSTD, zi, len(raw_index))
-            w.write(_TAIL.pack(ioff, _REC.size + len(zi), VERSION, 0, MAGIC))
-            fh.flush()
-            os.fsync(fh.fileno())
-            pack_bytes = w.pos
-        os.replace(tmp, out_path)
-        _fsync_dir(out_dir)
-    except OSError as e:
-        _unlink(tmp)
-        raise GGUFSplitError(out_path, f"cannot write: {os_problem(e)}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-
+    _write_outputs(os.path.dirname(out_path), [(os.path.basename(out_path), write_pack)], force=force)
+    pack_bytes = result["pack_bytes"]
     return _report(out_path, pack_bytes, total_in, names, files, objs, blobs, occurrences, t_start)
-
-
-def _unlink(p: str) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
 
 
 def _choose_stride(o: _Obj, rows: Callable[[int, int], memoryview], level: int) -> int:
