@@ -999,8 +999,10 @@ class PackReader:
             _need(_is_int(e.base), f"tensor {i}: bad base")
             _need(_is_int(e.rank) and 0 <= e.rank <= min(codec.MAX_RANK, geo.n_rows, geo.row_elems),
                   f"tensor {i}: bad rank {e.rank!r}")
-            _need(e.factor_type in codec.FACTOR_DTYPES, f"tensor {i}: unknown factor type")
-            _need(e.residual in codec.RESIDUAL_MODES, f"tensor {i}: unknown residual mode")
+            _need(isinstance(e.factor_type, str) and e.factor_type in codec.FACTOR_DTYPES,
+                  f"tensor {i}: unknown factor type")
+            _need(isinstance(e.residual, str) and e.residual in codec.RESIDUAL_MODES,
+                  f"tensor {i}: unknown residual mode")
             fbytes = e.rank * (geo.n_rows + geo.row_elems) * np.dtype(codec.FACTOR_DTYPES[e.factor_type]).itemsize
             _need(fbytes <= MAX_RECORD_BYTES, f"tensor {i}: factors of {fbytes} bytes are over the limit")
             if e.rank:
