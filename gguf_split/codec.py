@@ -525,7 +525,7 @@ def plan_delta(target: RowReader, target_type: int, base: RowReader, base_type: 
             kmax = kk_max
             break
         reach *= 4
-    del cache
+    cache = None  # free the cached D before sampling
 
     # the sample: every row of a small tensor, else 4 evenly spread runs of rows
     sample_rows = max(1, min(m, sample_elems // n))

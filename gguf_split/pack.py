@@ -746,7 +746,7 @@ def _build_index(kind: Any, meta: Any, names: list[str], files: list[GGUFFile], 
         "blobs": [{"size": b.end - b.start, "xxh3": _hex(b.digest), "record": b.offset} for b in blobs],
         "tensors": tensors,
         "files": [{"name": n, "size": f.size, "sha256": file_sha[i], "xxh3": file_xxh[i],
-                   "parts": [[t, v if t != "z" else v] for t, v in file_parts[i]]}
+                   "parts": [[t, v] for t, v in file_parts[i]]}
                   for i, (n, f) in enumerate(zip(names, files))],
     }
 
