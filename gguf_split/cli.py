@@ -447,7 +447,8 @@ def info_cmd(
             return [task_files(paths[0], paths[1], shared=[os.fspath(s) for s in shared])]
         if files:
             raise GGUFSplitError(None, "--files needs a split directory and a task: info DIR TASK --files")
-        return [savings(p, shared=[os.fspath(s) for s in shared]) if os.path.isdir(p) else describe(p) for p in paths]
+        return [savings(p, shared=[os.fspath(s) for s in shared]) if os.path.isdir(p)
+                else _describe_pack(p) if _is_pack(p) else describe(p) for p in paths]
 
     items = _run(run)
     if json_out:
@@ -459,12 +460,39 @@ def info_cmd(
         _print_json(items if len(items) > 1 else items[0])
         return
     for item in items:
-        if "files" in item and "task" in item and "tasks" not in item:
+        if item.get("role") == "pack":
+            _print_pack(item)
+        elif "files" in item and "task" in item and "tasks" not in item:
             _print_task_files(item)
         elif "tasks" in item:
             _print_savings(item)
         else:
             _print_file(item, tensors)
+
+
+def _is_pack(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"GGUFPACK"
+    except OSError:
+        return False
+
+
+def _describe_pack(path: str) -> dict[str, Any]:
+    from .pack import read_index
+
+    i = read_index(path)
+    return {"path": i.path, "role": "pack", "pack_version": i.version, "kind": i.kind, "meta": i.meta,
+            "pack_bytes": i.pack_bytes, "tensors": i.tensors,
+            "files": [{"name": f.name, "bytes": f.size, "sha256": f.sha256, "xxh3": f.xxh3} for f in i.files]}
+
+
+def _print_pack(d: dict[str, Any]) -> None:
+    total = sum(f["bytes"] for f in d["files"])
+    out.print(f"{show(d['path'])}: gguf-split pack v{d['pack_version']} of {d['kind']}, {_size(d['pack_bytes'])} for "
+              f"{len(d['files'])} files ({_size(total)}), {d['tensors']} distinct tensors")
+    for f in d["files"]:
+        out.print(f"  {f['name']}\t{f['bytes']}\tsha256 {f['sha256']}")
 
 
 def _print_task_files(d: dict[str, Any]) -> None:
@@ -551,6 +579,71 @@ def models_dir_cmd(
     changes = [f"{w} {', '.join(v)}" for w, v in (("added", r.added), ("updated", r.updated), ("removed", r.removed)) if v]
     out.print(f"{show(r.directory)}: {len(r.tasks)} task(s)" + (f"; {'; '.join(changes)}" if changes else "; up to date"))
     out.print(f"llama-server --models-dir {show(r.directory)}   (request \"model\": one of {', '.join(r.tasks)})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transport: pack / unpack
+
+
+@app.command("pack")
+def pack_cmd(
+    source: List[Path] = typer.Argument(None, help="A split directory, or model files / a spec (task = file stem).",
+                                        show_default=False),
+    task: List[str] = _OPT_TASK,
+    output: str = typer.Option(..., "--output", "-o", help="The pack file to write (NAME.ggufpack)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing pack file."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads (default: all cores)."),
+    quiet: bool = _OPT_QUIET,
+    json_out: bool = _OPT_JSON,
+) -> None:
+    """Pack a split (or models) into one file that gives every file back byte for byte, in far fewer bytes."""
+
+    def run() -> Any:
+        from .transport import pack
+
+        sources = list(source or [])
+        if len(sources) == 1 and sources[0].is_dir() and not task:
+            return pack(output, split_dir=sources[0], force=force, threads=threads,
+                        progress=_progress(quiet or json_out))
+        if any(s.is_dir() for s in sources):
+            raise GGUFSplitError(None, "give one split directory, or model files (-t NAME=PATH), not both")
+        spec = next((s for s in sources if s.suffix.lower() in (".yaml", ".yml")), None)
+        opts = _tasks_from(spec, [s for s in sources if s != spec], task, need_output=False)
+        if not opts.tasks:
+            raise GGUFSplitError(None, "nothing to pack: give a split directory, model files or -t NAME=PATH")
+        return pack(output, tasks=opts.tasks, force=force, threads=threads, progress=_progress(quiet or json_out))
+
+    r = _run(run)
+    if json_out:
+        from dataclasses import asdict
+
+        _print_json({"version": __version__, **asdict(r), "ratio": r.ratio})
+        return
+    out.print(f"packed {len(r.files)} files, {_size(r.input_bytes)} -> {show(r.path)} {_size(r.pack_bytes)} "
+              f"({r.ratio:.1%}) in {r.seconds:.1f} s")
+    for name, c in sorted(r.codecs.items()):
+        if c.count:
+            out.print(f"  {name:<8} {c.count:>5} x  {_size(c.input_bytes):>12} -> {_size(c.stored_bytes)}")
+
+
+@app.command("unpack")
+def unpack_cmd(
+    pack_file: Path = typer.Argument(..., help="The pack file."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory to write into (created if missing)."),
+    restore: bool = typer.Option(False, "--restore", help="A split's pack: give the original models directly."),
+    force: bool = typer.Option(False, "--force", help="Replace existing files of the same names."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads (default: all cores)."),
+    quiet: bool = _OPT_QUIET,
+) -> None:
+    """Give back every file of a pack, byte for byte (checked: xxh3 of every tensor, xxh3 and sha256 of every
+    file, before anything is renamed into place)."""
+    from .transport import unpack_to
+
+    r = _run(lambda: unpack_to(pack_file, output, restore=restore, force=force, threads=threads,
+                               progress=_progress(quiet)))
+    what = "models" if r.kind == "models" else "split files"
+    out.print(f"unpacked {len(r.files)} {what} ({_size(r.bytes_written)}) into {show(r.out_dir)}"
+              + (f": tasks {', '.join(r.tasks)}" if r.tasks else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -171,83 +171,36 @@ def _fsync_dir(path: str) -> None:
 
 def _write_outputs(out_dir: str, items: Sequence[tuple[str, Callable[[BinaryIO], None]]], *,
                    force: bool = False) -> None:
-    """Write each (name, writer) into out_dir, all or nothing (short of a crash during the final renames).
+    """Write each (name, writer) into out_dir, all or nothing, through the project's crash-safe commit
+    (commit.Transaction: hidden temporaries, fsync, one atomic journal switch; a kill at any moment leaves
+    the old files or all the new ones). Each writer writes (and checks) its file's bytes; an existing file
+    of the same name is refused unless `force`; out_dir is created if missing (and removed again if
+    nothing could be written)."""
+    from .commit import Transaction
 
-    Each writer gets a hidden temporary file in out_dir and writes (and checks) the file's bytes into it;
-    the file is fsynced and closed. Only when every writer has succeeded are the temporaries renamed to
-    their names, then the directory fsynced. On any failure every temporary is removed, and out_dir too
-    when this call created it, so out_dir is left as it was. An existing file of the same name is refused
-    unless `force`. The project's crash-safe multi-file commit replaces this function."""
     out_dir = os.path.abspath(out_dir)
     for name, _ in items:
         check_file_name(name, out_dir)
     if len({n for n, _ in items}) != len(items):
         raise GGUFSplitError(out_dir, "two outputs have the same name")
-    created: list[str] = []
-    d = out_dir
-    while not os.path.lexists(d):
-        created.append(d)
-        d = os.path.dirname(d)
-    if not os.path.isdir(d):
-        raise GGUFSplitError(d, "not a directory")
-
-    def refuse_existing() -> None:
+    with Transaction(out_dir) as tx:
         for name, _ in items:
             p = os.path.join(out_dir, name)
             if os.path.lexists(p):
-                if not force:
-                    raise GGUFSplitError(p, "already exists (use --force to replace it)")
                 if os.path.isdir(p) and not os.path.islink(p):
                     raise GGUFSplitError(p, "is a directory: cannot replace it with a file")
-
-    if not created:
-        refuse_existing()
-    temps: list[tuple[str, str]] = []
-    try:
-        for d in reversed(created):
-            try:
-                os.mkdir(d)
-            except OSError as e:
-                raise GGUFSplitError(d, f"cannot create directory: {os_problem(e)}") from None
+                if not force:
+                    raise GGUFSplitError(p, "already exists (use --force to replace it)")
         for name, write in items:
-            final = os.path.join(out_dir, name)
-            tmp = os.path.join(out_dir, f".{name}.{os.getpid()}.{threading.get_ident() % 100000}.tmp")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except OSError as e:
-                raise GGUFSplitError(tmp, f"cannot create: {os_problem(e)}") from None
-            temps.append((tmp, final))
-            try:
-                with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+            nf = tx.new(name)
+
+            def fill(fd: int, write: Callable[[BinaryIO], None] = write) -> None:
+                with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as f:
                     write(f)
                     f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                raise GGUFSplitError(final, f"cannot write: {os_problem(e)}") from None
-        refuse_existing()
-        for tmp, final in temps:
-            try:
-                os.replace(tmp, final)
-            except OSError as e:
-                raise GGUFSplitError(final, f"cannot rename into place: {os_problem(e)}") from None
-        temps = []
-        _fsync_dir(out_dir)
-    except BaseException:
-        for tmp, _ in temps:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        for d in created:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
-        raise
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Helpers
+            tx.write(nf, fill)
+        tx.commit()
 
 
 def _threads(threads: int | None) -> int:
@@ -525,11 +478,12 @@ def _pack(files: list[GGUFFile], names: list[str], out_path: str, kind: Any, met
         rows = sorted({int(r) for r in np.linspace(0, m - 1, min(m, 16))})
         tr, br = source_rows(t), source_rows(b)
         num = den = 0.0
-        for r in rows:
-            tv = codec.dequantize_rows(tr(r, r + 1), t.ggml_type, 1, t.geo.row_elems).astype(np.float64)
-            bv = codec.dequantize_rows(br(r, r + 1), b.ggml_type, 1, b.geo.row_elems).astype(np.float64)
-            num += float(((tv - bv) ** 2).sum())
-            den += float((tv ** 2).sum())
+        with np.errstate(invalid="ignore", over="ignore"):  # bytes that are not finite floats: no delta base
+            for r in rows:
+                tv = codec.dequantize_rows(tr(r, r + 1), t.ggml_type, 1, t.geo.row_elems).astype(np.float64)
+                bv = codec.dequantize_rows(br(r, r + 1), b.ggml_type, 1, b.geo.row_elems).astype(np.float64)
+                num += float(((tv - bv) ** 2).sum())
+                den += float((tv ** 2).sum())
         if not np.isfinite(num) or not np.isfinite(den):
             return float("inf")
         return (num / den) ** 0.5 if den > 0 else float("inf")

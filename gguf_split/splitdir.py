@@ -33,6 +33,7 @@ class SplitDir:
     adaptors: dict[str, str] = field(default_factory=dict)  # task -> path holding its adaptor's bytes
     shared: dict[str, str] = field(default_factory=dict)  # file name -> path holding its bytes
     other: list[str] = field(default_factory=list)  # .gguf files that are not gguf-split's (models, ...)
+    names: dict[str, str] = field(default_factory=dict)  # path holding a file's bytes -> its name in the split
     pending: bool = False  # a killed run's commit is being honoured
 
     @classmethod
@@ -52,6 +53,7 @@ class SplitDir:
         for name, path in sorted(entries):
             if os.path.islink(path) or not os.path.isfile(path):
                 continue  # llama.cpp link names made by `gguf-split link`
+            out.names[path] = name
             try:
                 with SplitFile(path) as f:
                     role = f.role
