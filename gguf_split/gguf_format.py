@@ -197,12 +197,14 @@ class _Cursor:
 
     def u32(self, what: str) -> int:
         self.need(4, what)
+        v: int
         (v,) = _U32.unpack_from(self.buf, self.pos)
         self.pos += 4
         return v
 
     def u64(self, what: str) -> int:
         self.need(8, what)
+        v: int
         (v,) = _U64.unpack_from(self.buf, self.pos)
         self.pos += 8
         return v
@@ -211,6 +213,7 @@ class _Cursor:
         """A u64 string length; `what` is formatted only on failure (this runs for every record)."""
         if self.pos + 8 > self.size:
             raise self.fail(f"truncated: {what} length needs 8 bytes, {max(self.size - self.pos, 0)} left")
+        n: int
         (n,) = _U64.unpack_from(self.buf, self.pos)
         self.pos += 8
         return n
@@ -323,7 +326,8 @@ def read_kv(cur: _Cursor, i: int) -> KV:
 
 def parse_kvs(buf: bytes, path: str) -> list[KV]:
     """Parse a run of KV records filling `buf` (as gguf-split stores them in its restore records)."""
-    cur, out = _Cursor(buf, 0, len(buf), path), []
+    cur = _Cursor(buf, 0, len(buf), path)
+    out: list[KV] = []
     while cur.pos < len(buf):
         out.append(read_kv(cur, len(out)))
     return out
@@ -543,7 +547,8 @@ def _decode(buf: Any, vtype: GGUFValueType, pos: int, size: int, path: str | Non
             return [], pos
         fmt = SCALAR_FORMATS[sub][1]
         if _NATIVE_LITTLE and fmt != "?":  # one list, no intermediate tuple (a bool byte of 2 stays struct's)
-            with memoryview(buf) as whole, whole[pos : pos + n] as part, part.cast("B") as b, b.cast(fmt) as typed:
+            # typeshed types memoryview.cast() by literal format only; fmt is a code of SCALAR_FORMATS
+            with memoryview(buf) as whole, whole[pos : pos + n] as part, part.cast("B") as b, b.cast(fmt) as typed:  # type: ignore[call-overload]
                 return typed.tolist(), pos + n
         return list(struct.unpack_from(f"<{count}{fmt}", buf, pos)), pos + n
     if sub is GGUFValueType.STRING:

@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .commit import fsync_dir
@@ -33,7 +34,8 @@ from .splitdir import FileFinder, SplitDir, open_task
 MODELS_STATE = ".gguf-split"  # OUT/.gguf-split/<task>-<id>/: the link directories (not a model: no .gguf)
 
 
-def task_paths(split_dir: str | os.PathLike[str], task: str, shared: tuple[str, ...] = ()) -> list[str]:
+def task_paths(split_dir: str | os.PathLike[str], task: str,
+               shared: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
     """The task's files in llama.cpp order (adaptor, then positions 1..k), checked."""
     sd = SplitDir.open(split_dir)
     with open_task(sd.adaptor(task), FileFinder(shared)) as tf:
@@ -63,7 +65,7 @@ _LINK_RE = re.compile(r"^(?P<task>.+)-\d{5}-of-(?P<n>\d{5})\.gguf$")
 
 
 def link_task(split_dir: str | os.PathLike[str], task: str, *, directory: str | os.PathLike[str] | None = None,
-              force: bool = False, shared: tuple[str, ...] = ()) -> list[str]:
+              force: bool = False, shared: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
     """`<task>-0000k-of-0000N.gguf` symlinks for the task's files; returns them in order (give llama.cpp
     the first). Stale links of the task with another N are removed; a file that is not a link is never
     replaced unless `force`."""
@@ -105,7 +107,7 @@ class ModelsDirReport:
 
 
 def write_models_dir(split_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                     shared: tuple[str, ...] = ()) -> ModelsDirReport:
+                     shared: Sequence[str | os.PathLike[str]] = ()) -> ModelsDirReport:
     """Bring `out` up to date with the split's tasks (see the module docstring)."""
     from .commit import locked
 

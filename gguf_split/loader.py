@@ -482,7 +482,7 @@ class Split:
                         return path
             return self._by_records(task)
         if isinstance(task, os.PathLike):
-            return os.fspath(task)  # type: ignore[return-value]
+            return os.fspath(task)
         raise TypeError(f"task must be a task name (str) or a path (os.PathLike), not {type(task).__name__}")
 
     def load(self, task: str | os.PathLike[str]) -> TaskModel:

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # reasons a tensor of a task is in its adaptor rather than a shared file (for the split report)
@@ -150,7 +150,7 @@ PAIR_BOUND_BUDGET = 4_000_000  # cap bound: sum over groups of |U|^2 it may spen
 HOLE_SEARCH_MAX_GROUPS = 6  # position assignment tries every order of up to this many groups (few holes)
 
 
-def _bits(mask: int):
+def _bits(mask: int) -> Iterator[int]:
     """The set bits of `mask`, lowest first."""
     while mask:
         low = mask & -mask
@@ -451,7 +451,8 @@ def _exact(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, inc
         lam0: set[int] = set()
         ub, rest = None, 0
         for _ in range(3):
-            extra, over, pos = 0, {}, 0
+            extra, pos = 0, 0
+            over: dict[int, int] = {}
             for j in feas:
                 w = wt[j]
                 g = -cost
@@ -472,6 +473,7 @@ def _exact(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, inc
             if not more:
                 break
             lam0 |= more
+        assert ub is not None  # set by the first pass of the loop above
         if not root_bound:
             root_bound.append(ub)
         if ub <= best_val or not rest:
@@ -648,7 +650,8 @@ def _cut(ts: Sequence[TensorId], limit: int | None, alignment: int,
 # --- positions -----------------------------------------------------------------------------------------------
 
 def _assign(order: Sequence[int], masks: Sequence[int], nparts: Sequence[int], used0: Sequence[int],
-            own_parts: Sequence[int], fixed_holes: set[int]):
+            own_parts: Sequence[int], fixed_holes: set[int]
+            ) -> tuple[list[int], list[list[int]], list[list[int]], tuple[int, int]]:
     """First fit: each group (in `order`) at the lowest start where its parts' consecutive positions are free
     for all its tasks; then each task's own parts fill its gaps, lowest first, else go after its last
     position. Returns (starts, own positions per task, hole positions per task, score)."""
@@ -668,7 +671,7 @@ def _assign(order: Sequence[int], masks: Sequence[int], nparts: Sequence[int], u
     own_pos: list[list[int]] = []
     holes: list[list[int]] = []
     for t, u in enumerate(used):
-        mine = []
+        mine: list[int] = []
         p = 1
         top = u.bit_length() - 1
         while len(mine) < own_parts[t]:
@@ -728,8 +731,10 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
         names = {vers[v].name for v in seq}
         if len(names) != len(seq):
             seen: set[str] = set()
-            dup = next(vers[v].name for v in seq if vers[v].name in seen or seen.add(vers[v].name))
-            raise ValueError(f"task {t!r} has two tensors named {dup!r}")
+            for v in seq:  # the first name met a second time
+                if vers[v].name in seen:
+                    raise ValueError(f"task {t!r} has two tensors named {vers[v].name!r}")
+                seen.add(vers[v].name)
         seqs.append(seq)
     everyone = (1 << n) - 1
 
@@ -774,7 +779,7 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
             used0[i] |= 1 << fixed_real[k][0].position
             for v in fixed_real[k][1]:
                 eff[v] &= ~(1 << i)
-    cap = [max_shared_files - fixed_load[i] for i in range(n)] if capped else None
+    cap = [max_shared_files - fixed_load[i] for i in range(n)] if max_shared_files is not None else None
 
     # 3. groups: effective user sets of >= 2 tasks, in order of first appearance
     groups: dict[int, int] = {}
@@ -790,7 +795,7 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
         fam, exact, ub = _Family(), True, 0
     else:
         exact, ub, extra = False, dedup_saving, []
-        if capped and n > EXACT_MAX_TASKS:
+        if cap is not None and n > EXACT_MAX_TASKS:
             pb = _pair_cap_bound(groups, n, cap)
             if pb is not None:
                 ub = min(ub, int(pb[0] * (1 + 1e-12)) + 1)
@@ -812,7 +817,7 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
     own: list[list[TensorId]] = []
     for i in range(n):
         bit = 1 << i
-        mine = []
+        mine_list: list[TensorId] = []
         for v in seqs[i]:
             U = eff[v]
             if not U & bit:
@@ -822,8 +827,8 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
                     if S & -S == bit:
                         content[S].append(vers[v])
             else:
-                mine.append(vers[v])
-        own.append(mine)
+                mine_list.append(vers[v])
+        own.append(mine_list)
 
     # 6. shards: shared groups into parts; each adaptor's split 0 takes the longest prefix that fits
     gparts = [_cut(content[S], max_shard_size, alignment, header_bound) for S in file_list]
@@ -837,7 +842,7 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
             continue
         ps = _padded_prefix(mine, alignment)
 
-        def fits0(j: int, mine: tuple = mine, ps: list = ps, t: str = t) -> bool:
+        def fits0(j: int, mine: tuple[TensorId, ...] = mine, ps: list[int] = ps, t: str = t) -> bool:
             h = hdr_bytes[t] if t in hdr_bytes else header_bound(mine[:j])
             return j == 0 or h + ps[j] <= max_shard_size
         j = _longest(0, len(mine), fits0)
@@ -862,7 +867,7 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
     def names_of(mask: int) -> tuple[str, ...]:
         return tuple(tasks[t] for t in _bits(mask))
 
-    entries: list[tuple[tuple, PlannedFile, int]] = []  # (sort key, file, loaders mask)
+    entries: list[tuple[tuple[int, int, int, int], PlannedFile, int]] = []  # (sort key, file, loaders mask)
     logical: list[tuple[int, int, int, object]] = []  # (first position, first task, mask, what) -> group index
     for g, S in enumerate(masks):
         logical.append((starts[g], (S & -S).bit_length(), S, ("new", g)))
@@ -893,10 +898,10 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
                           key=lambda f: (f.position, f.name))
         for k in ks:
             ff = fixed_real[k][0]
-            part = next(p for p, f in enumerate(siblings) if f is ff)
-            f = PlannedFile(SHARED, ff.position, tuple(ff.tensors), names_of(fixed_loaders[k]), gi, part,
+            pi = next(p for p, f in enumerate(siblings) if f is ff)
+            f = PlannedFile(SHARED, ff.position, tuple(ff.tensors), names_of(fixed_loaders[k]), gi, pi,
                             len(siblings), fixed=ff.name)
-            entries.append(((f.position, 0, gi, part), f, fixed_loaders[k]))
+            entries.append(((f.position, 0, gi, pi), f, fixed_loaders[k]))
     for i in range(n):
         for p, part in enumerate(own_parts[i]):
             f = PlannedFile(OWN, own_pos[i][p], part, (tasks[i],), -1, p, len(own_parts[i]))
@@ -913,13 +918,14 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
     files = tuple(e[1] for e in entries)
     per_task: list[list[int]] = [[] for _ in range(n)]
     for fi, (_, f, m) in enumerate(entries):
-        for t in _bits(m):
-            per_task[t].append(fi)
+        for ti in _bits(m):
+            per_task[ti].append(fi)
     task_files = {tasks[i]: tuple(sorted(per_task[i], key=lambda fi: files[fi].position)) for i in range(n)}
 
     # 9. reasons and stats
     name_tasks: dict[str, int] = {}
-    name_kind: dict[str, tuple | None] = {}  # name -> its (type, shape) if one for all, else None
+    # name -> its (type, shape) if one for all, else None
+    name_kind: dict[str, tuple[int, tuple[int, ...]] | None] = {}
     for v, x in enumerate(vers):  # per version, not per tensor: a task holds a name once
         name_tasks[x.name] = name_tasks.get(x.name, 0) + _pc(users[v])
         kind = (x.ggml_type, x.shape)
@@ -957,7 +963,8 @@ def plan_layout(models: Mapping[str, Sequence[TensorId]], *, max_shared_files: i
     return Layout(files, task_files, {tasks[i]: split0[i] for i in range(n)}, reasons, stats)
 
 
-def _choose_fixed(cand: list[int], fixed_real: list, cap: int | None) -> list[int]:
+def _choose_fixed(cand: list[int], fixed_real: Sequence[tuple[FixedFile, list[int], int, int, str]],
+                  cap: int | None) -> list[int]:
     """Among the fixed files a task may load (sorted by bytes, most first), the subset with distinct
     positions and disjoint tensors, within the cap (parts of one group count once), saving the most bytes:
     exhaustive up to FIXED_EXACT_MAX candidates, else greedy in that order."""
