@@ -65,7 +65,7 @@ def blas_single_threaded() -> Iterator[None]:
     """BLAS/LAPACK in one thread (the encoder runs its own pool): with OpenBLAS's 2 threads a 576×72 QR
     took 1.6-2.2 s here, against 1.5 ms in one thread."""
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no stubs published
     except ImportError:  # pragma: no cover - a dependency; without it planning is only slower
         yield
         return
@@ -186,14 +186,16 @@ def shuffle(data: Any, stride: int) -> bytes:
     if stride <= 1:
         return bytes(data)
     a = np.frombuffer(data, dtype=np.uint8)
-    return a.reshape(-1, stride).T.tobytes()
+    out: bytes = a.reshape(-1, stride).T.tobytes()
+    return out
 
 
 def unshuffle(data: Any, stride: int) -> bytes:
     if stride <= 1:
         return bytes(data) if not isinstance(data, bytes) else data
     a = np.frombuffer(data, dtype=np.uint8)
-    return a.reshape(stride, -1).T.tobytes()
+    out: bytes = a.reshape(stride, -1).T.tobytes()
+    return out
 
 
 def check_stride(g: Geometry, stride: int) -> None:
@@ -304,7 +306,8 @@ def _bf16_bits(p: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns with gguf's rounding (integer operations)."""
     kind = getattr(_gguf_quants, "BF16", None)
     if kind is not None and hasattr(kind, "quantize_blocks"):
-        return kind.quantize_blocks(p.reshape(-1, 1)).view(np.uint16).reshape(p.shape)
+        bits: np.ndarray = kind.quantize_blocks(p.reshape(-1, 1)).view(np.uint16).reshape(p.shape)
+        return bits
     return _gguf_quantize(p, Q.BF16).view(np.uint16).reshape(p.shape)  # pragma: no cover
 
 
@@ -351,7 +354,8 @@ def residual_encode(target: np.ndarray, pred: np.ndarray, mode: str) -> bytes:
         raise CodecError(f"unknown residual mode {mode!r}")
     bitmap = np.packbits(mask, bitorder="little")
     planes = vals.astype(vals.dtype.newbyteorder("<"), copy=False).view(np.uint8).reshape(-1, width).T
-    return bitmap.tobytes() + planes.tobytes()
+    out: bytes = bitmap.tobytes() + planes.tobytes()
+    return out
 
 
 def residual_bound(n: int, width: int) -> int:
@@ -481,7 +485,8 @@ def plan_delta(target: RowReader, target_type: int, base: RowReader, base_type: 
     def diff(r0: int, r1: int) -> np.ndarray:
         b, tb = rows_of(r0, r1)
         d = dequantize_rows(tb.view(np.uint8), target_type, r1 - r0, n) - b
-        return np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+        finite: np.ndarray = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+        return finite
 
     for r0, r1 in blocks:
         b = dequantize_rows(base(r0, r1), base_type, r1 - r0, n)
@@ -548,7 +553,7 @@ def plan_delta(target: RowReader, target_type: int, base: RowReader, base_type: 
         return {mode: int(v * scale) for mode, v in sizes.items()}
 
     def factor_bytes(r: int, ft: str) -> int:
-        return r * (m + n) * np.dtype(FACTOR_DTYPES[ft]).itemsize
+        return int(r * (m + n) * np.dtype(FACTOR_DTYPES[ft]).itemsize)
 
     # ranks, cheapest questions first: none, the spectrum's largest gap, then powers of two upwards until
     # two in a row do worse than the best so far (or their factors alone would)

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -37,6 +38,7 @@ import zstandard
 from gguf.constants import GGMLQuantizationType as Q
 
 from . import codec
+from . import codec as _codec  # for annotations inside classes with a field named `codec`
 from .codec import CodecError, Geometry
 from .errors import GGUFSplitError, os_problem
 from .gguf_format import GGUFFile, TensorInfo, iter_gaps
@@ -259,7 +261,7 @@ class _Obj:
     codec: str = "plain"
     stride: int = 1
     base: int | None = None
-    plan: codec.DeltaPlan | None = None
+    plan: "_codec.DeltaPlan | None" = None
     factors_off: int | None = None
     chunk_offs: list[int] = field(default_factory=list)
     stored: int = 0
@@ -600,7 +602,7 @@ def _pack(files: list[GGUFFile], names: list[str], out_path: str, kind: Any, met
                             except CodecError as e:
                                 raise GGUFSplitError(out_path, f"tensor {o.names[0]!r}: {e} (a bug: please "
                                                                "report it)") from None
-                            return REC_ZSTD, body, codec.zstandard.frame_content_size(body), \
+                            return REC_ZSTD, body, zstandard.frame_content_size(body), \
                                 xxhash.xxh3_128_digest(body), (r1 - r0) * o.geo.row_bytes
 
                         def chunk_done(res: Any, o: _Obj = o) -> None:
@@ -729,9 +731,9 @@ def _report(out_path: str, pack_bytes: int, total_in: int, names: list[str], fil
         if reps:
             codecs["ref"].count += reps
             codecs["ref"].input_bytes += reps * o.geo.nbytes
-        ts = TensorStat(name, codec.Q(o.ggml_type).name, o.geo.nbytes, kind, o.stored, occurrences[o.index])
+        ts = TensorStat(name, Q(o.ggml_type).name, o.geo.nbytes, kind, o.stored, occurrences[o.index])
         if o.plan is not None and o.base is not None:
-            ts.rank, ts.base = o.plan.rank, objs[o.base].names[0] + f" ({codec.Q(objs[o.base].ggml_type).name})"
+            ts.rank, ts.base = o.plan.rank, objs[o.base].names[0] + f" ({Q(objs[o.base].ggml_type).name})"
             ts.factor_type, ts.residual = o.plan.factor_type, o.plan.mode
         stats.append(ts)
     hdr = codecs["headers"]
@@ -760,10 +762,14 @@ def _need(cond: bool, problem: str) -> None:
         raise _Bad(problem)
 
 
+def _nothing() -> None:
+    return None
+
+
 def _hexstr(v: Any, nbytes: int, what: str) -> str:
     _need(isinstance(v, str) and len(v) == 2 * nbytes and all(c in "0123456789abcdef" for c in v),
           f"{what} is not a {nbytes}-byte lowercase hex digest")
-    return v
+    return str(v)
 
 
 @dataclass
@@ -938,34 +944,34 @@ class PackReader:
         _need(isinstance(chunks, list) and len(chunks) == n, f"tensor {i}: needs {n} chunks")
         for c in chunks:
             self._check_offset(c, f"tensor {i} chunk")
-        e = _TensorEntry(name[:200], geo, _hexstr(t.get("xxh3"), 16, f"tensor {i} xxh3"), rpc, t.get("codec"),
-                         chunks)
-        if e.codec == "plain":
-            e.shuffle = t.get("shuffle")
+        te = _TensorEntry(name[:200], geo, _hexstr(t.get("xxh3"), 16, f"tensor {i} xxh3"), rpc, t.get("codec"),
+                          chunks)
+        if te.codec == "plain":
+            te.shuffle = t.get("shuffle")
             try:
-                codec.check_stride(geo, e.shuffle)
+                codec.check_stride(geo, te.shuffle)
             except CodecError as err:
                 raise _Bad(f"tensor {i}: {err}") from None
-        elif e.codec == "delta":
+        elif te.codec == "delta":
             _need(ty in codec.DELTA_TARGET_TYPES, f"tensor {i}: type {ty} cannot be a delta target")
-            e.base, e.rank = t.get("base"), t.get("rank")
-            e.factor_type, e.residual, e.factors = t.get("factor_type"), t.get("residual"), t.get("factors")
-            _need(_is_int(e.base), f"tensor {i}: bad base")
-            _need(_is_int(e.rank) and 0 <= e.rank <= min(codec.MAX_RANK, geo.n_rows, geo.row_elems),
-                  f"tensor {i}: bad rank {e.rank!r}")
-            _need(isinstance(e.factor_type, str) and e.factor_type in codec.FACTOR_DTYPES,
+            te.base, te.rank = t.get("base"), t.get("rank")
+            te.factor_type, te.residual, te.factors = t.get("factor_type"), t.get("residual"), t.get("factors")
+            _need(_is_int(te.base), f"tensor {i}: bad base")
+            _need(_is_int(te.rank) and 0 <= te.rank <= min(codec.MAX_RANK, geo.n_rows, geo.row_elems),
+                  f"tensor {i}: bad rank {te.rank!r}")
+            _need(isinstance(te.factor_type, str) and te.factor_type in codec.FACTOR_DTYPES,
                   f"tensor {i}: unknown factor type")
-            _need(isinstance(e.residual, str) and e.residual in codec.RESIDUAL_MODES,
+            _need(isinstance(te.residual, str) and te.residual in codec.RESIDUAL_MODES,
                   f"tensor {i}: unknown residual mode")
-            fbytes = e.rank * (geo.n_rows + geo.row_elems) * np.dtype(codec.FACTOR_DTYPES[e.factor_type]).itemsize
+            fbytes = te.rank * (geo.n_rows + geo.row_elems) * np.dtype(codec.FACTOR_DTYPES[te.factor_type]).itemsize
             _need(fbytes <= MAX_RECORD_BYTES, f"tensor {i}: factors of {fbytes} bytes are over the limit")
-            if e.rank:
-                self._check_offset(e.factors, f"tensor {i} factors")
+            if te.rank:
+                self._check_offset(te.factors, f"tensor {i} factors")
             else:
-                _need(e.factors is None, f"tensor {i}: rank 0 with factors")
+                _need(te.factors is None, f"tensor {i}: rank 0 with factors")
         else:
-            raise _Bad(f"tensor {i}: unknown codec {str(e.codec)[:40]!r}")
-        return e
+            raise _Bad(f"tensor {i}: unknown codec {str(te.codec)[:40]!r}")
+        return te
 
     def _check_offset(self, off: Any, what: str) -> None:
         _need(_is_int(off) and _HEAD.size <= off and off + _REC.size <= self.index_offset,
@@ -1035,6 +1041,10 @@ class PackReader:
         raw = self.data(t.factors, size, f"tensor {t.name!r} factors")
         return codec.factors_from_bytes(raw, t.factor_type, t.rank, m, n)
 
+    def _delta_job(self, ti: int, c: int, factors: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> bytes:
+        """A delta chunk, its factors looked up when the job runs (they are cached per tensor)."""
+        return self.delta_chunk(ti, c, factors(ti))
+
     def delta_chunk(self, ti: int, c: int, fac: tuple[np.ndarray, np.ndarray]) -> bytes:
         t = self.tensors[ti]
         assert t.base is not None
@@ -1088,17 +1098,18 @@ class PackReader:
         def job_list() -> Iterator[tuple[Any, Callable[[], Any]]]:
             for tag, v in f.parts:
                 if tag == "z":
-                    yield ("z", v, False), (lambda: None)
+                    yield ("z", v, False), _nothing
                 elif tag == "b":
-                    yield ("b", v, False), (lambda v=v: self.blob(v))
+                    yield ("b", v, False), partial(self.blob, v)
                 else:
                     t = self.tensors[v]
                     n = t.geo.chunk_count(t.rows_per_chunk)
                     for c in range(n):
+                        job: Callable[[], Any]
                         if t.codec == "plain":
-                            job = (lambda v=v, c=c: self.plain_chunk(v, c))
+                            job = partial(self.plain_chunk, v, c)
                         else:
-                            job = (lambda v=v, c=c: self.delta_chunk(v, c, factors(v)))
+                            job = partial(self._delta_job, v, c, factors)
                         yield ("t", v, c == n - 1), job
 
         tags: deque[Any] = deque()

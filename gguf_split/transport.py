@@ -130,9 +130,9 @@ def unpack_to(pack_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         split_dir = os.path.join(tmp, "split")
         report.unpacked = unpack(pack_path, split_dir, threads=threads, progress=progress)
         for task in SplitDir.open(split_dir).tasks:
-            r = restore_task(split_dir, out, task=task, force=force, progress=progress)
-            report.files += [f.path for f in r.files]
-            report.bytes_written += r.size
+            restored = restore_task(split_dir, out, task=task, force=force, progress=progress)
+            report.files += [f.path for f in restored.files]
+            report.bytes_written += restored.size
         shutil.rmtree(split_dir, ignore_errors=True)
     return report
 
