@@ -895,6 +895,10 @@ def extract_lora(task: Any, base: Any, out_path: str | os.PathLike[str] | None, 
             bar.advance(t.nbytes)
 
     if out_path is not None:
+        for model in (task, base):
+            src = _path_of(model)
+            if src is not None and os.path.exists(out_path) and os.path.samefile(src, out_path):
+                raise GGUFSplitError(out_path, "is an input model: the LoRA would replace it")
         if not pieces:
             raise GGUFSplitError(task_path, "no tensor differs from the base in a way a LoRA can hold: nothing to write")
         kvs = _adapter_kvs(task, base, arch, alpha, rank, threshold, name,

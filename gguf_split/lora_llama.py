@@ -173,6 +173,18 @@ class LlamaLora:
 
     # inference
 
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """The model's own tokenizer (llama_tokenize; BOS added as the model's metadata says)."""
+        L = self._L
+        raw = text.encode("utf-8")
+        vocab = L.llama_model_get_vocab(self._live_model)
+        n_max = len(raw) + 8
+        buf = (L.llama_token * n_max)()
+        n = L.llama_tokenize(vocab, raw, len(raw), buf, n_max, add_special, False)
+        if n < 0:
+            raise GGUFSplitError(self.paths[0], f"tokenizing {len(raw)} bytes failed ({n})")
+        return list(buf[:n])
+
     def _clear(self) -> None:
         self._L.llama_memory_clear(self._L.llama_get_memory(self._live_ctx), True)
 

@@ -386,6 +386,16 @@ def test_write_is_atomic(tmp_path: Path) -> None:
     assert err.value.path == str(tmp_path / "no" / "such" / "dir.gguf")
 
 
+def test_output_over_an_input_is_refused(demo: dict[str, str], tmp_path: Path) -> None:
+    import shutil
+
+    task = shutil.copy(demo["chat"], tmp_path / "chat.gguf")
+    before = Path(task).read_bytes()
+    with pytest.raises(GGUFSplitError, match="is an input model") as err:
+        extract_lora_from_files(task, demo["base"], task)
+    assert Path(task).read_bytes() == before and err.value.path == str(task)
+
+
 def test_extraction_is_deterministic_and_split_tasks_equal_files(demo: dict[str, str], tmp_path: Path) -> None:
     """From the split's TaskModels (the duck type the new loader keeps) the adapter is byte-identical to the
     one extracted from the two model files."""
