@@ -79,7 +79,7 @@ from .gguf_format import (
 from .progress import QUIET, Progress
 
 __all__ = [
-    "DEFAULT_THRESHOLD", "LoraAdapter", "LoraModel", "LoraReport", "LoraSet", "LoraTensor", "Refused",
+    "DEFAULT_THRESHOLD", "LoraAdapter", "LoraModel", "LoraReport", "LoraSet", "LoraTensor", "LoraTensors", "Refused",
     "TensorLora", "extract_lora", "extract_lora_from_files", "lora_delta", "merged", "write_atomically",
 ]
 
@@ -424,6 +424,36 @@ class LoraSet:
         k = self.key(path)
         return next((a for p, a, _ in self._entries if p == k), None)
 
+    def apply(self, model: Any, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
+        """Open the adapter at `path`, check it against `model` and activate it with `scale`; an active
+        one only changes scale. O(adapter header): nothing of the model or the adapter's data is read."""
+        have = self.get(path)
+        if have is not None:
+            self.add(have, scale)
+            return have
+        adapter = LoraAdapter.open(path)
+        try:
+            adapter.check_against(model)
+            self.add(adapter, scale)
+        except BaseException:
+            adapter.close()
+            raise
+        return adapter
+
+    def discard(self, path: str | os.PathLike[str]) -> None:
+        """Deactivate and close the adapter at `path` (GGUFSplitError if it is not active). Views a reader
+        still holds keep its map alive."""
+        try:
+            adapter = self.remove(path)
+        except KeyError:
+            raise GGUFSplitError(path, "is not an active LoRA of this model") from None
+        adapter.close()
+
+    def wrap(self, tensors: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`tensors` itself when no adapter is active, else a LoraTensors view over it."""
+        index = self._index
+        return LoraTensors(tensors, index) if index else tensors
+
     def active(self) -> list[tuple[str, float]]:
         """[(path, scale), ...] in application order."""
         return [(p, s) for p, _, s in self._entries]
@@ -467,7 +497,7 @@ class LoraTensor:
 _merged = merged  # LoraTensor.to_numpy's parameter shadows the function's name
 
 
-class _LoraTensors(Mapping[str, Any]):
+class LoraTensors(Mapping[str, Any]):
     """The model's tensors; a name some active LoRA targets comes back as a LoraTensor over the original
     Tensor, every other name as the original Tensor object itself."""
 
@@ -491,8 +521,9 @@ class _LoraTensors(Mapping[str, Any]):
 
 
 class LoraModel:
-    """Composition over any model (`.metadata`, `.tensors`): the loader's TaskModel gets the same three
-    methods and property by holding a LoraSet the same way."""
+    """Composition over any model (`.metadata`, `.tensors`). The loader's TaskModel gets the same API by
+    holding a LoraSet: `apply_lora` = `lora_set.apply(self, ...)`, `remove_lora` = `lora_set.discard(...)`,
+    `loras` = `lora_set.active()`, `tensors` = `lora_set.wrap(<its tensors>)`."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -504,31 +535,13 @@ class LoraModel:
 
     @property
     def tensors(self) -> Mapping[str, Any]:
-        index = self.lora_set.snapshot()
-        return _LoraTensors(self.model.tensors, index) if index else self.model.tensors
+        return self.lora_set.wrap(self.model.tensors)
 
     def apply_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
-        """Activate the adapter at `path` with `scale` (an active one only changes scale). Reads the
-        adapter's header and maps it: O(adapter). Checked against the model first."""
-        have = self.lora_set.get(path)
-        if have is not None:
-            self.lora_set.add(have, scale)
-            return have
-        adapter = LoraAdapter.open(path)
-        try:
-            adapter.check_against(self.model)
-            self.lora_set.add(adapter, scale)
-        except BaseException:
-            adapter.close()
-            raise
-        return adapter
+        return self.lora_set.apply(self.model, path, scale)
 
     def remove_lora(self, path: str | os.PathLike[str]) -> None:
-        try:
-            adapter = self.lora_set.remove(path)
-        except KeyError:
-            raise GGUFSplitError(path, "is not an active LoRA of this model") from None
-        adapter.close()  # views a reader still holds keep the map alive
+        self.lora_set.discard(path)
 
     @property
     def loras(self) -> list[tuple[str, float]]:
@@ -786,6 +799,13 @@ def _values_equal(t: Any, b: Any) -> bool:
         return False
 
 
+def _dequantized(t: Any, path: str | None) -> np.ndarray:
+    try:
+        return t.to_numpy()
+    except (NotImplementedError, ValueError, KeyError) as e:
+        raise GGUFSplitError(path, f"{t.name}: cannot dequantize ggml type {type_name(t.ggml_type)}: {e}") from None
+
+
 def _bytes_equal(t: Any, b: Any) -> bool:
     if t.ggml_type != b.ggml_type or tuple(t.shape) != tuple(b.shape) or len(t.data) != len(b.data):
         return False
@@ -816,6 +836,11 @@ def extract_lora(task: Any, base: Any, out_path: str | os.PathLike[str] | None, 
     out_type = _OUT_TYPES[dtype]
     out_np = np.float16 if out_type == Q.F16 else np.float32
     task_path = _path_of(task)
+    if out_path is not None and os.path.exists(out_path):
+        for model in (task, base):
+            src = _path_of(model)
+            if src is not None and os.path.exists(src) and os.path.samefile(src, out_path):
+                raise GGUFSplitError(out_path, "is an input model: the LoRA would replace it")
 
     arch = task.metadata.get(ARCHITECTURE_KEY)
     base_arch = base.metadata.get(ARCHITECTURE_KEY)
@@ -857,8 +882,8 @@ def extract_lora(task: Any, base: Any, out_path: str | os.PathLike[str] | None, 
     with progress.bar("extract", sum(tt[n].nbytes for n in todo)) as bar:
         for n in todo:
             t, b = tt[n], bt[n]
-            tn = t.to_numpy()  # numpy order (n_out, n_in); token_embd (n_vocab, n_embd)
-            d = np.ascontiguousarray(tn - b.to_numpy(), dtype=np.float32)
+            tn = _dequantized(t, task_path)  # numpy order (n_out, n_in); token_embd (n_vocab, n_embd)
+            d = np.ascontiguousarray(tn - _dequantized(b, _path_of(base)), dtype=np.float32)
             total = _sq(d)
             if total == 0.0:
                 report.same_values.append(n)
@@ -867,7 +892,10 @@ def extract_lora(task: Any, base: Any, out_path: str | os.PathLike[str] | None, 
             floor2 = _rounding_energy(t)
             bound2 = threshold ** 2 * total + floor2
             f = _factorize(d, rank, bound2, total)
-            a, bm = _to_lora(f, n, alpha, out_np)
+            try:
+                a, bm = _to_lora(f, n, alpha, out_np)
+            except OverflowError as e:
+                raise GGUFSplitError(task_path, str(e)) from None
             scale = lora_scale(1.0, alpha, len(f.s))
             err2 = _error2(d, a, bm, n, scale)
             if rank == "auto" and err2 > bound2 * 1.001 and len(f.s) < min(d.shape):
@@ -895,10 +923,6 @@ def extract_lora(task: Any, base: Any, out_path: str | os.PathLike[str] | None, 
             bar.advance(t.nbytes)
 
     if out_path is not None:
-        for model in (task, base):
-            src = _path_of(model)
-            if src is not None and os.path.exists(out_path) and os.path.samefile(src, out_path):
-                raise GGUFSplitError(out_path, "is an input model: the LoRA would replace it")
         if not pieces:
             raise GGUFSplitError(task_path, "no tensor differs from the base in a way a LoRA can hold: nothing to write")
         kvs = _adapter_kvs(task, base, arch, alpha, rank, threshold, name,
