@@ -609,3 +609,45 @@ def test_report_lines_name_every_tensor(demo: dict[str, str]) -> None:
     for t in report.tensors:
         assert t.name in text
     assert "rank    8" in text and "of the task's own tensors" in text and report.output is None
+
+
+def test_readers_see_whole_adapter_sets_while_another_thread_switches(split_demo: dict[str, Any]) -> None:
+    """A reader takes `m.tensors` once and sees one adapter set: every LoRA'd tensor of one lookup pass
+    carries the same adapters, and its bytes are always the base's."""
+    import threading
+
+    chat, code = split_demo["loras"]["chat"], split_demo["loras"]["code"]
+    with Foundation.open(split_demo["foundation"]) as fnd:
+        task = fnd.load("base")
+        m = LoraModel(task)
+        originals = {n: task.tensors[n] for n in task.tensors}
+        stop, problems = threading.Event(), []
+
+        def read() -> None:
+            while not stop.is_set():
+                view = m.tensors
+                sets = set()
+                for n, t in originals.items():
+                    got = view[n]
+                    if got.data is not t.data:
+                        problems.append(f"{n}: other bytes")
+                    if isinstance(got, LoraTensor):
+                        sets.add(tuple(sorted((a.path, s) for a, s in got.loras)))
+                if len(sets) > 1:
+                    problems.append(f"mixed adapter sets {sets}")
+
+        readers = [threading.Thread(target=read) for _ in range(2)]
+        for r in readers:
+            r.start()
+        try:
+            for i in range(40):
+                m.apply_lora(chat, scale=1.0 + i % 3)
+                m.remove_lora(chat)
+                m.apply_lora(code)
+                m.remove_lora(code)
+        finally:
+            stop.set()
+            for r in readers:
+                r.join()
+        assert problems == []
+        assert all(m.tensors[n] is t for n, t in originals.items())
