@@ -328,9 +328,9 @@ def run_set(name: str, scratch: Path, skip_memory: bool) -> dict[str, Any]:
             return row
 
         m = ref["settings"]["merged"]
-        rows = {label: row_of(m, s) for label, s in [*served["settings"].items(),
-                                                     ("kernels", kern["settings"]["kernels"])]}
-        r["vs_merged"] = rows
+        r["vs_merged"] = {label: row_of(m, s) for label, s in served["settings"].items()}
+        # the yardstick: the same weights through the F16 kernel, against the base (no fine-tune at all)
+        r["kernels_vs_base"] = row_of(served["settings"]["base"], kern["settings"]["kernels"])
         if "original LoRA" in served["settings"]:
             # both served by llama.cpp over the same base: what the extraction alone changes
             r["extracted_vs_original"] = row_of(served["settings"]["original LoRA"],
@@ -375,6 +375,7 @@ def print_result(res: dict[str, Any]) -> None:
         print(f"   {'vs merged task':<30} {'max|Δlogit|':>11} {'KL mean':>9} {'KL max':>9} {'greedy same':>11} "
               f"{'agree (tok)':>11}")
         rows = list(r["vs_merged"].items())
+        rows.append(("yardstick: kernels vs base", r["kernels_vs_base"]))
         if "extracted_vs_original" in r:
             rows.append(("served: extracted vs original", r["extracted_vs_original"]))
             rows.append(("served: perturbed vs original", r["perturbed_vs_original"]))

@@ -26,9 +26,9 @@ vendors):
   r/alpha into the factors, so every tensor's product is exact whatever its rank.
 - Tied output head: a model without `output.weight` reuses `token_embd.weight` for the output matmul
   (TENSOR_DUPLICATED, same tensor name), and `build_lora_mm` looks adapters up by name: a `token_embd` LoRA
-  is then applied to the output head with the flipped (embedding) layout, and ggml's shape assertion aborts
-  the process (rank != n_embd) or the result is wrong. Such a LoRA is refused here (see
-  tests/test_lora_llama.py, which shows the abort in a subprocess).
+  is then applied to the output head with the flipped (embedding) layout, and ggml's shape assertion
+  (`GGML_ASSERT(ggml_can_mul_mat(a, b))`) aborts the process at the first decode (tried here with ranks 8 and
+  64 = n_embd). Such a LoRA is refused here (tests/test_lora_llama.py shows the abort in a subprocess).
 
 Extraction (`extract_lora`): for each tensor the task changes, D = task − base in float32 (the base
 dequantized: merged fine-tunes are F16 over a quantized base, made by adding to the dequantized base), then a
