@@ -13,19 +13,23 @@ extracted as a LoRA against the base (gguf_split.lora.extract_lora, rank auto, F
   merged task's F16 tensors element by element (bitwise-equal fraction, max difference in F16 ulps);
 - served through llama.cpp (gguf_split.lora_llama.LlamaLora: the base loaded once from its split files, mmap
   on; adapters switched with llama_set_adapters_lora, no reload), on a fixed set of prompts:
-  * greedy: the merged task's 32-token greedy continuation of each prompt, against the continuation of the
-    base + extracted LoRA, of the base + original LoRA, and of the bare base (prompts with identical tokens);
+  * greedy: the merged task's 32-token greedy continuation of each prompt, against the continuations of
+    the other settings (prompts whose 32 tokens are all identical; mean length of the agreeing prefix);
   * logits, teacher-forced along prompt + the merged task's continuation (every position): max |Δlogit|
     and KL(merged ‖ X), mean and max over positions, for X = base + extracted LoRA, base + original LoRA,
-    the bare base, and "kernels" = the base with the LoRA's target tensors stored as F16 (the same weights
-    through the F16 matmul the merged model uses: the rounding of the kernels alone, no fine-tune at all);
-  * time: loading the model, against switching adapter sets (set_loras + the next decode);
+    base + original LoRA with its B perturbed by 1e-3 (relative, random), and the bare base;
+  * yardsticks of pure rounding, along the same tokens: "kernels vs base" = the base against a copy of it
+    whose LoRA-target tensors are stored as F16 (the same weights through the F16 matmul the merged model
+    uses, no fine-tune at all), and "perturbed vs original" (both served); next to them "extracted vs
+    original" (both served): what the extraction changes;
+  * time: loading the model, the first set_loras (llama_adapter_lora_init), and a one-token decode right
+    after switching adapter sets against one without a switch (the graph is re-reserved);
 - memory (fresh processes, /proc/self/smaps_rollup after loading + one decode): the base split + one LoRA
   through the low-level API (mmap on), the same through llama-cpp-python's `Llama(model_path=..., lora_path=...)`
   (which turns mmap off), and the low-level API without a LoRA.
 
-    python bench/bench_lora.py                           # smollm2 and gemma3: ~6 min on 2 cores
-    python bench/bench_lora.py --sets smollm2 --json out.json
+    python bench/bench_lora.py                     # smollm2, gemma3, smollm2-embd: ~45 min on 2 busy cores
+    python bench/bench_lora.py --sets smollm2 --prompts 2 --tokens 8 --json out.json     # a quick look
 Scratch files go to <work>/lora/ (<work> = $GGUF_SPLIT_BENCH_WORK or bench/work/).
 """
 
