@@ -146,3 +146,40 @@ def demo_models(directory: str | os.PathLike[str], *, base_seed: int = 0, **dims
     from gguf_split import demo
 
     return demo.make_demo_models(directory, dims=demo.Dims(**dims), seed=base_seed)
+
+
+def retype_tensors(src: str | os.PathLike[str], dst: str | os.PathLike[str], names: Sequence[str],
+                   ggml_type: int) -> str:
+    """Write `dst`: `src` with the named tensors dequantized and stored as `ggml_type` (F16 or F32), every
+    other tensor and every KV copied byte for byte. The same weights through another matmul kernel: what
+    differs between a model and this copy is the kernels' rounding alone (the LoRA tests' yardstick)."""
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from gguf_split.gguf_format import GGUFFile, align_up, encode_prefix, encode_tensor_info, to_numpy
+
+    np_type = {Q.F16: np.float16, Q.F32: np.float32}[Q(ggml_type)]
+    with GGUFFile(src) as f:
+        h = f.header
+        unknown = set(names) - set(h.tensor_by_name)
+        if unknown:
+            raise ValueError(f"{src}: no tensors {sorted(unknown)}")
+        plan = []
+        for t in h.tensors:
+            if t.name in names:
+                data = to_numpy(f.tensor_view(t), t.ggml_type, t.shape).astype(np_type).tobytes()
+                plan.append((t.name, t.shape, int(ggml_type), data))
+            else:
+                plan.append((t.name, t.shape, t.ggml_type, bytes(f.tensor_view(t))))
+        kvs = [f.raw(kv.start, kv.end) for kv in h.kvs]
+        a, offsets, pos = h.alignment, [], 0
+        for p in plan:
+            offsets.append(pos)
+            pos = align_up(pos + len(p[3]), a)
+        header = encode_prefix(3, len(plan), len(kvs)) + b"".join(kvs) + b"".join(
+            encode_tensor_info(n, s, q, o) for (n, s, q, _), o in zip(plan, offsets))
+        with open(dst, "wb") as out:
+            out.write(header + bytes(align_up(len(header), a) - len(header)))
+            for p in plan:
+                out.write(p[3] + bytes(align_up(len(p[3]), a) - len(p[3])))
+    return os.fspath(dst)
