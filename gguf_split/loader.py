@@ -337,12 +337,18 @@ class _Overlay:
 
 
 class TaskModel:
-    """A task: its adaptor's metadata, and its tensors from the adaptor and its shared files."""
+    """A task: its adaptor's metadata, and its tensors from the adaptor and its shared files; optionally
+    LoRA adapters on top (`apply_lora`): their A and B stay zero-copy views of the adapter files, and a
+    targeted tensor comes back as a `LoraTensor` (the same bytes; `to_numpy(merged=True)` materializes
+    base + the active LoRAs); removing them gives back exactly the original Tensor objects."""
 
     def __init__(self, split: "Split", overlay: _Overlay) -> None:
+        from .lora import LoraSet
+
         self.split = split
         self._lock = threading.Lock()
         self._overlay: _Overlay | None = overlay
+        self._loras = LoraSet()
 
     @property
     def _current(self) -> _Overlay:
@@ -364,8 +370,24 @@ class TaskModel:
         return self._current.metadata
 
     @property
-    def tensors(self) -> Mapping[str, Tensor]:
-        return self._current.tensors
+    def tensors(self) -> Mapping[str, Any]:
+        """name -> Tensor (a LoraTensor where an active LoRA targets the name)."""
+        return self._loras.wrap(self._current.tensors)
+
+    def apply_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> Any:
+        """Activate the llama.cpp LoRA adapter at `path` with `scale` (or change an active one's scale).
+        Its architecture, target names and shapes are checked against the task (GGUFSplitError naming the
+        file); only its header is read: O(adapter), whatever the model's size. Returns the LoraAdapter."""
+        return self._loras.apply(self._current, path, scale)
+
+    def remove_lora(self, path: str | os.PathLike[str]) -> None:
+        """Deactivate an adapter: the task's tensors are again exactly the original views."""
+        self._loras.discard(path)
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """The active adapters, (absolute path, scale), in the order they were applied."""
+        return self._loras.active()
 
     @property
     def files(self) -> list[str]:
@@ -376,6 +398,10 @@ class TaskModel:
         """Become another task of the split (same naming rule as `Split.load`): files both tasks use stay
         mapped; the others are unmapped as soon as nothing uses them. On failure the task is unchanged."""
         new = self.split._overlay(task)
+        for path, _ in self._loras.active():  # active LoRAs stay on only if they fit the new task too
+            adapter = self._loras.get(path)
+            if adapter is not None:
+                adapter.check_against(new)
         with self._lock:
             if self._overlay is None:
                 raise GGUFSplitError(None, "task model is closed")

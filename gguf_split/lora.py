@@ -117,9 +117,10 @@ def is_token_embd(name: str) -> bool:
 
 def lora_scale(user_scale: float, alpha: float, rank: int) -> np.float32:
     """`alpha ? user_scale * alpha / rank : user_scale`, in float32 as llama.cpp computes it."""
+    s: np.float32 = np.float32(user_scale)
     if alpha:
-        return np.float32(np.float32(np.float32(user_scale) * np.float32(alpha)) / np.float32(rank))
-    return np.float32(user_scale)
+        s = np.float32(np.float32(s * np.float32(alpha)) / np.float32(rank))
+    return s
 
 
 def lora_delta(a: np.ndarray, b: np.ndarray, name: str) -> np.ndarray:
@@ -127,9 +128,12 @@ def lora_delta(a: np.ndarray, b: np.ndarray, name: str) -> np.ndarray:
     ne), without the scale. For token_embd the layout is flipped (A is [n_vocab, r], B is [n_embd, r])."""
     a = np.asarray(a, dtype=np.float32)
     b = np.asarray(b, dtype=np.float32)
+    d: np.ndarray
     if is_token_embd(name):
-        return a @ b.T  # (n_vocab, r) @ (r, n_embd): ggml_mul_mat(b, get_rows(a, tokens)) per token
-    return b @ a  # (n_out, r) @ (r, n_in)
+        d = a @ b.T  # (n_vocab, r) @ (r, n_embd): ggml_mul_mat(b, get_rows(a, tokens)) per token
+    else:
+        d = b @ a  # (n_out, r) @ (r, n_in)
+    return d
 
 
 def merged(base: np.ndarray, loras: Sequence[tuple["LoraAdapter", float]], name: str) -> np.ndarray:
@@ -175,7 +179,8 @@ class _View:
         return len(self.data)
 
     def to_numpy(self) -> np.ndarray:
-        return to_numpy(self.data, self.ggml_type, self.shape)
+        out: np.ndarray = to_numpy(self.data, self.ggml_type, self.shape)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -801,7 +806,8 @@ def _values_equal(t: Any, b: Any) -> bool:
 
 def _dequantized(t: Any, path: str | None) -> np.ndarray:
     try:
-        return t.to_numpy()
+        out: np.ndarray = t.to_numpy()
+        return out
     except (NotImplementedError, ValueError, KeyError) as e:
         raise GGUFSplitError(path, f"{t.name}: cannot dequantize ggml type {type_name(t.ggml_type)}: {e}") from None
 
@@ -935,7 +941,7 @@ def extract_lora(task: Any, base: Any, out_path: str | os.PathLike[str] | None, 
             for (_, _, data), off in zip(pieces, offsets):
                 target = len(header) + off
                 f.write(bytes(target - pos))
-                f.write(memoryview(data).cast("B"))
+                f.write(memoryview(data.tobytes() if not data.flags.c_contiguous else data.data).cast("B"))
                 pos = target + data.nbytes
             f.write(bytes(size - pos))
 

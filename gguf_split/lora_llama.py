@@ -208,7 +208,8 @@ class LlamaLora:
 
     def _row(self, i: int) -> np.ndarray:
         ptr = self._L.llama_get_logits_ith(self._live_ctx, i)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        row: np.ndarray = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return row
 
     def logits(self, tokens: Sequence[int], *, all_positions: bool = False) -> np.ndarray:
         """Decode `tokens` from an empty cache as one batch: the last token's float32 logits (n_vocab,), or

@@ -206,6 +206,7 @@ def maps_name_files_as_stat_does(tmp_path_factory: pytest.TempPathFactory) -> No
 @pytest.fixture(autouse=True)
 def nothing_left_mapped(tmp_path: Path) -> Iterator[None]:
     """Every test releases what it loads: the registry is as it was, and no file of the test is mapped."""
+    gc.collect()  # what earlier tests (other modules) left to the collector is not this test's
     before = _Mapped.count()
     yield
     gc.collect()

@@ -27,7 +27,7 @@ from gguf.constants import GGUFValueType as V
 from gguf.quants import quantize
 
 import gguf_split.lora as lora
-from gguf_split import Foundation, GGUFSplitError, open_model
+from gguf_split import GGUFSplitError, open_model, open_split
 from gguf_split.demo import make_base_model, make_demo_models, make_finetune
 from gguf_split.lora import (
     LoraAdapter,
@@ -399,10 +399,10 @@ def test_output_over_an_input_is_refused(demo: dict[str, str], tmp_path: Path) -
 def test_extraction_is_deterministic_and_split_tasks_equal_files(demo: dict[str, str], tmp_path: Path) -> None:
     """From the split's TaskModels (the duck type the new loader keeps) the adapter is byte-identical to the
     one extracted from the two model files."""
-    rep = split({t: demo[t] for t in ("base", "chat", "code")}, tmp_path / "split")
+    rep = split({t: demo[t] for t in ("base", "chat", "code")}, tmp_path / "split", file_cost=0)
     extract_lora_from_files(demo["chat"], demo["base"], tmp_path / "files.gguf")
     extract_lora_from_files(demo["chat"], demo["base"], tmp_path / "again.gguf")
-    with Foundation.open(rep.foundation) as fnd:
+    with open_split(rep.directory) as fnd:
         chat, base = fnd.load("chat"), fnd.load("base")
         extract_lora(chat, base, tmp_path / "split.gguf")
     one = (tmp_path / "files.gguf").read_bytes()
@@ -528,14 +528,14 @@ def test_base_digest_tells_the_base_apart(demo: dict[str, str], tmp_path: Path) 
 
 @pytest.fixture
 def split_demo(demo: dict[str, str], tmp_path: Path) -> dict[str, Any]:
-    rep = split({t: demo[t] for t in ("base", "chat", "code")}, tmp_path / "split")
+    rep = split({t: demo[t] for t in ("base", "chat", "code")}, tmp_path / "split", file_cost=0)
     loras = {t: extract_lora_from_files(demo[t], demo["base"], tmp_path / f"{t}-lora.gguf").output
              for t in ("chat", "code")}
-    return {"foundation": rep.foundation, "loras": loras, "models": demo}
+    return {"split": rep.directory, "loras": loras, "models": demo}
 
 
 def test_apply_and_remove_over_a_split_task(split_demo: dict[str, Any]) -> None:
-    with Foundation.open(split_demo["foundation"]) as fnd, open_model(split_demo["models"]["chat"]) as chat, \
+    with open_split(split_demo["split"]) as fnd, open_model(split_demo["models"]["chat"]) as chat, \
             open_model(split_demo["models"]["code"]) as code:
         task = fnd.load("base")
         m = LoraModel(task)
@@ -577,7 +577,7 @@ def test_apply_and_remove_over_a_split_task(split_demo: dict[str, Any]) -> None:
 def test_apply_refuses_a_lora_that_does_not_fit(split_demo: dict[str, Any], tmp_path: Path) -> None:
     a, b = ab(64, 64, 4)
     bad = adapter_file(tmp_path / "bad.gguf", {"blk.0.attn_k.weight.lora_a": a, "blk.0.attn_k.weight.lora_b": b})
-    with Foundation.open(split_demo["foundation"]) as fnd:
+    with open_split(split_demo["split"]) as fnd:
         m = LoraModel(fnd.load("base"))
         with pytest.raises(GGUFSplitError, match="attn_k.weight: LoRA A ne") as err:
             m.apply_lora(bad)
@@ -590,7 +590,7 @@ def test_switching_reads_the_adapter_header_only(split_demo: dict[str, Any], mon
     calls: list[Any] = []
     real = lora.to_numpy
     monkeypatch.setattr(lora, "to_numpy", lambda *a: calls.append(a) or real(*a))
-    with Foundation.open(split_demo["foundation"]) as fnd:
+    with open_split(split_demo["split"]) as fnd:
         m = LoraModel(fnd.load("base"))
         for _ in range(3):
             m.apply_lora(split_demo["loras"]["chat"])
@@ -617,7 +617,7 @@ def test_readers_see_whole_adapter_sets_while_another_thread_switches(split_demo
     import threading
 
     chat, code = split_demo["loras"]["chat"], split_demo["loras"]["code"]
-    with Foundation.open(split_demo["foundation"]) as fnd:
+    with open_split(split_demo["split"]) as fnd:
         task = fnd.load("base")
         m = LoraModel(task)
         originals = {n: task.tensors[n] for n in task.tensors}
@@ -651,3 +651,63 @@ def test_readers_see_whole_adapter_sets_while_another_thread_switches(split_demo
                 r.join()
         assert problems == []
         assert all(m.tensors[n] is t for n, t in originals.items())
+
+
+def test_task_model_applies_and_removes_loras(split_demo: dict[str, Any]) -> None:
+    """The loader's own TaskModel: apply_lora / remove_lora / loras; the views stay the file's bytes;
+    removing gives back exactly the original Tensor objects; a swap keeps adapters that fit the new task."""
+    chat_lora = split_demo["loras"]["chat"]
+    with open_split(split_demo["split"]) as s, open_model(split_demo["models"]["chat"]) as chat:
+        m = s.load("base")
+        originals = {n: m.tensors[n] for n in m.tensors}
+        ad = m.apply_lora(chat_lora)
+        assert m.loras == [(os.path.abspath(chat_lora), 1.0)]
+        n = "blk.0.attn_q.weight"
+        got = m.tensors[n]
+        assert isinstance(got, LoraTensor) and got.base is originals[n] and got.data is originals[n].data
+        want = chat.tensors[n].to_numpy()
+        assert np.linalg.norm(got.to_numpy(merged=True) - want) < 0.01 * np.linalg.norm(want - got.to_numpy())
+        assert m.tensors["blk.0.ffn_up.weight"] is originals["blk.0.ffn_up.weight"]
+        m.remove_lora(chat_lora)
+        assert m.loras == [] and all(m.tensors[k] is t for k, t in originals.items())
+        m.apply_lora(chat_lora, 0.5)
+        m.swap("code")  # same shapes: the adapter stays on
+        assert m.task == "code" and m.loras == [(os.path.abspath(chat_lora), 0.5)]
+        assert isinstance(m.tensors[n], LoraTensor)
+        assert ad.targets
+
+
+def test_task_model_refuses_a_lora_that_does_not_fit(split_demo: dict[str, Any], tmp_path: Path) -> None:
+    a, b = ab(64, 64, 4)
+    bad = adapter_file(tmp_path / "bad.gguf", {"blk.0.attn_k.weight.lora_a": a, "blk.0.attn_k.weight.lora_b": b})
+    with open_split(split_demo["split"]) as s:
+        m = s.load("base")
+        with pytest.raises(GGUFSplitError) as err:
+            m.apply_lora(bad)
+        assert err.value.path == str(bad) and m.loras == []
+
+
+def test_cli_extract_lora_from_a_split_and_from_files(demo: dict[str, str], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gguf_split.cli import app
+
+    split({t: demo[t] for t in ("base", "chat", "summarize")}, tmp_path / "split", file_cost=0)
+    runner = CliRunner()
+    r = runner.invoke(app, ["extract-lora", str(tmp_path / "split"), "chat", "--base", "base",
+                            "-o", str(tmp_path / "a.gguf"), "-q"])
+    assert r.exit_code == 0, r.stderr
+    r = runner.invoke(app, ["extract-lora", demo["chat"], "--base", demo["base"], "-o", str(tmp_path / "b.gguf"), "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    # an untied output head cannot be a LoRA: refused in one line, listed with --allow-partial
+    r = runner.invoke(app, ["extract-lora", str(tmp_path / "split"), "summarize", "--base", "base",
+                            "-o", str(tmp_path / "s.gguf")])
+    assert r.exit_code == 2 and "output.weight" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "s.gguf").exists()
+    r = runner.invoke(app, ["extract-lora", str(tmp_path / "split"), "summarize", "--base", "base",
+                            "-o", str(tmp_path / "s.gguf"), "--allow-partial"])
+    assert r.exit_code == 0 and "LEFT OUT" in r.stdout and "PARTIAL" in r.stdout
+    r = runner.invoke(app, ["extract-lora", str(tmp_path / "split"), "chat", "--base", "base",
+                            "-o", str(tmp_path / "a.gguf")])
+    assert r.exit_code == 2 and "--force" in r.stderr

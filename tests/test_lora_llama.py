@@ -1,6 +1,6 @@
 """LoRA adapters extracted by gguf-split, served by stock llama.cpp (llama-cpp-python's low-level C API).
 
-- A LoRA applied to a task of a split ([adaptor, foundation] through llama_model_load_from_splits) gives
+- A LoRA applied to a task of a split (its files through llama_model_load_from_splits) gives
   logits bitwise identical to the same LoRA applied to the original model file (every position, one and two
   adapters, several scales).
 - A LoRA served over its base is close to the merged fine-tune it was extracted from, within a tolerance
@@ -58,11 +58,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     H.init()  # llama.cpp's log goes to the harness, not the terminal
     root = tmp_path_factory.mktemp("lora-llama")
     models = make_demo_models(root / "models")
-    rep = split({t: models[t] for t in ("base", "chat", "code")}, root / "split")
-    adaptor = {t.task: t.adaptor for t in rep.tasks}
+    rep = split({t: models[t] for t in ("base", "chat", "code")}, root / "split", file_cost=0)
+    from gguf_split import open_split
+
+    with open_split(rep.directory) as s:
+        base_files = s.load("base").llama_cpp_paths()
+    assert len(base_files) > 2  # the base task loads several shared files
     loras = {t: extract_lora_from_files(models[t], models["base"], root / f"{t}-lora.gguf").output
              for t in ("chat", "code")}
-    return {"models": models, "base_split": [adaptor["base"], rep.foundation], "loras": loras, "root": root}
+    return {"models": models, "base_split": base_files, "loras": loras, "root": root}
 
 
 def all_logits(paths: list[str], loras: list[tuple[str, float]] = ()) -> np.ndarray:  # type: ignore[assignment]
