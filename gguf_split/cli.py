@@ -557,13 +557,14 @@ def link_cmd(
     directory: Path = typer.Argument(..., help="Split directory."),
     to: Optional[Path] = typer.Option(None, "--to", help="Make the links in this directory (default: the split's)."),
     shared: List[Path] = _OPT_SHARED,
+    foundation: List[Path] = typer.Option([], "--foundation", help="Same as --shared (the 0.1 name).", hidden=True),
     force: bool = typer.Option(False, "--force", help="Replace existing files of those names."),
 ) -> None:
     """Make <task>-0000k-of-0000N.gguf links to the task's files, the names llama.cpp's loader looks for."""
     from .links import link_task
 
     links = _run(lambda: link_task(directory, task, directory=to, force=force,
-                                   shared=tuple(os.fspath(s) for s in shared)))
+                                   shared=tuple(os.fspath(s) for s in [*shared, *foundation])))
     out.print(f"llama.cpp: llama-cli -m {show(links[0])}   ({len(links)} files)")
 
 

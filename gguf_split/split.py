@@ -321,7 +321,7 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     need = sum(named[i].built.file_size for i in to_write)
     need += sum(m.header_bytes + sum(x.nbytes for x in layout.adaptor_tensors[t]) for t, m in models.items())
     check_space(tx.dir, need)
-    hashers = ThreadPoolExecutor(1, thread_name_prefix="gguf-split-digest")
+    hashers = ThreadPoolExecutor(2, thread_name_prefix="gguf-split-digest")
     temps: dict[int, str] = {}
     try:
         total = sum(named[i].planned.nbytes for i in to_write) + sum(
