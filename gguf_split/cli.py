@@ -471,11 +471,20 @@ def info_cmd(
 
 
 def _is_pack(path: str) -> bool:
+    """Starts with the pack magic (opened without blocking, read only if it is a regular file: a FIFO
+    would wait for a writer)."""
+    import stat
+
     try:
-        with open(path, "rb") as f:
-            return f.read(8) == b"GGUFPACK"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, ValueError):
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 8, 0) == b"GGUFPACK"
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def _describe_pack(path: str) -> dict[str, Any]:

@@ -629,29 +629,10 @@ class GGUFFile:
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
         self.fd = -1
-        try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer (the fstat below refuses it)
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as e:
-            raise GGUFSplitError(self.path, f"cannot open: {os_problem(e)}") from None
-        except ValueError:
-            raise GGUFSplitError(self.path, "cannot open: the path holds a NUL byte") from None
-        try:
-            st = os.fstat(fd)
-            if not _is_regular(st.st_mode):
-                raise GGUFSplitError(self.path, "not a regular file")
-            self.size = st.st_size
-            self.identity = (st.st_dev, st.st_ino)
-            if self.size == 0:
-                raise GGUFSplitError(self.path, "empty file, not a GGUF file")
-            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            self.fd = fd
-        except OSError as e:
-            os.close(fd)
-            raise GGUFSplitError(self.path, f"cannot map: {os_problem(e)}") from None
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, self._mm, st = open_mapped(self.path, min_size=1, too_small="empty file, not a GGUF file")
+        self.fd = fd
+        self.size = st.st_size
+        self.identity = (st.st_dev, st.st_ino)
         if parse:
             try:
                 self.header = parse_header(self._mm, self.size, self.path)
@@ -702,6 +683,31 @@ class GGUFFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_mapped(path: str, *, min_size: int, too_small: str) -> tuple[int, mmap.mmap, os.stat_result]:
+    """(fd, read-only map of the whole file, its stat) of a regular file of at least `min_size` bytes;
+    every failure is one GGUFSplitError naming the file (`too_small` for a short file)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (the fstat below refuses it)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise GGUFSplitError(path, f"cannot open: {os_problem(e)}") from None
+    except ValueError:
+        raise GGUFSplitError(path, "cannot open: the path holds a NUL byte") from None
+    try:
+        st = os.fstat(fd)
+        if not _is_regular(st.st_mode):
+            raise GGUFSplitError(path, "not a regular file")
+        if st.st_size < min_size:
+            raise GGUFSplitError(path, too_small)
+        return fd, mmap.mmap(fd, 0, access=mmap.ACCESS_READ), st
+    except OSError as e:
+        os.close(fd)
+        raise GGUFSplitError(path, f"cannot map: {os_problem(e)}") from None
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _is_regular(mode: int) -> bool:

@@ -41,7 +41,7 @@ from . import codec
 from . import codec as _codec  # for annotations inside classes with a field named `codec`
 from .codec import CodecError, Geometry
 from .errors import GGUFSplitError, os_problem
-from .gguf_format import GGUFFile, TensorInfo, iter_gaps
+from .gguf_format import GGUFFile, TensorInfo, iter_gaps, open_mapped
 from .progress import QUIET, Progress
 
 MAGIC = b"GGUFPACK"
@@ -807,24 +807,15 @@ class PackReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
+        minimum = _HEAD.size + _REC.size + _TAIL.size
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as e:
-            raise GGUFSplitError(self.path, f"cannot open: {os_problem(e)}") from None
-        except ValueError:
-            raise GGUFSplitError(self.path, "cannot open: the path holds a NUL byte") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise GGUFSplitError(self.path, "not a regular file")
-            self.size = st.st_size
-            if self.size < _HEAD.size + _REC.size + _TAIL.size:
-                raise GGUFSplitError(self.path, f"not a gguf-split pack: {self.size} bytes is too short")
-            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except OSError as e:
-            raise GGUFSplitError(self.path, f"cannot map: {os_problem(e)}") from None
-        finally:
-            os.close(fd)
+            size = os.stat(self.path).st_size
+        except (OSError, ValueError):
+            size = minimum
+        fd, self._mm, st = open_mapped(self.path, min_size=minimum,
+                                       too_small=f"not a gguf-split pack: {size} bytes is too short")
+        os.close(fd)  # the map keeps what it needs
+        self.size = st.st_size
         try:
             self._read_index()
         except _Bad as e:
