@@ -4,13 +4,17 @@
 CLI inside the handlers, so an interruption at any moment, even while modules load, is one line and exit
 code 130 (Ctrl-C) or 143 (SIGTERM), never a traceback. The handlers raise `Interrupted`, a BaseException
 that is not a KeyboardInterrupt, so click does not turn it into "Aborted!" and every `with` block on the
-way out still cleans up (temporary files removed, a commit either done or not started).
+way out still cleans up (temporary files removed, a commit either done or not started). Once the command
+is done, the signals are ignored: Python's shutdown would otherwise restore the default actions, and a
+Ctrl-C in that last instant would kill the finished process with no message.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+
+_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 class Interrupted(BaseException):
@@ -25,24 +29,33 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise Terminated(signum) if signum != signal.SIGINT else Interrupted(signum)
 
 
+def _quiet_exit(code: int | str | None) -> None:
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def main() -> None:
+    code: int | str | None = 0
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if sig is not None:
-                signal.signal(sig, _interrupt)
+        for sig in _SIGNALS:
+            signal.signal(sig, _interrupt)
         argv = sys.argv[1:]
         if argv in (["--version"], ["-V"]):
             from . import __version__
 
             sys.stdout.write(f"gguf-split {__version__}\n")
-            return
-        for stream in (sys.stdout, sys.stderr):
-            reconfigure = getattr(stream, "reconfigure", None)
-            if reconfigure is not None:
-                reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 never crashes output
-        from .cli import run
+            sys.stdout.flush()
+        else:
+            for stream in (sys.stdout, sys.stderr):
+                reconfigure = getattr(stream, "reconfigure", None)
+                if reconfigure is not None:
+                    reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 never crashes output
+            from .cli import run
 
-        run(argv)
+            run(argv)
+    except SystemExit as e:
+        code = e.code
     except (Interrupted, KeyboardInterrupt) as e:
         terminated = isinstance(e, Terminated)
         try:
@@ -51,4 +64,9 @@ def main() -> None:
                              "was left behind\n")
         except Exception:  # noqa: BLE001 - stderr itself may be gone
             pass
-        sys.exit(143 if terminated else 130)
+        code = 143 if terminated else 130
+    try:
+        sys.stdout.flush()
+    except (Interrupted, Exception):  # noqa: BLE001 - a closed pipe: the exit code still counts
+        pass
+    _quiet_exit(code)
