@@ -45,11 +45,11 @@ _LAZY = {
     "Split": ("loader", "Split"),
     "Foundation": ("loader", "Foundation"),
     "TaskModel": ("loader", "TaskModel"),
-    "Model": ("loader", "Model"),
-    "Tensor": ("loader", "Tensor"),
-    "Field": ("loader", "Field"),
-    "Metadata": ("loader", "Metadata"),
-    "open_model": ("loader", "open_model"),
+    "Model": ("model", "Model"),
+    "Tensor": ("model", "Tensor"),
+    "Field": ("model", "Field"),
+    "Metadata": ("model", "Metadata"),
+    "open_model": ("model", "open_model"),
     "GGUFFile": ("gguf_format", "GGUFFile"),
     "link_task": ("links", "link_task"),
     "write_models_dir": ("links", "write_models_dir"),
@@ -88,7 +88,8 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:
     from .gguf_format import GGUFFile
     from .links import link_task, write_models_dir
-    from .loader import Field, Foundation, Metadata, Model, Split, TaskModel, Tensor, open_model, open_split
+    from .loader import Foundation, Split, TaskModel, open_split
+    from .model import Field, Metadata, Model, Tensor, open_model
     from .restore import RestoreReport, restore
     from .split import FileReport, SplitReport, TaskReport, split
     from .update import AddReport, RemoveReport, add, remove

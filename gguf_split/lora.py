@@ -1029,7 +1029,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
 def extract_lora_from_files(task_path: str | os.PathLike[str], base_path: str | os.PathLike[str],
                             out_path: str | os.PathLike[str] | None, **kwargs: Any) -> LoraReport:
     """extract_lora on two plain GGUF model files."""
-    from .loader import open_model
+    from .model import open_model
 
     with open_model(task_path) as task, open_model(base_path) as base:
         return extract_lora(task, base, out_path, **kwargs)
