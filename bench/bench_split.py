@@ -23,10 +23,9 @@ What is measured (page cache warm: every input is read once before any timing):
   (imports untimed; the goal's figure) and again in this process (where the vocabulary memo,
   gguf_format._WalkedArrays, replays the tokenizer arrays: a byte comparison instead of a walk), against
   `gguf.GGUFReader(path)` on each base model.
-- bytes: tensor digests computed here (xxh3-128 over an mmap of each tensor, not through gguf_split.scan)
-  give the per-tensor dedup optimum (each distinct name+type+shape+digest once) and the two-file optimum
-  (what a llama.cpp two-file split can reach: tensors identical in all models once, the rest per model).
-  Each output is parsed to separate its header, header padding and tensor padding.
+- bytes (`--parts bytes`, kept for the 0.1 two-file layout it was written for): the outputs against the
+  per-tensor dedup optimum and the two-file optimum. For the multi-file layout use bench_layout.py, which
+  measures bytes on the export-lora sets against the optimum, the two-file layout and CDC.
 - hashing: `gguf_split.scan.hash_models` with threads=1 and threads=2 (python-xxhash releases the GIL),
   in GB/s of the bytes it hashes (each input twice: the whole-file digest and the tensor digests), against
   plain xxh3-128 over each input's mmap (each input once) with 1 and 2 threads: the 2-thread baseline
@@ -209,7 +208,7 @@ def time_hashing(tasks: dict[str, str], repeats: int) -> dict[str, float]:
     def scan(threads: int) -> tuple[float, int]:
         models = [open_model(t, p) for t, p in tasks.items()]
         try:
-            nbytes = sum(2 * m.file.size - m.header.tensor_info_end for m in models)
+            nbytes = sum(2 * inp.file.size - inp.file.header.tensor_info_end for m in models for inp in m.files)
             return timed(lambda: hash_models(models, QUIET, threads)), nbytes
         finally:
             for m in models:
@@ -312,6 +311,7 @@ def byte_accounting(tasks: dict[str, str], out: Path) -> dict[str, object]:
 
 
 PARTS = ("time", "parse", "hash", "bytes", "phases")
+DEFAULT_PARTS = ("time", "parse", "hash", "phases")  # bytes: see bench_layout.py
 
 
 def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
@@ -348,13 +348,14 @@ def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
 
 # where the split's wall time goes: (module, function, label); a function the package no longer has is skipped
 PHASES = (
-    ("gguf_split.split", "open_model", "open + parse inputs"),
+    ("gguf_split.split", "open_models", "open + parse inputs"),
     ("gguf_split.split", "hash_models", "hash (file + tensor digests)"),
-    ("gguf_split.split", "plan_split", "plan"),
+    ("gguf_split.split", "plan_layout", "plan"),
     ("gguf_split.split", "build_header", "build headers"),
     ("gguf_split.split", "write_gguf", "write (copy tensors)"),
     ("os", "fsync", "fsync"),
-    ("gguf_split.split", "_prove", "prove restore (parse outputs)"),
+    ("gguf_split.split", "_prove_all", "prove restore (parse outputs)"),
+    ("gguf_split.split", "_check_written", "read back + check outputs"),
 )
 OTHER = "other (lock, rename, close, report)"
 
@@ -532,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parse-runs", type=int, default=9, help="GGUFFile runs (fresh processes, and in-process)")
     ap.add_argument("--work", default=str(WORK / "bench-split"), help="scratch directory (outputs, copies)")
     ap.add_argument("--json", help="also write all raw figures to this file")
-    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="measurements to run (default: all)")
+    ap.add_argument("--parts", nargs="+", default=list(DEFAULT_PARTS), choices=PARTS,
+                    help="measurements to run (default: all but bytes, which bench_layout.py measures)")
     ap.add_argument("--phases", type=int, default=3, help="splits timed phase by phase")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one split per model")
     ap.add_argument("--keep", action="store_true", help="keep the scratch outputs")
