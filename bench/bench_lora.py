@@ -320,7 +320,6 @@ def run_set(name: str, scratch: Path, skip_memory: bool) -> dict[str, Any]:
             r["tensor_level_vs_original"] = tensor_level(out, Path(orig_lora))
         served = serve(base_split, prompts, runs, sequences)
         kern = serve([str(kernels)], prompts, {"kernels": []}, sequences)
-        ref_logits = ref["settings"]["merged"]["logits"]
 
         def row_of(ref_s: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
             row = compare(ref_s["logits"], s["logits"])

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 from gguf_split import plan as P
 

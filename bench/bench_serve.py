@@ -131,7 +131,6 @@ def serve(models_dir: Path, tasks: list[str], tokens: int, repack: bool) -> dict
 
 def tensor_bytes(paths: list[Path]) -> int:
     """Tensor data bytes of distinct files (what llama.cpp maps; it reads headers with plain reads)."""
-    from gguf_split.gguf_format import GGUFFile
     from gguf_split.records import open_split_file
 
     seen, total = set(), 0

@@ -22,7 +22,6 @@ import hashlib
 import json
 import mmap
 import os
-import stat
 import struct
 import threading
 import time
@@ -40,7 +39,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from . import codec
 from . import codec as _codec  # for annotations inside classes with a field named `codec`
 from .codec import CodecError, Geometry
-from .errors import GGUFSplitError, os_problem
+from .errors import GGUFSplitError
 from .gguf_format import GGUFFile, TensorInfo, iter_gaps, open_mapped
 from .progress import QUIET, Progress
 

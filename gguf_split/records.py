@@ -40,7 +40,6 @@ from .gguf_format import (
     WRITE_VERSION,
     GGUFFile,
     Header,
-    TensorInfo,
     _check_data_layout,
     _Cursor,
     align_up,

@@ -27,10 +27,9 @@ from .commit import Transaction, check_space
 from .errors import GGUFSplitError
 from .gguf_format import GGUFFile
 from .naming import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
-from .plan import DEFAULT_FILE_COST, HOLE, OWN, SHARED, Layout, PlannedFile, TensorId, plan_layout
+from .plan import DEFAULT_FILE_COST, HOLE, OWN, Layout, PlannedFile, TensorId, plan_layout
 from .progress import QUIET, Progress
 from .records import (
-    ROLE_SHARED,
     BuiltHeader,
     FileRef,
     OutTensor,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .commit import Transaction
 from .errors import GGUFSplitError
 from .naming import check_task_name, show
-from .plan import DEFAULT_FILE_COST, FixedFile, Layout, TensorId, plan_layout
+from .plan import DEFAULT_FILE_COST, FixedFile, TensorId, plan_layout
 from .progress import QUIET, Progress
 from .records import AdaptorInfo, FileRef, SplitFile
 from .scan import hash_models

@@ -27,7 +27,6 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -38,7 +37,6 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from conftest import write_model
 from gguf_split import add, split
-from gguf_split.errors import GGUFSplitError
 from gguf_split.naming import JOURNAL, TMP_SUFFIX
 from gguf_split.restore import restore
 from gguf_split.splitdir import SplitDir

@@ -28,7 +28,7 @@ from gguf.quants import quantize
 
 import gguf_split.lora as lora
 from gguf_split import GGUFSplitError, open_model, open_split
-from gguf_split.demo import make_base_model, make_demo_models, make_finetune
+from gguf_split.demo import make_base_model, make_demo_models
 from gguf_split.lora import (
     LoraAdapter,
     LoraModel,

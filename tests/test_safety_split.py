@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from gguf.constants import GGMLQuantizationType as Q
 
 from conftest import base_tensors, write_model
 from gguf_split import GGUFSplitError, add, restore, split, verify
