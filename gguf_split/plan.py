@@ -150,6 +150,17 @@ PAIR_BOUND_BUDGET = 4_000_000  # cap bound: sum over groups of |U|^2 it may spen
 HOLE_SEARCH_MAX_GROUPS = 6  # position assignment tries every order of up to this many groups (few holes)
 
 
+def _pack_into(U: int, opened: Sequence[int]) -> list[int]:
+    """Greedy packing of a group used by the task set `U` into opened files (task sets, in the order
+    given): each file whose tasks all use the group and that shares no task with a file already chosen."""
+    chosen, covered = [], 0
+    for S in opened:
+        if S & U == S and not S & covered:
+            chosen.append(S)
+            covered |= S
+    return chosen
+
+
 def _bits(mask: int) -> Iterator[int]:
     """The set bits of `mask`, lowest first."""
     while mask:
@@ -224,11 +235,7 @@ def _greedy(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, ex
             for U in glist:
                 if U in fam.files:
                     continue
-                P, cov = [], 0
-                for S in opened:
-                    if S & U == S and not S & cov:
-                        P.append(S)
-                        cov |= S
+                P = _pack_into(U, opened)
                 if P:
                     fam.pack[U] = P
 
@@ -340,11 +347,7 @@ def _greedy(groups: dict[int, int], n: int, cap: list[int] | None, cost: int, ex
         for U in glist:
             if U in fam.files:
                 continue
-            P, cov = [], 0
-            for S in opened:
-                if S & U == S and not S & cov:
-                    P.append(S)
-                    cov |= S
+            P = _pack_into(U, opened)
             if sum(_pc(S) - 1 for S in P) > sum(_pc(S) - 1 for S in fam.pack.get(U, ())):
                 fam.pack[U] = P
     _drop_unused(fam)
