@@ -30,6 +30,7 @@ from .naming import adaptor_name, check_prefix, check_task_name, hole_name, own_
 from .plan import DEFAULT_FILE_COST, HOLE, OWN, Layout, PlannedFile, TensorId, plan_layout
 from .progress import QUIET, Progress
 from .records import (
+    AdaptorInfo,
     BuiltHeader,
     FileRef,
     OutTensor,
@@ -306,13 +307,14 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     refs: dict[int, FileRef] = {}
     kept: set[int] = set()
     to_write: list[int] = []
+    records = recorded_refs(old) if old is not None else {}
     for i, nf in enumerate(named):
         existing = tx.path(nf.name)
         if known is not None and nf.name in known:
             refs[i] = known[nf.name]
             kept.add(i)
         elif os.path.lexists(existing):
-            refs[i] = _reuse(existing, nf)
+            refs[i] = keep_file(existing, nf.cid, records.get(nf.name, []), nf.planned.position)
             kept.add(i)
         else:
             to_write.append(i)
@@ -405,21 +407,47 @@ def _changed_input(models: Mapping[str, ScannedModel]) -> str | None:
     return None
 
 
-def _reuse(path: str, nf: NamedFile) -> FileRef:
-    """A file of this name is already here: keep it if it holds exactly the planned content."""
+def recorded_refs(sd: SplitDir) -> dict[str, list[FileRef]]:
+    """file name -> what every adaptor of the directory recorded for it (size, content id, digests)."""
+    out: dict[str, list[FileRef]] = {}
+    for task in sd.tasks:
+        with SplitFile(sd.adaptors[task]) as ad:
+            for ref in AdaptorInfo.read(ad).files:
+                out.setdefault(ref.name, []).append(ref)
+    return out
+
+
+def keep_file(path: str, cid: str | None, records: Sequence[FileRef], position: int) -> FileRef:
+    """A shared file already in the directory that the new state keeps (a --force re-split of unchanged
+    content, a file `add` reuses): it must hold exactly the content `cid` names (None: its own, for add)
+    and be intact, byte for byte. When the directory's adaptors recorded it (they must agree), one xxh3
+    sweep checks it against those records and their sha256 is kept; a file no adaptor records (left by a
+    killed run before 0.2's journal, say) is hashed in full. One read either way."""
+    import threading
+
+    from .progress import _Nothing
+    from .verify import _sweep
+
+    if any(r != records[0] for r in records):
+        raise GGUFSplitError(show(path), "the split's adaptors record different digests for this file: damaged "
+                                         "(run `gguf-split verify`)")
     try:
         with SplitFile(path) as f:
             f.check_seal()
             info = SharedInfo.read(f)
-            if info.content_id != nf.cid:
-                raise GGUFSplitError(show(path), "exists with other content than this split would write: move it away")
+            if cid is not None and info.content_id != cid:
+                raise GGUFSplitError(show(path), "exists with other content than this split would write: move it "
+                                                 "away")
+            if records:
+                _sweep(f, list(records), False, _Nothing(), threading.Event())
+                return records[0]
             x, s = _whole_digests(f)
     except GGUFSplitError as e:
         if "other content" in e.problem:
             raise
-        raise GGUFSplitError(show(path), f"exists and is not the file this split would write ({e.problem}): move it "
+        raise GGUFSplitError(show(path), f"exists and is not the file this split would keep ({e.problem}): move it "
                                          "away or run `gguf-split verify`") from None
-    return FileRef(nf.planned.position, nf.name, nf.cid, os.path.getsize(path), x, s)
+    return FileRef(position, os.path.basename(path), info.content_id, os.path.getsize(path), x, s)
 
 
 def _whole_digests(f: GGUFFile) -> tuple[str, str]:
@@ -464,8 +492,6 @@ def _prove_all(models: Mapping[str, ScannedModel], layout: Layout, named: list[N
                     opened[i] = SplitFile(file_paths[i])
                 shared.append(opened[i])
             with SplitFile(adaptor_paths[task]) as ad:
-                from .records import AdaptorInfo
-
                 tf = TaskFiles(ad, AdaptorInfo.read(ad), shared)
                 _prove(m, plan_restore(tf))
     finally:

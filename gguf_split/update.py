@@ -21,9 +21,8 @@ from .plan import DEFAULT_FILE_COST, FixedFile, TensorId, plan_layout
 from .progress import QUIET, Progress
 from .records import AdaptorInfo, FileRef, SplitFile
 from .scan import hash_models
-from .split import SplitReport, _name_files, _report, _write, check_options, open_models
+from .split import SplitReport, _name_files, _report, _write, check_options, keep_file, open_models, recorded_refs
 from .splitdir import FileFinder, SplitDir, TaskFiles, open_task
-from .verify import _sweep
 
 
 @dataclass
@@ -141,11 +140,13 @@ def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: 
                              fixed_files=list(fixed.values()), **options)  # type: ignore[arg-type]
         named = _name_files(models, layout, prefix, foundation=False)
         known: dict[str, FileRef] = {}
+        records = recorded_refs(sd)
         for pf, nf in zip(layout.files, named):
             if pf.fixed is not None:
                 nf.name = pf.fixed
-                if pf.fixed not in known:
-                    known[pf.fixed] = _check_reused(fixed_paths[pf.fixed], sd, pf.fixed, check=tx is not None)
+                if pf.fixed not in known:  # still intact, byte for byte, and as every adaptor recorded it
+                    known[pf.fixed] = keep_file(fixed_paths[pf.fixed], None, records[pf.fixed], pf.position) \
+                        if tx is not None else records[pf.fixed][0]
         reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
                            for pf in [layout.files[i]] if pf.fixed is not None)
         if tx is None:
@@ -167,31 +168,6 @@ def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: 
 def _adaptor_tensor_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile]) -> int:
     in_files = {x for f in fixed.values() for x in f.tensors}
     return sum(x.nbytes for xs in ids.values() for x in xs if x not in in_files)
-
-
-def _check_reused(path: str, sd: SplitDir, name: str, *, check: bool) -> FileRef:
-    """An existing file a new task will load must still be what its adaptors recorded, byte for byte
-    (every adaptor that lists it agrees, its tensors and whole-file digest match); returns the record."""
-    import threading
-
-    from .progress import _Nothing
-
-    refs: list[FileRef] = []
-    for task in sd.tasks:
-        with SplitFile(sd.adaptors[task]) as ad:
-            refs += [r for r in AdaptorInfo.read(ad).files if r.name == name]
-    if any(r != refs[0] for r in refs):
-        raise GGUFSplitError(show(path), "the split's adaptors record different digests for this file: damaged "
-                                         "(run `gguf-split verify`)")
-    if check:
-        with SplitFile(path) as f:
-            f.check_seal()
-            try:
-                _sweep(f, refs, False, _Nothing(), threading.Event())
-            except GGUFSplitError as e:
-                raise GGUFSplitError(e.path, f"{e.problem}; the split's existing files must be intact to add tasks "
-                                             "(run `gguf-split verify`)") from None
-    return refs[0]
 
 
 def remove(split_dir: str | os.PathLike[str], names: Sequence[str], *, dry_run: bool = False,

@@ -385,3 +385,54 @@ def test_inputs_are_opened_read_only(models: dict[str, Path], tmp_path: Path, mo
     with open(models["a"], "r+b"):  # the spy itself works
         pass
     assert writes == [str(models["a"])]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# files the new state keeps must be intact
+
+
+def _flip_tensor_byte(path: Path) -> None:
+    from gguf_split.gguf_format import GGUFFile
+
+    with GGUFFile(path) as f:
+        t = max(f.header.tensors, key=lambda t: t.nbytes)
+        at = f.header.data_start + t.offset + t.nbytes // 2
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_add_refuses_a_damaged_file_it_would_reuse(tmp_path: Path) -> None:
+    """`add` reuses a shipped shared file only if it is still what the adaptors recorded, byte for byte:
+    a flipped tensor byte is refused with one error naming the file, and nothing is written."""
+    a = write_model(tmp_path / "a.gguf", base_tensors())
+    b = write_model(tmp_path / "b.gguf", changed())
+    c = write_model(tmp_path / "c.gguf", changed(bump=999))
+    out = tmp_path / "out"
+    split({"a": a, "b": b}, out, file_cost=0)
+    foundation = next(out.glob("foundation-*.gguf"))
+    _flip_tensor_byte(foundation)
+    before = tree(out)
+    with pytest.raises(GGUFSplitError) as err:
+        add(out, {"c": c}, file_cost=0)
+    assert err.value.path == str(foundation) and "does not match" in err.value.problem
+    assert tree(out) == before
+
+
+def test_force_resplit_refuses_a_damaged_file_it_would_keep(tmp_path: Path) -> None:
+    """A --force re-split keeps a file whose content it would write again, after one xxh3 sweep against what
+    the adaptors recorded: a damaged one is refused (move it away or verify), not silently kept."""
+    a = write_model(tmp_path / "a.gguf", base_tensors())
+    b = write_model(tmp_path / "b.gguf", changed())
+    out = tmp_path / "out"
+    split({"a": a, "b": b}, out, file_cost=0)
+    foundation = next(out.glob("foundation-*.gguf"))
+    _flip_tensor_byte(foundation)
+    before = tree(out)
+    with pytest.raises(GGUFSplitError) as err:
+        split({"a": a, "b": b}, out, file_cost=0, force=True)
+    assert err.value.path == str(foundation) and "verify" in err.value.problem
+    assert tree(out) == before
+    foundation.unlink()  # moved away: the re-split writes it again, complete
+    split({"a": a, "b": b}, out, file_cost=0, force=True)
+    verify([out])
