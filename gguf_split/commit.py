@@ -27,8 +27,7 @@ import errno
 import json
 import os
 import signal
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -414,20 +413,6 @@ class Transaction:
 
     def __exit__(self, *exc: object) -> None:
         self._cleanup()
-
-
-def remove_all(directory: str, names: Sequence[str]) -> None:
-    """Best-effort removal (links being replaced)."""
-    for n in names:
-        try:
-            os.unlink(os.path.join(directory, n))
-        except OSError:
-            pass
-
-
-def stderr_note(message: str) -> None:
-    sys.stderr.write(f"gguf-split: {message}\n")
-    sys.stderr.flush()
 
 
 __all__ = ["Transaction", "NewFile", "Journal", "checkpoint", "check_space", "fsync_dir", "locked",

@@ -157,19 +157,6 @@ def check_file_name(name: Any, where: str | None = None) -> str:
     return name
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_outputs(out_dir: str, items: Sequence[tuple[str, Callable[[BinaryIO], None]]], *,
                    force: bool = False) -> None:
     """Write each (name, writer) into out_dir, all or nothing, through the project's crash-safe commit
