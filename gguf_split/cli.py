@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
@@ -37,27 +38,48 @@ app = typer.Typer(
 )
 
 
-def _console() -> Any:
-    from rich.console import Console
-
-    if sys.stdout.isatty():
-        return Console(markup=False, highlight=False)
-    # not a terminal: no wrapping at all (a table is as wide as its content)
-    return Console(markup=False, highlight=False, width=100_000, soft_wrap=True, no_color=True)
-
-
 class _Out:
-    """stdout through rich, created on first use (rich is not imported for --version or errors)."""
-
-    _c: Any = None
+    """Reports go to stdout as plain lines: never wrapped (scripts and logs get whole lines, a terminal
+    wraps what is too wide), and cheap for thousands of rows (rich draws the progress bars only)."""
 
     def print(self, *args: Any) -> None:
-        if self._c is None:
-            self._c = _console()
-        self._c.print(*args)
+        sys.stdout.write(" ".join(map(str, args)) + "\n")
 
 
 out = _Out()
+
+
+def _table(title: str, columns: tuple[str, ...], rows: Sequence[tuple[str, ...]], total: tuple[str, ...],
+           left: tuple[str, ...] = ("file", "used by")) -> None:
+    """An aligned plain-text table: title, header, rows, a rule, the total row."""
+    widths = [max(len(r[i]) for r in [columns, *rows, total]) for i in range(len(columns))]
+
+    def line(r: tuple[str, ...]) -> str:
+        cells = [c.ljust(w) if col in left else c.rjust(w) for c, w, col in zip(r, widths, columns)]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    out.print(title)
+    for r in (columns, tuple("-" * w for w in widths)):
+        out.print(line(r))
+    for r in rows:
+        out.print(line(r))
+    out.print(rule)
+    out.print(line(total))
+
+
+_FILE_COLUMNS = ("file", "split.no", "tensors", "bytes", "used by")
+
+
+def _files_table(title: str, files: list[tuple[str, int, str, int, list[str]]],
+                 adaptors: list[tuple[str, str, int, str]], output_bytes: int, input_bytes: int) -> None:
+    """The table `split`, `add` and `info DIR` print: every shared file with the tasks that load it, then
+    every adaptor with the model(s) it replaces."""
+    n = len(adaptors)
+    rows = [(name, str(pos), tensors, _size(size), "all tasks" if len(users) == n and n > 1 else ", ".join(users))
+            for name, pos, tensors, size, users in files]
+    rows += [(name, "0", tensors, _size(size), replaces) for name, tensors, size, replaces in adaptors]
+    _table(title, _FILE_COLUMNS, rows, ("total", "", "", _size(output_bytes), f"inputs {_size(input_bytes)}"))
 
 
 def _one_line(text: str) -> str:
@@ -177,22 +199,14 @@ _REASONS = {
 
 
 def _print_split(report: Any, title: str = "split into") -> None:
-    from rich.table import Table
-
-    table = Table(title=f"{title} {show(report.directory)}" + (" (dry run: nothing written)" if report.dry_run else ""),
-                  title_justify="left")
-    for col in ("file", "split.no", "tensors", "bytes", "used by"):
-        table.add_column(col, justify="left" if col in ("file", "used by") else "right", no_wrap=True)
     n_tasks = len(report.tasks)
-    for f in report.files:
-        users = "all tasks" if len(f.tasks) == n_tasks and n_tasks > 1 else ", ".join(f.tasks)
-        table.add_row(f.name + (" (kept)" if f.kept else ""), str(f.position), str(f.tensors), _size(f.bytes), users)
-    for t in report.tasks:
-        table.add_row(os.path.basename(t.adaptor), "0", f"{t.tensors}/{t.model_tensors}", _size(t.adaptor_bytes),
-                      f"{t.task} (replaces {', '.join(os.path.basename(s) for s in t.sources)}, {_size(t.source_bytes)})")
-    table.add_section()
-    table.add_row("total", "", "", _size(report.output_bytes), f"inputs {_size(report.input_bytes)}")
-    out.print(table)
+    _files_table(f"{title} {show(report.directory)}" + (" (dry run: nothing written)" if report.dry_run else ""),
+                 [(f.name + (" (kept)" if f.kept else ""), f.position, str(f.tensors), f.bytes, f.tasks)
+                  for f in report.files],
+                 [(os.path.basename(t.adaptor), f"{t.tensors}/{t.model_tensors}", t.adaptor_bytes,
+                   f"{t.task} (replaces {', '.join(os.path.basename(s) for s in t.sources)}, "
+                   f"{_size(t.source_bytes)})") for t in report.tasks],
+                 report.output_bytes, report.input_bytes)
     if not report.shares_anything:
         why = "one model" if n_tasks == 1 else "no group of shared tensors pays for a file (see --file-cost)"
         out.print(f"nothing is shared ({why}): the split is {_size(-report.saved_bytes)} larger than the inputs "
@@ -512,21 +526,11 @@ def _print_task_files(d: dict[str, Any]) -> None:
 
 
 def _print_savings(s: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"split {show(s['directory'])}", title_justify="left")
-    for col in ("file", "split.no", "tensors", "bytes", "used by"):
-        table.add_column(col, justify="left" if col in ("file", "used by") else "right")
-    n = len(s["tasks"])
-    for f in s["files"]:
-        users = "all tasks" if len(f["tasks"]) == n and n > 1 else ", ".join(f["tasks"])
-        table.add_row(f["name"], str(f["position"]), str(f["tensors"]), _size(f["bytes"]), users)
-    for t in s["tasks"]:
-        table.add_row(os.path.basename(t["path"]), "0", str(t["tensors"]), _size(t["bytes"]),
-                      f"{t['task']} (replaces {', '.join(t['sources'])}, {_size(t['source_bytes'])})")
-    table.add_section()
-    table.add_row("total", "", "", _size(s["output_bytes"]), f"inputs {_size(s['input_bytes'])}")
-    out.print(table)
+    _files_table(f"split {show(s['directory'])}",
+                 [(f["name"], f["position"], str(f["tensors"]), f["bytes"], f["tasks"]) for f in s["files"]],
+                 [(os.path.basename(t["path"]), str(t["tensors"]), t["bytes"],
+                   f"{t['task']} (replaces {', '.join(t['sources'])}, {_size(t['source_bytes'])})") for t in s["tasks"]],
+                 s["output_bytes"], s["input_bytes"])
     if s["ratio"] is not None:
         out.print(f"the split is {s['ratio']:.1%} of the inputs: saves {_size(s['saved_bytes'])}; "
                   f"{_size(s['over_optimum_bytes'])} over the dedup optimum (every distinct tensor once + "

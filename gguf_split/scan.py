@@ -18,6 +18,7 @@ compares each input's size, mtime and inode after the outputs are written with w
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -77,7 +78,7 @@ class ScannedModel:
     def first(self) -> GGUFFile:
         return self.files[0].file
 
-    @property
+    @functools.cached_property
     def architecture(self) -> str | None:
         arch = self.first.get(ARCHITECTURE_KEY, expect=GGUFValueType.STRING)
         return arch if isinstance(arch, str) else None

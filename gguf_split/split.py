@@ -536,9 +536,12 @@ def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, 
             refs: Mapping[int, FileRef], *, dry_run: bool = False, kept: set[int] | None = None,
             removed: list[str] | None = None, prefix: str = "") -> SplitReport:
     kept = kept or set()
+    loaders: dict[int, list[str]] = {}  # file index -> the tasks that load it (a hole's come from the orders)
+    for task_name, order in layout.task_files.items():
+        for i in order:
+            loaders.setdefault(i, []).append(task_name)
     files = [FileReport(nf.name, nf.kind, nf.planned.position, len(nf.tensors), nf.planned.nbytes,
-                        refs[i].size if i in refs else nf.built.file_size, list(nf.planned.tasks) if nf.kind != "hole"
-                        else [t for t, order in layout.task_files.items() if i in order], i in kept)
+                        refs[i].size if i in refs else nf.built.file_size, loaders.get(i, []), i in kept)
              for i, nf in enumerate(named)]
     all_names: dict[str, None] = {}
     for m in models.values():
