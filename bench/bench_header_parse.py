@@ -18,7 +18,7 @@ import time
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFValueType as V
 
-from gguf_split.gguf_format import (
+from gguf_split.format.gguf import (
     _WALKED,
     align_up,
     decode_value,

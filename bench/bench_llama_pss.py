@@ -226,7 +226,7 @@ def main() -> None:
         child(args.child)
         return
 
-    from gguf_split.split import split
+    from gguf_split.assemble.split import split
 
     models = finetunes(args.model)
     WORK.mkdir(parents=True, exist_ok=True)

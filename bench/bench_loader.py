@@ -62,10 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GEMMA3, SMOLLM2, WORK, finetunes  # noqa: E402
 
 from gguf_split import GGUFFile, open_model, open_split  # noqa: E402
-from gguf_split.gguf_format import _WALKED  # noqa: E402
-from gguf_split.loader import _Mapped  # noqa: E402
-from gguf_split.records import SplitFile  # noqa: E402
-from gguf_split.split import split  # noqa: E402
+from gguf_split.format.gguf import _WALKED  # noqa: E402
+from gguf_split.runtime.loader import _Mapped  # noqa: E402
+from gguf_split.format.records import SplitFile  # noqa: E402
+from gguf_split.assemble.split import split  # noqa: E402
 
 TASKS = ("chat", "code", "summarize")  # the fine-tunes; "base" is a task of the split too
 ALL = (*TASKS, "base")

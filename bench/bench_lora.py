@@ -7,11 +7,11 @@ of the top quarter), summarize (attn_q of the top layer); and smollm2-embd/vocab
 output head, plus the top quarter's attention), which no llama.cpp LoRA can serve.
 
 For each set: the base and its fine-tunes are split (gguf_split.split, two-file layout); each fine-tune is
-extracted as a LoRA against the base (gguf_split.lora.extract_lora, rank auto, F16 factors) and:
+extracted as a LoRA against the base (gguf_split.lora.adapter.extract_lora, rank auto, F16 factors) and:
 - bytes: the extracted LoRA, the original LoRA export-lora merged, the task's own tensors, the task file;
-- `merged()` against llama-export-lora: F16(gguf_split.lora.merged(base, original LoRA)) compared with the
+- `merged()` against llama-export-lora: F16(gguf_split.lora.adapter.merged(base, original LoRA)) compared with the
   merged task's F16 tensors element by element (bitwise-equal fraction, max difference in F16 ulps);
-- served through llama.cpp (gguf_split.lora_llama.LlamaLora: the base loaded once from its split files, mmap
+- served through llama.cpp (gguf_split.lora.llama.LlamaLora: the base loaded once from its split files, mmap
   on; adapters switched with llama_set_adapters_lora, no reload), on a fixed set of prompts:
   * greedy: the merged task's 32-token greedy continuation of each prompt, against the continuations of
     the other settings (prompts whose 32 tokens are all identical; mean length of the agreeing prefix);
@@ -109,7 +109,7 @@ def compare(ref: list[np.ndarray], other: list[np.ndarray]) -> dict[str, float]:
 def merged_vs_export_lora(base_path: Path, task_path: Path, lora_path: Path) -> dict[str, Any]:
     """F16(merged(base, original LoRA)) against the task's F16 tensors, element by element."""
     from gguf_split import open_model
-    from gguf_split.lora import LoraAdapter, merged
+    from gguf_split.lora.adapter import LoraAdapter, merged
 
     equal = total = 0
     max_ulp = 0
@@ -125,7 +125,7 @@ def merged_vs_export_lora(base_path: Path, task_path: Path, lora_path: Path) -> 
 
 def tensor_level(extracted: Path, original: Path) -> dict[str, float]:
     """‖scale·B·A (extracted) − scale·B·A (original)‖ / ‖scale·B·A (original)‖ per tensor: median and max."""
-    from gguf_split.lora import LoraAdapter, lora_delta, lora_scale
+    from gguf_split.lora.adapter import LoraAdapter, lora_delta, lora_scale
 
     rel = []
     with LoraAdapter.open(extracted) as e, LoraAdapter.open(original) as o:
@@ -142,7 +142,7 @@ def perturbed(original: Path, out: Path, eps: float) -> Path:
     extraction's, to show how much any change of the served weights moves the logits."""
     from gguf import GGUFWriter
 
-    from gguf_split.lora import LoraAdapter
+    from gguf_split.lora.adapter import LoraAdapter
 
     rng = np.random.default_rng(0)
     with LoraAdapter.open(original) as o:
@@ -166,7 +166,7 @@ def serve(paths: list[str], prompts: list[list[int]], runs: dict[str, list[tuple
     """One llama.cpp model; for each named LoRA setting: greedy continuations and teacher-forced logits
     along `sequences` (None: along each prompt + this setting's own greedy continuation). Times the load and
     every switch."""
-    from gguf_split.lora_llama import LlamaLora
+    from gguf_split.lora.llama import LlamaLora
 
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -220,7 +220,7 @@ def rollup():
 import llama_cpp
 before = rollup()
 if mode == "lowlevel":
-    from gguf_split.lora_llama import LlamaLora, silence_llama_logs
+    from gguf_split.lora.llama import LlamaLora, silence_llama_logs
     silence_llama_logs()
     llm = LlamaLora(paths, n_ctx=512, n_threads=2)
     if lora != "-":
@@ -256,9 +256,9 @@ def run_set(name: str, scratch: Path, skip_memory: bool) -> dict[str, Any]:
     from gguf.constants import GGMLQuantizationType as Q
 
     import llama_harness as H
-    from gguf_split.lora import LoraAdapter, extract_lora_from_files
-    from gguf_split.lora_llama import LlamaLora, silence_llama_logs
-    from gguf_split.split import split
+    from gguf_split.lora.adapter import LoraAdapter, extract_lora_from_files
+    from gguf_split.lora.llama import LlamaLora, silence_llama_logs
+    from gguf_split.assemble.split import split
 
     silence_llama_logs()
     paths, manifest = model_set(name)

@@ -1,4 +1,4 @@
-"""Pack benchmark: bytes and speed of `gguf_split.pack` on real model sets, against the baselines.
+"""Pack benchmark: bytes and speed of `gguf_split.pack.container` on real model sets, against the baselines.
 
 For each set (base + 3 fine-tunes), in one run:
 - inputs: the sum of the input files;
@@ -9,7 +9,7 @@ For each set (base + 3 fine-tunes), in one run:
 - unpack: `unpack` into an empty directory (fsync included) in a fresh process, MB/s of output, peak
   anonymous memory likewise, every file's sha256 checked against the input's; then pack and unpack again,
   untimed, under tracemalloc (numpy reports its buffers to it): the peak of everything allocated;
-- split: `gguf_split.split.split` of the same models, the sum of its output files ("n/a" if it fails);
+- split: `gguf_split.assemble.split.split` of the same models, the sum of its output files ("n/a" if it fails);
 - zstd -19: the CLI `zstd -19 -T2` on each input file on its own, the sum (cached by path/size/mtime);
 - CDC + zstd: content-defined chunks of every input (FastCDC 2020 via pyfastcdc: min 16 KiB, avg 64 KiB,
   max 256 KiB, normalized level 1, as the bench-infra branch's bench/hashing.py; or, when pyfastcdc is
@@ -55,9 +55,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from common import WORK, finetunes  # noqa: E402
 
-from gguf_split import codec  # noqa: E402
-from gguf_split.gguf_format import GGUFFile  # noqa: E402
-from gguf_split.pack import pack_files, unpack  # noqa: E402
+from gguf_split.pack import codec  # noqa: E402
+from gguf_split.format.gguf import GGUFFile  # noqa: E402
+from gguf_split.pack.container import pack_files, unpack  # noqa: E402
 
 CDC_MIN, CDC_AVG, CDC_MAX = 16 << 10, 64 << 10, 256 << 10
 CACHE = WORK / "bench-pack-cache.json"
@@ -249,7 +249,7 @@ def cdc_zstd(paths: list[Path]) -> dict[str, Any]:
 
 def split_bytes(tasks: dict[str, Path], scratch: Path) -> int | None:
     try:
-        from gguf_split.split import split
+        from gguf_split.assemble.split import split
     except Exception:  # noqa: BLE001 - the lead is rewriting split: report n/a
         return None
     out = scratch / "split"

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from gguf_split import plan as P
+from gguf_split.assemble import plan as P
 
 TensorId = P.TensorId
 MB = 1e6
@@ -128,11 +128,11 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
 
     import numpy as np
     from gguf import GGUFWriter
-    from gguf_split import cli
+    from gguf_split.cli import app as cli
     import importlib
 
-    S = importlib.import_module("gguf_split.split")  # the module (gguf_split.split is the function)
-    from gguf_split.scan import hash_models
+    S = importlib.import_module("gguf_split.assemble.split")  # the module (gguf_split.split is the function)
+    from gguf_split.assemble.scan import hash_models
 
     with tempfile.TemporaryDirectory() as d:
         tasks = {}

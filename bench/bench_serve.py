@@ -131,7 +131,7 @@ def serve(models_dir: Path, tasks: list[str], tokens: int, repack: bool) -> dict
 
 def tensor_bytes(paths: list[Path]) -> int:
     """Tensor data bytes of distinct files (what llama.cpp maps; it reads headers with plain reads)."""
-    from gguf_split.records import open_split_file
+    from gguf_split.format.records import open_split_file
 
     seen, total = set(), 0
     for p in paths:

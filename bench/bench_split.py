@@ -7,7 +7,7 @@ figures are medians of `--repeats` runs, and the split and its floor are measure
 split in each round) so drift hits both alike.
 
 What is measured (page cache warm: every input is read once before any timing):
-- split: `gguf_split.split.split(tasks, outdir, force=True)` in this process (no CLI start-up), on the base
+- split: `gguf_split.assemble.split.split(tasks, outdir, force=True)` in this process (no CLI start-up), on the base
   model and its three fine-tunes; the output directory is removed and the file system synced (untimed)
   before each run, so no run pays for the previous run's write-back or unlinks, and the vocabulary memo
   (gguf_format._WalkedArrays) is cleared, so each run walks the first input's vocabulary as a fresh
@@ -26,7 +26,7 @@ What is measured (page cache warm: every input is read once before any timing):
 - bytes (`--parts bytes`, kept for the 0.1 two-file layout it was written for): the outputs against the
   per-tensor dedup optimum and the two-file optimum. For the multi-file layout use bench_layout.py, which
   measures bytes on the export-lora sets against the optimum, the two-file layout and CDC.
-- hashing: `gguf_split.scan.hash_models` with threads=1 and threads=2 (python-xxhash releases the GIL),
+- hashing: `gguf_split.assemble.scan.hash_models` with threads=1 and threads=2 (python-xxhash releases the GIL),
   in GB/s of the bytes it hashes (each input twice: the whole-file digest and the tensor digests), against
   plain xxh3-128 over each input's mmap (each input once) with 1 and 2 threads: the 2-thread baseline
   shows what the second core gives at the time of the run.
@@ -65,10 +65,10 @@ import xxhash
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GEMMA3, SMOLLM2, WORK, finetunes  # noqa: E402
 
-from gguf_split.gguf_format import _WALKED, GGUFFile  # noqa: E402
-from gguf_split.progress import QUIET  # noqa: E402
-from gguf_split.scan import hash_models, open_model  # noqa: E402
-from gguf_split.split import split  # noqa: E402
+from gguf_split.format.gguf import _WALKED, GGUFFile  # noqa: E402
+from gguf_split.disk.progress import QUIET  # noqa: E402
+from gguf_split.assemble.scan import hash_models, open_model  # noqa: E402
+from gguf_split.assemble.split import split  # noqa: E402
 
 READ_CHUNK = 16 << 20
 SETTLE_SECONDS = 0.5  # after a sync, let the device finish discards before the next timed step
@@ -171,7 +171,7 @@ def time_split_and_floor(tasks: dict[str, str], scratch: Path, repeats: int) -> 
 
 FRESH_PARSE = """
 import sys, time
-from gguf_split.gguf_format import GGUFFile
+from gguf_split.format.gguf import GGUFFile
 t0 = time.perf_counter()
 GGUFFile(sys.argv[1]).close()
 print(time.perf_counter() - t0)
@@ -348,14 +348,14 @@ def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
 
 # where the split's wall time goes: (module, function, label); a function the package no longer has is skipped
 PHASES = (
-    ("gguf_split.split", "open_models", "open + parse inputs"),
-    ("gguf_split.split", "hash_models", "hash (file + tensor digests)"),
-    ("gguf_split.split", "plan_layout", "plan"),
-    ("gguf_split.split", "build_header", "build headers"),
-    ("gguf_split.split", "write_gguf", "write (copy tensors)"),
+    ("gguf_split.assemble.split", "open_models", "open + parse inputs"),
+    ("gguf_split.assemble.split", "hash_models", "hash (file + tensor digests)"),
+    ("gguf_split.assemble.split", "plan_layout", "plan"),
+    ("gguf_split.assemble.split", "build_header", "build headers"),
+    ("gguf_split.assemble.split", "write_gguf", "write (copy tensors)"),
     ("os", "fsync", "fsync"),
-    ("gguf_split.split", "_prove_all", "prove restore (parse outputs)"),
-    ("gguf_split.split", "_check_written", "read back + check outputs"),
+    ("gguf_split.assemble.split", "_prove_all", "prove restore (parse outputs)"),
+    ("gguf_split.assemble.split", "_check_written", "read back + check outputs"),
 )
 OTHER = "other (lock, rename, close, report)"
 

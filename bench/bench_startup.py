@@ -23,7 +23,7 @@ COMMANDS = {
     "gguf-split --version": ["gguf-split", "--version"],
     "gguf-split --help": ["gguf-split", "--help"],
     "python -c 'import gguf_split'": [sys.executable, "-c", "import gguf_split"],
-    "python -c 'import gguf_split.split'": [sys.executable, "-c", "import gguf_split.split"],
+    "python -c 'import gguf_split.assemble.split'": [sys.executable, "-c", "import gguf_split.assemble.split"],
 }
 BASELINE = [sys.executable, "-c", "pass"]
 

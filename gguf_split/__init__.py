@@ -20,8 +20,6 @@ stay fast.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from .errors import GGUFSplitError
@@ -29,30 +27,30 @@ from .errors import GGUFSplitError
 __version__ = "0.2.0"
 
 _LAZY = {
-    "split": ("split", "split"),
-    "SplitReport": ("split", "SplitReport"),
-    "TaskReport": ("split", "TaskReport"),
-    "FileReport": ("split", "FileReport"),
-    "add": ("update", "add"),
-    "remove": ("update", "remove"),
-    "AddReport": ("update", "AddReport"),
-    "RemoveReport": ("update", "RemoveReport"),
-    "restore": ("restore", "restore"),
-    "RestoreReport": ("restore", "RestoreReport"),
-    "verify": ("verify", "verify"),
-    "VerifyReport": ("verify", "VerifyReport"),
-    "open_split": ("loader", "open_split"),
-    "Split": ("loader", "Split"),
-    "Foundation": ("loader", "Foundation"),
-    "TaskModel": ("loader", "TaskModel"),
-    "Model": ("model", "Model"),
-    "Tensor": ("model", "Tensor"),
-    "Field": ("model", "Field"),
-    "Metadata": ("model", "Metadata"),
-    "open_model": ("model", "open_model"),
-    "GGUFFile": ("gguf_format", "GGUFFile"),
-    "link_task": ("links", "link_task"),
-    "write_models_dir": ("links", "write_models_dir"),
+    "split": ("assemble.split", "split"),
+    "SplitReport": ("assemble.split", "SplitReport"),
+    "TaskReport": ("assemble.split", "TaskReport"),
+    "FileReport": ("assemble.split", "FileReport"),
+    "add": ("assemble.update", "add"),
+    "remove": ("assemble.update", "remove"),
+    "AddReport": ("assemble.update", "AddReport"),
+    "RemoveReport": ("assemble.update", "RemoveReport"),
+    "restore": ("splitdir.restore", "restore"),
+    "RestoreReport": ("splitdir.restore", "RestoreReport"),
+    "verify": ("splitdir.verify", "verify"),
+    "VerifyReport": ("splitdir.verify", "VerifyReport"),
+    "open_split": ("runtime.loader", "open_split"),
+    "Split": ("runtime.loader", "Split"),
+    "Foundation": ("runtime.loader", "Foundation"),
+    "TaskModel": ("runtime.loader", "TaskModel"),
+    "Model": ("format.model", "Model"),
+    "Tensor": ("format.model", "Tensor"),
+    "Field": ("format.model", "Field"),
+    "Metadata": ("format.model", "Metadata"),
+    "open_model": ("format.model", "open_model"),
+    "GGUFFile": ("format.gguf", "GGUFFile"),
+    "link_task": ("splitdir.links", "link_task"),
+    "write_models_dir": ("splitdir.links", "write_models_dir"),
 }
 
 __all__ = ["GGUFSplitError", "__version__", *_LAZY]
@@ -71,26 +69,12 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-class _Package(types.ModuleType):
-    """Three functions share their name with the submodule that defines them (`split`, `restore`,
-    `verify`). Importing a submodule makes Python set it as an attribute of the package, which would hide
-    the function; the package keeps the function instead (the submodule stays in sys.modules)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and name in _LAZY and _LAZY[name][0] == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:
-    from .gguf_format import GGUFFile
-    from .links import link_task, write_models_dir
-    from .loader import Foundation, Split, TaskModel, open_split
-    from .model import Field, Metadata, Model, Tensor, open_model
-    from .restore import RestoreReport, restore
-    from .split import FileReport, SplitReport, TaskReport, split
-    from .update import AddReport, RemoveReport, add, remove
-    from .verify import VerifyReport, verify
+    from .format.gguf import GGUFFile
+    from .splitdir.links import link_task, write_models_dir
+    from .runtime.loader import Foundation, Split, TaskModel, open_split
+    from .format.model import Field, Metadata, Model, Tensor, open_model
+    from .splitdir.restore import RestoreReport, restore
+    from .assemble.split import FileReport, SplitReport, TaskReport, split
+    from .assemble.update import AddReport, RemoveReport, add, remove
+    from .splitdir.verify import VerifyReport, verify

@@ -51,7 +51,7 @@ def main() -> None:
                 reconfigure = getattr(stream, "reconfigure", None)
                 if reconfigure is not None:
                     reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 never crashes output
-            from .cli import run
+            from .cli.app import run
 
             run(argv)
     except SystemExit as e:

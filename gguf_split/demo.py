@@ -21,8 +21,8 @@ from gguf.constants import GGMLQuantizationType as Q
 from gguf.constants import GGUFValueType
 from gguf.quants import quantize
 
-from .gguf_format import GGUFFile, align_up, encode_kv, encode_prefix, encode_tensor_info, to_numpy
-from .progress import QUIET, Progress
+from .format.gguf import GGUFFile, align_up, encode_kv, encode_prefix, encode_tensor_info, to_numpy
+from .disk.progress import QUIET, Progress
 
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had "
          "by word but not what all were we when your can said there use an each which she do how their if will "
@@ -217,11 +217,11 @@ def run_demo(directory: str | os.PathLike[str], progress: Progress = QUIET) -> d
     """Build the demo models in DIR/models, split them into DIR/split (with llama.cpp links), verify,
     restore each task into DIR/restored and compare sha256 with the original. Re-running replaces the
     demo's own files (DIR/models, DIR/split, DIR/restored), nothing else in DIR."""
-    from .commit import check_space
+    from .disk.commit import check_space
     from .errors import GGUFSplitError
-    from .restore import restore
-    from .split import split
-    from .verify import verify
+    from .splitdir.restore import restore
+    from .assemble.split import split
+    from .splitdir.verify import verify
 
     directory = os.path.abspath(os.fspath(directory))
     if os.path.lexists(directory) and not os.path.isdir(directory):

@@ -156,7 +156,7 @@ def retype_tensors(src: str | os.PathLike[str], dst: str | os.PathLike[str], nam
     import numpy as np
     from gguf.constants import GGMLQuantizationType as Q
 
-    from gguf_split.gguf_format import GGUFFile, align_up, encode_prefix, encode_tensor_info, to_numpy
+    from gguf_split.format.gguf import GGUFFile, align_up, encode_prefix, encode_tensor_info, to_numpy
 
     np_type = {Q.F16: np.float16, Q.F32: np.float32}[Q(ggml_type)]
     with GGUFFile(src) as f:

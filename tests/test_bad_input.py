@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 
 from conftest import base_tensors, sha256, write_model
 from gguf_split import restore, split
-from gguf_split.cli import app
-from gguf_split.split import SplitReport
+from gguf_split.cli.app import app
+from gguf_split.assemble.split import SplitReport
 
 Factory = Callable[..., str]
 ERROR_PREFIX = "gguf-split: error: "
@@ -444,7 +444,7 @@ class SplitFileNames:
     @staticmethod
     def of(directory: Path, task: str) -> list[str]:
         """The task's files in llama.cpp order, from gguf-split's records."""
-        from gguf_split.splitdir import open_task
+        from gguf_split.splitdir.directory import open_task
 
         with open_task(directory / f"adaptor-{task}.gguf") as tf:
             return tf.paths()

@@ -23,7 +23,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from conftest import base_tensors, write_model
 from gguf_split.errors import GGUFSplitError
-from gguf_split.gguf_format import GGUFFile, Header, iter_gaps
+from gguf_split.format.gguf import GGUFFile, Header, iter_gaps
 from gguf_split import restore, split, verify
 
 ADAPTORS = ("adaptor-a.gguf", "adaptor-b.gguf")

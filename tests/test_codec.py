@@ -12,8 +12,8 @@ from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from gguf_split import codec
-from gguf_split.codec import CodecError
+from gguf_split.pack import codec
+from gguf_split.pack.codec import CodecError
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers

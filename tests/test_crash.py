@@ -37,10 +37,10 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from conftest import write_model
 from gguf_split import add, split
-from gguf_split.naming import JOURNAL, TMP_SUFFIX
-from gguf_split.restore import restore
-from gguf_split.splitdir import SplitDir
-from gguf_split.verify import verify
+from gguf_split.format.names import JOURNAL, TMP_SUFFIX
+from gguf_split.splitdir.restore import restore
+from gguf_split.splitdir.directory import SplitDir
+from gguf_split.splitdir.verify import verify
 
 SEED = 1123
 TENSOR = (Q.F32, (512, 512))  # 1 MiB each
@@ -349,7 +349,7 @@ def sparse_model(path: Path, gib: int) -> Path:
     """A valid GGUF with one F32 tensor of `gib` GiB whose bytes are a hole (sparse: no disk space)."""
     from gguf.constants import GGUFValueType as V
 
-    from gguf_split.gguf_format import align_up, encode_kv, encode_prefix, encode_tensor_info
+    from gguf_split.format.gguf import align_up, encode_kv, encode_prefix, encode_tensor_info
 
     n = (gib << 30) // 4
     head = encode_prefix(3, 1, 1) + encode_kv("general.architecture", V.STRING, "llama")

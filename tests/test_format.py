@@ -1,4 +1,4 @@
-"""The lean GGUF reader/writer (gguf_split.gguf_format) against gguf's own GGUFReader and GGUFWriter.
+"""The lean GGUF reader/writer (gguf_split.format.gguf) against gguf's own GGUFReader and GGUFWriter.
 
 Why: gguf-split trusts its own struct walk instead of GGUFReader (too slow on big vocabularies), and
 restores files by re-emitting byte spans it parsed. So the walk must agree with the reference reader on
@@ -19,7 +19,7 @@ from gguf.quants import dequantize
 
 from conftest import base_tensors, write_model
 from gguf_split.errors import GGUFSplitError
-from gguf_split.gguf_format import (
+from gguf_split.format.gguf import (
     GGUFFile,
     KV,
     decode_value,
@@ -315,7 +315,7 @@ def memo_model(path: Path) -> tuple[str, int, int]:
 
 
 def test_memo_replays_an_identical_vocabulary(tmp_path: Path) -> None:
-    from gguf_split.gguf_format import _WALKED
+    from gguf_split.format.gguf import _WALKED
 
     a, start, end = memo_model(tmp_path / "a.gguf")
     b, _, _ = memo_model(tmp_path / "b.gguf")

@@ -24,7 +24,7 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFValueType as V
 
 from gguf_split.errors import GGUFSplitError
-from gguf_split.gguf_format import (
+from gguf_split.format.gguf import (
     GGUFFile,
     align_up,
     encode_kv,
@@ -306,7 +306,7 @@ def test_claim_in_a_small_file(case: tuple[str, int], tmp_path: Path) -> None:
 SPARSE_RUNNER = r"""
 import json, resource, sys, time, tracemalloc
 from gguf_split.errors import GGUFSplitError
-from gguf_split.gguf_format import GGUFFile
+from gguf_split.format.gguf import GGUFFile
 
 def rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -510,7 +510,7 @@ def test_walked_arrays_memo_keeps_no_huge_array(tmp_path: Path, monkeypatch: pyt
     """The vocabulary memo copies a walked string array to replay it later: an array larger than
     _WalkedArrays.MAX_BYTES is walked and not copied (it used to copy any size: a sparse file of 2^29 empty
     strings cost 4 GB). The limit is lowered here to 256 KiB so that the walk is short under tracemalloc."""
-    from gguf_split.gguf_format import _WALKED, _WalkedArrays
+    from gguf_split.format.gguf import _WALKED, _WalkedArrays
 
     assert 16 << 20 <= _WalkedArrays.MAX_BYTES <= 64 << 20  # a 262k-token vocabulary is ~4 MB
     monkeypatch.setattr(_WalkedArrays, "MAX_BYTES", 256 << 10, raising=False)
@@ -582,7 +582,7 @@ def test_data_start_alignment(tmp_path: Path, alignment: int) -> None:
 # decode_value: safe on any bytes (it used to trust its buffer: struct.error, ValueError, RecursionError,
 # a silently short string, or a tuple and a list of the claimed count).
 
-from gguf_split.gguf_format import decode_value  # noqa: E402
+from gguf_split.format.gguf import decode_value  # noqa: E402
 
 
 def arr(sub: V, count: int, body: bytes = b"") -> bytes:
@@ -688,7 +688,7 @@ def test_get_with_expect_refuses_a_huge_array_before_decoding_it(tmp_path: Path)
 def test_tensor_infos_at_a_position_past_the_end() -> None:
     """A header index can point past the file: zero tensors there are none, one is refused plainly (it
     said 'the file can hold at most -1', and refused even zero tensors)."""
-    from gguf_split.gguf_format import read_tensor_infos_at
+    from gguf_split.format.gguf import read_tensor_infos_at
 
     assert read_tensor_infos_at(b"GGUF", 100, 0, 32, "f.gguf") == []
     with pytest.raises(GGUFSplitError) as err:

@@ -45,14 +45,14 @@ from hypothesis import strategies as st
 from conftest import write_model
 from gguf_split import open_split, restore, split, verify
 from gguf_split.errors import GGUFSplitError
-from gguf_split.gguf_format import GGUFFile, Header, decode_value, iter_gaps, parse_header, parse_tensor_infos
-from gguf_split.info import describe, savings, task_files
-from gguf_split.loader import open_model
-from gguf_split.naming import JOURNAL, TMP_SUFFIX
-from gguf_split.records import OWN_PREFIX
-from gguf_split.restore import plan_restore
-from gguf_split.splitdir import open_task
-from gguf_split.update import remove
+from gguf_split.format.gguf import GGUFFile, Header, decode_value, iter_gaps, parse_header, parse_tensor_infos
+from gguf_split.splitdir.info import describe, savings, task_files
+from gguf_split.runtime.loader import open_model
+from gguf_split.format.names import JOURNAL, TMP_SUFFIX
+from gguf_split.format.records import OWN_PREFIX
+from gguf_split.splitdir.restore import plan_restore
+from gguf_split.splitdir.directory import open_task
+from gguf_split.assemble.update import remove
 
 SLOW = 0.5  # seconds: no single input may take longer (a loop on a claimed count would take forever)
 SLOW_WRITE = 5.0  # the same for targets that write and fsync a split (a loaded disk stalls fsync for a while)
@@ -594,7 +594,7 @@ def test_oracles_catch_a_wrong_restore(corpus: Corpus, workdir: Path, monkeypatc
     """The restore oracle is not vacuous: a restore that writes other bytes (its check disabled) fails it."""
     import importlib
 
-    restore_mod = importlib.import_module("gguf_split.restore")
+    restore_mod = importlib.import_module("gguf_split.splitdir.restore")
     real = restore_mod.read_back
     monkeypatch.setattr(restore_mod, "copy_bytes", lambda src, off, n, fd, bar: os.write(fd, bytes(n)) and None)
     monkeypatch.setattr(restore_mod, "read_back", lambda path, bar: corpus_digest(corpus))

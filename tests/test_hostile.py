@@ -36,10 +36,10 @@ from gguf import GGUFEndian, GGUFWriter
 from typer.testing import CliRunner
 
 from conftest import base_tensors, write_model
-from gguf_split.cli import app
+from gguf_split.cli.app import app
 from gguf_split.errors import GGUFSplitError
-from gguf_split.gguf_format import KV, GGUFFile, Header, TensorInfo, iter_gaps, parse_header
-from gguf_split.split import split
+from gguf_split.format.gguf import KV, GGUFFile, Header, TensorInfo, iter_gaps, parse_header
+from gguf_split.assemble.split import split
 
 ERROR_PREFIX = "gguf-split: error: "
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
@@ -1094,7 +1094,7 @@ def test_field_offsets_match_the_parse(tmp_path: Path) -> None:
 
 def test_reseal_makes_a_patched_header_pass_the_seal(tmp_path: Path) -> None:
     """reseal() really forges the seal (so the forged-record rows test what lies behind it)."""
-    from gguf_split.records import SplitFile
+    from gguf_split.format.records import SplitFile
 
     w = World(tmp_path)
     w.path("models").mkdir()

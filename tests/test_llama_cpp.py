@@ -41,11 +41,11 @@ if H.IMPORT_ERROR is not None:
 from typer.testing import CliRunner  # noqa: E402
 
 from gguf_split import add, open_split, restore, split, verify  # noqa: E402
-from gguf_split.cli import app  # noqa: E402
+from gguf_split.cli.app import app  # noqa: E402
 from gguf_split.demo import Dims  # noqa: E402
 from gguf_split.errors import GGUFSplitError  # noqa: E402
-from gguf_split.gguf_format import GGUFFile  # noqa: E402
-from gguf_split.split import SplitReport  # noqa: E402
+from gguf_split.format.gguf import GGUFFile  # noqa: E402
+from gguf_split.assemble.split import SplitReport  # noqa: E402
 
 TASKS = ("base", "chat", "code", "summarize")
 
@@ -174,7 +174,7 @@ def _shard_copy(model: str, prefix: Path) -> str:
     byte; shard 1 keeps every KV), as llama-gguf-split lays them out."""
     from gguf.constants import GGUFValueType as V
 
-    from gguf_split.gguf_format import align_up, encode_kv, encode_prefix, encode_tensor_info
+    from gguf_split.format.gguf import align_up, encode_kv, encode_prefix, encode_tensor_info
 
     f = GGUFFile(model)
     h = f.header

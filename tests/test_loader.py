@@ -1,4 +1,4 @@
-"""The runtime loader (gguf_split.loader) against the original models, read independently by gguf's GGUFReader.
+"""The runtime loader (gguf_split.runtime.loader) against the original models, read independently by gguf's GGUFReader.
 
 Why: a task loaded from its adaptor and shared files must be indistinguishable from its original GGUF
 (every tensor byte, the tensor order, every KV with its GGUF types), while mapping each file once in the
@@ -44,8 +44,8 @@ from gguf.quants import dequantize
 
 from conftest import base_tensors, write_model
 from gguf_split import Foundation, GGUFFile, GGUFSplitError, TaskModel, Tensor, open_model, open_split, split, verify
-from gguf_split.loader import _Mapped
-from gguf_split.records import K_INDEX, K_SEAL, seal_offset
+from gguf_split.runtime.loader import _Mapped
+from gguf_split.format.records import K_INDEX, K_SEAL, seal_offset
 
 MiB = 1 << 20
 PAGE = mmap.PAGESIZE

@@ -1,4 +1,4 @@
-"""LoRA extraction, adapter files and merged tensors (gguf_split.lora), without llama.cpp.
+"""LoRA extraction, adapter files and merged tensors (gguf_split.lora.adapter), without llama.cpp.
 
 What must hold, and how it is checked independently of the code under test:
 - extraction reproduces the task: the merged tensor computed from the adapter file (A and B read back from
@@ -26,10 +26,10 @@ from gguf.constants import GGMLQuantizationType as Q
 from gguf.constants import GGUFValueType as V
 from gguf.quants import quantize
 
-import gguf_split.lora as lora
+import gguf_split.lora.adapter as lora
 from gguf_split import GGUFSplitError, open_model, open_split
 from gguf_split.demo import make_base_model, make_demo_models
-from gguf_split.lora import (
+from gguf_split.lora.adapter import (
     LoraAdapter,
     LoraModel,
     LoraTensor,
@@ -38,7 +38,7 @@ from gguf_split.lora import (
     merged,
     write_atomically,
 )
-from gguf_split.split import split
+from gguf_split.assemble.split import split
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
@@ -96,7 +96,7 @@ def read_back(path: Path) -> tuple[dict[str, Any], dict[str, tuple[list[int], in
 
 def llama_cpp_delta(ts: dict[str, tuple[list[int], int, np.ndarray]], target: str, alpha: float,
                     user_scale: float = 1.0) -> np.ndarray:
-    """The delta llama.cpp adds, written out with ggml's element indexing (not gguf_split.lora's code):
+    """The delta llama.cpp adds, written out with ggml's element indexing (not gguf_split.lora.adapter's code):
     a tensor of ne [n0, n1] has element (i0, i1) at numpy [i1, i0]. build_lora_mm: y = W·x + s·B·(A·x),
     i.e. delta(i_in, i_out) = Σ_k A(i_in, k)·B(k, i_out); token_embd (build_inp_embd): A ne [r, n_vocab],
     B ne [r, n_embd], delta(j, t) = Σ_k B(k, j)·A(k, t). s = scale·alpha/r with r = B's ne0."""
@@ -156,7 +156,7 @@ def test_extracted_lora_reproduces_the_demo_fine_tune(demo: dict[str, str], tmp_
 
 def test_exact_low_rank_delta_gives_its_rank(tmp_path: Path) -> None:
     """F32 task = F32 base + an exactly rank-5 change: auto finds 5, F32 factors reproduce it to float32
-    precision, and the merged tensor (gguf_split.lora.merged, from the file's A and B) equals the task."""
+    precision, and the merged tensor (gguf_split.lora.adapter.merged, from the file's A and B) equals the task."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((48, 80)).astype(np.float32)
     d = low_rank(rng, 48, 80, 5)
@@ -690,7 +690,7 @@ def test_task_model_refuses_a_lora_that_does_not_fit(split_demo: dict[str, Any],
 def test_cli_extract_lora_from_a_split_and_from_files(demo: dict[str, str], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from gguf_split.cli import app
+    from gguf_split.cli.app import app
 
     split({t: demo[t] for t in ("base", "chat", "summarize")}, tmp_path / "split", file_cost=0)
     runner = CliRunner()

@@ -24,10 +24,10 @@ from gguf.quants import quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gguf_split import codec
-from gguf_split import pack as packmod
+from gguf_split.pack import codec
+from gguf_split.pack import container as packmod
 from gguf_split.errors import GGUFSplitError
-from gguf_split.pack import pack_files, read_index, unpack
+from gguf_split.pack.container import pack_files, read_index, unpack
 
 N_EMBD, N_FF, N_VOCAB = 64, 128, 96
 

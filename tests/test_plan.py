@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from gguf_split import plan as P
+from gguf_split.assemble import plan as P
 
 TensorId, FixedFile, plan_layout = P.TensorId, P.FixedFile, P.plan_layout
 MiB = 1 << 20

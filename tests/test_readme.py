@@ -36,7 +36,7 @@ def test_example_spec_runs_as_the_readme_shows(tmp_path: Path, monkeypatch: pyte
 
     from gguf_split import split as run_split
     from gguf_split.demo import run_demo
-    from gguf_split.spec import load_spec
+    from gguf_split.assemble.spec import load_spec
 
     shutil.copytree(README.parent / "specs", tmp_path / "specs")
     monkeypatch.chdir(tmp_path)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import base_tensors, write_model
 from gguf_split import open_split, split
-from gguf_split.cli import app
+from gguf_split.cli.app import app
 
 ERROR_PREFIX = "gguf-split: error: "
 CHANGED = "blk.0.attn_q.weight"

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import base_tensors, write_model
 from gguf_split import GGUFSplitError, open_split, restore, split, verify
-from gguf_split.gguf_format import GGUFFile
+from gguf_split.format.gguf import GGUFFile
 from test_hostile import CHANGED_TENSOR, forge_text, foundation_name, same_length
 
 
@@ -121,7 +121,7 @@ def test_every_adaptor_is_compared_with_a_file_other_tasks_opened_first(split_di
     with pytest.raises(GGUFSplitError, match="another split") as err:
         verify([split_dir])
     assert err.value.path == str(split_dir / name)
-    from gguf_split.info import savings
+    from gguf_split.splitdir.info import savings
 
     with pytest.raises(GGUFSplitError, match="another split"):
         savings(split_dir)

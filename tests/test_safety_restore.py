@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from conftest import base_tensors, write_model
 from gguf_split import GGUFSplitError, restore, split
-from gguf_split.cli import app
-from gguf_split.naming import TMP_SUFFIX
+from gguf_split.cli.app import app
+from gguf_split.format.names import TMP_SUFFIX
 
-restore_mod = importlib.import_module("gguf_split.restore")
-commit_mod = importlib.import_module("gguf_split.commit")
+restore_mod = importlib.import_module("gguf_split.splitdir.restore")
+commit_mod = importlib.import_module("gguf_split.disk.commit")
 
 ERROR_PREFIX = "gguf-split: error: "
 CHANGED = "blk.0.attn_q.weight"

@@ -24,9 +24,9 @@ import pytest
 from conftest import base_tensors, write_model
 from gguf_split import GGUFSplitError, add, restore, split, verify
 
-scan_mod = importlib.import_module("gguf_split.scan")
-split_mod = importlib.import_module("gguf_split.split")
-commit_mod = importlib.import_module("gguf_split.commit")
+scan_mod = importlib.import_module("gguf_split.assemble.scan")
+split_mod = importlib.import_module("gguf_split.assemble.split")
+commit_mod = importlib.import_module("gguf_split.disk.commit")
 
 ERROR_PREFIX = "gguf-split: error: "
 CHANGED = "blk.0.attn_q.weight"
@@ -352,7 +352,7 @@ def test_inputs_are_opened_read_only(models: dict[str, Path], tmp_path: Path, mo
     import builtins
 
     from gguf_split import open_split
-    from gguf_split.info import savings
+    from gguf_split.splitdir.info import savings
 
     out = tmp_path / "out"
     split({"a": models["a"], "b": models["b"]}, out, file_cost=0)
@@ -392,7 +392,7 @@ def test_inputs_are_opened_read_only(models: dict[str, Path], tmp_path: Path, mo
 
 
 def _flip_tensor_byte(path: Path) -> None:
-    from gguf_split.gguf_format import GGUFFile
+    from gguf_split.format.gguf import GGUFFile
 
     with GGUFFile(path) as f:
         t = max(f.header.tensors, key=lambda t: t.nbytes)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import base_tensors, sha256, write_model
 from gguf_split import GGUFSplitError
-from gguf_split.cli import app
+from gguf_split.cli.app import app
 
 ERROR_PREFIX = "gguf-split: error: "
 
@@ -197,7 +197,7 @@ def test_spec_error_names_spec_file_and_key(project: Path, case: str) -> None:
 
 
 def test_task_name_errors_state_the_broken_rule() -> None:
-    from gguf_split.naming import check_task_name
+    from gguf_split.format.names import check_task_name
 
     with pytest.raises(GGUFSplitError) as err:
         check_task_name("x" * 65)

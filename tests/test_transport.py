@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from conftest import base_tensors, write_model, write_sharded
 from gguf_split import GGUFSplitError, split, verify
-from gguf_split.cli import app
+from gguf_split.cli.app import app
 from gguf_split.demo import make_demo_models
-from gguf_split.restore import restore
-from gguf_split.transport import pack, unpack_to
+from gguf_split.splitdir.restore import restore
+from gguf_split.pack.transport import pack, unpack_to
 
 
 def sha(p: Path | str) -> str:
@@ -134,7 +134,7 @@ def test_unpack_killed_at_every_step_leaves_nothing_or_everything(demo, tmp_path
         assert p.returncode == -signal.SIGKILL, p.stderr
         got = regular(out) if out.exists() else {}
         got = {name: digest for name, digest in got.items() if not name.startswith(".")}
-        from gguf_split.splitdir import SplitDir
+        from gguf_split.splitdir.directory import SplitDir
 
         if out.exists() and SplitDir.open(out).pending:  # switched: readers see the new state
             verify([out])

@@ -17,9 +17,9 @@ from typing import Any
 
 from gguf.constants import GGUFValueType
 
-from .errors import GGUFSplitError
-from .gguf_format import KV, GGUFFile, TensorInfo, decode_value, to_numpy, type_name
-from .naming import show
+from ..errors import GGUFSplitError
+from .gguf import KV, GGUFFile, TensorInfo, decode_value, to_numpy, type_name
+from .names import show
 from .records import SplitFile
 
 __all__ = ["Field", "Metadata", "Model", "Tensor", "open_model"]

@@ -23,13 +23,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .commit import Transaction, check_space
-from .errors import GGUFSplitError
-from .gguf_format import GGUFFile
-from .naming import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
+from ..disk.commit import Transaction, check_space
+from ..errors import GGUFSplitError
+from ..format.gguf import GGUFFile
+from ..format.names import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
 from .plan import DEFAULT_FILE_COST, HOLE, OWN, Layout, PlannedFile, TensorId, plan_layout
-from .progress import QUIET, Progress
-from .records import (
+from ..disk.progress import QUIET, Progress
+from ..format.records import (
     AdaptorInfo,
     BuiltHeader,
     FileRef,
@@ -41,10 +41,10 @@ from .records import (
     content_id,
     shared_kvs,
 )
-from .restore import Copy, plan_restore
+from ..splitdir.restore import Copy, plan_restore
 from .scan import ScannedModel, check_input_path, check_unchanged, hash_models, open_model
-from .splitdir import SplitDir, TaskFiles
-from .write import file_digests, write_gguf
+from ..splitdir.directory import SplitDir, TaskFiles
+from ..disk.copy import file_digests, write_gguf
 
 
 @dataclass
@@ -210,7 +210,7 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
             for m in models.values():
                 m.close()
     if link or models_dir is not None:
-        from .links import link_task, write_models_dir
+        from ..splitdir.links import link_task, write_models_dir
 
         if link:
             for t in report.tasks:
@@ -374,9 +374,9 @@ def _check_written(files: Sequence[tuple[str, list[FileRef]]], models: Mapping[s
     each tensor's xxh3-128, the padding and the whole file's digests checked against the records. This
     catches an input rewritten in place between hashing and copying (even with its mtime put back) and any
     writer bug, before anything is committed."""
-    from .progress import _Nothing
+    from ..disk.progress import _Nothing
     from .scan import run_jobs
-    from .verify import _sweep
+    from ..splitdir.verify import _sweep
 
     opened = [(SplitFile(path), refs) for path, refs in files]
     try:
@@ -425,8 +425,8 @@ def keep_file(path: str, cid: str | None, records: Sequence[FileRef], position: 
     killed run before 0.2's journal, say) is hashed in full. One read either way."""
     import threading
 
-    from .progress import _Nothing
-    from .verify import _sweep
+    from ..disk.progress import _Nothing
+    from ..splitdir.verify import _sweep
 
     if any(r != records[0] for r in records):
         raise GGUFSplitError(show(path), "the split's adaptors record different digests for this file: damaged "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 
-from .errors import GGUFSplitError
+from ..errors import GGUFSplitError
 
 ID_CHARS = 12
 TASK_MAX = 64

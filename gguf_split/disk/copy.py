@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import xxhash
 
-from .errors import GGUFSplitError
-from .gguf_format import GGUFFile
+from ..errors import GGUFSplitError
+from ..format.gguf import GGUFFile
 from .progress import Reporter
-from .records import BuiltHeader, OutTensor
+from ..format.records import BuiltHeader, OutTensor
 
 CHUNK = 64 << 20
 _ZEROS = bytes(1 << 16)

@@ -14,15 +14,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .commit import Transaction
-from .errors import GGUFSplitError
-from .naming import check_task_name, show
+from ..disk.commit import Transaction
+from ..errors import GGUFSplitError
+from ..format.names import check_task_name, show
 from .plan import DEFAULT_FILE_COST, FixedFile, TensorId, plan_layout
-from .progress import QUIET, Progress
-from .records import AdaptorInfo, FileRef, SplitFile
+from ..disk.progress import QUIET, Progress
+from ..format.records import AdaptorInfo, FileRef, SplitFile
 from .scan import hash_models
 from .split import SplitReport, _name_files, _report, _write, check_options, keep_file, open_models, recorded_refs
-from .splitdir import FileFinder, SplitDir, TaskFiles, open_task
+from ..splitdir.directory import FileFinder, SplitDir, TaskFiles, open_task
 
 
 @dataclass
@@ -50,8 +50,8 @@ class RemoveReport:
 
 def task_tensor_ids(tf: TaskFiles) -> list[TensorId]:
     """A task's tensor identities in model order, from records only (no tensor data read)."""
-    from .gguf_format import parse_tensor_infos
-    from .records import K_SRC_TENSOR_INFOS
+    from ..format.gguf import parse_tensor_infos
+    from ..format.records import K_SRC_TENSOR_INFOS
 
     held: dict[str, TensorId] = {}
     for f in tf.files:
@@ -110,7 +110,7 @@ def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike
                                                              max_shard_size=max_shard_size), allow_unrelated, threads,
                       prefix, progress)
     if models_dir is not None:
-        from .links import write_models_dir
+        from ..splitdir.links import write_models_dir
 
         write_models_dir(d, models_dir)
         report.split.models_dir = os.fspath(models_dir)
@@ -215,7 +215,7 @@ def remove(split_dir: str | os.PathLike[str], names: Sequence[str], *, dry_run: 
     with Transaction(d, create=False, on_wait=progress.note) as tx:
         report = run(tx)
     if models_dir is not None:
-        from .links import write_models_dir
+        from ..splitdir.links import write_models_dir
 
         write_models_dir(d, models_dir)
     return report

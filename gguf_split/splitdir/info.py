@@ -11,8 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .gguf_format import ARCHITECTURE_KEY, GGUFFile
-from .records import (
+from ..format.gguf import ARCHITECTURE_KEY, GGUFFile
+from ..format.records import (
     K_CONTENT_ID,
     K_TASK,
     ROLE_ADAPTOR,
@@ -23,7 +23,7 @@ from .records import (
     open_split_file,
     role_of,
 )
-from .splitdir import FileFinder, SplitDir, open_task
+from .directory import FileFinder, SplitDir, open_task
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -26,10 +26,10 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .commit import fsync_dir
-from .errors import GGUFSplitError, os_problem
-from .naming import check_task_name, link_name, show, temp_name
-from .splitdir import FileFinder, SplitDir, open_task
+from ..disk.commit import fsync_dir
+from ..errors import GGUFSplitError, os_problem
+from ..format.names import check_task_name, link_name, show, temp_name
+from .directory import FileFinder, SplitDir, open_task
 
 MODELS_STATE = ".gguf-split"  # OUT/.gguf-split/<task>-<id>/: the link directories (not a model: no .gguf)
 
@@ -109,7 +109,7 @@ class ModelsDirReport:
 def write_models_dir(split_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
                      shared: Sequence[str | os.PathLike[str]] = ()) -> ModelsDirReport:
     """Bring `out` up to date with the split's tasks (see the module docstring)."""
-    from .commit import locked
+    from ..disk.commit import locked
 
     split_dir = os.fspath(split_dir)
     out = os.fspath(out)

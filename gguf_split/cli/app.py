@@ -22,9 +22,9 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 
-from . import __version__
-from .errors import GGUFSplitError
-from .naming import show
+from .. import __version__
+from ..errors import GGUFSplitError
+from ..format.names import show
 
 T = TypeVar("T")
 
@@ -117,7 +117,7 @@ def _run(fn: Callable[[], T]) -> T:
 
 
 def _progress(quiet: bool) -> Any:
-    from .progress import Progress
+    from ..disk.progress import Progress
 
     return Progress(quiet)
 
@@ -133,7 +133,7 @@ def _size(n: float) -> str:
 def _size_option(name: str, value: Optional[str]) -> Optional[int]:
     if value is None:
         return None
-    from .spec import parse_size
+    from ..assemble.spec import parse_size
 
     try:
         return parse_size(value)
@@ -144,8 +144,8 @@ def _size_option(name: str, value: Optional[str]) -> Optional[int]:
 def _tasks_from(spec: Optional[Path], models: List[Path], task: List[str], *, need_output: bool) -> Any:
     """Options from a spec (a .yaml/.yml file among the positional arguments), then -t NAME=PATH, then
     positional models (task name = the file's stem, e.g. chat.gguf -> chat)."""
-    from .scan import check_input_path
-    from .spec import SplitOptions, load_spec
+    from ..assemble.scan import check_input_path
+    from ..assemble.spec import SplitOptions, load_spec
 
     positional = ([spec] if spec is not None else []) + list(models)
     specs = [p for p in positional if p.suffix.lower() in (".yaml", ".yml")]
@@ -177,7 +177,7 @@ def _stem(p: Path) -> str:
     """chat.gguf -> chat; name-00001-of-00003.gguf (a sharded model) -> name."""
     import re
 
-    from .naming import check_task_name
+    from ..format.names import check_task_name
 
     stem = re.sub(r"-\d{5}-of-\d{5}$", "", p.name[:-5] if p.name.endswith(".gguf") else p.stem)
     try:
@@ -268,8 +268,8 @@ def split_cmd(
     """Split models into a directory: per task adaptor-<task>.gguf plus the shared files it loads."""
 
     def run() -> Any:
-        from .plan import DEFAULT_FILE_COST
-        from .split import split
+        from ..assemble.plan import DEFAULT_FILE_COST
+        from ..assemble.split import split
 
         opts = _tasks_from(spec, models or [], task, need_output=output is None)
         if output is not None:
@@ -336,8 +336,8 @@ def add_cmd(
     """Add tasks to a shipped split: no existing file changes; existing shared files are reused."""
 
     def run() -> Any:
-        from .plan import DEFAULT_FILE_COST
-        from .update import add
+        from ..assemble.plan import DEFAULT_FILE_COST
+        from ..assemble.update import add
 
         spec = next((m for m in models or [] if m.suffix.lower() in (".yaml", ".yml")), None)
         opts = _tasks_from(spec, [m for m in models or [] if m != spec], task, need_output=False)
@@ -379,7 +379,7 @@ def remove_cmd(
     json_out: bool = _OPT_JSON,
 ) -> None:
     """Remove tasks: their adaptors and every shared file no remaining task uses."""
-    from .update import remove
+    from ..assemble.update import remove
 
     r = _run(lambda: remove(directory, names, dry_run=dry_run, models_dir=models_dir, progress=_progress(quiet)))
     if json_out:
@@ -408,7 +408,7 @@ def restore_cmd(
     quiet: bool = _OPT_QUIET,
 ) -> None:
     """Rebuild a task's original GGUF file(s), byte for byte (checked as read back from the disk)."""
-    from .restore import restore
+    from ..splitdir.restore import restore
 
     r = _run(lambda: restore(source, output, task=task, shared=[*shared, *foundation], force=force,
                              progress=_progress(quiet)))
@@ -427,7 +427,7 @@ def verify_cmd(
     json_out: bool = _OPT_JSON,
 ) -> None:
     """Re-hash every file of every task against the digests recorded when it was written."""
-    from .verify import verify
+    from ..splitdir.verify import verify
 
     r = _run(lambda: verify(paths, shared=[*shared, *foundation], sha256=sha256, threads=threads,
                             progress=_progress(quiet or json_out)))
@@ -454,7 +454,7 @@ def info_cmd(
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
 ) -> None:
     """What a file holds; for a split directory which task uses which file, and the savings."""
-    from .info import describe, savings, task_files
+    from ..splitdir.info import describe, savings, task_files
 
     def run() -> list[dict[str, Any]]:
         if len(paths) == 2 and os.path.isdir(paths[0]) and not os.path.exists(paths[1]):
@@ -502,7 +502,7 @@ def _is_pack(path: str) -> bool:
 
 
 def _describe_pack(path: str) -> dict[str, Any]:
-    from .pack import read_index
+    from ..pack.container import read_index
 
     i = read_index(path)
     return {"path": i.path, "role": "pack", "pack_version": i.version, "kind": i.kind, "meta": i.meta,
@@ -574,7 +574,7 @@ def link_cmd(
     force: bool = typer.Option(False, "--force", help="Replace existing files of those names."),
 ) -> None:
     """Make <task>-0000k-of-0000N.gguf links to the task's files, the names llama.cpp's loader looks for."""
-    from .links import link_task
+    from ..splitdir.links import link_task
 
     links = _run(lambda: link_task(directory, task, directory=to, force=force,
                                    shared=tuple(os.fspath(s) for s in [*shared, *foundation])))
@@ -587,7 +587,7 @@ def models_dir_cmd(
     out_dir: Path = typer.Argument(..., help="The models directory to write or update."),
 ) -> None:
     """Write llama-server's router directory: OUT/<task>/<task>-0000k-of-0000N.gguf links, one per task."""
-    from .links import write_models_dir
+    from ..splitdir.links import write_models_dir
 
     r = _run(lambda: write_models_dir(directory, out_dir))
     changes = [f"{w} {', '.join(v)}" for w, v in (("added", r.added), ("updated", r.updated), ("removed", r.removed)) if v]
@@ -618,7 +618,7 @@ def extract_lora_cmd(
     """The difference between a task and a base as a llama.cpp LoRA adapter (GGUF)."""
 
     def run() -> Any:
-        from .lora import extract_lora, extract_lora_from_files
+        from ..lora.adapter import extract_lora, extract_lora_from_files
 
         if rank != "auto" and not rank.isdigit():
             raise GGUFSplitError(None, f"--rank {rank!r}: 'auto' or a whole number")
@@ -631,7 +631,7 @@ def extract_lora_cmd(
             if source.is_dir():
                 if task is None:
                     raise GGUFSplitError(show(source), "is a split directory: name the TASK to extract")
-                from .loader import open_split
+                from ..runtime.loader import open_split
 
                 with open_split(source) as s:
                     t, b = s.load(task), s.load(base)
@@ -676,7 +676,7 @@ def pack_cmd(
     """Pack a split (or models) into one file that gives every file back byte for byte, in far fewer bytes."""
 
     def run() -> Any:
-        from .transport import pack
+        from ..pack.transport import pack
 
         sources = list(source or [])
         if len(sources) == 1 and sources[0].is_dir() and not task:
@@ -714,7 +714,7 @@ def unpack_cmd(
 ) -> None:
     """Give back every file of a pack, byte for byte (checked: xxh3 of every tensor, xxh3 and sha256 of every
     file, before anything is renamed into place)."""
-    from .transport import unpack_to
+    from ..pack.transport import unpack_to
 
     r = _run(lambda: unpack_to(pack_file, output, restore=restore, force=force, threads=threads,
                                progress=_progress(quiet)))
@@ -734,7 +734,7 @@ def demo_cmd(
     quiet: bool = _OPT_QUIET,
 ) -> None:
     """Build a small base model and three fine-tunes, split, verify, restore, and show the savings."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     result = _run(lambda: run_demo(directory, _progress(quiet)))
     _print_split(result["split"])

@@ -31,10 +31,10 @@ from typing import Any
 
 import yaml
 
-from .errors import GGUFSplitError
+from ..errors import GGUFSplitError
 import re
 
-from .naming import check_task_name
+from ..format.names import check_task_name
 
 TOP_KEYS = {"output", "prefix", "tasks", "options"}
 OPTION_TYPES: dict[str, type] = {"force": bool, "link": bool, "allow_unrelated": bool, "threads": int, "quiet": bool,

@@ -13,10 +13,10 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .commit import pending_view
-from .errors import GGUFSplitError
-from .naming import is_temp, show
-from .records import ROLE_ADAPTOR, ROLE_SHARED, AdaptorInfo, FileRef, NotASplitFile, SharedInfo, SplitFile
+from ..disk.commit import pending_view
+from ..errors import GGUFSplitError
+from ..format.names import is_temp, show
+from ..format.records import ROLE_ADAPTOR, ROLE_SHARED, AdaptorInfo, FileRef, NotASplitFile, SharedInfo, SplitFile
 
 SHARED_OPTION = "-s/--shared"
 

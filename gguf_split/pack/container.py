@@ -39,9 +39,9 @@ from gguf.constants import GGMLQuantizationType as Q
 from . import codec
 from . import codec as _codec  # for annotations inside classes with a field named `codec`
 from .codec import CodecError, Geometry
-from .errors import GGUFSplitError
-from .gguf_format import GGUFFile, TensorInfo, iter_gaps, open_mapped
-from .progress import QUIET, Progress
+from ..errors import GGUFSplitError
+from ..format.gguf import GGUFFile, TensorInfo, iter_gaps, open_mapped
+from ..disk.progress import QUIET, Progress
 
 MAGIC = b"GGUFPACK"
 VERSION = 1
@@ -164,7 +164,7 @@ def _write_outputs(out_dir: str, items: Sequence[tuple[str, Callable[[BinaryIO],
     the old files or all the new ones). Each writer writes (and checks) its file's bytes; an existing file
     of the same name is refused unless `force`; out_dir is created if missing (and removed again if
     nothing could be written)."""
-    from .commit import Transaction
+    from ..disk.commit import Transaction
 
     out_dir = os.path.abspath(out_dir)
     for name, _ in items:
@@ -664,7 +664,7 @@ def _build_index(kind: Any, meta: Any, names: list[str], files: list[GGUFFile], 
                  blobs: list[_Blob]) -> dict[str, Any]:
     import gguf
 
-    from . import __version__
+    from .. import __version__
 
     tensors = []
     for o in objs:

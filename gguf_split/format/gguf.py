@@ -36,7 +36,7 @@ from gguf.constants import (
     Keys,
 )
 
-from .errors import GGUFSplitError, os_problem
+from ..errors import GGUFSplitError, os_problem
 
 MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

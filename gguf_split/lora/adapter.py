@@ -64,8 +64,8 @@ import xxhash
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.constants import GGUFValueType
 
-from .errors import GGUFSplitError, os_problem
-from .gguf_format import (
+from ..errors import GGUFSplitError, os_problem
+from ..format.gguf import (
     ARCHITECTURE_KEY,
     GGUFFile,
     TensorInfo,
@@ -76,7 +76,7 @@ from .gguf_format import (
     to_numpy,
     type_name,
 )
-from .progress import QUIET, Progress
+from ..disk.progress import QUIET, Progress
 
 __all__ = [
     "DEFAULT_THRESHOLD", "LoraAdapter", "LoraModel", "LoraReport", "LoraSet", "LoraTensor", "LoraTensors", "Refused",
@@ -1029,7 +1029,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
 def extract_lora_from_files(task_path: str | os.PathLike[str], base_path: str | os.PathLike[str],
                             out_path: str | os.PathLike[str] | None, **kwargs: Any) -> LoraReport:
     """extract_lora on two plain GGUF model files."""
-    from .model import open_model
+    from ..format.model import open_model
 
     with open_model(task_path) as task, open_model(base_path) as base:
         return extract_lora(task, base, out_path, **kwargs)

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 import xxhash
 from gguf.constants import GGUFValueType
 
-from .errors import GGUFSplitError, os_problem
-from .gguf_format import ARCHITECTURE_KEY, GGUFFile, TensorInfo, iter_gaps
-from .naming import show
+from ..errors import GGUFSplitError, os_problem
+from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, TensorInfo, iter_gaps
+from ..format.names import show
 from .plan import TensorId
-from .progress import QUIET, Progress, Reporter
-from .records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, SourceFile, SourceRecords
+from ..disk.progress import QUIET, Progress, Reporter
+from ..format.records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, SourceFile, SourceRecords
 
 PIECE = 1 << 20  # small enough that the second hasher finds the piece still in the CPU cache
 MAX_NONZERO_GAP_BYTES = 16 << 20  # more than this outside the tensors is not padding; refuse

@@ -32,8 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .errors import GGUFSplitError, os_problem
-from .naming import JOURNAL, TMP_SUFFIX, check_bare_name, is_temp, show, temp_name
+from ..errors import GGUFSplitError, os_problem
+from ..format.names import JOURNAL, TMP_SUFFIX, check_bare_name, is_temp, show, temp_name
 
 JOURNAL_VERSION = 1
 SPACE_MARGIN = 16 << 20  # keep this much free beyond what a run needs

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from .errors import GGUFSplitError
-from .gguf_format import align_up, iter_gaps
-from .naming import show
-from .progress import QUIET, Progress, Reporter
-from .records import FileRef, SplitFile
+from ..errors import GGUFSplitError
+from ..format.gguf import align_up, iter_gaps
+from ..format.names import show
+from ..disk.progress import QUIET, Progress, Reporter
+from ..format.records import FileRef, SplitFile
 from .restore import plan_restore
-from .scan import PIECE, Interrupted, run_jobs
-from .splitdir import FileFinder, SplitDir, TaskFiles, open_task, resolve_tasks
+from ..assemble.scan import PIECE, Interrupted, run_jobs
+from .directory import FileFinder, SplitDir, TaskFiles, open_task, resolve_tasks
 
 
 @dataclass

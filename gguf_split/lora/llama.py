@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GGUFSplitError
-from .gguf_format import ARCHITECTURE_KEY, GGUFFile
-from .lora import LoraAdapter
+from ..errors import GGUFSplitError
+from ..format.gguf import ARCHITECTURE_KEY, GGUFFile
+from .adapter import LoraAdapter
 
 __all__ = ["LlamaLora", "llama_cpp_module", "silence_llama_logs"]
 

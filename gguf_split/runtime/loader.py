@@ -50,13 +50,13 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from .errors import GGUFSplitError
-from .gguf_format import parse_tensor_infos
-from .model import Field, Metadata, Model, Tensor, _renamed, _Tensors, open_model
-from .naming import adaptor_name, check_task_name, show
-from .commit import pending_view
-from .records import K_SRC_TENSOR_INFOS, K_TASK, ROLE_ADAPTOR, AdaptorInfo, SharedInfo, SplitFile
-from .splitdir import FileFinder, SplitDir, match_shared, read_shared
+from ..errors import GGUFSplitError
+from ..format.gguf import parse_tensor_infos
+from ..format.model import Field, Metadata, Model, Tensor, _renamed, _Tensors, open_model
+from ..format.names import adaptor_name, check_task_name, show
+from ..disk.commit import pending_view
+from ..format.records import K_SRC_TENSOR_INFOS, K_TASK, ROLE_ADAPTOR, AdaptorInfo, SharedInfo, SplitFile
+from ..splitdir.directory import FileFinder, SplitDir, match_shared, read_shared
 
 __all__ = ["Split", "Foundation", "Model", "TaskModel", "Tensor", "Field", "Metadata", "open_model", "open_split"]
 
@@ -169,7 +169,7 @@ class TaskModel:
     base + the active LoRAs); removing them gives back exactly the original Tensor objects."""
 
     def __init__(self, split: "Split", overlay: _Overlay) -> None:
-        from .lora import LoraSet
+        from ..lora.adapter import LoraSet
 
         self.split = split
         self._lock = threading.Lock()

@@ -16,11 +16,11 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import GGUFSplitError
-from .naming import check_task_name, show
-from .pack import PackReport, UnpackReport, pack_files, read_index, unpack
-from .progress import QUIET, Progress
-from .splitdir import FileFinder, SplitDir, open_task
+from ..errors import GGUFSplitError
+from ..format.names import check_task_name, show
+from .container import PackReport, UnpackReport, pack_files, read_index, unpack
+from ..disk.progress import QUIET, Progress
+from ..splitdir.directory import FileFinder, SplitDir, open_task
 
 KIND_SPLIT = "split"
 KIND_MODELS = "models"
@@ -47,7 +47,7 @@ def split_inputs(split_dir: str | os.PathLike[str]) -> tuple[list[tuple[str, str
 
 def model_inputs(tasks: Mapping[str, str | os.PathLike[str]]) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
     """The files of models (a sharded model: all its shards): ((name, path), task -> file names)."""
-    from .scan import open_model
+    from ..assemble.scan import open_model
 
     inputs: dict[str, str] = {}
     names: dict[str, list[str]] = {}
@@ -122,7 +122,7 @@ def unpack_to(pack_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         r = unpack(pack_path, out, force=force, threads=threads, progress=progress)
         return TransportReport(os.path.abspath(out), kind, [os.path.join(r.out_dir, f.name) for f in r.files],
                                tasks, r.bytes_written, r)
-    from .restore import restore as restore_task
+    from ..splitdir.restore import restore as restore_task
 
     os.makedirs(out, exist_ok=True)
     report = TransportReport(os.path.abspath(out), KIND_MODELS, tasks=tasks)

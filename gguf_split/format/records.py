@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import xxhash
 from gguf.constants import GGUFValueType, Keys
 
-from .errors import GGUFSplitError
-from .gguf_format import (
+from ..errors import GGUFSplitError
+from .gguf import (
     ALIGNMENT_KEY,
     ARCHITECTURE_KEY,
     KV,
@@ -51,7 +51,7 @@ from .gguf_format import (
     read_prefix,
     read_tensor_infos_at,
 )
-from .naming import check_bare_name
+from .names import check_bare_name
 
 LAYOUT_VERSION = 2
 ROLE_ADAPTOR = "adaptor"

@@ -22,9 +22,9 @@ from typing import Union
 
 import xxhash
 
-from .commit import Transaction, check_space
-from .errors import GGUFSplitError, os_problem
-from .gguf_format import (
+from ..disk.commit import Transaction, check_space
+from ..errors import GGUFSplitError, os_problem
+from ..format.gguf import (
     GGUFFile,
     Header,
     TensorInfo,
@@ -37,17 +37,17 @@ from .gguf_format import (
     read_prefix,
     read_tensor_infos,
 )
-from .naming import show
-from .progress import QUIET, Progress, Reporter
-from .records import (
+from ..format.names import show
+from ..disk.progress import QUIET, Progress, Reporter
+from ..format.records import (
     K_SRC_GAPS,
     K_SRC_REPLACED_KVS,
     K_SRC_SHARD_KVS,
     K_SRC_TENSOR_INFOS,
     SplitFile,
 )
-from .splitdir import FileFinder, SplitDir, TaskFiles, open_task
-from .write import copy_bytes, write_all, write_zeros
+from .directory import FileFinder, SplitDir, TaskFiles, open_task
+from ..disk.copy import copy_bytes, write_all, write_zeros
 
 READ_BACK = 16 << 20
 

@@ -1,0 +1,2 @@
+"""The `gguf-split` command, a thin layer over the library.
+"""

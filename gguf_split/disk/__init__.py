@@ -1,0 +1,3 @@
+"""Writing and reading bytes safely: crash-safe directory commits, kernel copies, the one hashing
+sweep, thread jobs and progress. Imports format only.
+"""
