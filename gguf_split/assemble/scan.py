@@ -23,28 +23,22 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import xxhash
 from gguf.constants import GGUFValueType
 
 from ..errors import GGUFSplitError, os_problem
 from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, TensorInfo, iter_gaps
 from ..format.names import show
+from ..disk.jobs import run_jobs
+from ..disk.sweep import PIECE, sweep_file
 from .plan import TensorId
 from ..disk.progress import QUIET, Progress, Reporter
 from ..format.records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, SourceFile, SourceRecords
 
-PIECE = 1 << 20  # small enough that the second hasher finds the piece still in the CPU cache
 MAX_NONZERO_GAP_BYTES = 16 << 20  # more than this outside the tensors is not padding; refuse
 _SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised in workers when the run is being cancelled."""
 
 
 @dataclass
@@ -269,59 +263,17 @@ def _open_siblings(first: GGUFFile, count: int) -> list[GGUFFile]:
 
 
 def _hash_file(inp: InputFile, model: ScannedModel, bar: Reporter, cancel: threading.Event) -> None:
-    """Tensor digests and the whole-file digest in one front-to-back sweep (the parser guarantees tensors do
-    not overlap, so the header, the tensors and the gaps tile the file)."""
-    f, h = inp.file, inp.file.header
-    whole = xxhash.xxh3_128()
-    whole.update(f.view(0, h.tensor_info_end))
-    spans: list[tuple[int, int, str | None]] = [(h.data_start + t.offset, h.data_start + t.offset + t.nbytes, t.name)
-                                                for t in h.tensors]
-    spans += [(s, e, None) for s, e in iter_gaps(h)]
-    for s, e, name in sorted(spans, key=lambda x: x[0]):
-        own = xxhash.xxh3_128() if name is not None else None
-        for at in range(s, e, PIECE):
-            if cancel.is_set():
-                raise Interrupted()
-            piece = f.view(at, min(at + PIECE, e))
-            whole.update(piece)
-            if own is not None:
-                own.update(piece)
-            bar.advance(len(piece))
-        if own is not None and name is not None:
-            model.digests[name] = own.digest()
-    inp.digest = whole.digest()
-
-
-def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple[object, ...]], threads: int | None) -> None:
-    """Run `fn(*job, cancel)` for every job on a thread pool, acting on Ctrl-C within a fraction of a
-    second: the workers check `cancel` between pieces, and the main thread waits with a timeout."""
-    threads = threads or min(os.cpu_count() or 1, 8)
-    cancel = threading.Event()
-    if threads <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            fn(*job, cancel)
-        return
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gguf-split-hash")
-    futures: list[Future[None]] = [pool.submit(fn, *job, cancel) for job in jobs]
-    try:
-        for fut in futures:
-            while True:
-                try:
-                    fut.result(timeout=0.1)  # a timeout keeps the main thread responsive to Ctrl-C
-                    break
-                except FutureTimeout:
-                    continue
-    except BaseException:
-        cancel.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    """Tensor digests and the whole-file digest (recorded for restore) in one sweep."""
+    d = sweep_file(inp.file, bar=bar, cancel=cancel)
+    for t, digest in zip(inp.file.header.tensors, d.tensors):
+        model.digests[t.name] = digest
+    inp.digest = d.xxh3
 
 
 def hash_models(models: Sequence[ScannedModel], progress: Progress = QUIET, threads: int | None = None) -> None:
     """Fill in every model's tensor digests and every input file's digest."""
     jobs = sorted(((inp, m) for m in models for inp in m.files), key=lambda x: -x[0].file.size)
-    total = sum(inp.file.size - inp.file.header.tensor_info_end for inp, _ in jobs)
+    total = sum(inp.file.size for inp, _ in jobs)
     with progress.bar("hashing", total) as bar:
         run_jobs(_hash_file, [(inp, m, bar) for inp, m in jobs], threads)
 

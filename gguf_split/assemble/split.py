@@ -25,7 +25,6 @@ from typing import Any
 
 from ..disk.commit import Transaction, check_space
 from ..errors import GGUFSplitError
-from ..format.gguf import GGUFFile
 from ..format.names import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
 from .plan import DEFAULT_FILE_COST, HOLE, OWN, Layout, PlannedFile, TensorId, plan_layout
 from ..disk.progress import QUIET, Progress
@@ -43,7 +42,10 @@ from ..format.records import (
 )
 from ..splitdir.restore import Copy, plan_restore
 from .scan import ScannedModel, check_input_path, check_unchanged, hash_models, open_model
+from ..disk.jobs import run_jobs
+from ..disk.sweep import sweep_file
 from ..splitdir.directory import SplitDir, TaskFiles
+from ..splitdir.verify import check_file
 from ..disk.copy import file_digests, write_gguf
 
 
@@ -374,13 +376,9 @@ def _check_written(files: Sequence[tuple[str, list[FileRef]]], models: Mapping[s
     each tensor's xxh3-128, the padding and the whole file's digests checked against the records. This
     catches an input rewritten in place between hashing and copying (even with its mtime put back) and any
     writer bug, before anything is committed."""
-    from ..disk.progress import _Nothing
-    from .scan import run_jobs
-    from ..splitdir.verify import _sweep
-
     opened = [(SplitFile(path), refs) for path, refs in files]
     try:
-        run_jobs(_sweep, [(f, refs, False, _Nothing()) for f, refs in opened], None)
+        run_jobs(check_file, [(f, refs) for f, refs in opened], None)
     except GGUFSplitError as e:
         check_unchanged(list(models.values()))
         changed = _changed_input(models)
@@ -423,11 +421,6 @@ def keep_file(path: str, cid: str | None, records: Sequence[FileRef], position: 
     and be intact, byte for byte. When the directory's adaptors recorded it (they must agree), one xxh3
     sweep checks it against those records and their sha256 is kept; a file no adaptor records (left by a
     killed run before 0.2's journal, say) is hashed in full. One read either way."""
-    import threading
-
-    from ..disk.progress import _Nothing
-    from ..splitdir.verify import _sweep
-
     if any(r != records[0] for r in records):
         raise GGUFSplitError(show(path), "the split's adaptors record different digests for this file: damaged "
                                          "(run `gguf-split verify`)")
@@ -439,28 +432,15 @@ def keep_file(path: str, cid: str | None, records: Sequence[FileRef], position: 
                 raise GGUFSplitError(show(path), "exists with other content than this split would write: move it "
                                                  "away")
             if records:
-                _sweep(f, list(records), False, _Nothing(), threading.Event())
+                check_file(f, records)
                 return records[0]
-            x, s = _whole_digests(f)
+            d = sweep_file(f, sha256=True)
     except GGUFSplitError as e:
         if "other content" in e.problem:
             raise
         raise GGUFSplitError(show(path), f"exists and is not the file this split would keep ({e.problem}): move it "
                                          "away or run `gguf-split verify`") from None
-    return FileRef(position, os.path.basename(path), info.content_id, os.path.getsize(path), x, s)
-
-
-def _whole_digests(f: GGUFFile) -> tuple[str, str]:
-    import hashlib
-
-    import xxhash
-
-    x, s = xxhash.xxh3_128(), hashlib.sha256()
-    for at in range(0, f.size, 16 << 20):
-        piece = f.view(at, min(at + (16 << 20), f.size))
-        x.update(piece)
-        s.update(piece)
-    return x.hexdigest(), s.hexdigest()
+    return FileRef(position, os.path.basename(path), info.content_id, os.path.getsize(path), d.xxh3_hex, d.sha256 or "")
 
 
 def _adaptor(m: ScannedModel, layout: Layout, named: list[NamedFile], refs: Mapping[int, FileRef],

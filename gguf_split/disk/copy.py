@@ -11,16 +11,14 @@ the GIL, so it runs beside the copy on another core); the adaptors record them.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from collections.abc import Sequence
-
-import xxhash
 
 from ..errors import GGUFSplitError
 from ..format.gguf import GGUFFile
 from .progress import Reporter
 from ..format.records import BuiltHeader, OutTensor
+from .sweep import spans_of_layout, sweep
 
 CHUNK = 64 << 20
 _ZEROS = bytes(1 << 16)
@@ -73,27 +71,8 @@ def write_gguf(fd: int, built: BuiltHeader, tensors: Sequence[OutTensor], bar: R
 
 
 def file_digests(built: BuiltHeader, tensors: Sequence[OutTensor]) -> tuple[str, str]:
-    """(xxh3-128, sha256) hex of the file `write_gguf(built, tensors)` writes, from the same bytes."""
-    x, s = xxhash.xxh3_128(), hashlib.sha256()
-
-    def feed(data: bytes | memoryview) -> None:
-        x.update(data)
-        s.update(data)
-
-    def zeros(n: int) -> None:
-        while n > 0:
-            k = min(n, len(_ZEROS))
-            feed(_ZEROS[:k])
-            n -= k
-
-    feed(built.data)
-    zeros(built.data_start - len(built.data))
-    pos = 0
-    for t, offset in zip(tensors, built.offsets):
-        zeros(offset - pos)
-        view = t.src.view(t.src_offset, t.src_offset + t.nbytes)
-        for at in range(0, len(view), 16 << 20):
-            feed(view[at:at + (16 << 20)])
-        pos = offset + t.nbytes
-    zeros(built.file_size - built.data_start - pos)
-    return x.hexdigest(), s.hexdigest()
+    """(xxh3-128, sha256) hex of the file `write_gguf(built, tensors)` writes, from the same bytes: the header
+    and the sources' mapped tensors (run beside the copy: hashlib and xxhash release the GIL)."""
+    pieces = [(offset, t.nbytes, t.src, t.src_offset) for t, offset in zip(tensors, built.offsets)]
+    d = sweep(spans_of_layout(built.data, built.data_start, pieces, built.file_size), sha256=True)
+    return d.xxh3_hex, d.sha256 or ""

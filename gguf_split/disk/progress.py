@@ -13,9 +13,12 @@ class Reporter(Protocol):
     def advance(self, n: int) -> None: ...
 
 
-class _Nothing:
+class _NoBar:
     def advance(self, n: int) -> None:
         pass
+
+
+NO_BAR: Reporter = _NoBar()  # a bar that shows nothing (quiet runs, inner checks)
 
 
 class Progress:
@@ -33,7 +36,7 @@ class Progress:
     @contextmanager
     def bar(self, description: str, total: int) -> Iterator[Reporter]:
         if self.quiet:
-            yield _Nothing()
+            yield NO_BAR
             return
         from rich.console import Console
         from rich.progress import (

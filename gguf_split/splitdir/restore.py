@@ -23,7 +23,7 @@ from typing import Union
 import xxhash
 
 from ..disk.commit import Transaction, check_space
-from ..errors import GGUFSplitError, os_problem
+from ..errors import GGUFSplitError
 from ..format.gguf import (
     GGUFFile,
     Header,
@@ -48,8 +48,7 @@ from ..format.records import (
 )
 from .directory import FileFinder, SplitDir, TaskFiles, open_task
 from ..disk.copy import copy_bytes, write_all, write_zeros
-
-READ_BACK = 16 << 20
+from ..disk.sweep import read_back
 
 
 @dataclass(frozen=True)
@@ -328,32 +327,6 @@ def _write_spans(fd: int, spans: list[Span], bar: Reporter) -> None:
         else:
             write_all(fd, span)
             bar.advance(len(span))
-
-
-def read_back(path: str, bar: Reporter) -> str:
-    """xxh3-128 of what is on the disk: the file's cached pages are dropped first (it was fsynced), so the
-    bytes come from the device, not from the writes' page cache."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise GGUFSplitError(path, f"cannot read back: {os_problem(e)}") from None
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        h = xxhash.xxh3_128()
-        buf = bytearray(READ_BACK)
-        view = memoryview(buf)
-        while True:
-            n = os.readv(fd, [buf])
-            if n == 0:
-                break
-            h.update(view[:n])
-            bar.advance(n)
-        return h.hexdigest()
-    except OSError as e:
-        raise GGUFSplitError(path, f"cannot read back: {os_problem(e)}") from None
-    finally:
-        os.close(fd)
 
 
 def _culprit(plan: RestorePlan, adaptor: str) -> str:

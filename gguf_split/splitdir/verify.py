@@ -9,21 +9,19 @@ with `sha256=True` its sha256) against what each adaptor that lists it recorded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import xxhash
-
 from ..errors import GGUFSplitError
-from ..format.gguf import align_up, iter_gaps
+from ..disk.jobs import run_jobs
+from ..disk.sweep import sweep_file, tensor_order
+from ..format.gguf import align_up
 from ..format.names import show
-from ..disk.progress import QUIET, Progress, Reporter
+from ..disk.progress import NO_BAR, QUIET, Progress, Reporter
 from ..format.records import FileRef, SplitFile
 from .restore import plan_restore
-from ..assemble.scan import PIECE, Interrupted, run_jobs
 from .directory import FileFinder, SplitDir, TaskFiles, open_task, resolve_tasks
 
 
@@ -37,45 +35,25 @@ class VerifyReport:
     pending_commit: bool = False  # a killed run's commit was honoured (the next write finishes it)
 
 
-def _sweep(f: SplitFile, want: list[FileRef], sha: bool, bar: Reporter, cancel: threading.Event) -> None:
-    """One front-to-back pass over `f`: tensor digests, zero padding, whole-file xxh3 (and sha256)."""
+def check_file(f: SplitFile, want: Sequence[FileRef], sha256: bool = False, bar: Reporter = NO_BAR,
+               cancel: threading.Event | None = None) -> None:
+    """`f`, read front to back once, holds exactly what was recorded: its size, zero padding, every tensor's
+    xxh3-128 (its own records) and the whole file's xxh3-128 (and sha256) that each of `want` recorded."""
     h = f.header
     last = max((t.offset + t.nbytes for t in h.tensors), default=0)
     expected = h.data_start + align_up(last, h.alignment)
     if f.size != expected:
         raise GGUFSplitError(f.path, f"is {f.size} bytes, the split wrote {expected}: truncated or appended to")
-    digests = f.digests()
-    whole = xxhash.xxh3_128()
-    sha256 = hashlib.sha256() if sha else None
-    head = f.view(0, h.tensor_info_end)
-    whole.update(head)
-    if sha256 is not None:
-        sha256.update(head)
-    spans: list[tuple[int, int, int]] = [(h.data_start + t.offset, h.data_start + t.offset + t.nbytes, i)
-                                         for i, t in enumerate(h.tensors)]
-    spans += [(s, e, -1) for s, e in iter_gaps(h)]
-    for s, e, i in sorted(spans):
-        own = xxhash.xxh3_128() if i >= 0 else None
-        for at in range(s, e, PIECE):
-            if cancel.is_set():
-                raise Interrupted()
-            piece = f.view(at, min(at + PIECE, e))
-            whole.update(piece)
-            if sha256 is not None:
-                sha256.update(piece)
-            if own is not None:
-                own.update(piece)
-            elif bytes(piece).count(0) != len(piece):
-                raise GGUFSplitError(f.path, f"padding at bytes {s}-{e} is not zero: corrupted")
-            bar.advance(len(piece))
-        if own is not None and own.digest() != digests[i]:
+    recorded = f.digests()
+    d = sweep_file(f, sha256=sha256, zero_gaps=True, bar=bar, cancel=cancel)
+    for i in tensor_order(f):
+        if d.tensors[i] != recorded[i]:
             raise GGUFSplitError(f.path, f"tensor {h.tensors[i].name!r} does not match its recorded digest: corrupted")
-    x = whole.hexdigest()
     for ref in want:
-        if ref.xxh3 != x:
+        if ref.xxh3 != d.xxh3_hex:
             raise GGUFSplitError(f.path, f"its bytes do not match the xxh3-128 recorded for {ref.name} "
                                          "(the header is intact): corrupted")
-        if sha256 is not None and ref.sha256 != sha256.hexdigest():
+        if d.sha256 is not None and ref.sha256 != d.sha256:
             raise GGUFSplitError(f.path, f"its sha256 differs from the one recorded for {ref.name}: corrupted")
 
 
@@ -106,10 +84,10 @@ def verify(paths: Sequence[str | os.PathLike[str]], *, shared: Sequence[str | os
             files[os.path.abspath(tf.adaptor.path)] = (tf.adaptor, [])
         for key, f in cache.items():
             files[key] = (f, want.get(key, []))
-        total = sum(f.size - f.header.tensor_info_end for f, _ in files.values())
+        total = sum(f.size for f, _ in files.values())
         with progress.bar("verifying", total) as bar:
             jobs = sorted(((f, refs, sha256, bar) for f, refs in files.values()), key=lambda j: -j[0].size)
-            run_jobs(_sweep, jobs, threads)
+            run_jobs(check_file, jobs, threads)
         report.files = len(files)
         report.tensors = sum(len(f.header.tensors) for f, _ in files.values())
         report.bytes = sum(f.size for f, _ in files.values())

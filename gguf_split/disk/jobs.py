@@ -1,0 +1,64 @@
+"""Thread jobs: per-file work (hashing, checking, coding) on a pool, cancellable at once.
+
+Why threads: the work is xxh3, sha256, zstd and numpy, which all release the GIL, and the files are
+mapped, so threads share the page cache without copies. Why this module: Ctrl-C must act within a fraction
+of a second whatever the input size, so workers check a `threading.Event` between pieces and the main
+thread never blocks on them without a timeout; every command that runs jobs (scan, verify, the read-back
+check, packs) gets that from one place.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+MAX_DEFAULT_THREADS = 8
+
+
+class Cancelled(KeyboardInterrupt):
+    """Raised inside a worker when the run is being cancelled (another job failed, or Ctrl-C)."""
+
+
+def default_threads(threads: int | None = None) -> int:
+    """`threads` if given, else every core (at most MAX_DEFAULT_THREADS: past that, disks are the limit)."""
+    if threads is None:
+        return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_THREADS))
+    return max(1, int(threads))
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+
+
+def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple[object, ...]], threads: int | None) -> None:
+    """Run `fn(*job, cancel)` for every job on a thread pool; the first failure cancels the others and is
+    raised. The main thread waits with a timeout, so a signal handler runs at once."""
+    threads = default_threads(threads)
+    cancel = threading.Event()
+    if threads <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            fn(*job, cancel)
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gguf-split-job")
+    futures: list[Future[None]] = [pool.submit(fn, *job, cancel) for job in jobs]
+    try:
+        for fut in futures:
+            wait_for(fut)
+    except BaseException:
+        cancel.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def wait_for(fut: "Future[object] | Future[None]") -> object:
+    """`fut.result()`, waking every 0.1 s so that a signal handler in the main thread runs promptly."""
+    while True:
+        try:
+            return fut.result(timeout=0.1)
+        except FutureTimeout:
+            continue
