@@ -44,6 +44,7 @@ from ..format.records import (
     K_SRC_REPLACED_KVS,
     K_SRC_SHARD_KVS,
     K_SRC_TENSOR_INFOS,
+    SourceFile,
     SplitFile,
 )
 from .directory import FileFinder, SplitDir, TaskFiles, open_task
@@ -77,96 +78,128 @@ class RestorePlan:
     spans: list[Span]
 
 
+Held = dict[str, tuple[SplitFile, TensorInfo, bytes]]  # tensor name -> (file, its info there, recorded digest)
+
+
+class _Records:
+    """A cursor over an adaptor's restore records: the original tensor-info blocks of every source file in
+    order, and the KVs of shards 2..n. Each original header is rebuilt from them in turn."""
+
+    def __init__(self, ad: SplitFile) -> None:
+        self.ad = ad
+        self.infos = ad.blob(K_SRC_TENSOR_INFOS)
+        self.shard_kvs = ad.blob(K_SRC_SHARD_KVS)
+        self.ti_pos = 0
+        self.shard_pos = 0
+
+    def damaged(self, what: str) -> GGUFSplitError:
+        return GGUFSplitError(self.ad.path, f"restore record damaged: {what}")
+
+    def _with_infos(self, head: bytes, n_tensors: int, alignment: int) -> tuple[bytes, list[TensorInfo]]:
+        """The original header bytes: `head` (prefix + KVs) + this file's tensor-info block, and its tensors."""
+        rest = self.infos[self.ti_pos:]
+        cur = _Cursor(head + rest, len(head), len(head) + len(rest), self.ad.path)
+        tensors = read_tensor_infos(cur, n_tensors, alignment)
+        header_bytes = head + rest[:cur.pos - len(head)]
+        self.ti_pos += cur.pos - len(head)
+        return header_bytes, tensors
+
+    def first_header(self, src: SourceFile) -> tuple[bytes, Header]:
+        ad = self.ad
+        kvs = _first_kvs(ad, self.damaged)
+        head = encode_prefix(src.version, src.n_tensors, len(kvs)) + b"".join(kvs)
+        header_bytes, tensors = self._with_infos(head, src.n_tensors, ad.header.alignment)
+        read_prefix(header_bytes, ad.path)
+        # the original's alignment is the adaptor's own: the adaptor keeps its model's KVs
+        header = Header(ad.path, src.version, [], tensors, ad.header.alignment, len(head),
+                        align_up(len(header_bytes), ad.header.alignment), src.size, {},
+                        {t.name: t for t in tensors})
+        _check_data_layout(header)
+        return header_bytes, header
+
+    def shard_header(self, src: SourceFile) -> tuple[bytes, Header]:
+        raw, pos = self.shard_kvs, self.shard_pos
+        if pos + 16 > len(raw):
+            raise self.damaged(K_SRC_SHARD_KVS)
+        n_kv, n = struct.unpack_from("<QQ", raw, pos)
+        kv_bytes = raw[pos + 16:pos + 16 + n]
+        if len(kv_bytes) != n:
+            raise self.damaged(K_SRC_SHARD_KVS)
+        self.shard_pos += 16 + n
+        head = encode_prefix(src.version, src.n_tensors, n_kv) + kv_bytes
+        header_bytes, _ = self._with_infos(head, src.n_tensors, 1)
+        return header_bytes, parse_header(header_bytes, src.size, self.ad.path)
+
+    def all_used(self) -> bool:
+        return self.ti_pos == len(self.infos) and self.shard_pos == len(self.shard_kvs)
+
+
 def plan_restore(tf: TaskFiles) -> list[RestorePlan]:
     """The original file(s) of a task, from its (checked) files."""
-    ad, info = tf.adaptor, tf.info
-    path = ad.path
-
-    def damaged(what: str) -> GGUFSplitError:
-        return GGUFSplitError(path, f"restore record damaged: {what}")
-
-    # every tensor of the task: name -> (file, its tensor info there, recorded digest)
-    held: dict[str, tuple[SplitFile, TensorInfo, bytes]] = {}
+    info = tf.info
+    held: Held = {}
     for f in tf.files:
         for t, d in zip(f.header.tensors, f.digests()):
             held[t.name] = (f, t, d)
-
-    infos_blob = ad.blob(K_SRC_TENSOR_INFOS)
-    shard_kvs = ad.blob(K_SRC_SHARD_KVS)
-    gaps = _parse_gaps(ad.blob(K_SRC_GAPS), len(info.sources), damaged)
+    records = _Records(tf.adaptor)
+    gaps = _parse_gaps(tf.adaptor.blob(K_SRC_GAPS), len(info.sources), records.damaged)
     plans: list[RestorePlan] = []
-    ti_pos, shard_pos, model_index = 0, 0, 0
     for i, src in enumerate(info.sources):
         try:
-            if i == 0:
-                kvs = _first_kvs(ad, damaged)
-                head = encode_prefix(src.version, src.n_tensors, len(kvs)) + b"".join(kvs)
-                cur = _Cursor(head + infos_blob[ti_pos:], len(head), len(head) + len(infos_blob) - ti_pos, path)
-                tensors = read_tensor_infos(cur, src.n_tensors, ad.header.alignment)
-                header_bytes = head + infos_blob[ti_pos:ti_pos + cur.pos - len(head)]
-                read_prefix(header_bytes, path)
-                # the original's alignment is the adaptor's own: the adaptor keeps its model's KVs
-                header = Header(path, src.version, [], tensors, ad.header.alignment, len(head),
-                                align_up(len(header_bytes), ad.header.alignment), src.size, {},
-                                {t.name: t for t in tensors})
-                _check_data_layout(header)
-            else:
-                if shard_pos + 16 > len(shard_kvs):
-                    raise damaged(K_SRC_SHARD_KVS)
-                n_kv, n = struct.unpack_from("<QQ", shard_kvs, shard_pos)
-                kv_bytes = shard_kvs[shard_pos + 16:shard_pos + 16 + n]
-                if len(kv_bytes) != n:
-                    raise damaged(K_SRC_SHARD_KVS)
-                shard_pos += 16 + n
-                head = encode_prefix(src.version, src.n_tensors, n_kv) + kv_bytes
-                cur = _Cursor(head + infos_blob[ti_pos:], len(head), len(head) + len(infos_blob) - ti_pos, path)
-                read_tensor_infos(cur, src.n_tensors, 1)
-                header_bytes = head + infos_blob[ti_pos:ti_pos + cur.pos - len(head)]
-                header = parse_header(header_bytes, src.size, path)
-            ti_pos += len(header_bytes) - len(head)
+            header_bytes, header = records.first_header(src) if i == 0 else records.shard_header(src)
         except GGUFSplitError as e:
-            raise damaged(e.problem) from None
-        spans: list[Span] = [header_bytes]
-        cursor = header.tensor_info_end
-        file_gaps = gaps.get(i, {})
-
-        def fill(start: int, end: int) -> None:
-            b = file_gaps.pop(start, None)
-            if b is not None:
-                if len(b) != end - start:
-                    raise damaged(f"padding record at byte {start} of {src.name}")
-                spans.append(b)
-            else:
-                spans.append(end - start)
-
-        for t in sorted(header.tensors, key=lambda t: t.offset):
-            start = header.data_start + t.offset
-            if start > cursor:
-                fill(cursor, start)
-            entry = held.get(t.name)
-            if entry is None:
-                raise GGUFSplitError(path, f"tensor {t.name!r} is in none of the task's files")
-            f, st, digest = entry
-            if (st.shape, st.ggml_type) != (t.shape, t.ggml_type):
-                raise GGUFSplitError(f.path, f"tensor {t.name!r} has another type or shape than task {info.task!r} needs")
-            spans.append(Copy(f, f.header.data_start + st.offset, st.nbytes, digest, t.name))
-            cursor = start + t.nbytes
-        if header.file_size > cursor:
-            fill(cursor, header.file_size)
-        if file_gaps:
-            raise damaged(K_SRC_GAPS)
-        model_index += len(header.tensors)
+            raise records.damaged(e.problem) from None
+        spans = _spans(header, header_bytes, held, gaps.get(i, {}), src.name, info.task, records.damaged)
         plans.append(RestorePlan(src.name, src.size, src.xxh3, header, header_bytes, spans))
-    if ti_pos != len(infos_blob) or shard_pos != len(shard_kvs) or model_index != info.n_model_tensors:
-        raise damaged("source records do not add up")
-    names = [t.name for p in plans for t in p.header.tensors]
-    expected = {n: pos for n, pos in zip(names, info.tensor_files)}
+    if not records.all_used() or sum(len(p.header.tensors) for p in plans) != info.n_model_tensors:
+        raise records.damaged("source records do not add up")
+    _check_tensor_files(tf, [t.name for p in plans for t in p.header.tensors])
+    return plans
+
+
+def _spans(header: Header, header_bytes: bytes, held: Held, file_gaps: dict[int, bytes], name: str, task: str,
+           damaged: Callable[[str], GGUFSplitError]) -> list[Span]:
+    """Every byte of one original file, in order: its header, tensors copied from the task's files, zero
+    padding and the recorded non-zero padding (each record used exactly once)."""
+    spans: list[Span] = [header_bytes]
+    cursor = header.tensor_info_end
+
+    def fill(start: int, end: int) -> None:
+        b = file_gaps.pop(start, None)
+        if b is None:
+            spans.append(end - start)
+        elif len(b) != end - start:
+            raise damaged(f"padding record at byte {start} of {name}")
+        else:
+            spans.append(b)
+
+    for t in sorted(header.tensors, key=lambda t: t.offset):
+        start = header.data_start + t.offset
+        if start > cursor:
+            fill(cursor, start)
+        entry = held.get(t.name)
+        if entry is None:
+            raise GGUFSplitError(header.path, f"tensor {t.name!r} is in none of the task's files")
+        f, st, digest = entry
+        if (st.shape, st.ggml_type) != (t.shape, t.ggml_type):
+            raise GGUFSplitError(f.path, f"tensor {t.name!r} has another type or shape than task {task!r} needs")
+        spans.append(Copy(f, f.header.data_start + st.offset, st.nbytes, digest, t.name))
+        cursor = start + t.nbytes
+    if header.file_size > cursor:
+        fill(cursor, header.file_size)
+    if file_gaps:
+        raise damaged(K_SRC_GAPS)
+    return spans
+
+
+def _check_tensor_files(tf: TaskFiles, names: list[str]) -> None:
+    """Each file of the task holds exactly the tensors the adaptor's tensor index puts there."""
+    expected = {n: pos for n, pos in zip(names, tf.info.tensor_files)}
     for f_pos, f in enumerate(tf.files):
         for t in f.header.tensors:
             if expected.get(t.name) != f_pos:
-                raise GGUFSplitError(f.path, f"holds tensor {t.name!r}, which task {info.task!r} records "
+                raise GGUFSplitError(f.path, f"holds tensor {t.name!r}, which task {tf.info.task!r} records "
                                              f"{'elsewhere' if t.name in expected else 'nowhere'}")
-    return plans
 
 
 def _first_kvs(ad: SplitFile, damaged: Callable[[str], GGUFSplitError]) -> list[bytes]:
