@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from .commit import fsync_dir
 from .errors import GGUFSplitError, os_problem
 from .naming import check_task_name, link_name, show, temp_name
-from .splitdir import FileFinder, SplitDir, open_task
+from .splitdir import open_tasks
 
 MODELS_STATE = ".gguf-split"  # OUT/.gguf-split/<task>-<id>/: the link directories (not a model: no .gguf)
 
@@ -37,9 +37,8 @@ MODELS_STATE = ".gguf-split"  # OUT/.gguf-split/<task>-<id>/: the link directori
 def task_paths(split_dir: str | os.PathLike[str], task: str,
                shared: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
     """The task's files in llama.cpp order (adaptor, then positions 1..k), checked."""
-    sd = SplitDir.open(split_dir)
-    with open_task(sd.adaptor(task), FileFinder(shared)) as tf:
-        return tf.paths()
+    with open_tasks(split_dir, [task], shared=shared) as opened:
+        return opened.paths(task)
 
 
 def _relink(link: str, target: str) -> None:
@@ -118,14 +117,13 @@ def write_models_dir(split_dir: str | os.PathLike[str], out: str | os.PathLike[s
     if os.path.lexists(out) and not os.path.isdir(out):
         raise GGUFSplitError(show(out), "exists and is not a directory")
     os.makedirs(os.path.join(out, MODELS_STATE), exist_ok=True)
-    sd = SplitDir.open(split_dir)
-    sd.require_split()
+    with open_tasks(split_dir, shared=shared) as opened:  # every task as of one state of the split
+        task_files = {task: opened.paths(task) for task in opened.tasks}
     report = ModelsDirReport(os.path.abspath(out))
     with locked(out):
         state = os.path.join(out, MODELS_STATE)
         live: set[str] = set()
-        for task in sd.tasks:
-            paths = task_paths(split_dir, task, shared)
+        for task, paths in task_files.items():
             ident = hashlib.sha256("\0".join(os.path.realpath(p) for p in paths).encode()).hexdigest()[:12]
             gen = f"{task}-{ident}"
             gen_dir = os.path.join(state, gen)
@@ -149,7 +147,7 @@ def write_models_dir(split_dir: str | os.PathLike[str], out: str | os.PathLike[s
             report.tasks[task] = os.path.join(report.directory, task, link_name(task, 0, len(paths)))
         for name in sorted(os.listdir(out)):
             entry = os.path.join(out, name)
-            if name in sd.adaptors or not os.path.islink(entry):
+            if name in task_files or not os.path.islink(entry):
                 continue
             target = os.readlink(entry)
             if target.startswith(MODELS_STATE + os.sep):  # ours, for a task the split no longer has
