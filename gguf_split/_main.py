@@ -4,7 +4,8 @@
 CLI inside the handlers, so an interruption at any moment, even while modules load, is one line and exit
 code 130 (Ctrl-C) or 143 (SIGTERM), never a traceback. The handlers raise `Interrupted`, a BaseException
 that is not a KeyboardInterrupt, so click does not turn it into "Aborted!" and every `with` block on the
-way out still cleans up (temporary files removed, a commit either done or not started). Once the command
+way out still cleans up (temporary files removed, a commit either done or not started); an interruption
+after a commit says what stands instead (errors.add_state: "the split in out is complete; ..."). Once the command
 is done, the signals are ignored: Python's shutdown would otherwise restore the default actions, and a
 Ctrl-C in that last instant would kill the finished process with no message.
 """
@@ -60,8 +61,10 @@ def main() -> None:
         terminated = isinstance(e, Terminated)
         try:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the message
-            sys.stderr.write(f"gguf-split: {'terminated' if terminated else 'interrupted'}; no partial output "
-                             "was left behind\n")
+            from .errors import state_of
+
+            stands = "; ".join(state_of(e)) or "no partial output was left behind"
+            sys.stderr.write(f"gguf-split: {'terminated' if terminated else 'interrupted'}; {stands}\n")
         except Exception:  # noqa: BLE001 - stderr itself may be gone
             pass
         code = 143 if terminated else 130

@@ -11,7 +11,11 @@ Order of work, so that every refusal comes before the long part and nothing is l
 4. write every new file under a temporary name (shared files first, then the adaptors that record their
    sizes and digests), prove every task's restore from what was written, check the inputs did not change,
    and commit (commit.py): the old split stays complete until the switch, and its files that the new split
-   does not use are deleted only after it.
+   does not use (adaptors under another prefix included) are deleted only after it. llama.cpp links the
+   tool made for a task (links.py) change in the same commit: made with `link`, updated when the task's
+   files change, never left pointing at an old file list;
+5. the models directory (another directory, checked in step 1) is brought up to date after the commit; a
+   failure or an interruption there says that the split is complete and how to finish.
 A file the new split needs that the directory already holds (same name, same content id: a re-split that
 changed one task keeps the others' shared files) is kept, not rewritten.
 """
@@ -25,6 +29,7 @@ from typing import Any
 
 from ..disk.commit import Transaction, check_space
 from ..errors import GGUFSplitError
+from ..splitdir.links import LinkPlan, check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
 from ..format.names import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
 from .plan import DEFAULT_FILE_COST, HOLE, OWN, Layout, PlannedFile, TensorId, plan_layout
 from ..disk.progress import QUIET, Progress
@@ -179,6 +184,8 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
     if out == "":
         raise GGUFSplitError(None, "-o/--output: empty path")
     options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    if models_dir is not None:
+        check_models_dir(models_dir, tasks)  # before anything is read or written
     if dry_run:
         models = open_models(tasks, allow_unrelated=allow_unrelated)
         try:
@@ -189,38 +196,57 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
         finally:
             for m in models.values():
                 m.close()
-    with Transaction(out, on_wait=progress.note) as tx:
-        models = open_models(tasks, allow_unrelated=allow_unrelated)
-        try:
-            for m in models.values():
-                for inp in m.files:
-                    if os.path.dirname(os.path.realpath(inp.path)) == os.path.realpath(tx.dir) and \
-                            os.path.basename(inp.path) in {adaptor_name(t, prefix) for t in tasks}:
-                        raise GGUFSplitError(inp.path, "output would overwrite an input file")
-            old = _check_existing(tx.dir, tasks, prefix, force)
-            hash_models(list(models.values()), progress, threads)
-            layout = _plan(models, options)
-            st = layout.stats
-            if len(models) > 1 and not allow_unrelated and st is not None and st.dedup_optimum >= st.input_bytes:
-                a, b = list(models.values())[:2]
-                raise GGUFSplitError(b.path, f"has no tensor in common with {show(a.path)}: nothing to share (pass "
-                                             "--allow-unrelated to split anyway)")
-            named = _name_files(models, layout, prefix)
-            report = _write(tx, models, layout, named, old, prefix=prefix, progress=progress,
-                            max_shard_size=max_shard_size)
-        finally:
-            for m in models.values():
-                m.close()
-    if link or models_dir is not None:
-        from ..splitdir.links import link_task, write_models_dir
-
-        if link:
-            for t in report.tasks:
-                t.links = link_task(report.directory, t.task)
+    tx = Transaction(out, on_wait=progress.note, what="the split")
+    models_dir_done = models_dir is None
+    try:
+        with tx:
+            models = open_models(tasks, allow_unrelated=allow_unrelated)
+            try:
+                for m in models.values():
+                    for inp in m.files:
+                        if os.path.dirname(os.path.realpath(inp.path)) == os.path.realpath(tx.dir) and \
+                                os.path.basename(inp.path) in {adaptor_name(t, prefix) for t in tasks}:
+                            raise GGUFSplitError(inp.path, "output would overwrite an input file")
+                old = _check_existing(tx.dir, tasks, prefix, force)
+                hash_models(list(models.values()), progress, threads)
+                layout = _plan(models, options)
+                st = layout.stats
+                if len(models) > 1 and not allow_unrelated and st is not None and st.dedup_optimum >= st.input_bytes:
+                    a, b = list(models.values())[:2]
+                    raise GGUFSplitError(b.path, f"has no tensor in common with {show(a.path)}: nothing to share "
+                                                 "(pass --allow-unrelated to split anyway)")
+                named = _name_files(models, layout, prefix)
+                links = plan_links(tx.dir, tx.dir, [tx.path(n) for n in _names_before_and_after(old, named, models,
+                                                                                               prefix)],
+                                   task_paths_after(tx.dir, models, layout, named, prefix), set(models) if link else ())
+                report = _write(tx, models, layout, named, old, prefix=prefix, progress=progress,
+                                max_shard_size=max_shard_size, links=links)
+            finally:
+                for m in models.values():
+                    m.close()
         if models_dir is not None:
             write_models_dir(report.directory, models_dir)
+            models_dir_done = True
             report.models_dir = os.fspath(models_dir)
+    except BaseException as e:
+        if not tx.committed or models_dir_done or models_dir is None:
+            raise
+        raise tx.note(e, models_dir_note(out, models_dir)) from None
     return report
+
+
+def _names_before_and_after(old: SplitDir | None, named: Sequence[NamedFile], models: Mapping[str, Any],
+                            prefix: str) -> set[str]:
+    """Every file name of the split before and after a change (what the tool's links may point at)."""
+    names = old.file_names() if old is not None else set()
+    return names | {nf.name for nf in named} | {adaptor_name(t, prefix) for t in models}
+
+
+def task_paths_after(directory: str, models: Mapping[str, Any], layout: Layout, named: Sequence[NamedFile],
+                     prefix: str) -> dict[str, list[str]]:
+    """Each new task's files in llama.cpp order, as they will be named in `directory`."""
+    return {t: [os.path.join(directory, adaptor_name(t, prefix)),
+                *(os.path.join(directory, named[i].name) for i in layout.task_files[t])] for t in models}
 
 
 def _plan(models: Mapping[str, ScannedModel], options: dict[str, Any]) -> Layout:
@@ -293,17 +319,20 @@ def _check_existing(directory: str, tasks: Mapping[str, Any], prefix: str, force
     if sd.tasks and not force:
         raise GGUFSplitError(show(sd.adaptors[sd.tasks[0]]), "already exists (use --force to replace the split)")
     for task in tasks:
-        p = os.path.join(directory, adaptor_name(task, prefix))
-        if os.path.lexists(p) and task not in sd.adaptors:
+        name = adaptor_name(task, prefix)
+        p = os.path.join(directory, name)
+        if os.path.lexists(p) and (task not in sd.adaptors or sd.name_of(sd.adaptors[task]) != name):
             raise GGUFSplitError(show(p), "exists and is not this task's adaptor; move it away first")
     return sd
 
 
 def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
            old: SplitDir | None, *, prefix: str, progress: Progress,
-           known: Mapping[str, FileRef] | None = None, max_shard_size: int | None = None) -> SplitReport:
+           known: Mapping[str, FileRef] | None = None, max_shard_size: int | None = None,
+           links: LinkPlan | None = None) -> SplitReport:
     """Write every new file, prove, commit. `known`: files already in the directory whose records (size,
-    digests) were checked by the caller (add)."""
+    digests) were checked by the caller (add). `old`: the split the new one replaces (every file of it the
+    new one does not use is deleted, whatever its prefix). `links`: link changes that go with the commit."""
     from concurrent.futures import ThreadPoolExecutor
 
     refs: dict[int, FileRef] = {}
@@ -360,15 +389,21 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     _prove_all(models, layout, named, file_paths, {t: f.path for t, f in adaptors.items()})
     check_unchanged(list(models.values()))
     _check_written([(temps[i], [refs[i]]) for i in to_write] + [(f.path, []) for f in adaptors.values()], models)
+    if links is not None:
+        stage_links(tx, links)  # after the files: a new link appears after its file, an old one goes before
     removed: list[str] = []
     if old is not None:
         keep = {nf.name for nf in named} | {adaptor_name(t, prefix) for t in models}
-        for name, path in old.shared.items():
-            if name not in keep:
-                tx.delete(name)
-                removed.append(name)
+        old_adaptors = {old.name_of(p) for p in old.adaptors.values()}
+        for name in sorted(old.file_names() - keep, key=lambda n: (n not in old_adaptors, n)):
+            tx.delete(name)  # adaptors before the files they list
+            removed.append(name)
     tx.commit()
-    return _report(tx.dir, models, layout, named, refs, kept=kept, removed=removed, prefix=prefix)
+    report = _report(tx.dir, models, layout, named, refs, kept=kept, removed=removed, prefix=prefix)
+    if links is not None:
+        for t in report.tasks:
+            t.links = links.paths(t.task)
+    return report
 
 
 def _check_written(files: Sequence[tuple[str, list[FileRef]]], models: Mapping[str, ScannedModel]) -> None:

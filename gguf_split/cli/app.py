@@ -389,7 +389,7 @@ def remove_cmd(
         return
     verb = "would delete" if r.dry_run else "deleted"
     out.print(f"removed {', '.join(r.removed_tasks)}: {verb} {len(r.deleted)} file(s), {_size(r.freed_bytes)}: "
-              f"{', '.join(r.deleted)}")
+              f"{', '.join(r.deleted)}" + (f"; and {len(r.links)} llama.cpp link(s) to them" if r.links else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------

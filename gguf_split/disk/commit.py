@@ -5,8 +5,9 @@ split they shipped, or the one they asked for), never a mix and never nothing. T
 
 1. Lock. An flock on the directory serialises gguf-split runs on it (taken before any input is read).
    Then recover: roll forward a journal left by a killed run; remove temporary files no journal names.
-2. Write. Every new file goes to a hidden temporary name in the directory and is fsynced. Nothing
-   visible changes, and every new file is complete and durable before anything points at it.
+2. Write. Every new file goes to a hidden temporary name in the directory and is fsynced; a new symlink
+   (llama.cpp's link names) is made under a temporary name the same way. Nothing visible changes, and
+   every new entry is complete and durable (the directory is fsynced too) before anything points at it.
 3. Switch. The journal (the renames and deletions to do) is written to a temporary, fsynced and renamed
    to `.gguf-split-journal`, then the directory is fsynced: from this instant the new state *is* the state.
 4. Apply. Each temporary is renamed to its final name; fsync the directory; the files the journal lists
@@ -17,8 +18,13 @@ leads to. A kill before step 3 leaves the old state plus temporaries the next ru
 new state, which the next run in this directory completes. Files shared between tasks are named after
 their content (naming.py), so a new file never takes an old file's name with other bytes.
 
-A test hook makes the process kill itself at step k (`GGUF_SPLIT_TEST_KILL_AT=k`) and can log the steps
-(`GGUF_SPLIT_TEST_STEPS=file`), so a test can kill a run at every step.
+An interruption (Ctrl-C, SIGTERM) after the switch does not undo it: the exception leaves with a note
+(`errors.add_state`) saying that the new state stands, so the command's last line says so instead of
+"no partial output".
+
+A test hook makes the process kill itself at step k (`GGUF_SPLIT_TEST_KILL_AT=k`; with
+`GGUF_SPLIT_TEST_SIGNAL=SIGINT` it interrupts itself instead, as a Ctrl-C would) and can log the steps
+(`GGUF_SPLIT_TEST_STEPS=file`), so a test can kill or interrupt a run at every step.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..errors import GGUFSplitError, os_problem
+from ..errors import GGUFSplitError, add_state, os_problem
 from ..format.names import JOURNAL, TMP_SUFFIX, check_bare_name, is_temp, show, temp_name
 
 JOURNAL_VERSION = 1
@@ -42,7 +48,8 @@ _steps = 0
 
 
 def checkpoint(label: str) -> None:
-    """A point where a test may kill the process (SIGKILL: no cleanup, like a power cut or the OOM killer)."""
+    """A point where a test may kill the process (SIGKILL: no cleanup, like a power cut or the OOM killer)
+    or send it another signal (GGUF_SPLIT_TEST_SIGNAL, e.g. SIGINT: the handlers run as for a Ctrl-C)."""
     global _steps
     _steps += 1
     log = os.environ.get("GGUF_SPLIT_TEST_STEPS")
@@ -50,7 +57,7 @@ def checkpoint(label: str) -> None:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"{_steps} {label}\n")
     if os.environ.get("GGUF_SPLIT_TEST_KILL_AT") == str(_steps):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("GGUF_SPLIT_TEST_SIGNAL", "SIGKILL")))
 
 
 def fsync_dir(path: str) -> None:
@@ -216,10 +223,12 @@ def locked(directory: str, on_wait: Callable[[str], None] | None = None) -> Iter
 
 
 class NewFile:
-    """A file being written under a temporary name; `final` is the name it gets at commit."""
+    """A file being written under a temporary name; `final` is the name it gets at commit. With
+    `link_target`, a symlink to that target instead of a file (nothing to write or fsync)."""
 
-    def __init__(self, directory: str, final: str) -> None:
+    def __init__(self, directory: str, final: str, link_target: str | None = None) -> None:
         self.final = final
+        self.link_target = link_target
         self.tmp = temp_name(final)
         self.path = os.path.join(directory, self.tmp)
         self.final_path = os.path.join(directory, final)
@@ -229,6 +238,13 @@ class NewFile:
 
     def open(self) -> "NewFile":
         """Create the file (registered with its owner first, so an interruption cannot leak it)."""
+        if self.link_target is not None:
+            try:
+                os.symlink(self.link_target, self.path)
+            except OSError as e:
+                raise GGUFSplitError(self.final_path, f"cannot create link: {os_problem(e)}") from None
+            self.closed = True
+            return self
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         except OSError as e:
@@ -258,13 +274,16 @@ class Transaction:
             tx.commit()
 
     Leaving the block without commit() removes every temporary and leaves the directory as it was (it is
-    removed again if the transaction created it and it is empty)."""
+    removed again if the transaction created it and it is empty). An exception leaving the block after the
+    switch carries a note saying that the new state stands (`what`: how to name it, e.g. "the split")."""
 
     def __init__(self, directory: str | os.PathLike[str], *, create: bool = True,
-                 on_wait: Callable[[str], None] | None = None) -> None:
+                 on_wait: Callable[[str], None] | None = None, what: str | None = None) -> None:
         self.dir = os.path.abspath(os.fspath(directory))
         self.create = create
         self.on_wait = on_wait
+        self.what = what
+        self.applied = False  # the committed renames and deletions are all done
         self.created_dir = False
         self.files: list[NewFile] = []
         self.deletes: list[str] = []
@@ -324,6 +343,12 @@ class Transaction:
         self.files.append(f)
         return f.open()
 
+    def link(self, final: str, target: str) -> NewFile:
+        """A symlink `final` -> `target` that appears at commit (replacing what has that name then)."""
+        f = NewFile(self.dir, final, target)
+        self.files.append(f)
+        return f.open()
+
     def write(self, f: NewFile, fn: Callable[[int], None]) -> None:
         """Run `fn(f.fd)` (OS errors, a full disk, become one line naming the final file), then fsync it in
         the background while the caller writes the next file (fsync releases the GIL)."""
@@ -345,7 +370,7 @@ class Transaction:
             try:
                 if f.synced is not None:
                     f.synced.result()
-                else:
+                elif f.link_target is None:
                     os.fsync(f.fd)
             except OSError as e:
                 raise GGUFSplitError(f.final_path, f"write failed: {os_problem(e)}") from None
@@ -363,7 +388,12 @@ class Transaction:
         if not journal.renames and not journal.deletes:
             self.committed = True
             return
+        try:
+            fsync_dir(self.dir)  # the temporaries' names (and new symlinks) are durable before the journal names them
+        except OSError as e:
+            raise GGUFSplitError(self.dir, f"cannot commit: {os_problem(e)}") from None
         jfile = NewFile(self.dir, JOURNAL)
+        journal_path = os.path.join(self.dir, JOURNAL)
         switched = False
         try:
             jfile.open()
@@ -376,10 +406,13 @@ class Transaction:
             finally:
                 jfile.close()
             checkpoint("journal written")
-            os.replace(jfile.path, os.path.join(self.dir, JOURNAL))
+            os.replace(jfile.path, journal_path)
             switched = True
             fsync_dir(self.dir)
         except BaseException as e:  # an OSError, or an interruption (Ctrl-C, SIGTERM)
+            # Interrupted just after the rename, before `switched` was set? The journal then stands and the
+            # temporary is gone: the switch happened, and the new files must not be discarded.
+            switched = switched or (os.path.lexists(journal_path) and not os.path.lexists(jfile.path))
             if switched:
                 self.committed = True  # the journal is in place: the new state stands, the next run finishes it
             else:
@@ -394,6 +427,14 @@ class Transaction:
         except OSError as e:
             raise GGUFSplitError(self.dir, f"committed, but could not finish moving files into place "
                                            f"({os_problem(e)}); the next gguf-split run here finishes it") from None
+        self.applied = True
+
+    def state(self) -> str:
+        """What stands once the switch is done, in words (for a failure or an interruption after it)."""
+        what = f"{self.what} in {show(self.dir)}" if self.what else f"the change to {show(self.dir)}"
+        if self.applied:
+            return f"{what} is complete"
+        return f"{what} is committed (the next gguf-split run there finishes moving its files into place)"
 
     def _cleanup(self) -> None:
         if self._syncer is not None:
@@ -411,8 +452,25 @@ class Transaction:
             lock, self._lock = self._lock, None
             lock.__exit__(None, None, None)
 
-    def __exit__(self, *exc: object) -> None:
+    def note(self, exc: BaseException, *more: str) -> BaseException:
+        """After the switch, say on `exc` what stands: this transaction's new state (once), then `more`
+        (what a later step, e.g. the models directory, did not do). A GGUFSplitError comes back as a new
+        one with it in its problem; anything else (an interruption) carries it (errors.add_state)."""
+        if not self.committed:
+            return exc
+        noted: set[int] = getattr(exc, "_gguf_split_noted", set())
+        notes = ([] if id(self) in noted else [self.state()]) + list(more)
+        if isinstance(exc, GGUFSplitError):
+            return GGUFSplitError(exc.path, "; ".join([exc.problem, *notes])) if notes else exc
+        for text in notes:
+            add_state(exc, text)
+        setattr(exc, "_gguf_split_noted", noted | {id(self)})
+        return exc
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._cleanup()
+        if isinstance(exc, BaseException) and not isinstance(exc, GGUFSplitError):
+            self.note(exc)
 
 
 __all__ = ["Transaction", "NewFile", "Journal", "checkpoint", "check_space", "fsync_dir", "locked",

@@ -20,7 +20,7 @@ from ..errors import GGUFSplitError
 from ..format.names import check_task_name, show
 from .container import PackReport, UnpackReport, pack_files, read_index, unpack
 from ..disk.progress import QUIET, Progress
-from ..splitdir.directory import FileFinder, SplitDir, open_task
+from ..splitdir.directory import SplitDir, open_tasks
 
 KIND_SPLIT = "split"
 KIND_MODELS = "models"
@@ -28,15 +28,14 @@ KIND_MODELS = "models"
 
 def split_inputs(split_dir: str | os.PathLike[str]) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
     """The files of a split, checked as far as headers tell (every task's files present and the ones
-    recorded): ((name, path) in a stable order, task -> its file names in llama.cpp order)."""
-    sd = SplitDir.open(split_dir)
-    sd.require_split()
-    finder = FileFinder()
+    recorded), as of one state of the directory: ((name, path) in a stable order, task -> its file names
+    in llama.cpp order)."""
     inputs: dict[str, str] = {}
     tasks: dict[str, list[str]] = {}
-    for task in sd.tasks:
-        with open_task(sd.adaptors[task], finder) as tf:
-            names = [sd.names.get(sd.adaptors[task], os.path.basename(sd.adaptors[task]))]
+    with open_tasks(split_dir) as opened:
+        sd = opened.split
+        for task, tf in opened.tasks.items():
+            names = [sd.name_of(sd.adaptors[task])]
             inputs.setdefault(names[0], tf.adaptor.path)
             for ref, f in zip(tf.info.files, tf.shared):
                 inputs.setdefault(ref.name, f.path)

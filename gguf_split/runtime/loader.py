@@ -38,6 +38,10 @@ What it promises, and how:
   task named `x.gguf` loads by name, and `load("out/adaptor-x.gguf")` is refused with a hint to pass a Path.
 - Threads: reads are safe from several threads; `swap` is atomic for readers (a lookup sees the old task
   or the new one, never a mix); a failed load or swap changes nothing.
+- Other processes: no lock is taken, ever. A load or swap maps a task's files as of one state of the
+  directory (splitdir.read_consistently: read again if a commit changed the directory meanwhile); once
+  mapped, a task stays whole whatever `add`, `remove` or a re-split do next (files are never changed in
+  place: a deleted or replaced file stays mapped until the task lets go).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from ..format.model import Field, Metadata, Model, Tensor, _renamed, _Tensors, o
 from ..format.names import adaptor_name, check_task_name, show
 from ..disk.commit import pending_view
 from ..format.records import K_SRC_TENSOR_INFOS, K_TASK, ROLE_ADAPTOR, AdaptorInfo, SharedInfo, SplitFile
-from ..splitdir.directory import FileFinder, SplitDir, match_shared, read_shared
+from ..splitdir.directory import FileFinder, SplitDir, directory_of, match_shared, read_consistently, read_shared
 
 __all__ = ["Split", "Foundation", "Model", "TaskModel", "Tensor", "Field", "Metadata", "open_model", "open_split"]
 
@@ -292,7 +296,7 @@ class Split:
         return path if os.path.isfile(path) else None
 
     def _by_records(self, task: str) -> str:
-        sd = SplitDir.open(self.directory)
+        sd = SplitDir.read_once(self.directory)  # the caller retries (read_consistently)
         if task not in sd.adaptors:
             have = ", ".join(sd.tasks) or "none"
             hint = _PATH_HINT if task.endswith(".gguf") else ""
@@ -300,42 +304,50 @@ class Split:
         return sd.adaptors[task]
 
     def _overlay(self, task: str | os.PathLike[str]) -> _Overlay:
+        """The task's files, mapped as of one state of the directory (splitdir.read_consistently): a commit
+        running meanwhile is retried over, never seen half done; no lock is taken."""
         if self._closed:
             raise GGUFSplitError(show(self.directory), "split is closed")
-        finder = FileFinder(self._shared)  # anew for each load: a commit finished since is seen
         if isinstance(task, str):
             try:
                 check_task_name(task)
             except GGUFSplitError as e:
                 hint = _PATH_HINT if "/" in task or os.sep in task or task.endswith(".gguf") else ""
                 raise GGUFSplitError(None, e.problem + hint) from None
-            path = self._by_name(task)
-            if path is not None:
-                try:
-                    return _Overlay(path, finder, task)
-                except _OtherTask:
-                    pass
-            return _Overlay(self._by_records(task), finder, task)
+            return read_consistently([self.directory], lambda: self._overlay_by_name(task))
         if isinstance(task, os.PathLike):
             path = os.fspath(task)
             if isinstance(path, str):
-                return _Overlay(path, finder)
+                return read_consistently([directory_of(path)], lambda: _Overlay(path, FileFinder(self._shared)))
         raise TypeError(f"task must be a task name (str) or a path (os.PathLike), not {type(task).__name__}")
+
+    def _overlay_by_name(self, task: str) -> _Overlay:
+        finder = FileFinder(self._shared)  # anew for each load: a commit finished since is seen
+        path = self._by_name(task)
+        if path is not None:
+            try:
+                return _Overlay(path, finder, task)
+            except _OtherTask:
+                pass
+        return _Overlay(self._by_records(task), finder, task)
 
     def adaptor_path(self, task: str | os.PathLike[str]) -> str:
         """The adaptor `load(task)` would open: a task name (a str, always) resolved beside the opened
         path; an os.PathLike is an adaptor file."""
         if isinstance(task, str):
             check_task_name(task)
-            path = self._by_name(task)
-            if path is not None:
-                with SplitFile(path) as f:
-                    if f.role == ROLE_ADAPTOR and f.get(K_TASK) == task:
-                        return path
-            return self._by_records(task)
+            return read_consistently([self.directory], lambda: self._adaptor_path(task))
         if isinstance(task, os.PathLike):
             return os.fspath(task)
         raise TypeError(f"task must be a task name (str) or a path (os.PathLike), not {type(task).__name__}")
+
+    def _adaptor_path(self, task: str) -> str:
+        path = self._by_name(task)
+        if path is not None:
+            with SplitFile(path) as f:
+                if f.role == ROLE_ADAPTOR and f.get(K_TASK) == task:
+                    return path
+        return self._by_records(task)
 
     def load(self, task: str | os.PathLike[str]) -> TaskModel:
         """A task by name (a str, always), or the adaptor file given as an os.PathLike."""

@@ -47,9 +47,10 @@ from ..format.records import (
     SourceFile,
     SplitFile,
 )
-from .directory import FileFinder, SplitDir, TaskFiles, open_task
+from .directory import FileFinder, SplitDir, TaskFiles, directory_of, open_task, read_consistently
 from ..disk.copy import copy_bytes, write_all, write_zeros
 from ..disk.sweep import read_back
+
 
 
 @dataclass(frozen=True)
@@ -263,11 +264,11 @@ def adaptor_for(path: str | os.PathLike[str], task: str | None) -> str:
     """An adaptor path from (adaptor file) or (split directory, task)."""
     p = os.fspath(path)
     if os.path.isdir(p):
+        sd = SplitDir.read_once(p)  # restore() lists and opens as of one state (read_consistently)
         if task is None:
-            sd = SplitDir.open(p)
             sd.require_split()
             raise GGUFSplitError(show(p), f"is a split directory: name the task to restore ({', '.join(sd.tasks)})")
-        return SplitDir.open(p).adaptor(task)
+        return sd.adaptor(task)
     if task is not None:
         with SplitFile(p) as f:
             own = f.get("gguf_split.task")
@@ -282,8 +283,9 @@ def restore(path: str | os.PathLike[str], output: str | os.PathLike[str] | None 
     """Rebuild a task's original model file(s). `path` is its adaptor, or the split directory with `task`.
     `output`: a file (one-file models) or a directory (default: the current directory), where the original
     file names are used."""
-    adaptor = adaptor_for(path, task)
-    with open_task(adaptor, FileFinder(shared)) as tf:
+    opened = read_consistently([directory_of(path)], lambda: open_task(adaptor_for(path, task), FileFinder(shared)),
+                               TaskFiles.close)
+    with opened as tf:
         plans = plan_restore(tf)
         out_dir, names = _outputs(output, plans)
         inputs = {os.path.realpath(p) for p in tf.paths()}
