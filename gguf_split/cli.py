@@ -401,7 +401,8 @@ def restore_cmd(
     source: Path = typer.Argument(..., help="adaptor-<task>.gguf, or the split directory (then TASK)."),
     task: Optional[str] = typer.Argument(None, help="The task to restore, with a split directory."),
     output: Optional[str] = typer.Option(None, "--output", "-o",
-                                         help="Output file, or directory (default: the original file name(s), here)."),
+                                         help="Output file, or directory: an existing one or DIR/ (created if "
+                                              "missing), where the original file name(s) are used (default: here)."),
     shared: List[Path] = _OPT_SHARED,
     foundation: List[Path] = _OPT_FOUNDATION,
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
@@ -413,7 +414,9 @@ def restore_cmd(
     r = _run(lambda: restore(source, output, task=task, shared=[*shared, *foundation], force=force,
                              progress=_progress(quiet)))
     for f in r.files:
-        out.print(f"restored {r.task}: {show(f.path)} ({_size(f.size)}, xxh3-128 {f.xxh3}, identical to the original)")
+        kept = "already there, " if f.kept else ""
+        out.print(f"restored {r.task}: {show(f.path)} ({kept}{_size(f.size)}, xxh3-128 {f.xxh3}, identical to the "
+                  "original)")
 
 
 @app.command("verify")
