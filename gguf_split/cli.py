@@ -505,7 +505,7 @@ def _is_pack(path: str) -> bool:
 
 
 def _describe_pack(path: str) -> dict[str, Any]:
-    from .pack import read_index
+    from .transport import read_index
 
     i = read_index(path)
     return {"path": i.path, "role": "pack", "pack_version": i.version, "kind": i.kind, "meta": i.meta,
@@ -722,7 +722,8 @@ def unpack_cmd(
     r = _run(lambda: unpack_to(pack_file, output, restore=restore, force=force, threads=threads,
                                progress=_progress(quiet)))
     what = "models" if r.kind == "models" else "split files"
-    out.print(f"unpacked {len(r.files)} {what} ({_size(r.bytes_written)}) into {show(r.out_dir)}"
+    kept = f", {len(r.kept)} of them already there byte for byte" if r.kept else ""
+    out.print(f"unpacked {len(r.files)} {what} ({_size(r.bytes_written)} written{kept}) into {show(r.out_dir)}"
               + (f": tasks {', '.join(r.tasks)}" if r.tasks else ""))
 
 

@@ -366,11 +366,11 @@ def _outputs(output: str | os.PathLike[str] | None, plans: list[RestorePlan]) ->
     if _is_dir_name(out):
         return os.path.abspath(out), names
     if len(plans) > 1:
-        shards = f"this task's original is {len(plans)} files (shards): give a directory (-o {show(out)}/)"
+        shards = f"this task's original is {len(plans)} files (shards): give a directory (-o DIR/)"
         if os.path.lexists(out):
-            raise GGUFSplitError(show(out), f"is a file; {shards}")
+            raise GGUFSplitError(show(out), f"is a file, but {shards}")
         if out.lower().endswith(".gguf"):
-            raise GGUFSplitError(show(out), f"names one file; {shards}")
+            raise GGUFSplitError(show(out), f"names one file, but {shards}")
         return os.path.abspath(out), names  # a new directory
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
