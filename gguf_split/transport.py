@@ -184,33 +184,34 @@ def _restore_models(index: PackIndex, tasks: dict[str, list[str]], out: str, *, 
     """A split's pack -> its tasks' original models in `out`, as one transaction (module docstring)."""
     from .restore import check_outputs, plan_restore, restore_into
 
-    pack = show(index.path)
+    pack_name = show(index.path)
     sizes = {f.name: f.size for f in index.files}
     report = TransportReport(os.path.abspath(out), KIND_MODELS, tasks=list(tasks))
     with Transaction(out, on_wait=progress.note) as tx:
-        tmp = tx.temp_dir("unpack")
         adaptors = {task: names[0] for task, names in tasks.items()}
+        check_space(tx.dir, sum(sizes[n] for n in set(adaptors.values())), "the split's adaptors")
+        tmp = tx.temp_dir("unpack")
         with _temporary_named(tmp, tx.dir, "unpacking {member}: {problem}"):
             first = unpack(index.path, tmp, files=sorted(set(adaptors.values())), threads=threads,
                            progress=progress)
-        with _temporary_named(tmp, pack, "{member}: {problem}"):
+        with _temporary_named(tmp, pack_name, "{member}: {problem}"):
             sources = {task: _sources(os.path.join(tmp, adaptors[task]), task, tasks[task][1:]) for task in tasks}
         outputs = [(task, src) for task in tasks for src in sources[task]]
-        _check_distinct(pack, outputs)
+        _check_distinct(pack_name, outputs)
         keep = check_outputs(tx.dir, [src.name for _, src in outputs], [src for _, src in outputs], force=force)
         report.files = [os.path.join(tx.dir, src.name) for _, src in outputs]
         report.kept = [p for p, k in zip(report.files, keep) if k]
         if all(keep):  # a run killed after its commit, run again: every model is already in place
             return report
         rest = sorted({name for names in tasks.values() for name in names} - set(adaptors.values()))
-        check_space(tx.dir, sum(sizes[n] for n in rest) + sum(src.size for (_, src), k in zip(outputs, keep) if not k),
-                    "the split and the models")
+        models = sum(src.size for (_, src), kept in zip(outputs, keep) if not kept)
+        check_space(tx.dir, sum(sizes[n] for n in rest) + models, "the split's files and the models")
         with _temporary_named(tmp, tx.dir, "unpacking {member}: {problem}"):
             second = unpack(index.path, tmp, files=rest, threads=threads, progress=progress) if rest else None
         report.unpacked = _merged(first, second)
         keep_of = dict(zip(((task, src.name) for task, src in outputs), keep))
         for task in tasks:
-            with _temporary_named(tmp, pack, "{member}: {problem}"), \
+            with _temporary_named(tmp, pack_name, "{member}: {problem}"), \
                     open_task(os.path.join(tmp, adaptors[task]), FileFinder()) as tf:
                 plans = plan_restore(tf)
                 names = [p.name for p in plans]

@@ -101,6 +101,24 @@ def test_unpack_refuses_existing_files_without_force(demo, tmp_path: Path) -> No
     assert regular(out) == regular(split_dir)
 
 
+def test_unpack_again_keeps_files_already_in_place(demo, tmp_path: Path) -> None:
+    """A file with the size and xxh3-128 the pack records is kept (a run killed after its switch can be run
+    again without --force); another file of that name is still refused."""
+    _, split_dir = demo
+    pack(tmp_path / "s.ggufpack", split_dir=split_dir)
+    out = tmp_path / "out"
+    unpack_to(tmp_path / "s.ggufpack", out)
+    inode = (out / "adaptor-chat.gguf").stat().st_ino
+    (out / "adaptor-code.gguf").unlink()
+    r = unpack_to(tmp_path / "s.ggufpack", out)
+    assert regular(out) == regular(split_dir) and (out / "adaptor-chat.gguf").stat().st_ino == inode
+    assert r.bytes_written == os.path.getsize(split_dir / "adaptor-code.gguf")
+    assert len(r.kept) == len(regular(split_dir)) - 1
+    (out / "adaptor-code.gguf").write_bytes(b"mine")
+    with pytest.raises(GGUFSplitError, match="already exists"):
+        unpack_to(tmp_path / "s.ggufpack", out)
+
+
 def test_cli_pack_unpack_and_info(demo, tmp_path: Path) -> None:
     models, split_dir = demo
     runner = CliRunner()
@@ -357,7 +375,8 @@ def test_two_tasks_restoring_to_one_name_are_refused(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
     m1 = write_model(tmp_path / "x" / "m.gguf", base_tensors())
-    m2 = write_model(tmp_path / "y" / "m.gguf", {**base_tensors(), "output_norm.weight": base_tensors(3)["output_norm.weight"]})
+    m2 = write_model(tmp_path / "y" / "m.gguf",
+                     {**base_tensors(), "output_norm.weight": base_tensors(3)["output_norm.weight"]})
     split({"one": m1, "two": m2}, tmp_path / "split", file_cost=0)
     pk = tmp_path / "s.ggufpack"
     pack(pk, split_dir=tmp_path / "split")
@@ -392,7 +411,8 @@ def test_unpack_restore_of_a_split_with_a_sharded_model(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
     first = write_sharded(shards / "big", base_tensors(), 3)
-    other = write_model(tmp_path / "other.gguf", {**base_tensors(), "output_norm.weight": base_tensors(4)["output_norm.weight"]})
+    other = write_model(tmp_path / "other.gguf",
+                        {**base_tensors(), "output_norm.weight": base_tensors(4)["output_norm.weight"]})
     split({"big": first, "other": other}, tmp_path / "split", file_cost=0)
     pk = tmp_path / "s.ggufpack"
     pack(pk, split_dir=tmp_path / "split")
@@ -401,3 +421,17 @@ def test_unpack_restore_of_a_split_with_a_sharded_model(tmp_path: Path) -> None:
     want = {p.name: sha(p) for p in shards.iterdir()}
     want["other.gguf"] = sha(other)
     assert listing(out) == want and sorted(os.path.basename(p) for p in r.files) == sorted(want)
+
+
+def test_unpack_restore_without_room_names_the_output_directory(split_pack: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    class Full:
+        f_bavail, f_frsize, f_bsize = 2, 4096, 4096
+
+    out = tmp_path / "ur"
+    out.mkdir()
+    monkeypatch.setattr(os, "statvfs", lambda p: Full())
+    code, _, stderr = run_cli("unpack", "-q", split_pack, "-o", out, "--restore")
+    line = one_error(code, stderr, out)
+    assert "not enough free space" in line, line
+    assert listing(out) == {}
