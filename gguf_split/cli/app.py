@@ -401,7 +401,8 @@ def restore_cmd(
     source: Path = typer.Argument(..., help="adaptor-<task>.gguf, or the split directory (then TASK)."),
     task: Optional[str] = typer.Argument(None, help="The task to restore, with a split directory."),
     output: Optional[str] = typer.Option(None, "--output", "-o",
-                                         help="Output file, or directory (default: the original file name(s), here)."),
+                                         help="Output file, or directory: an existing one or DIR/ (created if "
+                                              "missing), where the original file name(s) are used (default: here)."),
     shared: List[Path] = _OPT_SHARED,
     foundation: List[Path] = _OPT_FOUNDATION,
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
@@ -413,7 +414,9 @@ def restore_cmd(
     r = _run(lambda: restore(source, output, task=task, shared=[*shared, *foundation], force=force,
                              progress=_progress(quiet)))
     for f in r.files:
-        out.print(f"restored {r.task}: {show(f.path)} ({_size(f.size)}, xxh3-128 {f.xxh3}, identical to the original)")
+        kept = "already there, " if f.kept else ""
+        out.print(f"restored {r.task}: {show(f.path)} ({kept}{_size(f.size)}, xxh3-128 {f.xxh3}, identical to the "
+                  "original)")
 
 
 @app.command("verify")
@@ -502,7 +505,7 @@ def _is_pack(path: str) -> bool:
 
 
 def _describe_pack(path: str) -> dict[str, Any]:
-    from ..pack.container import read_index
+    from ..pack.transport import read_index
 
     i = read_index(path)
     return {"path": i.path, "role": "pack", "pack_version": i.version, "kind": i.kind, "meta": i.meta,
@@ -719,7 +722,8 @@ def unpack_cmd(
     r = _run(lambda: unpack_to(pack_file, output, restore=restore, force=force, threads=threads,
                                progress=_progress(quiet)))
     what = "models" if r.kind == "models" else "split files"
-    out.print(f"unpacked {len(r.files)} {what} ({_size(r.bytes_written)}) into {show(r.out_dir)}"
+    kept = f", {len(r.kept)} of them already there byte for byte" if r.kept else ""
+    out.print(f"unpacked {len(r.files)} {what} ({_size(r.bytes_written)} written{kept}) into {show(r.out_dir)}"
               + (f": tasks {', '.join(r.tasks)}" if r.tasks else ""))
 
 

@@ -30,7 +30,10 @@ _TASK_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _PREFIX_CHARS = re.compile(r"^[A-Za-z0-9_.+-]*$")
 
 TMP_SUFFIX = ".gguf-split-tmp"
+TMP_DIR_SUFFIX = ".gguf-split-tmpdir"
 JOURNAL = ".gguf-split-journal"
+# gguf-split 0.2's `unpack --restore` left this directory behind when it was killed (tempfile's 8 characters)
+_LEGACY_TMP_DIR = re.compile(r"^\.gguf-split-unpack-[a-z0-9_]{8}$")
 
 
 def check_task_name(task: object, where: str | None = None) -> str:
@@ -91,6 +94,16 @@ def temp_name(final: str) -> str:
 
 def is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def temp_dir_name(purpose: str) -> str:
+    """A hidden temporary directory's name (`purpose`: letters only, e.g. "unpack"), unique like temp_name."""
+    return f".gguf-split-{purpose}.{os.getpid()}.{os.urandom(4).hex()}{TMP_DIR_SUFFIX}"
+
+
+def is_temp_dir(name: str) -> bool:
+    """A name only gguf-split gives a temporary directory (temp_dir_name, or 0.2's unpack leftover)."""
+    return (name.startswith(".gguf-split-") and name.endswith(TMP_DIR_SUFFIX)) or bool(_LEGACY_TMP_DIR.match(name))
 
 
 def show(path: str | os.PathLike[str] | bytes) -> str:

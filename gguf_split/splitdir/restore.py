@@ -9,20 +9,24 @@ What is written is what is checked: each output is written under a temporary nam
 pages dropped (`posix_fadvise(DONTNEED)`), read back from the disk and hashed; it is renamed into place
 only if that xxh3-128 equals the original's recorded digest. A short write, a disk error or a writer bug
 therefore never puts a wrong file in place. Outputs of a sharded model appear together or not at all
-(commit.Transaction).
+(commit.Transaction); `restore_into` writes a task's outputs into a caller's transaction, so that several
+tasks' models can appear together too (`unpack --restore`). Output names are checked before anything is
+written (`check_outputs`): a file gguf-split wrote is never replaced, another existing file only with
+`force`, and one that already holds the original's bytes is kept.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from functools import partial
+from typing import Protocol, Union
 
 import xxhash
 
-from ..disk.commit import Transaction, check_space
+from ..disk.commit import Transaction, check_space, holds_bytes
 from ..errors import GGUFSplitError
 from ..format.gguf import (
     GGUFFile,
@@ -37,7 +41,7 @@ from ..format.gguf import (
     read_prefix,
     read_tensor_infos,
 )
-from ..format.names import show
+from ..format.names import JOURNAL, is_temp, is_temp_dir, show
 from ..disk.progress import QUIET, Progress, Reporter
 from ..format.records import (
     K_SRC_GAPS,
@@ -244,6 +248,7 @@ class RestoredFile:
     path: str
     size: int
     xxh3: str
+    kept: bool = False  # the output already held exactly these bytes (checked), and was left as it was
 
 
 @dataclass
@@ -258,6 +263,17 @@ class RestoreReport:
     @property
     def size(self) -> int:
         return sum(f.size for f in self.files)
+
+
+class Original(Protocol):
+    """What an output must end up holding: `size` bytes whose xxh3-128 is `xxh3` (a RestorePlan, or an
+    adaptor's record of an original file)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def xxh3(self) -> str: ...
 
 
 def adaptor_for(path: str | os.PathLike[str], task: str | None) -> str:
@@ -281,45 +297,80 @@ def restore(path: str | os.PathLike[str], output: str | os.PathLike[str] | None 
             shared: Sequence[str | os.PathLike[str]] = (), force: bool = False,
             progress: Progress = QUIET) -> RestoreReport:
     """Rebuild a task's original model file(s). `path` is its adaptor, or the split directory with `task`.
-    `output`: a file (one-file models) or a directory (default: the current directory), where the original
-    file names are used."""
+    `output`: a file (a one-file model) or a directory (an existing one, or any path ending in a slash:
+    created if missing), where the original file names are used; default: the current directory."""
     opened = read_consistently([directory_of(path)], lambda: open_task(adaptor_for(path, task), FileFinder(shared)),
                                TaskFiles.close)
     with opened as tf:
         plans = plan_restore(tf)
         out_dir, names = _outputs(output, plans)
-        inputs = {os.path.realpath(p) for p in tf.paths()}
-        for n in names:
-            final = os.path.join(out_dir, n)
-            if os.path.realpath(final) in inputs:
-                raise GGUFSplitError(show(final), "is one of the split's own files; restore elsewhere")
-            if os.path.isdir(final):
-                raise GGUFSplitError(show(final), "is a directory")
-            role = _split_role(final) if os.path.lexists(final) else None
-            if role is not None:  # another task's, or another split's: --force must not destroy it
-                raise GGUFSplitError(show(final), f"is a gguf-split {role} file; restore elsewhere")
-            if os.path.lexists(final) and not force:
-                raise GGUFSplitError(show(final), "already exists (use --force to replace it)")
         with Transaction(out_dir, on_wait=progress.note) as tx:
-            check_space(tx.dir, sum(p.size for p in plans))
-            done = []
-            total = sum(p.size for p in plans)
-            with progress.bar("restoring", total) as bar:
-                for plan, name in zip(plans, names):
-                    nf = tx.new(name)
-                    spans = plan.spans
-                    tx.write(nf, lambda fd: _write_spans(fd, spans, bar))
-            tx.wait_synced()
-            with progress.bar("checking", total) as bar:
-                for plan, nf in zip(plans, tx.files):
-                    got = read_back(nf.path, bar)
-                    if got != plan.xxh3:
-                        raise GGUFSplitError(_culprit(plan, tf.adaptor.path), f"the restored {plan.name} does not "
-                                             "match the original's recorded digest; nothing was written (run "
-                                             "`gguf-split verify`)")
-                    done.append(RestoredFile(nf.final_path, plan.size, got))
+            keep = check_outputs(tx.dir, names, plans, force=force, inputs=tf.paths())
+            check_space(tx.dir, sum(p.size for p, k in zip(plans, keep) if not k))
+            done = restore_into(tx, tf, plans, names, keep, progress)
             tx.commit()
         return RestoreReport(tf.info.task, done)
+
+
+def check_outputs(out_dir: str, names: Sequence[str], originals: Sequence[Original], *, force: bool,
+                  inputs: Iterable[str] = ()) -> list[bool]:
+    """Check, before anything is written, that the original files can be written as `names` in `out_dir`;
+    per output, whether it is already in place (kept). Refused: a directory, a name gguf-split uses for
+    its own temporaries, one of the `inputs`, a file gguf-split wrote (another task's adaptor, another
+    split's shared file: never replaced, even with `force`), and any other existing file unless `force`.
+    An existing file that already holds exactly the original's bytes (its size, and the xxh3-128 recorded
+    when the model was split) is kept, so a run that was interrupted after its commit can be run again."""
+    inputs = {os.path.realpath(p) for p in inputs}
+    keep = []
+    for name, original in zip(names, originals):
+        final = os.path.join(out_dir, name)
+        if is_temp(name) or is_temp_dir(name) or name == JOURNAL:
+            raise GGUFSplitError(show(final), "is a name gguf-split uses for its temporary files: damaged or forged")
+        if os.path.realpath(final) in inputs:
+            raise GGUFSplitError(show(final), "is one of the split's own files; restore elsewhere")
+        if os.path.isdir(final):
+            raise GGUFSplitError(show(final), "is a directory")
+        if not os.path.lexists(final):
+            keep.append(False)
+            continue
+        role = _split_role(final)
+        if role is not None:  # another task's, or another split's: --force must not destroy it
+            raise GGUFSplitError(show(final), f"is a gguf-split {role} file; restore elsewhere")
+        if holds_bytes(final, original.size, original.xxh3):
+            keep.append(True)
+        elif force:
+            keep.append(False)
+        else:
+            raise GGUFSplitError(show(final), "already exists (use --force to replace it)")
+    return keep
+
+
+def restore_into(tx: Transaction, tf: TaskFiles, plans: Sequence[RestorePlan], names: Sequence[str],
+                 keep: Sequence[bool], progress: Progress = QUIET) -> list[RestoredFile]:
+    """Write a task's original files as new files of `tx` (not committed: the caller commits, perhaps with
+    other tasks' files), fsynced, read back from the disk and checked against the recorded digests; an
+    output `keep` marks (check_outputs) is left as it is. The files as they will be once committed."""
+    todo = [(plan, name) for plan, name, kept in zip(plans, names, keep) if not kept]
+    total = sum(plan.size for plan, _ in todo)
+    written = []
+    with progress.bar("restoring", total) as bar:
+        for plan, name in todo:
+            nf = tx.new(name)
+            tx.write(nf, partial(_write_spans, spans=plan.spans, bar=bar))
+            written.append(nf)
+    tx.wait_synced()
+    with progress.bar("checking", total) as bar:
+        for (plan, _), nf in zip(todo, written):
+            try:
+                got = read_back(nf.path, bar)
+            except GGUFSplitError as e:
+                raise GGUFSplitError(nf.final_path, e.problem) from None
+            if got != plan.xxh3:
+                raise GGUFSplitError(_culprit(plan, tf.adaptor.path), f"the restored {plan.name} does not "
+                                     "match the original's recorded digest; nothing was written (run "
+                                     "`gguf-split verify`)")
+    return [RestoredFile(os.path.join(tx.dir, name), plan.size, plan.xxh3, kept)
+            for plan, name, kept in zip(plans, names, keep)]
 
 
 def _split_role(path: str) -> str | None:
@@ -331,20 +382,30 @@ def _split_role(path: str) -> str | None:
         return None
 
 
+def _is_dir_name(out: str) -> bool:
+    """-o names a directory: an existing one, or any path ending in a separator."""
+    return os.path.isdir(out) or out.endswith(os.sep) or (os.altsep is not None and out.endswith(os.altsep))
+
+
 def _outputs(output: str | os.PathLike[str] | None, plans: list[RestorePlan]) -> tuple[str, list[str]]:
+    """(output directory, file names) for -o: a directory gets the original names (and is created if
+    missing: the transaction removes it again if nothing is written); a one-file model may be given a
+    file name, whose directory must exist; a sharded model needs a directory."""
     names = [p.name for p in plans]
     if output is None:
         return os.getcwd(), names
     out = os.fspath(output)
     if out == "":
         raise GGUFSplitError(None, "-o/--output: empty path")
-    if os.path.isdir(out):
+    if _is_dir_name(out):
         return os.path.abspath(out), names
     if len(plans) > 1:
+        shards = f"this task's original is {len(plans)} files (shards): give a directory (-o DIR/)"
         if os.path.lexists(out):
-            raise GGUFSplitError(show(out), f"is a file; this task's original is {len(plans)} files (shards): give "
-                                            "a directory")
-        return os.path.abspath(out), names  # created
+            raise GGUFSplitError(show(out), f"is a file, but {shards}")
+        if out.lower().endswith(".gguf"):
+            raise GGUFSplitError(show(out), f"names one file, but {shards}")
+        return os.path.abspath(out), names  # a new directory
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise GGUFSplitError(show(out), "its directory does not exist" if not os.path.exists(parent)
