@@ -179,7 +179,7 @@ def _stem(p: Path) -> str:
 
     from .naming import check_task_name
 
-    stem = re.sub(r"-\d{5}-of-\d{5}$", "", p.name[:-5] if p.name.endswith(".gguf") else p.stem)
+    stem = re.sub(r"-\d{5}-of-\d{5}\Z", "", p.name[:-5] if p.name.endswith(".gguf") else p.stem)
     try:
         return check_task_name(stem)
     except GGUFSplitError as e:

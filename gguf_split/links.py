@@ -61,7 +61,7 @@ def _rel(target: str, directory: str) -> str:
     return os.path.relpath(os.path.realpath(target), os.path.realpath(directory))
 
 
-_LINK_RE = re.compile(r"^(?P<task>.+)-\d{5}-of-(?P<n>\d{5})\.gguf$")
+_LINK_RE = re.compile(r"(?P<task>.+)-\d{5}-of-(?P<n>\d{5})\.gguf")  # fullmatch: `$` matches before a final \n
 
 
 def link_task(split_dir: str | os.PathLike[str], task: str, *, directory: str | os.PathLike[str] | None = None,
@@ -90,7 +90,7 @@ def link_task(split_dir: str | os.PathLike[str], task: str, *, directory: str | 
             _relink(link, rel)
         made.append(link)
     for name in os.listdir(d):
-        m = _LINK_RE.match(name)
+        m = _LINK_RE.fullmatch(name)
         if m and m["task"] == task and name not in wanted and os.path.islink(os.path.join(d, name)):
             os.unlink(os.path.join(d, name))
     fsync_dir(d)

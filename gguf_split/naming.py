@@ -26,8 +26,9 @@ ID_CHARS = 12
 TASK_MAX = 64
 TASK_RULE = ("a task name is 1 to 64 characters: letters, digits and _ . + -, starting with a letter or digit "
              "(it becomes part of file names)")
-_TASK_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_PREFIX_CHARS = re.compile(r"^[A-Za-z0-9_.+-]*$")
+# whole-string matches (fullmatch): `$` would also match before a final newline, and "chat\n" would pass
+_TASK_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_PREFIX_CHARS = re.compile(r"[A-Za-z0-9_.+-]*")
 
 TMP_SUFFIX = ".gguf-split-tmp"
 JOURNAL = ".gguf-split-journal"
@@ -42,15 +43,15 @@ def check_task_name(task: object, where: str | None = None) -> str:
     if len(task) > TASK_MAX:
         raise GGUFSplitError(where, f"task name {task[:20]!r}... is {len(task)} characters long, at most {TASK_MAX} "
                                     "are allowed")
-    if not _TASK_CHARS.match(task):
-        bad = next((c for c in task if not re.match(r"[A-Za-z0-9_.+-]", c)), None)
+    if not _TASK_CHARS.fullmatch(task):
+        bad = next((c for c in task if not re.fullmatch(r"[A-Za-z0-9_.+-]", c)), None)
         what = f"holds {bad!r}" if bad is not None else "starts with " + repr(task[0])
         raise GGUFSplitError(where, f"task name {task!r} {what}; {TASK_RULE}")
     return task
 
 
 def check_prefix(prefix: str) -> str:
-    if not _PREFIX_CHARS.match(prefix) or len(prefix) > 64:
+    if not _PREFIX_CHARS.fullmatch(prefix) or len(prefix) > 64:
         raise GGUFSplitError(None, f"prefix {prefix!r} may hold only letters, digits and _ . + - (at most 64)")
     return prefix
 

@@ -40,7 +40,7 @@ from .records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSOR
 
 PIECE = 1 << 20  # small enough that the second hasher finds the piece still in the CPU cache
 MAX_NONZERO_GAP_BYTES = 16 << 20  # more than this outside the tensors is not padding; refuse
-_SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")  # fullmatch
 
 
 class Interrupted(KeyboardInterrupt):
@@ -239,7 +239,7 @@ def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
 
 def _open_siblings(first: GGUFFile, count: int) -> list[GGUFFile]:
     name = os.path.basename(first.path)
-    m = _SHARD_NAME.match(name)
+    m = _SHARD_NAME.fullmatch(name)
     if m is None or int(m["no"]) != 1 or int(m["count"]) != count:
         raise GGUFSplitError(first.path, f"is the first of {count} shards, but its name does not end in "
                                          f"-00001-of-{count:05d}.gguf, so its other shards cannot be found")
