@@ -27,7 +27,7 @@ from .commit import Transaction, check_space
 from .errors import GGUFSplitError
 from .gguf_format import GGUFFile
 from .naming import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
-from .plan import DEFAULT_FILE_COST, HOLE, OWN, Layout, PlannedFile, TensorId, plan_layout
+from .plan import DEFAULT_FILE_COST, HOLE, MIN_SHARD_SIZE, OWN, Layout, PlannedFile, TensorId, plan_layout
 from .progress import QUIET, Progress
 from .records import (
     AdaptorInfo,
@@ -130,7 +130,7 @@ def check_options(tasks: Mapping[str, str | os.PathLike[str]], *, max_shared_fil
         raise ValueError(f"max_shared_files must be a whole number >= 1, not {max_shared_files!r}")
     if not isinstance(file_cost, int) or file_cost < 0:
         raise ValueError(f"file_cost must be a whole number of bytes >= 0, not {file_cost!r}")
-    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < (1 << 20)):
+    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < MIN_SHARD_SIZE):
         raise ValueError(f"max_shard_size must be at least 1 MiB, not {max_shard_size!r}")
 
 
