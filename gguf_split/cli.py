@@ -261,13 +261,16 @@ def _print_split(report: Any, title: str = "split into") -> None:
         counts: dict[str, list[str]] = {}
         for name, why in t.reasons.items():
             counts.setdefault(why, []).append(name)
-        if counts:
-            out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: " + "; ".join(
-                f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items()))
+        out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: " + ("; ".join(
+            f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items()) if counts else "every tensor is in a shared file"))
         if t.missing:
             out.print(f"    has no {', '.join(t.missing)} (other tasks do)")
         if t.links:
             out.print(f"    llama.cpp: -m {show(t.links[0])}")
+    if report.oversize:
+        out.print(f"note: {len(report.oversize)} file(s) over --max-shard-size {_size(report.max_shard_size)}, each one "
+                  "tensor larger than that (a tensor cannot be cut): "
+                  + ", ".join(f"{name} ({_size(size)})" for name, size in report.oversize))
     if report.removed:
         out.print(f"removed {len(report.removed)} file(s) of the previous split no task uses any more: "
                   f"{', '.join(report.removed)}")
@@ -355,7 +358,7 @@ def _report_json(report: Any) -> dict[str, Any]:
 
     d = asdict(report)
     d.update(input_bytes=report.input_bytes, output_bytes=report.output_bytes, saved_bytes=report.saved_bytes,
-             ratio=report.ratio)
+             ratio=report.ratio, oversize=report.oversize)
     return d
 
 

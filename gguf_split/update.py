@@ -150,7 +150,8 @@ def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: 
         reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
                            for pf in [layout.files[i]] if pf.fixed is not None)
         if tx is None:
-            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix)
+            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix,
+                                   max_shard_size=options.get("max_shard_size"))
         else:
             split_report = _write(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known,
                                   max_shard_size=options.get("max_shard_size"))

@@ -498,3 +498,137 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(project: Path) -> None:
         assert err == "gguf-split: interrupted; no partial output was left behind\n", err
     assert interrupted >= 4
     assert not list((project / "sig").glob(".*tmp")) if (project / "sig").exists() else True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every refusal is one line: option values, click's own usage errors, info's arguments
+
+
+@pytest.mark.parametrize("size", ["20K", "1M", "0", "1048575"])
+def test_shard_size_under_1mib_is_one_line(project: Path, split_dir: Path, size: str) -> None:
+    """--max-shard-size and the spec's max_shard_size are checked alike (a ValueError traceback before)."""
+    models = project / "models"
+    for args in (["split", "-q", "-o", str(project / "x"), "-t", f"a={models / 'base.gguf'}", "--max-shard-size", size],
+                 ["add", "-q", str(split_dir), "-t", f"x={models / 'base.gguf'}", "--max-shard-size", size]):
+        line = error_line(*cli(*args)[::2])
+        assert "--max-shard-size" in line and "1MiB" in line and repr(size) in line
+    spec = write_spec(project, "output: x\n" + TASKS + f"options:\n  max_shard_size: {size}\n")
+    line = error_line(*cli("split", str(spec))[::2])
+    assert f"{spec}: options.max_shard_size" in line and "1MiB" in line
+    assert not (project / "x").exists()
+    ok("split", "-q", "--dry-run", "-o", str(project / "x"), "-t", f"a={models / 'base.gguf'}", "--max-shard-size",
+       "1MiB")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["split", "x.gguf", "-o", "out", "--threads", "0"], "--threads"),
+    (["split", "x.gguf", "-o", "out", "--max-shared-files", "0"], "--max-shared-files"),
+    (["add", "out", "--threads", "two"], "--threads"),
+    (["restore"], "Missing argument"),
+    (["info", "--bogus", "x"], "--bogus"),
+    (["nonsense"], "nonsense"),
+])
+def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    """click's usage errors, like a spec's: one line with a pointer to the command's help, exit 2."""
+    code, _, stderr = cli(*args)
+    line = error_line(code, stderr)
+    assert fragment in line and "--help" in line, line
+    p = script(*args, cwd=tmp_path)  # the console script prints the same line
+    assert (p.returncode, p.stderr) == (2, stderr), p.stderr
+
+
+def test_info_on_adaptors_describes_them(split_dir: Path) -> None:
+    """`info adaptor-x.gguf` (one or several): their description, not a KeyError (--json worked)."""
+    text = ok("info", str(split_dir / "adaptor-chat.gguf"))
+    assert "adaptor" in text and "task chat: " in text and "restores chat.gguf" in text
+    text = ok("info", str(split_dir / "adaptor-chat.gguf"), str(split_dir / "adaptor-code.gguf"))
+    assert "task chat: " in text and "task code: " in text
+
+
+def test_info_dir_task_with_a_file_of_that_name_here(split_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`info DIR TASK` means the task even when a file named TASK is in the current directory (`./TASK`
+    describes the file)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chat").write_bytes((split_dir / "adaptor-code.gguf").read_bytes())
+    text = ok("info", str(split_dir), "chat")
+    assert text.splitlines()[-1].startswith("task chat: ") and str(split_dir / "adaptor-chat.gguf") in text
+    text = ok("info", str(split_dir), "./chat")
+    assert "./chat: adaptor" in text and "task code: " in text
+
+
+def test_info_files_names_a_missing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = error_line(*cli("info", "nodir", "chat", "--files")[::2])
+    assert line == f"{ERROR_PREFIX}nodir: no such directory", line
+    assert "DIR TASK --files" in error_line(*cli("info", "a", "b", "c", "--files")[::2])
+
+
+def test_info_describes_a_hole_as_a_hole(project: Path) -> None:
+    """A hole has no tensors and no architecture: info says what it is for and its split.no."""
+    code, stdout, stderr = cli("demo", "-q", str(project / "demo"))
+    assert code == 0, stderr
+    hole = next((project / "demo" / "split").glob("hole-*.gguf"))
+    n = hole.name[len("hole-"):-len(".gguf")]
+    text = ok("info", str(hole))
+    assert f"{hole}: hole" in text and f"split.no {n}, no tensors" in text
+    assert "None" not in text and "0 tensors" not in text
+    d = info_json(hole)
+    assert (d["role"], d["hole"], d["split_no"], d["tensors"]) == ("shared", True, int(n), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the split report
+
+
+def test_report_heads_every_task_even_with_an_empty_adaptor(project: Path) -> None:
+    """The demo's base has no tensor of its own: its lines still come under a heading of their own."""
+    code, stdout, stderr = cli("demo", "-q", str(project / "demo"))
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    for task in ("base", "chat", "code", "summarize"):
+        head = next(i for i, line in enumerate(lines) if line.startswith(f"  {task}: "))
+        assert lines[head + 1].startswith("    ")  # its own lines (llama.cpp: ...) follow its heading
+    assert "  base: 0 tensors in its adaptor: every tensor is in a shared file" in lines
+
+
+@pytest.mark.parametrize("options", [[], ["--file-cost", "0"], ["--max-shard-size", "1MiB"], ["--prefix", "p-"]])
+def test_dry_run_sizes_are_exact(project: Path, options: list[str]) -> None:
+    """--dry-run reports every file's size as the split then writes it (adaptors were ~4 KiB short)."""
+    models = project / "models"
+    args = ["split", "-q", "--json", "-o", str(project / "out"),
+            *[a for t in ("base", "chat", "code") for a in ("-t", f"{t}={models / f'{t}.gguf'}")], *options]
+    dry, real = json.loads(ok(*args, "--dry-run")), json.loads(ok(*args))
+    assert dry["dry_run"] and not real["dry_run"]
+    sizes = {os.path.basename(t["adaptor"]): t["adaptor_bytes"] for t in real["tasks"]}
+    assert {os.path.basename(t["adaptor"]): t["adaptor_bytes"] for t in dry["tasks"]} == sizes
+    assert {f["name"]: f["bytes"] for f in dry["files"]} == {f["name"]: f["bytes"] for f in real["files"]}
+    assert dry["output_bytes"] == real["output_bytes"] == sum(p.stat().st_size for p in (project / "out").iterdir())
+    add = json.loads(ok("add", "--json", "--dry-run", str(project / "out"), "-t", f"more={models / 'chat.gguf'}",
+                        *[o for o in options if o != "--prefix" and o != "p-"]))
+    ok("add", "-q", str(project / "out"), "-t", f"more={models / 'chat.gguf'}",
+       *[o for o in options if o != "--prefix" and o != "p-"])
+    assert add["split"]["tasks"][0]["adaptor_bytes"] == os.path.getsize(project / "out" / add["split"]["tasks"][0]["adaptor"])
+
+
+def test_report_names_files_over_the_shard_size(tmp_path: Path) -> None:
+    """A tensor larger than --max-shard-size cannot be cut: its file is over the limit, and the report says
+    so (in the text and in --json)."""
+    from gguf.constants import GGMLQuantizationType as Q
+
+    big = {**base_tensors(), "blk.9.big.weight": (Q.F32, (262_272,), 5)}  # 1,049,088 bytes
+    other = {**big, "blk.9.big.weight": (Q.F32, (262_272,), 6)}
+    a, b = write_model(tmp_path / "a.gguf", big), write_model(tmp_path / "b.gguf", other)
+    args = ["split", "-o", str(tmp_path / "out"), "-t", f"a={a}", "-t", f"b={b}", "--max-shard-size", "1MiB"]
+    for extra in (["--dry-run"], []):
+        text = ok(*args, *extra)
+        note = next(line for line in text.splitlines() if line.startswith("note: "))
+        assert "over --max-shard-size 1.0 MiB" in note and "a tensor cannot be cut" in note
+        data = json.loads(ok(*args, *extra, "--json", "--force"))
+        over = dict(data["oversize"])
+        assert over and all(size > 1 << 20 for size in over.values())
+        assert all(name in note for name in over)
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir() if not p.is_symlink()}
+    assert {n for n, s in sizes.items() if s > 1 << 20} == set(over)
+    quiet = ok("split", "-q", "-o", str(tmp_path / "small"), "-t", f"a={tmp_path / 'a.gguf'}", "--dry-run")
+    assert "note:" not in quiet
