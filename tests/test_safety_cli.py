@@ -414,3 +414,23 @@ def test_shard_name_with_a_trailing_newline_is_not_a_first_shard(tmp_path: Path)
     first.rename(odd)
     code, _, stderr = run("split", "-q", "-t", f"x={odd}", "-o", tmp_path / "out")
     one_line(code, stderr, "", "-00001-of-00002.gguf, so its other shards cannot be found")
+
+
+def test_free_space_refusal_states_the_margin(models: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """"needs 0.3 MB, 0.6 MB free" read as a contradiction: the margin kept free is in the line, and the
+    figures add up to the refusal."""
+    import re
+
+    class Statvfs:
+        f_bavail, f_frsize, f_bsize = 150, 4096, 4096  # 0.6 MB free
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Statvfs())
+    out = tmp_path / "out"
+    code, _, stderr = run("split", "-q", "-t", f"a={models['a']}", "-t", f"b={models['b']}", "-o", out)
+    line = one_line(code, stderr, out, "not enough free space")
+    m = re.search(r"need ([\d.]+) MB plus a margin of ([\d.]+) MB kept free, ([\d.]+) MB free", line)
+    assert m is not None, line
+    need, margin, free = map(float, m.groups())
+    assert need < free < need + margin
+    assert not out.exists() or os.listdir(out) == []
