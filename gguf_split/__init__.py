@@ -14,7 +14,9 @@ Every problem with an input is raised as `GGUFSplitError` naming the file.
 
 Submodules are imported on first use (`gguf_split.split` pulls in numpy-free code only; the loader and
 the demo import numpy and gguf's quants when used), so `import gguf_split` and `gguf-split --version`
-stay fast.
+stay fast. This module imports only standard modules the interpreter has loaded at start-up (not even
+`typing`): the console script runs it before its entry point can install its signal handlers, and that
+window is kept as short as possible (see `_main`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
 
-from .errors import GGUFSplitError
+TYPE_CHECKING = False  # mypy takes this name as true; at run time `typing` is not imported for it
 
 __version__ = "0.2.0"
 
 _LAZY = {
+    "GGUFSplitError": ("errors", "GGUFSplitError"),
     "split": ("split", "split"),
     "SplitReport": ("split", "SplitReport"),
     "TaskReport": ("split", "TaskReport"),
@@ -55,7 +57,7 @@ _LAZY = {
     "write_models_dir": ("links", "write_models_dir"),
 }
 
-__all__ = ["GGUFSplitError", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -86,6 +88,9 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:
+    from typing import Any
+
+    from .errors import GGUFSplitError
     from .gguf_format import GGUFFile
     from .links import link_task, write_models_dir
     from .loader import Foundation, Split, TaskModel, open_split

@@ -1,9 +1,10 @@
 """The `gguf-split` command: a thin layer over the library.
 
 Manners, as a careful user of git, pip or llama.cpp's tools expects:
-- every GGUFSplitError is one line on stderr, `gguf-split: error: <file>: <problem>`, exit code 2; usage
-  errors exit 2 too (click's convention); Ctrl-C exits 130 and SIGTERM 143 with one line, at any moment
-  from the first import on, leaving no partial output (every writer cleans up or commits atomically);
+- every GGUFSplitError is one line on stderr, `gguf-split: error: <file>: <problem>`, exit code 2; click's
+  usage errors too (`_OneLineErrors`: a bad option value, a missing argument, an unknown command); Ctrl-C
+  exits 130 and SIGTERM 143 with one line, at any moment once the entry point runs (`_main`), leaving no
+  partial output (every writer cleans up or commits atomically);
 - file names that are not valid UTF-8 are printed with escapes, never crash the output;
 - tables and reports are not wrapped when stdout is not a terminal (scripts and logs get whole lines);
 - `--version`, and the version in `info --json`;

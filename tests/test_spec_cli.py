@@ -632,3 +632,99 @@ def test_report_names_files_over_the_shard_size(tmp_path: Path) -> None:
     assert {n for n, s in sizes.items() if s > 1 << 20} == set(over)
     quiet = ok("split", "-q", "-o", str(tmp_path / "small"), "-t", f"a={tmp_path / 'a.gguf'}", "--dry-run")
     assert "note:" not in quiet
+
+
+# ---------------------------------------------------------------------------------------------------------
+# signals at every moment of the entry point, and at random early moments of a real process
+
+INTERRUPTED = {2: "gguf-split: interrupted; no partial output was left behind\n",
+               15: "gguf-split: terminated; no partial output was left behind\n"}
+
+
+@pytest.mark.parametrize("sig", [15, 2], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("command", ["version", "info", "info-error"])
+def test_a_signal_at_every_line_of_the_entry_point(project: Path, command: str, sig: int) -> None:
+    """A signal at each line main() executes (tests/signal_lines.py), in turn: the command's own outcome,
+    or 130/143 with the one line, never a traceback. Only SIGTERM before its handler is installed, the
+    first statement, kills silently (-15): before that, no code of ours has run. (A SIGTERM just after a
+    command printed its result once gave a traceback from the exit path, 2 runs in 40.)"""
+    args = {"version": ["--version"], "info": ["info", str(project / "models" / "chat.gguf")],
+            "info-error": ["info", str(project / "nope.gguf")]}[command]
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("signal_lines.py")), str(sig), *args],
+                       capture_output=True, text=True, cwd=project, timeout=120)
+    assert p.returncode == 0, p.stderr
+    runs = [json.loads(line) for line in p.stdout.splitlines()]
+    undisturbed = runs[-1]
+    assert undisturbed["sent"] is None and undisturbed["code"] == (2 if command == "info-error" else 0)
+    assert undisturbed["stdout" if command != "info-error" else "stderr"]
+    before_handlers = [r for r in runs if r["sent"] == "default"]  # SIGINT: Python's KeyboardInterrupt
+    assert len(runs) > 15 and (len(before_handlers) <= 1 if sig == 15 else all(r["code"] == 130 for r in before_handlers))
+    for r in runs[:-1]:
+        assert "Traceback" not in r["stderr"], r
+        if r["sent"] == "default" and sig == 15:
+            assert (r["code"], r["stdout"], r["stderr"]) == (-15, "", ""), r
+        elif r["code"] == 128 + sig:
+            assert r["stderr"].endswith(INTERRUPTED[sig]), r
+            own = r["stderr"][:-len(INTERRUPTED[sig])]
+            assert own in ("", undisturbed["stderr"]), r  # at most the command's own error line before it
+            assert r["stdout"] in ("", undisturbed["stdout"]), r
+        else:
+            assert (r["code"], r["stdout"], r["stderr"]) == (undisturbed["code"], undisturbed["stdout"],
+                                                             undisturbed["stderr"]), r
+    assert sum(r["code"] == 128 + sig for r in runs) >= 10  # signals met the handlers, not only the end
+    assert sum(r["code"] == undisturbed["code"] and r["sent"] == "ours" for r in runs) >= 3  # ignored once done
+
+
+def _signal_state(pid: int) -> int:
+    """SigCgt | SigIgn of a process: bit 14 set once gguf-split handles SIGTERM (Python alone never does)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields.get("SigCgt", "0"), 16) | int(fields.get("SigIgn", "0"), 16)
+
+
+def test_signals_at_random_early_moments_of_a_real_process(project: Path) -> None:
+    """Ctrl-C and SIGTERM at random moments of the first ~150 ms of the console script (interpreter start-up,
+    imports, the command), for at most ~25 s. Once gguf-split has installed its handlers (seen in /proc before
+    the signal is sent), the outcome is the command's own or 130/143 with the one line. Before that, only
+    the interpreter can answer: SIGTERM kills (-15) and Ctrl-C may be Python's KeyboardInterrupt, whose
+    traceback then shows start-up code and at most our package's __init__ and _main modules being imported."""
+    import random
+    import re
+    import signal
+    import time
+
+    rng = random.Random(17)
+    exe = Path(sys.executable).parent / "gguf-split"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gguf_split"]
+    args = ["info", str(project / "models" / "chat.gguf")]
+    expected = script(*args, cwd=project).stdout
+    deadline = time.monotonic() + 25
+    handled = early = 0
+    for i in range(80):
+        if time.monotonic() > deadline:
+            break
+        sig = (signal.SIGINT, signal.SIGTERM)[i % 2]
+        p = subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=project)
+        time.sleep(rng.uniform(0, 0.15))
+        ours = bool(_signal_state(p.pid) & (1 << (signal.SIGTERM - 1)))
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        if ours:  # gguf-split's handlers were in place when the signal was sent
+            handled += p.returncode != 0
+            expect = (0, expected, "") if p.returncode == 0 else (128 + sig, out, INTERRUPTED[sig])
+            assert (p.returncode, out, err) == expect, err
+            continue
+        early += 1  # before them only the interpreter answers; what it prints is its own
+        if "Traceback" in err:
+            assert "KeyboardInterrupt" in err, err
+            assert set(re.findall(r"gguf_split[/\\](\w+)\.py", err)) <= {"__init__", "_main"}, err
+        elif p.returncode == 128 + sig:  # the handlers came in before the signal landed
+            assert err == INTERRUPTED[sig], err
+        else:
+            assert p.returncode in (0, -signal.SIGTERM, -signal.SIGINT) and err == "", err
+        if p.returncode == 0:
+            assert out == expected
+    assert handled >= 5, (handled, early)
