@@ -30,6 +30,7 @@ from .naming import show
 
 T = TypeVar("T")
 
+
 def _click_error_types() -> tuple[type[Exception], type[Exception] | None]:
     """click's error base class, and the error that stands for "no arguments: show the help" (click 8.2+),
     found through typer's public BadParameter: typer >= 0.20 carries its own copy of click."""
@@ -262,15 +263,15 @@ def _print_split(report: Any, title: str = "split into") -> None:
         counts: dict[str, list[str]] = {}
         for name, why in t.reasons.items():
             counts.setdefault(why, []).append(name)
-        out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: " + ("; ".join(
-            f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items()) if counts else "every tensor is in a shared file"))
+        why = "; ".join(f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items())
+        out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: {why or 'every tensor is in a shared file'}")
         if t.missing:
             out.print(f"    has no {', '.join(t.missing)} (other tasks do)")
         if t.links:
             out.print(f"    llama.cpp: -m {show(t.links[0])}")
     if report.oversize:
-        out.print(f"note: {len(report.oversize)} file(s) over --max-shard-size {_size(report.max_shard_size)}, each one "
-                  "tensor larger than that (a tensor cannot be cut): "
+        out.print(f"note: {len(report.oversize)} file(s) over --max-shard-size {_size(report.max_shard_size)}, "
+                  "each one tensor larger than that (a tensor cannot be cut): "
                   + ", ".join(f"{name} ({_size(size)})" for name, size in report.oversize))
     if report.removed:
         out.print(f"removed {len(report.removed)} file(s) of the previous split no task uses any more: "

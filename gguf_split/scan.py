@@ -7,12 +7,13 @@ shard 1, tensors from all shards in order, `split.count` and `split.tensors.coun
 Opening checks everything that can be checked from headers (and padding, which is small) before any
 tensor byte is hashed, so a refusal comes at once. Bytes outside the tensors beyond alignment padding (a
 tail after the tensor data, a gap between tensors: llama.cpp ignores them) are kept for restore up to
-MAX_EXTRA_BYTES per file and refused beyond, from the header alone: a sparse 1 TiB tail costs nothing. Hashing then computes, per input file, in one
-front-to-back sweep of its mmap (each piece feeds the whole-file hasher and its tensor's hasher while it
-is in the CPU cache): every tensor's digest and the whole file's (what `xxh128sum` prints, recorded so
-restore can prove its output). Files are hashed on a thread pool (python-xxhash releases the GIL);
-Ctrl-C is acted on within a fraction of a second whatever the input size: workers check a flag between
-1 MiB pieces and the main thread never blocks on them without a timeout.
+MAX_EXTRA_BYTES per file and refused beyond, from the header alone: a sparse 1 TiB tail costs nothing.
+Hashing then computes, per input file, in one front-to-back sweep of its mmap (each piece feeds the
+whole-file hasher and its tensor's hasher while it is in the CPU cache): every tensor's digest and the
+whole file's (what `xxh128sum` prints, recorded so restore can prove its output). Files are hashed on a
+thread pool (python-xxhash releases the GIL); Ctrl-C is acted on within a fraction of a second whatever
+the input size: workers check a flag between 1 MiB pieces and the main thread never blocks on them
+without a timeout.
 
 An input rewritten in place while it is split would make the split's records lie: `check_unchanged`
 compares each input's size, mtime and inode after the outputs are written with what they were at open.

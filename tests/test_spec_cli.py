@@ -608,7 +608,8 @@ def test_dry_run_sizes_are_exact(project: Path, options: list[str]) -> None:
                         *[o for o in options if o != "--prefix" and o != "p-"]))
     ok("add", "-q", str(project / "out"), "-t", f"more={models / 'chat.gguf'}",
        *[o for o in options if o != "--prefix" and o != "p-"])
-    assert add["split"]["tasks"][0]["adaptor_bytes"] == os.path.getsize(project / "out" / add["split"]["tasks"][0]["adaptor"])
+    added = add["split"]["tasks"][0]
+    assert added["adaptor_bytes"] == os.path.getsize(project / "out" / added["adaptor"])
 
 
 def test_report_names_files_over_the_shard_size(tmp_path: Path) -> None:
@@ -658,7 +659,8 @@ def test_a_signal_at_every_line_of_the_entry_point(project: Path, command: str, 
     assert undisturbed["sent"] is None and undisturbed["code"] == (2 if command == "info-error" else 0)
     assert undisturbed["stdout" if command != "info-error" else "stderr"]
     before_handlers = [r for r in runs if r["sent"] == "default"]  # SIGINT: Python's KeyboardInterrupt
-    assert len(runs) > 15 and (len(before_handlers) <= 1 if sig == 15 else all(r["code"] == 130 for r in before_handlers))
+    assert len(runs) > 15
+    assert len(before_handlers) <= 1 if sig == 15 else all(r["code"] == 130 for r in before_handlers)
     for r in runs[:-1]:
         assert "Traceback" not in r["stderr"], r
         if r["sent"] == "default" and sig == 15:
