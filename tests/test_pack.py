@@ -24,8 +24,8 @@ from gguf.quants import quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gguf_split.pack.container import codec
-from gguf_split.pack.container import container as packmod
+from gguf_split.pack import codec
+from gguf_split.pack import container as packmod
 from gguf_split.errors import GGUFSplitError
 from gguf_split.pack.container import pack_files, read_index, unpack
 

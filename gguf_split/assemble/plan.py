@@ -65,6 +65,7 @@ TOO_SMALL = "too small for a file"  # shared with other tasks, but its group sav
 CAPPED = "over the file cap"  # shared with other tasks, but the cap on shared files left it out
 
 DEFAULT_FILE_COST = 1 << 20
+MIN_SHARD_SIZE = 1 << 20  # smallest max_shard_size: a part's header alone may take default_header_bound()
 
 
 @dataclass(frozen=True, slots=True)

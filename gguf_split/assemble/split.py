@@ -31,7 +31,7 @@ from ..disk.commit import Transaction, check_space
 from ..errors import GGUFSplitError
 from ..splitdir.links import LinkPlan, check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
 from ..format.names import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
-from .plan import DEFAULT_FILE_COST, HOLE, OWN, Layout, PlannedFile, TensorId, plan_layout
+from .plan import DEFAULT_FILE_COST, HOLE, MIN_SHARD_SIZE, OWN, Layout, PlannedFile, TensorId, plan_layout
 from ..disk.progress import QUIET, Progress
 from ..format.records import (
     AdaptorInfo,
@@ -106,6 +106,17 @@ class SplitReport:
     dry_run: bool = False
     removed: list[str] = field(default_factory=list)  # old files the commit deleted
     models_dir: str | None = None
+    max_shard_size: int | None = None  # the limit the split was cut to, if any
+
+    @property
+    def oversize(self) -> list[tuple[str, int]]:
+        """(file name, bytes) of every file over `max_shard_size`: each holds one tensor larger than the limit
+        (a tensor cannot be cut; llama.cpp's own `--split-max-size` does the same)."""
+        if self.max_shard_size is None:
+            return []
+        sizes = [(f.name, f.bytes) for f in self.files] + [(os.path.basename(t.adaptor), t.adaptor_bytes)
+                                                           for t in self.tasks]
+        return [(name, size) for name, size in sizes if size > self.max_shard_size]
 
     @property
     def input_bytes(self) -> int:
@@ -137,7 +148,7 @@ def check_options(tasks: Mapping[str, str | os.PathLike[str]], *, max_shared_fil
         raise ValueError(f"max_shared_files must be a whole number >= 1, not {max_shared_files!r}")
     if not isinstance(file_cost, int) or file_cost < 0:
         raise ValueError(f"file_cost must be a whole number of bytes >= 0, not {file_cost!r}")
-    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < (1 << 20)):
+    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < MIN_SHARD_SIZE):
         raise ValueError(f"max_shard_size must be at least 1 MiB, not {max_shard_size!r}")
 
 
@@ -192,7 +203,8 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
             _check_existing(out, tasks, prefix, force) if os.path.isdir(out) else None
             hash_models(list(models.values()), progress, threads)
             layout = _plan(models, options)
-            return _report(out, models, layout, _name_files(models, layout, prefix), {}, dry_run=True, prefix=prefix)
+            return _report(out, models, layout, _name_files(models, layout, prefix), {}, dry_run=True, prefix=prefix,
+                           max_shard_size=max_shard_size)
         finally:
             for m in models.values():
                 m.close()
@@ -399,7 +411,8 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
             tx.delete(name)  # adaptors before the files they list
             removed.append(name)
     tx.commit()
-    report = _report(tx.dir, models, layout, named, refs, kept=kept, removed=removed, prefix=prefix)
+    report = _report(tx.dir, models, layout, named, refs, kept=kept, removed=removed, prefix=prefix,
+                     max_shard_size=max_shard_size)
     if links is not None:
         for t in report.tasks:
             t.links = links.paths(t.task)
@@ -549,8 +562,12 @@ def _prove(m: ScannedModel, plans: list[Any]) -> None:
 
 def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
             refs: Mapping[int, FileRef], *, dry_run: bool = False, kept: set[int] | None = None,
-            removed: list[str] | None = None, prefix: str = "") -> SplitReport:
+            removed: list[str] | None = None, prefix: str = "", max_shard_size: int | None = None) -> SplitReport:
+    """The split's report. A dry run's adaptor sizes are exact: each adaptor's header is built as the write
+    builds it, from what it will record of every planned file (digests of the same length)."""
     kept = kept or set()
+    planned = {i: refs[i] if i in refs else FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size,
+                                                    "0" * 32, "0" * 64) for i, nf in enumerate(named)}
     loaders: dict[int, list[str]] = {}  # file index -> the tasks that load it (a hole's come from the orders)
     for task_name, order in layout.task_files.items():
         for i in order:
@@ -567,7 +584,7 @@ def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, 
         own = layout.adaptor_tensors[task]
         path = os.path.join(directory, adaptor_name(task, prefix))
         size = os.path.getsize(path) if not dry_run and os.path.exists(path) else \
-            m.header_bytes + sum(x.nbytes for x in own)
+            _adaptor(m, layout, named, planned, task)[0].file_size
         have = {t.name for t, _ in m.tensors}
         tasks.append(TaskReport(task, [inp.path for inp in m.files], m.size, path, size, len(own),
                                 sum(x.nbytes for x in own), len(m.tensors), m.tensor_bytes,
@@ -576,4 +593,4 @@ def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, 
     st = layout.stats
     return SplitReport(os.path.abspath(directory), files, tasks, st.dedup_optimum if st else 0,
                        st.exact if st else False, st.lower_bound if st else 0, st.small_group_bytes if st else 0,
-                       dry_run=dry_run, removed=removed or [])
+                       dry_run=dry_run, removed=removed or [], max_shard_size=max_shard_size)

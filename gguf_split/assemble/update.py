@@ -174,7 +174,8 @@ def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: 
         reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
                            for pf in [layout.files[i]] if pf.fixed is not None)
         if tx is None:
-            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix)
+            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix,
+                                   max_shard_size=options.get("max_shard_size"))
         else:
             after = task_paths_after(tx.dir, models, layout, named, prefix)
             split_files = [tx.path(n) for n in sd.file_names()] + [p for ps in after.values() for p in ps]

@@ -126,8 +126,8 @@ def check_space(directory: str, needed: int, what: str = "the outputs") -> None:
         return
     free = st.f_bavail * st.f_frsize
     if needed + SPACE_MARGIN > free:
-        raise GGUFSplitError(directory, f"not enough free space: {what} need {_mb(needed)}, "
-                                        f"{_mb(free)} free")
+        raise GGUFSplitError(directory, f"not enough free space: {what} need {_mb(needed)} plus a margin of "
+                                        f"{_mb(SPACE_MARGIN)} kept free, {_mb(free)} free")
 
 
 def holds_bytes(path: str, size: int, xxh3: str) -> bool:

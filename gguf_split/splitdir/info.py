@@ -49,6 +49,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             f.require(ROLE_SHARED)
             out["content_id"] = f.get(K_CONTENT_ID)
             out["split_no"] = f.split_no()
+            out["hole"] = not h.tensors  # no tensors: only a split.no that fills a gap in some task's file list
         elif isinstance(f, SplitFile) and role == ROLE_ADAPTOR:
             a = AdaptorInfo.read(f)
             out.update({

@@ -72,7 +72,7 @@ def _rel(target: str, directory: str) -> str:
     return os.path.relpath(os.path.realpath(target), os.path.realpath(directory))
 
 
-_LINK_RE = re.compile(r"^(?P<task>.+)-\d{5}-of-\d{5}\.gguf$")
+_LINK_RE = re.compile(r"(?P<task>.+)-\d{5}-of-\d{5}\.gguf")  # fullmatch: `$` matches before a final \n
 
 
 def tool_links(directory: str | os.PathLike[str], split_dir: str | os.PathLike[str],
@@ -90,7 +90,7 @@ def tool_links(directory: str | os.PathLike[str], split_dir: str | os.PathLike[s
     except OSError as e:
         raise GGUFSplitError(show(d), f"cannot list: {os_problem(e)}") from None
     for name in names:
-        m = _LINK_RE.match(name)
+        m = _LINK_RE.fullmatch(name)
         path = os.path.join(d, name)
         if m is None or not os.path.islink(path):
             continue
