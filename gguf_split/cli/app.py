@@ -618,7 +618,7 @@ def extract_lora_cmd(
     """The difference between a task and a base as a llama.cpp LoRA adapter (GGUF)."""
 
     def run() -> Any:
-        from ..lora.adapter import extract_lora, extract_lora_from_files
+        from ..lora.extract import extract_lora, extract_lora_from_files
 
         if rank != "auto" and not rank.isdigit():
             raise GGUFSplitError(None, f"--rank {rank!r}: 'auto' or a whole number")

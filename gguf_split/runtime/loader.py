@@ -169,7 +169,7 @@ class TaskModel:
     base + the active LoRAs); removing them gives back exactly the original Tensor objects."""
 
     def __init__(self, split: "Split", overlay: _Overlay) -> None:
-        from ..lora.adapter import LoraSet
+        from ..lora.overlay import LoraSet
 
         self.split = split
         self._lock = threading.Lock()
