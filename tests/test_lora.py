@@ -39,7 +39,6 @@ from gguf_split.lora import (
     extract_lora_from_files,
     merged,
 )
-from gguf_split.lora.write import write_atomically
 from gguf_split.assemble.split import split
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,22 +369,94 @@ def test_bad_arguments_are_value_errors(demo: dict[str, str], kwargs: dict[str, 
 # Writing
 
 
-def test_write_is_atomic(tmp_path: Path) -> None:
-    target = tmp_path / "x.gguf"
-    target.write_bytes(b"old")
+def test_an_existing_output_is_kept_unless_force(demo: dict[str, str], tmp_path: Path) -> None:
+    """The adapter is written like every gguf-split output: an existing file is refused and kept byte for
+    byte unless force, then replaced whole; nothing is left beside it (no temporary, no journal)."""
+    out = tmp_path / "chat-lora.gguf"
+    out.write_bytes(b"the user's file")
+    with pytest.raises(GGUFSplitError, match="already exists") as err:
+        extract_lora_from_files(demo["chat"], demo["base"], out)
+    assert err.value.path == str(out) and out.read_bytes() == b"the user's file"
+    report = extract_lora_from_files(demo["chat"], demo["base"], out, force=True)
+    with LoraAdapter.open(out) as ad:
+        assert sorted(ad.targets) == sorted(t.name for t in report.tensors)
+    assert out.stat().st_size == report.file_bytes and os.listdir(tmp_path) == ["chat-lora.gguf"]
 
-    def fail(f: Any) -> None:
-        f.write(b"partial")
-        raise RuntimeError("disk on fire")
 
-    with pytest.raises(RuntimeError):
-        write_atomically(target, fail)
-    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.gguf"]
-    write_atomically(target, lambda f: f.write(b"new"))
-    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["x.gguf"]
-    with pytest.raises(GGUFSplitError) as err:
-        write_atomically(tmp_path / "no" / "such" / "dir.gguf", lambda f: None)
-    assert err.value.path == str(tmp_path / "no" / "such" / "dir.gguf")
+def test_a_failed_write_leaves_the_old_file(demo: dict[str, str], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk in the middle of the adapter: one error naming the output, the old file intact, no
+    temporary left."""
+    import errno
+
+    import gguf_split.lora.write as write
+
+    out = tmp_path / "chat-lora.gguf"
+    out.write_bytes(b"old")
+
+    def full_disk(fd: int, *args: Any) -> None:
+        os.write(fd, b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write, "_write", full_disk)
+    with pytest.raises(GGUFSplitError, match="No space left on device") as err:
+        extract_lora_from_files(demo["chat"], demo["base"], out, force=True)
+    assert err.value.path == str(out) and out.read_bytes() == b"old" and os.listdir(tmp_path) == ["chat-lora.gguf"]
+
+
+@pytest.mark.parametrize("where, problem", [("no/such/dir.gguf", "its directory does not exist"),
+                                           (".", "is a directory")])
+def test_an_output_that_cannot_be_a_file_is_refused_first(demo: dict[str, str], tmp_path: Path, where: str,
+                                                          problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused by name before any tensor is factored."""
+    import gguf_split.lora.extract as extract
+
+    monkeypatch.setattr(extract, "_extract_all", lambda *a: pytest.fail("extraction ran"))
+    out = tmp_path / where
+    with pytest.raises(GGUFSplitError, match=problem) as err:
+        extract_lora_from_files(demo["chat"], demo["base"], out, force=True)
+    assert err.value.path == str(out) and not (tmp_path / "no").exists()
+
+
+def test_extract_lora_killed_at_every_step(demo: dict[str, str], tmp_path: Path) -> None:
+    """`extract-lora --force` over an existing adapter, killed (SIGKILL) at every step of its commit in turn
+    (the GGUF_SPLIT_TEST_KILL_AT hook, as tests/test_crash.py does): the output is always the complete old
+    adapter or the complete new one, and the next run in the directory leaves no temporary and no journal."""
+    import signal
+    import subprocess
+    import sys
+
+    from gguf_split.format.names import JOURNAL, TMP_SUFFIX
+
+    out = tmp_path / "lora.gguf"
+    old = extract_lora_from_files(demo["chat"], demo["base"], tmp_path / "old.gguf", rank=2)
+    new = extract_lora_from_files(demo["chat"], demo["base"], tmp_path / "new.gguf")
+    versions = {(tmp_path / "old.gguf").read_bytes(): "old", (tmp_path / "new.gguf").read_bytes(): "new"}
+    assert len(versions) == 2 and old.file_bytes != new.file_bytes
+    args = [sys.executable, "-m", "gguf_split", "extract-lora", demo["chat"], "--base", demo["base"], "-o", str(out),
+            "--force", "-q"]
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+
+    def leftovers() -> list[str]:
+        return sorted(n for n in os.listdir(tmp_path) if n.endswith(TMP_SUFFIX) or n == JOURNAL)
+
+    log = tmp_path / "steps.log"
+    out.write_bytes((tmp_path / "old.gguf").read_bytes())
+    assert run(GGUF_SPLIT_TEST_STEPS=str(log)).returncode == 0
+    steps = log.read_text().splitlines()
+    assert versions[out.read_bytes()] == "new" and any("switched" in line for line in steps), steps
+    seen = set()
+    for k in range(1, len(steps) + 1):
+        out.write_bytes((tmp_path / "old.gguf").read_bytes())
+        p = run(GGUF_SPLIT_TEST_KILL_AT=str(k))
+        assert p.returncode == -signal.SIGKILL, (k, p.stderr)
+        seen.add(versions[out.read_bytes()])  # KeyError: a partial or foreign file
+        if leftovers():
+            extract_lora_from_files(demo["chat"], demo["base"], tmp_path / "next.gguf", force=True)
+            assert leftovers() == [] and versions[out.read_bytes()] in ("old", "new")
+    assert seen == {"old", "new"}, "the kills landed before and after the switch"
 
 
 def test_output_over_an_input_is_refused(demo: dict[str, str], tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ runtime/: the loader imports overlay.py, lazily, when a task first takes an adap
 - math.py: llama.cpp's conventions (scale, token_embd's flipped layout) and the factorisation (SVD, rank rule);
 - adapter.py: the reader (`LoraAdapter`), the format's keys, every check llama.cpp's loader makes;
 - overlay.py: active adapters over a loaded model (`LoraSet`, `LoraTensor`, `LoraModel`, `merged`);
-- write.py: the adapter file's layout and its atomic write;
+- write.py: the adapter file, written through disk.commit's Transaction;
 - extract.py: `extract_lora` and its report;
 - llama.py: `LlamaLora`, a split's task in llama.cpp with switchable adapters.
 

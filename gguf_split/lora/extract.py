@@ -5,7 +5,8 @@ accounts for every tensor.
     print("\\n".join(report.lines()))
 
 Why a module of its own: it is the one place that decides, tensor by tensor, what a LoRA can hold. The
-steps, each a function: check the options (and that the output is no input model); triage every tensor of either model (identical, equal in value, not expressible, or a change
+steps, each a function: check the options and the output (before any work: an existing output is refused
+unless force); triage every tensor of either model (identical, equal in value, not expressible, or a change
 to factor); factor each change (math.fit: D = task − base in float32 against the dequantized base, a
 truncated SVD, the rank fixed or chosen by the auto rule); hand the factors to the writer (write.py).
 
@@ -36,7 +37,7 @@ from ..format.gguf import ARCHITECTURE_KEY, type_name
 from ..format.model import Field
 from .adapter import INT_TYPES, SUFFIX_A, SUFFIX_B, base_digest
 from .math import OUTPUT, fit, is_token_embd, rounding_energy, square_norm
-from .write import AdapterHeader, Factor, write_adapter
+from .write import AdapterHeader, Factor, check_output, write_adapter
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "LoraReport", "Refused", "TensorLora", "extract_lora",
            "extract_lora_from_files"]
@@ -185,21 +186,19 @@ class _Options:
 def extract_lora(task: Any, base: Any, out_path: str | os.PathLike[str] | None, *,
                  rank: int | str = "auto", threshold: float = DEFAULT_THRESHOLD, allow_partial: bool = False,
                  alpha: float = DEFAULT_ALPHA, dtype: str = "F16", progress: Progress = QUIET,
-                 name: str | None = None) -> LoraReport:
-    """Write `task` − `base` as a llama.cpp LoRA GGUF at `out_path` (atomically; None: compute the report
-    only). `task` and `base` are models (`.metadata`, `.tensors`): `open_model(...)` or a split's task.
+                 name: str | None = None, force: bool = False) -> LoraReport:
+    """Write `task` − `base` as a llama.cpp LoRA GGUF at `out_path` (None: compute the report only), as a
+    gguf-split commit (write.py): an existing file is replaced only with `force`. `task` and `base` are
+    models (`.metadata`, `.tensors`): `open_model(...)` or a split's task.
 
     rank: "auto" (math.py's rule, with `threshold` τ) or a fixed int. alpha: written as `adapter.lora.alpha`
     (nonzero; r/alpha is folded into each tensor's factors). dtype: "F16" or "F32" factors. Tensors a LoRA
     cannot express raise GGUFSplitError naming the task unless allow_partial=True (then they are listed in
     report.refused). Identical tensors are skipped. A wrong option is a ValueError."""
     opts = _Options.checked(rank, threshold, alpha, dtype)
-    task_path = _path_of(task)
-    if out_path is not None and os.path.exists(out_path):
-        for model in (task, base):
-            src = _path_of(model)
-            if src is not None and os.path.exists(src) and os.path.samefile(src, out_path):
-                raise GGUFSplitError(out_path, "is an input model: the LoRA would replace it")
+    task_path, inputs = _path_of(task), (_path_of(task), _path_of(base))
+    if out_path is not None:
+        check_output(out_path, force=force, inputs=inputs)
     arch = _architecture(task, base, task_path)
     report = LoraReport(None, opts.alpha, opts.dtype, "auto" if opts.rank == "auto" else str(opts.rank),
                         opts.threshold)
@@ -215,7 +214,8 @@ def extract_lora(task: Any, base: Any, out_path: str | os.PathLike[str] | None, 
         header = AdapterHeader(arch, _default_name(task, base) if name is None else name, opts.alpha,
                                opts.rank_rule, base_digest(base.tensors, [t.name for t in report.tensors]),
                                _hyperparameters(task.metadata, arch))
-        report.file_bytes = write_adapter(out_path, header, factors, opts.ggml_type)
+        report.file_bytes = write_adapter(out_path, header, factors, opts.ggml_type, force=force, inputs=inputs,
+                                          progress=progress)
         report.output = os.fspath(out_path)
     return report
 

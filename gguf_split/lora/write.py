@@ -1,7 +1,12 @@
-"""Writing a LoRA adapter file: llama.cpp's LoRA GGUF laid out and written atomically.
+"""Writing a LoRA adapter file: llama.cpp's LoRA GGUF laid out, and committed as every output of
+gguf-split is.
 
 Why a module of its own: extraction decides what goes into an adapter; this says how those factors become
-bytes on disk, and it is the only code of lora/ that writes.
+bytes on disk, and it is the only code of lora/ that writes. It writes through `disk.commit.Transaction`
+(the output's directory locked, a hidden temporary fsynced, one atomic rename of a journal, a killed run's
+leftovers finished or removed by the next gguf-split run in that directory), so a kill at any moment
+leaves the old file or the new one, never a part. An existing output is refused unless `force`, and an
+input model never becomes the output.
 
 The layout: GGUF v3, the KVs (what adapter.py reads, then the task's hyperparameters, which llama.cpp
 ignores in an adapter but which document what the LoRA was made for), the tensor infos, every tensor
@@ -12,20 +17,22 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import GGUFSplitError, os_problem
+from ..disk.commit import Transaction, check_space
+from ..disk.copy import write_all, write_zeros
+from ..disk.progress import QUIET, Progress
+from ..errors import GGUFSplitError
 from ..format.gguf import ARCHITECTURE_KEY, align_up, encode_kv, encode_prefix, encode_tensor_info
 from ..format.model import Field
+from ..format.names import show
 from .adapter import K_ADAPTER_TYPE, K_ALPHA, K_BASE_DIGEST, K_GENERAL_TYPE, K_NAME, K_RANK_RULE
 
-__all__ = ["AdapterHeader", "Factor", "write_adapter", "write_atomically"]
+__all__ = ["AdapterHeader", "Factor", "check_output", "write_adapter"]
 
 ALIGNMENT = 32
 GGUF_VERSION = 3
@@ -85,52 +92,51 @@ def _layout(kvs: list[bytes], factors: Sequence[Factor], ggml_type: GGMLQuantiza
     return _Layout(header, offsets, len(header) + pos)
 
 
-def _write(f: BinaryIO, layout: _Layout, factors: Sequence[Factor]) -> None:
-    f.write(layout.header)
+def _write(fd: int, layout: _Layout, factors: Sequence[Factor]) -> None:
+    write_all(fd, layout.header)
     pos = len(layout.header)
-    for factor, offset in zip(factors, layout.offsets):
+    for f, offset in zip(factors, layout.offsets):
         start = len(layout.header) + offset
-        f.write(bytes(start - pos))
-        f.write(np.ascontiguousarray(factor.data).data.cast("B"))
-        pos = start + factor.data.nbytes
-    f.write(bytes(layout.size - pos))
+        write_zeros(fd, start - pos)
+        write_all(fd, np.ascontiguousarray(f.data).data.cast("B"))
+        pos = start + f.data.nbytes
+    write_zeros(fd, layout.size - pos)
+
+
+def check_output(path: str | os.PathLike[str], *, force: bool = False,
+                 inputs: Sequence[str | os.PathLike[str] | None] = ()) -> None:
+    """Refuse, naming `path`, an output that cannot be written or must not be replaced: its directory is
+    missing, it is a directory, it is one of the `inputs` (the models extracted from; even with force),
+    or it exists and not `force`."""
+    p = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(parent):
+        raise GGUFSplitError(show(p), "its directory does not exist" if not os.path.lexists(parent)
+                             else "its parent is not a directory")
+    if os.path.isdir(p):
+        raise GGUFSplitError(show(p), "is a directory")
+    if not os.path.exists(p):
+        if os.path.lexists(p) and not force:  # a dangling symlink: replaced only with force, like a file
+            raise GGUFSplitError(show(p), "already exists (use --force to replace it)")
+        return
+    for src in inputs:
+        if src is not None and os.path.exists(src) and os.path.samefile(src, p):
+            raise GGUFSplitError(show(p), "is an input model: the LoRA would replace it")
+    if not force:
+        raise GGUFSplitError(show(p), "already exists (use --force to replace it)")
 
 
 def write_adapter(path: str | os.PathLike[str], header: AdapterHeader, factors: Sequence[Factor],
-                  ggml_type: GGMLQuantizationType) -> int:
-    """Write the adapter at `path` atomically; returns the file's size."""
+                  ggml_type: GGMLQuantizationType, *, force: bool = False,
+                  inputs: Sequence[str | os.PathLike[str] | None] = (), progress: Progress = QUIET) -> int:
+    """Write the adapter at `path` through a Transaction in its directory (see the module docstring);
+    `check_output` is asked again under the directory's lock. Returns the file's size."""
     layout = _layout(header.encode(), factors, ggml_type)
-    write_atomically(path, lambda f: _write(f, layout, factors))
+    final = os.path.abspath(os.fspath(path))
+    with Transaction(os.path.dirname(final), create=False, on_wait=progress.note) as tx:
+        check_output(path, force=force, inputs=inputs)
+        check_space(tx.dir, layout.size, "the LoRA")
+        new = tx.new(os.path.basename(final))
+        tx.write(new, lambda fd: _write(fd, layout, factors))
+        tx.commit()
     return layout.size
-
-
-def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Write a file through `write(f)` into a temporary file beside `path`, fsync it, rename it into place,
-    fsync the directory. A failure leaves no temporary file and `path` untouched. (One function, so the
-    split's own output machinery can replace it.)"""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise GGUFSplitError(path, f"cannot write: {os_problem(e)}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise GGUFSplitError(path, f"cannot write: {os_problem(e)}") from None
-        raise
