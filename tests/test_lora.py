@@ -355,6 +355,20 @@ def test_other_architecture_is_refused(tmp_path: Path) -> None:
         extract_lora_from_files(task, base, None)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_change_that_is_not_finite_is_refused_by_name(tmp_path: Path, value: float) -> None:
+    """A NaN or an infinity in a changed tensor (a broken fine-tune) is one error naming the task and the
+    tensor, not numpy's "SVD did not converge"."""
+    w = np.ones((16, 32), np.float32)
+    bad = w * 2
+    bad[3, 5] = value
+    base = write_gguf(tmp_path / "base.gguf", {"x.weight": w})
+    task = write_gguf(tmp_path / "task.gguf", {"x.weight": bad})
+    with pytest.raises(GGUFSplitError, match="x.weight: the change from the base is not finite") as err:
+        extract_lora_from_files(task, base, None)
+    assert err.value.path == str(task)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 0}, "rank"), ({"rank": "big"}, "rank"), ({"rank": True}, "rank"), ({"threshold": 0}, "threshold"),
     ({"threshold": 1.5}, "threshold"), ({"alpha": 0}, "alpha"), ({"alpha": 0.1}, "float32"),

@@ -343,6 +343,9 @@ def _extract_one(n: str, t: Any, b: Any, opts: _Options, task_path: str | None,
     total = square_norm(d)
     if total == 0.0:
         return None
+    if not math.isfinite(total):
+        raise GGUFSplitError(task_path, f"{n}: the change from the base is not finite (NaN or infinite values): "
+                                        f"no LoRA can hold it")
     floor2 = rounding_energy(t.ggml_type, t.data)
     bound2 = opts.threshold ** 2 * total + floor2
     try:
