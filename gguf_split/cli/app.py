@@ -689,15 +689,13 @@ def extract_lora_cmd(
     """The difference between a task and a base as a llama.cpp LoRA adapter (GGUF)."""
 
     def run() -> Any:
-        from ..lora.adapter import extract_lora, extract_lora_from_files
+        from ..lora.extract import extract_lora, extract_lora_from_files
 
         if rank != "auto" and not rank.isdigit():
             raise GGUFSplitError(None, f"--rank {rank!r}: 'auto' or a whole number")
         r: int | str = int(rank) if rank.isdigit() else "auto"
-        if output is not None and os.path.lexists(output) and not force:
-            raise GGUFSplitError(show(output), "already exists (use --force to replace it)")
         kw: dict[str, Any] = dict(rank=r, threshold=threshold, allow_partial=allow_partial, alpha=alpha,
-                                  dtype="F32" if f32 else "F16", progress=_progress(quiet or json_out))
+                                  dtype="F32" if f32 else "F16", progress=_progress(quiet or json_out), force=force)
         try:
             if source.is_dir():
                 if task is None:
