@@ -66,7 +66,7 @@ def check_links(d: Path, linked: set[str]) -> None:
     """Exactly the links of `linked`, each resolving to its task's files in llama.cpp order; none dangles."""
     want: dict[str, Path] = {}
     for task in linked:
-        files = [Path(r["path"]).resolve() for r in task_files(d, task)["files"]]
+        files = [Path(r["path"]).resolve() for r in task_files(d, task).files]
         for k, f in enumerate(files):
             want[f"{task}-{k + 1:05d}-of-{len(files):05d}.gguf"] = f
     have = {p.name: p.resolve() for p in d.iterdir() if p.is_symlink()}

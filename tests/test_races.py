@@ -116,7 +116,7 @@ def test_readers_never_fail_while_tasks_come_and_go(tmp_path: Path) -> None:
     try:
         while writer.poll() is None:
             attempt("verify", lambda: task_sets.add(len(verify(d, threads=1).tasks)))
-            attempt("info", lambda: task_sets.add(len(savings(d)["tasks"])))
+            attempt("info", lambda: task_sets.add(len(savings(d).tasks)))
             attempt("info --files", lambda: task_files(d, "chat"))
             attempt("loader", load)
             attempt("restore", restore_chat)

@@ -93,7 +93,7 @@ def check_links(d: Path, linked: set[str]) -> None:
     `info DIR TASK --files` lists); no other link of a split name exists in `d`."""
     want: dict[str, str] = {}
     for task in linked:
-        files = [Path(r["path"]).resolve() for r in task_files(d, task)["files"]]
+        files = [Path(r["path"]).resolve() for r in task_files(d, task).files]
         for k, f in enumerate(files):
             want[f"{task}-{k + 1:05d}-of-{len(files):05d}.gguf"] = str(f)
     have = {name: str((d / name).resolve()) for name in link_names(d)}
@@ -229,7 +229,7 @@ def test_link_is_one_commit_and_replaces_its_stale_links(models: dict[str, Path]
     code, _, err = run("link", "chat", r, "--to", elsewhere)
     assert code == 0, err
     assert [Path(os.path.realpath(elsewhere / n)) for n in sorted(os.listdir(elsewhere))] == \
-        [Path(p["path"]).resolve() for p in task_files(r, "chat")["files"]]
+        [Path(p["path"]).resolve() for p in task_files(r, "chat").files]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,8 +344,8 @@ def test_ctrl_c_at_every_step_says_what_stands(models: dict[str, Path], tmp_path
                 in last, (k, last)
             assert run("models-dir", r, m)[0] == 0
             assert sorted(os.listdir(m / "chat")) == sorted(
-                f"chat-{i:05d}-of-{len(task_files(r, 'chat')['files']):05d}.gguf"
-                for i in range(1, len(task_files(r, "chat")["files"]) + 1))
+                f"chat-{i:05d}-of-{len(task_files(r, 'chat').files):05d}.gguf"
+                for i in range(1, len(task_files(r, "chat").files) + 1))
         with open_split(r) as s:
             s.load("chat")
         verify(r)  # recovers nothing: a reader; a pending commit is honoured

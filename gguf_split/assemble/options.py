@@ -22,9 +22,8 @@ from typing import Any
 
 from ..errors import GGUFSplitError
 from ..format.names import check_prefix
-from .plan import DEFAULT_FILE_COST
+from .plan import DEFAULT_FILE_COST, MIN_SHARD_SIZE
 
-MIN_SHARD_SIZE = 1 << 20  # a shard must hold a part's header (records, tensor infos) and at least a tensor
 BOOL, COUNT, SIZE, PATH, TEXT = "bool", "count", "size", "path", "text"
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -129,18 +128,19 @@ class SplitOptions:
     threads: int | None = None
     quiet: bool = False
 
-    def merged(self, values: Mapping[str, Any], where: Callable[[str], str] | None = None) -> "SplitOptions":
-        """A copy with each value of `values` that is not None, checked. Errors are TypeError/ValueError
-        (a library caller's mistake); with `where`, a GGUFSplitError whose text is `where(name)` + the problem
-        (e.g. `options.threads: must be at least 1, not 0` for a spec, `--threads: ...` for the CLI)."""
+    def merged(self, values: Mapping[str, Any],
+               blame: Callable[[str, str], GGUFSplitError] | None = None) -> "SplitOptions":
+        """A copy with each value of `values` that is not None, checked. Errors are TypeError/ValueError (a
+        library caller's mistake); with `blame`, the GGUFSplitError `blame(name, problem)` makes, naming the
+        value the way the user gave it (a spec key, a flag)."""
         changes: dict[str, Any] = {}
         for name, value in values.items():
             try:
                 checked = check_value(name, value)
             except (TypeError, ValueError) as e:
-                if where is None:
+                if blame is None:
                     raise type(e)(f"{name}: {e}") from None
-                raise GGUFSplitError(None, f"{where(name)}: {e}") from None
+                raise blame(name, str(e)) from None
             if checked is not None:
                 changes[name] = checked
         return dataclasses.replace(self, **changes)

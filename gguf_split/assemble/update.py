@@ -15,52 +15,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 from ..disk.commit import Transaction
-from ..errors import GGUFSplitError
-from ..splitdir.links import check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
-from ..format.names import check_task_name, show
-from .plan import DEFAULT_FILE_COST, FixedFile, TensorId, plan_layout
 from ..disk.progress import QUIET, Progress
+from ..errors import GGUFSplitError
+from ..format.names import adaptor_name, show
 from ..format.records import FileRef, SplitFile
-from .scan import hash_models
-from .split import (
-    SplitReport,
-    _name_files,
-    _report,
-    _write,
-    check_options,
-    keep_file,
-    open_models,
-    recorded_refs,
-    task_paths_after,
-)
 from ..splitdir.directory import FileFinder, SplitDir, TaskFiles, open_task
+from ..splitdir.links import check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
+from .options import SplitOptions
+from .outputs import keep_file, name_files, recorded_refs, write_outputs
+from .plan import FixedFile, Layout, TensorId, plan_layout
+from .report import AddReport, RemoveReport, SplitReport, split_report
+from .scan import ScannedModel, hash_models, open_models
+from .split import check_tasks, plan, task_paths_after
 
-
-@dataclass
-class AddReport:
-    split: SplitReport  # the new tasks: their adaptors and the files they load
-    reused_bytes: int  # tensor bytes the new tasks load from files that were already there
-    existing_tasks: list[str]
-    stored_bytes: int  # tensor bytes of the whole split after the add
-    fresh_split_bytes: int  # what a fresh split of all tasks would store
-    dry_run: bool = False
-
-    @property
-    def resplit_would_save(self) -> int:
-        return max(0, self.stored_bytes - self.fresh_split_bytes)
-
-
-@dataclass
-class RemoveReport:
-    directory: str
-    removed_tasks: list[str]
-    deleted: list[str] = field(default_factory=list)  # file names
-    freed_bytes: int = 0
-    dry_run: bool = False
-    links: list[str] = field(default_factory=list)  # llama.cpp links of the removed tasks, deleted with them
+NO_SPLIT_HINT = " (its last task was removed?): make a new split with `gguf-split split MODEL... -o DIR`"
 
 
 def task_tensor_ids(tf: TaskFiles) -> list[TensorId]:
@@ -104,93 +75,130 @@ def _existing(sd: SplitDir) -> tuple[dict[str, list[TensorId]], dict[str, FixedF
     return ids, fixed, paths, archs
 
 
-def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]], *,
-        max_shared_files: int | None = None, file_cost: int = DEFAULT_FILE_COST, max_shard_size: int | None = None,
-        allow_unrelated: bool = False, threads: int | None = None, dry_run: bool = False,
-        models_dir: str | os.PathLike[str] | None = None, prefix: str = "", progress: Progress = QUIET) -> AddReport:
-    """Add `tasks` (name -> GGUF path) to the split in `split_dir`."""
-    check_options(tasks, max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
-    if not tasks:
+def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]],
+        options: SplitOptions | None = None, *, dry_run: bool = False, progress: Progress = QUIET,
+        **option_values: Any) -> AddReport:
+    """Add `tasks` (name -> GGUF path) to the split in `split_dir`. Options as for `split` (the planner's, and
+    allow_unrelated, threads, models_dir); the new files take the split's own prefix."""
+    opts = (options or SplitOptions()).merged(option_values)
+    if isinstance(tasks, Mapping) and not tasks:
         raise GGUFSplitError(None, "no tasks to add")
-    for t in tasks:
-        check_task_name(t)
+    check_tasks(tasks)
     d = os.fspath(split_dir)
     sd0 = SplitDir.open(d)
-    sd0.require_split(" (its last task was removed?): make a new split with `gguf-split split MODEL... -o DIR`")
-    if models_dir is not None:
-        check_models_dir(models_dir, [*sd0.tasks, *tasks])  # before anything is read or written
-    options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    sd0.require_split(NO_SPLIT_HINT)
+    if opts.models_dir is not None:
+        check_models_dir(opts.models_dir, [*sd0.tasks, *tasks])  # before anything is read or written
     if dry_run:
-        return _add(d, sd0, tasks, None, options, allow_unrelated, threads, prefix, progress)
+        return _add(sd0, tasks, None, opts, progress)
     tx = Transaction(d, create=False, on_wait=progress.note, what="the split")
-    models_dir_done = models_dir is None
+    models_dir_done = opts.models_dir is None
     try:
         with tx:
             sd = SplitDir.read_once(d)  # under the lock: the state the add changes
-            sd.require_split(" (its last task was removed?): make a new split with `gguf-split split MODEL... "
-                             "-o DIR`")
-            report = _add(d, sd, tasks, tx, options, allow_unrelated, threads, prefix, progress)
-        if models_dir is not None:
-            write_models_dir(d, models_dir)
+            sd.require_split(NO_SPLIT_HINT)
+            report = _add(sd, tasks, tx, opts, progress)
+        if opts.models_dir is not None:
+            write_models_dir(d, opts.models_dir)
             models_dir_done = True
-            report.split.models_dir = os.fspath(models_dir)
+            report.split.models_dir = opts.models_dir
     except BaseException as e:
-        if models_dir is None or not tx.committed or models_dir_done:
+        if opts.models_dir is None or not tx.committed or models_dir_done:
             raise
-        raise tx.note(e, models_dir_note(d, models_dir)) from None
+        raise tx.note(e, models_dir_note(d, opts.models_dir)) from None
     return report
 
 
-def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transaction | None,
-         options: dict[str, int | None], allow_unrelated: bool, threads: int | None, prefix: str,
+def split_prefix(sd: SplitDir, wanted: str = "") -> str:
+    """The file-name prefix the split was written with (read from its adaptors' names): files added to it
+    carry the same. A different prefix asked for (`wanted`, e.g. a spec's) is refused."""
+    found: dict[str, str] = {}
+    for task, path in sd.adaptors.items():
+        name, suffix = sd.name_of(path), adaptor_name(task)
+        if name.endswith(suffix):
+            found.setdefault(name[:-len(suffix)], name)
+    if len(found) > 1:
+        raise GGUFSplitError(show(sd.directory), f"its adaptors carry different prefixes ({', '.join(found.values())})"
+                                                 ": damaged")
+    prefix = next(iter(found), "")
+    if wanted and wanted != prefix:
+        raise GGUFSplitError(show(sd.directory), f"its files carry the prefix {prefix!r}, not {wanted!r}: added files "
+                                                 "take the split's prefix")
+    return prefix
+
+
+def _add(sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transaction | None, opts: SplitOptions,
          progress: Progress) -> AddReport:
     clash = [t for t in tasks if t in sd.adaptors]
     if clash:
         raise GGUFSplitError(show(sd.adaptors[clash[0]]), f"task {clash[0]!r} is already in the split; remove it "
                                                           "first or choose another name")
+    prefix = split_prefix(sd, opts.prefix)
     ids, fixed, fixed_paths, archs = _existing(sd)
-    models = open_models(tasks, allow_unrelated=allow_unrelated)
+    models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
     try:
-        if not allow_unrelated:
-            for t, m in models.items():
-                if archs and m.architecture not in archs:
-                    raise GGUFSplitError(m.path, f"is a {m.architecture} model, the split holds {', '.join(sorted(archs))} "
-                                                 "models (pass --allow-unrelated to add it anyway)")
-        hash_models(list(models.values()), progress, threads)
-        new_ids = {t: m.tensor_ids() for t, m in models.items()}
-        alignment = max(m.first.header.alignment for m in models.values())
-        head = {t: m.header_bytes + 4096 + 200 * len(m.tensors) for t, m in models.items()}
-        layout = plan_layout(new_ids, alignment=alignment, adaptor_header_bytes=head,
-                             fixed_files=list(fixed.values()), **options)  # type: ignore[arg-type]
-        named = _name_files(models, layout, prefix, foundation=False)
-        known: dict[str, FileRef] = {}
-        records = recorded_refs(sd)
-        for pf, nf in zip(layout.files, named):
-            if pf.fixed is not None:
-                nf.name = pf.fixed
-                if pf.fixed not in known:  # still intact, byte for byte, and as every adaptor recorded it
-                    known[pf.fixed] = keep_file(fixed_paths[pf.fixed], None, records[pf.fixed], pf.position) \
-                        if tx is not None else records[pf.fixed][0]
+        _refuse_other_architecture(models, archs, opts)
+        hash_models(list(models.values()), progress, opts.threads)
+        layout = plan(models, opts, fixed_files=list(fixed.values()))
+        named = name_files(models, layout, prefix, foundation=False)
+        known = _reused(layout, named, sd, fixed_paths, check=tx is not None)
         reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
                            for pf in [layout.files[i]] if pf.fixed is not None)
-        if tx is None:
-            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix,
-                                   max_shard_size=options.get("max_shard_size"))
-        else:
-            after = task_paths_after(tx.dir, models, layout, named, prefix)
-            split_files = [tx.path(n) for n in sd.file_names()] + [p for ps in after.values() for p in ps]
-            links = plan_links(tx.dir, tx.dir, split_files, after)  # only tasks with the tool's links: 0.2 leftovers
-            split_report = _write(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known,
-                                  max_shard_size=options.get("max_shard_size"), links=links)
-        stored_before = sum(x.nbytes for f in fixed.values() for x in f.tensors)
-        stored_before += _adaptor_tensor_bytes(ids, fixed)
-        stored = stored_before + (layout.stats.stored_bytes if layout.stats else 0)
-        fresh = plan_layout({**ids, **new_ids}, alignment=alignment, **options)  # type: ignore[arg-type]
-        return AddReport(split_report, reused_bytes, sd.tasks, stored,
-                         fresh.stats.stored_bytes if fresh.stats else stored, dry_run=tx is None)
+        split_rep = _write_added(sd, tx, models, layout, named, known, prefix, opts, progress)
+        stored = sum(x.nbytes for f in fixed.values() for x in f.tensors) + _adaptor_tensor_bytes(ids, fixed)
+        stored += layout.stats.stored_bytes if layout.stats else 0
+        new_ids = {t: m.tensor_ids() for t, m in models.items()}
+        fresh = plan_layout({**ids, **new_ids}, alignment=max(m.first.header.alignment for m in models.values()),
+                            max_shared_files=opts.max_shared_files, file_cost=opts.file_cost,
+                            max_shard_size=opts.max_shard_size)
+        return AddReport(split_rep, reused_bytes, sd.tasks, stored, fresh.stats.stored_bytes if fresh.stats else stored,
+                         dry_run=tx is None)
     finally:
         for m in models.values():
             m.close()
+
+
+def _refuse_other_architecture(models: Mapping[str, ScannedModel], archs: set[str], opts: SplitOptions) -> None:
+    if opts.allow_unrelated or not archs:
+        return
+    for m in models.values():
+        if m.architecture not in archs:
+            raise GGUFSplitError(m.path, f"is a {m.architecture} model, the split holds {', '.join(sorted(archs))} "
+                                         "models (pass --allow-unrelated to add it anyway)")
+
+
+def _reused(layout: Layout, named: list[Any], sd: SplitDir, fixed_paths: Mapping[str, str],
+            check: bool) -> dict[str, FileRef]:
+    """The existing files the plan reuses, under their own names; with `check`, each proven intact, byte
+    for byte and as every adaptor recorded it (keep_file), before anything is written."""
+    known: dict[str, FileRef] = {}
+    records = recorded_refs(sd)
+    for pf, nf in zip(layout.files, named):
+        if pf.fixed is not None:
+            nf.name = pf.fixed
+            if pf.fixed not in known:
+                known[pf.fixed] = keep_file(fixed_paths[pf.fixed], None, records[pf.fixed], pf.position) \
+                    if check else records[pf.fixed][0]
+    return known
+
+
+def _write_added(sd: SplitDir, tx: Transaction | None, models: Mapping[str, ScannedModel], layout: Layout,
+                 named: list[Any], known: dict[str, FileRef], prefix: str, opts: SplitOptions,
+                 progress: Progress) -> SplitReport:
+    d = sd.directory
+    if tx is None:
+        return split_report(d, models, layout, named, {}, dry_run=True, prefix=prefix,
+                            max_shard_size=opts.max_shard_size)
+    after = task_paths_after(tx.dir, models, layout, named, prefix)
+    split_files = [tx.path(n) for n in sd.file_names()] + [p for ps in after.values() for p in ps]
+    links = plan_links(tx.dir, tx.dir, split_files, after)  # only tasks with the tool's links: 0.2 leftovers
+    done = write_outputs(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known,
+                         max_shard_size=opts.max_shard_size, links=links)
+    report = split_report(tx.dir, models, layout, named, done.refs, kept=done.kept, removed=done.removed,
+                          prefix=prefix, max_shard_size=opts.max_shard_size)
+    for t in report.tasks:
+        t.links = links.paths(t.task)
+    return report
 
 
 def _adaptor_tensor_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile]) -> int:
