@@ -15,9 +15,9 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+from helpers import command as cli
 from gguf_split import split, verify
 from gguf_split.disk.commit import Transaction
 from gguf_split.splitdir.info import task_files
@@ -29,10 +29,6 @@ from test_races import small_models
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def cli(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "gguf_split", *map(str, args)]
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from gguf_split.demo import make_demo_models
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def python_blocks() -> list[str]:

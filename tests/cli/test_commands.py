@@ -15,7 +15,7 @@ import pytest
 from gguf import GGUFReader
 from typer.testing import CliRunner
 
-from conftest import base_tensors, sha256, write_model
+from helpers import base_tensors, sha256, write_model
 from gguf_split import GGUFSplitError
 from gguf_split.cli.app import app
 
@@ -651,7 +651,7 @@ def test_a_signal_at_every_line_of_the_entry_point(project: Path, command: str, 
     command printed its result once gave a traceback from the exit path, 2 runs in 40.)"""
     args = {"version": ["--version"], "info": ["info", str(project / "models" / "chat.gguf")],
             "info-error": ["info", str(project / "nope.gguf")]}[command]
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("signal_lines.py")), str(sig), *args],
+    p = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "signal_lines.py"), str(sig), *args],
                        capture_output=True, text=True, cwd=project, timeout=120)
     assert p.returncode == 0, p.stderr
     runs = [json.loads(line) for line in p.stdout.splitlines()]

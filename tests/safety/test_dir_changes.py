@@ -22,15 +22,13 @@ What is checked:
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import base_tensors, sha256, write_model
+from helpers import base_tensors, sha256, write_model, one_line, command as cli
 from gguf_split import add, open_split, remove, split, verify
 from gguf_split.cli.app import app
 from gguf_split.splitdir.info import task_files
@@ -38,7 +36,6 @@ from gguf_split.splitdir.links import MODELS_STATE
 from gguf_split.format.names import JOURNAL, TMP_SUFFIX
 from gguf_split.splitdir.restore import restore
 
-ERROR_PREFIX = "gguf-split: error: "
 
 
 def variant(*changed: str, seed: int = 1) -> dict:
@@ -65,15 +62,6 @@ def run(*args: str | Path) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, [os.fspath(a) for a in args])
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     return result.exit_code, result.stdout, result.stderr
-
-
-def one_line(code: int, stderr: str, named: str | Path, fragment: str) -> str:
-    assert code == 2, stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), stderr
-    assert str(named) in lines[0], lines[0]
-    assert fragment.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 def listing(d: Path) -> dict[str, str]:
@@ -296,10 +284,6 @@ def test_models_dir_of_a_folder_that_is_not_a_split_writes_nothing(tmp_path: Pat
     code, _, err = run("models-dir", tmp_path / "notsplit", tmp_path / "OUT")
     one_line(code, err, tmp_path / "notsplit", "holds no gguf-split adaptor")
     assert not (tmp_path / "OUT").exists()
-
-
-def cli(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "gguf_split", *map(str, args)]
 
 
 def test_ctrl_c_at_every_step_says_what_stands(models: dict[str, Path], tmp_path: Path) -> None:
