@@ -514,8 +514,8 @@ def _k4_scale_unpack(b: Arr) -> tuple[Arr, Arr]:
     return sc, m
 
 
-def _q45_k(x: Arr, qw: Arr | None, nmax: int) -> tuple[Arr, Arr, Arr]:
-    """Q4_K / Q5_K up to the codes -> (header (S, 16) bytes: d, dmin, scales; L (S, 256) codes)."""
+def _q45_k_head(x: Arr, qw: Arr | None, nmax: int) -> tuple[Arr, Arr, Arr]:
+    """Q4_K / Q5_K search -> (x laid out (32, S*8), header (S, 16): d, dmin, 12 scale bytes, search L)."""
     xt = _blocks_t(x, 32)
     S = xt.shape[1] // 8
     if qw is None:
@@ -549,31 +549,28 @@ def _q45_k(x: Arr, qw: Arr | None, nmax: int) -> tuple[Arr, Arr, Arr]:
     _put_f16(head, 0, d)
     _put_f16(head, 2, dmin)
     head[:, 4:] = _k4_scale_bytes(ls, lm)
-    # codes from the stored scales
-    sc, m = _k4_scale_unpack(head[:, 4:])
-    dall = _f16_at(head, 0)
-    dmn = _f16_at(head, 2)
-    dsub = (dall[:, None] * sc.astype(F)).reshape(-1)
-    dmsub = (dmn[:, None] * m.astype(F)).reshape(-1)
+    return xt, head, L
+
+
+def _q45_k_codes(xt: Arr, head: Arr, L: Arr, nmax: int) -> Arr:
+    """The codes from the stored header: l = nearest_int((x + dmin*m)/(d*sc)) clamped, per sub-block of 32
+    (L, the search's codes, where d*sc == 0) -> (S, 256)."""
+    S = head.shape[0]
+    sc, m = _k4_scale_unpack(head[:, 4:16])
+    dsub = (_f16_at(head, 0)[:, None] * sc.astype(F)).reshape(-1)
+    dmsub = (_f16_at(head, 2)[:, None] * m.astype(F)).reshape(-1)
     nz = dsub != F(0.0)
     lq = np.clip(nearest_int((xt + dmsub) / np.where(nz, dsub, F(1.0))), 0, nmax)
-    L = np.where(nz, lq, L)
-    return head, np.ascontiguousarray(L.T).reshape(S, 256)
-
-
-def _q4_k(x: Arr, qw: Arr | None) -> Arr:
-    head, L = _q45_k(x, qw, 15)
-    out = np.empty((head.shape[0], 144), dtype=np.uint8)
-    out[:, :16] = head
-    Lg = L.reshape(-1, 4, 64)  # groups of 64: qs[32g + l] = L[64g + l] | L[64g + l + 32] << 4
-    out[:, 16:] = ((Lg[:, :, :32] | (Lg[:, :, 32:] << 4)) & 0xFF).reshape(-1, 128)
+    out: Arr = np.ascontiguousarray(np.where(nz, lq, L).T).reshape(S, 256)
     return out
 
 
-def _q5_k(x: Arr, qw: Arr | None) -> Arr:
-    head, L = _q45_k(x, qw, 31)
-    out = np.empty((head.shape[0], 176), dtype=np.uint8)
-    out[:, :16] = head
+def _q4_k_pack(out: Arr, L: Arr) -> None:
+    Lg = L.reshape(-1, 4, 64)  # groups of 64: qs[32g + l] = L[64g + l] | L[64g + l + 32] << 4
+    out[:, 16:] = ((Lg[:, :, :32] | (Lg[:, :, 32:] << 4)) & 0xFF).reshape(-1, 128)
+
+
+def _q5_k_pack(out: Arr, L: Arr) -> None:
     Lg = L.reshape(-1, 4, 64)
     lo, hi = Lg[:, :, :32], Lg[:, :, 32:]
     qh = np.zeros((L.shape[0], 32), dtype=np.int32)
@@ -582,6 +579,21 @@ def _q5_k(x: Arr, qw: Arr | None) -> Arr:
         qh |= ((hi[:, g] >> 4) & 1) << (2 * g + 1)
     out[:, 16:48] = qh.astype(np.uint8)
     out[:, 48:] = (((lo & 0xF) | ((hi & 0xF) << 4)) & 0xFF).reshape(-1, 128)
+
+
+def _q4_k(x: Arr, qw: Arr | None) -> Arr:
+    xt, head, L = _q45_k_head(x, qw, 15)
+    out = np.empty((head.shape[0], 144), dtype=np.uint8)
+    out[:, :16] = head
+    _q4_k_pack(out, _q45_k_codes(xt, head, L, 15))
+    return out
+
+
+def _q5_k(x: Arr, qw: Arr | None) -> Arr:
+    xt, head, L = _q45_k_head(x, qw, 31)
+    out = np.empty((head.shape[0], 176), dtype=np.uint8)
+    out[:, :16] = head
+    _q5_k_pack(out, _q45_k_codes(xt, head, L, 31))
     return out
 
 
@@ -593,6 +605,27 @@ def _pack_2bit(L: Arr) -> Arr:
     return out
 
 
+def _q6_k_codes(xt: Arr, blocks: Arr, L: Arr) -> Arr:
+    """Q6_K codes from the stored int8 scales and d: l = nearest_int(x/(d*sc)) + 32 (L where d*sc == 0)."""
+    S = blocks.shape[0]
+    sc = _i8(blocks[:, 192:208].astype(np.int32))
+    dsub = (_f16_at(blocks, 208)[:, None] * sc.astype(F)).reshape(-1)
+    nz = dsub != F(0.0)
+    lq = np.clip(nearest_int(xt / np.where(nz, dsub, F(1.0))), -32, 31) + 32
+    out: Arr = np.ascontiguousarray(np.where(nz, lq, L).T).reshape(S, 256)
+    return out
+
+
+def _q6_k_pack(out: Arr, L: Arr) -> None:
+    S = L.shape[0]
+    Lg = L.reshape(S, 2, 4, 32)  # halves of 128, quarters of 32
+    ql = np.concatenate([(Lg[:, :, 0] & 0xF) | ((Lg[:, :, 2] & 0xF) << 4),
+                         (Lg[:, :, 1] & 0xF) | ((Lg[:, :, 3] & 0xF) << 4)], axis=2)  # (S, 2, 64)
+    out[:, 0:128] = ql.reshape(S, 128).astype(np.uint8)
+    qh = (Lg[:, :, 0] >> 4) | ((Lg[:, :, 1] >> 4) << 2) | ((Lg[:, :, 2] >> 4) << 4) | ((Lg[:, :, 3] >> 4) << 6)
+    out[:, 128:192] = (qh & 0xFF).reshape(S, 64).astype(np.uint8)
+
+
 def _q6_k(x: Arr, qw: Arr | None) -> Arr:
     xt = _blocks_t(x, 16)
     S = xt.shape[1] // 16
@@ -601,23 +634,49 @@ def _q6_k(x: Arr, qw: Arr | None) -> Arr:
     max_abs, max_scale = _first_absmax(s16)
     zero = max_abs < EPS
     iscale = F(-128.0) / np.where(zero, F(1.0), max_scale)
-    dbits = fp32_to_fp16_bits(F(1.0) / iscale)
     sc = _i8(np.minimum(127, nearest_int(iscale * s16)))  # (16, S), int8 as stored
-    dsub = (fp16_bits_to_fp32(dbits) * sc.astype(F)).T.reshape(-1)
-    nz = dsub != F(0.0)
-    lq = np.clip(nearest_int(xt / np.where(nz, dsub, F(1.0))), -32, 31) + 32
-    L = np.ascontiguousarray(np.where(nz, lq, L).T).reshape(S, 256)
     out = np.empty((S, 210), dtype=np.uint8)
-    Lg = L.reshape(S, 2, 4, 32)  # halves of 128, quarters of 32
-    ql = np.concatenate([(Lg[:, :, 0] & 0xF) | ((Lg[:, :, 2] & 0xF) << 4),
-                         (Lg[:, :, 1] & 0xF) | ((Lg[:, :, 3] & 0xF) << 4)], axis=2)  # (S, 2, 64)
-    out[:, 0:128] = ql.reshape(S, 128).astype(np.uint8)
-    qh = (Lg[:, :, 0] >> 4) | ((Lg[:, :, 1] >> 4) << 2) | ((Lg[:, :, 2] >> 4) << 4) | ((Lg[:, :, 3] >> 4) << 6)
-    out[:, 128:192] = (qh & 0xFF).reshape(S, 64).astype(np.uint8)
     out[:, 192:208] = (sc.T & 0xFF).astype(np.uint8)
-    out[:, 208:210] = _le16(dbits)
+    out[:, 208:210] = _le16(fp32_to_fp16_bits(F(1.0) / iscale))
+    _q6_k_pack(out, _q6_k_codes(xt, out, L))
     out[zero] = 0
     return out
+
+
+def _q3_k_scale_bytes(Ls: Arr) -> Arr:
+    """(S, 16) six-bit scale codes -> the 12 scale bytes of Q3_K."""
+    sb = np.zeros((Ls.shape[0], 12), dtype=np.int32)
+    sb[:, 0:8] = (Ls[:, 0:8] & 0xF) | ((Ls[:, 8:16] & 0xF) << 4)
+    for j in range(16):
+        sb[:, 8 + j % 4] |= (Ls[:, j] >> 4) << (2 * (j // 4))
+    out: Arr = (sb & 0xFF).astype(np.uint8)
+    return out
+
+
+def _q3_k_codes(xt: Arr, blocks: Arr, L: Arr) -> Arr:
+    """Q3_K codes from the stored scales: sc = 6-bit code - 32, l = nearest_int(x/(d*sc)) + 4 (L where 0)."""
+    S = blocks.shape[0]
+    b = blocks[:, 96:108].astype(np.int32)
+    sc = np.empty((S, 16), dtype=np.int32)
+    for j in range(16):
+        low = (b[:, j] & 0xF) if j < 8 else (b[:, j - 8] >> 4)
+        sc[:, j] = (low | (((b[:, 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+    dsub = (_f16_at(blocks, 108)[:, None] * sc.astype(F)).reshape(-1)
+    nz = dsub != F(0.0)
+    lq = np.clip(nearest_int(xt / np.where(nz, dsub, F(1.0))), -4, 3) + 4
+    out: Arr = np.ascontiguousarray(np.where(nz, lq, L).T).reshape(S, 256)
+    return out
+
+
+def _q3_k_pack(out: Arr, L: Arr) -> None:
+    S = L.shape[0]
+    hbit = (L > 3).astype(np.int32)
+    L = L - 4 * hbit
+    hmask = np.zeros((S, 32), dtype=np.int32)
+    for g in range(8):
+        hmask |= hbit[:, 32 * g: 32 * g + 32] << g
+    out[:, 0:32] = hmask.astype(np.uint8)
+    out[:, 32:96] = _pack_2bit(L)
 
 
 def _q3_k(x: Arr, qw: Arr | None) -> Arr:
@@ -639,24 +698,22 @@ def _q3_k(x: Arr, qw: Arr | None) -> Arr:
                                        np.ascontiguousarray(sw.reshape(S, 16).T))
         Ls = Ls16.T
         dbits = fp32_to_fp16_bits(d_block)
-    sb = np.zeros((S, 12), dtype=np.int32)
-    sb[:, 0:8] = (Ls[:, 0:8] & 0xF) | ((Ls[:, 8:16] & 0xF) << 4)
-    for j in range(16):
-        sb[:, 8 + j % 4] |= (Ls[:, j] >> 4) << (2 * (j // 4))
-    dsub = (fp16_bits_to_fp32(dbits)[:, None] * (Ls - 32).astype(F)).reshape(-1)
-    nz = dsub != F(0.0)
-    lq = np.clip(nearest_int(xt / np.where(nz, dsub, F(1.0))), -4, 3) + 4
-    L = np.ascontiguousarray(np.where(nz, lq, L).T).reshape(S, 256)
-    hbit = (L > 3).astype(np.int32)
-    L = L - 4 * hbit
-    hmask = np.zeros((S, 32), dtype=np.int32)
-    for g in range(8):
-        hmask |= hbit[:, 32 * g: 32 * g + 32] << g
     out = np.empty((S, 110), dtype=np.uint8)
-    out[:, 0:32] = hmask.astype(np.uint8)
-    out[:, 32:96] = _pack_2bit(L)
-    out[:, 96:108] = (sb & 0xFF).astype(np.uint8)
+    out[:, 96:108] = _q3_k_scale_bytes(Ls)
     out[:, 108:110] = _le16(dbits)
+    _q3_k_pack(out, _q3_k_codes(xt, out, L))
+    return out
+
+
+def _q2_k_codes(xt: Arr, blocks: Arr, L: Arr) -> Arr:
+    """Q2_K codes from the stored scales: l = nearest_int((x + dmin*m)/(d*sc)) in [0, 3] (L where 0)."""
+    S = blocks.shape[0]
+    sb = blocks[:, 0:16].astype(np.int32)
+    dsub = (_f16_at(blocks, 80)[:, None] * (sb & 0xF).astype(F)).reshape(-1)
+    dmsub = (_f16_at(blocks, 82)[:, None] * (sb >> 4).astype(F)).reshape(-1)
+    nz = dsub != F(0.0)
+    lq = np.clip(nearest_int((xt + dmsub) / np.where(nz, dsub, F(1.0))), 0, 3)
+    out: Arr = np.ascontiguousarray(np.where(nz, lq, L).T).reshape(S, 256)
     return out
 
 
@@ -682,16 +739,52 @@ def _q2_k(x: Arr, qw: Arr | None) -> Arr:
         mm, Lm = make_qp_quants(np.ascontiguousarray(mins.reshape(S, 16).T), 15, sw16)
         sb = ((Ls | (Lm << 4)) & 0xFF).T
         dbits, mbits = fp32_to_fp16_bits(dm), fp32_to_fp16_bits(mm)
-    dsub = (fp16_bits_to_fp32(dbits)[:, None] * (sb & 0xF).astype(F)).reshape(-1)
-    dmsub = (fp16_bits_to_fp32(mbits)[:, None] * (sb >> 4).astype(F)).reshape(-1)
-    nz = dsub != F(0.0)
-    lq = np.clip(nearest_int((xt + dmsub) / np.where(nz, dsub, F(1.0))), 0, 3)
-    L = np.ascontiguousarray(np.where(nz, lq, L).T).reshape(S, 256)
     out = np.empty((S, 84), dtype=np.uint8)
     out[:, 0:16] = sb.astype(np.uint8)
-    out[:, 16:80] = _pack_2bit(L)
     out[:, 80:82] = _le16(dbits)
     out[:, 82:84] = _le16(mbits)
+    out[:, 16:80] = _pack_2bit(_q2_k_codes(xt, out, L))
+    return out
+
+
+# Bytes of a block that carry its scales (the rest are codes), per type: what the residual codes first.
+HEADER_BYTES: dict[int, tuple[tuple[int, int], ...]] = {
+    Q.Q8_0: ((0, 2),), Q.Q4_0: ((0, 2),), Q.Q4_1: ((0, 4),), Q.Q5_0: ((0, 2),), Q.Q5_1: ((0, 4),),
+    Q.Q2_K: ((0, 16), (80, 84)), Q.Q3_K: ((96, 110),), Q.Q4_K: ((0, 16),), Q.Q5_K: ((0, 16),),
+    Q.Q6_K: ((192, 210),),
+}
+
+
+def codes_from_headers(x: Arr, blocks: Arr, qtype: int) -> Arr:
+    """For the k-quants, whose codes are a function of the source and the block's stored scales: `blocks`
+    (R, row_bytes) with every code byte re-derived from its own header and the rows x (R, n), as the
+    quantizer's last step does (codes 0 in sub-blocks whose scale is 0). Other types: `blocks` unchanged.
+
+    Why: a build whose scale search rounds differently (FMA contraction) picks another scale for some
+    sub-blocks; with the codes re-derived from the published scales, such a block differs only in its
+    header, and the residual pays for the header bytes alone."""
+    qt = Q(qtype)
+    out = np.array(blocks, dtype=np.uint8, copy=True)
+    if qt not in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        return out
+    x = np.ascontiguousarray(x, dtype=F)
+    _, type_size = GGML_QUANT_SIZES[qt]
+    b = out.reshape(-1, type_size)
+    with np.errstate(all="ignore"):
+        if qt in (Q.Q4_K, Q.Q5_K):
+            xt = _blocks_t(x, 32)
+            nmax = 15 if qt == Q.Q4_K else 31
+            L = _q45_k_codes(xt, b[:, :16], np.zeros(xt.shape, np.int32), nmax)
+            (_q4_k_pack if qt == Q.Q4_K else _q5_k_pack)(b, L)
+        else:
+            xt = _blocks_t(x, 16)
+            zeros = np.zeros(xt.shape, np.int32)
+            if qt == Q.Q6_K:
+                _q6_k_pack(b, _q6_k_codes(xt, b, zeros))
+            elif qt == Q.Q3_K:
+                _q3_k_pack(b, _q3_k_codes(xt, b, zeros))
+            else:
+                b[:, 16:80] = _pack_2bit(_q2_k_codes(xt, b, zeros))
     return out
 
 

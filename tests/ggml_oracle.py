@@ -18,6 +18,23 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 
+def _declare(lib: Any) -> Any:
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return lib
+
+
+@lru_cache(maxsize=None)
+def load(path: str) -> Any:
+    """Another libggml-base build (e.g. one compiled with FMA contraction, to measure its effect)."""
+    return _declare(ctypes.CDLL(path))
+
+
 @lru_cache(maxsize=1)
 def library() -> Any:
     """The loaded libggml-base.so of llama-cpp-python, or None."""
@@ -32,14 +49,7 @@ def library() -> Any:
             break
     else:
         return None
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.restype = None
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-    return lib
+    return _declare(lib)
 
 
 def available() -> bool:
@@ -51,11 +61,11 @@ def library_path() -> str:
     return str(pathlib.Path(os.path.dirname(llama_cpp.__file__)) / "lib" / "libggml-base.so")
 
 
-def quantize(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None, lib: Any = None) -> np.ndarray:
     """llama.cpp's bytes for float32 rows `x` (n_rows, n_per_row) quantized to `qtype`, as uint8
     (n_rows, row_bytes). `imatrix` (n_per_row float32) is the per-column importance, as llama-quantize
-    passes it."""
-    lib = library()
+    passes it. `lib`: another build from `load` (default: llama-cpp-python's)."""
+    lib = lib if lib is not None else library()
     if lib is None:
         raise RuntimeError("llama-cpp-python's libggml-base is not available")
     x = np.ascontiguousarray(x, dtype=np.float32)
