@@ -74,7 +74,7 @@ def nearest_int(a: Arr) -> Arr:
 def fp32_to_fp16_bits(f: Arr) -> Arr:
     """ggml_compute_fp32_to_fp16: float32 -> binary16 bits, round to nearest even, NaN -> 0x7E00 | sign."""
     f = np.asarray(f, dtype=F)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         base = (np.abs(f) * F(2.0 ** 112)) * F(2.0 ** -110)
     w = f.view(np.uint32)
     shl1_w = w + w
