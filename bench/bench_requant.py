@@ -5,6 +5,7 @@ runs (numpy, numba, llama.cpp itself) and how small the F16/BF16 source can be c
     python bench/bench_requant.py ladder              # make the model ladders (once; llama-cpp-python)
     python bench/bench_requant.py match [--fma LIB]   # per type: blocks equal to the quant, residual bytes
     python bench/bench_requant.py speed               # elements/s and output MB/s per type, 1 and 2 threads
+    python bench/bench_requant.py ladder-speed        # the unpacking work of a whole ladder (F16 + 5 quants)
     python bench/bench_requant.py source              # F16/BF16 source coding ratios and decode speed
     python bench/bench_requant.py all
 
@@ -311,9 +312,58 @@ def source(models: list[str], real: Path | None) -> dict[str, Any]:
     return res
 
 
+def ladder_speed(model: str, rungs: list[str], threads: int, engine: str) -> dict[str, Any]:
+    """The unpacking work of a ladder: re-quantize every requantizable tensor of each rung from the F16
+    source (F16 -> float32 included), timed; plus the F16 source itself through fplanes decode."""
+    from gguf_split import planes
+
+    d = OUT / model
+    src = Model(d / "F16.gguf")
+    res: dict[str, Any] = {}
+    total_out = 0
+    total_t = 0.0
+    f16_bits = np.concatenate([np.asarray(src.raw(t.name)).view(np.uint16) for t in src.hdr.tensors
+                               if t.ggml_type == Q.F16])
+    bodies = [planes.encode(f16_bits[i:i + CHUNK_ELEMS], "F16", 3) for i in range(0, f16_bits.size, CHUNK_ELEMS)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda ib: planes.decode(ib[1], "F16", min(CHUNK_ELEMS, f16_bits.size - ib[0] * CHUNK_ELEMS)),
+                      enumerate(bodies)))
+    t = time.perf_counter() - t0
+    log(f"{model} F16 source {f16_bits.nbytes / 1e6:.0f} MB: fplanes decode {t:.1f} s, {f16_bits.nbytes / t / 1e6:.0f} MB/s")
+    total_out += f16_bits.nbytes
+    total_t += t
+    for rung in rungs:
+        qm = Model(d / f"{rung}.gguf")
+        out_bytes = 0
+        per_type: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for tt in qm.hdr.tensors:
+            qt = Q(tt.ggml_type)
+            if qt not in requant.REQUANT_TYPES:
+                continue
+            n_rows, n = qm.rows(tt.name)
+            x_all = src.float_rows(tt.name)
+            t1 = time.perf_counter()
+            for r0, r1 in chunks(n_rows, n):
+                requant.quantize(np.ascontiguousarray(x_all[r0:r1]), qt, engine=engine, threads=threads)
+            per_type[qt.name] = per_type.get(qt.name, 0.0) + time.perf_counter() - t1
+            out_bytes += tt.nbytes
+        t = time.perf_counter() - t0
+        log(f"{model} {rung}: {out_bytes / 1e6:.0f} MB re-quantized in {t:.1f} s = {out_bytes / t / 1e6:.1f} MB/s "
+            f"({threads} threads; " + ", ".join(f"{k} {v:.1f} s" for k, v in per_type.items()) + ")")
+        res[rung] = {"bytes": out_bytes, "seconds": t, "per_type_s": per_type}
+        total_out += out_bytes
+        total_t += t
+    log(f"{model} ladder: {total_out / 1e6:.0f} MB of output in {total_t:.1f} s = {total_out / total_t / 1e6:.1f} MB/s")
+    res["total"] = {"bytes": total_out, "seconds": total_t}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("ladder", "match", "speed", "source", "all"))
+    ap.add_argument("what", choices=("ladder", "match", "speed", "ladder-speed", "source", "all"))
+    ap.add_argument("--engine", default="numba")
     ap.add_argument("--models", nargs="+", default=[GEMMA3, SMOLLM2])
     ap.add_argument("--quants", nargs="+", default=None, help="ladder rungs to check (default: all)")
     ap.add_argument("--fma", default=None, help="libggml-base built differently: the 'publisher' for match")
@@ -331,6 +381,9 @@ def main() -> None:
         out["match"] = match(a.models, a.fma, a.threads, a.quants)
     if a.what in ("speed", "all"):
         out["speed"] = speed(a.models[0], a.numpy, a.repeat)
+    if a.what in ("ladder-speed", "all"):
+        out["ladder_speed"] = ladder_speed(a.models[0], a.quants or ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"],
+                                           a.threads, a.engine)
     if a.what in ("source", "all"):
         out["source"] = source(a.models, a.real)
     if a.json:

@@ -299,3 +299,14 @@ def test_compiled_kernels_have_no_fma_and_no_float64(tmp_path: Path) -> None:
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", _INSPECT_SCRIPT], env=env, capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "ok", r.stdout
+
+
+@needs_oracle
+@needs_numba
+def test_lane_parallel_prototype_gives_the_same_bytes() -> None:
+    from gguf_split import requant_lanes
+
+    rng = np.random.default_rng(8)
+    for dname, x in _distributions(rng).items():
+        x = np.asarray(x, dtype=np.float32)
+        assert np.array_equal(requant_lanes.q4_k_ref(x), ggml_oracle.quantize(x, Q.Q4_K)), dname
