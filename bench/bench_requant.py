@@ -172,7 +172,8 @@ def chunks(n_rows: int, n: int) -> Iterator[tuple[int, int]]:
 # Match rates and residuals
 
 
-def match(models: list[str], fma: str | None, threads: int, names: list[str] | None) -> dict[str, Any]:
+def match(models: list[str], fma: str | None, threads: int, names: list[str] | None,
+          ignore_imatrix: bool = False) -> dict[str, Any]:
     fmalib = ggml_oracle.load(fma) if fma else None
     results: dict[str, Any] = {}
     for model in models:
@@ -194,7 +195,7 @@ def match(models: list[str], fma: str | None, threads: int, names: list[str] | N
                     continue
                 n_rows, n = qm.rows(t.name)
                 x_all = src.float_rows(t.name)
-                im = imat.get(t.name) if qname.startswith("imat-") else None
+                im = imat.get(t.name) if qname.startswith("imat-") and not ignore_imatrix else None
                 target_all = qm.raw(t.name).reshape(n_rows, -1)
                 acc = per_type.setdefault(qt.name, {"bytes": 0, "blocks": 0, "flagged": 0, "header": 0,
                                                     "codes": 0, "residual": 0, "xor_residual": 0})
@@ -202,7 +203,8 @@ def match(models: list[str], fma: str | None, threads: int, names: list[str] | N
                 for r0, r1 in chunks(n_rows, n):
                     x = np.ascontiguousarray(x_all[r0:r1])
                     pred = requant.quantize(x, qt, im, threads=threads)
-                    target = (ggml_oracle.quantize(x, qt, im, lib=fmalib) if fmalib is not None
+                    im_pub = imat.get(t.name) if qname.startswith("imat-") else None
+                    target = (ggml_oracle.quantize(x, qt, im_pub, lib=fmalib) if fmalib is not None
                               else np.asarray(target_all[r0:r1]))
                     buf, st = requant_codec.encode_residual(x, target, pred, qt)
                     z = zstandard.ZstdCompressor(level=ZLEVEL).compress(buf)
@@ -288,25 +290,27 @@ def speed(model: str, numpy_too: bool, repeat: int) -> dict[str, Any]:
 # Source coding
 
 
-def source(models: list[str], real: Path | None) -> dict[str, Any]:
+def source(models: list[str], real: Path | None, ladders: bool = True) -> dict[str, Any]:
     from gguf_split import planes
     res: dict[str, Any] = {}
-    sets: list[tuple[str, str, np.ndarray]] = []
-    for model in models:
+    sets: list[tuple[str, str, list[np.ndarray]]] = []
+    for model in models if ladders else []:
         d = OUT / model
         for kind in ("F16", "BF16"):
             m = Model(d / f"{kind}.gguf")
             parts = [np.asarray(m.raw(t.name)).view(np.uint16) for t in m.hdr.tensors if t.ggml_type in (Q.F16, Q.BF16)]
-            sets.append((f"{model} {kind} (dequantized quant)", kind, np.concatenate(parts)))
+            sets.append((f"{model} {kind} (dequantized quant)", kind, parts))
     if real is not None:
         w = np.load(real)
-        f32 = np.concatenate([w[k].astype(np.float32).reshape(-1) for k in w.files])
-        sets.append((f"{real.stem} F16 (trained fp32 -> f16)", "F16", f32.astype(np.float16).view(np.uint16)))
-        b = f32.view(np.uint32)
-        bf = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
-        sets.append((f"{real.stem} BF16 (trained fp32 -> bf16)", "BF16", bf))
+        f32s = [w[k].astype(np.float32).reshape(-1) for k in w.files]
+        sets.append((f"{real.stem} F16 (trained fp32 -> f16)", "F16", [f.astype(np.float16).view(np.uint16) for f in f32s]))
+        bfs = []
+        for f in f32s:
+            b = f.view(np.uint32)
+            bfs.append(((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16))
+        sets.append((f"{real.stem} BF16 (trained fp32 -> bf16)", "BF16", bfs))
     for label, kind, bits in sets:
-        log(f"{label}: {bits.nbytes / 1e6:.1f} MB")
+        log(f"{label}: {sum(b.nbytes for b in bits) / 1e6:.1f} MB in {len(bits)} tensors")
         r = planes.compare(bits, kind, log=log)
         res[label] = r
     return res
@@ -371,6 +375,9 @@ def main() -> None:
     ap.add_argument("--numpy", action="store_true", help="also time the numpy engine (slow)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--real", type=Path, default=None, help=".npz of trained float32 weights for `source`")
+    ap.add_argument("--real-only", action="store_true", help="`source`: only the --real weights")
+    ap.add_argument("--ignore-imatrix", action="store_true",
+                    help="`match`: re-quantize imat-* rungs without their importance matrix (the cost of not having it)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     out: dict[str, Any] = {}
@@ -378,14 +385,14 @@ def main() -> None:
         for m in a.models:
             make_ladder(m)
     if a.what in ("match", "all"):
-        out["match"] = match(a.models, a.fma, a.threads, a.quants)
+        out["match"] = match(a.models, a.fma, a.threads, a.quants, a.ignore_imatrix)
     if a.what in ("speed", "all"):
         out["speed"] = speed(a.models[0], a.numpy, a.repeat)
     if a.what in ("ladder-speed", "all"):
         out["ladder_speed"] = ladder_speed(a.models[0], a.quants or ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"],
                                            a.threads, a.engine)
     if a.what in ("source", "all"):
-        out["source"] = source(a.models, a.real)
+        out["source"] = source(a.models, a.real, not a.real_only)
     if a.json:
         a.json.write_text(json.dumps(out, indent=1, default=str))
 

@@ -115,19 +115,20 @@ def entropy0(symbols: Arr, nsym: int = 256) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def compare(bits: Arr, kind: str, *, chunk: int = 1 << 20, level: int = 19,
+def compare(tensors: list[Arr], kind: str, *, chunk: int = 1 << 20, level: int = 19,
             log: Callable[..., Any] = print) -> dict[str, float]:
     """Sizes (fraction of the input) of: zstd over the raw bytes, 2 byte planes + zstd, fplanes, and the
-    order-0 entropy bound of fplanes' layout; fplanes decode speed. Chunked like the pack."""
+    order-0 entropy bound of fplanes' layout; fplanes decode speed. Chunked like the pack: per tensor,
+    `chunk` elements at most."""
     import time
 
-    u = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
-    total = u.nbytes
+    pieces = [np.ascontiguousarray(t, dtype=np.uint16).reshape(-1) for t in tensors]
+    total = sum(p.nbytes for p in pieces)
+    n_all = sum(p.size for p in pieces)
     sizes = {"zstd": 0, "byte planes + zstd": 0, "fplanes": 0}
     decode_s = 0.0
     h_sym = 0.0
-    for i in range(0, u.size, chunk):
-        c = u[i:i + chunk]
+    for c in (p[i:i + chunk] for p in pieces for i in range(0, p.size, chunk)):
         sizes["zstd"] += len(_zstd(c.tobytes(), level))
         b = c.view(np.uint8).reshape(-1, 2)
         sizes["byte planes + zstd"] += sum(len(_zstd(np.ascontiguousarray(b[:, j]).tobytes(), level)) for j in (0, 1))
@@ -140,7 +141,7 @@ def compare(bits: Arr, kind: str, *, chunk: int = 1 << 20, level: int = 19,
             raise PlanesError("fplanes round trip failed")
         sym, _ = split(c, kind)
         h_sym += entropy0(sym) * c.size
-    bound = (h_sym + 8 * u.size) / 8
+    bound = (h_sym + 8 * n_all) / 8
     out = {k: v / total for k, v in sizes.items()}
     out["order-0 bound"] = bound / total
     out["fplanes decode MB/s"] = total / decode_s / 1e6

@@ -117,7 +117,7 @@ def _seqsum0(t: Arr) -> Arr:
 
 def _seqsum1(t: Arr) -> Arr:
     """float s = t[0]; for i >= 1: s += t[i]."""
-    s = t[0].copy()
+    s: Arr = t[0].copy()
     for i in range(1, t.shape[0]):
         s += t[i]
     return s
@@ -799,11 +799,8 @@ _DRIVERS: dict[int, Callable[[Arr, Arr | None], Arr]] = {
 
 
 def numba_available() -> bool:
-    try:
-        import numba  # type: ignore[import-untyped]  # noqa: F401  (optional dependency)
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+    return importlib.util.find_spec("numba") is not None
 
 
 def check_source(x: Arr) -> None:

@@ -60,7 +60,8 @@ def _block_elems(qtype: int) -> int:
 def _rederive(x_blocks: Arr, blocks: Arr, qtype: int) -> Arr:
     """codes_from_headers on single blocks: x_blocks (c, block elems), blocks (c, type size)."""
     if len(blocks) == 0:
-        return blocks.copy()
+        empty: Arr = blocks.copy()
+        return empty
     out: Arr = requant.codes_from_headers(x_blocks, blocks, qtype)
     return out
 

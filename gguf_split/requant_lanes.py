@@ -15,19 +15,28 @@ same transformation applies to every search in `requant`.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
-from numba import njit  # type: ignore[import-untyped]  # optional dependency, no stubs published
 
 from gguf_split import requant
 
 F = np.float32
 I32 = np.int32
-_JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
+_numba: Any = importlib.import_module("numba")  # optional: this module is imported only when it is installed
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
-@njit(**_JIT)  # type: ignore[misc]
+def jit(**options: Any) -> Callable[[_Fn], _Fn]:
+    """numba.njit with the options given (typed for mypy, which does not see the optional numba)."""
+    return cast(Callable[[_Fn], _Fn], _numba.njit(**options))
+
+
+_JIT: dict[str, Any] = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
+
+
+@jit(**_JIT)
 def make_qkx2_lanes(x: Any, w: Any, nmax: int, rmin: Any, rdelta: Any, nstep: int, L: Any, scale: Any,
                     the_min: Any) -> None:
     """make_qkx2_quants (use_mad false) for every lane b of x (n, B); L (n, B) int32 out."""
@@ -49,6 +58,10 @@ def make_qkx2_lanes(x: Any, w: Any, nmax: int, rmin: Any, rdelta: Any, nstep: in
     upd = np.empty(B, np.bool_)
     Laux = np.empty((n, B), I32)
     fnmax = F(nmax)
+    n32 = I32(nmax)
+    z32 = I32(0)
+    mask = I32(0x007FFFFF)
+    bias = I32(0x00400000)
     for b in range(B):
         mn[b] = x[0, b]
         mx[b] = x[0, b]
@@ -73,8 +86,8 @@ def make_qkx2_lanes(x: Any, w: Any, nmax: int, rmin: Any, rdelta: Any, nstep: in
     for i in range(n):
         for b in range(B):
             v = F(F(iscale[b] * (x[i, b] - mn[b])) + F(12582912.0))
-            l = (v.view(I32) & 0x007FFFFF) - 0x00400000
-            l = max(0, min(nmax, l))
+            l = I32(I32(v.view(I32) & mask) - bias)
+            l = max(z32, min(n32, l))
             L[i, b] = l
             diff = (scale[b] * F(l) + mn[b]) - x[i, b]
             best[b] += w[i, b] * (diff * diff)
@@ -92,8 +105,8 @@ def make_qkx2_lanes(x: Any, w: Any, nmax: int, rmin: Any, rdelta: Any, nstep: in
             la = Laux[i]
             for b in range(B):
                 v = F(F(iscale[b] * (xi[b] - mn[b])) + F(12582912.0))
-                l = (v.view(I32) & 0x007FFFFF) - 0x00400000
-                l = max(0, min(nmax, l))
+                l = I32(I32(v.view(I32) & mask) - bias)
+                l = max(z32, min(n32, l))
                 la[b] = l
                 fl = F(l)
                 wl = wi[b] * fl

@@ -27,17 +27,26 @@ any byte.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
-from numba import njit  # type: ignore[import-untyped]  # an optional dependency, no stubs published
 
 F = np.float32
 I32 = np.int32
-_JIT = dict(nogil=True, cache=True, fastmath=False, error_model="numpy")
+_numba: Any = importlib.import_module("numba")  # optional: this module is imported only when it is installed
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+def jit(**options: Any) -> Callable[[_Fn], _Fn]:
+    """numba.njit with the options given (typed for mypy, which does not see the optional numba)."""
+    return cast(Callable[[_Fn], _Fn], _numba.njit(**options))
+
+
+_JIT: dict[str, Any] = dict(nogil=True, cache=True, fastmath=False, error_model="numpy")
+
+
+@jit(inline="always", **_JIT)
 def nearest_int(fval: Any) -> Any:
     # ggml: val = fval + 12582912.f; i = bits(val); return (i & 0x007fffff) - 0x00400000
     val = F(fval + F(12582912.0))
@@ -45,7 +54,7 @@ def nearest_int(fval: Any) -> Any:
     return (i & 0x007FFFFF) - 0x00400000
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+@jit(inline="always", **_JIT)
 def fp32_to_fp16(f: Any) -> Any:
     """ggml_compute_fp32_to_fp16 (the FP16 library's branch-free conversion, round to nearest even)."""
     scale_to_inf = F(5.192296858534828e33)  # 0x1.0p+112f
@@ -67,7 +76,7 @@ def fp32_to_fp16(f: Any) -> Any:
     return np.uint16((sign >> np.uint32(16)) | nonsign)
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+@jit(inline="always", **_JIT)
 def fp16_to_fp32(h: Any) -> Any:
     """ggml_compute_fp16_to_fp32 (exact)."""
     w = np.uint32(h) << np.uint32(16)
@@ -85,7 +94,7 @@ def fp16_to_fp32(h: Any) -> Any:
     return F(np.uint32(r).view(F))
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+@jit(inline="always", **_JIT)
 def put_f16(out: Any, pos: int, f: Any) -> Any:
     """Store float32 f as ggml_half at out[pos:pos+2] (little-endian); returns the half's bits."""
     h = fp32_to_fp16(f)
@@ -94,7 +103,7 @@ def put_f16(out: Any, pos: int, f: Any) -> Any:
     return h
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+@jit(inline="always", **_JIT)
 def trunc_i8(v: Any) -> Any:
     """C's (int8_t)(float) for the values the reference quantizers produce (in range for finite input)."""
     if not (v > F(-129.0)):
@@ -110,7 +119,7 @@ def trunc_i8(v: Any) -> Any:
 # emulated where a value can leave the type's range).
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def make_qx_quants(n: int, nmax: int, x: Any, L: Any, use_qw: bool, qw: Any) -> Any:
     """rmse_type == 1 (the only one the ported types use)."""
     mx = F(0.0)
@@ -160,7 +169,7 @@ def make_qx_quants(n: int, nmax: int, x: Any, L: Any, use_qw: bool, qw: Any) -> 
     return scale
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def make_q3_quants(n: int, nmax: int, x: Any, L: Any) -> Any:
     """do_rmse == true (Q3_K's reference path)."""
     mx = F(0.0)
@@ -211,7 +220,7 @@ def make_q3_quants(n: int, nmax: int, x: Any, L: Any) -> Any:
     return sumlx / suml2 if suml2 > F(0.0) else F(0.0)
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def make_qkx(n: int, nmax: int, x: Any, weights: Any, use_w: bool, L: Any, Laux: Any, the_min: Any,
              rmin: Any, rdelta: Any, nstep: int, use_mad: bool, v3: bool) -> Any:
     """make_qkx2_quants (v3 False: weights given) and make_qkx3_quants (v3 True: weights or x*x).
@@ -286,7 +295,7 @@ def make_qkx(n: int, nmax: int, x: Any, weights: Any, use_w: bool, L: Any, Laux:
     return scale
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def make_qp_quants(n: int, nmax: int, x: Any, L: Any, qw: Any) -> Any:
     mx = F(0.0)
     for i in range(n):
@@ -354,7 +363,7 @@ def make_qp_quants(n: int, nmax: int, x: Any, L: Any, qw: Any) -> Any:
     return sumlx / suml2 if suml2 > F(0.0) else F(0.0)
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+@jit(inline="always", **_JIT)
 def row_sigma2(x: Any, n: int) -> Any:
     """sum_x2 over a whole row, sequentially from 0, divided by n (the legacy types' imatrix path)."""
     s = F(0.0)
@@ -367,7 +376,7 @@ def row_sigma2(x: Any, n: int) -> Any:
 # Legacy 32-element types
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q8_0_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     for r in range(n_rows):
@@ -391,7 +400,7 @@ def q8_0_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
                 o[p + 2 + j] = np.uint8(np.int32(t) & 0xFF)
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q4_0_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     weight = np.empty(32, dtype=F)
@@ -426,7 +435,7 @@ def q4_0_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
                 o[p + 2 + j] = np.uint8((xi0 | (xi1 << 4)) & 0xFF)
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q4_1_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     weight = np.empty(32, dtype=F)
@@ -467,7 +476,7 @@ def q4_1_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
                 o[p + 4 + j] = np.uint8((xi0 | (xi1 << 4)) & 0xFF)
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q5_0_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     weight = np.empty(32, dtype=F)
@@ -507,7 +516,7 @@ def q5_0_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
                 o[p + 2 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q5_1_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     weight = np.empty(32, dtype=F)
@@ -558,7 +567,7 @@ def q5_1_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
 # k-quants (super-blocks of 256)
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+@jit(inline="always", **_JIT)
 def pack_2bit(o: Any, p: int, L: Any) -> None:
     """qs[j/4 + l] = L[j+l] | L[j+l+32] << 2 | L[j+l+64] << 4 | L[j+l+96] << 6, j in {0, 128}."""
     for j in range(0, 256, 128):
@@ -567,7 +576,7 @@ def pack_2bit(o: Any, p: int, L: Any) -> None:
                                           | (L[j + l + 96] << 6)) & 0xFF)
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+@jit(inline="always", **_JIT)
 def pack_k4_scales(o: Any, p: int, Ls: Any, Lm: Any) -> None:
     """The 12 scale bytes of Q4_K/Q5_K: 8 six-bit scales and 8 six-bit mins (ls, lm are uint8 values)."""
     for j in range(12):
@@ -584,7 +593,7 @@ def pack_k4_scales(o: Any, p: int, Ls: Any, Lm: Any) -> None:
             o[p + j] = np.uint8((np.int32(o[p + j]) | ((lm >> 4) << 6)) & 0xFF)
 
 
-@njit(inline="always", **_JIT)  # type: ignore[misc]
+@jit(inline="always", **_JIT)
 def scale_min_k4(j: int, o: Any, p: int) -> Any:
     if j < 4:
         return np.int32(o[p + j]) & 63, np.int32(o[p + j + 4]) & 63
@@ -593,7 +602,7 @@ def scale_min_k4(j: int, o: Any, p: int) -> Any:
     return d, m
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def _qk_requantize(o: Any, p: int, xs: Any, L: Any, d16: Any, dmin16: Any, sub: int, nmax: int) -> None:
     """Codes from the stored super-block scales: l = nearest_int((x + dm)/d), 8 sub-blocks of `sub`."""
     dall = fp16_to_fp32(d16)
@@ -609,7 +618,7 @@ def _qk_requantize(o: Any, p: int, xs: Any, L: Any, d16: Any, dmin16: Any, sub: 
             L[sub * j + ii] = max(0, min(nmax, l))
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def _q45k_scales(xs: Any, qw: Any, use_qw: bool, nmax: int, L: Any, Laux: Any, weights: Any, sw: Any,
                  scales: Any, mins: Any, Ls: Any, Lm: Any, the_min: Any, o: Any, p: int, is_q5: bool) -> None:
     """Scales, mins and their packing for one Q4_K/Q5_K super-block (ref without imatrix, impl with)."""
@@ -670,7 +679,7 @@ def _q45k_scales(xs: Any, qw: Any, use_qw: bool, nmax: int, L: Any, Laux: Any, w
     put_f16(o, p + 2, m_block)
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q4_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     L = np.zeros(256, dtype=np.int32)
@@ -697,7 +706,7 @@ def q4_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
                     o[p + 16 + j // 2 + l] = np.uint8((L[j + l] | (L[j + l + 32] << 4)) & 0xFF)
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q5_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     L = np.zeros(256, dtype=np.int32)
@@ -741,7 +750,7 @@ def q5_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
                 ql += 32
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q6_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     L = np.zeros(256, dtype=np.int32)
@@ -796,7 +805,7 @@ def q6_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
                 qh += 32
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q3_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     L = np.zeros(256, dtype=np.int32)
@@ -887,7 +896,7 @@ def q3_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
             pack_2bit(o, p + 32, L)
 
 
-@njit(**_JIT)  # type: ignore[misc]
+@jit(**_JIT)
 def q2_k_rows(x: Any, out: Any, qw: Any, use_qw: bool) -> None:
     n_rows, n = x.shape
     L = np.zeros(256, dtype=np.int32)
