@@ -1,4 +1,4 @@
-"""Re-derived quantizations (issue 22): how often our deterministic port (`gguf_split.requant`) gives
+"""Re-derived quantizations (issue 22): how often our deterministic port (`gguf_split.pack.requant`) gives
 llama.cpp's bytes on real model ladders, what the residual of a published quant costs, how fast the port
 runs (numpy, numba, llama.cpp itself) and how small the F16/BF16 source can be coded.
 
@@ -48,7 +48,8 @@ from ggufhdr import read_header  # noqa: E402
 import ggml_oracle  # noqa: E402
 from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 from gguf.constants import GGMLQuantizationType as Q  # noqa: E402
-from gguf_split import requant, requant_codec  # noqa: E402
+from gguf_split.pack import requant  # noqa: E402
+from gguf_split.pack.requant import residual as requant_codec  # noqa: E402
 
 OUT = WORK / "requant"
 CHUNK_ELEMS = 1 << 20  # the pack's chunking (codec.CHUNK_ELEMS)
@@ -291,7 +292,7 @@ def speed(model: str, numpy_too: bool, repeat: int) -> dict[str, Any]:
 
 
 def source(models: list[str], real: Path | None, ladders: bool = True) -> dict[str, Any]:
-    from gguf_split import planes
+    from gguf_split.pack.source import planes
     res: dict[str, Any] = {}
     sets: list[tuple[str, str, list[np.ndarray]]] = []
     for model in models if ladders else []:
@@ -319,7 +320,7 @@ def source(models: list[str], real: Path | None, ladders: bool = True) -> dict[s
 def ladder_speed(model: str, rungs: list[str], threads: int, engine: str) -> dict[str, Any]:
     """The unpacking work of a ladder: re-quantize every requantizable tensor of each rung from the F16
     source (F16 -> float32 included), timed; plus the F16 source itself through fplanes decode."""
-    from gguf_split import planes
+    from gguf_split.pack.source import planes
 
     d = OUT / model
     src = Model(d / "F16.gguf")

@@ -37,9 +37,7 @@ flushed to zero (`codec.check_float_environment`).
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
@@ -798,11 +796,6 @@ _DRIVERS: dict[int, Callable[[Arr, Arr | None], Arr]] = {
 # Public entry points
 
 
-def numba_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("numba") is not None
-
-
 def check_source(x: Arr) -> None:
     """Refuse what the port does not reproduce everywhere: non-finite values (NaN payloads vary by CPU)."""
     if not np.isfinite(x).all():
@@ -821,7 +814,7 @@ def _rows_per_pass(qtype: int, n_per_row: int) -> int:
     return max(1, _BLOCKS_PER_PASS * min(block, 32) // n_per_row)
 
 
-def _check_args(x: Arr, qtype: int, imatrix: Arr | None) -> tuple[Arr, Arr | None]:
+def check_args(x: Arr, qtype: int, imatrix: Arr | None) -> tuple[Arr, Arr | None]:
     if Q(qtype) not in REQUANT_TYPES:
         raise RequantError(f"no deterministic quantizer for {Q(qtype).name}")
     x = np.ascontiguousarray(x, dtype=F)
@@ -838,7 +831,7 @@ def _check_args(x: Arr, qtype: int, imatrix: Arr | None) -> tuple[Arr, Arr | Non
 
 def quantize_numpy(x: Arr, qtype: int, imatrix: Arr | None = None) -> Arr:
     """llama.cpp's bytes for float32 rows x (R, n_per_row) as uint8 (R, row_bytes), in numpy."""
-    x, qw = _check_args(x, qtype, imatrix)
+    x, qw = check_args(x, qtype, imatrix)
     n_rows, n = x.shape
     out = np.empty((n_rows, row_bytes(qtype, n)), dtype=np.uint8)
     step = _rows_per_pass(qtype, n)
@@ -847,51 +840,4 @@ def quantize_numpy(x: Arr, qtype: int, imatrix: Arr | None = None) -> Arr:
         for r0 in range(0, n_rows, step):
             r1 = min(n_rows, r0 + step)
             out[r0:r1] = driver(x[r0:r1], qw).reshape(r1 - r0, -1)
-    return out
-
-
-def quantize_numba(x: Arr, qtype: int, imatrix: Arr | None = None) -> Arr:
-    """The same bytes through the compiled kernels of `requant_numba` (needs numba)."""
-    from gguf_split import requant_numba
-
-    x, qw = _check_args(x, qtype, imatrix)
-    n_rows, n = x.shape
-    out = np.empty((n_rows, row_bytes(qtype, n)), dtype=np.uint8)
-    kernel = requant_numba.KERNELS[Q(qtype).name]
-    kernel(x, out, qw if qw is not None else np.zeros(n, dtype=F), qw is not None)
-    return out
-
-
-def quantize(x: Arr, qtype: int, imatrix: Arr | None = None, *, engine: str = "auto",
-             threads: int = 1) -> Arr:
-    """llama.cpp's `ggml_quantize_chunk(qtype, x, ..., imatrix)` bytes, reproduced deterministically.
-
-    engine: "numba", "numpy" or "auto" (numba when installed). threads > 1 splits the rows among a
-    thread pool (rows are independent, so the bytes do not depend on the split)."""
-    if engine == "auto":
-        engine = "numba" if numba_available() else "numpy"
-    fn = {"numba": quantize_numba, "numpy": quantize_numpy}.get(engine)
-    if fn is None:
-        raise RequantError(f"unknown engine {engine!r}")
-    x, qw = _check_args(x, qtype, imatrix)
-    n_rows = x.shape[0]
-    threads = max(1, min(threads, n_rows))
-    if threads == 1:
-        return fn(x, qtype, qw)
-    bounds = np.linspace(0, n_rows, threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(lambda ab: fn(x[ab[0]:ab[1]], qtype, qw), zip(bounds[:-1], bounds[1:])))
-    out: Arr = np.concatenate(parts)
-    return out
-
-
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
-def dequantize(raw: Any, qtype: int, n_rows: int, n_per_row: int) -> Arr:
-    """float32 rows of a quantized tensor (gguf's dequantizers; only for measurements and tests)."""
-    from gguf.quants import dequantize as _deq
-    data = np.frombuffer(raw, dtype=np.uint8).reshape(n_rows, -1)
-    out: Arr = np.asarray(_deq(data, Q(qtype)), dtype=F).reshape(n_rows, n_per_row)
     return out

@@ -1,5 +1,5 @@
-"""The deterministic port of llama.cpp's quantizers (gguf_split.requant, requant_numba) and the residual
-codec (requant_codec), against llama.cpp's own ggml_quantize_chunk (llama-cpp-python's libggml-base).
+"""The deterministic port of llama.cpp's quantizers (gguf_split.pack.requant: port, kernels, engine) and
+the residual codec (requant.residual), against llama.cpp's own ggml_quantize_chunk (llama-cpp-python's libggml-base).
 
 Oracles: llama.cpp's bytes for the same rows (both engines, with and without an importance matrix, on
 distributions that hit the quantizers' edge cases); the two engines against each other; residual round
@@ -21,7 +21,8 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
-from gguf_split import requant, requant_codec
+from gguf_split.pack import requant
+from gguf_split.pack.requant import engine, port, residual
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ggml_oracle  # noqa: E402
@@ -97,7 +98,7 @@ def test_long_rows_and_one_row(qtype: int) -> None:
         x = (rng.standard_normal(shape) * 0.03).astype(np.float32)
         im = (rng.random(shape[1]) * 2).astype(np.float32)
         for imx in (None, im):
-            assert np.array_equal(requant.quantize_numpy(x, qtype, imx), ggml_oracle.quantize(x, qtype, imx))
+            assert np.array_equal(port.quantize_numpy(x, qtype, imx), ggml_oracle.quantize(x, qtype, imx))
 
 
 @needs_numba
@@ -139,7 +140,7 @@ def test_fp16_conversion_is_ggml_s() -> None:
     special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x477FEFFF, 0x477FF000, 0x33000000, 0x33000001,
                         0x387FC000, 0x38800000, 0x7FC00001, 0xFFC00000], dtype=np.uint32)
     f = np.concatenate([bits, special]).view(np.float32)
-    ours = requant.fp32_to_fp16_bits(f)
+    ours = port.fp32_to_fp16_bits(f)
     finite = ~np.isnan(f)
     with np.errstate(over="ignore"):
         assert np.array_equal(ours[finite], f[finite].astype(np.float16).view(np.uint16))
@@ -156,7 +157,7 @@ def _fake_publisher(pred: np.ndarray, x: np.ndarray, qtype: int, rng: np.random.
     (codes then re-derived from it, as that build's quantizer would) and a few code bytes flipped."""
     _, ts = GGML_QUANT_SIZES[Q(qtype)]
     t = pred.reshape(-1, ts).copy()
-    head, _ = requant_codec._header_cols(qtype)
+    head, _ = residual._header_cols(qtype)
     hit = rng.choice(t.shape[0], size=max(1, t.shape[0] // 20), replace=False)
     t[hit[: len(hit) // 2], head[-1]] ^= 1
     t = requant.codes_from_headers(x, t.reshape(pred.shape), qtype).reshape(-1, ts)
@@ -168,15 +169,15 @@ def _fake_publisher(pred: np.ndarray, x: np.ndarray, qtype: int, rng: np.random.
 def test_residual_round_trip(qtype: int) -> None:
     rng = np.random.default_rng(int(qtype) + 100)
     x = (rng.standard_normal((8, 512)) * 0.02).astype(np.float32)
-    pred = requant.quantize_numpy(x, qtype)
+    pred = port.quantize_numpy(x, qtype)
     # nothing differs: a bitmap of zero bits, nothing else
-    buf, st = requant_codec.encode_residual(x, pred, pred, qtype)
+    buf, st = residual.encode_residual(x, pred, pred, qtype)
     assert st.flagged == 0 and len(buf) == (st.blocks + 7) // 8 and not any(buf)
-    assert np.array_equal(requant_codec.apply_residual(x, pred, buf, qtype), pred)
+    assert np.array_equal(residual.apply_residual(x, pred, buf, qtype), pred)
     target = _fake_publisher(pred, x, qtype, rng)
-    buf, st = requant_codec.encode_residual(x, target, pred, qtype)
+    buf, st = residual.encode_residual(x, target, pred, qtype)
     assert st.flagged == int((target.reshape(st.blocks, -1) != pred.reshape(st.blocks, -1)).any(axis=1).sum())
-    assert np.array_equal(requant_codec.apply_residual(x, pred, buf, qtype), target)
+    assert np.array_equal(residual.apply_residual(x, pred, buf, qtype), target)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: Q(t).name)
@@ -185,37 +186,37 @@ def test_kquant_header_miss_costs_no_code_bytes(qtype: int) -> None:
     as header bytes: its code planes are zero."""
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((4, 1024)) * 0.02).astype(np.float32)
-    pred = requant.quantize_numpy(x, qtype)
+    pred = port.quantize_numpy(x, qtype)
     _, ts = GGML_QUANT_SIZES[Q(qtype)]
-    head, codes = requant_codec._header_cols(qtype)
+    head, codes = residual._header_cols(qtype)
     t = pred.reshape(-1, ts).copy()
     t[::3, head[-1]] ^= 1  # the last header byte: d's high byte or a scale byte
     target = requant.codes_from_headers(x, t.reshape(pred.shape), qtype)
-    buf, st = requant_codec.encode_residual(x, target, pred, qtype)
+    buf, st = residual.encode_residual(x, target, pred, qtype)
     assert st.codes_changed == 0 and st.flagged > 0
     nb = (st.blocks + 7) // 8
     assert not any(buf[nb + st.flagged * head.size:])
-    assert np.array_equal(requant_codec.apply_residual(x, pred, buf, qtype), target)
+    assert np.array_equal(residual.apply_residual(x, pred, buf, qtype), target)
 
 
 def test_codes_from_headers_is_the_quantizers_last_step() -> None:
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((6, 512)) * 0.02).astype(np.float32)
     for qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):
-        pred = requant.quantize_numpy(x, qtype)
+        pred = port.quantize_numpy(x, qtype)
         assert np.array_equal(requant.codes_from_headers(x, pred, qtype), pred)
 
 
 def test_residual_refuses_damage() -> None:
     rng = np.random.default_rng(6)
     x = rng.standard_normal((2, 256)).astype(np.float32)
-    pred = requant.quantize_numpy(x, Q.Q4_K)
-    with pytest.raises(requant_codec.ResidualError, match="shorter than its bitmap"):
-        requant_codec.apply_residual(x, pred, b"", Q.Q4_K)
-    with pytest.raises(requant_codec.ResidualError, match="past the chunk"):
-        requant_codec.apply_residual(x, pred, b"\x80", Q.Q4_K)
-    with pytest.raises(requant_codec.ResidualError, match="calls for"):
-        requant_codec.apply_residual(x, pred, b"\x01", Q.Q4_K)
+    pred = port.quantize_numpy(x, Q.Q4_K)
+    with pytest.raises(residual.ResidualError, match="shorter than its bitmap"):
+        residual.apply_residual(x, pred, b"", Q.Q4_K)
+    with pytest.raises(residual.ResidualError, match="past the chunk"):
+        residual.apply_residual(x, pred, b"\x80", Q.Q4_K)
+    with pytest.raises(residual.ResidualError, match="calls for"):
+        residual.apply_residual(x, pred, b"\x01", Q.Q4_K)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def test_residual_refuses_damage() -> None:
 _DIGEST_SCRIPT = textwrap.dedent("""
     import hashlib, sys
     import numpy as np
-    from gguf_split import requant
+    from gguf_split.pack import requant
     engine, threads = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(99)
     x = (rng.standard_normal((24, 1024)) * 0.02).astype(np.float32)
@@ -270,11 +271,12 @@ _INSPECT_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     from gguf.constants import GGMLQuantizationType as Q
-    from gguf_split import requant, requant_numba
+    from gguf_split.pack import requant
+    from gguf_split.pack.requant import kernels
     x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
     bad = []
     for name in ("Q8_0", "Q3_K", "Q4_K"):  # every helper: roundf, make_q3/qx/qkx/qp_quants, fp16 (compiling
-        kernel = requant_numba.KERNELS[name]  # all ten afresh takes minutes)
+        kernel = kernels.KERNELS[name]  # all ten afresh takes minutes)
         out = np.zeros((2, requant.row_bytes(Q[name], 256)), np.uint8)
         kernel(x, out, np.ones(256, np.float32), True)
         kernel(x, out, np.zeros(256, np.float32), False)
@@ -304,9 +306,9 @@ def test_compiled_kernels_have_no_fma_and_no_float64(tmp_path: Path) -> None:
 @needs_oracle
 @needs_numba
 def test_lane_parallel_prototype_gives_the_same_bytes() -> None:
-    from gguf_split import requant_lanes
+    from gguf_split.pack.requant import lanes
 
     rng = np.random.default_rng(8)
     for dname, x in _distributions(rng).items():
         x = np.asarray(x, dtype=np.float32)
-        assert np.array_equal(requant_lanes.q4_k_ref(x), ggml_oracle.quantize(x, Q.Q4_K)), dname
+        assert np.array_equal(lanes.q4_k_ref(x), ggml_oracle.quantize(x, Q.Q4_K)), dname

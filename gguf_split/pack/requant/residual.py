@@ -9,10 +9,10 @@ differ:
 
     bitmap    ceil(n_blocks/8) bytes: bit b (byte b/8, bit b%8, least significant first) set where block b
               is not the predicted block; bits past n_blocks zero
-    headers   for the c flagged blocks, their scale bytes (`requant.HEADER_BYTES`, h bytes a block) XOR
+    headers   for the c flagged blocks, their scale bytes (`port.HEADER_BYTES`, h bytes a block) XOR
               the predicted block's, as h byte planes (byte 0 of every flagged block, then byte 1, ...)
     codes     the remaining t - h bytes of each flagged block XOR the codes *re-derived from the corrected
-              header* (`requant.codes_from_headers`: the k-quants' codes are a function of the source and
+              header* (`port.codes_from_headers`: the k-quants' codes are a function of the source and
               the block's scales; other types keep the predicted codes), as t - h byte planes
 
 so a k-quant block whose only miss is a scale picked differently by the search costs its header bytes
@@ -21,7 +21,7 @@ record of the pack.
 
 Decoding a chunk (rows r0..r1 of the source and of the quant, the same shape):
     x     = the source chunk as float32 (F16/BF16 widen exactly, as llama-quantize converts)
-    pred  = requant.quantize(x, type, imatrix)             (deterministic, see requant)
+    pred  = requant.quantize(x, type, imatrix)             (deterministic, see requant.port)
     flagged blocks: header = pred header XOR stored; codes = codes_from_headers(x, block with header)
                     XOR stored
 The encoder runs the same decoder over its output before writing (a round trip per chunk).
@@ -35,7 +35,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
-from gguf_split import requant
+from . import port
 
 Arr = np.ndarray
 
@@ -47,7 +47,7 @@ class ResidualError(ValueError):
 def _header_cols(qtype: int) -> tuple[Arr, Arr]:
     """(header byte offsets, code byte offsets) within a block of `qtype`."""
     _, type_size = GGML_QUANT_SIZES[Q(qtype)]
-    head = np.concatenate([np.arange(a, b) for a, b in requant.HEADER_BYTES[Q(qtype)]])
+    head = np.concatenate([np.arange(a, b) for a, b in port.HEADER_BYTES[Q(qtype)]])
     codes = np.setdiff1d(np.arange(type_size), head)
     return head, codes
 
@@ -62,7 +62,7 @@ def _rederive(x_blocks: Arr, blocks: Arr, qtype: int) -> Arr:
     if len(blocks) == 0:
         empty: Arr = blocks.copy()
         return empty
-    out: Arr = requant.codes_from_headers(x_blocks, blocks, qtype)
+    out: Arr = port.codes_from_headers(x_blocks, blocks, qtype)
     return out
 
 

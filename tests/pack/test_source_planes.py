@@ -1,4 +1,4 @@
-"""fplanes (gguf_split.planes): exact round trips of F16/BF16 bit patterns, every bit pattern included,
+"""fplanes (gguf_split.pack.source.planes): exact round trips of F16/BF16 bit patterns, every bit pattern included,
 sizes against plain zstd on weight-like data, and refusal of damaged chunks."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gguf_split import planes
+from gguf_split.pack.source import planes
 
 
 @pytest.mark.parametrize("kind", planes.KINDS)

@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar, cast
 
 import numpy as np
 
-from gguf_split import requant
+from . import port
 
 F = np.float32
 I32 = np.int32
@@ -157,9 +157,9 @@ def q4_k_ref(x: np.ndarray) -> np.ndarray:
     """Q4_K without imatrix through the lane-parallel search; header packing and codes in numpy."""
     x = np.ascontiguousarray(x, dtype=F)
     n_rows, n = x.shape
-    xt = requant._blocks_t(x, 32)
+    xt = port._blocks_t(x, 32)
     B = xt.shape[1]
-    sum_x2 = requant._seqsum0(xt * xt)
+    sum_x2 = port._seqsum0(xt * xt)
     w = np.sqrt(sum_x2 / F(32.0)) + np.abs(xt)
     L = np.empty((32, B), I32)
     scales = np.empty(B, F)
@@ -176,18 +176,18 @@ def q4_k_ref(x: np.ndarray) -> np.ndarray:
         mins[b0:b1] = mnt
     S = B // 8
     sc8, mn8 = scales.reshape(S, 8).T, mins.reshape(S, 8).T
-    max_scale = requant._seq_max_gt(sc8)
-    max_min = requant._seq_max_gt(mn8)
+    max_scale = port._seq_max_gt(sc8)
+    max_min = port._seq_max_gt(mn8)
     with np.errstate(all="ignore"):
         inv_scale = np.where(max_scale > F(0.0), F(63.0) / np.where(max_scale > F(0.0), max_scale, F(1.0)), F(0.0))
         inv_min = np.where(max_min > F(0.0), F(63.0) / np.where(max_min > F(0.0), max_min, F(1.0)), F(0.0))
-        ls = np.minimum(63, requant.nearest_int(inv_scale * sc8) & 0xFF).T
-        lm = np.minimum(63, requant.nearest_int(inv_min * mn8) & 0xFF).T
+        ls = np.minimum(63, port.nearest_int(inv_scale * sc8) & 0xFF).T
+        lm = np.minimum(63, port.nearest_int(inv_min * mn8) & 0xFF).T
         head = np.empty((S, 16), dtype=np.uint8)
-        requant._put_f16(head, 0, max_scale / F(63.0))
-        requant._put_f16(head, 2, max_min / F(63.0))
-        head[:, 4:] = requant._k4_scale_bytes(ls, lm)
+        port._put_f16(head, 0, max_scale / F(63.0))
+        port._put_f16(head, 2, max_min / F(63.0))
+        head[:, 4:] = port._k4_scale_bytes(ls, lm)
         out = np.empty((S, 144), dtype=np.uint8)
         out[:, :16] = head
-        requant._q4_k_pack(out, requant._q45_k_codes(xt, head, L, 15))
+        port._q4_k_pack(out, port._q45_k_codes(xt, head, L, 15))
     return out.reshape(n_rows, -1)
