@@ -275,8 +275,10 @@ _INSPECT_SCRIPT = textwrap.dedent("""
     from gguf_split.pack.requant import kernels
     x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
     bad = []
-    for name in ("Q8_0", "Q3_K", "Q4_K"):  # every helper: roundf, make_q3/qx/qkx/qp_quants, fp16 (compiling
-        kernel = kernels.KERNELS[name]  # all ten afresh takes minutes)
+    # every helper: roundf and fp16 (Q8_0); the lane searches make_q3/qx_quants (Q3_K), make_qkx/qp_quants
+    # (Q4_K); compiling all ten afresh takes minutes
+    for name in ("Q8_0", "Q3_K", "Q4_K"):
+        kernel = kernels.KERNELS[name]
         out = np.zeros((2, requant.row_bytes(Q[name], 256)), np.uint8)
         kernel(x, out, np.ones(256, np.float32), True)
         kernel(x, out, np.zeros(256, np.float32), False)
@@ -285,6 +287,8 @@ _INSPECT_SCRIPT = textwrap.dedent("""
             ir = kernel.inspect_llvm(sig)
             if "divss" not in asm:  # not the real code (e.g. loaded from a cache, where inspection is empty)
                 bad.append(name + ": no float32 division in the machine code")
+            if name != "Q8_0" and "divps" not in asm:  # the lane searches' divisions, vectorised
+                bad.append(name + ": the lane searches are not in the machine code, or not vectorised")
             bad += [f"{name}: {op}" for op in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub") if op in asm]
             bad += [f"{name}: {op}" for op in ("fadd double", "fsub double", "fmul double", "fdiv double",
                                                "llvm.fma", "llvm.fmuladd", " contract ", " fast ", " reassoc ")
@@ -305,10 +309,13 @@ def test_compiled_kernels_have_no_fma_and_no_float64(tmp_path: Path) -> None:
 
 @needs_oracle
 @needs_numba
-def test_lane_parallel_prototype_gives_the_same_bytes() -> None:
-    from gguf_split.pack.requant import lanes
-
-    rng = np.random.default_rng(8)
-    for dname, x in _distributions(rng).items():
-        x = np.asarray(x, dtype=np.float32)
-        assert np.array_equal(lanes.q4_k_ref(x), ggml_oracle.quantize(x, Q.Q4_K)), dname
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: Q(t).name)
+def test_numba_engine_over_many_tiles(qtype: int) -> None:
+    """Units (super-blocks, blocks) well past one tile and not a multiple of it, rows of several units:
+    the tiles' gathering, the partial last tile and the importance vector's columns."""
+    rng = np.random.default_rng(int(qtype) + 7)
+    x = (rng.standard_normal((37, 1280)) * np.exp(rng.uniform(-3, 1, (37, 1)))).astype(np.float32)
+    x[5, 256:512] = 0.0
+    im = (rng.random(1280) ** 2).astype(np.float32)
+    for imx in (None, im):
+        assert np.array_equal(requant.quantize(x, qtype, imx, engine="numba"), ggml_oracle.quantize(x, qtype, imx))

@@ -1,10 +1,10 @@
 """Re-derived quantizations: llama.cpp's quantizers ported so that a pack stores a published quant as the
 (usually empty) difference from our re-quantization of its full-precision source (issue 22).
 
-Modules: `port` (the quantizers in numpy, vectorised across blocks: the reference engine),
-`kernels` (the same as compiled numba loops, optional), `engine` (`quantize`: which engine, how many
-threads; the bytes depend on neither), `residual` (a published quant as its difference from the
-prediction, in the quantizer's own terms). See docs/requant.md for the design notes and measurements.
+Modules: `port` (the quantizers in numpy, vectorised across blocks: the reference engine); `kernels`
+(the numba engine, optional: the same bytes an order of magnitude faster, the scale searches vectorised
+across blocks); `engine` (`quantize`: which engine, how many threads; the bytes depend on neither);
+`residual` (a published quant as its difference from the prediction, in the quantizer's own terms). See docs/requant.md for the design notes and measurements.
 """
 
 from .engine import ENGINES, default_threads, numba_available, quantize

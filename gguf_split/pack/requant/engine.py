@@ -2,8 +2,8 @@
 do not depend on either choice.
 
 Engines (same bytes; tests compare each with llama.cpp and with each other): "numpy" (`port`, always
-there), "numba" (`kernels`, compiled scalar loops, when numba is installed), "auto" (numba when
-installed). Threads split the rows: rows are independent, so the split changes no byte.
+there), "numba" (`kernels`: compiled loops, the searches vectorised across blocks; when numba is
+installed), "auto" (numba when installed). Threads split the rows: rows are independent, so the split changes no byte.
 """
 
 from __future__ import annotations

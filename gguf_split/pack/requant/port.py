@@ -17,7 +17,7 @@ more code), TQ1_0/TQ2_0 (ternary models only), MXFP4/NVFP4 (models published in 
 quantized from F16 by users), Q8_K (never stored in files).
 
 How it stays deterministic (two implementations, same bytes; tests compare both with llama.cpp):
-- `quantize` below is numpy, vectorised *across* blocks: arrays are laid out (element of the block,
+- `quantize_numpy` below is numpy, vectorised *across* blocks: arrays are laid out (element of the block,
   block), so each sum over a block's elements is a Python loop of elementwise float32 adds in the C
   code's order (never np.sum, whose pairwise blocking depends on layout and SIMD width). Every operation
   is one IEEE binary32 ufunc call (+, -, *, /, sqrt, abs, comparisons, where), correctly rounded on
@@ -25,8 +25,8 @@ How it stays deterministic (two implementations, same bytes; tests compare both 
   Branches become masks (`np.where`), and the refinement loops that C leaves early (`if (!n_changed)
   break`) run their full count: a pass that changes nothing leaves the state as it was, so the extra
   passes change nothing either.
-- `requant_numba` holds the same algorithms as compiled scalar loops (fastmath off), about 10-40x
-  faster; `quantize(..., engine="numba")` uses it.
+- `kernels` holds the same algorithms compiled with numba (fastmath off), 10-100x faster;
+  `engine.quantize(..., engine="numba")` uses it.
 - float -> int conversions are llama.cpp's `nearest_int` (add 1.5*2^23, keep the mantissa bits: round to
   nearest even through the float adder, no conversion instruction) or truncations of values a finite
   input keeps in range; float32 -> float16 is llama.cpp's `ggml_compute_fp32_to_fp16` in integer and
