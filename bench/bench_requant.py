@@ -291,7 +291,20 @@ def speed(model: str, numpy_too: bool, repeat: int) -> dict[str, Any]:
 # Source coding
 
 
-def source(models: list[str], real: Path | None, ladders: bool = True) -> dict[str, Any]:
+def _rows2d(a: np.ndarray) -> np.ndarray:
+    """A weight as (rows, ne0): numpy's last dimension is GGUF's ne0; vectors are one row."""
+    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(1, -1)
+
+
+def _bf16(f: np.ndarray) -> np.ndarray:
+    b = f.view(np.uint32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def source(models: list[str], real: list[Path], ladders: bool = True) -> dict[str, Any]:
+    """F16/BF16 source coding. The ladders' sources are dequantized quants (few distinct values per
+    block: far more compressible than trained weights); `real` .npz files of trained float32 weights are
+    the figures that count."""
     from gguf_split.pack.source import planes
     res: dict[str, Any] = {}
     sets: list[tuple[str, str, list[np.ndarray]]] = []
@@ -299,21 +312,17 @@ def source(models: list[str], real: Path | None, ladders: bool = True) -> dict[s
         d = OUT / model
         for kind in ("F16", "BF16"):
             m = Model(d / f"{kind}.gguf")
-            parts = [np.asarray(m.raw(t.name)).view(np.uint16) for t in m.hdr.tensors if t.ggml_type in (Q.F16, Q.BF16)]
-            sets.append((f"{model} {kind} (dequantized quant)", kind, parts))
-    if real is not None:
-        w = np.load(real)
-        f32s = [w[k].astype(np.float32).reshape(-1) for k in w.files]
-        sets.append((f"{real.stem} F16 (trained fp32 -> f16)", "F16", [f.astype(np.float16).view(np.uint16) for f in f32s]))
-        bfs = []
-        for f in f32s:
-            b = f.view(np.uint32)
-            bfs.append(((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16))
-        sets.append((f"{real.stem} BF16 (trained fp32 -> bf16)", "BF16", bfs))
+            parts = [np.asarray(m.raw(t.name)).view(np.uint16).reshape(-1, t.ne[0]) for t in m.hdr.tensors
+                     if t.ggml_type in (Q.F16, Q.BF16)]
+            sets.append((f"{model} {kind} (dequantized quant: not a real source)", kind, parts))
+    for path in real:
+        w = np.load(path)
+        f32s = [_rows2d(w[k].astype(np.float32)) for k in w.files]
+        sets.append((f"{path.stem} F16 (trained fp32 -> f16)", "F16", [f.astype(np.float16).view(np.uint16) for f in f32s]))
+        sets.append((f"{path.stem} BF16 (trained fp32 -> bf16)", "BF16", [_bf16(f) for f in f32s]))
     for label, kind, bits in sets:
         log(f"{label}: {sum(b.nbytes for b in bits) / 1e6:.1f} MB in {len(bits)} tensors")
-        r = planes.compare(bits, kind, log=log)
-        res[label] = r
+        res[label] = planes.compare(bits, kind, log=log)
     return res
 
 
@@ -375,7 +384,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--numpy", action="store_true", help="also time the numpy engine (slow)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--real", type=Path, default=None, help=".npz of trained float32 weights for `source`")
+    ap.add_argument("--real", type=Path, nargs="*", default=[], help=".npz files of trained float32 weights for `source`")
     ap.add_argument("--real-only", action="store_true", help="`source`: only the --real weights")
     ap.add_argument("--ignore-imatrix", action="store_true",
                     help="`match`: re-quantize imat-* rungs without their importance matrix (the cost of not having it)")

@@ -267,6 +267,15 @@ def test_numba_engine_matches_numpy_in_a_subprocess() -> None:
     assert _digest("numba", 2) == _digest("numpy", 1)
 
 
+@needs_numba
+def test_numba_engine_compiled_for_a_generic_cpu_gives_the_same_bytes(tmp_path: Path) -> None:
+    """The lane searches compiled for baseline x86-64 / a generic CPU (4-wide SSE2 or none, instead of
+    this machine's AVX2 or AVX-512): another vector width, the same bytes. A fresh cache, so the kernels
+    are compiled for that target."""
+    generic = {"NUMBA_CPU_NAME": "generic", "NUMBA_CPU_FEATURES": "", "NUMBA_CACHE_DIR": str(tmp_path)}
+    assert _digest("numba", 1, generic) == _digest("numpy", 1)
+
+
 _INSPECT_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np

@@ -1,27 +1,35 @@
-"""Source coding prototype for F16/BF16 tensors: the predictable bits (sign, exponent, top mantissa bits)
-entropy-coded in one byte plane, the mantissa's noise stored apart.
+"""Source coding for F16/BF16 tensors ("fplanes"): each weight's predictable bits (sign, exponent, top
+mantissa bits) entropy-coded with rANS against the chunk's own frequencies, its mantissa noise stored.
 
-Why: once the quants of a model are nearly free (`requant_codec`), the F16/BF16 source is most of a
-pack. The bits of a trained weight differ in how predictable they are: the exponent of a roughly normal
-weight takes a handful of values (entropy ~2.6 bits of 5 or 8), the low mantissa bits are noise (8.0
-bits of 8 measured on trained weights). A general-purpose compressor over the interleaved bytes cannot
-separate them (zstd -19 on whole F16 tensors: ~91 %); byte planes can (ZipNN's observation).
+Why: once a model's quants are nearly free (`requant`), the F16/BF16 source is most of a pack. The bits
+of a trained weight differ in how predictable they are: the exponent of a roughly normal weight takes a
+handful of values (~2.6 bits of 5 or 8), the top mantissa bit leans low (Benford: ~0.95 bit), the low
+mantissa bits are noise (8.0 bits of 8 measured on trained weights). zstd over interleaved bytes cannot
+separate them (~92 % on trained F16 weights); byte planes can (ZipNN's observation), and an
+arithmetic-class coder over the predictable part takes its entropy where zstd's Huffman literals lose
+0.05-0.2 bit. (Coding each row's exponents against the row's median was measured too: with a table per
+chunk it gains nothing on trained weights, and its byte a row costs 0.1 %.)
 
-The layout ("fplanes"), per chunk of n elements:
-    F16 : sym[i]  = bits >> 8        (sign, 5 exponent bits, 2 top mantissa bits)
-          rest[i] = bits & 0xFF      (8 low mantissa bits)
-    BF16: sym[i]  = (bits >> 7) & 0xFF                 (the 8 exponent bits)
-          rest[i] = ((bits >> 8) & 0x80) | (bits & 0x7F) (sign and the 7 mantissa bits)
-    body: u8 flags (bit 0: sym plane is a zstd frame, else stored; bit 1: same for rest),
-          u32 length of the sym part, the sym part, the rest part (to the end)
-Decoding is a zstd frame (Huffman-coded literals: ~1 GB/s) and a few integer numpy operations, so it is
-exact on every machine and runs at hundreds of MB/s.
+Layout of a chunk of n elements with bit patterns u (uint16):
 
-Measured (bench/bench_requant.py source, see the report): on trained weights the sym plane codes within
-~0.03 bits/element of its order-0 entropy, so this layout sits ~0.2 % above the order-0 bound; a
-context model (exponent given the row's and the column's typical exponent) would gain ~0.5 % more of
-the tensor, which only an adaptive arithmetic/rANS coder can take (not prototyped here: the targets of
-84 % F16 / 66 % BF16 lie between the two).
+    F16 : symbol = u >> 8   (sign, 5 exponent bits, 2 mantissa bits)   raw = u & 0xFF   R = 8
+    BF16: symbol = u >> 6   (sign, 8 exponent bits, 1 mantissa bit)    raw = u & 0x3F   R = 6
+
+Body (little-endian):
+    u8  flags        bit 0: the raw part is one zstd frame (else stored); other bits 0
+    u8  reserved     0
+    u16 reserved     0
+    u32 words        16-bit words of the rANS stream
+    u32 raw_len      bytes of the raw part
+    present          2^(16-R)/8 bytes: bit s (byte s/8, bit s%8) set when symbol s has a frequency
+    u16 freq[m]      the frequencies of the m present symbols in increasing symbol order (>= 1, summing
+                     to 2^15)
+    u32 state[256]   the rANS lanes' initial states (see `rans`)
+    u16 word[words]  the rANS stream of the n symbols
+    raw part         the n raw values: F16 one byte each; BF16 6 bits each, least significant bit first
+                     (value i at bits 6i .. 6i+5 of the stream, bit k = bit k % 8 of byte k // 8), the
+                     last byte's unused bits zero
+Decoding is integer operations only (rANS, shifts, masks, one zstd frame), so it is exact on every machine.
 """
 
 from __future__ import annotations
@@ -32,33 +40,63 @@ from typing import Any, Callable
 import numpy as np
 import zstandard
 
+from . import rans
+
 Arr = np.ndarray
 KINDS = ("F16", "BF16")
+RAW_BITS = {"F16": 8, "BF16": 6}
+_HEAD = struct.Struct("<BBHII")
 
 
 class PlanesError(ValueError):
     pass
 
 
-def split(bits: Arr, kind: str) -> tuple[Arr, Arr]:
-    """uint16 bit patterns -> (sym plane, rest plane), uint8 each."""
-    u = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
-    if kind == "F16":
-        return (u >> 8).astype(np.uint8), (u & 0xFF).astype(np.uint8)
-    if kind == "BF16":
-        return ((u >> 7) & 0xFF).astype(np.uint8), (((u >> 8) & 0x80) | (u & 0x7F)).astype(np.uint8)
-    raise PlanesError(f"unknown kind {kind!r}")
-
-
-def join(sym: Arr, rest: Arr, kind: str) -> Arr:
-    s = sym.astype(np.uint16)
-    r = rest.astype(np.uint16)
-    if kind == "F16":
-        out: Arr = (s << 8) | r
-    elif kind == "BF16":
-        out = ((r & 0x80) << 8) | (s << 7) | (r & 0x7F)
-    else:
+def _raw_bits(kind: str) -> int:
+    if kind not in RAW_BITS:
         raise PlanesError(f"unknown kind {kind!r}")
+    return RAW_BITS[kind]
+
+
+def split(bits: Arr, kind: str) -> tuple[Arr, Arr]:
+    """uint16 bit patterns -> (symbols, raw values)."""
+    r = _raw_bits(kind)
+    u = np.ascontiguousarray(bits, dtype=np.uint16).reshape(-1)
+    return u >> r, u & ((1 << r) - 1)
+
+
+def join(symbols: Arr, raw: Arr, kind: str) -> Arr:
+    r = _raw_bits(kind)
+    out: Arr = (symbols.astype(np.uint16) << r) | raw.astype(np.uint16)
+    return out
+
+
+def _pack_raw(raw: Arr, rbits: int) -> bytes:
+    """8-bit values as bytes; 6-bit values four to three bytes, least significant bit first."""
+    if rbits == 8:
+        return raw.astype(np.uint8).tobytes()
+    n = raw.size
+    v = np.zeros(-(-n // 4) * 4, dtype=np.uint32)
+    v[:n] = raw
+    g = v.reshape(-1, 4)
+    word = g[:, 0] | (g[:, 1] << 6) | (g[:, 2] << 12) | (g[:, 3] << 18)
+    out = np.stack([word & 0xFF, (word >> 8) & 0xFF, word >> 16], axis=1).astype(np.uint8).reshape(-1)
+    return out[: (6 * n + 7) // 8].tobytes()
+
+
+def _unpack_raw(data: bytes, rbits: int, n: int) -> Arr:
+    if len(data) != (n * rbits + 7) // 8:
+        raise PlanesError(f"raw part holds {len(data)} bytes, {(n * rbits + 7) // 8} expected")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if rbits == 8:
+        return buf
+    b = np.zeros(-(-n // 4) * 3, dtype=np.uint32)
+    b[: buf.size] = buf
+    g = b.reshape(-1, 3)
+    word = g[:, 0] | (g[:, 1] << 8) | (g[:, 2] << 16)
+    out: Arr = np.stack([word & 63, (word >> 6) & 63, (word >> 12) & 63, word >> 18], axis=1).reshape(-1)[:n]
+    if (6 * n) % 8 and buf[-1] >> ((6 * n) % 8):
+        raise PlanesError("raw part has bits set past its last value")
     return out
 
 
@@ -68,44 +106,71 @@ def _zstd(data: bytes, level: int) -> bytes:
 
 def _unzstd(body: bytes, expected: int) -> bytes:
     if zstandard.frame_content_size(body) != expected:
-        raise PlanesError(f"plane frame does not declare {expected} bytes")
+        raise PlanesError(f"raw frame does not declare {expected} bytes")
     out: bytes = zstandard.ZstdDecompressor().decompress(body, max_output_size=expected)
     if len(out) != expected:
-        raise PlanesError("plane frame decoded to the wrong size")
+        raise PlanesError("raw frame decoded to the wrong size")
     return out
 
 
 def encode(bits: Arr, kind: str, level: int = 19) -> bytes:
-    """One chunk of F16/BF16 bit patterns in the fplanes layout (each plane zstd'd when that is smaller)."""
-    sym, rest = split(bits, kind)
+    """One chunk of F16/BF16 bit patterns in the fplanes layout."""
+    rbits = _raw_bits(kind)
+    sym, raw = split(bits, kind)
+    if sym.size == 0:
+        raise PlanesError("an empty chunk")
+    counts = np.bincount(sym, minlength=1 << (16 - rbits))
+    freq = rans.normalize(counts)
+    states, words = rans.encode(sym, freq)
+    raw_bytes = _pack_raw(raw, rbits)
     flags = 0
-    parts = []
-    for i, plane in enumerate((sym, rest)):
-        raw = plane.tobytes()
-        z = _zstd(raw, level)
-        if len(z) < len(raw):
-            flags |= 1 << i
-            parts.append(z)
-        else:
-            parts.append(raw)
-    return struct.pack("<BI", flags, len(parts[0])) + parts[0] + parts[1]
+    z = _zstd(raw_bytes, level)
+    if len(z) < len(raw_bytes):
+        flags, raw_bytes = 1, z
+    present = np.packbits(freq > 0, bitorder="little")
+    return b"".join([_HEAD.pack(flags, 0, 0, words.size, len(raw_bytes)), present.tobytes(),
+                     freq[freq > 0].astype("<u2").tobytes(), states.astype("<u4").tobytes(),
+                     words.astype("<u2").tobytes(), raw_bytes])
+
+
+def _table(body: bytes, nsym: int) -> tuple[Arr, int]:
+    """(frequencies over the alphabet, offset past the table)."""
+    off = _HEAD.size
+    if len(body) < off + nsym // 8:
+        raise PlanesError("fplanes chunk shorter than its symbol table")
+    present = np.unpackbits(np.frombuffer(body, dtype=np.uint8, count=nsym // 8, offset=off), bitorder="little")
+    m = int(present.sum())
+    off += nsym // 8
+    if m == 0 or len(body) < off + 2 * m:
+        raise PlanesError("bad frequency table")
+    freq = np.zeros(nsym, dtype=np.int64)
+    freq[present.astype(bool)] = np.frombuffer(body, dtype="<u2", count=m, offset=off)
+    if (freq[present.astype(bool)] == 0).any():
+        raise PlanesError("a present symbol of frequency 0")
+    return freq, off + 2 * m
 
 
 def decode(body: bytes, kind: str, n: int) -> Arr:
     """The n uint16 bit patterns of an fplanes chunk."""
-    if len(body) < 5:
-        raise PlanesError("fplanes chunk shorter than its 5-byte head")
-    flags, sym_len = struct.unpack_from("<BI", body)
-    if flags & ~3 or 5 + sym_len > len(body):
+    rbits = _raw_bits(kind)
+    if n <= 0:
+        raise PlanesError("an empty chunk")
+    if len(body) < _HEAD.size:
+        raise PlanesError("fplanes chunk shorter than its head")
+    flags, res1, res2, nwords, raw_len = _HEAD.unpack_from(body)
+    freq, off = _table(body, 1 << (16 - rbits))
+    fixed = off + 4 * rans.LANES + 2 * nwords
+    if flags & ~1 or res1 or res2 or fixed + raw_len != len(body):
         raise PlanesError("bad fplanes head")
-    parts = (body[5:5 + sym_len], body[5 + sym_len:])
-    planes = []
-    for i, part in enumerate(parts):
-        raw = _unzstd(part, n) if flags & (1 << i) else part
-        if len(raw) != n:
-            raise PlanesError(f"plane {i} holds {len(raw)} bytes, {n} expected")
-        planes.append(np.frombuffer(raw, dtype=np.uint8))
-    return join(planes[0], planes[1], kind)
+    states = np.frombuffer(body, dtype="<u4", count=rans.LANES, offset=off)
+    words = np.frombuffer(body, dtype="<u2", count=nwords, offset=off + 4 * rans.LANES)
+    try:
+        sym = rans.decode(states, words, freq, n)
+    except rans.RansError as e:
+        raise PlanesError(str(e)) from None
+    raw_part = body[fixed:]
+    raw = _unpack_raw(_unzstd(raw_part, (n * rbits + 7) // 8) if flags & 1 else raw_part, rbits, n)
+    return join(sym, raw, kind)
 
 
 def entropy0(symbols: Arr, nsym: int = 256) -> float:
@@ -115,35 +180,38 @@ def entropy0(symbols: Arr, nsym: int = 256) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def _byte_planes(c: Arr, level: int) -> int:
+    b = c.view(np.uint8).reshape(-1, 2)
+    return sum(len(_zstd(np.ascontiguousarray(b[:, j]).tobytes(), level)) for j in (0, 1))
+
+
 def compare(tensors: list[Arr], kind: str, *, chunk: int = 1 << 20, level: int = 19,
             log: Callable[..., Any] = print) -> dict[str, float]:
-    """Sizes (fraction of the input) of: zstd over the raw bytes, 2 byte planes + zstd, fplanes, and the
-    order-0 entropy bound of fplanes' layout; fplanes decode speed. Chunked like the pack: per tensor,
-    `chunk` elements at most."""
+    """Sizes (fraction of the input) of: zstd over the raw bytes, 2 byte planes + zstd, fplanes; fplanes
+    decode speed. `tensors` are 2-D (rows, ne0) bit patterns, chunked like the pack (whole rows, about
+    `chunk` elements)."""
     import time
 
-    pieces = [np.ascontiguousarray(t, dtype=np.uint16).reshape(-1) for t in tensors]
-    total = sum(p.nbytes for p in pieces)
-    n_all = sum(p.size for p in pieces)
-    sizes = {"zstd": 0, "byte planes + zstd": 0, "fplanes": 0}
+    total = sum(t.size * 2 for t in tensors)
+    sizes = {"zstd": 0, "byte planes + zstd": 0, "fplanes": 0, "smaller of fplanes, zstd": 0}
     decode_s = 0.0
-    h_sym = 0.0
-    for c in (p[i:i + chunk] for p in pieces for i in range(0, p.size, chunk)):
-        sizes["zstd"] += len(_zstd(c.tobytes(), level))
-        b = c.view(np.uint8).reshape(-1, 2)
-        sizes["byte planes + zstd"] += sum(len(_zstd(np.ascontiguousarray(b[:, j]).tobytes(), level)) for j in (0, 1))
-        body = encode(c, kind, level)
-        sizes["fplanes"] += len(body)
-        t0 = time.perf_counter()
-        back = decode(body, kind, c.size)
-        decode_s += time.perf_counter() - t0
-        if not np.array_equal(back, c):
-            raise PlanesError("fplanes round trip failed")
-        sym, _ = split(c, kind)
-        h_sym += entropy0(sym) * c.size
-    bound = (h_sym + 8 * n_all) / 8
+    for t in tensors:
+        t2 = np.ascontiguousarray(t, dtype=np.uint16).reshape(-1, t.shape[-1])
+        k = max(1, chunk // t2.shape[1])
+        for r0 in range(0, t2.shape[0], k):
+            c = t2[r0:r0 + k].reshape(-1)
+            z = len(_zstd(c.tobytes(), level))
+            sizes["zstd"] += z
+            sizes["byte planes + zstd"] += _byte_planes(c, level)
+            body = encode(c, kind, level)
+            sizes["fplanes"] += len(body)
+            sizes["smaller of fplanes, zstd"] += min(z, len(body))
+            t0 = time.perf_counter()
+            back = decode(body, kind, c.size)
+            decode_s += time.perf_counter() - t0
+            if not np.array_equal(back, c):
+                raise PlanesError("fplanes round trip failed")
     out = {k: v / total for k, v in sizes.items()}
-    out["order-0 bound"] = bound / total
     out["fplanes decode MB/s"] = total / decode_s / 1e6
     log("    " + "  ".join(f"{k} {100 * v:.2f} %" if "MB/s" not in k else f"{k} {v:.0f}" for k, v in out.items()))
     return out
