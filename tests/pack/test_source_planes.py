@@ -45,8 +45,8 @@ def test_weights_code_smaller_than_zstd_and_near_entropy(kind: str) -> None:
     assert np.array_equal(planes.decode(body, kind, bits.size), bits)
     assert len(body) < len(zstandard.ZstdCompressor(level=19).compress(bits.tobytes()))
     sym, _ = planes.split(bits, kind)
-    bound = (planes.entropy0(sym, 1024) + planes.RAW_BITS[kind]) * bits.size / 8
-    assert len(body) < bound * 1.004  # table and lane states: 0.4 % of this 0.5 MB chunk at most
+    bound = (planes.entropy0(sym, 2048) + planes.RAW_BITS[kind]) * bits.size / 8
+    assert len(body) < bound * 1.003  # the table and 64 lane states: 0.3 % of this 0.5 MB chunk at most
     assert body[0] & 1 == 0  # mantissa noise stored, not zstd'd
 
 
@@ -57,7 +57,7 @@ def test_rans_round_trip_and_engines_agree() -> None:
     states, words = rans.encode(sym, freq)
     cum = rans.check_table(freq).astype(np.int64)
     f = freq.astype(np.int64)
-    s2, w2 = rans._encode_numpy(sym.astype(np.int64), f, cum)
+    s2, w2 = rans._encode_numpy(sym.astype(np.int64), f, cum, rans.lanes_for(sym.size))
     assert np.array_equal(states, s2) and np.array_equal(words, w2)
     slot2sym = np.repeat(np.arange(len(freq), dtype=np.uint16), f)
     back, used = rans._decode_numpy(states.astype(np.int64), words, f, cum, slot2sym, sym.size)
@@ -74,8 +74,8 @@ def test_rans_numba_path_is_the_numpy_path() -> None:
     freq = rans.normalize(np.bincount(sym, minlength=97))
     f = freq.astype(np.int64)
     cum = rans.check_table(freq).astype(np.int64)
-    states, words = rans_numba.encode(sym, f, cum, rans.LANES)
-    s2, w2 = rans._encode_numpy(sym, f, cum)
+    states, words = rans_numba.encode(sym, f, cum, 7)
+    s2, w2 = rans._encode_numpy(sym, f, cum, 7)
     assert np.array_equal(states, s2) and np.array_equal(words, w2)
 
 
@@ -93,10 +93,10 @@ def test_damaged_chunks_are_refused() -> None:
             planes.decode(bad, "BF16", bits.size)
     with pytest.raises(planes.PlanesError):
         planes.decode(body, "BF16", bits.size + 1)
-    off = planes._HEAD.size + 128  # the first frequency: the table no longer sums to 2^15
+    off = planes._HEAD.size + 256  # the first frequency: the table no longer sums to 2^15
     with pytest.raises(planes.PlanesError):
         planes.decode(body[:off] + bytes([body[off] ^ 1]) + body[off + 1:], "BF16", bits.size)
-    words_at = len(body) - (4096 * 6 // 8) - 2  # the last rANS word: the lanes end in the wrong state
+    words_at = len(body) - (4096 * 5 // 8) - 2  # the last rANS word: the lanes end in the wrong state
     damaged = body[:words_at] + bytes([body[words_at] ^ 0xFF]) + body[words_at + 1:]
     try:
         back = planes.decode(damaged, "BF16", bits.size)

@@ -3,8 +3,8 @@ mantissa bits) entropy-coded with rANS against the chunk's own frequencies, its 
 
 Why: once a model's quants are nearly free (`requant`), the F16/BF16 source is most of a pack. The bits
 of a trained weight differ in how predictable they are: the exponent of a roughly normal weight takes a
-handful of values (~2.6 bits of 5 or 8), the top mantissa bit leans low (Benford: ~0.95 bit), the low
-mantissa bits are noise (8.0 bits of 8 measured on trained weights). zstd over interleaved bytes cannot
+handful of values (~2.6 bits of 5 or 8), the top mantissa bits lean low (Benford: ~0.95 bit for the
+first), the low mantissa bits are noise (8.0 bits of 8 measured on trained weights). zstd over interleaved bytes cannot
 separate them (~92 % on trained F16 weights); byte planes can (ZipNN's observation), and an
 arithmetic-class coder over the predictable part takes its entropy where zstd's Huffman literals lose
 0.05-0.2 bit. (Coding each row's exponents against the row's median was measured too: with a table per
@@ -13,22 +13,24 @@ chunk it gains nothing on trained weights, and its byte a row costs 0.1 %.)
 Layout of a chunk of n elements with bit patterns u (uint16):
 
     F16 : symbol = u >> 8   (sign, 5 exponent bits, 2 mantissa bits)   raw = u & 0xFF   R = 8
-    BF16: symbol = u >> 6   (sign, 8 exponent bits, 1 mantissa bit)    raw = u & 0x3F   R = 6
+    BF16: symbol = u >> 5   (sign, 8 exponent bits, 2 mantissa bits)   raw = u & 0x1F   R = 5
 
 Body (little-endian):
     u8  flags        bit 0: the raw part is one zstd frame (else stored); other bits 0
     u8  reserved     0
-    u16 reserved     0
+    u16 lanes        rANS lanes, 1 to 256 (see `rans`)
     u32 words        16-bit words of the rANS stream
     u32 raw_len      bytes of the raw part
     present          2^(16-R)/8 bytes: bit s (byte s/8, bit s%8) set when symbol s has a frequency
     u16 freq[m]      the frequencies of the m present symbols in increasing symbol order (>= 1, summing
                      to 2^15)
-    u32 state[256]   the rANS lanes' initial states (see `rans`)
+    u32 state[lanes] the rANS lanes' initial states
     u16 word[words]  the rANS stream of the n symbols
-    raw part         the n raw values: F16 one byte each; BF16 6 bits each, least significant bit first
-                     (value i at bits 6i .. 6i+5 of the stream, bit k = bit k % 8 of byte k // 8), the
+    raw part         the n raw values: F16 one byte each; BF16 5 bits each, least significant bit first
+                     (value i at bits 5i .. 5i+4 of the stream, bit k = bit k % 8 of byte k // 8), the
                      last byte's unused bits zero
+Measured (bench/bench_requant.py source): which bits go into the symbol was chosen on trained weights;
+a second mantissa bit in BF16's symbol gains 0.04 point, a third in F16's nothing.
 Decoding is integer operations only (rANS, shifts, masks, one zstd frame), so it is exact on every machine.
 """
 
@@ -44,7 +46,7 @@ from . import rans
 
 Arr = np.ndarray
 KINDS = ("F16", "BF16")
-RAW_BITS = {"F16": 8, "BF16": 6}
+RAW_BITS = {"F16": 8, "BF16": 5}
 _HEAD = struct.Struct("<BBHII")
 
 
@@ -72,16 +74,17 @@ def join(symbols: Arr, raw: Arr, kind: str) -> Arr:
 
 
 def _pack_raw(raw: Arr, rbits: int) -> bytes:
-    """8-bit values as bytes; 6-bit values four to three bytes, least significant bit first."""
-    if rbits == 8:
-        return raw.astype(np.uint8).tobytes()
+    """R-bit values, least significant bit first: eight values fill R bytes (as one little-endian
+    integer of 8R bits, value k at bits R*k ..)."""
     n = raw.size
-    v = np.zeros(-(-n // 4) * 4, dtype=np.uint32)
+    v = np.zeros(-(-n // 8) * 8, dtype=np.uint64)
     v[:n] = raw
-    g = v.reshape(-1, 4)
-    word = g[:, 0] | (g[:, 1] << 6) | (g[:, 2] << 12) | (g[:, 3] << 18)
-    out = np.stack([word & 0xFF, (word >> 8) & 0xFF, word >> 16], axis=1).astype(np.uint8).reshape(-1)
-    return out[: (6 * n + 7) // 8].tobytes()
+    g = v.reshape(-1, 8)
+    word = np.zeros(g.shape[0], dtype=np.uint64)
+    for k in range(8):
+        word |= g[:, k] << np.uint64(rbits * k)
+    out = word.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :rbits].reshape(-1)
+    return out[: (rbits * n + 7) // 8].tobytes()
 
 
 def _unpack_raw(data: bytes, rbits: int, n: int) -> Arr:
@@ -90,12 +93,15 @@ def _unpack_raw(data: bytes, rbits: int, n: int) -> Arr:
     buf = np.frombuffer(data, dtype=np.uint8)
     if rbits == 8:
         return buf
-    b = np.zeros(-(-n // 4) * 3, dtype=np.uint32)
-    b[: buf.size] = buf
-    g = b.reshape(-1, 3)
-    word = g[:, 0] | (g[:, 1] << 8) | (g[:, 2] << 16)
-    out: Arr = np.stack([word & 63, (word >> 6) & 63, (word >> 12) & 63, word >> 18], axis=1).reshape(-1)[:n]
-    if (6 * n) % 8 and buf[-1] >> ((6 * n) % 8):
+    groups = -(-n // 8)
+    flat = np.zeros(groups * rbits, dtype=np.uint8)
+    flat[: buf.size] = buf
+    b = np.zeros((groups, 8), dtype=np.uint8)
+    b[:, :rbits] = flat.reshape(groups, rbits)
+    word = b.view("<u8").reshape(-1)
+    mask = np.uint64((1 << rbits) - 1)
+    out: Arr = np.stack([(word >> np.uint64(rbits * k)) & mask for k in range(8)], axis=1).reshape(-1)[:n]
+    if (rbits * n) % 8 and buf[-1] >> ((rbits * n) % 8):
         raise PlanesError("raw part has bits set past its last value")
     return out
 
@@ -128,7 +134,7 @@ def encode(bits: Arr, kind: str, level: int = 19) -> bytes:
     if len(z) < len(raw_bytes):
         flags, raw_bytes = 1, z
     present = np.packbits(freq > 0, bitorder="little")
-    return b"".join([_HEAD.pack(flags, 0, 0, words.size, len(raw_bytes)), present.tobytes(),
+    return b"".join([_HEAD.pack(flags, 0, states.size, words.size, len(raw_bytes)), present.tobytes(),
                      freq[freq > 0].astype("<u2").tobytes(), states.astype("<u4").tobytes(),
                      words.astype("<u2").tobytes(), raw_bytes])
 
@@ -157,13 +163,13 @@ def decode(body: bytes, kind: str, n: int) -> Arr:
         raise PlanesError("an empty chunk")
     if len(body) < _HEAD.size:
         raise PlanesError("fplanes chunk shorter than its head")
-    flags, res1, res2, nwords, raw_len = _HEAD.unpack_from(body)
+    flags, reserved, lanes, nwords, raw_len = _HEAD.unpack_from(body)
     freq, off = _table(body, 1 << (16 - rbits))
-    fixed = off + 4 * rans.LANES + 2 * nwords
-    if flags & ~1 or res1 or res2 or fixed + raw_len != len(body):
+    fixed = off + 4 * lanes + 2 * nwords
+    if flags & ~1 or reserved or not 1 <= lanes <= rans.MAX_LANES or fixed + raw_len != len(body):
         raise PlanesError("bad fplanes head")
-    states = np.frombuffer(body, dtype="<u4", count=rans.LANES, offset=off)
-    words = np.frombuffer(body, dtype="<u2", count=nwords, offset=off + 4 * rans.LANES)
+    states = np.frombuffer(body, dtype="<u4", count=lanes, offset=off)
+    words = np.frombuffer(body, dtype="<u2", count=nwords, offset=off + 4 * lanes)
     try:
         sym = rans.decode(states, words, freq, n)
     except rans.RansError as e:

@@ -10,13 +10,16 @@ implementations (numpy, vectorised across lanes; numba, scalar, when installed) 
 
 The coder (ryg's rans_word, interleaved): PROB_BITS = 15 (frequencies sum to 2^15, every coded symbol at
 least 1), state x in [2^16, 2^32), 16-bit renormalisation words. Element i of the chunk belongs to lane
-i % LANES; the lanes share one word stream. Decoding element i:
+i % lanes (1 <= lanes <= MAX_LANES, the number of states stored); the lanes share one word stream.
+Decoding element i:
 
     s = the symbol whose slot range [cum[s], cum[s] + freq[s]) holds x & (2^15 - 1)
     x = freq[s] * (x >> 15) + (x & (2^15 - 1)) - cum[s]
     if x < 2^16: x = (x << 16) | next word of the stream
 
-elements in order 0, 1, 2, ... (so within a step of LANES elements, lanes in order). The encoder runs the
+elements in order 0, 1, 2, ... (so within a step of `lanes` elements, lanes in order). The encoder picks
+lanes = n // 4096 (1 to 256): each lane's state costs 4 bytes, and the numpy decoder's speed grows with
+the lanes it runs side by side. The encoder runs the
 inverse from the last element to the first (x >= freq << 17: emit x & 0xFFFF, x >>= 16; then
 x = ((x // freq) << 15) + x % freq + cum), starting every lane at 2^16, and stores each lane's final
 state (the decoder's initial one) and the emitted words in reverse order.
@@ -32,8 +35,13 @@ import numpy as np
 Arr = np.ndarray
 PROB_BITS = 15
 PROB_SCALE = 1 << PROB_BITS
-LANES = 256
+MAX_LANES = 256
 RANS_L = 1 << 16
+
+
+def lanes_for(n: int) -> int:
+    """The encoder's lane count for n symbols: one per 4096, 1 to MAX_LANES."""
+    return max(1, min(MAX_LANES, n // 4096))
 
 
 class RansError(ValueError):
@@ -71,7 +79,7 @@ def _numba_ready() -> bool:
 
 
 def encode(symbols: Arr, freq: Arr) -> tuple[Arr, Arr]:
-    """(lane states uint32 (LANES,), words uint16) coding `symbols` (each with freq > 0)."""
+    """(lane states uint32 (lanes_for(n),), words uint16) coding `symbols` (each with freq > 0)."""
     sym = np.ascontiguousarray(symbols, dtype=np.int64)
     cum = check_table(freq)
     f = np.asarray(freq, dtype=np.int64)
@@ -79,9 +87,9 @@ def encode(symbols: Arr, freq: Arr) -> tuple[Arr, Arr]:
         raise RansError("a symbol outside the frequency table")
     if _numba_ready():
         from . import rans_numba
-        states, words = rans_numba.encode(sym, f, cum.astype(np.int64), LANES)
+        states, words = rans_numba.encode(sym, f, cum.astype(np.int64), lanes_for(sym.size))
         return states, words
-    return _encode_numpy(sym, f, cum.astype(np.int64))
+    return _encode_numpy(sym, f, cum.astype(np.int64), lanes_for(sym.size))
 
 
 def decode(states: Arr, words: Arr, freq: Arr, n: int) -> Arr:
@@ -89,13 +97,13 @@ def decode(states: Arr, words: Arr, freq: Arr, n: int) -> Arr:
     cum = check_table(freq)
     slot2sym = np.repeat(np.arange(len(freq), dtype=np.uint16), np.asarray(freq, dtype=np.int64))
     st = np.asarray(states, dtype=np.uint32)
-    if st.shape != (LANES,) or (st < RANS_L).any():
+    if st.ndim != 1 or not 1 <= st.size <= MAX_LANES or (st < RANS_L).any():
         raise RansError("bad lane states")
     w = np.ascontiguousarray(words, dtype=np.uint16)
     if _numba_ready():
         from . import rans_numba
         out, used = rans_numba.decode(st.astype(np.int64), w, np.asarray(freq, dtype=np.int64),
-                                      cum.astype(np.int64), slot2sym, n, LANES)
+                                      cum.astype(np.int64), slot2sym, n, st.size)
     else:
         out, used = _decode_numpy(st.astype(np.int64), w, np.asarray(freq, dtype=np.int64), cum.astype(np.int64),
                                   slot2sym, n)
@@ -105,14 +113,14 @@ def decode(states: Arr, words: Arr, freq: Arr, n: int) -> Arr:
     return result
 
 
-def _encode_numpy(sym: Arr, f: Arr, cum: Arr) -> tuple[Arr, Arr]:
+def _encode_numpy(sym: Arr, f: Arr, cum: Arr, lanes: int) -> tuple[Arr, Arr]:
     n = sym.size
-    x = np.full(LANES, RANS_L, dtype=np.int64)
+    x = np.full(lanes, RANS_L, dtype=np.int64)
     out: list[Arr] = []
-    steps = (n + LANES - 1) // LANES
+    steps = (n + lanes - 1) // lanes
     for k in range(steps - 1, -1, -1):
-        lo = k * LANES
-        m = min(LANES, n - lo)
+        lo = k * lanes
+        m = min(lanes, n - lo)
         s = sym[lo:lo + m]
         fs = f[s]
         xs = x[:m]
@@ -131,8 +139,9 @@ def _decode_numpy(x: Arr, words: Arr, f: Arr, cum: Arr, slot2sym: Arr, n: int) -
     pos = 0
     mask = PROB_SCALE - 1
     w = words.astype(np.int64)
-    for lo in range(0, n, LANES):
-        m = min(LANES, n - lo)
+    lanes = x.size
+    for lo in range(0, n, lanes):
+        m = min(lanes, n - lo)
         xs = x[:m]
         s = slot2sym[xs & mask]
         out[lo:lo + m] = s
