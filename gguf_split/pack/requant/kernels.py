@@ -38,8 +38,9 @@ Why the bytes are the same on every machine (the contract of the pack's "requant
 - in the lanes, a branch of the C code becomes a select; a candidate C skips is computed and discarded
   (division by zero in a discarded lane makes an infinity, never a trap); where C copies a candidate's
   codes on acceptance, a lane records the candidate's inverse scale (and min) and the codes are
-  recomputed from them at the end (the same operations on the same inputs); refinement passes run until
-  a pass changes no lane (a pass that changes nothing leaves the state as it was: C's early break).
+  recomputed from them at the end (the same operations on the same inputs); make_qp_quants' refinement
+  passes run until a pass changes no lane (a pass that changes nothing leaves the state as it was: C's
+  early break), make_q3_quants' runs lane by lane as C does (most blocks settle in a pass or two).
 Inputs must be finite (the pack writer checks): NaN payloads differ between CPUs.
 
 Kernels (`KERNELS`) take float32 rows `x` (n_rows, n_per_row), the importance vector `qw` (n_per_row
@@ -542,11 +543,10 @@ def _qp_mse(x: Any, qw: Any, isc: Any, nmax: Any, first: bool, err: Any) -> None
 
 
 @jit(**_JIT)
-def _refine_pass(x: Any, w: Any, L: Any, sumlx: Any, suml2: Any, lo: Any, hi: Any, wrap: bool) -> bool:
-    """One pass of the refinement of make_q3_quants (wrap False: L int8 in [lo, hi], w = x*x) or of
-    make_qp_quants (wrap True: L uint8, new codes MIN(hi, .) and stored & 0xFF), per lane, i in order.
-    True when some lane changed (a pass without change leaves every lane as it was, so the next would
-    change nothing either: C's `if (!n_changed) break`)."""
+def _qp_refine_pass(x: Any, w: Any, L: Any, sumlx: Any, suml2: Any, hi: Any) -> bool:
+    """One pass of make_qp_quants' refinement (L uint8 values, new codes MIN(nmax, .), stored & 0xFF),
+    per lane, i in order. True when some lane changed (a pass without change leaves every lane as it
+    was, so the next would change nothing either: C's `if (!n_changed) break`)."""
     n, T = x.shape
     changed = I32(0)
     for i in range(n):
@@ -558,15 +558,14 @@ def _refine_pass(x: Any, w: Any, L: Any, sumlx: Any, suml2: Any, lo: Any, hi: An
             wx = wi[t] * xi[t]
             slx = sumlx[t] - wx * fli
             sl2 = suml2[t] - (wi[t] * fli) * fli
-            c = slx > F(0.0) and (sl2 > F(0.0) if wrap else True)
-            q = near((xi[t] * sl2) / (slx if c else F(1.0)))
-            new_l = min(hi, q) if wrap else clamp(q, lo, hi)
+            c = slx > F(0.0) and sl2 > F(0.0)
+            new_l = min(hi, near((xi[t] * sl2) / (slx if c else F(1.0))))
             c = c and new_l != Li[t]
             fnl = F(new_l)
             slx = slx + wx * fnl
             sl2 = sl2 + (wi[t] * fnl) * fnl
-            c = c and (True if wrap else sl2 > F(0.0)) and (slx * slx) * suml2[t] > (sumlx[t] * sumlx[t]) * sl2
-            Li[t] = ((new_l & I32(0xFF)) if wrap else new_l) if c else Li[t]
+            c = c and (slx * slx) * suml2[t] > (sumlx[t] * sumlx[t]) * sl2
+            Li[t] = (new_l & I32(0xFF)) if c else Li[t]
             sumlx[t] = slx if c else sumlx[t]
             suml2[t] = sl2 if c else suml2[t]
             changed |= I32(c)
@@ -627,7 +626,7 @@ def qp_lanes(x: Any, qw: Any, nmax: int, L: Any, scale: Any) -> None:
             sumlx[t] += (wi[t] * xi[t]) * fl
             suml2[t] += (wi[t] * fl) * fl
     for _ in range(5):
-        if not _refine_pass(x, qw, L, sumlx, suml2, I32(0), n32, True):
+        if not _qp_refine_pass(x, qw, L, sumlx, suml2, n32):
             break
     for i in range(n):
         Li = L[i]
@@ -635,6 +634,38 @@ def qp_lanes(x: Any, qw: Any, nmax: int, L: Any, scale: Any) -> None:
             Li[t] = I32(0) if zero[t] else Li[t]
     for t in range(T):
         scale[t] = F(0.0) if zero[t] or not suml2[t] > F(0.0) else sumlx[t] / suml2[t]
+
+
+@jit(**_JIT)
+def _q3_refine_lane(x: Any, w: Any, L: Any, sumlx: Any, suml2: Any, lo: Any, hi: Any, t: int) -> None:
+    """make_q3_quants' refinement of one lane, as C runs it (up to 5 passes, leaving after one without
+    change)."""
+    n = x.shape[0]
+    slx_t = sumlx[t]
+    sl2_t = suml2[t]
+    for _ in range(5):
+        changed = False
+        for i in range(n):
+            xi = x[i, t]
+            wi = w[i, t]
+            fli = F(L[i, t])
+            slx = slx_t - (wi * xi) * fli
+            if slx > F(0.0):
+                sl2 = sl2_t - (wi * fli) * fli
+                new_l = clamp(near((xi * sl2) / slx), lo, hi)
+                if new_l != L[i, t]:
+                    fnl = F(new_l)
+                    slx = slx + (wi * xi) * fnl
+                    sl2 = sl2 + (wi * fnl) * fnl
+                    if sl2 > F(0.0) and (slx * slx) * sl2_t > (slx_t * slx_t) * sl2:
+                        L[i, t] = new_l
+                        slx_t = slx
+                        sl2_t = sl2
+                        changed = True
+        if not changed:
+            break
+    sumlx[t] = slx_t
+    suml2[t] = sl2_t
 
 
 @jit(**_JIT)
@@ -661,9 +692,9 @@ def q3_lanes(x: Any, w: Any, nmax: int, L: Any, scale: Any) -> None:
             fl = F(l)
             sumlx[t] += (wi[t] * xi[t]) * fl
             suml2[t] += (wi[t] * fl) * fl
-    for _ in range(5):
-        if not _refine_pass(x, w, L, sumlx, suml2, lo, hi, False):
-            break
+    for t in range(T):  # C's refinement lane by lane: it leaves most blocks after a pass or two
+        if not amax[t] < EPS:
+            _q3_refine_lane(x, w, L, sumlx, suml2, lo, hi, t)
     n32 = I32(nmax)
     for i in range(n):
         Li = L[i]
