@@ -355,7 +355,7 @@ PHASES = (
     ("gguf_split.assemble.outputs", "write_gguf", "write (copy tensors)"),
     ("os", "fsync", "fsync"),
     ("gguf_split.assemble.outputs", "prove_restores", "prove restore (parse outputs)"),
-    ("gguf_split.assemble.outputs", "check_written", "read back + check outputs"),
+    ("gguf_split.assemble.outputs", "read_back_check", "read back + check + digest outputs (beside the copy)"),
 )
 OTHER = "other (lock, rename, close, report)"
 
