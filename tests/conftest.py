@@ -130,3 +130,16 @@ def _write_bare(path: str, tensors: dict[str, tuple[Q, tuple[int, ...], int]],
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_manifest_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The CLI's split, add and survey keep per-file digests in the user's cache directory: tests use their
+    own, never the real ~/.cache/gguf-split."""
+    old = os.environ.get("GGUF_SPLIT_CACHE_DIR")
+    os.environ["GGUF_SPLIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("manifest-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GGUF_SPLIT_CACHE_DIR", None)
+    else:
+        os.environ["GGUF_SPLIT_CACHE_DIR"] = old

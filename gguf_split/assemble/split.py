@@ -46,7 +46,8 @@ from ..format.records import (
     shared_kvs,
 )
 from ..splitdir.restore import Copy, plan_restore
-from .scan import ScannedModel, check_input_path, check_unchanged, hash_models, open_model
+from .scan import ScannedModel, check_input_path, check_unchanged, forget_cached, hash_models, open_model, recheck_cached
+from ..survey.manifest import ManifestSource
 from ..disk.jobs import run_jobs
 from ..disk.sweep import sweep_file
 from ..splitdir.directory import SplitDir, TaskFiles
@@ -172,8 +173,11 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
           force: bool = False, link: bool = False, allow_unrelated: bool = False,
           max_shared_files: int | None = None, file_cost: int = DEFAULT_FILE_COST,
           max_shard_size: int | None = None, threads: int | None = None, dry_run: bool = False,
-          models_dir: str | os.PathLike[str] | None = None, progress: Progress = QUIET) -> SplitReport:
-    """Split `tasks` (name -> GGUF path, or a sharded model's first shard) into `output`."""
+          models_dir: str | os.PathLike[str] | None = None, progress: Progress = QUIET,
+          cache: ManifestSource | None = None) -> SplitReport:
+    """Split `tasks` (name -> GGUF path, or a sharded model's first shard) into `output`. `cache`: where
+    manifests of the inputs may be found and are left (survey.cache.ManifestCache); planning trusts them,
+    writing re-checks every input byte it does not copy (scan.recheck_cached)."""
     check_options(tasks, max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
     if not tasks:
         raise GGUFSplitError(None, "no tasks given")
@@ -190,9 +194,8 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
         models = open_models(tasks, allow_unrelated=allow_unrelated)
         try:
             _check_existing(out, tasks, prefix, force) if os.path.isdir(out) else None
-            hash_models(list(models.values()), progress, threads)
-            layout = _plan(models, options)
-            return _report(out, models, layout, _name_files(models, layout, prefix), {}, dry_run=True, prefix=prefix)
+            hash_models(list(models.values()), progress, threads, cache)
+            return plan_report(out, models, prefix=prefix, **options)
         finally:
             for m in models.values():
                 m.close()
@@ -208,7 +211,7 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
                                 os.path.basename(inp.path) in {adaptor_name(t, prefix) for t in tasks}:
                             raise GGUFSplitError(inp.path, "output would overwrite an input file")
                 old = _check_existing(tx.dir, tasks, prefix, force)
-                hash_models(list(models.values()), progress, threads)
+                hash_models(list(models.values()), progress, threads, cache)
                 layout = _plan(models, options)
                 st = layout.stats
                 if len(models) > 1 and not allow_unrelated and st is not None and st.dedup_optimum >= st.input_bytes:
@@ -247,6 +250,13 @@ def task_paths_after(directory: str, models: Mapping[str, Any], layout: Layout, 
     """Each new task's files in llama.cpp order, as they will be named in `directory`."""
     return {t: [os.path.join(directory, adaptor_name(t, prefix)),
                 *(os.path.join(directory, named[i].name) for i in layout.task_files[t])] for t in models}
+
+
+def plan_report(output: str, models: Mapping[str, ScannedModel], *, prefix: str = "", **options: Any) -> SplitReport:
+    """What a split of hashed `models` into `output` would write, without writing (a dry run, a survey):
+    every file's exact size (adaptors built with placeholder digests of the same length)."""
+    layout = _plan(models, options)
+    return _report(output, models, layout, _name_files(models, layout, prefix), {}, dry_run=True, prefix=prefix)
 
 
 def _plan(models: Mapping[str, ScannedModel], options: dict[str, Any]) -> Layout:
@@ -338,6 +348,7 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     refs: dict[int, FileRef] = {}
     kept: set[int] = set()
     to_write: list[int] = []
+    copied: set[tuple[int, int]] = set()  # input bytes copied into new files, checked there (_check_written)
     records = recorded_refs(old) if old is not None else {}
     for i, nf in enumerate(named):
         existing = tx.path(nf.name)
@@ -365,6 +376,7 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
                 f = tx.new(nf.name)
                 temps[i] = f.path
                 built, tensors = nf.built, nf.tensors
+                copied.update((id(t.src), t.src_offset) for t in tensors)
                 tx.write(f, lambda fd: write_gguf(fd, built, tensors, bar))
             for i in to_write:
                 x, s = futures[i].result()
@@ -372,6 +384,7 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
                 refs[i] = FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size, x, s)
             for task, m in models.items():
                 a_built, a_tensors = _adaptor(m, layout, named, refs, task)
+                copied.update((id(t.src), t.src_offset) for t in a_tensors)
                 adaptors[task] = tx.new(adaptor_name(task, prefix))
                 tx.write(adaptors[task], lambda fd: write_gguf(fd, a_built, a_tensors, bar))
     finally:
@@ -387,6 +400,7 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
                                            "(nothing was written). Please report this.")
     file_paths = {i: temps.get(i, tx.path(named[i].name)) for i in range(len(named))}
     _prove_all(models, layout, named, file_paths, {t: f.path for t, f in adaptors.items()})
+    recheck_cached(list(models.values()), copied, progress)
     check_unchanged(list(models.values()))
     _check_written([(temps[i], [refs[i]]) for i in to_write] + [(f.path, []) for f in adaptors.values()], models)
     if links is not None:
@@ -416,6 +430,7 @@ def _check_written(files: Sequence[tuple[str, list[FileRef]]], models: Mapping[s
         run_jobs(check_file, [(f, refs) for f, refs in opened], None)
     except GGUFSplitError as e:
         check_unchanged(list(models.values()))
+        forget_cached(list(models.values()))  # a cached digest may be what differs: the next run hashes
         changed = _changed_input(models)
         if changed is not None:
             raise GGUFSplitError(changed, "changed while it was being split (its tensor bytes differ from what was "
@@ -547,6 +562,13 @@ def _prove(m: ScannedModel, plans: list[Any]) -> None:
             raise fail("file size")
 
 
+def _placeholder_refs(named: Sequence[NamedFile], refs: Mapping[int, FileRef]) -> dict[int, FileRef]:
+    """Records of files not written yet: every field but the digests (hex of the same length) is known, so
+    an adaptor built over them has its exact size."""
+    return {i: refs[i] if i in refs else FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size, "0" * 32,
+                                                 "0" * 64) for i, nf in enumerate(named)}
+
+
 def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
             refs: Mapping[int, FileRef], *, dry_run: bool = False, kept: set[int] | None = None,
             removed: list[str] | None = None, prefix: str = "") -> SplitReport:
@@ -566,8 +588,8 @@ def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, 
     for task, m in models.items():
         own = layout.adaptor_tensors[task]
         path = os.path.join(directory, adaptor_name(task, prefix))
-        size = os.path.getsize(path) if not dry_run and os.path.exists(path) else \
-            m.header_bytes + sum(x.nbytes for x in own)
+        size = _adaptor(m, layout, named, _placeholder_refs(named, refs), task)[0].file_size if dry_run else \
+            os.path.getsize(path) if os.path.exists(path) else m.header_bytes + sum(x.nbytes for x in own)
         have = {t.name for t, _ in m.tensors}
         tasks.append(TaskReport(task, [inp.path for inp in m.files], m.size, path, size, len(own),
                                 sum(x.nbytes for x in own), len(m.tensors), m.tensor_bytes,

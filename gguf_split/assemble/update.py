@@ -25,6 +25,7 @@ from .plan import DEFAULT_FILE_COST, FixedFile, TensorId, plan_layout
 from ..disk.progress import QUIET, Progress
 from ..format.records import FileRef, SplitFile
 from .scan import hash_models
+from ..survey.manifest import ManifestSource
 from .split import (
     SplitReport,
     _name_files,
@@ -107,8 +108,9 @@ def _existing(sd: SplitDir) -> tuple[dict[str, list[TensorId]], dict[str, FixedF
 def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]], *,
         max_shared_files: int | None = None, file_cost: int = DEFAULT_FILE_COST, max_shard_size: int | None = None,
         allow_unrelated: bool = False, threads: int | None = None, dry_run: bool = False,
-        models_dir: str | os.PathLike[str] | None = None, prefix: str = "", progress: Progress = QUIET) -> AddReport:
-    """Add `tasks` (name -> GGUF path) to the split in `split_dir`."""
+        models_dir: str | os.PathLike[str] | None = None, prefix: str = "", progress: Progress = QUIET,
+        cache: ManifestSource | None = None) -> AddReport:
+    """Add `tasks` (name -> GGUF path) to the split in `split_dir`. `cache`: as for `split`."""
     check_options(tasks, max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
     if not tasks:
         raise GGUFSplitError(None, "no tasks to add")
@@ -121,7 +123,7 @@ def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike
         check_models_dir(models_dir, [*sd0.tasks, *tasks])  # before anything is read or written
     options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
     if dry_run:
-        return _add(d, sd0, tasks, None, options, allow_unrelated, threads, prefix, progress)
+        return _add(d, sd0, tasks, None, options, allow_unrelated, threads, prefix, progress, cache)
     tx = Transaction(d, create=False, on_wait=progress.note, what="the split")
     models_dir_done = models_dir is None
     try:
@@ -129,7 +131,7 @@ def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike
             sd = SplitDir.read_once(d)  # under the lock: the state the add changes
             sd.require_split(" (its last task was removed?): make a new split with `gguf-split split MODEL... "
                              "-o DIR`")
-            report = _add(d, sd, tasks, tx, options, allow_unrelated, threads, prefix, progress)
+            report = _add(d, sd, tasks, tx, options, allow_unrelated, threads, prefix, progress, cache)
         if models_dir is not None:
             write_models_dir(d, models_dir)
             models_dir_done = True
@@ -143,7 +145,7 @@ def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike
 
 def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transaction | None,
          options: dict[str, int | None], allow_unrelated: bool, threads: int | None, prefix: str,
-         progress: Progress) -> AddReport:
+         progress: Progress, cache: ManifestSource | None = None) -> AddReport:
     clash = [t for t in tasks if t in sd.adaptors]
     if clash:
         raise GGUFSplitError(show(sd.adaptors[clash[0]]), f"task {clash[0]!r} is already in the split; remove it "
@@ -156,7 +158,7 @@ def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: 
                 if archs and m.architecture not in archs:
                     raise GGUFSplitError(m.path, f"is a {m.architecture} model, the split holds {', '.join(sorted(archs))} "
                                                  "models (pass --allow-unrelated to add it anyway)")
-        hash_models(list(models.values()), progress, threads)
+        hash_models(list(models.values()), progress, threads, cache)
         new_ids = {t: m.tensor_ids() for t, m in models.items()}
         alignment = max(m.first.header.alignment for m in models.values())
         head = {t: m.header_bytes + 4096 + 200 * len(m.tensors) for t, m in models.items()}
