@@ -239,6 +239,17 @@ _OPT_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or wait
 _OPT_JSON = typer.Option(False, "--json", help="Print the report as JSON.")
 _OPT_SHARED = typer.Option([], "--shared", "-s", help="Where moved shared files are (a file or a directory); repeat.")
 _OPT_FOUNDATION = typer.Option([], "--foundation", "-f", help="Same as --shared (the 0.1 name).", hidden=True)
+_OPT_CACHE_DIR = typer.Option(None, "--cache-dir", help="Where per-file digests are kept (default: the user cache "
+                                                        "directory); inputs are re-checked before anything is committed.")
+_OPT_NO_CACHE = typer.Option(False, "--no-cache", help="Hash every input; read and write no digest cache.")
+
+
+def _cache(cache_dir: Optional[Path], no_cache: bool, progress: Any) -> Any:
+    """The manifest cache (survey.cache), or None; its notices go where progress's do."""
+    from ..survey.cache import open_cache
+
+    cache = open_cache(cache_dir, no_cache=no_cache, note=progress.note)
+    return cache if cache is not None and cache.enabled else None
 
 
 @app.command("split")
@@ -264,6 +275,8 @@ def split_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report; write nothing."),
     quiet: bool = _OPT_QUIET,
     json_out: bool = _OPT_JSON,
+    cache_dir: Optional[Path] = _OPT_CACHE_DIR,
+    no_cache: bool = _OPT_NO_CACHE,
 ) -> None:
     """Split models into a directory: per task adaptor-<task>.gguf plus the shared files it loads."""
 
@@ -294,12 +307,18 @@ def split_cmd(
             raise GGUFSplitError(None, "no tasks: give model files, -t NAME=PATH, or a spec file")
         if opts.output is None:
             raise GGUFSplitError(None, "no output directory: give -o DIR or `output:` in the spec")
-        return split(opts.tasks, opts.output, prefix=opts.prefix, force=opts.force, link=opts.link,
-                     allow_unrelated=opts.allow_unrelated, threads=opts.threads,
-                     max_shared_files=opts.max_shared_files,
-                     file_cost=opts.file_cost if opts.file_cost is not None else DEFAULT_FILE_COST,
-                     max_shard_size=opts.max_shard_size, dry_run=dry_run, models_dir=opts.models_dir,
-                     progress=_progress(opts.quiet))
+        progress = _progress(opts.quiet)
+        cache = _cache(cache_dir, no_cache, progress)
+        try:
+            return split(opts.tasks, opts.output, prefix=opts.prefix, force=opts.force, link=opts.link,
+                         allow_unrelated=opts.allow_unrelated, threads=opts.threads,
+                         max_shared_files=opts.max_shared_files,
+                         file_cost=opts.file_cost if opts.file_cost is not None else DEFAULT_FILE_COST,
+                         max_shard_size=opts.max_shard_size, dry_run=dry_run, models_dir=opts.models_dir,
+                         progress=progress, cache=cache)
+        finally:
+            if cache is not None:
+                cache.close()
 
     report = _run(run)
     if json_out:
@@ -332,6 +351,8 @@ def add_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report; write nothing."),
     quiet: bool = _OPT_QUIET,
     json_out: bool = _OPT_JSON,
+    cache_dir: Optional[Path] = _OPT_CACHE_DIR,
+    no_cache: bool = _OPT_NO_CACHE,
 ) -> None:
     """Add tasks to a shipped split: no existing file changes; existing shared files are reused."""
 
@@ -346,12 +367,18 @@ def add_cmd(
         if not opts.tasks:
             raise GGUFSplitError(None, "no tasks to add: give model files, -t NAME=PATH, or a spec file")
         cost = _size_option("--file-cost", file_cost) if file_cost is not None else opts.file_cost
-        return add(directory, opts.tasks, max_shared_files=max_shared_files or opts.max_shared_files,
-                   file_cost=cost if cost is not None else DEFAULT_FILE_COST,
-                   max_shard_size=_size_option("--max-shard-size", max_shard_size) or opts.max_shard_size,
-                   allow_unrelated=allow_unrelated or opts.allow_unrelated, threads=threads or opts.threads,
-                   dry_run=dry_run, models_dir=os.fspath(models_dir) if models_dir else opts.models_dir,
-                   progress=_progress(quiet or json_out or opts.quiet))
+        progress = _progress(quiet or json_out or opts.quiet)
+        cache = _cache(cache_dir, no_cache, progress)
+        try:
+            return add(directory, opts.tasks, max_shared_files=max_shared_files or opts.max_shared_files,
+                       file_cost=cost if cost is not None else DEFAULT_FILE_COST,
+                       max_shard_size=_size_option("--max-shard-size", max_shard_size) or opts.max_shard_size,
+                       allow_unrelated=allow_unrelated or opts.allow_unrelated, threads=threads or opts.threads,
+                       dry_run=dry_run, models_dir=os.fspath(models_dir) if models_dir else opts.models_dir,
+                       progress=progress, cache=cache)
+        finally:
+            if cache is not None:
+                cache.close()
 
     report = _run(run)
     if json_out:
@@ -761,3 +788,6 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
 def run(argv: list[str]) -> None:
     """Run the command line (exits through SystemExit, as click does)."""
     app(args=argv, prog_name="gguf-split")
+
+
+from . import survey_cmd  # noqa: E402,F401  (registers `survey` on `app`)

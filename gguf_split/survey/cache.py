@@ -80,13 +80,15 @@ def default_cache_dir() -> str:
     return os.path.join(xdg if os.path.isabs(xdg) else os.path.join(home, ".cache"), "gguf-split")
 
 
-def network_filesystem(path: str) -> str | None:
+def network_filesystem(path: str, mountinfo: str | None = None) -> str | None:
     """The type of the network filesystem `path` is on (Linux: /proc/self/mountinfo), else None."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+                mountinfo = fh.read()
+        except OSError:
+            return None
+    lines = mountinfo.splitlines()
     real = os.path.realpath(path)
     best, fstype = "", ""
     for line in lines:

@@ -1,0 +1,104 @@
+"""`gguf-split survey PATH...`: which of these models are one family, and what would a split save?
+
+The library call is gguf_split.survey.run.survey; this module parses the options, opens the manifest cache
+and prints the report (plain lines, or `--json`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from .. import __version__
+from ..format.names import show
+from .app import _print_json, _progress, _run, _size, _size_option, app, out
+
+
+@app.command("survey")
+def survey_cmd(
+    paths: List[Path] = typer.Argument(..., help="Folders (searched recursively for *.gguf) and GGUF files.",
+                                       show_default=False),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+                                             help="Where to keep per-file digests (default: the user cache "
+                                                  "directory, e.g. ~/.cache/gguf-split). Must be a local disk."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Hash every file; read and write no cache."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="Scan on a Dask cluster (tcp://HOST:8786; the distributed extra)."),
+    file_cost: Optional[str] = typer.Option(None, "--file-cost", help="As for split (default 1MiB)."),
+    max_shared_files: Optional[int] = typer.Option(None, "--max-shared-files", min=1, help="As for split."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Hashing threads (default: all cores)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or notices."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Find GGUF models, hash each file once (cached), group them into families that share tensors, and
+    say what a split of each would store and save (with the command to run)."""
+
+    def run() -> Any:
+        from ..assemble.plan import DEFAULT_FILE_COST
+        from ..survey.cache import open_cache
+        from ..survey.run import survey
+
+        progress = _progress(quiet or json_out)
+        if json_out and not quiet:
+            progress.notes = True  # notices go to stderr: the JSON on stdout stays clean
+        cost = _size_option("--file-cost", file_cost)
+        cache = open_cache(cache_dir, no_cache=no_cache, note=progress.note)
+        try:
+            return survey([os.fspath(p) for p in paths], cache=cache if cache is None or cache.enabled else None,
+                          scheduler=scheduler, threads=threads,
+                          file_cost=cost if cost is not None else DEFAULT_FILE_COST,
+                          max_shared_files=max_shared_files, progress=progress)
+        finally:
+            if cache is not None:
+                cache.close()
+
+    report = _run(run)
+    if json_out:
+        _print_json({"version": __version__, **report.to_json()})
+    else:
+        print_survey(report)
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{part / whole:.0%}" if whole else "-"
+
+
+def print_survey(r: Any) -> None:
+    s = r.scan
+    n_models = sum(len(f.members) for f in r.families) + len(r.alone)
+    where = f" on {s.scheduler}" if s.scheduler else ""
+    out.print(f"surveyed {s.files} file(s), {_size(s.bytes)}: {n_models} model(s) in {len(r.families)} "
+              f"famil{'y' if len(r.families) == 1 else 'ies'}, {len(r.alone)} alone; hashed {s.hashed_files} file(s) "
+              f"({_size(s.hashed_bytes)}){where}, {s.cached_files} from the cache; {s.seconds:.1f} s")
+    for k, f in enumerate(r.families, start=1):
+        out.print("")
+        out.print(f"family {k}: {f.label} ({f.architecture}), {len(f.members)} models, {_size(f.input_bytes)}: a split "
+                  f"stores {_size(f.split_bytes)}, saves {_size(f.saved_bytes)} ({_pct(f.saved_bytes, f.input_bytes)}); "
+                  f"every distinct tensor once: {_size(f.dedup_bytes)}")
+        width = max(len(m.task) for m in f.members)
+        for m in f.members:
+            out.print(f"  {m.task.ljust(width)}  {_size(m.bytes):>12}  {m.type:<7} {m.shared:>4.0%} shared  {show(m.path)}")
+        for note in f.notes:
+            out.print(f"  note: {note}")
+        out.print(f"  {f.command}")
+    if r.related:
+        out.print("")
+        out.print("related, but sharing little:")
+        for rel in r.related:
+            out.print(f"  {', '.join(show(p) for p in rel.members)}: {rel.text}")
+    if r.alone:
+        out.print("")
+        out.print(f"alone (no family): {len(r.alone)}")
+        for m in r.alone:
+            out.print(f"  {show(m.path)}  {m.architecture} {m.type} {_size(m.bytes)}")
+    for sp in r.splits:
+        out.print(f"gguf-split split: {show(sp.directory)} (tasks {', '.join(sp.tasks) or '-'}; {len(sp.files)} files, "
+                  f"{_size(sp.bytes)})")
+    for p in r.packs:
+        out.print(f"gguf-split pack: {show(p.path)} ({p.kind}{': ' + ', '.join(p.tasks) if p.tasks else ''}; "
+                  f"{_size(p.bytes)})")
+    for problem in r.skipped:
+        out.print(f"skipped {problem}")
