@@ -185,6 +185,15 @@ def test_a_missing_argument_is_an_error(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "nope: no such file or directory" in result.output
 
 
+def test_scheduler_without_distributed_says_how_to_install_it(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # an import of it fails
+    result = CliRunner().invoke(app, ["survey", str(tmp_path), "--scheduler", "tcp://127.0.0.1:8786"])
+    assert result.exit_code == 2
+    assert result.output == ("gguf-split: error: --scheduler needs Dask distributed, which is not installed: "
+                             "pip install 'gguf-split[distributed]'\n")
+
+
 def test_json(tmp_path: Path) -> None:
     p = folder(tmp_path)
     result = CliRunner().invoke(app, ["survey", str(tmp_path / "models"), "--json", "--file-cost", "0", "--no-cache"])

@@ -160,6 +160,10 @@ def survey(paths: Iterable[str | os.PathLike[str]], *, cache: ManifestSource | N
     """Survey the GGUF files under `paths` (see the module docstring). `cache`: a ManifestCache (or any
     ManifestSource); `scheduler`: a Dask scheduler's address to scan on (the `distributed` extra)."""
     t0 = time.perf_counter()
+    if scheduler is not None:
+        from .cluster import import_distributed
+
+        import_distributed()  # before any work: without the extra, one line saying how to install it
     roots = check_roots(paths)
     found = discover(roots)
     skipped = list(found.problems)
