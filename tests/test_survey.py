@@ -112,6 +112,24 @@ def test_predicted_bytes_equal_the_split_the_suggested_command_makes(tmp_path: P
         assert f.input_bytes == sum(m.bytes for m in f.members)
 
 
+def test_models_no_shared_file_joins_are_separate_families(tmp_path: Path) -> None:
+    """Two pairs of fine-tunes whose bases share one small matrix (not worth a file at this file cost): the
+    candidate holds all four, the plan joins them by no file, so they are two families (two splits store
+    what one would)."""
+    a, b = base_tensors(0), base_tensors(1)
+    b["blk.0.attn_q.weight"] = a["blk.0.attn_q.weight"]
+    paths = {}
+    for name, tensors in (("a1", a), ("b1", b)):
+        paths[name] = write_model(tmp_path / f"{name}.gguf", tensors)
+        changed = dict(tensors)
+        qt, shape, _ = changed["output_norm.weight"]
+        changed["output_norm.weight"] = (qt, shape, 4242 + len(paths))
+        paths[name[0] + "2"] = write_model(tmp_path / f"{name[0]}2.gguf", changed)
+    r = survey([tmp_path], file_cost=8000)
+    assert sorted(sorted(Path(m.path).name for m in f.members) for f in r.families) == \
+        [["a1.gguf", "a2.gguf"], ["b1.gguf", "b2.gguf"]]
+
+
 def test_default_options_are_what_split_would_do(model_factory: Factory, tmp_path: Path) -> None:
     """With split's default file cost (1 MiB), tiny models share nothing: no family; say so."""
     model_factory("base")
@@ -243,7 +261,7 @@ def test_types_differ_between_fine_tunes_of_other_names() -> None:
     a = _model("a", [("t", 1, b"a" * 16)], file_type=15, name="Chat")
     b = _model("b", [("t", 1, b"b" * 16)], file_type=7, name="Code")
     found = diagnose([a, b])
-    assert found is not None and found[0] == TYPES and "Q4_K_M: a" in found[1] and "Q8_0: b" in found[1]
+    assert found is not None and found[0] == TYPES and "(Q4_K_M, Q8_0)" in found[1]
     assert diagnose([a, _model("c", [("t", 1, b"c" * 16)], file_type=15, name="X")]) is None
 
 

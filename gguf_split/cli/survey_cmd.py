@@ -86,9 +86,11 @@ def print_survey(r: Any) -> None:
         out.print(f"  {f.command}")
     if r.related:
         out.print("")
-        out.print("related, but sharing little:")
+        out.print("related, but sharing little (one configuration: the same tensor names and shapes):")
+        family_of = {m.path: k for k, f in enumerate(r.families, start=1) for m in f.members}
         for rel in r.related:
-            out.print(f"  {', '.join(show(p) for p in rel.members)}: {rel.text}")
+            names = list(dict.fromkeys(f"family {family_of[p]}" if p in family_of else show(p) for p in rel.members))
+            out.print(f"  {', '.join(names)}: {rel.text}")
     if r.alone:
         out.print("")
         out.print(f"alone (no family): {len(r.alone)}")
@@ -100,5 +102,7 @@ def print_survey(r: Any) -> None:
     for p in r.packs:
         out.print(f"gguf-split pack: {show(p.path)} ({p.kind}{': ' + ', '.join(p.tasks) if p.tasks else ''}; "
                   f"{_size(p.bytes)})")
+    for o in r.others:
+        out.print(f"not a model ({o.type}): {show(o.path)}")
     for problem in r.skipped:
         out.print(f"skipped {problem}")

@@ -124,6 +124,15 @@ class PackFound:
 
 
 @dataclass
+class OtherFile:
+    """A GGUF file that is no model (general.type says so: a LoRA adapter, an importance matrix, ...)."""
+
+    path: str
+    type: str
+    bytes: int
+
+
+@dataclass
 class Related:
     """Models of one configuration that are not one family, and what their headers say about why."""
 
@@ -143,10 +152,22 @@ def file_stem(path: str) -> str:
     return name[:-5] if name.lower().endswith(".gguf") else os.path.splitext(name)[0]
 
 
-def assemble(manifests: Iterable[FileManifest]) -> tuple[list[Model], list[SplitFound], list[PackFound], list[Problem]]:
-    """Models (single files and complete shard sets), the splits and packs among the files, and the shards
-    that make no complete model."""
+@dataclass
+class Found:
+    """What the scanned files are."""
+
+    models: list[Model] = field(default_factory=list)
+    splits: list[SplitFound] = field(default_factory=list)
+    packs: list[PackFound] = field(default_factory=list)
+    others: list[OtherFile] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def assemble(manifests: Iterable[FileManifest]) -> Found:
+    """Models (single files and complete shard sets), the splits, packs and other GGUF files (adapters,
+    importance matrices) among the files, and the shards that make no complete model."""
     models: list[Model] = []
+    others: list[OtherFile] = []
     splits: dict[str, SplitFound] = {}
     packs: list[PackFound] = []
     problems: list[Problem] = []
@@ -163,6 +184,8 @@ def assemble(manifests: Iterable[FileManifest]) -> tuple[list[Model], list[Split
             task = m.fact("task")
             if m.fact("role") == "adaptor" and isinstance(task, str):
                 s.tasks.append(task)
+        elif m.fact("general_type") not in (None, "model"):
+            others.append(OtherFile(m.path, str(m.fact("general_type")), m.size))
         else:
             count = m.fact("split_count")
             if isinstance(count, int) and count > 1:
@@ -182,7 +205,7 @@ def assemble(manifests: Iterable[FileManifest]) -> tuple[list[Model], list[Split
             problems.append(problem)
     for s in splits.values():
         s.tasks.sort()
-    return models, sorted(splits.values(), key=lambda s: s.directory), packs, problems
+    return Found(models, sorted(splits.values(), key=lambda s: s.directory), packs, others, problems)
 
 
 def _shard_model(shards: list[FileManifest], count: int) -> tuple[Model | None, Problem | None]:
@@ -294,34 +317,46 @@ def family_label(models: Sequence[Model]) -> str:
     return " ".join(common) if common else labels[0]
 
 
-def diagnose(models: Sequence[Model], recorded_types_only: bool = False) -> tuple[str, str] | None:
+def diagnose(models: Sequence[Model]) -> tuple[str, str] | None:
     """(why, text) when the headers of `models` (one configuration) say why they share little; None when
-    they do not tell. `recorded_types_only`: compare types only as general.file_type records them (in a
-    family, a fine-tune's merged F16 tensors over a quantized base are no different recipe)."""
-    types: dict[str, list[str]] = {}
-    for m in models:
-        t = m.file_type if recorded_types_only else m.type
-        if t is not None:
-            types.setdefault(t, []).append(file_stem(m.path))
+    they do not tell."""
+    types = sorted({m.type for m in models})
     if len(types) > 1:
-        listing = "; ".join(f"{t}: {', '.join(names)}" for t, names in sorted(types.items()))
         origins = {m.label for m in models}
         if len(origins) == 1:
-            return LADDER, (f"one model ({origins.pop()}) quantized to several types ({listing}): a quantization "
-                            "ladder. A tensor's bytes depend on its type, so the rungs share only what they keep in one "
-                            "type (norms, often)")
-        return TYPES, (f"quantized to different types ({listing}): a tensor's bytes depend on its type. Quantize "
-                       "every fine-tune from full precision with one recipe (the same type, the same importance "
-                       "matrix or none) to share what the fine-tunes left unchanged")
-    matrices: dict[str, list[str]] = {}
-    for m in models:
-        matrices.setdefault(_imatrix(m), []).append(file_stem(m.path))
+            return LADDER, (f"one model ({origins.pop()}) quantized to several types ({', '.join(types)}): a "
+                            "quantization ladder. A tensor's bytes depend on its type, so they share only what they "
+                            "keep in one type")
+        return TYPES, (f"quantized to different types ({', '.join(types)}): a tensor's bytes depend on its type. "
+                       "Quantize every fine-tune from full precision with one recipe (the same type, the same "
+                       "importance matrix or none) to share what the fine-tunes left unchanged")
+    matrices = sorted({_imatrix(m) for m in models})
     if len(matrices) > 1:
-        listing = "; ".join(f"{k}: {', '.join(names)}" for k, names in sorted(matrices.items()))
-        return IMATRIX, (f"quantized with different importance matrices ({listing}; from the quantize.imatrix.* keys "
-                         "llama-quantize writes: a hint, not proof). An importance matrix changes the bytes of every "
-                         "tensor it is used for: quantize every fine-tune from full precision with one recipe (the "
-                         "same type and the same importance matrix, or none)")
+        return IMATRIX, (f"quantized with different importance matrices ({'; '.join(matrices)}; from the "
+                         "quantize.imatrix.* keys llama-quantize writes: a hint, not proof). An importance matrix "
+                         "changes the bytes of every tensor it is used for: quantize every fine-tune from full "
+                         "precision with one recipe (the same type and the same importance matrix, or none)")
+    return None
+
+
+def family_note(models: Sequence[Model], shared: Sequence[float]) -> str | None:
+    """Why the members of a family that share least (under half their tensor bytes) do, where headers
+    tell: another type, or another importance matrix, than most of the family."""
+    low = [m for m, s in zip(models, shared) if s < 0.5]
+    if not low:
+        return None
+    common_type = max({m.type for m in models}, key=lambda t: sum(1 for m in models if m.type == t))
+    names = ", ".join(file_stem(m.path) for m in low)
+    other_type = [m for m in low if m.type != common_type]
+    if other_type:
+        return (f"{names} share{'s' if len(low) == 1 else ''} under half of their tensors: quantized to "
+                f"{', '.join(sorted({m.type for m in other_type}))}, most of the family to {common_type}; a tensor's "
+                "bytes depend on its type")
+    common_matrix = max({_imatrix(m) for m in models}, key=lambda k: sum(1 for m in models if _imatrix(m) == k))
+    if any(_imatrix(m) != common_matrix for m in low):
+        return (f"{names} share{'s' if len(low) == 1 else ''} under half of their tensors: quantized with another "
+                f"importance matrix than most of the family ({common_matrix}; quantize.imatrix.* keys: a hint, not "
+                "proof); quantize every fine-tune from full precision with one recipe")
     return None
 
 

@@ -45,7 +45,7 @@ IMATRIX_DATASET = "quantize.imatrix.dataset"
 IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
 IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
 
-_STRING_FACTS = {"architecture": Keys.General.ARCHITECTURE, "name": Keys.General.NAME,
+_STRING_FACTS = {"architecture": Keys.General.ARCHITECTURE, "general_type": Keys.General.TYPE, "name": Keys.General.NAME,
                  "basename": Keys.General.BASENAME, "finetune": Keys.General.FINETUNE,
                  "size_label": Keys.General.SIZE_LABEL, "imatrix_file": IMATRIX_FILE,
                  "imatrix_dataset": IMATRIX_DATASET, "role": "gguf_split.role", "task": "gguf_split.task",

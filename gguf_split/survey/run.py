@@ -31,13 +31,14 @@ from ..disk.progress import QUIET, Progress, Reporter
 from .discover import Problem, check_roots, discover
 from .families import (
     Model,
+    OtherFile,
     PackFound,
     Related,
     SplitFound,
     assemble,
     candidate_families,
-    diagnose,
     family_label,
+    family_note,
     related,
     task_names,
 )
@@ -102,6 +103,7 @@ class SurveyReport:
     related: list[Related]
     splits: list[SplitFound]
     packs: list[PackFound]
+    others: list[OtherFile]  # GGUF files that are no models (LoRA adapters, importance matrices, ...)
     skipped: list[Problem]
     scan: ScanStats
 
@@ -117,6 +119,7 @@ class SurveyReport:
             "related": [asdict(r) for r in self.related],
             "splits": [asdict(s) for s in self.splits],
             "packs": [asdict(p) for p in self.packs],
+            "others": [asdict(o) for o in self.others],
             "skipped": [{"path": p.path, "problem": p.problem} for p in self.skipped],
             "scan": asdict(self.scan),
         }
@@ -170,15 +173,17 @@ def survey(paths: Iterable[str | os.PathLike[str]], *, cache: ManifestSource | N
     known = KnownManifests(cache)
     stats = ScanStats(cache=getattr(cache, "path", None), scheduler=scheduler)
     manifests = scan_files(found.files, known, stats, skipped, scheduler=scheduler, threads=threads, progress=progress)
-    models, splits, packs, problems = assemble(manifests)
-    skipped += problems
+    found_kinds = assemble(manifests)
+    models = found_kinds.models
+    skipped += found_kinds.problems
     options: dict[str, Any] = {"file_cost": file_cost, "max_shared_files": max_shared_files}
     families, unit_of = plan_families(models, known, options, skipped, threads)
     alone = [ModelInfo(m.path, m.architecture, m.size, m.type, m.label)
              for i, m in enumerate(models) if unit_of[i] < 0]
     units = [u if u >= 0 else -1 - i for i, u in enumerate(unit_of)]  # a model alone is a unit of its own
     stats.seconds = time.perf_counter() - t0
-    return SurveyReport(families, alone, related(models, units), splits, packs, skipped, stats)
+    return SurveyReport(families, alone, related(models, units), found_kinds.splits, found_kinds.packs,
+                        found_kinds.others, skipped, stats)
 
 
 # --- scanning -------------------------------------------------------------------------------------------
@@ -242,26 +247,22 @@ def plan_families(models: Sequence[Model], known: KnownManifests, options: Mappi
     unit_of = [-1] * len(models)
     families: list[FamilyReport] = []
     outputs: set[str] = set()
+    index = {m.path: i for i, m in enumerate(models)}
     for group in candidate_families(models):
-        members = [models[i] for i in group]
-        report = plan_family(members, known, options, skipped, threads, outputs)
-        if report is None:
-            continue
-        kept = {m.path for m in report.members}
-        for i in group:
-            if models[i].path in kept:
-                unit_of[i] = len(families)
-        families.append(report)
+        for report in plan_family([models[i] for i in group], known, options, skipped, threads, outputs):
+            for m in report.members:
+                unit_of[index[m.path]] = len(families)
+            families.append(report)
     order = sorted(range(len(families)), key=lambda k: -families[k].saved_bytes)  # the largest saving first
     new_index = {old: new for new, old in enumerate(order)}
     return [families[k] for k in order], [new_index[u] if u >= 0 else -1 for u in unit_of]
 
 
 def plan_family(members: Sequence[Model], known: KnownManifests, options: Mapping[str, Any], skipped: list[Problem],
-                threads: int | None, outputs: set[str]) -> FamilyReport | None:
-    """Plan a candidate as `split` would; None when the split shares nothing."""
+                threads: int | None, outputs: set[str]) -> list[FamilyReport]:
+    """Plan a candidate as `split` would: no family when the split shares nothing, several when its shared
+    files fall into groups of tasks no file joins (separate splits would store them as well)."""
     from ..assemble.scan import ScannedModel, hash_models, open_model
-    from ..assemble.split import plan_report
 
     names = task_names([m.path for m in members])
     by_task = dict(zip(names, members))
@@ -273,31 +274,59 @@ def plan_family(members: Sequence[Model], known: KnownManifests, options: Mappin
             except GGUFSplitError as e:
                 skipped.append(Problem(m.path, e.problem))
         hash_models(list(opened.values()), QUIET, threads, known)
-        tasks = list(opened)
-        if len(tasks) < 2:
-            return None
-        for attempt in range(MAX_REPLANS):
-            output = _output_name([by_task[t] for t in tasks], outputs)
-            report = plan_report(output, {t: opened[t] for t in tasks}, **options)
-            if not report.shares_anything:
-                return None
-            nothing = {t.task for t in report.tasks if t.shared_share <= 0}
-            if not nothing or attempt == MAX_REPLANS - 1:
-                break
-            tasks = [t for t in tasks if t not in nothing]  # a shared file serves >= 2 tasks: 2 remain
+        return _plan_tasks(list(opened), opened, by_task, options, outputs)
     finally:
         for sm in opened.values():
             sm.close()
+
+
+def _plan_tasks(tasks: list[str], opened: Mapping[str, Any], by_task: Mapping[str, Model], options: Mapping[str, Any],
+                outputs: set[str]) -> list[FamilyReport]:
+    from ..assemble.split import plan_report
+
+    for attempt in range(MAX_REPLANS):
+        if len(tasks) < 2:
+            return []
+        output = _output_name([by_task[t] for t in tasks], outputs)
+        report = plan_report(output, {t: opened[t] for t in tasks}, **options)
+        if not report.shares_anything:
+            return []
+        parts = _joined(tasks, report)
+        if len(parts) > 1:
+            return [f for part in parts for f in _plan_tasks(part, opened, by_task, options, outputs)]
+        nothing = {t.task for t in report.tasks if t.shared_share <= 0}
+        if not nothing or attempt == MAX_REPLANS - 1:
+            break
+        tasks = [t for t in tasks if t not in nothing]
     outputs.add(output)
     chosen = [by_task[t] for t in tasks]
     share = {t.task: t.shared_share for t in report.tasks}
-    notes = [d[1] for d in [diagnose(chosen, recorded_types_only=True)] if d is not None]
-    return FamilyReport(chosen[0].architecture, family_label(chosen),
-                        [MemberReport(t, m.path, [f.path for f in m.files], m.size, m.type, share[t])
-                         for t, m in zip(tasks, chosen)],
-                        report.input_bytes, report.output_bytes, report.dedup_optimum,
-                        sum(1 for f in report.files if f.kind in ("foundation", "shared")), output,
-                        split_command(dict(zip(tasks, chosen)), output, options), notes)
+    notes = [n for n in [family_note(chosen, [share[t] for t in tasks])] if n is not None]
+    return [FamilyReport(chosen[0].architecture, family_label(chosen),
+                         [MemberReport(t, m.path, [f.path for f in m.files], m.size, m.type, share[t])
+                          for t, m in zip(tasks, chosen)],
+                         report.input_bytes, report.output_bytes, report.dedup_optimum,
+                         sum(1 for f in report.files if f.kind in ("foundation", "shared")), output,
+                         split_command(dict(zip(tasks, chosen)), output, options), notes)]
+
+
+def _joined(tasks: Sequence[str], report: Any) -> list[list[str]]:
+    """The groups of tasks (2 or more) that the plan's shared files join."""
+    parent = {t: t for t in tasks}
+
+    def root(t: str) -> str:
+        while parent[t] != t:
+            t = parent[t]
+        return t
+
+    for f in report.files:
+        if f.kind in ("foundation", "shared"):
+            for t in f.tasks[1:]:
+                parent[root(t)] = root(f.tasks[0])
+    groups: dict[str, list[str]] = {}
+    for t in tasks:
+        groups.setdefault(root(t), []).append(t)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _slug(text: str) -> str:
