@@ -348,7 +348,6 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     refs: dict[int, FileRef] = {}
     kept: set[int] = set()
     to_write: list[int] = []
-    copied: set[tuple[int, int]] = set()  # input bytes copied into new files, checked there (_check_written)
     records = recorded_refs(old) if old is not None else {}
     for i, nf in enumerate(named):
         existing = tx.path(nf.name)
@@ -364,6 +363,12 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     need = sum(named[i].built.file_size for i in to_write)
     need += sum(m.header_bytes + sum(x.nbytes for x in layout.adaptor_tensors[t]) for t, m in models.items())
     check_space(tx.dir, need)
+    # digests from the manifest cache: every input byte not copied below is hashed again now (copied bytes are
+    # checked in the files written, _check_written)
+    copied = {(id(t.src), t.src_offset) for i in to_write for t in named[i].tensors}
+    copied |= {(id(f), offset) for t, m in models.items() for x in layout.adaptor_tensors[t] for f, offset in
+               [m.source_of(x.name)]}
+    recheck_cached(list(models.values()), copied, progress)
     hashers = ThreadPoolExecutor(2, thread_name_prefix="gguf-split-digest")
     temps: dict[int, str] = {}
     try:
@@ -376,7 +381,6 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
                 f = tx.new(nf.name)
                 temps[i] = f.path
                 built, tensors = nf.built, nf.tensors
-                copied.update((id(t.src), t.src_offset) for t in tensors)
                 tx.write(f, lambda fd: write_gguf(fd, built, tensors, bar))
             for i in to_write:
                 x, s = futures[i].result()
@@ -384,7 +388,6 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
                 refs[i] = FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size, x, s)
             for task, m in models.items():
                 a_built, a_tensors = _adaptor(m, layout, named, refs, task)
-                copied.update((id(t.src), t.src_offset) for t in a_tensors)
                 adaptors[task] = tx.new(adaptor_name(task, prefix))
                 tx.write(adaptors[task], lambda fd: write_gguf(fd, a_built, a_tensors, bar))
     finally:
@@ -400,7 +403,6 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
                                            "(nothing was written). Please report this.")
     file_paths = {i: temps.get(i, tx.path(named[i].name)) for i in range(len(named))}
     _prove_all(models, layout, named, file_paths, {t: f.path for t, f in adaptors.items()})
-    recheck_cached(list(models.values()), copied, progress)
     check_unchanged(list(models.values()))
     _check_written([(temps[i], [refs[i]]) for i in to_write] + [(f.path, []) for f in adaptors.values()], models)
     if links is not None:
