@@ -151,6 +151,12 @@ def test_own_splits_and_packs_are_listed_as_such(model_factory: Factory, tmp_pat
     assert [(s.tasks, len(s.files)) for s in r.splits] == [(["base", "chat"], len(os.listdir(tmp_path / "shipped")))]
     assert [(pk.kind, pk.tasks) for pk in r.packs] == [("split", ["base", "chat"])]
     assert [sorted(m.path for m in f.members) for f in r.families] == [sorted([base, chat])]
+    result = CliRunner().invoke(app, ["survey", str(tmp_path), "--file-cost", "0", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("gguf-split split: ") and "(tasks base, chat;" in line for line in lines)
+    assert any(line.startswith("gguf-split pack: ") and "family.ggufpack (split: base, chat;" in line for line in lines)
+    assert lines[0].startswith("surveyed ") and "2 model(s) in 1 family, 0 alone" in lines[0]
 
 
 def test_bad_inputs_are_skipped_one_line_each(model_factory: Factory, tmp_path: Path,
@@ -310,15 +316,17 @@ def make_many(directory: Path, families: int, per_family: int, alone: int) -> No
 
 
 _SCALE = r"""
-import json, resource, sys, time
+import json, sys, time
 from gguf_split.survey.run import survey
 small = survey([sys.argv[1]], file_cost=0)
-rss_small = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kib():  # this process's own peak RSS (ru_maxrss would include the parent's, from before the exec)
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+rss_small = peak_kib()
 t0 = time.perf_counter()
 r = survey([sys.argv[2]], file_cost=0)
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "rss_small_kib": rss_small,
-                  "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "rss_kib": peak_kib(),
                   "families": sorted(len(f.members) for f in r.families), "alone": len(r.alone),
                   "skipped": len(r.skipped), "files": r.scan.files}))
 """

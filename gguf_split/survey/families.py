@@ -349,9 +349,10 @@ def family_note(models: Sequence[Model], shared: Sequence[float]) -> str | None:
     names = ", ".join(file_stem(m.path) for m in low)
     other_type = [m for m in low if m.type != common_type]
     if other_type:
+        rest = sorted({m.type for m in models if m not in low})
         return (f"{names} share{'s' if len(low) == 1 else ''} under half of their tensors: quantized to "
-                f"{', '.join(sorted({m.type for m in other_type}))}, most of the family to {common_type}; a tensor's "
-                "bytes depend on its type")
+                f"{', '.join(sorted({m.type for m in low}))}, the rest of the family to {', '.join(rest)}; a "
+                "tensor's bytes depend on its type")
     common_matrix = max({_imatrix(m) for m in models}, key=lambda k: sum(1 for m in models if _imatrix(m) == k))
     if any(_imatrix(m) != common_matrix for m in low):
         return (f"{names} share{'s' if len(low) == 1 else ''} under half of their tensors: quantized with another "
