@@ -336,7 +336,7 @@ def part_scale() -> dict[str, Any]:
     import subprocess
 
     from gguf_split.survey.families import Model, candidate_families
-    from gguf_split.survey.manifest import FileKey, FileManifest, TensorEntry
+    from gguf_split.disk.manifest import FileKey, FileManifest, TensorEntry
 
     with tempfile.TemporaryDirectory(dir=SURVEY) as tmp:
         run = subprocess.run([sys.executable, "-c", _SCALE, tmp, str(Path(__file__).resolve().parents[1] / "tests")],

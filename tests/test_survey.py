@@ -25,7 +25,7 @@ from gguf_split.errors import GGUFSplitError
 from gguf_split.format.gguf import GGUFFile
 from gguf_split.survey.cache import ManifestCache
 from gguf_split.survey.families import IMATRIX, LADDER, TYPES, Model, candidate_families, diagnose, task_names
-from gguf_split.survey.manifest import FileKey, FileManifest, TensorEntry
+from gguf_split.disk.manifest import FileKey, FileManifest, TensorEntry
 from gguf_split.survey.run import survey
 
 Factory = Callable[..., str]

@@ -17,7 +17,8 @@ import gguf_split.survey.cache as cache_mod
 from gguf_split import restore, split, verify
 from gguf_split.errors import GGUFSplitError
 from gguf_split.survey.cache import FILE_NAME, ManifestCache, network_filesystem
-from gguf_split.survey.manifest import FileKey, FileManifest, TensorEntry, scan_file
+from gguf_split.disk.manifest import FileKey, FileManifest, TensorEntry
+from gguf_split.survey.manifest import scan_file
 
 Factory = Callable[..., str]
 

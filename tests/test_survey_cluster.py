@@ -27,7 +27,7 @@ import cloudpickle  # noqa: E402 - comes with distributed
 
 from gguf_split.disk.progress import NO_BAR  # noqa: E402
 from gguf_split.survey.cluster import remote_scan, scan_on_cluster  # noqa: E402
-from gguf_split.survey.manifest import FileManifest  # noqa: E402
+from gguf_split.disk.manifest import FileManifest  # noqa: E402
 from gguf_split.survey.run import KnownManifests, survey  # noqa: E402
 from test_survey import folder  # noqa: E402
 

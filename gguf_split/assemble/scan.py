@@ -15,7 +15,7 @@ Ctrl-C is acted on within a fraction of a second whatever the input size: worker
 An input rewritten in place while it is split would make the split's records lie: `check_unchanged`
 compares each input's size, mtime and inode after the outputs are written with what they were at open.
 
-Manifests (survey.manifest): given a `ManifestSource` (the manifest cache), `hash_models` takes a file's
+Manifests (disk.manifest): given a `ManifestSource` (the manifest cache), `hash_models` takes a file's
 digests from a manifest of that very file (same device, inode, size, mtime and ctime; same tensor
 records; same frame, i.e. header and padding, re-hashed now: cheap) instead of reading its tensors, and
 leaves a manifest of every file it hashes. Planning may trust that; writing may not: a tensor `split`
@@ -42,7 +42,7 @@ from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, TensorInfo, iter_gaps
 from ..format.names import show
 from ..disk.jobs import run_jobs
 from ..disk.sweep import PIECE, TENSOR, Span, sweep, sweep_file
-from ..survey.manifest import FileKey, ManifestSource, frame_digest, manifest_of, matches_header
+from ..disk.manifest import FileKey, ManifestSource, frame_digest, manifest_of, matches_header
 from .plan import TensorId
 from ..disk.progress import QUIET, Progress, Reporter
 from ..format.records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, SourceFile, SourceRecords

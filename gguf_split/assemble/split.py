@@ -47,7 +47,7 @@ from ..format.records import (
 )
 from ..splitdir.restore import Copy, plan_restore
 from .scan import ScannedModel, check_input_path, check_unchanged, forget_cached, hash_models, open_model, recheck_cached
-from ..survey.manifest import ManifestSource
+from ..disk.manifest import ManifestSource
 from ..disk.jobs import run_jobs
 from ..disk.sweep import sweep_file
 from ..splitdir.directory import SplitDir, TaskFiles
@@ -363,12 +363,7 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     need = sum(named[i].built.file_size for i in to_write)
     need += sum(m.header_bytes + sum(x.nbytes for x in layout.adaptor_tensors[t]) for t, m in models.items())
     check_space(tx.dir, need)
-    # digests from the manifest cache: every input byte not copied below is hashed again now (copied bytes are
-    # checked in the files written, _check_written)
-    copied = {(id(t.src), t.src_offset) for i in to_write for t in named[i].tensors}
-    copied |= {(id(f), offset) for t, m in models.items() for x in layout.adaptor_tensors[t] for f, offset in
-               [m.source_of(x.name)]}
-    recheck_cached(list(models.values()), copied, progress)
+    _recheck_cached(models, layout, named, to_write, progress)
     hashers = ThreadPoolExecutor(2, thread_name_prefix="gguf-split-digest")
     temps: dict[int, str] = {}
     try:
@@ -420,6 +415,17 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
         for t in report.tasks:
             t.links = links.paths(t.task)
     return report
+
+
+def _recheck_cached(models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile], to_write: list[int],
+                    progress: Progress) -> None:
+    """Digests from the manifest cache are checked before anything is written: every input byte that will
+    not be copied into a new file is hashed again now (copied bytes are checked in the files written,
+    _check_written)."""
+    copied = {(id(t.src), t.src_offset) for i in to_write for t in named[i].tensors}
+    copied |= {(id(f), offset) for t, m in models.items() for x in layout.adaptor_tensors[t] for f, offset in
+               [m.source_of(x.name)]}
+    recheck_cached(list(models.values()), copied, progress)
 
 
 def _check_written(files: Sequence[tuple[str, list[FileRef]]], models: Mapping[str, ScannedModel]) -> None:

@@ -25,7 +25,7 @@ from .plan import DEFAULT_FILE_COST, FixedFile, TensorId, plan_layout
 from ..disk.progress import QUIET, Progress
 from ..format.records import FileRef, SplitFile
 from .scan import hash_models
-from ..survey.manifest import ManifestSource
+from ..disk.manifest import ManifestSource
 from .split import (
     SplitReport,
     _name_files,

@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import xxhash
 
-from .manifest import FileKey, FileManifest, decode, encode
+from ..disk.manifest import FileKey, FileManifest, decode, encode
 
 APPLICATION_ID = 0x67677370  # "ggsp"
 SCHEMA_VERSION = 1

@@ -37,7 +37,8 @@ from typing import Any
 from ..errors import GGUFSplitError
 from ..disk.progress import Reporter
 from .discover import Problem
-from .manifest import FileKey, FileManifest, scan_file
+from ..disk.manifest import FileKey, FileManifest
+from .manifest import scan_file
 
 RETRIES = 2
 CONNECT_TIMEOUT_S = 15

@@ -31,7 +31,7 @@ import xxhash
 from gguf.constants import LlamaFileType
 
 from .discover import Problem
-from .manifest import MODEL, OWN_FILE, PACK, FileManifest, TensorEntry, dominant_type
+from ..disk.manifest import MODEL, OWN_FILE, PACK, FileManifest, TensorEntry, dominant_type
 
 LINK_FRACTION = 8
 SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)

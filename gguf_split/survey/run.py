@@ -42,7 +42,8 @@ from .families import (
     related,
     task_names,
 )
-from .manifest import FileKey, FileManifest, ManifestSource, scan_file
+from ..disk.manifest import FileKey, FileManifest, ManifestSource
+from .manifest import scan_file
 
 MAX_REPLANS = 3
 
