@@ -56,6 +56,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            minimum=MIN_SHARD_SIZE),
     Option("threads", "--threads", COUNT, "Hashing threads (default: all cores)."),
     Option("quiet", "--quiet", BOOL, "No progress bars or waiting messages."),
+    Option("cache_dir", "--cache-dir", PATH, "Where per-file digests are kept (default: the user cache directory, "
+                                             "e.g. ~/.cache/gguf-split); must be a local disk."),
+    Option("no_cache", "--no-cache", BOOL, "Hash every input; read and write no digest cache."),
 )}
 
 
@@ -127,6 +130,8 @@ class SplitOptions:
     max_shard_size: int | None = None
     threads: int | None = None
     quiet: bool = False
+    cache_dir: str | None = None  # the manifest cache (disk.manifest_cache); None: the user cache directory
+    no_cache: bool = False
 
     def merged(self, values: Mapping[str, Any],
                blame: Callable[[str, str], GGUFSplitError] | None = None) -> "SplitOptions":

@@ -42,7 +42,7 @@ from ..splitdir.links import LinkPlan, stage_links
 from ..splitdir.restore import Copy, RestorePlan, plan_restore
 from ..splitdir.verify import check_file
 from .plan import HOLE, OWN, Layout, PlannedFile, TensorId
-from .scan import ScannedModel, check_unchanged
+from .scan import ScannedModel, check_unchanged, forget_cached, recheck_cached
 
 
 class ContentMismatch(GGUFSplitError):
@@ -140,6 +140,7 @@ def write_outputs(tx: Transaction, models: Mapping[str, ScannedModel], layout: L
     need = sum(named[i].built.file_size for i in to_write)
     need += sum(m.header_bytes + sum(x.nbytes for x in layout.adaptor_tensors[t]) for t, m in models.items())
     check_space(tx.dir, need)
+    _recheck_cached(models, layout, named, to_write, progress)
     temps, adaptors = _write_files(tx, models, layout, named, to_write, done.refs, prefix, progress)
     tx.wait_synced()
     if max_shard_size is not None:
@@ -153,6 +154,17 @@ def write_outputs(tx: Transaction, models: Mapping[str, ScannedModel], layout: L
         done.removed = _stage_deletes(tx, old, named, models, prefix)
     tx.commit()
     return done
+
+
+def _recheck_cached(models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile], to_write: list[int],
+                    progress: Progress) -> None:
+    """Digests from the manifest cache are checked before anything is written: every input byte that will
+    not be copied into a new file is hashed again now (copied bytes are checked in the files written, by
+    read_back_check), so a stale manifest can never produce a wrong split."""
+    copied = {(id(t.src), t.src_offset) for i in to_write for t in named[i].tensors}
+    copied |= {(id(f), offset) for t, m in models.items() for x in layout.adaptor_tensors[t]
+               for f, offset in [m.source_of(x.name)]}
+    recheck_cached(list(models.values()), copied, progress)
 
 
 def _sort_kept(tx: Transaction, named: list[NamedFile], old: SplitDir | None,
@@ -261,6 +273,7 @@ def _checked(fut: "Future[Digests]", models: Mapping[str, ScannedModel]) -> Dige
         return fut.result()
     except GGUFSplitError as e:
         check_unchanged(list(models.values()))
+        forget_cached(list(models.values()))  # a cached digest may be what differs: the next run hashes
         changed = _changed_input(models)
         if changed is not None:
             raise GGUFSplitError(changed, "changed while it was being split (its tensor bytes differ from what was "

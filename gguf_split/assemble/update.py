@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..disk.commit import Transaction
+from ..disk.manifest import ManifestSource
 from ..disk.progress import QUIET, Progress
 from ..errors import GGUFSplitError
 from ..format.names import adaptor_name, show
@@ -29,7 +30,7 @@ from .outputs import keep_file, name_files, recorded_refs, write_outputs
 from .plan import FixedFile, Layout, TensorId, plan_layout
 from .report import AddReport, RemoveReport, SplitReport, split_report
 from .scan import ScannedModel, hash_models, open_models
-from .split import check_tasks, plan, task_paths_after
+from .split import check_tasks, manifest_cache, plan, task_paths_after
 
 NO_SPLIT_HINT = " (its last task was removed?): make a new split with `gguf-split split MODEL... -o DIR`"
 
@@ -77,7 +78,7 @@ def _existing(sd: SplitDir) -> tuple[dict[str, list[TensorId]], dict[str, FixedF
 
 def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]],
         options: SplitOptions | None = None, *, dry_run: bool = False, progress: Progress = QUIET,
-        **option_values: Any) -> AddReport:
+        cache: ManifestSource | None = None, **option_values: Any) -> AddReport:
     """Add `tasks` (name -> GGUF path) to the split in `split_dir`. Options as for `split` (the planner's, and
     allow_unrelated, threads, models_dir); the new files take the split's own prefix."""
     opts = (options or SplitOptions()).merged(option_values)
@@ -89,15 +90,21 @@ def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike
     sd0.require_split(NO_SPLIT_HINT)
     if opts.models_dir is not None:
         check_models_dir(opts.models_dir, [*sd0.tasks, *tasks])  # before anything is read or written
-    if dry_run:
-        return _add(sd0, tasks, None, opts, progress)
+    with manifest_cache(opts, progress, cache) as source:
+        if dry_run:
+            return _add(sd0, tasks, None, opts, progress, source)
+        return _add_in(d, tasks, opts, progress, source)
+
+
+def _add_in(d: str, tasks: Mapping[str, str | os.PathLike[str]], opts: SplitOptions, progress: Progress,
+            cache: ManifestSource | None) -> AddReport:
     tx = Transaction(d, create=False, on_wait=progress.note, what="the split")
     models_dir_done = opts.models_dir is None
     try:
         with tx:
             sd = SplitDir.read_once(d)  # under the lock: the state the add changes
             sd.require_split(NO_SPLIT_HINT)
-            report = _add(sd, tasks, tx, opts, progress)
+            report = _add(sd, tasks, tx, opts, progress, cache)
         if opts.models_dir is not None:
             write_models_dir(d, opts.models_dir)
             models_dir_done = True
@@ -128,7 +135,7 @@ def split_prefix(sd: SplitDir, wanted: str = "") -> str:
 
 
 def _add(sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transaction | None, opts: SplitOptions,
-         progress: Progress) -> AddReport:
+         progress: Progress, cache: ManifestSource | None = None) -> AddReport:
     clash = [t for t in tasks if t in sd.adaptors]
     if clash:
         raise GGUFSplitError(show(sd.adaptors[clash[0]]), f"task {clash[0]!r} is already in the split; remove it "
@@ -138,7 +145,7 @@ def _add(sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transact
     models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
     try:
         _refuse_other_architecture(models, archs, opts)
-        hash_models(list(models.values()), progress, opts.threads)
+        hash_models(list(models.values()), progress, opts.threads, cache)
         layout = plan(models, opts, fixed_files=list(fixed.values()))
         named = name_files(models, layout, prefix, foundation=False)
         known = _reused(layout, named, sd, fixed_paths, check=tx is not None)

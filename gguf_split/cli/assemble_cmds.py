@@ -20,6 +20,9 @@ _OPT_FILE_COST = typer.Option(None, "--file-cost", help="A group of shared tenso
                                                         "more bytes than this (default 1MiB).")
 _OPT_MAX_SHARD_SIZE = typer.Option(None, "--max-shard-size", help="Cut files larger than this (e.g. 20G) into several.")
 _OPT_DRY_RUN = typer.Option(False, "--dry-run", help="Plan and report; write nothing.")
+_OPT_CACHE_DIR = typer.Option(None, "--cache-dir", help="Where per-file digests are kept (default: the user cache "
+                                                        "directory, e.g. ~/.cache/gguf-split); a local disk.")
+_OPT_NO_CACHE = typer.Option(False, "--no-cache", help="Hash every input; read and write no digest cache.")
 
 
 @app.command("split")
@@ -38,6 +41,8 @@ def split_cmd(
     file_cost: Optional[str] = _OPT_FILE_COST,
     max_shard_size: Optional[str] = _OPT_MAX_SHARD_SIZE,
     threads: Optional[int] = OPT_THREADS,
+    cache_dir: Optional[Path] = _OPT_CACHE_DIR,
+    no_cache: bool = _OPT_NO_CACHE,
     dry_run: bool = _OPT_DRY_RUN,
     quiet: bool = OPT_QUIET,
     json_out: bool = OPT_JSON,
@@ -50,7 +55,7 @@ def split_cmd(
 
         flags = dict(prefix=prefix, force=force, link=link, models_dir=models_dir, allow_unrelated=allow_unrelated,
                      max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size,
-                     threads=threads, quiet=quiet or json_out)
+                     threads=threads, cache_dir=cache_dir, no_cache=no_cache, quiet=quiet or json_out)
         flag_options(SplitOptions(), "split", **flags)  # a bad flag is refused before any file is looked at
         spec_ = gather(spec, models or [], task, need_output=output is None)
         opts = flag_options(spec_.options, "split", **flags)
@@ -79,6 +84,8 @@ def add_cmd(
     file_cost: Optional[str] = _OPT_FILE_COST,
     max_shard_size: Optional[str] = _OPT_MAX_SHARD_SIZE,
     threads: Optional[int] = OPT_THREADS,
+    cache_dir: Optional[Path] = _OPT_CACHE_DIR,
+    no_cache: bool = _OPT_NO_CACHE,
     dry_run: bool = _OPT_DRY_RUN,
     quiet: bool = OPT_QUIET,
     json_out: bool = OPT_JSON,
@@ -90,7 +97,8 @@ def add_cmd(
         from ..assemble.update import add
 
         flags = dict(models_dir=models_dir, allow_unrelated=allow_unrelated, max_shared_files=max_shared_files,
-                     file_cost=file_cost, max_shard_size=max_shard_size, threads=threads, quiet=quiet or json_out)
+                     file_cost=file_cost, max_shard_size=max_shard_size, threads=threads, cache_dir=cache_dir,
+                     no_cache=no_cache, quiet=quiet or json_out)
         flag_options(SplitOptions(), "add", **flags)
         spec = next((m for m in models or [] if m.suffix.lower() in (".yaml", ".yml")), None)
         spec_ = gather(spec, [m for m in models or [] if m != spec], task, need_output=False)

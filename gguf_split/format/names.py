@@ -83,6 +83,10 @@ def own_part_name(task: str, part: int, content_id: str, prefix: str = "") -> st
     return f"{prefix}adaptor-{task}-part{part}-{content_id[:ID_CHARS]}.gguf"
 
 
+# a llama.cpp shard (`llama_split_path`): <prefix>-0000k-of-0000N.gguf; always matched whole (fullmatch)
+SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
+
+
 def link_name(task: str, index: int, count: int) -> str:
     """llama.cpp's split name (`llama_split_path`): index is 0-based, the name 1-based."""
     return f"{task}-{index + 1:05d}-of-{count:05d}.gguf"
