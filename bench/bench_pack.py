@@ -1,4 +1,4 @@
-"""Pack benchmark: bytes and speed of `gguf_split.pack.container` on real model sets, against the baselines.
+"""Pack benchmark: bytes and speed of `gguf_split.pack` (writer, reader) on real model sets, against the baselines.
 
 For each set (base + 3 fine-tunes), in one run:
 - inputs: the sum of the input files;
@@ -55,9 +55,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from common import WORK, finetunes  # noqa: E402
 
-from gguf_split.pack.container import codec  # noqa: E402
 from gguf_split.format.gguf import GGUFFile  # noqa: E402
-from gguf_split.pack.container import pack_files, unpack  # noqa: E402
+from gguf_split.pack import codec  # noqa: E402
+from gguf_split.pack.reader import unpack  # noqa: E402
+from gguf_split.pack.writer import pack_files  # noqa: E402
 
 CDC_MIN, CDC_AVG, CDC_MAX = 16 << 10, 64 << 10, 256 << 10
 CACHE = WORK / "bench-pack-cache.json"
