@@ -40,15 +40,13 @@ from ..disk.progress import QUIET, Progress, Reporter
 from ..errors import GGUFSplitError
 from ..format.gguf import open_mapped
 from . import codec
-from .codec import CodecError
+from .codec import CodecError, Factors
 from .format import (CODEC_DELTA, CODEC_PLAIN, HEAD, KIND_DATA, KIND_INDEX, MAGIC, MAX_INDEX_BYTES,
                      MAX_RECORD_BYTES, PART_BLOB, PART_TENSOR, PART_ZEROS, REC_STORED, REC_ZSTD, VERSION, Corrupt,
                      RecordHeader, Tail, need)
 from .index import BlobEntry, FileEntry, FileParts, PackIndex, TensorEntry, parse_index
 
 _ZERO = bytes(1 << 20)
-
-Factors = tuple[np.ndarray, np.ndarray]  # (Bᵀ, A) of a delta-coded tensor, float32
 
 
 @dataclass
