@@ -7,13 +7,15 @@ LoRA (base dequantized + B·A, written as F16; an F32 tensor stays F32), one wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import time
 import tracemalloc
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -24,10 +26,13 @@ from gguf.quants import quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gguf_split.disk.progress import Progress, Reporter
 from gguf_split.errors import GGUFSplitError
+from gguf_split.format.names import check_bare_name
 from gguf_split.pack import codec
 from gguf_split.pack import format as fmt
 from gguf_split.pack.reader import PackReader, read_index, unpack
+from gguf_split.pack.transport import pack
 from gguf_split.pack.report import PackReport
 from gguf_split.pack.writer import pack_files
 
@@ -221,6 +226,142 @@ def test_unpack_memory_is_bounded_by_chunks(tmp_path: Path, monkeypatch: pytest.
     assert peak < 4 << 20, peak
 
 
+def test_pack_bytes_do_not_depend_on_threads(models: list[tuple[str, str]], packed: tuple[str, PackReport],
+                                             tmp_path: Path) -> None:
+    """Records are coded on a pool but written in one order: the same inputs give the same pack."""
+    pack_files(models, tmp_path / "t1.ggufpack", kind="models", meta={"tasks": {"chat": "chat.gguf"}}, threads=1)
+    pack_files(models, tmp_path / "t3.ggufpack", kind="models", meta={"tasks": {"chat": "chat.gguf"}}, threads=3)
+    assert sha(tmp_path / "t1.ggufpack") == sha(tmp_path / "t3.ggufpack") == sha(packed[0])
+
+
+# the last commit whose pack writer was container.py (before the writer became stages, issue 18); a change
+# that alters a pack's bytes on purpose (a new codec, a new index field) sets this to its own commit
+OLD_WRITER = "d9942910d2712a008faa5063ca1e557adef25ef8"
+
+
+def test_pack_bytes_equal_the_old_writer(models: list[tuple[str, str]], tmp_path: Path) -> None:
+    """The staged writer writes the very bytes container.py wrote (the old package from git, in a child
+    process): a refactoring of the writer must not change a pack. Skipped outside a git checkout."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        archive = subprocess.run(["git", "-C", os.fspath(repo), "archive", "--format=tar", OLD_WRITER, "gguf_split"],
+                                 check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"no git checkout holding commit {OLD_WRITER[:12]}")
+    old = tmp_path / "old"
+    old.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        try:
+            tar.extractall(old, filter="data")
+        except TypeError:  # a Python without extraction filters (our own archive: nothing to filter)
+            tar.extractall(old)
+    tasks = {name[:-len(".gguf")]: path for name, path in models}
+    tasks["x"] = _with_trailing_bytes(models[1][1], tmp_path)
+    script = ("import json, sys\nfrom gguf_split.pack.transport import pack\n"  # the API both have
+              "pack(sys.argv[2], tasks=json.loads(sys.argv[1]), threads=2)\n")
+    env = {**os.environ, "PYTHONPATH": os.fspath(old)}
+    subprocess.run([sys.executable, "-c", script, json.dumps(tasks), os.fspath(tmp_path / "old.ggufpack")],
+                   check=True, env=env, cwd=tmp_path)
+    pack(tmp_path / "new.ggufpack", tasks=tasks, threads=2)
+    assert sha(tmp_path / "new.ggufpack") == sha(tmp_path / "old.ggufpack")
+
+
+def _with_trailing_bytes(src: str, d: Path) -> str:
+    p = d / "x.gguf"
+    p.write_bytes(Path(src).read_bytes() + b"trailing bytes\x01")
+    return os.fspath(p)
+
+
+def test_ctrl_c_while_hashing_stops_every_job(tmp_path: Path) -> None:
+    """Ctrl-C during the hashing: the interruption comes at once, the other file's sweep stops at its next
+    piece (disk.jobs.run_jobs), and no pack nor temporary is left. (A pool without the cancel flag hashed
+    both files to the end before the interruption got out.)"""
+    import signal
+    import threading
+
+    big = np.tile(np.arange(1024, dtype=np.float32) / 1024, (8192, 1))  # 32 MiB each: 32 pieces to hash
+    inputs = [(f"{n}.gguf", _write(tmp_path / f"{n}.gguf", {"w": (big + i, Q.F32)}, n)) for i, n in enumerate("ab")]
+    hashed: list[int] = []
+    main = threading.main_thread().ident
+    assert main is not None
+
+    class Interrupting(Progress):
+        @contextlib.contextmanager
+        def bar(self, description: str, total: int) -> Iterator[Reporter]:
+            yield self
+
+        def advance(self, n: int) -> None:
+            hashed.append(n)
+            if len(hashed) == 1:
+                signal.pthread_kill(main, signal.SIGINT)  # a Ctrl-C: KeyboardInterrupt in the main thread
+            time.sleep(0.01)  # a slow disk: every piece takes a while
+
+    out = tmp_path / "out" / "p.ggufpack"
+    with pytest.raises(KeyboardInterrupt):
+        pack_files(inputs, out, threads=2, progress=Interrupting(quiet=True))
+    seen = len(hashed)
+    time.sleep(0.2)
+    assert len(hashed) == seen  # nothing runs on
+    assert sum(hashed) <= 4 << 20, sum(hashed)  # of 64 MiB: each job stopped within a piece or two
+    assert not out.parent.exists()
+
+
+def test_file_names_by_the_strict_rule() -> None:
+    """A pack's names: one rule (names.check_bare_name, strict), each broken part named; the plain rule of
+    gguf-split's own records keeps its message and still takes hidden names (its temporaries)."""
+    cases = {"a/b": "bare file name", ".x": "bare file name", " a": "bare file name", "a ": "bare file name",
+             "a\x01": "bare file name", "": "non-empty string", "é" * 128: "longer than 255 bytes",
+             "\udcff.gguf": "not valid Unicode", 7: "non-empty string"}
+    for name, fragment in cases.items():
+        with pytest.raises(GGUFSplitError, match=fragment):
+            check_bare_name(name, "w", strict=True)
+    assert check_bare_name("é" * 127 + "x", None, strict=True)  # 255 bytes
+    assert check_bare_name(".x.gguf-split-tmp", None) == ".x.gguf-split-tmp"
+    with pytest.raises(GGUFSplitError, match="is not a plain file name: damaged or forged"):
+        check_bare_name("../x", "w")
+
+
+def test_map_ordered_keeps_order_and_window() -> None:
+    """disk.jobs.map_ordered, the pack's record pipeline: results in the items' order however the pool
+    finishes them, never more than `window` items in flight."""
+    import random
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gguf_split.disk.jobs import map_ordered
+
+    lock = threading.Lock()
+    live, peak = [0], [0]
+
+    def work(i: int) -> int:
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(random.Random(i).random() / 200)
+        with lock:
+            live[0] -= 1
+        return i * i
+
+    submitted: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(60):
+            submitted.append(i)
+            yield i
+
+    with ThreadPoolExecutor(4) as pool:
+        got = []
+        for i, r in map_ordered(pool, work, items(), window=3):
+            assert len(submitted) - len(got) <= 3  # the window: items taken but not yet given back
+            got.append((i, r))
+    assert got == [(i, i * i) for i in range(60)] and peak[0] <= 3
+
+
 # ---------------------------------------------------------------------------------------------------------
 # refusals
 
@@ -275,6 +416,8 @@ def test_pack_refusals(models: list[tuple[str, str]], tmp_path: Path) -> None:
     for bad in ("../a.gguf", "dir/a.gguf", ".hidden", "", "a\0b"):
         with pytest.raises(GGUFSplitError, match="file name"):
             pack_files([(bad, models[0][1])], out)
+    with pytest.raises(GGUFSplitError, match="file name '.p.ggufpack' must be a bare file name"):
+        pack_files(models[:1], tmp_path / ".p.ggufpack")  # unpack could not give it back either
     with pytest.raises(GGUFSplitError, match="not a GGUF|too short"):
         (tmp_path / "junk.gguf").write_bytes(b"junk" * 10)
         pack_files([("junk.gguf", tmp_path / "junk.gguf")], out)
