@@ -443,7 +443,7 @@ def _rank_candidates(s: np.ndarray, kmax: int) -> list[int]:
     return sorted(c for c in cands if c <= kmax)
 
 
-def _balanced(bt: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _balanced(bt: np.ndarray, a: np.ndarray) -> Factors:
     """Scale each component so that B's column and A's row have the same largest magnitude."""
     bt = bt.astype(np.float32).copy()
     a = a.astype(np.float32).copy()
@@ -456,7 +456,7 @@ def _balanced(bt: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bt, a
 
 
-def _storable(bt: np.ndarray, a: np.ndarray, factor_type: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _storable(bt: np.ndarray, a: np.ndarray, factor_type: str) -> Factors | None:
     if factor_type == "f16":
         if max(float(np.abs(bt).max(initial=0)), float(np.abs(a).max(initial=0))) >= _F16_MAX:
             return None
@@ -481,7 +481,8 @@ def plan_delta(target: RowReader, target_type: int, base: RowReader, base_type: 
 
     In steps: the base checked finite; D = target - base factorized by a randomized SVD (`_factorize`);
     a sample of rows (`_Sample`) on which every candidate is measured by its compressed bytes; the rank
-    searched (`_RankSearch`); at the chosen rank, the residual mode and the factors' type (`_finish`)."""
+    searched (`_RankSearch.run`); at the chosen rank, the residual mode and the factors' type
+    (`_RankSearch.finish`)."""
     pair = _DeltaPair(target, target_type, base, base_type, g, rows_per_chunk)
     if not pair.base_is_finite():
         return None
@@ -507,7 +508,8 @@ class _DeltaPair:
     def __post_init__(self) -> None:
         self.m, self.n = self.g.n_rows, self.g.row_elems
         self.tdtype, self.width = DELTA_TARGET_TYPES[Q(self.target_type)]
-        self.blocks = [self.g.chunk_span(i, self.rows_per_chunk) for i in range(self.g.chunk_count(self.rows_per_chunk))]
+        k = self.rows_per_chunk
+        self.blocks = [self.g.chunk_span(i, k) for i in range(self.g.chunk_count(k))]
 
     def rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """(base as float32, target's bit patterns) of rows [r0, r1)."""

@@ -1,8 +1,8 @@
 """Transport: a split directory or a set of models as one pack file, and back.
 
-writer.py packs and reader.py unpacks any ordered set of GGUF files; this module says which files: a split's files
-(every adaptor and every file a task uses, as the commit journal leaves them), or models given as
-task -> path (a sharded model with all its shards). The pack records what it holds (`kind` "split" or
+writer.py packs and reader.py unpacks any ordered set of GGUF files; this module says which files: a
+split's files (every adaptor and every file a task uses, as the commit journal leaves them), or models
+given as task -> path (a sharded model with all its shards). The pack records what it holds (`kind` "split" or
 "models", and `meta` {"tasks": {task: [its file names, in order]}}); `read_index` checks that record
 against the pack's files before anyone uses it (a forged or foreign pack is one line), so `unpack` can
 give back the split, or with `restore=True` the original models directly.
