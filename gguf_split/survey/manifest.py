@@ -50,7 +50,7 @@ def _starts_with(path: str, magic: bytes) -> bool:
 
 
 def _scan_pack(path: str, recorded_ns: int) -> FileManifest:
-    from ..pack.container import read_index
+    from ..pack.reader import read_index
 
     st = os.stat(path)
     index = read_index(path)
