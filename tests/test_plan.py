@@ -1,4 +1,4 @@
-"""The planner (gguf_split/plan.py): every plan is checked by one validity oracle; small random instances are
+"""The planner (gguf_split/assemble/plan/): every plan is checked by one validity oracle; small random instances are
 checked against a brute-force optimum; the realistic shapes (base + fine-tunes) against expected groups."""
 
 from __future__ import annotations
@@ -520,3 +520,55 @@ def test_search_out_of_budget_says_so(monkeypatch):
         assert lay.stats.objective_bound <= opt <= lay.stats.objective
         seen_inexact |= not lay.stats.exact
     assert seen_inexact
+
+
+# --- the package's shape (issue 18): small steps ----------------------------------------------------------------
+
+def _decisions(fn) -> int:
+    """McCabe's number as ruff's C901 counts it, near enough: 1 + branches, loops, handlers, boolean operands,
+    conditional expressions and comprehension conditions (nested functions counted on their own)."""
+    import ast
+
+    n = 1
+    todo = list(ast.iter_child_nodes(fn))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, (ast.If, ast.For, ast.AsyncFor, ast.While, ast.ExceptHandler, ast.IfExp, ast.With,
+                             ast.Assert)):
+            n += 1
+        elif isinstance(node, ast.BoolOp):
+            n += len(node.values) - 1
+        elif isinstance(node, ast.comprehension):
+            n += 1 + len(node.ifs)
+        todo.extend(ast.iter_child_nodes(node))
+    return n
+
+
+def test_planner_functions_stay_small():
+    """Every function of the planner package: at most 80 lines and complexity at most 25."""
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(P.__file__).parent
+    assert len(list(pkg.glob("*.py"))) >= 8, "the planner is a package of step modules"
+    big = []
+    for path in sorted(pkg.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines, cc = node.end_lineno - node.lineno + 1, _decisions(node)
+                if lines > 80 or cc > 25:
+                    big.append(f"{path.name}:{node.name}: {lines} lines, complexity {cc}")
+    assert not big, big
+
+
+def test_planner_records_are_frozen_dataclasses():
+    import dataclasses
+
+    from gguf_split.assemble.plan import contents, files, fixed, positions, shards, versions
+
+    for cls in (versions.Versions, fixed.FixedCandidate, fixed.FixedChoice, contents.Contents, shards.Shards,
+                positions.Placement, files._Entry, P.TensorId, P.FixedFile, P.PlannedFile):
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, cls
+        assert hasattr(cls, "__slots__"), cls
