@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .bits import bits
 from .bounds import clusters, pair_cap_bound
 from .exact import exact_family
 from .family import Family, Groups, net_saving
@@ -22,7 +23,33 @@ class FamilyChoice:
 
 
 def choose_family(gs: Groups, n: int, cap: list[int] | None, max_shared_files: int | None, cost: int,
-                  tuning: Tuning) -> FamilyChoice:
+                  tuning: Tuning, memo: dict[tuple[tuple[int, int], ...], FamilyChoice] | None = None
+                  ) -> FamilyChoice:
+    """Under a cap, the uncapped family is taken when it fits (its bound holds for the capped problem too, and
+    a cap that does not bind then changes nothing); otherwise the capped search runs. `memo` keeps uncapped
+    families by their groups (plan_layout's retries under lower caps see the same groups again)."""
+    if cap is not None and max_shared_files != 0 and gs.groups:
+        key = tuple(gs.groups.items())
+        free = memo.get(key) if memo is not None else None
+        if free is None:
+            free = _choose(gs, n, None, None, cost, tuning)
+            if memo is not None:
+                memo[key] = free
+        if _fits(free.fam, n, cap):
+            return free
+    return _choose(gs, n, cap, max_shared_files, cost, tuning)
+
+
+def _fits(fam: Family, n: int, cap: list[int]) -> bool:
+    load = [0] * n
+    for S in fam.files:
+        for t in bits(S):
+            load[t] += 1
+    return all(load[t] <= cap[t] for t in range(n))
+
+
+def _choose(gs: Groups, n: int, cap: list[int] | None, max_shared_files: int | None, cost: int,
+            tuning: Tuning) -> FamilyChoice:
     groups = gs.groups
     if max_shared_files == 0 or not groups:
         fam, exact, ub = Family(), True, 0

@@ -1,4 +1,4 @@
-"""Step 5, contents: each new shared file's versions, in the model order of its first task, and what each
+"""Step 4, contents: each new shared file's versions, in the model order of its first task, and what each
 task keeps as its own (its adaptor, and with `max_shard_size` its overflow parts)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Step 8, the files: new shared parts, reused fixed files, OWN parts and holes as PlannedFiles, ordered by
-position, and per task the files it loads. Logical groups (a new group, or the parts of one fixed group)
-are numbered by their first position, then first task, then task set."""
+"""Step 6c, the files: new shared pieces and their parts, reused fixed files, OWN parts and holes as
+PlannedFiles, ordered by position, and per task the files it loads. Logical groups (a piece of a new group,
+or the parts of one fixed group) are numbered by their first position, then first task, then task set."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class _Logical:
     first: int  # its first position
     first_task: int  # bit length of its lowest task
     mask: int  # the tasks that load it
-    what: tuple[str, int | str]  # ("new", group index) or ("fixed", group key)
+    what: tuple[str, int | str, int]  # ("new", group index, piece index) or ("fixed", group key, 0)
 
     def order(self) -> tuple[int, int, int, str]:
         return self.first, self.first_task, self.mask, str(self.what)
@@ -45,13 +45,16 @@ def build_files(tasks: Sequence[str], ct: Contents, sh: Shards, pl: Placement, f
     fixed_keys: dict[str, list[int]] = {}
     for k in sorted(loaders):
         fixed_keys.setdefault(fx.candidates[k].key, []).append(k)
-    gindex = _group_index(ct, pl, fx, loaders, fixed_keys)
+    gindex = _group_index(ct, sh, pl, fx, loaders, fixed_keys)
     entries: list[_Entry] = []
     for g, S in enumerate(ct.masks):
-        gi = gindex[("new", g)]
-        for p, part in enumerate(sh.gparts[g]):
-            f = PlannedFile(SHARED, pl.starts[g] + p, part, names_of(S), gi, p, len(sh.gparts[g]))
-            entries.append(_Entry((f.position, 0, gi, p), f, S))
+        start = pl.starts[g]
+        for k, piece in enumerate(sh.pieces[g]):
+            gi, parts = gindex[("new", g, k)], sh.parts[g][k]
+            for p, part in enumerate(parts):
+                f = PlannedFile(SHARED, start + p, part, names_of(S), gi, p, len(parts), piece=piece.label)
+                entries.append(_Entry((f.position, 0, gi, p), f, S))
+            start += len(parts)
     entries += _fixed_entries(fx, fixed_files, loaders, fixed_keys, gindex, names_of)
     for i in range(len(tasks)):
         for p, part in enumerate(sh.own_parts[i]):
@@ -77,26 +80,31 @@ def _fixed_loaders(fx: FixedChoice, n: int) -> dict[int, int]:
     return loaders
 
 
-def _group_index(ct: Contents, pl: Placement, fx: FixedChoice, loaders: dict[int, int],
-                 fixed_keys: dict[str, list[int]]) -> dict[tuple[str, int | str], int]:
-    logical = [_Logical(pl.starts[g], (S & -S).bit_length(), S, ("new", g)) for g, S in enumerate(ct.masks)]
+def _group_index(ct: Contents, sh: Shards, pl: Placement, fx: FixedChoice, loaders: dict[int, int],
+                 fixed_keys: dict[str, list[int]]) -> dict[tuple[str, int | str, int], int]:
+    logical = []
+    for g, S in enumerate(ct.masks):
+        start = pl.starts[g]
+        for k, parts in enumerate(sh.parts[g]):
+            logical.append(_Logical(start, (S & -S).bit_length(), S, ("new", g, k)))
+            start += len(parts)
     for key, ks in fixed_keys.items():
         m = 0
         for k in ks:
             m |= loaders[k]
         first = min(fx.candidates[k].file.position for k in ks)
-        logical.append(_Logical(first, (m & -m).bit_length(), m, ("fixed", key)))
+        logical.append(_Logical(first, (m & -m).bit_length(), m, ("fixed", key, 0)))
     logical.sort(key=_Logical.order)
     return {e.what: gi for gi, e in enumerate(logical)}
 
 
 def _fixed_entries(fx: FixedChoice, fixed_files: Sequence[FixedFile], loaders: dict[int, int],
-                   fixed_keys: dict[str, list[int]], gindex: dict[tuple[str, int | str], int],
+                   fixed_keys: dict[str, list[int]], gindex: dict[tuple[str, int | str, int], int],
                    names_of: _NamesOf) -> list[_Entry]:
     """The reused fixed files; a part's index and count are among all parts of its group in the directory."""
     out = []
     for key, ks in fixed_keys.items():
-        gi = gindex[("fixed", key)]
+        gi = gindex[("fixed", key, 0)]
         siblings = sorted((f for f in fixed_files if f.tensors and group_key(f) == key),
                           key=lambda f: (f.position, f.name))
         for k in ks:

@@ -40,8 +40,10 @@ def group_key(ff: FixedFile) -> str:
     return ff.group if ff.group is not None else "\0" + ff.name
 
 
-def choose_fixed_files(vs: Versions, fixed_files: Sequence[FixedFile], cap: int | None,
-                       tuning: Tuning) -> FixedChoice:
+def choose_fixed_files(vs: Versions, fixed_files: Sequence[FixedFile], caps: Sequence[int | None],
+                       max_pos: Sequence[int | None], tuning: Tuning) -> FixedChoice:
+    """caps: per task, at most this many fixed groups; max_pos: per task, only fixed files at positions up to
+    this (a file at position p makes the task load p files at least, holes included). None: no limit."""
     holes, cands, in_fixed = _candidates(vs, fixed_files)
     eff = list(vs.users)
     n = vs.n
@@ -49,7 +51,8 @@ def choose_fixed_files(vs: Versions, fixed_files: Sequence[FixedFile], cap: int 
     load = [0] * n
     used = [0] * n
     for i in range(n):
-        mine = [k for k, f in enumerate(cands) if f.users >> i & 1]
+        cap, top = caps[i], max_pos[i]
+        mine = [k for k, f in enumerate(cands) if f.users >> i & 1 and (top is None or f.file.position <= top)]
         if not mine or cap == 0:
             continue
         mine.sort(key=lambda k: (-cands[k].nbytes, k))

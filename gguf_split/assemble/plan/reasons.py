@@ -1,4 +1,4 @@
-"""Step 9, reasons and stats: why each tensor of an adaptor is not shared (for the split report), and the
+"""Step 6d, reasons and stats: why each tensor of an adaptor is not shared (for the split report), and the
 plan's statistics with its bounds (see the package docstring)."""
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ TOO_SMALL = "too small for a file"  # shared with other tasks, but its group sav
 CAPPED = "over the file cap"  # shared with other tasks, but the cap on shared files left it out
 
 DEFAULT_FILE_COST = 1 << 20
+DEFAULT_MAX_SHARED_FILES = 32  # the tool's default cap on the files a task loads besides its adaptor
+
+CUT_SCHEME = 1  # how tensor names map to (role, layer): see roles.py; recorded with every cut
 
 SHARED, HOLE, OWN = "shared", "hole", "own"
 
@@ -55,6 +58,7 @@ class PlannedFile:
     part: int = 0  # 0-based part index within its group
     parts: int = 1
     fixed: str | None = None  # the FixedFile's name when the plan reuses an existing file
+    piece: str = ""  # which cut of its group it holds (e.g. "blk.ffn_up[16-23]"), "" when its group is whole
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +75,54 @@ class PlanStats:
     small_group_bytes: int  # bytes of the adaptor copies of versions shared by >= 2 tasks (TOO_SMALL, CAPPED)
     objective: int = 0  # stored_bytes + file_cost x groups (the quantity the planner minimises)
     objective_bound: int = 0  # a lower bound on the objective of any valid plan (== objective when exact)
-    groups: int = 0  # new shared groups holding tensors (a sharded group counts once)
+    groups: int = 0  # new shared groups holding tensors (a sharded group counts once; so does a cut one)
+    pieces: int = 0  # new shared files the cut made of those groups (== groups when nothing was cut)
+    holes: int = 0  # hole files loaded, summed over the tasks
+    max_task_files: int = 0  # the most files one task loads besides its adaptor (holes and parts included)
+
+
+CUT_KINDS = ("none", "role", "tensor")
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Where shared groups are cut into files, so that a later fine-tune that changes some of a group's
+    tensors can still reuse the files holding the others (`gguf-split add`):
+    - "none": one file per group (gguf-split 0.2's layout);
+    - "role": by tensor role (token_embd, blk.attn_q, blk.ffn_up, ...) and, with `layers` > 0, by blocks of
+      that many layers (layer // layers);
+    - "tensor": one file per tensor (the most a cut can reuse; for benchmarks).
+    A cut is kept only where every piece saves more than a file costs, and within the cap. `scheme` names
+    the name -> (role, layer) mapping (roles.py), recorded so that an `add` cuts as the split did."""
+
+    kind: str = "none"
+    layers: int = 0
+    scheme: int = CUT_SCHEME
+
+    def __post_init__(self) -> None:
+        if self.kind not in CUT_KINDS:
+            raise ValueError(f"cut must be one of none, role, role:N, tensor, not {self.kind!r}")
+        if self.layers < 0 or self.layers and self.kind != "role":
+            raise ValueError(f"layers per block ({self.layers}) apply to the role cut only, and must be >= 1")
+
+    def __str__(self) -> str:
+        return f"role:{self.layers}" if self.kind == "role" and self.layers else self.kind
+
+    @classmethod
+    def parse(cls, text: str, scheme: int = CUT_SCHEME) -> Cut:
+        """"none", "role", "role:N" (blocks of N layers) or "tensor"."""
+        kind, sep, n = text.strip().partition(":")
+        if kind == "role" and sep:
+            if not (n.isascii() and n.isdigit()) or int(n) < 1:
+                raise ValueError(f"cut {text!r}: the layers per block must be a whole number >= 1")
+            return cls(kind, int(n), scheme)
+        if sep or kind not in CUT_KINDS:
+            raise ValueError(f"cut must be none, role, role:N (blocks of N layers) or tensor, not {text!r}")
+        return cls(kind, 0, scheme)
+
+
+NO_CUT = Cut()
+DEFAULT_CUT = Cut("role", 6)  # the tool's default: roles, blocks of 6 layers (bench/bench_grow.py, README)
 
 
 @dataclass
@@ -81,6 +132,7 @@ class Layout:
     adaptor_tensors: dict[str, tuple[TensorId, ...]]  # task -> tensors of its split-0 file, model order
     reasons: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> adaptor tensor -> reason
     stats: PlanStats | None = None
+    cut: Cut = NO_CUT  # the cut the plan used (to record in the split: `add` cuts the same way)
 
 
 def default_header_bound(tensors: Sequence[TensorId]) -> int:

@@ -1,4 +1,4 @@
-"""Step 6, shards (`max_shard_size`): every new shared group is cut into parts at consecutive positions
+"""Step 6a, shards (`max_shard_size`): every piece of a new shared group is cut into parts at consecutive positions
 (longest fitting runs); each adaptor's split 0 takes the longest fitting prefix of its own tensors, the rest
 become OWN parts."""
 
@@ -8,20 +8,26 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .contents import Contents
+from .cut import Piece
 from .records import TensorId
 
 
 @dataclass(frozen=True, slots=True)
 class Shards:
-    gparts: list[list[tuple[TensorId, ...]]]  # per group (as Contents.masks): its parts
+    pieces: list[list[Piece]]  # per group (as Contents.masks): its pieces, in position order
+    parts: list[list[list[tuple[TensorId, ...]]]]  # per group, per piece: its parts
     split0: list[tuple[TensorId, ...]]  # per task: the tensors of its adaptor
     own_parts: list[list[tuple[TensorId, ...]]]  # per task: its own tensors that overflow split 0
 
+    def nparts(self, g: int) -> int:
+        """The consecutive positions group g takes."""
+        return sum(len(p) for p in self.parts[g])
 
-def cut_shards(ct: Contents, tasks: Sequence[str], limit: int | None, alignment: int,
+
+def cut_shards(ct: Contents, pieces: list[list[Piece]], tasks: Sequence[str], limit: int | None, alignment: int,
                adaptor_header_bytes: Mapping[str, int], header_bound: Callable[[Sequence[TensorId]], int]
                ) -> Shards:
-    gparts = [cut(ct.content[S], limit, alignment, header_bound) for S in ct.masks]
+    parts = [[cut(p.tensors, limit, alignment, header_bound) for p in ps] for ps in pieces]
     split0: list[tuple[TensorId, ...]] = []
     own_parts: list[list[tuple[TensorId, ...]]] = []
     for i, t in enumerate(tasks):
@@ -33,7 +39,7 @@ def cut_shards(ct: Contents, tasks: Sequence[str], limit: int | None, alignment:
         j = _split0_length(mine, limit, alignment, adaptor_header_bytes.get(t), header_bound)
         split0.append(mine[:j])
         own_parts.append(cut(mine[j:], limit, alignment, header_bound))
-    return Shards(gparts, split0, own_parts)
+    return Shards(pieces, parts, split0, own_parts)
 
 
 def _split0_length(mine: tuple[TensorId, ...], limit: int, alignment: int, header: int | None,

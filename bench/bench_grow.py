@@ -1,0 +1,361 @@
+"""Growth benchmark (issue 19): what `gguf-split add` must write for a new fine-tune, for each way of cutting
+shared groups into files, against the floor and the most any cut can reuse.
+
+    export GGUF_SPLIT_BENCH_WORK=/work/cache/bench-work
+    python bench/bench_grow.py                        # the default cut against today's and one file per tensor
+    python bench/bench_grow.py --cuts none role role:16 role:8 role:4 role:2 tensor   # explore
+    python bench/bench_grow.py --source synthetic     # fine-tunes made at the identity level (no files)
+
+Models: SmolLM2-135M-Instruct Q4_1 (30 layers) and Gemma-3-270M Q4_K_M (18 layers). Fine-tunes (as
+llama.cpp's llama-export-lora makes them: every targeted tensor merged and written F16, every other tensor
+byte-identical to the base):
+- qv, qv2: attn_q and attn_v of every layer (two LoRAs);
+- ffn: ffn_gate/up/down of the top third of the layers (SmolLM2: 20-29; Gemma-3: 12-17);
+- alllin: every linear layer (attn q/k/v/output, ffn gate/up/down) of every layer;
+- embd: token_embd (tied: the output head too).
+`--source sets` (the default when they exist) hashes the llama-export-lora sets `grow-smollm2` and
+`grow-gemma3` made by bench/models.py; `--source synthetic` makes the same fine-tunes at the identity level
+from the real base's hashes (each targeted tensor a new F16 version): the planner sees exactly what it
+would see from export-lora files.
+
+Per scenario (an existing split + one new task), bytes `add` writes (tensor bytes of the new adaptor and new
+shared files) against:
+  (a) floor: the new task's tensors that no existing task holds;
+  (b) today: gguf-split 0.2's layout (no cut, no cap);
+  (c) per tensor: one file per tensor, free files, no cap (the most any cut can reuse).
+Also: bytes reused, bytes the new task holds that sit in an existing task's adaptor (no layout can reuse
+them: shipped files never change), the most files a task of the existing split loads and the new task's
+files (holes among them). Goals (issue 19): add writes <= 1.2 x (c), and at least 2x less than (b) where
+(b) - (c) > 20 MB. Then the sequence of adds (split two tasks, add the others one by one: total bytes
+<= 1.25 x a fresh split of all) and fresh-split bytes with headers (<= 1.005 x today's).
+
+The planner is driven directly (plan_layout with the fixed files `add` would pass); file sizes are exact
+for shared files (gguf-split's own header builder) and estimated for adaptors (200 B of records per file
+in its list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import time
+import xxhash
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import GEMMA3, SMOLLM2, WORK, model_path  # noqa: E402
+
+from gguf.constants import GGMLQuantizationType as Q  # noqa: E402
+
+from gguf_split.assemble import plan as P  # noqa: E402
+
+TensorId = P.TensorId
+MB = 1e6
+CAP = P.DEFAULT_MAX_SHARED_FILES
+FIRST = ("base", "qv")  # the sequence of adds starts from a split of these
+SCENARIOS = [  # (existing tasks, new task)
+    (("base", "qv", "qv2"), "ffn"),
+    (("base", "ffn"), "qv"),
+    (("base", "qv"), "ffn"),
+    (("base", "qv"), "embd"),
+    (("base", "qv", "ffn"), "alllin"),
+    (("base", "qv", "ffn"), "qv2"),
+    (("base", "embd"), "qv"),
+    (("base", "alllin"), "ffn"),
+]
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+def hashed_ids(path: Path) -> list[TensorId]:
+    """The model's tensor identities, hashed by gguf-split's own scan (cached by path, size and mtime)."""
+    from gguf_split.assemble.scan import hash_models, open_model
+
+    st = path.stat()
+    cache = WORK / "grow-ids" / (xxhash.xxh64(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+                                 + ".pkl")
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    m = open_model(path.stem, path)
+    try:
+        hash_models([m])
+        ids = m.tensor_ids()
+    finally:
+        m.close()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(pickle.dumps(ids))
+    return ids
+
+
+def n_layers(ids: Sequence[TensorId]) -> int:
+    return sum(1 for x in ids if x.name.endswith(".attn_norm.weight"))
+
+
+def recipes(ids: Sequence[TensorId]) -> dict[str, list[str]]:
+    n = n_layers(ids)
+    names = {x.name for x in ids}
+    lin = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    top = range(n - n // 3, n)
+    return {
+        "qv": [f"blk.{i}.attn_{k}.weight" for i in range(n) for k in "qv"],
+        "qv2": [f"blk.{i}.attn_{k}.weight" for i in range(n) for k in "qv"],
+        "ffn": [f"blk.{i}.ffn_{k}.weight" for i in top for k in ("gate", "up", "down")],
+        "alllin": [f"blk.{i}.{k}.weight" for i in range(n) for k in lin if f"blk.{i}.{k}.weight" in names],
+        "embd": ["token_embd.weight"],
+    }
+
+
+def synthetic_set(base: Sequence[TensorId]) -> dict[str, list[TensorId]]:
+    """base + every recipe at the identity level: a targeted tensor becomes a new F16 version."""
+    models = {"base": list(base)}
+    for seed, (task, targets) in enumerate(recipes(base).items(), start=1):
+        t = set(targets)
+        models[task] = [TensorId(x.name, Q.F16, x.shape, xxhash.xxh3_128_digest(f"{seed}:{x.name}".encode()),
+                                 2 * _elements(x.shape)) if x.name in t else x for x in base]
+    return models
+
+
+def _elements(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def real_set(name: str) -> dict[str, list[TensorId]] | None:
+    """The llama-export-lora set `name` from bench/models.py, if it has been made (never made here)."""
+    manifest = WORK / "sets" / name / "manifest.json"
+    if not manifest.exists():
+        return None
+    tasks = json.loads(manifest.read_text())["tasks"]
+    return {t: hashed_ids(Path(e["path"])) for t, e in tasks.items()}
+
+
+def model_sets(source: str) -> dict[str, dict[str, list[TensorId]]]:
+    out = {}
+    for label, which, set_name in (("SmolLM2-135M Q4_1", SMOLLM2, "grow-smollm2"),
+                                   ("Gemma-3-270M Q4_K_M", GEMMA3, "grow-gemma3")):
+        models = real_set(set_name) if source in ("sets", "auto") else None
+        if models is None:
+            if source == "sets":
+                raise SystemExit(f"set {set_name} not found under {WORK / 'sets'}: make it with bench/models.py")
+            models, label = synthetic_set(hashed_ids(model_path(which))), label + " (synthetic fine-tunes)"
+        out[label] = models
+    return out
+
+
+# --- sizes ----------------------------------------------------------------------------------------------------
+
+ADAPTOR_RECORD_BYTES = 200  # an adaptor's records per file in its list (name, content id, size, digests)
+
+
+def shared_file_bytes(tensors: Sequence[TensorId], position: int, alignment: int = 32) -> int:
+    """The exact size of a shared file gguf-split writes for these tensors (its own header builder)."""
+    from gguf_split.format.records import OutTensor, build_header, shared_kvs
+
+    outs = [OutTensor(x.name, x.shape, x.ggml_type, x.nbytes, x.digest, None, 0) for x in tensors]  # type: ignore[arg-type]
+    kvs = shared_kvs(position=position, cid="0" * 32, digests=b"".join(x.digest for x in tensors),
+                     architecture="llama", alignment=alignment)
+    return build_header(kvs, [], outs, alignment).file_size
+
+
+def layout_bytes(lay: P.Layout) -> int:
+    """Bytes on disk of what a plan writes: new shared files exactly, adaptors' tensors plus their records."""
+    shared = sum(shared_file_bytes(f.tensors, f.position) for f in lay.files if f.fixed is None)
+    adaptors = sum(x.nbytes for ts in lay.adaptor_tensors.values() for x in ts)
+    records = ADAPTOR_RECORD_BYTES * sum(len(v) for v in lay.task_files.values())
+    return shared + adaptors + records
+
+
+# --- planning as split and add do --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    cut: P.Cut
+    cap: int | None
+    file_cost: int
+
+    def plan(self, models: Mapping[str, Sequence[TensorId]], fixed: Sequence[P.FixedFile] = ()) -> P.Layout:
+        return P.plan_layout(models, cut=self.cut, max_shared_files=self.cap, max_files=self.cap,
+                             file_cost=self.file_cost, fixed_files=fixed)
+
+
+TODAY = Variant("today (0.2)", P.NO_CUT, None, P.DEFAULT_FILE_COST)
+PER_TENSOR = Variant("per tensor", P.Cut("tensor"), None, 0)
+
+
+def variant(cut: str) -> Variant:
+    if cut == "today":
+        return TODAY
+    if cut == "per-tensor":
+        return PER_TENSOR
+    return Variant(f"{cut}, cap {CAP}", P.Cut.parse(cut), CAP, P.DEFAULT_FILE_COST)
+
+
+class Split:
+    """A split's state as `add` sees it: every task's identities and every shared file, never changed."""
+
+    def __init__(self, v: Variant, models: Mapping[str, Sequence[TensorId]]) -> None:
+        self.v = v
+        self.ids = dict(models)
+        self.fixed: list[P.FixedFile] = []
+        self.task_files: dict[str, int] = {}
+        self.task_holes: dict[str, int] = {}
+        self.bytes = 0
+        self.tensor_bytes = 0
+        self._take(v.plan(models))
+
+    def _take(self, lay: P.Layout) -> None:
+        for k, f in enumerate(lay.files):
+            if f.fixed is None:
+                self.fixed.append(P.FixedFile(f"f{len(self.fixed)}-{k}", f.position, f.tensors))
+        for t, idx in lay.task_files.items():
+            self.task_files[t] = len(idx)
+            self.task_holes[t] = sum(lay.files[i].kind == P.HOLE for i in idx)
+        self.bytes += layout_bytes(lay)
+        assert lay.stats is not None
+        self.tensor_bytes += lay.stats.stored_bytes
+        self.last = lay
+
+    def add(self, task: str, ids: Sequence[TensorId]) -> dict[str, int]:
+        """Plan `add` of one task; returns what it writes and reuses."""
+        lay = self.v.plan({task: ids}, self.fixed)
+        reused = sum(lay.files[i].nbytes for i in lay.task_files[task] if lay.files[i].fixed is not None)
+        in_shared = {x for f in self.fixed for x in f.tensors}
+        held = {x for t, xs in self.ids.items() for x in xs}
+        stuck = sum(x.nbytes for x in ids if x in held and x not in in_shared)
+        before = self.bytes
+        assert lay.stats is not None
+        written = lay.stats.stored_bytes
+        self._take(lay)
+        self.ids[task] = list(ids)
+        return {"written": written, "reused": reused, "stuck": stuck, "disk": self.bytes - before,
+                "files": self.task_files[task], "holes": self.task_holes[task]}
+
+
+def floor_bytes(existing: Mapping[str, Sequence[TensorId]], new: Sequence[TensorId]) -> int:
+    held = {x for xs in existing.values() for x in xs}
+    return sum(x.nbytes for x in new if x not in held)
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+def scenario_rows(models: Mapping[str, Sequence[TensorId]], cuts: Sequence[str]) -> list[str]:
+    lines = []
+    missed: dict[str, int] = {c: 0 for c in cuts}
+    for existing, new in SCENARIOS:
+        if new not in models or any(t not in models for t in existing):
+            continue
+        ex = {t: models[t] for t in existing}
+        floor = floor_bytes(ex, models[new])
+        res = {}
+        for c in ["today", "per-tensor", *cuts]:
+            if c in res:
+                continue
+            v = variant(c)
+            s = Split(v, ex)
+            r = s.add(new, models[new])
+            r["split_max_files"] = max(s.task_files[t] for t in existing)
+            res[c] = r
+        b, cc = res["today"]["written"], res["per-tensor"]["written"]
+        lines.append(f"{'+'.join(existing)} + {new}: model {sum(x.nbytes for x in models[new]) / MB:.1f} MB, "
+                     f"(a) floor {floor / MB:.1f} MB, (b) today {b / MB:.1f} MB, (c) per tensor {cc / MB:.1f} MB; "
+                     f"held in an existing adaptor {res['today']['stuck'] / MB:.1f} MB")
+        for c in cuts:
+            r = res[c]
+            w = r["written"]
+            ok1 = w <= 1.2 * cc
+            ok2 = w * 2 <= b or b - cc <= 20 * MB or cc * 2 > b  # where (c) itself is not 2x below (b): unattainable
+            missed[c] += not (ok1 and ok2)
+            goal2 = "" if b - cc <= 20 * MB else " [>= 2: unattainable, (b)/(c) = %.2f]" % (b / cc) if cc * 2 > b \
+                else f" [>= 2: {'ok' if ok2 else 'MISS'}]"
+            lines.append(f"    {variant(c).label:<22} writes {w / MB:7.1f} MB = {w / max(cc, 1):5.2f} x (c) "
+                         f"[<= 1.2: {'ok' if ok1 else 'MISS'}], {b / max(w, 1):5.2f}x less than (b){goal2}; "
+                         f"reuses {r['reused'] / MB:6.1f} MB; files: split <= {r['split_max_files']:>2}, "
+                         f"new task {r['files']:>2} ({r['holes']} holes)")
+    lines.append("  goals (every scenario: <= 1.2 x (c), >= 2x less than (b) where attainable): " + ", ".join(
+        f"{variant(c).label} {'all met' if not k else f'{k} missed'}" for c, k in missed.items()))
+    return lines
+
+
+def sequence_rows(models: Mapping[str, Sequence[TensorId]], cuts: Sequence[str]) -> list[str]:
+    order = [t for t in models if t not in FIRST]
+    lines = [f"sequence: split {'+'.join(FIRST)}, then add {', '.join(order)} one by one"]
+    today_fresh = None
+    for c in ["today", *cuts]:
+        v = variant(c)
+        s = Split(v, {t: models[t] for t in FIRST})
+        steps = []
+        for t in order:
+            r = s.add(t, models[t])
+            steps.append(f"{t} {r['written'] / MB:.0f}")
+        fresh = v.plan(models)
+        fresh_disk = layout_bytes(fresh)
+        if c == "today":
+            today_fresh = fresh_disk
+        assert fresh.stats is not None and today_fresh is not None
+        ratio = s.bytes / fresh_disk
+        lines.append(f"    {v.label:<22} total {s.bytes / MB:7.1f} MB = {ratio:.3f} x fresh ({fresh_disk / MB:.1f} MB) "
+                     f"[<= 1.25: {'ok' if ratio <= 1.25 else 'MISS'}]; fresh = {fresh_disk / today_fresh:.4f} x "
+                     f"today's fresh [<= 1.005: {'ok' if fresh_disk <= 1.005 * today_fresh else 'MISS'}], "
+                     f"{fresh.stats.pieces} files of {fresh.stats.groups} groups, <= {fresh.stats.max_task_files} "
+                     f"per task, {fresh.stats.holes} holes; adds wrote (MB): {', '.join(steps)}")
+    return lines
+
+
+def sweep_rows(models: Mapping[str, Sequence[TensorId]], cuts: Sequence[str]) -> list[str]:
+    """Every partial-depth fine-tune: the FFN (or the attention) of the top k layers, k = 1..n, added to a split
+    of base + qv: how far each cut's add is from (c), on average and at worst. Block boundaries suit some
+    ranges better than others; this says how each cut does over all of them."""
+    base = models["base"]
+    n = n_layers(base)
+    ex = {t: models[t] for t in ("base", "qv")}
+    lines = [f"sweep: base+qv + the FFN or the attention (q, k, v, output) of the top k layers, k = 1..{n}: "
+             "add writes / (c), mean and worst; files per task (split, new task)"]
+    for c in cuts:
+        v = variant(c)
+        ratios: dict[str, list[float]] = {"ffn": [], "attn": []}
+        files = [0, 0]
+        for kind, roles in (("ffn", ("ffn_gate", "ffn_up", "ffn_down")), ("attn", ("attn_q", "attn_k", "attn_v",
+                                                                                   "attn_output"))):
+            for k in range(1, n + 1):
+                t = {f"blk.{i}.{r}.weight" for i in range(n - k, n) for r in roles}
+                new = [TensorId(x.name, Q.F16, x.shape, xxhash.xxh3_128_digest(f"top{k}:{x.name}".encode()),
+                                2 * _elements(x.shape)) if x.name in t else x for x in base]
+                cc = Split(PER_TENSOR, ex).add("new", new)["written"]
+                s = Split(v, ex)
+                r = s.add("new", new)
+                ratios[kind].append(r["written"] / cc)
+                files = [max(files[0], max(s.task_files[t] for t in ex)), max(files[1], r["files"])]
+        parts = [f"{kind} {sum(r) / len(r):.3f} (worst {max(r):.3f})" for kind, r in ratios.items()]
+        lines.append(f"    {v.label:<22} {', '.join(parts)}; files <= {files[0]} (split), {files[1]} (new task)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", choices=("auto", "sets", "synthetic"), default="auto")
+    ap.add_argument("--cuts", nargs="+", default=[str(P.DEFAULT_CUT)],
+                    help="cuts to measure (none, role, role:N, tensor), each with the default cap and file cost")
+    ap.add_argument("--sweep", action="store_true", help="also every top-k-layers fine-tune (slower)")
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    for label, models in model_sets(a.source).items():
+        print(f"== {label}: tasks {', '.join(models)}; {n_layers(models['base'])} layers")
+        for line in scenario_rows(models, a.cuts):
+            print(line)
+        for line in sequence_rows(models, a.cuts):
+            print(line)
+        if a.sweep:
+            for line in sweep_rows(models, a.cuts):
+                print(line)
+    print(f"({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
