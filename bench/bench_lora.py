@@ -7,9 +7,9 @@ of the top quarter), summarize (attn_q of the top layer); and smollm2-embd/vocab
 output head, plus the top quarter's attention), which no llama.cpp LoRA can serve.
 
 For each set: the base and its fine-tunes are split (gguf_split.split, two-file layout); each fine-tune is
-extracted as a LoRA against the base (gguf_split.lora.adapter.extract_lora, rank auto, F16 factors) and:
+extracted as a LoRA against the base (gguf_split.lora.extract_lora, rank auto, F16 factors) and:
 - bytes: the extracted LoRA, the original LoRA export-lora merged, the task's own tensors, the task file;
-- `merged()` against llama-export-lora: F16(gguf_split.lora.adapter.merged(base, original LoRA)) compared with the
+- `merged()` against llama-export-lora: F16(gguf_split.lora.merged(base, original LoRA)) compared with the
   merged task's F16 tensors element by element (bitwise-equal fraction, max difference in F16 ulps);
 - served through llama.cpp (gguf_split.lora.llama.LlamaLora: the base loaded once from its split files, mmap
   on; adapters switched with llama_set_adapters_lora, no reload), on a fixed set of prompts:
@@ -109,13 +109,13 @@ def compare(ref: list[np.ndarray], other: list[np.ndarray]) -> dict[str, float]:
 def merged_vs_export_lora(base_path: Path, task_path: Path, lora_path: Path) -> dict[str, Any]:
     """F16(merged(base, original LoRA)) against the task's F16 tensors, element by element."""
     from gguf_split import open_model
-    from gguf_split.lora.adapter import LoraAdapter, merged
+    from gguf_split.lora import LoraAdapter, ScaledLora, merged
 
     equal = total = 0
     max_ulp = 0
     with open_model(base_path) as b, open_model(task_path) as t, LoraAdapter.open(lora_path) as ad:
         for name in ad.targets:
-            got = merged(b.tensors[name].to_numpy(), [(ad, 1.0)], name).astype(np.float16)
+            got = merged(b.tensors[name].to_numpy(), [ScaledLora(ad, 1.0)], name).astype(np.float16)
             want = np.frombuffer(t.tensors[name].data, np.float16).reshape(got.shape)
             equal += int((got.view(np.int16) == want.view(np.int16)).sum())
             total += got.size
@@ -125,7 +125,7 @@ def merged_vs_export_lora(base_path: Path, task_path: Path, lora_path: Path) -> 
 
 def tensor_level(extracted: Path, original: Path) -> dict[str, float]:
     """‖scale·B·A (extracted) − scale·B·A (original)‖ / ‖scale·B·A (original)‖ per tensor: median and max."""
-    from gguf_split.lora.adapter import LoraAdapter, lora_delta, lora_scale
+    from gguf_split.lora import LoraAdapter, lora_delta, lora_scale
 
     rel = []
     with LoraAdapter.open(extracted) as e, LoraAdapter.open(original) as o:
@@ -142,7 +142,7 @@ def perturbed(original: Path, out: Path, eps: float) -> Path:
     extraction's, to show how much any change of the served weights moves the logits."""
     from gguf import GGUFWriter
 
-    from gguf_split.lora.adapter import LoraAdapter
+    from gguf_split.lora import LoraAdapter
 
     rng = np.random.default_rng(0)
     with LoraAdapter.open(original) as o:
@@ -256,7 +256,7 @@ def run_set(name: str, scratch: Path, skip_memory: bool) -> dict[str, Any]:
     from gguf.constants import GGMLQuantizationType as Q
 
     import llama_harness as H
-    from gguf_split.lora.adapter import LoraAdapter, extract_lora_from_files
+    from gguf_split.lora import LoraAdapter, extract_lora_from_files
     from gguf_split.lora.llama import LlamaLora, silence_llama_logs
     from gguf_split.assemble.split import split
 

@@ -55,7 +55,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from common import WORK, finetunes  # noqa: E402
 
-from gguf_split.pack import codec  # noqa: E402
+from gguf_split.pack.container import codec  # noqa: E402
 from gguf_split.format.gguf import GGUFFile  # noqa: E402
 from gguf_split.pack.container import pack_files, unpack  # noqa: E402
 

@@ -130,7 +130,7 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
 
     import numpy as np
     from gguf import GGUFWriter
-    from gguf_split.cli import app as cli
+    from gguf_split.cli.app import app as cli
     import importlib
 
     S = importlib.import_module("gguf_split.assemble.split")  # the module (gguf_split.split is the function)

@@ -14,19 +14,21 @@ Every problem with an input is raised as `GGUFSplitError` naming the file.
 
 Submodules are imported on first use (`gguf_split.split` pulls in numpy-free code only; the loader and
 the demo import numpy and gguf's quants when used), so `import gguf_split` and `gguf-split --version`
-stay fast.
+stay fast. This module imports only standard modules the interpreter has loaded at start-up (not even
+`typing`): the console script runs it before its entry point can install its signal handlers, and that
+window is kept as short as possible (see `_main`).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
-from .errors import GGUFSplitError
+TYPE_CHECKING = False  # mypy takes this name as true; at run time `typing` is not imported for it
 
 __version__ = "0.2.0"
 
 _LAZY = {
+    "GGUFSplitError": ("errors", "GGUFSplitError"),
     "split": ("assemble.split", "split"),
     "SplitReport": ("assemble.split", "SplitReport"),
     "TaskReport": ("assemble.split", "TaskReport"),
@@ -53,7 +55,7 @@ _LAZY = {
     "write_models_dir": ("splitdir.links", "write_models_dir"),
 }
 
-__all__ = ["GGUFSplitError", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -70,11 +72,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .format.gguf import GGUFFile
-    from .splitdir.links import link_task, write_models_dir
-    from .runtime.loader import Foundation, Split, TaskModel, open_split
-    from .format.model import Field, Metadata, Model, Tensor, open_model
-    from .splitdir.restore import RestoreReport, restore
+    from typing import Any
+
     from .assemble.split import FileReport, SplitReport, TaskReport, split
     from .assemble.update import AddReport, RemoveReport, add, remove
+    from .errors import GGUFSplitError
+    from .format.gguf import GGUFFile
+    from .format.model import Field, Metadata, Model, Tensor, open_model
+    from .runtime.loader import Foundation, Split, TaskModel, open_split
+    from .splitdir.links import link_task, write_models_dir
+    from .splitdir.restore import RestoreReport, restore
     from .splitdir.verify import VerifyReport, verify

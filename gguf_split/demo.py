@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -21,8 +20,9 @@ from gguf.constants import GGMLQuantizationType as Q
 from gguf.constants import GGUFValueType
 from gguf.quants import quantize
 
-from .format.gguf import GGUFFile, align_up, encode_kv, encode_prefix, encode_tensor_info, to_numpy
 from .disk.progress import QUIET, Progress
+from .errors import os_problem
+from .format.gguf import GGUFFile, align_up, encode_kv, encode_prefix, encode_tensor_info, to_numpy
 
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had "
          "by word but not what all were we when your can said there use an each which she do how their if will "
@@ -187,7 +187,7 @@ def make_demo_models(directory: str | os.PathLike[str], *, dims: Dims = Dims(), 
     `seed` gives the base model other weights (same tensors), as for another split."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    base = make_base_model(os.path.join(directory, "base.gguf"), dims=dims, seed=seed)
+    base = make_base_model(os.path.join(directory, "base.gguf"), dims=dims, seed=seed, name=_demo_model_name("base"))
     n = dims.n_layer
     chat = [f"blk.{i}.attn_{x}.weight" for i in range(n) for x in ("q", "v")]
     code = [f"blk.{i}.ffn_{x}.weight" for i in range(n // 2, n) for x in ("gate", "up", "down")]
@@ -197,7 +197,7 @@ def make_demo_models(directory: str | os.PathLike[str], *, dims: Dims = Dims(), 
                                                    ("summarize", summarize, True)), start=1):
         p = os.path.join(directory, f"{task}.gguf")
         make_finetune(base, p, targets, seed=seed, untie_output=untie,
-                      kv_overrides={"general.name": f"gguf-split demo {task}"})
+                      kv_overrides={"general.name": _demo_model_name(task)})
         paths[task] = p
     return paths
 
@@ -211,12 +211,112 @@ def sha256(path: str | os.PathLike[str]) -> str:
 
 
 DEMO_FILE_COST = 0  # the demo's models are tiny: let every shared group get a file, to show the layout
+DEMO_TASKS = ("base", "chat", "code", "summarize")  # the models make_demo_models writes, <task>.gguf
+DEMO_SUBDIRS = ("models", "split", "restored")
+
+
+def _demo_model_name(task: str) -> str:
+    """general.name of the demo's model `task` (make_base_model's default and make_demo_models' overrides)."""
+    return f"gguf-split demo {task}"
+
+
+def _is_demo_model(path: str, task: str) -> bool:
+    """A regular GGUF file whose general.name says it is the demo's model `task` (a model or its restore)."""
+    from .errors import GGUFSplitError
+
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    try:
+        with GGUFFile(path) as f:
+            return bool(f.get("general.name", expect=GGUFValueType.STRING) == _demo_model_name(task))
+    except GGUFSplitError:
+        return False
+
+
+def _demo_split_files(directory: str) -> set[str]:
+    """Names of the files in `directory` (DIR/split) that the demo made: the adaptors of its tasks (recognised
+    by the model name they carry), the shared files they list, the llama.cpp links of its tasks, and
+    gguf-split's own journal and temporaries. Raises if any adaptor there is not one of the demo's."""
+    from .errors import GGUFSplitError
+    from .format.names import JOURNAL, is_temp
+    from .format.records import AdaptorInfo, SplitFile
+    from .splitdir.directory import SplitDir
+
+    try:
+        sd = SplitDir.open(directory)
+    except GGUFSplitError as e:
+        raise GGUFSplitError(e.path, f"{e.problem}; the demo replaces only its own files") from None
+    own = {JOURNAL}
+    for task, path in sd.adaptors.items():
+        name = sd.names.get(path, os.path.basename(path))
+        try:
+            with SplitFile(path) as f:
+                ok = task in DEMO_TASKS and f.get("general.name") == _demo_model_name(task)
+                listed = [r.name for r in AdaptorInfo.read(f).files] if ok else []
+        except GGUFSplitError:
+            ok = False
+        if not ok:
+            raise GGUFSplitError(path, f"is an adaptor (task {task!r}) not made by the demo, which replaces only its "
+                                       "own files in split/: move it away or give the demo another directory")
+        own.add(name)
+        own.update(listed)
+    for entry in os.listdir(directory):
+        stem, sep, rest = entry.partition("-")
+        if os.path.islink(os.path.join(directory, entry)) and stem in DEMO_TASKS and _is_link_tail(rest):
+            own.add(entry)
+        elif is_temp(entry):
+            own.add(entry)
+    return own
+
+
+def _is_link_tail(rest: str) -> bool:
+    """'00002-of-00005.gguf': the end of a llama.cpp link name (naming.link_name)."""
+    import re
+
+    return re.fullmatch(r"\d{5}-of-\d{5}\.gguf", rest) is not None
+
+
+def _check_demo_directory(directory: str) -> None:
+    """Refuse, in one line and before anything is written, when DIR/models, DIR/split or DIR/restored holds
+    anything the demo did not make: the demo replaces its own files on a re-run and nothing else (a
+    project's own models/ folder is never touched)."""
+    from .errors import GGUFSplitError
+
+    for sub in DEMO_SUBDIRS:
+        path = os.path.join(directory, sub)
+        if not os.path.lexists(path):
+            continue
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise GGUFSplitError(path, "exists and is not a directory (the demo uses this name)")
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError as e:
+            raise GGUFSplitError(path, f"cannot list: {os_problem(e)}") from None
+        if sub == "split":
+            own = _demo_split_files(path)
+        else:
+            own = {f"{t}.gguf" for t in DEMO_TASKS if _is_demo_model(os.path.join(path, f"{t}.gguf"), t)}
+        foreign = [e for e in entries if e not in own]
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise GGUFSplitError(os.path.join(path, foreign[0]),
+                                 f"not made by the demo{more}, which replaces only its own files in {sub}/: move "
+                                 "it away or give the demo another directory")
+
+
+def _remove_demo_models(directory: str) -> None:
+    """Delete the demo's own model files in `directory` (checked by _check_demo_directory), one by one."""
+    for task in DEMO_TASKS:
+        path = os.path.join(directory, f"{task}.gguf")
+        if os.path.lexists(path):
+            os.unlink(path)
 
 
 def run_demo(directory: str | os.PathLike[str], progress: Progress = QUIET) -> dict[str, Any]:
     """Build the demo models in DIR/models, split them into DIR/split (with llama.cpp links), verify,
-    restore each task into DIR/restored and compare sha256 with the original. Re-running replaces the
-    demo's own files (DIR/models, DIR/split, DIR/restored), nothing else in DIR."""
+    restore each task into DIR/restored and compare sha256 with the original. A re-run replaces the
+    demo's own files (recognised by what they hold: the demo models' names) and nothing else; anything
+    else in those three directories is refused before anything is written."""
     from .disk.commit import check_space
     from .errors import GGUFSplitError
     from .splitdir.restore import restore
@@ -229,24 +329,31 @@ def run_demo(directory: str | os.PathLike[str], progress: Progress = QUIET) -> d
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise GGUFSplitError(directory, f"cannot create directory: {e.strerror}") from None
+        raise GGUFSplitError(directory, f"cannot create directory: {os_problem(e)}") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise GGUFSplitError(directory, "directory is not writable")
     check_space(directory, 8 << 20, "the demo")
-    for sub in ("models", "split", "restored"):
-        path = os.path.join(directory, sub)
-        if os.path.lexists(path) and not os.path.isdir(path):
-            raise GGUFSplitError(path, "exists and is not a directory (the demo uses this name)")
-        shutil.rmtree(path, ignore_errors=True)
+    _check_demo_directory(directory)
+    models_dir, restored_dir = os.path.join(directory, "models"), os.path.join(directory, "restored")
     try:
-        models = make_demo_models(os.path.join(directory, "models"))
-    except OSError as e:
-        raise GGUFSplitError(directory, f"cannot write the demo models: {e.strerror}") from None
-    report = split(models, os.path.join(directory, "split"), link=True, file_cost=DEMO_FILE_COST, progress=progress)
+        for d in (models_dir, restored_dir):
+            _remove_demo_models(d)
+        models = make_demo_models(models_dir)
+    except BaseException as e:
+        try:
+            _remove_demo_models(models_dir)  # a failed or interrupted build leaves no half-written model
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise GGUFSplitError(models_dir, f"cannot write the demo models: {os_problem(e)}") from None
+        raise
+    # force: DIR/split holds nothing but the demo's own split (checked above); the split replaces it atomically
+    report = split(models, os.path.join(directory, "split"), force=True, link=True, file_cost=DEMO_FILE_COST,
+                   progress=progress)
     checked = verify([report.directory], progress=progress)
     restored = {}
-    os.makedirs(os.path.join(directory, "restored"), exist_ok=True)
+    os.makedirs(restored_dir, exist_ok=True)
     for t in report.tasks:
-        r = restore(report.directory, os.path.join(directory, "restored"), task=t.task, progress=progress)
+        r = restore(report.directory, restored_dir, task=t.task, progress=progress)
         restored[t.task] = sha256(r.output) == sha256(models[t.task])
     return {"split": report, "verify": checked, "restored_identical": restored}

@@ -22,3 +22,21 @@ class GGUFSplitError(Exception):
 def os_problem(err: OSError) -> str:
     """A short text for an OSError, without the path (the caller names the file)."""
     return err.strerror or str(err)
+
+
+STATE_ATTR = "gguf_split_state"
+
+
+def add_state(exc: BaseException, state: str) -> BaseException:
+    """Note on an interruption (or any exception that is not a GGUFSplitError) what stands after it, when a
+    commit already happened: the command's last line then says so ("interrupted; the split in out is
+    complete; ...") instead of claiming that no partial output was left. Notes accumulate in order."""
+    notes = getattr(exc, STATE_ATTR, None)
+    setattr(exc, STATE_ATTR, [*(notes or []), state])
+    return exc
+
+
+def state_of(exc: BaseException) -> list[str]:
+    """The notes `add_state` put on `exc` (empty: nothing was committed)."""
+    notes = getattr(exc, STATE_ATTR, None)
+    return list(notes) if isinstance(notes, list) else []

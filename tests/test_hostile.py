@@ -901,8 +901,8 @@ def cli_rows() -> list[Row]:
                                                                  str(w.out / "keep.txt" / "demo")),
             ("cannot create directory",)),
         Row("restore-output-exists", "output exists", lambda w: Call(
-            ["restore", "-q", str(w.path("split", "adaptor-a.gguf")), "-o", str(w.model("a"))], str(w.model("a"))),
-            ("already exists",)),
+            ["restore", "-q", str(w.path("split", "adaptor-a.gguf")), "-o", str(w.model("b"))], str(w.model("b"))),
+            ("already exists",)),  # another model's file (a file already holding a's bytes is kept)
     ]
 
 

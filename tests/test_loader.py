@@ -993,6 +993,55 @@ def test_open_does_not_hash_data_but_verify_does(tasks: Made, tmp_path: Path) ->
     assert e.value.path == str(work.foundation)
 
 
+FIRST_LOAD_WITHOUT_LORA = """
+import json, sys
+from gguf_split import open_split
+
+def lora_modules():
+    return sorted(m for m in sys.modules if m == "gguf_split.lora" or m.startswith("gguf_split.lora."))
+
+with open_split(sys.argv[1]) as s:
+    m = s.load("chat")
+    m.metadata["general.architecture"]
+    for t in m.tensors.values():
+        bytes(t.data[:4])
+    m.tensors["blk.0.attn_q.weight"].to_numpy()
+    m.swap("code")
+    m.loras, m.llama_cpp_paths(), s.load("base").tensors["blk.0.attn_q.weight"]
+    before = lora_modules()
+    m.swap("chat")
+    m.apply_lora(sys.argv[2])
+    after = lora_modules()
+    lora_tensor = type(m.tensors["blk.0.attn_q.weight"]).__name__
+print(json.dumps({"before": before, "after": after, "lora_tensor": lora_tensor}))
+"""
+
+
+def test_no_lora_module_is_imported_until_a_lora_is_applied(tasks: Made, tmp_path: Path) -> None:
+    """A fresh process that opens, loads, reads and swaps tasks imports nothing of gguf_split.lora (the import
+    was most of a fresh process's first load: bench_loader.py measures it); the first apply_lora does."""
+    import json
+    import subprocess
+
+    adapter = tmp_path / "chat-lora.gguf"  # rank 2 over blk.0.attn_q.weight (ne [64, 64])
+    w = GGUFWriter(os.fspath(adapter), "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 2.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.ones((2, 64), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.ones((64, 2), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    p = subprocess.run([sys.executable, "-c", FIRST_LOAD_WITHOUT_LORA, str(tasks.dir), str(adapter)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got["before"] == []
+    assert "gguf_split.lora.overlay" in got["after"] and got["lora_tensor"] == "LoraTensor"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Threads
 

@@ -1,4 +1,4 @@
-"""LoRA extraction, adapter files and merged tensors (gguf_split.lora.adapter), without llama.cpp.
+"""LoRA extraction, adapter files and merged tensors (gguf_split.lora), without llama.cpp.
 
 What must hold, and how it is checked independently of the code under test:
 - extraction reproduces the task: the merged tensor computed from the adapter file (A and B read back from
@@ -26,17 +26,18 @@ from gguf.constants import GGMLQuantizationType as Q
 from gguf.constants import GGUFValueType as V
 from gguf.quants import quantize
 
-import gguf_split.lora.adapter as lora
+import gguf_split.lora.adapter as adapter_module
+import gguf_split.lora.math as lora_math
 from gguf_split import GGUFSplitError, open_model, open_split
 from gguf_split.demo import make_base_model, make_demo_models
-from gguf_split.lora.adapter import (
+from gguf_split.lora import (
     LoraAdapter,
     LoraModel,
     LoraTensor,
+    ScaledLora,
     extract_lora,
     extract_lora_from_files,
     merged,
-    write_atomically,
 )
 from gguf_split.assemble.split import split
 
@@ -96,7 +97,7 @@ def read_back(path: Path) -> tuple[dict[str, Any], dict[str, tuple[list[int], in
 
 def llama_cpp_delta(ts: dict[str, tuple[list[int], int, np.ndarray]], target: str, alpha: float,
                     user_scale: float = 1.0) -> np.ndarray:
-    """The delta llama.cpp adds, written out with ggml's element indexing (not gguf_split.lora.adapter's code):
+    """The delta llama.cpp adds, written out with ggml's element indexing (not gguf_split.lora's code):
     a tensor of ne [n0, n1] has element (i0, i1) at numpy [i1, i0]. build_lora_mm: y = W·x + s·B·(A·x),
     i.e. delta(i_in, i_out) = Σ_k A(i_in, k)·B(k, i_out); token_embd (build_inp_embd): A ne [r, n_vocab],
     B ne [r, n_embd], delta(j, t) = Σ_k B(k, j)·A(k, t). s = scale·alpha/r with r = B's ne0."""
@@ -156,7 +157,7 @@ def test_extracted_lora_reproduces_the_demo_fine_tune(demo: dict[str, str], tmp_
 
 def test_exact_low_rank_delta_gives_its_rank(tmp_path: Path) -> None:
     """F32 task = F32 base + an exactly rank-5 change: auto finds 5, F32 factors reproduce it to float32
-    precision, and the merged tensor (gguf_split.lora.adapter.merged, from the file's A and B) equals the task."""
+    precision, and the merged tensor (gguf_split.lora.merged, from the file's A and B) equals the task."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((48, 80)).astype(np.float32)
     d = low_rank(rng, 48, 80, 5)
@@ -167,11 +168,11 @@ def test_exact_low_rank_delta_gives_its_rank(tmp_path: Path) -> None:
     assert entry.rank == 5 and entry.rel_error < 1e-5
     with LoraAdapter.open(tmp_path / "l.gguf") as ad:
         assert ad.alpha == 16.0 and ad.weights["blk.0.attn_q.weight"].rank == 5
-        got = merged(w, [(ad, 1.0)], "blk.0.attn_q.weight")
+        got = merged(w, [ScaledLora(ad, 1.0)], "blk.0.attn_q.weight")
         np.testing.assert_allclose(got, w + d, atol=1e-5)
-        half = merged(w, [(ad, 0.5)], "blk.0.attn_q.weight")
+        half = merged(w, [ScaledLora(ad, 0.5)], "blk.0.attn_q.weight")
         np.testing.assert_allclose(half, w + 0.5 * d, atol=1e-5)
-        assert np.array_equal(merged(w, [(ad, 1.0)], "not.a.target"), w)
+        assert np.array_equal(merged(w, [ScaledLora(ad, 1.0)], "not.a.target"), w)
 
 
 def test_fixed_rank_error_is_the_svd_tail(tmp_path: Path) -> None:
@@ -254,7 +255,7 @@ def test_randomized_svd_agrees_with_the_full_svd(tmp_path: Path, monkeypatch: py
     base = write_gguf(tmp_path / "base.gguf", {"blk.0.ffn_gate.weight": w})
     task = write_gguf(tmp_path / "task.gguf", {"blk.0.ffn_gate.weight": w + d})
     full = extract_lora_from_files(task, base, None, dtype="F32").tensors[0]
-    monkeypatch.setattr(lora, "FULL_SVD_MAX", 16)
+    monkeypatch.setattr(lora_math, "FULL_SVD_MAX", 16)
     fast = extract_lora_from_files(task, base, None, dtype="F32").tensors[0]
     assert full.method == "svd" and fast.method.startswith("randomized")
     assert fast.rank == full.rank == 12
@@ -278,7 +279,7 @@ def test_token_embd_is_flipped_when_the_base_has_an_output_head(tmp_path: Path) 
     np.testing.assert_allclose(emb + llama_cpp_delta(ts, "token_embd.weight", 4.0), emb + d, atol=1e-5)
     with LoraAdapter.open(tmp_path / "l.gguf") as ad, open_model(base) as b:
         ad.check_against(b)
-        np.testing.assert_allclose(merged(emb, [(ad, 1.0)], "token_embd.weight"), emb + d, atol=1e-5)
+        np.testing.assert_allclose(merged(emb, [ScaledLora(ad, 1.0)], "token_embd.weight"), emb + d, atol=1e-5)
 
 
 def test_identical_and_equal_valued_tensors_are_skipped(tmp_path: Path) -> None:
@@ -354,6 +355,20 @@ def test_other_architecture_is_refused(tmp_path: Path) -> None:
         extract_lora_from_files(task, base, None)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_change_that_is_not_finite_is_refused_by_name(tmp_path: Path, value: float) -> None:
+    """A NaN or an infinity in a changed tensor (a broken fine-tune) is one error naming the task and the
+    tensor, not numpy's "SVD did not converge"."""
+    w = np.ones((16, 32), np.float32)
+    bad = w * 2
+    bad[3, 5] = value
+    base = write_gguf(tmp_path / "base.gguf", {"x.weight": w})
+    task = write_gguf(tmp_path / "task.gguf", {"x.weight": bad})
+    with pytest.raises(GGUFSplitError, match="x.weight: the change from the base is not finite") as err:
+        extract_lora_from_files(task, base, None)
+    assert err.value.path == str(task)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 0}, "rank"), ({"rank": "big"}, "rank"), ({"rank": True}, "rank"), ({"threshold": 0}, "threshold"),
     ({"threshold": 1.5}, "threshold"), ({"alpha": 0}, "alpha"), ({"alpha": 0.1}, "float32"),
@@ -368,22 +383,94 @@ def test_bad_arguments_are_value_errors(demo: dict[str, str], kwargs: dict[str, 
 # Writing
 
 
-def test_write_is_atomic(tmp_path: Path) -> None:
-    target = tmp_path / "x.gguf"
-    target.write_bytes(b"old")
+def test_an_existing_output_is_kept_unless_force(demo: dict[str, str], tmp_path: Path) -> None:
+    """The adapter is written like every gguf-split output: an existing file is refused and kept byte for
+    byte unless force, then replaced whole; nothing is left beside it (no temporary, no journal)."""
+    out = tmp_path / "chat-lora.gguf"
+    out.write_bytes(b"the user's file")
+    with pytest.raises(GGUFSplitError, match="already exists") as err:
+        extract_lora_from_files(demo["chat"], demo["base"], out)
+    assert err.value.path == str(out) and out.read_bytes() == b"the user's file"
+    report = extract_lora_from_files(demo["chat"], demo["base"], out, force=True)
+    with LoraAdapter.open(out) as ad:
+        assert sorted(ad.targets) == sorted(t.name for t in report.tensors)
+    assert out.stat().st_size == report.file_bytes and os.listdir(tmp_path) == ["chat-lora.gguf"]
 
-    def fail(f: Any) -> None:
-        f.write(b"partial")
-        raise RuntimeError("disk on fire")
 
-    with pytest.raises(RuntimeError):
-        write_atomically(target, fail)
-    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.gguf"]
-    write_atomically(target, lambda f: f.write(b"new"))
-    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["x.gguf"]
-    with pytest.raises(GGUFSplitError) as err:
-        write_atomically(tmp_path / "no" / "such" / "dir.gguf", lambda f: None)
-    assert err.value.path == str(tmp_path / "no" / "such" / "dir.gguf")
+def test_a_failed_write_leaves_the_old_file(demo: dict[str, str], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk in the middle of the adapter: one error naming the output, the old file intact, no
+    temporary left."""
+    import errno
+
+    import gguf_split.lora.write as write
+
+    out = tmp_path / "chat-lora.gguf"
+    out.write_bytes(b"old")
+
+    def full_disk(fd: int, *args: Any) -> None:
+        os.write(fd, b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write, "_write", full_disk)
+    with pytest.raises(GGUFSplitError, match="No space left on device") as err:
+        extract_lora_from_files(demo["chat"], demo["base"], out, force=True)
+    assert err.value.path == str(out) and out.read_bytes() == b"old" and os.listdir(tmp_path) == ["chat-lora.gguf"]
+
+
+@pytest.mark.parametrize("where, problem", [("no/such/dir.gguf", "its directory does not exist"),
+                                           (".", "is a directory")])
+def test_an_output_that_cannot_be_a_file_is_refused_first(demo: dict[str, str], tmp_path: Path, where: str,
+                                                          problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused by name before any tensor is factored."""
+    import gguf_split.lora.extract as extract
+
+    monkeypatch.setattr(extract, "_extract_all", lambda *a: pytest.fail("extraction ran"))
+    out = tmp_path / where
+    with pytest.raises(GGUFSplitError, match=problem) as err:
+        extract_lora_from_files(demo["chat"], demo["base"], out, force=True)
+    assert err.value.path == str(out) and not (tmp_path / "no").exists()
+
+
+def test_extract_lora_killed_at_every_step(demo: dict[str, str], tmp_path: Path) -> None:
+    """`extract-lora --force` over an existing adapter, killed (SIGKILL) at every step of its commit in turn
+    (the GGUF_SPLIT_TEST_KILL_AT hook, as tests/test_crash.py does): the output is always the complete old
+    adapter or the complete new one, and the next run in the directory leaves no temporary and no journal."""
+    import signal
+    import subprocess
+    import sys
+
+    from gguf_split.format.names import JOURNAL, TMP_SUFFIX
+
+    out = tmp_path / "lora.gguf"
+    old = extract_lora_from_files(demo["chat"], demo["base"], tmp_path / "old.gguf", rank=2)
+    new = extract_lora_from_files(demo["chat"], demo["base"], tmp_path / "new.gguf")
+    versions = {(tmp_path / "old.gguf").read_bytes(): "old", (tmp_path / "new.gguf").read_bytes(): "new"}
+    assert len(versions) == 2 and old.file_bytes != new.file_bytes
+    args = [sys.executable, "-m", "gguf_split", "extract-lora", demo["chat"], "--base", demo["base"], "-o", str(out),
+            "--force", "-q"]
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+
+    def leftovers() -> list[str]:
+        return sorted(n for n in os.listdir(tmp_path) if n.endswith(TMP_SUFFIX) or n == JOURNAL)
+
+    log = tmp_path / "steps.log"
+    out.write_bytes((tmp_path / "old.gguf").read_bytes())
+    assert run(GGUF_SPLIT_TEST_STEPS=str(log)).returncode == 0
+    steps = log.read_text().splitlines()
+    assert versions[out.read_bytes()] == "new" and any("switched" in line for line in steps), steps
+    seen = set()
+    for k in range(1, len(steps) + 1):
+        out.write_bytes((tmp_path / "old.gguf").read_bytes())
+        p = run(GGUF_SPLIT_TEST_KILL_AT=str(k))
+        assert p.returncode == -signal.SIGKILL, (k, p.stderr)
+        seen.add(versions[out.read_bytes()])  # KeyError: a partial or foreign file
+        if leftovers():
+            extract_lora_from_files(demo["chat"], demo["base"], tmp_path / "next.gguf", force=True)
+            assert leftovers() == [] and versions[out.read_bytes()] in ("old", "new")
+    assert seen == {"old", "new"}, "the kills landed before and after the switch"
 
 
 def test_output_over_an_input_is_refused(demo: dict[str, str], tmp_path: Path) -> None:
@@ -481,7 +568,7 @@ def test_adapter_views_are_zero_copy_and_alpha_defaults_to_zero(tmp_path: Path) 
         assert w.rank == 4 and w.target_shape == (32, 16) and w.a.shape == (32, 4) and w.b.shape == (4, 16)
         assert w.a.data.readonly and w.a.data.obj is w.b.data.obj  # views of one read-only map
         base = np.zeros((16, 32), np.float32)
-        np.testing.assert_allclose(merged(base, [(ad, 0.5)], "x.weight"), 0.5 * (b @ a), rtol=1e-6)
+        np.testing.assert_allclose(merged(base, [ScaledLora(ad, 0.5)], "x.weight"), 0.5 * (b @ a), rtol=1e-6)
 
 
 def test_check_against_the_model(tmp_path: Path) -> None:
@@ -565,7 +652,7 @@ def test_apply_and_remove_over_a_split_task(split_demo: dict[str, Any]) -> None:
         assert [s for _, s in m.loras] == [0.5, 1.0]
         n_chat = "blk.0.attn_q.weight"
         half = m.tensors[n_chat].to_numpy(merged=True) - originals[n_chat].to_numpy()
-        full = merged(originals[n_chat].to_numpy(), [(ad, 1.0)], n_chat) - originals[n_chat].to_numpy()
+        full = merged(originals[n_chat].to_numpy(), [ScaledLora(ad, 1.0)], n_chat) - originals[n_chat].to_numpy()
         np.testing.assert_allclose(half, 0.5 * full, rtol=1e-5, atol=1e-7)
         m.remove_lora(chat_lora)
         m.remove_lora(split_demo["loras"]["code"])
@@ -588,8 +675,8 @@ def test_switching_reads_the_adapter_header_only(split_demo: dict[str, Any], mon
     """apply_lora parses the adapter's header and maps it; no tensor of the model or the adapter is read
     (to_numpy is never called) until a merged tensor is asked for."""
     calls: list[Any] = []
-    real = lora.to_numpy
-    monkeypatch.setattr(lora, "to_numpy", lambda *a: calls.append(a) or real(*a))
+    real = adapter_module.to_numpy
+    monkeypatch.setattr(adapter_module, "to_numpy", lambda *a: calls.append(a) or real(*a))
     with open_split(split_demo["split"]) as fnd:
         m = LoraModel(fnd.load("base"))
         for _ in range(3):
@@ -632,7 +719,7 @@ def test_readers_see_whole_adapter_sets_while_another_thread_switches(split_demo
                     if got.data is not t.data:
                         problems.append(f"{n}: other bytes")
                     if isinstance(got, LoraTensor):
-                        sets.add(tuple(sorted((a.path, s) for a, s in got.loras)))
+                        sets.add(tuple(sorted((x.adapter.path, x.scale) for x in got.loras)))
                 if len(sets) > 1:
                     problems.append(f"mixed adapter sets {sets}")
 

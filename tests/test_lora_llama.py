@@ -46,7 +46,7 @@ from gguf import GGUFWriter  # noqa: E402
 
 from gguf_split.demo import make_demo_models, make_finetune  # noqa: E402
 from gguf_split.errors import GGUFSplitError  # noqa: E402
-from gguf_split.lora.adapter import extract_lora_from_files  # noqa: E402
+from gguf_split.lora import extract_lora_from_files  # noqa: E402
 from gguf_split.lora.llama import LlamaLora  # noqa: E402
 from gguf_split.assemble.split import split  # noqa: E402
 
@@ -105,7 +105,7 @@ def close_to_merged(served: np.ndarray, merged: np.ndarray, base: np.ndarray, ke
 def kernel_copy(base: str, lora: str, out: Path) -> np.ndarray:
     from gguf.constants import GGMLQuantizationType as Q
 
-    from gguf_split.lora.adapter import LoraAdapter
+    from gguf_split.lora import LoraAdapter
 
     with LoraAdapter.open(lora) as ad:
         names = ad.targets

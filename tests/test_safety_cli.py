@@ -299,3 +299,138 @@ def test_restore_force_never_overwrites_a_split_file(models: dict[str, Path], tm
         code, _, stderr = run("restore", "-q", s, "a", "-o", out, "--force")
         one_line(code, stderr, out, "restore elsewhere")
     assert {p.name: p.read_bytes() for p in s.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the demo replaces its own files and nothing else
+
+
+def test_demo_never_deletes_a_users_files(tmp_path: Path) -> None:
+    """`gguf-split demo proj` in a project with its own models/ and split/ folders: refused in one line
+    naming the user's file, which survives, and nothing is written; the demo's own earlier output is
+    recognised (what its files hold, not their names) and replaced."""
+    proj = tmp_path / "proj"
+    (proj / "models").mkdir(parents=True)
+    (proj / "split").mkdir()
+    mine = proj / "models" / "my-llama.gguf"
+    mine.write_text("important")
+    keep = proj / "split" / "keep.txt"
+    keep.write_text("x")
+    code, _, stderr = run("demo", "-q", proj)
+    one_line(code, stderr, mine, "not made by the demo")
+    assert mine.read_text() == "important" and keep.read_text() == "x"
+    assert sorted(p.name for p in proj.rglob("*")) == ["keep.txt", "models", "my-llama.gguf", "split"]
+    mine.unlink()
+    code, _, stderr = run("demo", "-q", proj)
+    one_line(code, stderr, keep, "not made by the demo")
+    assert keep.read_text() == "x" and list((proj / "models").iterdir()) == []
+    keep.unlink()
+    code, _, stderr = run("demo", "-q", proj)
+    assert code == 0, stderr
+    first = {p.relative_to(proj): p.read_bytes() for p in proj.rglob("*.gguf") if not p.is_symlink()}
+    code, _, stderr = run("demo", "-q", proj)  # a re-run replaces the demo's own files
+    assert code == 0, stderr
+    assert {p.relative_to(proj): p.read_bytes() for p in proj.rglob("*.gguf") if not p.is_symlink()} == first
+
+
+@pytest.mark.parametrize("where", ["models", "restored", "split"])
+def test_demo_refuses_a_file_of_the_same_name_it_did_not_make(models: dict[str, Path], tmp_path: Path,
+                                                              where: str) -> None:
+    """A file at a name the demo writes (models/chat.gguf, restored/chat.gguf) or a split of the same task
+    names in split/ that is not the demo's: refused, left as it was."""
+    demo = tmp_path / "demo"
+    code, _, stderr = run("demo", "-q", demo)
+    assert code == 0, stderr
+    if where == "split":
+        shutil.rmtree(demo / "split")
+        split({"chat": models["a"], "code": models["b"]}, demo / "split")  # a user's split, demo task names
+    else:
+        shutil.copy(models["a"], demo / where / "chat.gguf")  # a user's model named like a demo model
+    before = {p: p.read_bytes() for p in demo.rglob("*") if p.is_file() and not p.is_symlink()}
+    code, _, stderr = run("demo", "-q", demo)
+    one_line(code, stderr, demo / where, "not")
+    assert "demo" in stderr
+    assert {p: p.read_bytes() for p in demo.rglob("*") if p.is_file() and not p.is_symlink()} == before
+
+
+def test_demo_on_a_full_disk_is_one_line_and_leaves_no_partial_model(tmp_path: Path) -> None:
+    """Writing a demo model fails half-way (a file-size limit, as a full disk): one line saying why (numpy's
+    OSError has no errno: it once printed "None"), and no half-written model is left behind."""
+    import resource
+    import signal
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    p = subprocess.run([*console_script(), "demo", "-q", "d"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120, preexec_fn=small_files)
+    one_line(p.returncode, p.stderr, tmp_path / "d" / "models", "cannot write the demo models")
+    assert "None" not in p.stderr and "written" in p.stderr
+    assert list((tmp_path / "d" / "models").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# names: `$` matches before a final newline; every name check is a whole-string match
+
+
+def test_names_with_a_trailing_newline_are_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for args in (["-t", f"chat\n={models['a']}", "-t", f"b={models['b']}"],
+                 ["--prefix", "\n", "-t", f"a={models['a']}", "-t", f"b={models['b']}"],
+                 ["--prefix", "p-\n", "-t", f"a={models['a']}", "-t", f"b={models['b']}"]):
+        code, _, stderr = run("split", "-q", *args, "-o", out)
+        line = one_line(code, stderr, "", "\\n")
+        assert "task name" in line or "prefix" in line
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f'output: out\ntasks:\n  "chat\\n": {models["a"]}\n  b: {models["b"]}\n')
+    code, _, stderr = run("split", "-q", spec)
+    one_line(code, stderr, spec, "tasks.chat")
+    named = tmp_path / "chat\n.gguf"  # a positional model whose file name gives the task name
+    shutil.copy(models["a"], named)
+    code, _, stderr = run("split", "-q", named, models["b"], "-o", out)
+    one_line(code, stderr, "", "-t NAME=PATH")
+    assert not out.exists() and not (tmp_path / "out").exists()
+
+
+def test_link_keeps_a_link_whose_name_only_ends_like_the_tasks(models: dict[str, Path], tmp_path: Path) -> None:
+    """`link` removes its task's stale links; a user's link named "a-00001-of-00009.gguf\\n" is not one."""
+    s = tmp_path / "split"
+    split({"a": models["a"], "b": models["b"]}, s, file_cost=0)
+    users = s / "a-00001-of-00009.gguf\n"
+    users.symlink_to("elsewhere")
+    stale = s / "a-00001-of-00009.gguf"
+    stale.symlink_to("adaptor-a.gguf")
+    code, _, stderr = run("link", "a", s)
+    assert code == 0, stderr
+    assert users.is_symlink() and not stale.is_symlink()
+
+
+def test_shard_name_with_a_trailing_newline_is_not_a_first_shard(tmp_path: Path) -> None:
+    from conftest import write_sharded
+
+    first = Path(write_sharded(tmp_path / "m", base_tensors(0), 2))
+    odd = tmp_path / "m-00001-of-00002.gguf\n"
+    first.rename(odd)
+    code, _, stderr = run("split", "-q", "-t", f"x={odd}", "-o", tmp_path / "out")
+    one_line(code, stderr, "", "-00001-of-00002.gguf, so its other shards cannot be found")
+
+
+def test_free_space_refusal_states_the_margin(models: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """"needs 0.3 MB, 0.6 MB free" read as a contradiction: the margin kept free is in the line, and the
+    figures add up to the refusal."""
+    import re
+
+    class Statvfs:
+        f_bavail, f_frsize, f_bsize = 150, 4096, 4096  # 0.6 MB free
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Statvfs())
+    out = tmp_path / "out"
+    code, _, stderr = run("split", "-q", "-t", f"a={models['a']}", "-t", f"b={models['b']}", "-o", out)
+    line = one_line(code, stderr, out, "not enough free space")
+    m = re.search(r"need ([\d.]+) MB plus a margin of ([\d.]+) MB kept free, ([\d.]+) MB free", line)
+    assert m is not None, line
+    need, margin, free = map(float, m.groups())
+    assert need < free < need + margin
+    assert not out.exists() or os.listdir(out) == []

@@ -131,11 +131,21 @@ def test_restore_output_directory_gets_the_original_name(world: dict[str, Path])
     assert os.listdir(world["out"]) == ["b.gguf"]
     assert (world["out"] / "b.gguf").read_bytes() == world["b"].read_bytes()
     assert str(world["out"] / "b.gguf") in stdout
-    # the same again: refused without --force (which it names, and which then works)
+    # the same again: the file already holds the original (checked), so it is kept as it is
+    before = os.stat(world["out"] / "b.gguf")
+    code, stdout, stderr = run(["restore", "-q", str(world["split"]), "b", "-o", str(world["out"])])
+    assert code == 0, stderr
+    assert "already there" in stdout
+    after = os.stat(world["out"] / "b.gguf")
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # another file of that name: refused without --force (which it names, and which then works)
+    (world["out"] / "b.gguf").write_bytes(EARLIER)
     code, _, stderr = run(["restore", "-q", str(world["split"]), "b", "-o", str(world["out"])])
     one_line(code, stderr, world["out"] / "b.gguf", "use --force")
+    assert (world["out"] / "b.gguf").read_bytes() == EARLIER
     code, _, stderr = run(["restore", "-q", str(world["split"]), "b", "-o", str(world["out"]), "--force"])
     assert code == 0, stderr
+    assert (world["out"] / "b.gguf").read_bytes() == world["b"].read_bytes()
 
 
 def test_restore_empty_output_is_refused(world: dict[str, Path]) -> None:
@@ -202,3 +212,61 @@ def test_failed_fsync_fails_the_restore(world: dict[str, Path], monkeypatch: pyt
         restore(world["split"], world["out"], task="b")
     assert e.value.path == str(world["out"] / "b.gguf")
     assert os.listdir(world["out"]) == []
+
+
+# -o: a directory is an existing one or any path ending in a slash; a sharded model needs a directory
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_restore_into_a_missing_directory(world: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                          relative: bool) -> None:
+    """0.2: `-o newdir/` said "/current/dir/: is a directory". A missing directory is created."""
+    monkeypatch.chdir(world["root"])
+    target = "newdir/" if relative else f"{world['root'] / 'newdir'}/"
+    code, stdout, stderr = run(["restore", "-q", str(world["split"]), "b", "-o", target])
+    assert code == 0, stderr
+    assert os.listdir(world["root"] / "newdir") == ["b.gguf"]
+    assert (world["root"] / "newdir" / "b.gguf").read_bytes() == world["b"].read_bytes()
+    assert str(world["root"] / "newdir" / "b.gguf") in stdout
+
+
+def test_a_failed_restore_leaves_no_new_directory(world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(restore_mod, "copy_bytes", corrupt_copy(restore_mod.copy_bytes))
+    code, _, stderr = run(["restore", "-q", str(world["split"]), "b", "-o", f"{world['root'] / 'newdir'}/"])
+    one_line(code, stderr, world["split"], "does not match the original's recorded digest")
+    assert not (world["root"] / "newdir").exists()
+
+
+def test_restore_into_a_path_under_a_file(world: dict[str, Path]) -> None:
+    (world["out"] / "notes.txt").write_text("mine")
+    code, _, stderr = run(["restore", "-q", str(world["split"]), "b", "-o", f"{world['out'] / 'notes.txt'}/"])
+    one_line(code, stderr, world["out"] / "notes.txt", "not a directory")
+    assert os.listdir(world["out"]) == ["notes.txt"]
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> dict[str, Path]:
+    from conftest import write_sharded
+
+    (tmp_path / "shards").mkdir()
+    first = write_sharded(tmp_path / "shards" / "big", base_tensors(), 3)
+    split({"big": first}, tmp_path / "split")
+    return {"root": tmp_path, "split": tmp_path / "split", "shards": tmp_path / "shards"}
+
+
+def test_sharded_model_restored_to_a_gguf_name_is_refused(sharded: dict[str, Path]) -> None:
+    """0.2: `-o single.gguf` silently became a directory named single.gguf holding the 3 shards."""
+    target = sharded["root"] / "single.gguf"
+    code, _, stderr = run(["restore", "-q", str(sharded["split"]), "big", "-o", str(target)])
+    line = one_line(code, stderr, target, "3 files (shards)")
+    assert "give a directory" in line
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("slash", [True, False], ids=["dir-slash", "dir-name"])
+def test_sharded_model_restored_to_a_directory(sharded: dict[str, Path], slash: bool) -> None:
+    target = sharded["root"] / "restored"
+    code, _, stderr = run(["restore", "-q", str(sharded["split"]), "big", "-o", str(target) + ("/" if slash else "")])
+    assert code == 0, stderr
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == \
+        {p.name: p.read_bytes() for p in sharded["shards"].iterdir()}

@@ -163,7 +163,7 @@ def test_too_much_nonzero_padding_is_refused_before_hashing(tmp_path: Path, mode
     gap = 17 << 20
     bad = write_raw_model(tmp_path / "padded.gguf", arch="llama", tensors=[("a.weight", 64, 0), ("b.weight", 64, 256 + gap)],
                           fill=lambda s, e: b"\x55" * (e - s))
-    with pytest.raises(GGUFSplitError, match="16 MiB of non-zero bytes") as e:
+    with pytest.raises(GGUFSplitError, match="beyond alignment padding.*at most 16 MiB") as e:
         split({"a": models["a"], "p": bad}, tmp_path / "out", allow_unrelated=True)
     assert e.value.path == str(bad)
     assert no_hashing == [] and not (tmp_path / "out").exists()
@@ -178,6 +178,63 @@ def test_some_nonzero_padding_is_kept_byte_for_byte(tmp_path: Path, models: dict
     verify([out])
     r = restore(out, tmp_path / "r.gguf", task="p")
     assert Path(r.output).read_bytes() == m.read_bytes()
+
+
+def _data_end(path: Path) -> int:
+    from gguf_split.format.gguf import GGUFFile, align_up
+
+    with GGUFFile(path) as f:
+        return align_up(f.header.data_end(), f.header.alignment)
+
+
+@pytest.mark.parametrize("where", ["tail", "gap"])
+def test_a_huge_tail_or_gap_is_refused_in_seconds(tmp_path: Path, where: str) -> None:
+    """A model followed by a 1 TiB sparse tail, or with 1 TiB between two tensors (bytes llama.cpp ignores):
+    one line in a real process, within seconds, memory bounded (it once ran 9 minutes at 16 GB before it
+    was killed)."""
+    tensors = [("a.weight", 64, 0), ("b.weight", 64, 256 + (TIB if where == "gap" else 0))]
+    m = write_raw_model(tmp_path / "m.gguf", arch="llama", tensors=tensors)
+    if where == "tail":
+        os.truncate(m, m.stat().st_size + TIB)
+    assert m.stat().st_size > TIB and m.stat().st_blocks * 512 < 1 << 20
+    # the child's peak RSS (file pages included) as its parent sees it: a fresh parent, this child only
+    probe = ("import resource, subprocess, sys\n"
+             "p = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=30)\n"  # kills it
+             "sys.stderr.write(p.stderr)\n"
+             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    args = [sys.executable, "-m", "gguf_split", "split", "-q", "-t", f"m={m}", "-o", str(tmp_path / "out")]
+    p = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=60)
+    code, peak_kib = map(int, p.stdout.split())
+    line = one_line(code, p.stderr, m, "beyond alignment padding")
+    assert "1,099,511,627,776 bytes" in line and "at most 16 MiB" in line
+    assert ("truncate -s" in line) == (where == "tail")
+    assert peak_kib < 300 << 10, f"peak RSS {peak_kib >> 10} MiB"
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_byte_over_the_bound_is_refused_before_reading(tmp_path: Path, no_hashing: list[str]) -> None:
+    """16 MiB + 1 byte past the padding is refused from the header alone, before any byte outside the
+    tensors is read or hashed (16 MiB exactly is kept: the next test)."""
+    m = write_raw_model(tmp_path / "m.gguf", arch="llama", tensors=[("a.weight", 64, 0), ("b.weight", 64, 256)])
+    os.truncate(m, _data_end(m) + (16 << 20) + 1)
+    with pytest.raises(GGUFSplitError, match=f"holds {(16 << 20) + 1:,} bytes after its tensor data") as e:
+        split({"m": m}, tmp_path / "out")
+    assert e.value.path == str(m) and f"truncate -s {_data_end(m)} " in e.value.problem
+    assert no_hashing == [] and not (tmp_path / "out").exists()
+
+
+def test_a_small_tail_comes_back_byte_for_byte(tmp_path: Path, models: dict[str, Path]) -> None:
+    """16 MiB past the last tensor's padding (the bound), zero and not: split, verified, restored exactly."""
+    for fill in (b"\0", b"\x55"):
+        m = write_raw_model(tmp_path / "m.gguf", arch="llama", tensors=[("a.weight", 64, 0), ("b.weight", 64, 256)])
+        with open(m, "ab") as f:
+            f.write(fill * (16 << 20))
+        out = tmp_path / f"out{fill.hex()}"
+        split({"m": m}, out)
+        verify([out])
+        r = restore(out, tmp_path / "r.gguf", task="m", force=True)
+        assert hashlib.sha256(Path(r.output).read_bytes()).digest() == hashlib.sha256(m.read_bytes()).digest()
 
 
 def test_other_tasks_in_the_output_are_refused_before_hashing(models: dict[str, Path], tmp_path: Path,

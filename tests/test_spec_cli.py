@@ -498,3 +498,235 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(project: Path) -> None:
         assert err == "gguf-split: interrupted; no partial output was left behind\n", err
     assert interrupted >= 4
     assert not list((project / "sig").glob(".*tmp")) if (project / "sig").exists() else True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every refusal is one line: option values, click's own usage errors, info's arguments
+
+
+@pytest.mark.parametrize("size", ["20K", "1M", "0", "1048575"])
+def test_shard_size_under_1mib_is_one_line(project: Path, split_dir: Path, size: str) -> None:
+    """--max-shard-size and the spec's max_shard_size are checked alike (a ValueError traceback before)."""
+    models = project / "models"
+    for args in (["split", "-q", "-o", str(project / "x"), "-t", f"a={models / 'base.gguf'}", "--max-shard-size", size],
+                 ["add", "-q", str(split_dir), "-t", f"x={models / 'base.gguf'}", "--max-shard-size", size]):
+        line = error_line(*cli(*args)[::2])
+        assert "--max-shard-size" in line and "1MiB" in line and repr(size) in line
+    spec = write_spec(project, "output: x\n" + TASKS + f"options:\n  max_shard_size: {size}\n")
+    line = error_line(*cli("split", str(spec))[::2])
+    assert f"{spec}: options.max_shard_size" in line and "1MiB" in line
+    assert not (project / "x").exists()
+    ok("split", "-q", "--dry-run", "-o", str(project / "x"), "-t", f"a={models / 'base.gguf'}", "--max-shard-size",
+       "1MiB")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["split", "x.gguf", "-o", "out", "--threads", "0"], "--threads"),
+    (["split", "x.gguf", "-o", "out", "--max-shared-files", "0"], "--max-shared-files"),
+    (["add", "out", "--threads", "two"], "--threads"),
+    (["restore"], "Missing argument"),
+    (["info", "--bogus", "x"], "--bogus"),
+    (["nonsense"], "nonsense"),
+])
+def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    """click's usage errors, like a spec's: one line with a pointer to the command's help, exit 2."""
+    code, _, stderr = cli(*args)
+    line = error_line(code, stderr)
+    assert fragment in line and "--help" in line, line
+    p = script(*args, cwd=tmp_path)  # the console script prints the same line
+    assert (p.returncode, p.stderr) == (2, stderr), p.stderr
+
+
+def test_info_on_adaptors_describes_them(split_dir: Path) -> None:
+    """`info adaptor-x.gguf` (one or several): their description, not a KeyError (--json worked)."""
+    text = ok("info", str(split_dir / "adaptor-chat.gguf"))
+    assert "adaptor" in text and "task chat: " in text and "restores chat.gguf" in text
+    text = ok("info", str(split_dir / "adaptor-chat.gguf"), str(split_dir / "adaptor-code.gguf"))
+    assert "task chat: " in text and "task code: " in text
+
+
+def test_info_dir_task_with_a_file_of_that_name_here(split_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`info DIR TASK` means the task even when a file named TASK is in the current directory (`./TASK`
+    describes the file)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chat").write_bytes((split_dir / "adaptor-code.gguf").read_bytes())
+    text = ok("info", str(split_dir), "chat")
+    assert text.splitlines()[-1].startswith("task chat: ") and str(split_dir / "adaptor-chat.gguf") in text
+    text = ok("info", str(split_dir), "./chat")
+    assert "./chat: adaptor" in text and "task code: " in text
+
+
+def test_info_files_names_a_missing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = error_line(*cli("info", "nodir", "chat", "--files")[::2])
+    assert line == f"{ERROR_PREFIX}nodir: no such directory", line
+    assert "DIR TASK --files" in error_line(*cli("info", "a", "b", "c", "--files")[::2])
+
+
+def test_info_describes_a_hole_as_a_hole(project: Path) -> None:
+    """A hole has no tensors and no architecture: info says what it is for and its split.no."""
+    code, stdout, stderr = cli("demo", "-q", str(project / "demo"))
+    assert code == 0, stderr
+    hole = next((project / "demo" / "split").glob("hole-*.gguf"))
+    n = hole.name[len("hole-"):-len(".gguf")]
+    text = ok("info", str(hole))
+    assert f"{hole}: hole" in text and f"split.no {n}, no tensors" in text
+    assert "None" not in text and "0 tensors" not in text
+    d = info_json(hole)
+    assert (d["role"], d["hole"], d["split_no"], d["tensors"]) == ("shared", True, int(n), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the split report
+
+
+def test_report_heads_every_task_even_with_an_empty_adaptor(project: Path) -> None:
+    """The demo's base has no tensor of its own: its lines still come under a heading of their own."""
+    code, stdout, stderr = cli("demo", "-q", str(project / "demo"))
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    for task in ("base", "chat", "code", "summarize"):
+        head = next(i for i, line in enumerate(lines) if line.startswith(f"  {task}: "))
+        assert lines[head + 1].startswith("    ")  # its own lines (llama.cpp: ...) follow its heading
+    assert "  base: 0 tensors in its adaptor: every tensor is in a shared file" in lines
+
+
+@pytest.mark.parametrize("options", [[], ["--file-cost", "0"], ["--max-shard-size", "1MiB"], ["--prefix", "p-"]])
+def test_dry_run_sizes_are_exact(project: Path, options: list[str]) -> None:
+    """--dry-run reports every file's size as the split then writes it (adaptors were ~4 KiB short)."""
+    models = project / "models"
+    args = ["split", "-q", "--json", "-o", str(project / "out"),
+            *[a for t in ("base", "chat", "code") for a in ("-t", f"{t}={models / f'{t}.gguf'}")], *options]
+    dry, real = json.loads(ok(*args, "--dry-run")), json.loads(ok(*args))
+    assert dry["dry_run"] and not real["dry_run"]
+    sizes = {os.path.basename(t["adaptor"]): t["adaptor_bytes"] for t in real["tasks"]}
+    assert {os.path.basename(t["adaptor"]): t["adaptor_bytes"] for t in dry["tasks"]} == sizes
+    assert {f["name"]: f["bytes"] for f in dry["files"]} == {f["name"]: f["bytes"] for f in real["files"]}
+    assert dry["output_bytes"] == real["output_bytes"] == sum(p.stat().st_size for p in (project / "out").iterdir())
+    add = json.loads(ok("add", "--json", "--dry-run", str(project / "out"), "-t", f"more={models / 'chat.gguf'}",
+                        *[o for o in options if o != "--prefix" and o != "p-"]))
+    ok("add", "-q", str(project / "out"), "-t", f"more={models / 'chat.gguf'}",
+       *[o for o in options if o != "--prefix" and o != "p-"])
+    added = add["split"]["tasks"][0]
+    assert added["adaptor_bytes"] == os.path.getsize(project / "out" / added["adaptor"])
+
+
+def test_report_names_files_over_the_shard_size(tmp_path: Path) -> None:
+    """A tensor larger than --max-shard-size cannot be cut: its file is over the limit, and the report says
+    so (in the text and in --json)."""
+    from gguf.constants import GGMLQuantizationType as Q
+
+    big = {**base_tensors(), "blk.9.big.weight": (Q.F32, (262_272,), 5)}  # 1,049,088 bytes
+    other = {**big, "blk.9.big.weight": (Q.F32, (262_272,), 6)}
+    a, b = write_model(tmp_path / "a.gguf", big), write_model(tmp_path / "b.gguf", other)
+    args = ["split", "-o", str(tmp_path / "out"), "-t", f"a={a}", "-t", f"b={b}", "--max-shard-size", "1MiB"]
+    for extra in (["--dry-run"], []):
+        text = ok(*args, *extra)
+        note = next(line for line in text.splitlines() if line.startswith("note: "))
+        assert "over --max-shard-size 1.0 MiB" in note and "a tensor cannot be cut" in note
+        data = json.loads(ok(*args, *extra, "--json", "--force"))
+        over = dict(data["oversize"])
+        assert over and all(size > 1 << 20 for size in over.values())
+        assert all(name in note for name in over)
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "out").iterdir() if not p.is_symlink()}
+    assert {n for n, s in sizes.items() if s > 1 << 20} == set(over)
+    quiet = ok("split", "-q", "-o", str(tmp_path / "small"), "-t", f"a={tmp_path / 'a.gguf'}", "--dry-run")
+    assert "note:" not in quiet
+
+
+# ---------------------------------------------------------------------------------------------------------
+# signals at every moment of the entry point, and at random early moments of a real process
+
+INTERRUPTED = {2: "gguf-split: interrupted; no partial output was left behind\n",
+               15: "gguf-split: terminated; no partial output was left behind\n"}
+
+
+@pytest.mark.parametrize("sig", [15, 2], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("command", ["version", "info", "info-error"])
+def test_a_signal_at_every_line_of_the_entry_point(project: Path, command: str, sig: int) -> None:
+    """A signal at each line main() executes (tests/signal_lines.py), in turn: the command's own outcome,
+    or 130/143 with the one line, never a traceback. Only SIGTERM before its handler is installed, the
+    first statement, kills silently (-15): before that, no code of ours has run. (A SIGTERM just after a
+    command printed its result once gave a traceback from the exit path, 2 runs in 40.)"""
+    args = {"version": ["--version"], "info": ["info", str(project / "models" / "chat.gguf")],
+            "info-error": ["info", str(project / "nope.gguf")]}[command]
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("signal_lines.py")), str(sig), *args],
+                       capture_output=True, text=True, cwd=project, timeout=120)
+    assert p.returncode == 0, p.stderr
+    runs = [json.loads(line) for line in p.stdout.splitlines()]
+    undisturbed = runs[-1]
+    assert undisturbed["sent"] is None and undisturbed["code"] == (2 if command == "info-error" else 0)
+    assert undisturbed["stdout" if command != "info-error" else "stderr"]
+    before_handlers = [r for r in runs if r["sent"] == "default"]  # SIGINT: Python's KeyboardInterrupt
+    assert len(runs) > 15
+    assert len(before_handlers) <= 1 if sig == 15 else all(r["code"] == 130 for r in before_handlers)
+    for r in runs[:-1]:
+        assert "Traceback" not in r["stderr"], r
+        if r["sent"] == "default" and sig == 15:
+            assert (r["code"], r["stdout"], r["stderr"]) == (-15, "", ""), r
+        elif r["code"] == 128 + sig:
+            assert r["stderr"].endswith(INTERRUPTED[sig]), r
+            own = r["stderr"][:-len(INTERRUPTED[sig])]
+            assert own in ("", undisturbed["stderr"]), r  # at most the command's own error line before it
+            assert r["stdout"] in ("", undisturbed["stdout"]), r
+        else:
+            assert (r["code"], r["stdout"], r["stderr"]) == (undisturbed["code"], undisturbed["stdout"],
+                                                             undisturbed["stderr"]), r
+    assert sum(r["code"] == 128 + sig for r in runs) >= 10  # signals met the handlers, not only the end
+    assert sum(r["code"] == undisturbed["code"] and r["sent"] == "ours" for r in runs) >= 3  # ignored once done
+
+
+def _signal_state(pid: int) -> int:
+    """SigCgt | SigIgn of a process: bit 14 set once gguf-split handles SIGTERM (Python alone never does)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields.get("SigCgt", "0"), 16) | int(fields.get("SigIgn", "0"), 16)
+
+
+def test_signals_at_random_early_moments_of_a_real_process(project: Path) -> None:
+    """Ctrl-C and SIGTERM at random moments of the first ~150 ms of the console script (interpreter start-up,
+    imports, the command), for at most ~25 s. Once gguf-split has installed its handlers (seen in /proc before
+    the signal is sent), the outcome is the command's own or 130/143 with the one line. Before that, only
+    the interpreter can answer: SIGTERM kills (-15) and Ctrl-C may be Python's KeyboardInterrupt, whose
+    traceback then shows start-up code and at most our package's __init__ and _main modules being imported."""
+    import random
+    import re
+    import signal
+    import time
+
+    rng = random.Random(17)
+    exe = Path(sys.executable).parent / "gguf-split"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gguf_split"]
+    args = ["info", str(project / "models" / "chat.gguf")]
+    expected = script(*args, cwd=project).stdout
+    deadline = time.monotonic() + 25
+    handled = early = 0
+    for i in range(80):
+        if time.monotonic() > deadline:
+            break
+        sig = (signal.SIGINT, signal.SIGTERM)[i % 2]
+        p = subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=project)
+        time.sleep(rng.uniform(0, 0.15))
+        ours = bool(_signal_state(p.pid) & (1 << (signal.SIGTERM - 1)))
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        if ours:  # gguf-split's handlers were in place when the signal was sent
+            handled += p.returncode != 0
+            expect = (0, expected, "") if p.returncode == 0 else (128 + sig, out, INTERRUPTED[sig])
+            assert (p.returncode, out, err) == expect, err
+            continue
+        early += 1  # before them only the interpreter answers; what it prints is its own
+        if "Traceback" in err:
+            assert "KeyboardInterrupt" in err, err
+            assert set(re.findall(r"gguf_split[/\\](\w+)\.py", err)) <= {"__init__", "_main"}, err
+        elif p.returncode == 128 + sig:  # the handlers came in before the signal landed
+            assert err == INTERRUPTED[sig], err
+        else:
+            assert p.returncode in (0, -signal.SIGTERM, -signal.SIGINT) and err == "", err
+        if p.returncode == 0:
+            assert out == expected
+    assert handled >= 5, (handled, early)

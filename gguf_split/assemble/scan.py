@@ -5,12 +5,15 @@ A model is one GGUF file, or several: a model shipped as llama.cpp shards (`name
 shard 1, tensors from all shards in order, `split.count` and `split.tensors.count` checked.
 
 Opening checks everything that can be checked from headers (and padding, which is small) before any
-tensor byte is hashed, so a refusal comes at once. Hashing then computes, per input file, in one
-front-to-back sweep of its mmap (each piece feeds the whole-file hasher and its tensor's hasher while it
-is in the CPU cache): every tensor's digest and the whole file's (what `xxh128sum` prints, recorded so
-restore can prove its output). Files are hashed on a thread pool (python-xxhash releases the GIL);
-Ctrl-C is acted on within a fraction of a second whatever the input size: workers check a flag between
-1 MiB pieces and the main thread never blocks on them without a timeout.
+tensor byte is hashed, so a refusal comes at once. Bytes outside the tensors beyond alignment padding (a
+tail after the tensor data, a gap between tensors: llama.cpp ignores them) are kept for restore up to
+MAX_EXTRA_BYTES per file and refused beyond, from the header alone: a sparse 1 TiB tail costs nothing.
+Hashing then computes, per input file, in one front-to-back sweep of its mmap (each piece feeds the
+whole-file hasher and its tensor's hasher while it is in the CPU cache): every tensor's digest and the
+whole file's (what `xxh128sum` prints, recorded so restore can prove its output). Files are hashed on a
+thread pool (python-xxhash releases the GIL); Ctrl-C is acted on within a fraction of a second whatever
+the input size: workers check a flag between 1 MiB pieces and the main thread never blocks on them
+without a timeout.
 
 An input rewritten in place while it is split would make the split's records lie: `check_unchanged`
 compares each input's size, mtime and inode after the outputs are written with what they were at open.
@@ -28,17 +31,22 @@ from dataclasses import dataclass, field
 
 from gguf.constants import GGUFValueType
 
-from ..errors import GGUFSplitError, os_problem
-from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, TensorInfo, iter_gaps
-from ..format.names import show
 from ..disk.jobs import run_jobs
 from ..disk.sweep import PIECE, sweep_file
+from ..errors import GGUFSplitError, os_problem
+from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, Header, TensorInfo, align_up, iter_gaps
+from ..format.names import show
 from .plan import TensorId
 from ..disk.progress import QUIET, Progress, Reporter
 from ..format.records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, SourceFile, SourceRecords
 
 MAX_NONZERO_GAP_BYTES = 16 << 20  # more than this outside the tensors is not padding; refuse
-_SHARD_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# Bytes outside the tensors beyond alignment padding (a tail after the tensor data, a gap between tensors):
+# llama.cpp ignores them and no writer makes them, but restore must give them back, so they are read, hashed
+# and (if not zero) recorded. Kept up to this bound per file, refused beyond it (zero or not) before any of
+# them is read: a 1 TiB sparse tail would otherwise be minutes of reading.
+MAX_EXTRA_BYTES = 16 << 20
+_SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")  # fullmatch
 
 
 @dataclass
@@ -182,6 +190,26 @@ def _int_kv(f: GGUFFile, key: str) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+def extra_bytes(h: Header) -> tuple[int, int]:
+    """(bytes outside the tensors beyond alignment padding, how many of them follow the last tensor's
+    padding): in each gap, what lies past the alignment boundary after the preceding header or tensor."""
+    gaps = list(iter_gaps(h))
+    extra = [max(0, e - align_up(s, h.alignment)) for s, e in gaps]
+    tail = extra[-1] if gaps and gaps[-1][1] == h.file_size and gaps[-1][0] >= h.data_end() else 0
+    return sum(extra), tail
+
+
+def _check_extra_bytes(f: GGUFFile) -> None:
+    h = f.header
+    extra, tail = extra_bytes(h)
+    if extra <= MAX_EXTRA_BYTES:
+        return
+    where = "after its tensor data" if tail == extra else "between or after its tensors"
+    cut = f" (`truncate -s {f.size - tail} FILE` removes the tail)" if tail > MAX_EXTRA_BYTES else ""
+    raise GGUFSplitError(f.path, f"holds {extra:,} bytes {where} beyond alignment padding, which llama.cpp ignores; "
+                                 f"at most {MAX_EXTRA_BYTES >> 20} MiB of them are kept{cut}")
+
+
 def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
     """Open a model (or the first shard of a sharded model, with its siblings) and check it is splittable."""
     check_input_path(path)
@@ -213,6 +241,8 @@ def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
                 tensors.append((t, i))
         for f in opened:
             _check_name(f.path)
+        for f in opened:
+            _check_extra_bytes(f)  # from the header alone: before a byte outside the tensors is read
         files = [InputFile(f, _stat(f)) for f in opened]
         total_nonzero = 0
         for inp in files:
@@ -233,7 +263,7 @@ def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
 
 def _open_siblings(first: GGUFFile, count: int) -> list[GGUFFile]:
     name = os.path.basename(first.path)
-    m = _SHARD_NAME.match(name)
+    m = _SHARD_NAME.fullmatch(name)
     if m is None or int(m["no"]) != 1 or int(m["count"]) != count:
         raise GGUFSplitError(first.path, f"is the first of {count} shards, but its name does not end in "
                                          f"-00001-of-{count:05d}.gguf, so its other shards cannot be found")

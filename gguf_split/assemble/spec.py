@@ -31,15 +31,16 @@ from typing import Any
 
 import yaml
 
-from ..errors import GGUFSplitError
 import re
 
+from ..errors import GGUFSplitError
 from ..format.names import check_task_name
+from .plan import MIN_SHARD_SIZE
 
 TOP_KEYS = {"output", "prefix", "tasks", "options"}
 OPTION_TYPES: dict[str, type] = {"force": bool, "link": bool, "allow_unrelated": bool, "threads": int, "quiet": bool,
                                  "max_shared_files": int, "file_cost": str, "max_shard_size": str, "models_dir": str}
-SIZE_OPTIONS = {"file_cost", "max_shard_size"}
+SIZE_MINIMUM = {"file_cost": 0, "max_shard_size": MIN_SHARD_SIZE}  # the size options and their smallest value
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
@@ -57,6 +58,16 @@ def parse_size(text: object) -> int:
     if m is None or m[2].upper() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (use bytes or a number with K, M, G, T, KiB, MiB, GiB, TiB)")
     return int(float(m[1]) * _UNITS[m[2].upper()])
+
+
+def parse_size_option(key: str, value: object) -> int:
+    """A size option (`file_cost`, `max_shard_size`) from a spec or the command line: a size, at least the
+    option's minimum (a shard under 1 MiB could not hold a part's header); ValueError saying so otherwise."""
+    n = parse_size(value)
+    low = SIZE_MINIMUM[key]
+    if n < low:
+        raise ValueError(f"{value!r} is {n:,} bytes, under the minimum of {low >> 20}MiB ({low:,} bytes)")
+    return n
 
 
 @dataclass
@@ -173,9 +184,9 @@ def parse_spec(data: Any, path: str, *, need_output: bool = True) -> SplitOption
             raise fail(f"options.{key}", f"unknown option (known: {', '.join(sorted(OPTION_TYPES))})")
         if value is None and key in ("max_shared_files", "max_shard_size", "models_dir", "threads"):
             continue
-        if key in SIZE_OPTIONS:
+        if key in SIZE_MINIMUM:
             try:
-                value = parse_size(value)
+                value = parse_size_option(key, value)
             except ValueError as e:
                 raise fail(f"options.{key}", str(e)) from None
         elif type(value) is not want:  # bool is an int subclass: be exact

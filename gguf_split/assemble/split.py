@@ -11,7 +11,11 @@ Order of work, so that every refusal comes before the long part and nothing is l
 4. write every new file under a temporary name (shared files first, then the adaptors that record their
    sizes and digests), prove every task's restore from what was written, check the inputs did not change,
    and commit (commit.py): the old split stays complete until the switch, and its files that the new split
-   does not use are deleted only after it.
+   does not use (adaptors under another prefix included) are deleted only after it. llama.cpp links the
+   tool made for a task (links.py) change in the same commit: made with `link`, updated when the task's
+   files change, never left pointing at an old file list;
+5. the models directory (another directory, checked in step 1) is brought up to date after the commit; a
+   failure or an interruption there says that the split is complete and how to finish.
 A file the new split needs that the directory already holds (same name, same content id: a re-split that
 changed one task keeps the others' shared files) is kept, not rewritten.
 """
@@ -25,8 +29,9 @@ from typing import Any
 
 from ..disk.commit import Transaction, check_space
 from ..errors import GGUFSplitError
+from ..splitdir.links import LinkPlan, check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
 from ..format.names import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
-from .plan import DEFAULT_FILE_COST, HOLE, OWN, Layout, PlannedFile, TensorId, plan_layout
+from .plan import DEFAULT_FILE_COST, HOLE, MIN_SHARD_SIZE, OWN, Layout, PlannedFile, TensorId, plan_layout
 from ..disk.progress import QUIET, Progress
 from ..format.records import (
     AdaptorInfo,
@@ -101,6 +106,17 @@ class SplitReport:
     dry_run: bool = False
     removed: list[str] = field(default_factory=list)  # old files the commit deleted
     models_dir: str | None = None
+    max_shard_size: int | None = None  # the limit the split was cut to, if any
+
+    @property
+    def oversize(self) -> list[tuple[str, int]]:
+        """(file name, bytes) of every file over `max_shard_size`: each holds one tensor larger than the limit
+        (a tensor cannot be cut; llama.cpp's own `--split-max-size` does the same)."""
+        if self.max_shard_size is None:
+            return []
+        sizes = [(f.name, f.bytes) for f in self.files] + [(os.path.basename(t.adaptor), t.adaptor_bytes)
+                                                           for t in self.tasks]
+        return [(name, size) for name, size in sizes if size > self.max_shard_size]
 
     @property
     def input_bytes(self) -> int:
@@ -132,7 +148,7 @@ def check_options(tasks: Mapping[str, str | os.PathLike[str]], *, max_shared_fil
         raise ValueError(f"max_shared_files must be a whole number >= 1, not {max_shared_files!r}")
     if not isinstance(file_cost, int) or file_cost < 0:
         raise ValueError(f"file_cost must be a whole number of bytes >= 0, not {file_cost!r}")
-    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < (1 << 20)):
+    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < MIN_SHARD_SIZE):
         raise ValueError(f"max_shard_size must be at least 1 MiB, not {max_shard_size!r}")
 
 
@@ -179,48 +195,70 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
     if out == "":
         raise GGUFSplitError(None, "-o/--output: empty path")
     options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    if models_dir is not None:
+        check_models_dir(models_dir, tasks)  # before anything is read or written
     if dry_run:
         models = open_models(tasks, allow_unrelated=allow_unrelated)
         try:
             _check_existing(out, tasks, prefix, force) if os.path.isdir(out) else None
             hash_models(list(models.values()), progress, threads)
             layout = _plan(models, options)
-            return _report(out, models, layout, _name_files(models, layout, prefix), {}, dry_run=True, prefix=prefix)
+            return _report(out, models, layout, _name_files(models, layout, prefix), {}, dry_run=True, prefix=prefix,
+                           max_shard_size=max_shard_size)
         finally:
             for m in models.values():
                 m.close()
-    with Transaction(out, on_wait=progress.note) as tx:
-        models = open_models(tasks, allow_unrelated=allow_unrelated)
-        try:
-            for m in models.values():
-                for inp in m.files:
-                    if os.path.dirname(os.path.realpath(inp.path)) == os.path.realpath(tx.dir) and \
-                            os.path.basename(inp.path) in {adaptor_name(t, prefix) for t in tasks}:
-                        raise GGUFSplitError(inp.path, "output would overwrite an input file")
-            old = _check_existing(tx.dir, tasks, prefix, force)
-            hash_models(list(models.values()), progress, threads)
-            layout = _plan(models, options)
-            st = layout.stats
-            if len(models) > 1 and not allow_unrelated and st is not None and st.dedup_optimum >= st.input_bytes:
-                a, b = list(models.values())[:2]
-                raise GGUFSplitError(b.path, f"has no tensor in common with {show(a.path)}: nothing to share (pass "
-                                             "--allow-unrelated to split anyway)")
-            named = _name_files(models, layout, prefix)
-            report = _write(tx, models, layout, named, old, prefix=prefix, progress=progress,
-                            max_shard_size=max_shard_size)
-        finally:
-            for m in models.values():
-                m.close()
-    if link or models_dir is not None:
-        from ..splitdir.links import link_task, write_models_dir
-
-        if link:
-            for t in report.tasks:
-                t.links = link_task(report.directory, t.task)
+    tx = Transaction(out, on_wait=progress.note, what="the split")
+    models_dir_done = models_dir is None
+    try:
+        with tx:
+            models = open_models(tasks, allow_unrelated=allow_unrelated)
+            try:
+                for m in models.values():
+                    for inp in m.files:
+                        if os.path.dirname(os.path.realpath(inp.path)) == os.path.realpath(tx.dir) and \
+                                os.path.basename(inp.path) in {adaptor_name(t, prefix) for t in tasks}:
+                            raise GGUFSplitError(inp.path, "output would overwrite an input file")
+                old = _check_existing(tx.dir, tasks, prefix, force)
+                hash_models(list(models.values()), progress, threads)
+                layout = _plan(models, options)
+                st = layout.stats
+                if len(models) > 1 and not allow_unrelated and st is not None and st.dedup_optimum >= st.input_bytes:
+                    a, b = list(models.values())[:2]
+                    raise GGUFSplitError(b.path, f"has no tensor in common with {show(a.path)}: nothing to share "
+                                                 "(pass --allow-unrelated to split anyway)")
+                named = _name_files(models, layout, prefix)
+                links = plan_links(tx.dir, tx.dir, [tx.path(n) for n in _names_before_and_after(old, named, models,
+                                                                                               prefix)],
+                                   task_paths_after(tx.dir, models, layout, named, prefix), set(models) if link else ())
+                report = _write(tx, models, layout, named, old, prefix=prefix, progress=progress,
+                                max_shard_size=max_shard_size, links=links)
+            finally:
+                for m in models.values():
+                    m.close()
         if models_dir is not None:
             write_models_dir(report.directory, models_dir)
+            models_dir_done = True
             report.models_dir = os.fspath(models_dir)
+    except BaseException as e:
+        if not tx.committed or models_dir_done or models_dir is None:
+            raise
+        raise tx.note(e, models_dir_note(out, models_dir)) from None
     return report
+
+
+def _names_before_and_after(old: SplitDir | None, named: Sequence[NamedFile], models: Mapping[str, Any],
+                            prefix: str) -> set[str]:
+    """Every file name of the split before and after a change (what the tool's links may point at)."""
+    names = old.file_names() if old is not None else set()
+    return names | {nf.name for nf in named} | {adaptor_name(t, prefix) for t in models}
+
+
+def task_paths_after(directory: str, models: Mapping[str, Any], layout: Layout, named: Sequence[NamedFile],
+                     prefix: str) -> dict[str, list[str]]:
+    """Each new task's files in llama.cpp order, as they will be named in `directory`."""
+    return {t: [os.path.join(directory, adaptor_name(t, prefix)),
+                *(os.path.join(directory, named[i].name) for i in layout.task_files[t])] for t in models}
 
 
 def _plan(models: Mapping[str, ScannedModel], options: dict[str, Any]) -> Layout:
@@ -293,17 +331,20 @@ def _check_existing(directory: str, tasks: Mapping[str, Any], prefix: str, force
     if sd.tasks and not force:
         raise GGUFSplitError(show(sd.adaptors[sd.tasks[0]]), "already exists (use --force to replace the split)")
     for task in tasks:
-        p = os.path.join(directory, adaptor_name(task, prefix))
-        if os.path.lexists(p) and task not in sd.adaptors:
+        name = adaptor_name(task, prefix)
+        p = os.path.join(directory, name)
+        if os.path.lexists(p) and (task not in sd.adaptors or sd.name_of(sd.adaptors[task]) != name):
             raise GGUFSplitError(show(p), "exists and is not this task's adaptor; move it away first")
     return sd
 
 
 def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
            old: SplitDir | None, *, prefix: str, progress: Progress,
-           known: Mapping[str, FileRef] | None = None, max_shard_size: int | None = None) -> SplitReport:
+           known: Mapping[str, FileRef] | None = None, max_shard_size: int | None = None,
+           links: LinkPlan | None = None) -> SplitReport:
     """Write every new file, prove, commit. `known`: files already in the directory whose records (size,
-    digests) were checked by the caller (add)."""
+    digests) were checked by the caller (add). `old`: the split the new one replaces (every file of it the
+    new one does not use is deleted, whatever its prefix). `links`: link changes that go with the commit."""
     from concurrent.futures import ThreadPoolExecutor
 
     refs: dict[int, FileRef] = {}
@@ -360,15 +401,22 @@ def _write(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, 
     _prove_all(models, layout, named, file_paths, {t: f.path for t, f in adaptors.items()})
     check_unchanged(list(models.values()))
     _check_written([(temps[i], [refs[i]]) for i in to_write] + [(f.path, []) for f in adaptors.values()], models)
+    if links is not None:
+        stage_links(tx, links)  # after the files: a new link appears after its file, an old one goes before
     removed: list[str] = []
     if old is not None:
         keep = {nf.name for nf in named} | {adaptor_name(t, prefix) for t in models}
-        for name, path in old.shared.items():
-            if name not in keep:
-                tx.delete(name)
-                removed.append(name)
+        old_adaptors = {old.name_of(p) for p in old.adaptors.values()}
+        for name in sorted(old.file_names() - keep, key=lambda n: (n not in old_adaptors, n)):
+            tx.delete(name)  # adaptors before the files they list
+            removed.append(name)
     tx.commit()
-    return _report(tx.dir, models, layout, named, refs, kept=kept, removed=removed, prefix=prefix)
+    report = _report(tx.dir, models, layout, named, refs, kept=kept, removed=removed, prefix=prefix,
+                     max_shard_size=max_shard_size)
+    if links is not None:
+        for t in report.tasks:
+            t.links = links.paths(t.task)
+    return report
 
 
 def _check_written(files: Sequence[tuple[str, list[FileRef]]], models: Mapping[str, ScannedModel]) -> None:
@@ -514,8 +562,12 @@ def _prove(m: ScannedModel, plans: list[Any]) -> None:
 
 def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
             refs: Mapping[int, FileRef], *, dry_run: bool = False, kept: set[int] | None = None,
-            removed: list[str] | None = None, prefix: str = "") -> SplitReport:
+            removed: list[str] | None = None, prefix: str = "", max_shard_size: int | None = None) -> SplitReport:
+    """The split's report. A dry run's adaptor sizes are exact: each adaptor's header is built as the write
+    builds it, from what it will record of every planned file (digests of the same length)."""
     kept = kept or set()
+    planned = {i: refs[i] if i in refs else FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size,
+                                                    "0" * 32, "0" * 64) for i, nf in enumerate(named)}
     loaders: dict[int, list[str]] = {}  # file index -> the tasks that load it (a hole's come from the orders)
     for task_name, order in layout.task_files.items():
         for i in order:
@@ -532,7 +584,7 @@ def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, 
         own = layout.adaptor_tensors[task]
         path = os.path.join(directory, adaptor_name(task, prefix))
         size = os.path.getsize(path) if not dry_run and os.path.exists(path) else \
-            m.header_bytes + sum(x.nbytes for x in own)
+            _adaptor(m, layout, named, planned, task)[0].file_size
         have = {t.name for t, _ in m.tensors}
         tasks.append(TaskReport(task, [inp.path for inp in m.files], m.size, path, size, len(own),
                                 sum(x.nbytes for x in own), len(m.tensors), m.tensor_bytes,
@@ -541,4 +593,4 @@ def _report(directory: str, models: Mapping[str, ScannedModel], layout: Layout, 
     st = layout.stats
     return SplitReport(os.path.abspath(directory), files, tasks, st.dedup_optimum if st else 0,
                        st.exact if st else False, st.lower_bound if st else 0, st.small_group_bytes if st else 0,
-                       dry_run=dry_run, removed=removed or [])
+                       dry_run=dry_run, removed=removed or [], max_shard_size=max_shard_size)

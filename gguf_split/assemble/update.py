@@ -5,7 +5,10 @@ writes adaptors for the new tasks, reusing every existing shared file whose tens
 byte-identical at its position, and new shared files among the new tasks where they pay off; the
 originals of the existing tasks are not needed, and no existing file is touched (same bytes, same mtime).
 `remove` deletes tasks' adaptors and every shared file no remaining task uses, never one still in use.
-Both commit like `split` (commit.py): a kill at any moment leaves the old or the new state.
+Both commit like `split` (commit.py): a kill at any moment leaves the old or the new state. The llama.cpp
+links the tool made (links.py) change in the same commit: a removed task's go, a task that gets files
+whose names such links already carry (a 0.2 `remove` left them dangling) has them made right. A models
+directory is checked before anything is written and brought up to date after the commit.
 """
 
 from __future__ import annotations
@@ -16,12 +19,23 @@ from dataclasses import dataclass, field
 
 from ..disk.commit import Transaction
 from ..errors import GGUFSplitError
+from ..splitdir.links import check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
 from ..format.names import check_task_name, show
 from .plan import DEFAULT_FILE_COST, FixedFile, TensorId, plan_layout
 from ..disk.progress import QUIET, Progress
-from ..format.records import AdaptorInfo, FileRef, SplitFile
+from ..format.records import FileRef, SplitFile
 from .scan import hash_models
-from .split import SplitReport, _name_files, _report, _write, check_options, keep_file, open_models, recorded_refs
+from .split import (
+    SplitReport,
+    _name_files,
+    _report,
+    _write,
+    check_options,
+    keep_file,
+    open_models,
+    recorded_refs,
+    task_paths_after,
+)
 from ..splitdir.directory import FileFinder, SplitDir, TaskFiles, open_task
 
 
@@ -46,6 +60,7 @@ class RemoveReport:
     deleted: list[str] = field(default_factory=list)  # file names
     freed_bytes: int = 0
     dry_run: bool = False
+    links: list[str] = field(default_factory=list)  # llama.cpp links of the removed tasks, deleted with them
 
 
 def task_tensor_ids(tf: TaskFiles) -> list[TensorId]:
@@ -101,19 +116,28 @@ def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike
         check_task_name(t)
     d = os.fspath(split_dir)
     sd0 = SplitDir.open(d)
-    sd0.require_split()
-    if dry_run:
-        return _add(d, sd0, tasks, None, dict(max_shared_files=max_shared_files, file_cost=file_cost,
-                                              max_shard_size=max_shard_size), allow_unrelated, threads, prefix, progress)
-    with Transaction(d, create=False, on_wait=progress.note) as tx:
-        report = _add(d, SplitDir.open(d), tasks, tx, dict(max_shared_files=max_shared_files, file_cost=file_cost,
-                                                             max_shard_size=max_shard_size), allow_unrelated, threads,
-                      prefix, progress)
+    sd0.require_split(" (its last task was removed?): make a new split with `gguf-split split MODEL... -o DIR`")
     if models_dir is not None:
-        from ..splitdir.links import write_models_dir
-
-        write_models_dir(d, models_dir)
-        report.split.models_dir = os.fspath(models_dir)
+        check_models_dir(models_dir, [*sd0.tasks, *tasks])  # before anything is read or written
+    options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    if dry_run:
+        return _add(d, sd0, tasks, None, options, allow_unrelated, threads, prefix, progress)
+    tx = Transaction(d, create=False, on_wait=progress.note, what="the split")
+    models_dir_done = models_dir is None
+    try:
+        with tx:
+            sd = SplitDir.read_once(d)  # under the lock: the state the add changes
+            sd.require_split(" (its last task was removed?): make a new split with `gguf-split split MODEL... "
+                             "-o DIR`")
+            report = _add(d, sd, tasks, tx, options, allow_unrelated, threads, prefix, progress)
+        if models_dir is not None:
+            write_models_dir(d, models_dir)
+            models_dir_done = True
+            report.split.models_dir = os.fspath(models_dir)
+    except BaseException as e:
+        if models_dir is None or not tx.committed or models_dir_done:
+            raise
+        raise tx.note(e, models_dir_note(d, models_dir)) from None
     return report
 
 
@@ -150,10 +174,14 @@ def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: 
         reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
                            for pf in [layout.files[i]] if pf.fixed is not None)
         if tx is None:
-            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix)
+            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix,
+                                   max_shard_size=options.get("max_shard_size"))
         else:
+            after = task_paths_after(tx.dir, models, layout, named, prefix)
+            split_files = [tx.path(n) for n in sd.file_names()] + [p for ps in after.values() for p in ps]
+            links = plan_links(tx.dir, tx.dir, split_files, after)  # only tasks with the tool's links: 0.2 leftovers
             split_report = _write(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known,
-                                  max_shard_size=options.get("max_shard_size"))
+                                  max_shard_size=options.get("max_shard_size"), links=links)
         stored_before = sum(x.nbytes for f in fixed.values() for x in f.tensors)
         stored_before += _adaptor_tensor_bytes(ids, fixed)
         stored = stored_before + (layout.stats.stored_bytes if layout.stats else 0)
@@ -172,39 +200,42 @@ def _adaptor_tensor_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[
 
 def remove(split_dir: str | os.PathLike[str], names: Sequence[str], *, dry_run: bool = False,
            models_dir: str | os.PathLike[str] | None = None, progress: Progress = QUIET) -> RemoveReport:
-    """Remove tasks: their adaptors and every file no remaining task uses."""
+    """Remove tasks: their adaptors, every file no remaining task uses, and the llama.cpp links the tool made
+    for them (links.py), in one commit. A task named twice is removed once."""
     if isinstance(names, str):
         raise TypeError("names must be a sequence of task names, not a str")
+    names = list(dict.fromkeys(names))
     if not names:
         raise GGUFSplitError(None, "no tasks to remove")
     d = os.fspath(split_dir)
+    if models_dir is not None:
+        check_models_dir(models_dir)  # before anything is written (its entries: once the tasks are known)
 
     def run(tx: Transaction | None) -> RemoveReport:
-        sd = SplitDir.open(d)
+        sd = SplitDir.open(d) if tx is None else SplitDir.read_once(d)  # under the lock: the state it changes
         sd.require_split()
         for n in names:
             sd.adaptor(n)
-        keep: set[str] = set()
-        for task in sd.tasks:
-            if task in names:
-                continue
-            with SplitFile(sd.adaptors[task]) as ad:
-                keep |= {r.name for r in AdaptorInfo.read(ad).files}
-        drop_files: set[str] = set()
-        for task in names:
-            with SplitFile(sd.adaptors[task]) as ad:
-                drop_files |= {r.name for r in AdaptorInfo.read(ad).files if r.name not in keep}
+        if models_dir is not None:
+            check_models_dir(models_dir, [t for t in sd.tasks if t not in names])
+        files = {task: sd.task_file_names(task) for task in sd.tasks}
+        keep = {name for task in sd.tasks if task not in names for name in files[task]}
         report = RemoveReport(os.path.abspath(d), list(names), dry_run=tx is None)
         for task in names:
             p = sd.adaptors[task]
-            report.deleted.append(os.path.basename(p))
+            report.deleted.append(sd.name_of(p))
             report.freed_bytes += os.path.getsize(p)
-        for name in sorted(drop_files):
+        for name in sorted({n for task in names for n in files[task][1:]} - keep):
             path = sd.shared.get(name)
             if path is not None:
                 report.deleted.append(name)
                 report.freed_bytes += os.path.getsize(path)
+        after: dict[str, list[str] | None] = {task: None if task in names else [os.path.join(d, n) for n in f]
+                                              for task, f in files.items()}
+        links = plan_links(d, d, [os.path.join(d, n) for n in sd.file_names()], after)
+        report.links = sorted(links.delete)
         if tx is not None:
+            stage_links(tx, links)  # the links go first, then the adaptors, then the files they list
             for name in report.deleted:
                 tx.delete(name)
             tx.commit()
@@ -212,10 +243,16 @@ def remove(split_dir: str | os.PathLike[str], names: Sequence[str], *, dry_run: 
 
     if dry_run:
         return run(None)
-    with Transaction(d, create=False, on_wait=progress.note) as tx:
-        report = run(tx)
-    if models_dir is not None:
-        from ..splitdir.links import write_models_dir
-
-        write_models_dir(d, models_dir)
+    tx = Transaction(d, create=False, on_wait=progress.note, what="the split")
+    models_dir_done = models_dir is None
+    try:
+        with tx:
+            report = run(tx)
+        if models_dir is not None:
+            write_models_dir(d, models_dir)
+            models_dir_done = True
+    except BaseException as e:
+        if models_dir is None or not tx.committed or models_dir_done:
+            raise
+        raise tx.note(e, models_dir_note(d, models_dir)) from None
     return report

@@ -1,9 +1,10 @@
 """The `gguf-split` command: a thin layer over the library.
 
 Manners, as a careful user of git, pip or llama.cpp's tools expects:
-- every GGUFSplitError is one line on stderr, `gguf-split: error: <file>: <problem>`, exit code 2; usage
-  errors exit 2 too (click's convention); Ctrl-C exits 130 and SIGTERM 143 with one line, at any moment
-  from the first import on, leaving no partial output (every writer cleans up or commits atomically);
+- every GGUFSplitError is one line on stderr, `gguf-split: error: <file>: <problem>`, exit code 2; click's
+  usage errors too (`_OneLineErrors`: a bad option value, a missing argument, an unknown command); Ctrl-C
+  exits 130 and SIGTERM 143 with one line, at any moment once the entry point runs (`_main`), leaving no
+  partial output (every writer cleans up or commits atomically);
 - file names that are not valid UTF-8 are printed with escapes, never crash the output;
 - tables and reports are not wrapped when stdout is not a terminal (scripts and logs get whole lines);
 - `--version`, and the version in `info --json`;
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import GGUFSplitError
@@ -28,7 +30,48 @@ from ..format.names import show
 
 T = TypeVar("T")
 
+
+def _click_error_types() -> tuple[type[Exception], type[Exception] | None]:
+    """click's error base class, and the error that stands for "no arguments: show the help" (click 8.2+),
+    found through typer's public BadParameter: typer >= 0.20 carries its own copy of click."""
+    mro = typer.BadParameter.__mro__
+    base = next(c for c in mro if c.__name__ == "ClickException")
+    usage = next(c for c in mro if c.__name__ == "UsageError")
+    return base, getattr(sys.modules[usage.__module__], "NoArgsIsHelpError", None)
+
+
+class _OneLineErrors(TyperGroup):
+    """click's usage errors (a bad option value, a missing argument, an unknown command or option) as one
+    line, `gguf-split: error: ... (see `gguf-split CMD --help`)`, exit code 2, like every other refusal
+    (click and rich draw a box of five lines)."""
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
+        kw = dict(standalone_mode=False, windows_expand_args=windows_expand_args, **extra)
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, **kw)
+        error, show_help = _click_error_types()
+        try:
+            rv = super().main(args, prog_name, complete_var, **kw)
+        except error as e:
+            if show_help is not None and isinstance(e, show_help):
+                e.show()  # type: ignore[attr-defined]  # `gguf-split` alone: the help
+                sys.exit(2)
+            ctx = getattr(e, "ctx", None)
+            sub = ctx.command_path.partition(" ")[2] if ctx is not None else ""  # the root's name may be "root"
+            hint = f" (see `{' '.join(['gguf-split', sub]).rstrip()} --help`)"
+            message = e.format_message().rstrip(".")  # type: ignore[attr-defined]
+            sys.stderr.write(f"gguf-split: error: {_one_line(message)}{hint}\n")
+            sys.exit(2)
+        except typer.Abort:
+            sys.stderr.write("gguf-split: aborted\n")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # an Exit(code) comes back as its code
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -131,12 +174,13 @@ def _size(n: float) -> str:
 
 
 def _size_option(name: str, value: Optional[str]) -> Optional[int]:
+    """--file-cost / --max-shard-size, checked as the spec's keys are (spec.parse_size_option)."""
     if value is None:
         return None
-    from ..assemble.spec import parse_size
+    from ..assemble.spec import parse_size_option
 
     try:
-        return parse_size(value)
+        return parse_size_option(name.lstrip("-").replace("-", "_"), value)
     except ValueError as e:
         raise GGUFSplitError(None, f"{name}: {e}") from None
 
@@ -179,7 +223,7 @@ def _stem(p: Path) -> str:
 
     from ..format.names import check_task_name
 
-    stem = re.sub(r"-\d{5}-of-\d{5}$", "", p.name[:-5] if p.name.endswith(".gguf") else p.stem)
+    stem = re.sub(r"-\d{5}-of-\d{5}\Z", "", p.name[:-5] if p.name.endswith(".gguf") else p.stem)
     try:
         return check_task_name(stem)
     except GGUFSplitError as e:
@@ -219,13 +263,16 @@ def _print_split(report: Any, title: str = "split into") -> None:
         counts: dict[str, list[str]] = {}
         for name, why in t.reasons.items():
             counts.setdefault(why, []).append(name)
-        if counts:
-            out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: " + "; ".join(
-                f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items()))
+        why = "; ".join(f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items())
+        out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: {why or 'every tensor is in a shared file'}")
         if t.missing:
             out.print(f"    has no {', '.join(t.missing)} (other tasks do)")
         if t.links:
             out.print(f"    llama.cpp: -m {show(t.links[0])}")
+    if report.oversize:
+        out.print(f"note: {len(report.oversize)} file(s) over --max-shard-size {_size(report.max_shard_size)}, "
+                  "each one tensor larger than that (a tensor cannot be cut): "
+                  + ", ".join(f"{name} ({_size(size)})" for name, size in report.oversize))
     if report.removed:
         out.print(f"removed {len(report.removed)} file(s) of the previous split no task uses any more: "
                   f"{', '.join(report.removed)}")
@@ -313,7 +360,7 @@ def _report_json(report: Any) -> dict[str, Any]:
 
     d = asdict(report)
     d.update(input_bytes=report.input_bytes, output_bytes=report.output_bytes, saved_bytes=report.saved_bytes,
-             ratio=report.ratio)
+             ratio=report.ratio, oversize=report.oversize)
     return d
 
 
@@ -389,7 +436,7 @@ def remove_cmd(
         return
     verb = "would delete" if r.dry_run else "deleted"
     out.print(f"removed {', '.join(r.removed_tasks)}: {verb} {len(r.deleted)} file(s), {_size(r.freed_bytes)}: "
-              f"{', '.join(r.deleted)}")
+              f"{', '.join(r.deleted)}" + (f"; and {len(r.links)} llama.cpp link(s) to them" if r.links else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -401,7 +448,8 @@ def restore_cmd(
     source: Path = typer.Argument(..., help="adaptor-<task>.gguf, or the split directory (then TASK)."),
     task: Optional[str] = typer.Argument(None, help="The task to restore, with a split directory."),
     output: Optional[str] = typer.Option(None, "--output", "-o",
-                                         help="Output file, or directory (default: the original file name(s), here)."),
+                                         help="Output file, or directory: an existing one or DIR/ (created if "
+                                              "missing), where the original file name(s) are used (default: here)."),
     shared: List[Path] = _OPT_SHARED,
     foundation: List[Path] = _OPT_FOUNDATION,
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
@@ -413,7 +461,9 @@ def restore_cmd(
     r = _run(lambda: restore(source, output, task=task, shared=[*shared, *foundation], force=force,
                              progress=_progress(quiet)))
     for f in r.files:
-        out.print(f"restored {r.task}: {show(f.path)} ({_size(f.size)}, xxh3-128 {f.xxh3}, identical to the original)")
+        kept = "already there, " if f.kept else ""
+        out.print(f"restored {r.task}: {show(f.path)} ({kept}{_size(f.size)}, xxh3-128 {f.xxh3}, identical to the "
+                  "original)")
 
 
 @app.command("verify")
@@ -456,32 +506,48 @@ def info_cmd(
     """What a file holds; for a split directory which task uses which file, and the savings."""
     from ..splitdir.info import describe, savings, task_files
 
-    def run() -> list[dict[str, Any]]:
-        if len(paths) == 2 and os.path.isdir(paths[0]) and not os.path.exists(paths[1]):
-            return [task_files(paths[0], paths[1], shared=[os.fspath(s) for s in shared])]
+    found = [os.fspath(s) for s in shared]
+
+    def run() -> list[tuple[Callable[[dict[str, Any]], None], dict[str, Any]]]:
+        if _is_dir_and_task(paths, files):
+            return [(_print_task_files, task_files(paths[0], paths[1], shared=found))]
         if files:
             raise GGUFSplitError(None, "--files needs a split directory and a task: info DIR TASK --files")
-        return [savings(p, shared=[os.fspath(s) for s in shared]) if os.path.isdir(p)
-                else _describe_pack(p) if _is_pack(p) else describe(p) for p in paths]
+        return [(_print_savings, savings(p, shared=found)) if os.path.isdir(p)
+                else (_print_pack, _describe_pack(p)) if _is_pack(p)
+                else (lambda d: _print_file(d, tensors), describe(p)) for p in paths]
 
     items = _run(run)
     if json_out:
-        if not tensors:
-            for item in items:
+        for _, item in items:
+            if not tensors:
                 item.pop("tensor_list", None)
-        for item in items:
             item["version"] = __version__
-        _print_json(items if len(items) > 1 else items[0])
+        _print_json([item for _, item in items] if len(items) > 1 else items[0][1])
         return
-    for item in items:
-        if item.get("role") == "pack":
-            _print_pack(item)
-        elif "files" in item and "task" in item and "tasks" not in item:
-            _print_task_files(item)
-        elif "tasks" in item:
-            _print_savings(item)
-        else:
-            _print_file(item, tensors)
+    for show_item, item in items:
+        show_item(item)
+
+
+def _is_dir_and_task(paths: Sequence[str], files: bool) -> bool:
+    """`info DIR TASK`: with --files always; otherwise when DIR is a directory and TASK names one of its
+    tasks, or nothing on disk (a file of that name in the current directory does not turn TASK into a
+    file to describe: `./NAME` does)."""
+    if len(paths) != 2:
+        return False
+    if files:
+        return True
+    directory, name = paths
+    if not os.path.isdir(directory):
+        return False
+    if not os.path.exists(name):
+        return True
+    from ..splitdir.directory import SplitDir
+
+    try:
+        return name in SplitDir.open(directory).adaptors
+    except GGUFSplitError:
+        return False  # describing the directory reports what is wrong with it
 
 
 def _is_pack(path: str) -> bool:
@@ -502,7 +568,7 @@ def _is_pack(path: str) -> bool:
 
 
 def _describe_pack(path: str) -> dict[str, Any]:
-    from ..pack.container import read_index
+    from ..pack.transport import read_index
 
     i = read_index(path)
     return {"path": i.path, "role": "pack", "pack_version": i.version, "kind": i.kind, "meta": i.meta,
@@ -540,10 +606,15 @@ def _print_savings(s: dict[str, Any]) -> None:
 
 
 def _print_file(d: dict[str, Any], tensors: bool) -> None:
-    out.print(f"{show(d['path'])}: {d['role']}, GGUF v{d['gguf_version']}, {d['architecture']}, "
+    if d.get("hole"):
+        out.print(f"{show(d['path'])}: hole, GGUF v{d['gguf_version']}, {_size(d['file_bytes'])}")
+        out.print(f"  split.no {d['split_no']}, no tensors: fills position {d['split_no']} in the file list of a "
+                  "task that loads no other file there (llama.cpp loads split.no 1..k without a gap)")
+        return
+    out.print(f"{show(d['path'])}: {d['role']}, GGUF v{d['gguf_version']}, {d['architecture'] or 'no architecture'}, "
               f"{_size(d['file_bytes'])}")
     out.print(f"  {d['tensors']} tensors ({_size(d['tensor_bytes'])}): "
-              + ", ".join(f"{n} {k}" for k, n in sorted(d["types"].items())))
+              + ", ".join(f"{n} {k}" for k, n in sorted(d["types"].items())) if d["tensors"] else "  no tensors")
     if d["role"] == "shared":
         out.print(f"  shared file at split.no {d['split_no']}, content id {d['content_id']}")
     elif d["role"] == "adaptor":
@@ -618,15 +689,13 @@ def extract_lora_cmd(
     """The difference between a task and a base as a llama.cpp LoRA adapter (GGUF)."""
 
     def run() -> Any:
-        from ..lora.adapter import extract_lora, extract_lora_from_files
+        from ..lora.extract import extract_lora, extract_lora_from_files
 
         if rank != "auto" and not rank.isdigit():
             raise GGUFSplitError(None, f"--rank {rank!r}: 'auto' or a whole number")
         r: int | str = int(rank) if rank.isdigit() else "auto"
-        if output is not None and os.path.lexists(output) and not force:
-            raise GGUFSplitError(show(output), "already exists (use --force to replace it)")
         kw: dict[str, Any] = dict(rank=r, threshold=threshold, allow_partial=allow_partial, alpha=alpha,
-                                  dtype="F32" if f32 else "F16", progress=_progress(quiet or json_out))
+                                  dtype="F32" if f32 else "F16", progress=_progress(quiet or json_out), force=force)
         try:
             if source.is_dir():
                 if task is None:
@@ -719,7 +788,8 @@ def unpack_cmd(
     r = _run(lambda: unpack_to(pack_file, output, restore=restore, force=force, threads=threads,
                                progress=_progress(quiet)))
     what = "models" if r.kind == "models" else "split files"
-    out.print(f"unpacked {len(r.files)} {what} ({_size(r.bytes_written)}) into {show(r.out_dir)}"
+    kept = f", {len(r.kept)} of them already there byte for byte" if r.kept else ""
+    out.print(f"unpacked {len(r.files)} {what} ({_size(r.bytes_written)} written{kept}) into {show(r.out_dir)}"
               + (f": tasks {', '.join(r.tasks)}" if r.tasks else ""))
 
 

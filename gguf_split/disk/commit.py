@@ -4,9 +4,13 @@ Why: a user's directory must always hold either the complete old state or the co
 split they shipped, or the one they asked for), never a mix and never nothing. The protocol:
 
 1. Lock. An flock on the directory serialises gguf-split runs on it (taken before any input is read).
-   Then recover: roll forward a journal left by a killed run; remove temporary files no journal names.
-2. Write. Every new file goes to a hidden temporary name in the directory and is fsynced. Nothing
-   visible changes, and every new file is complete and durable before anything points at it.
+   Then recover: roll forward a journal left by a killed run; remove temporary files no journal names,
+   and temporary directories (their names say they are gguf-split's: names.is_temp_dir).
+2. Write. Every new file goes to a hidden temporary name in the directory and is fsynced; a new symlink
+   (llama.cpp's link names) is made under a temporary name the same way. Nothing visible changes, and
+   every new entry is complete and durable (the directory is fsynced too) before anything points at it.
+   Intermediate files (a split unpacked to restore its models) go to a hidden temporary directory the
+   transaction owns (`Transaction.temp_dir`), removed when it ends, committed or not.
 3. Switch. The journal (the renames and deletions to do) is written to a temporary, fsynced and renamed
    to `.gguf-split-journal`, then the directory is fsynced: from this instant the new state *is* the state.
 4. Apply. Each temporary is renamed to its final name; fsync the directory; the files the journal lists
@@ -14,11 +18,18 @@ split they shipped, or the one they asked for), never a mix and never nothing. T
 
 Readers (verify, info, restore, the loader) honour a journal (`pending_view`): they see the state it
 leads to. A kill before step 3 leaves the old state plus temporaries the next run removes; after it, the
-new state, which the next run in this directory completes. Files shared between tasks are named after
+new state, which the next run in this directory completes. Ctrl-C, SIGTERM and SIGHUP wait while the
+switch is applied and while an abandoned transaction is cleaned up (both are a few renames and unlinks,
+`signals_deferred`), so a run stopped by a signal has always finished one or the other. Files shared between tasks are named after
 their content (naming.py), so a new file never takes an old file's name with other bytes.
 
-A test hook makes the process kill itself at step k (`GGUF_SPLIT_TEST_KILL_AT=k`) and can log the steps
-(`GGUF_SPLIT_TEST_STEPS=file`), so a test can kill a run at every step.
+An interruption (Ctrl-C, SIGTERM) after the switch does not undo it: the exception leaves with a note
+(`errors.add_state`) saying that the new state stands, so the command's last line says so instead of
+"no partial output".
+
+A test hook makes the process kill itself at step k (`GGUF_SPLIT_TEST_KILL_AT=k`; with
+`GGUF_SPLIT_TEST_SIGNAL=SIGINT` it interrupts itself instead, as a Ctrl-C would) and can log the steps
+(`GGUF_SPLIT_TEST_STEPS=file`), so a test can kill or interrupt a run at every step.
 """
 
 from __future__ import annotations
@@ -26,14 +37,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
+import stat
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
 
-from ..errors import GGUFSplitError, os_problem
-from ..format.names import JOURNAL, TMP_SUFFIX, check_bare_name, is_temp, show, temp_name
+import xxhash
+
+from ..errors import GGUFSplitError, add_state, os_problem
+from ..format.names import JOURNAL, TMP_SUFFIX, check_bare_name, is_temp, is_temp_dir, show, temp_dir_name, temp_name
 
 JOURNAL_VERSION = 1
 SPACE_MARGIN = 16 << 20  # keep this much free beyond what a run needs
@@ -42,7 +60,8 @@ _steps = 0
 
 
 def checkpoint(label: str) -> None:
-    """A point where a test may kill the process (SIGKILL: no cleanup, like a power cut or the OOM killer)."""
+    """A point where a test may kill the process (SIGKILL: no cleanup, like a power cut or the OOM killer)
+    or send it another signal (GGUF_SPLIT_TEST_SIGNAL, e.g. SIGINT: the handlers run as for a Ctrl-C)."""
     global _steps
     _steps += 1
     log = os.environ.get("GGUF_SPLIT_TEST_STEPS")
@@ -50,7 +69,39 @@ def checkpoint(label: str) -> None:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"{_steps} {label}\n")
     if os.environ.get("GGUF_SPLIT_TEST_KILL_AT") == str(_steps):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("GGUF_SPLIT_TEST_SIGNAL", "SIGKILL")))
+
+
+_DEFERRED_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then act as they would have: for short
+    steps that must not stop half way (applying a commit's switch, cleaning up an abandoned one). Only
+    signals with a Python handler are deferred, and only in the main thread (where handlers run)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, FrameType | None]] = []
+    saved: dict[int, Callable[[int, FrameType | None], Any]] = {}
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append((signum, frame))
+
+    for sig in _DEFERRED_SIGNALS:
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            saved[sig] = handler
+            signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if caught:
+            signum, frame = caught[0]
+            saved[signum](signum, frame)
 
 
 def fsync_dir(path: str) -> None:
@@ -75,8 +126,24 @@ def check_space(directory: str, needed: int, what: str = "the outputs") -> None:
         return
     free = st.f_bavail * st.f_frsize
     if needed + SPACE_MARGIN > free:
-        raise GGUFSplitError(directory, f"not enough free space: {what} need {_mb(needed)}, "
-                                        f"{_mb(free)} free")
+        raise GGUFSplitError(directory, f"not enough free space: {what} need {_mb(needed)} plus a margin of "
+                                        f"{_mb(SPACE_MARGIN)} kept free, {_mb(free)} free")
+
+
+def holds_bytes(path: str, size: int, xxh3: str) -> bool:
+    """`path` is a regular file (or a link to one) of `size` bytes whose xxh3-128 is `xxh3`: an output
+    that is already in place, which a run can keep instead of refusing it or writing it again."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return False
+        h = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+    except OSError:
+        return False
+    return h.hexdigest() == xxh3
 
 
 def _mb(n: int) -> str:
@@ -216,10 +283,12 @@ def locked(directory: str, on_wait: Callable[[str], None] | None = None) -> Iter
 
 
 class NewFile:
-    """A file being written under a temporary name; `final` is the name it gets at commit."""
+    """A file being written under a temporary name; `final` is the name it gets at commit. With
+    `link_target`, a symlink to that target instead of a file (nothing to write or fsync)."""
 
-    def __init__(self, directory: str, final: str) -> None:
+    def __init__(self, directory: str, final: str, link_target: str | None = None) -> None:
         self.final = final
+        self.link_target = link_target
         self.tmp = temp_name(final)
         self.path = os.path.join(directory, self.tmp)
         self.final_path = os.path.join(directory, final)
@@ -229,6 +298,13 @@ class NewFile:
 
     def open(self) -> "NewFile":
         """Create the file (registered with its owner first, so an interruption cannot leak it)."""
+        if self.link_target is not None:
+            try:
+                os.symlink(self.link_target, self.path)
+            except OSError as e:
+                raise GGUFSplitError(self.final_path, f"cannot create link: {os_problem(e)}") from None
+            self.closed = True
+            return self
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         except OSError as e:
@@ -258,15 +334,19 @@ class Transaction:
             tx.commit()
 
     Leaving the block without commit() removes every temporary and leaves the directory as it was (it is
-    removed again if the transaction created it and it is empty)."""
+    removed again if the transaction created it and it is empty). An exception leaving the block after the
+    switch carries a note saying that the new state stands (`what`: how to name it, e.g. "the split")."""
 
     def __init__(self, directory: str | os.PathLike[str], *, create: bool = True,
-                 on_wait: Callable[[str], None] | None = None) -> None:
+                 on_wait: Callable[[str], None] | None = None, what: str | None = None) -> None:
         self.dir = os.path.abspath(os.fspath(directory))
         self.create = create
         self.on_wait = on_wait
+        self.what = what
+        self.applied = False  # the committed renames and deletions are all done
         self.created_dir = False
         self.files: list[NewFile] = []
+        self.temp_dirs: list[str] = []
         self.deletes: list[str] = []
         self.committed = False
         self._lock: contextmanager | None = None  # type: ignore[valid-type]
@@ -298,7 +378,8 @@ class Transaction:
         return self
 
     def recover(self) -> None:
-        """Finish a commit a killed run switched to; remove temporaries of runs that died before."""
+        """Finish a commit a killed run switched to; remove temporaries of runs that died before: files
+        with a temporary name, and directories with a temporary directory's name (nothing else)."""
         journal = Journal.read(self.dir)
         if journal is not None:
             try:
@@ -309,8 +390,10 @@ class Transaction:
             names = os.listdir(self.dir)
         except OSError as e:
             raise GGUFSplitError(self.dir, f"cannot list directory: {os_problem(e)}") from None
-        for name in names:
-            if is_temp(name):  # we hold the lock: it belongs to a run that died
+        for name in names:  # we hold the lock: a temporary belongs to a run that died
+            if is_temp_dir(name):
+                _remove_temp_dir(os.path.join(self.dir, name))
+            elif is_temp(name):
                 try:
                     os.unlink(os.path.join(self.dir, name))
                 except OSError:
@@ -319,8 +402,26 @@ class Transaction:
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
+    def temp_dir(self, purpose: str) -> str:
+        """A new hidden directory in the transaction's directory for intermediate files (not part of the
+        commit): removed with everything in it when the transaction ends, committed or not, and by the
+        next run's recover if this one is killed."""
+        path = self.path(temp_dir_name(purpose))
+        self.temp_dirs.append(path)  # registered first: an interruption cannot leak it
+        try:
+            os.mkdir(path, 0o700)
+        except OSError as e:
+            raise GGUFSplitError(self.dir, f"cannot create a temporary directory: {os_problem(e)}") from None
+        return path
+
     def new(self, final: str) -> NewFile:
         f = NewFile(self.dir, final)
+        self.files.append(f)
+        return f.open()
+
+    def link(self, final: str, target: str) -> NewFile:
+        """A symlink `final` -> `target` that appears at commit (replacing what has that name then)."""
+        f = NewFile(self.dir, final, target)
         self.files.append(f)
         return f.open()
 
@@ -345,7 +446,7 @@ class Transaction:
             try:
                 if f.synced is not None:
                     f.synced.result()
-                else:
+                elif f.link_target is None:
                     os.fsync(f.fd)
             except OSError as e:
                 raise GGUFSplitError(f.final_path, f"write failed: {os_problem(e)}") from None
@@ -363,57 +464,104 @@ class Transaction:
         if not journal.renames and not journal.deletes:
             self.committed = True
             return
-        jfile = NewFile(self.dir, JOURNAL)
-        switched = False
         try:
-            jfile.open()
-            try:
-                data = journal.encode()
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(jfile.fd, view):]
-                os.fsync(jfile.fd)
-            finally:
-                jfile.close()
-            checkpoint("journal written")
-            os.replace(jfile.path, os.path.join(self.dir, JOURNAL))
-            switched = True
-            fsync_dir(self.dir)
-        except BaseException as e:  # an OSError, or an interruption (Ctrl-C, SIGTERM)
-            if switched:
-                self.committed = True  # the journal is in place: the new state stands, the next run finishes it
-            else:
-                jfile.discard()
-            if isinstance(e, OSError):
-                raise GGUFSplitError(self.dir, f"cannot commit: {os_problem(e)}") from None
-            raise
-        self.committed = True  # the new state is the state from here on
-        checkpoint("switched")
-        try:
-            roll_forward(self.dir, journal)
+            fsync_dir(self.dir)  # the temporaries' names (and new symlinks) are durable before the journal names them
         except OSError as e:
-            raise GGUFSplitError(self.dir, f"committed, but could not finish moving files into place "
-                                           f"({os_problem(e)}); the next gguf-split run here finishes it") from None
+            raise GGUFSplitError(self.dir, f"cannot commit: {os_problem(e)}") from None
+        jfile = NewFile(self.dir, JOURNAL)
+        journal_path = os.path.join(self.dir, JOURNAL)
+        with signals_deferred():  # the journal, the switch and its renames: a signal waits until all are done
+            try:
+                jfile.open()
+                try:
+                    data = journal.encode()
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(jfile.fd, view):]
+                    os.fsync(jfile.fd)
+                finally:
+                    jfile.close()
+                checkpoint("journal written")
+                os.replace(jfile.path, journal_path)
+            except BaseException as e:  # an OSError, or an interruption signals_deferred let through
+                # Failed just after the rename? The journal then stands and the temporary is gone: the switch
+                # happened, and the new files must not be discarded.
+                if os.path.lexists(journal_path) and not os.path.lexists(jfile.path):
+                    self.committed = True  # the next run finishes it
+                else:
+                    jfile.discard()
+                if isinstance(e, OSError):
+                    raise GGUFSplitError(self.dir, f"cannot commit: {os_problem(e)}") from None
+                raise
+            self.committed = True  # the new state is the state from here on
+            try:
+                fsync_dir(self.dir)
+                checkpoint("switched")
+                roll_forward(self.dir, journal)
+            except OSError as e:
+                raise GGUFSplitError(self.dir, f"committed, but could not finish moving files into place "
+                                               f"({os_problem(e)}); the next gguf-split run here finishes it") from None
+            self.applied = True  # before a deferred signal is let through at the end of this block
+
+    def state(self) -> str:
+        """What stands once the switch is done, in words (for a failure or an interruption after it)."""
+        what = f"{self.what} in {show(self.dir)}" if self.what else f"the change to {show(self.dir)}"
+        if self.applied:
+            return f"{what} is complete"
+        return f"{what} is committed (the next gguf-split run there finishes moving its files into place)"
 
     def _cleanup(self) -> None:
-        if self._syncer is not None:
-            self._syncer.shutdown(wait=True)
-            self._syncer = None
-        if not self.committed:
-            for f in self.files:
-                f.discard()
-            if self.created_dir:
-                try:
-                    os.rmdir(self.dir)
-                except OSError:
-                    pass
-        if self._lock is not None:
-            lock, self._lock = self._lock, None
-            lock.__exit__(None, None, None)
+        with signals_deferred():  # a second Ctrl-C must not leave temporaries behind
+            if self._syncer is not None:
+                self._syncer.shutdown(wait=True)
+                self._syncer = None
+            for d in self.temp_dirs:
+                _remove_temp_dir(d)
+            self.temp_dirs = []
+            if not self.committed:
+                for f in self.files:
+                    f.discard()
+                if self.created_dir:
+                    try:
+                        os.rmdir(self.dir)
+                    except OSError:
+                        pass
+            if self._lock is not None:
+                lock, self._lock = self._lock, None
+                lock.__exit__(None, None, None)
 
-    def __exit__(self, *exc: object) -> None:
+    def note(self, exc: BaseException, *more: str) -> BaseException:
+        """After the switch, say on `exc` what stands: this transaction's new state (once), then `more`
+        (what a later step, e.g. the models directory, did not do). A GGUFSplitError comes back as a new
+        one with it in its problem; anything else (an interruption) carries it (errors.add_state)."""
+        if not self.committed or is_temp_dir(os.path.basename(self.dir)):
+            return exc  # nothing stands yet; or a transaction inside another's temporary directory, which
+            # is not the user's state (the split `unpack --restore` unpacks before restoring its models)
+        noted: set[int] = getattr(exc, "_gguf_split_noted", set())
+        notes = ([] if id(self) in noted else [self.state()]) + list(more)
+        if isinstance(exc, GGUFSplitError):
+            return GGUFSplitError(exc.path, "; ".join([exc.problem, *notes])) if notes else exc
+        for text in notes:
+            add_state(exc, text)
+        setattr(exc, "_gguf_split_noted", noted | {id(self)})
+        return exc
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._cleanup()
+        if isinstance(exc, BaseException) and not isinstance(exc, GGUFSplitError):
+            self.note(exc)
 
 
-__all__ = ["Transaction", "NewFile", "Journal", "checkpoint", "check_space", "fsync_dir", "locked",
-           "pending_view", "roll_forward", "TMP_SUFFIX"]
+def _remove_temp_dir(path: str) -> None:
+    """Remove a temporary directory and what it holds (never following a symbolic link out of it)."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+__all__ = ["Transaction", "NewFile", "Journal", "checkpoint", "check_space", "fsync_dir", "holds_bytes", "locked",
+           "pending_view", "roll_forward", "signals_deferred", "TMP_SUFFIX"]

@@ -26,11 +26,15 @@ ID_CHARS = 12
 TASK_MAX = 64
 TASK_RULE = ("a task name is 1 to 64 characters: letters, digits and _ . + -, starting with a letter or digit "
              "(it becomes part of file names)")
-_TASK_CHARS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_PREFIX_CHARS = re.compile(r"^[A-Za-z0-9_.+-]*$")
+# whole-string matches (fullmatch): `$` would also match before a final newline, and "chat\n" would pass
+_TASK_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_PREFIX_CHARS = re.compile(r"[A-Za-z0-9_.+-]*")
 
 TMP_SUFFIX = ".gguf-split-tmp"
+TMP_DIR_SUFFIX = ".gguf-split-tmpdir"
 JOURNAL = ".gguf-split-journal"
+# gguf-split 0.2's `unpack --restore` left this directory behind when it was killed (tempfile's 8 characters)
+_LEGACY_TMP_DIR = re.compile(r"\.gguf-split-unpack-[a-z0-9_]{8}")  # fullmatch: `$` matches before a final \n
 
 
 def check_task_name(task: object, where: str | None = None) -> str:
@@ -42,15 +46,15 @@ def check_task_name(task: object, where: str | None = None) -> str:
     if len(task) > TASK_MAX:
         raise GGUFSplitError(where, f"task name {task[:20]!r}... is {len(task)} characters long, at most {TASK_MAX} "
                                     "are allowed")
-    if not _TASK_CHARS.match(task):
-        bad = next((c for c in task if not re.match(r"[A-Za-z0-9_.+-]", c)), None)
+    if not _TASK_CHARS.fullmatch(task):
+        bad = next((c for c in task if not re.fullmatch(r"[A-Za-z0-9_.+-]", c)), None)
         what = f"holds {bad!r}" if bad is not None else "starts with " + repr(task[0])
         raise GGUFSplitError(where, f"task name {task!r} {what}; {TASK_RULE}")
     return task
 
 
 def check_prefix(prefix: str) -> str:
-    if not _PREFIX_CHARS.match(prefix) or len(prefix) > 64:
+    if not _PREFIX_CHARS.fullmatch(prefix) or len(prefix) > 64:
         raise GGUFSplitError(None, f"prefix {prefix!r} may hold only letters, digits and _ . + - (at most 64)")
     return prefix
 
@@ -91,6 +95,16 @@ def temp_name(final: str) -> str:
 
 def is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def temp_dir_name(purpose: str) -> str:
+    """A hidden temporary directory's name (`purpose`: letters only, e.g. "unpack"), unique like temp_name."""
+    return f".gguf-split-{purpose}.{os.getpid()}.{os.urandom(4).hex()}{TMP_DIR_SUFFIX}"
+
+
+def is_temp_dir(name: str) -> bool:
+    """A name only gguf-split gives a temporary directory (temp_dir_name, or 0.2's unpack leftover)."""
+    return (name.startswith(".gguf-split-") and name.endswith(TMP_DIR_SUFFIX)) or bool(_LEGACY_TMP_DIR.fullmatch(name))
 
 
 def show(path: str | os.PathLike[str] | bytes) -> str:

@@ -289,49 +289,13 @@ class SplitFile(GGUFFile):
     def _parse_indexed(self) -> None:
         mm, p = self.mm, self.path
         version, n_tensors, n_kv = read_prefix(mm, p)
-        own: list[KV] = []
-        pos, index = PREFIX_SIZE, None
-        while len(own) < n_kv:
-            kv = read_kv_at(mm, pos, p)
-            if not own and kv.key != K_SEAL:
-                raise NotASplitFile(p, "not written by gguf-split (no gguf-split seal record)")
-            own.append(kv)
-            pos = kv.end
-            if kv.key == K_INDEX:
-                index = kv
-                break
-        if index is None or index.vtype is not ARR or index.subtype is not U64:
-            raise GGUFSplitError(p, "gguf-split header index is missing or damaged")
-        if index.count != 2 + n_kv - len(own):  # checked before decoding: the count comes from the file
-            raise GGUFSplitError(p, "header index does not match the header: damaged")
-        values = decode_value(mm, index.vtype, index.value_start)[0]
-        ti_start, data_start, offsets = values[0], values[1], values[2:]
-        starts = [*offsets, ti_start]  # the original KVs follow the index back to back
-        if starts[0] != pos or any(a >= b for a, b in zip(starts, starts[1:])) or ti_start > self.size:
-            raise GGUFSplitError(p, "header index offsets are out of order or out of range: damaged")
+        own, index = self._own_records(n_kv)
+        ti_start, data_start, offsets = self._index_offsets(index, n_kv, len(own), own[-1].end)
         own_keys = {kv.key for kv in own}
         if len(own_keys) != len(own):
             raise GGUFSplitError(p, "duplicate gguf-split record: damaged")
-        tail: dict[str, tuple[int, int]] = {}
-        alignment = 32
-        for start, end in zip(offsets, starts[1:]):
-            cur = _Cursor(mm, start, end, p)  # bounded by the next record: a damaged index cannot run on
-            key = cur.text("metadata key")
-            vtype = cur.value_type(f"value type of {key!r}")
-            if key in tail or key in own_keys:
-                raise GGUFSplitError(p, f"duplicate key {key!r}")
-            tail[key] = (start, end)
-            if key == ALIGNMENT_KEY:
-                if vtype is not U32:
-                    raise GGUFSplitError(p, f"{ALIGNMENT_KEY} must be a u32, not {vtype.name}")
-                alignment = cur.u32(ALIGNMENT_KEY)
-        for kv in own:
-            if kv.key == ALIGNMENT_KEY:
-                if kv.vtype is not U32:
-                    raise GGUFSplitError(p, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
-                alignment = decode_value(mm, kv.vtype, kv.value_start)[0]
-        if alignment == 0 or alignment & (alignment - 1):
-            raise GGUFSplitError(p, f"{ALIGNMENT_KEY} = {alignment} is not a power of two")
+        tail, alignment = self._locate_tail(offsets, ti_start, own_keys)
+        alignment = self._own_alignment(own, alignment)
         tensors = read_tensor_infos_at(mm, ti_start, n_tensors, alignment, p)
         if align_up(tensors[-1].end if tensors else ti_start, alignment) != data_start:
             raise GGUFSplitError(p, "header index: data offset does not match the tensor infos: damaged")
@@ -339,6 +303,63 @@ class SplitFile(GGUFFile):
                              {kv.key: kv for kv in own}, {t.name: t for t in tensors})
         _check_data_layout(self.header)
         self.tail = tail
+
+    def _own_records(self, n_kv: int) -> tuple[list[KV], KV]:
+        """gguf-split's records: from the seal (first) to the header index (last of ours)."""
+        own: list[KV] = []
+        pos = PREFIX_SIZE
+        while len(own) < n_kv:
+            kv = read_kv_at(self.mm, pos, self.path)
+            if not own and kv.key != K_SEAL:
+                raise NotASplitFile(self.path, "not written by gguf-split (no gguf-split seal record)")
+            own.append(kv)
+            pos = kv.end
+            if kv.key == K_INDEX:
+                if kv.vtype is not ARR or kv.subtype is not U64:
+                    break
+                return own, kv
+        raise GGUFSplitError(self.path, "gguf-split header index is missing or damaged")
+
+    def _index_offsets(self, index: KV, n_kv: int, n_own: int, after_own: int) -> tuple[int, int, list[int]]:
+        """(tensor-info start, data start, each original KV's offset) from the index, checked: in order,
+        in range, the first right after our records (the original KVs follow the index back to back)."""
+        if index.count != 2 + n_kv - n_own:  # checked before decoding: the count comes from the file
+            raise GGUFSplitError(self.path, "header index does not match the header: damaged")
+        values = decode_value(self.mm, index.vtype, index.value_start)[0]
+        ti_start, data_start, offsets = values[0], values[1], values[2:]
+        starts = [*offsets, ti_start]
+        if starts[0] != after_own or any(a >= b for a, b in zip(starts, starts[1:])) or ti_start > self.size:
+            raise GGUFSplitError(self.path, "header index offsets are out of order or out of range: damaged")
+        return ti_start, data_start, offsets
+
+    def _locate_tail(self, offsets: list[int], ti_start: int,
+                     own_keys: set[str]) -> tuple[dict[str, tuple[int, int]], int]:
+        """The original KVs located by the index (key -> record span), not decoded; the alignment among them."""
+        tail: dict[str, tuple[int, int]] = {}
+        alignment = 32
+        for start, end in zip(offsets, [*offsets[1:], ti_start]):
+            cur = _Cursor(self.mm, start, end, self.path)  # bounded by the next record: a damaged index cannot run on
+            key = cur.text("metadata key")
+            vtype = cur.value_type(f"value type of {key!r}")
+            if key in tail or key in own_keys:
+                raise GGUFSplitError(self.path, f"duplicate key {key!r}")
+            tail[key] = (start, end)
+            if key == ALIGNMENT_KEY:
+                if vtype is not U32:
+                    raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} must be a u32, not {vtype.name}")
+                alignment = cur.u32(ALIGNMENT_KEY)
+        return tail, alignment
+
+    def _own_alignment(self, own: list[KV], alignment: int) -> int:
+        """A shared file records its alignment among our records; either way it must be a power of two."""
+        for kv in own:
+            if kv.key == ALIGNMENT_KEY:
+                if kv.vtype is not U32:
+                    raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
+                alignment = decode_value(self.mm, kv.vtype, kv.value_start)[0]
+        if alignment == 0 or alignment & (alignment - 1):
+            raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} = {alignment} is not a power of two")
+        return alignment
 
     def __enter__(self) -> "SplitFile":
         return self

@@ -1,6 +1,6 @@
 """Serve a task of a split with LoRA adapters through llama.cpp (llama-cpp-python's low-level C API).
 
-    from gguf_split.lora_llama import LlamaLora
+    from gguf_split.lora.llama import LlamaLora
     with LlamaLora(task.llama_cpp_paths()) as llm:          # [adaptor, foundation], or one model file
         llm.set_loras([("chat-lora.gguf", 1.0)])           # no reload: adapters load once, then switch
         logits = llm.logits(tokens)                        # float32 logits of the last token

@@ -133,6 +133,7 @@ class UnpackReport:
     files: list[FileEntry]
     bytes_written: int
     seconds: float
+    kept: list[str] = field(default_factory=list)  # files already in place, byte for byte: left as they were
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,12 +159,13 @@ def check_file_name(name: Any, where: str | None = None) -> str:
 
 
 def _write_outputs(out_dir: str, items: Sequence[tuple[str, Callable[[BinaryIO], None]]], *,
-                   force: bool = False) -> None:
+                   force: bool = False, in_place: Callable[[str, str], bool] | None = None) -> list[str]:
     """Write each (name, writer) into out_dir, all or nothing, through the project's crash-safe commit
     (commit.Transaction: hidden temporaries, fsync, one atomic journal switch; a kill at any moment leaves
     the old files or all the new ones). Each writer writes (and checks) its file's bytes; an existing file
-    of the same name is refused unless `force`; out_dir is created if missing (and removed again if
-    nothing could be written)."""
+    of the same name is kept if `in_place(name, path)` says it already holds them, else refused unless
+    `force`; out_dir is created if missing (and removed again if nothing could be written). Returns the
+    names kept."""
     from ..disk.commit import Transaction
 
     out_dir = os.path.abspath(out_dir)
@@ -171,15 +173,20 @@ def _write_outputs(out_dir: str, items: Sequence[tuple[str, Callable[[BinaryIO],
         check_file_name(name, out_dir)
     if len({n for n, _ in items}) != len(items):
         raise GGUFSplitError(out_dir, "two outputs have the same name")
+    kept: list[str] = []
     with Transaction(out_dir) as tx:
         for name, _ in items:
             p = os.path.join(out_dir, name)
             if os.path.lexists(p):
                 if os.path.isdir(p) and not os.path.islink(p):
                     raise GGUFSplitError(p, "is a directory: cannot replace it with a file")
-                if not force:
+                if in_place is not None and in_place(name, p):
+                    kept.append(name)
+                elif not force:
                     raise GGUFSplitError(p, "already exists (use --force to replace it)")
         for name, write in items:
+            if name in kept:
+                continue
             nf = tx.new(name)
 
             def fill(fd: int, write: Callable[[BinaryIO], None] = write) -> None:
@@ -189,6 +196,7 @@ def _write_outputs(out_dir: str, items: Sequence[tuple[str, Callable[[BinaryIO],
 
             tx.write(nf, fill)
         tx.commit()
+    return kept
 
 
 def _threads(threads: int | None) -> int:
@@ -1142,15 +1150,23 @@ def read_index(pack_path: str | os.PathLike[str]) -> PackIndex:
 
 
 def unpack(pack_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, force: bool = False,
-           threads: int | None = None, progress: Progress = QUIET) -> UnpackReport:
-    """Write every file of the pack into out_dir, byte-identical (each tensor's xxh3-128 and each file's
-    xxh3-128 and sha256 checked before anything is renamed into place). On any problem: GGUFSplitError,
-    and out_dir is left as it was."""
+           threads: int | None = None, progress: Progress = QUIET, files: Sequence[str] | None = None) -> UnpackReport:
+    """Write every file of the pack (or the ones named in `files`) into out_dir, byte-identical (each
+    tensor's xxh3-128 and each file's xxh3-128 and sha256 checked before anything is renamed into place).
+    A file already there with the recorded size and xxh3-128 is kept. On any problem: GGUFSplitError, and
+    out_dir is left as it was."""
+    from ..disk.commit import holds_bytes
+
     t0 = time.perf_counter()
     out_dir = os.path.abspath(os.fspath(out_dir))
     nthreads = _threads(threads)
     with PackReader(pack_path) as r:
-        total = sum(f.entry.size for f in r.files)
+        if files is not None:
+            missing = set(files) - {f.entry.name for f in r.files}
+            if missing:
+                raise GGUFSplitError(r.path, f"holds no file {sorted(missing)[0]!r}")
+        chosen = [(i, f) for i, f in enumerate(r.files) if files is None or f.entry.name in files]
+        total = sum(f.entry.size for _, f in chosen)
         if any(t.codec == "delta" for t in r.tensors):
             try:
                 codec.check_float_environment()
@@ -1174,6 +1190,9 @@ def unpack(pack_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                         raise GGUFSplitError(r.path, f"corrupt pack: {e}") from None
                 return write
 
-            _write_outputs(out_dir, [(f.entry.name, writer(i)) for i, f in enumerate(r.files)], force=force)
-        files = [f.entry for f in r.files]
-    return UnpackReport(out_dir, files, total, time.perf_counter() - t0)
+            entries = {f.entry.name: f.entry for _, f in chosen}
+            kept = _write_outputs(out_dir, [(f.entry.name, writer(i)) for i, f in chosen], force=force,
+                                  in_place=lambda name, path: holds_bytes(path, entries[name].size,
+                                                                          entries[name].xxh3))
+    written = total - sum(entries[name].size for name in kept)
+    return UnpackReport(out_dir, [f.entry for _, f in chosen], written, time.perf_counter() - t0, kept)

@@ -38,6 +38,10 @@ What it promises, and how:
   task named `x.gguf` loads by name, and `load("out/adaptor-x.gguf")` is refused with a hint to pass a Path.
 - Threads: reads are safe from several threads; `swap` is atomic for readers (a lookup sees the old task
   or the new one, never a mix); a failed load or swap changes nothing.
+- Other processes: no lock is taken, ever. A load or swap maps a task's files as of one state of the
+  directory (splitdir.read_consistently: read again if a commit changed the directory meanwhile); once
+  mapped, a task stays whole whatever `add`, `remove` or a re-split do next (files are never changed in
+  place: a deleted or replaced file stays mapped until the task lets go).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import GGUFSplitError
 from ..format.gguf import parse_tensor_infos
@@ -56,7 +60,11 @@ from ..format.model import Field, Metadata, Model, Tensor, _renamed, _Tensors, o
 from ..format.names import adaptor_name, check_task_name, show
 from ..disk.commit import pending_view
 from ..format.records import K_SRC_TENSOR_INFOS, K_TASK, ROLE_ADAPTOR, AdaptorInfo, SharedInfo, SplitFile
-from ..splitdir.directory import FileFinder, SplitDir, match_shared, read_shared
+from ..splitdir.directory import FileFinder, SplitDir, directory_of, match_shared, read_consistently, read_shared
+
+if TYPE_CHECKING:  # imported by the first apply_lora (TaskModel._lora_set), never by a load
+    from ..lora.adapter import LoraAdapter
+    from ..lora.overlay import LoraSet
 
 __all__ = ["Split", "Foundation", "Model", "TaskModel", "Tensor", "Field", "Metadata", "open_model", "open_split"]
 
@@ -166,15 +174,25 @@ class TaskModel:
     """A task: its adaptor's metadata, and its tensors from the adaptor and its shared files; optionally
     LoRA adapters on top (`apply_lora`): their A and B stay zero-copy views of the adapter files, and a
     targeted tensor comes back as a `LoraTensor` (the same bytes; `to_numpy(merged=True)` materializes
-    base + the active LoRAs); removing them gives back exactly the original Tensor objects."""
+    base + the active LoRAs); removing them gives back exactly the original Tensor objects.
+
+    The LoRA machinery (gguf_split.lora.overlay and what it imports) is imported when the first adapter
+    is applied, not on load: most tasks never take one, and the import was most of a fresh process's
+    first load."""
 
     def __init__(self, split: "Split", overlay: _Overlay) -> None:
-        from ..lora.adapter import LoraSet
-
         self.split = split
         self._lock = threading.Lock()
         self._overlay: _Overlay | None = overlay
-        self._loras = LoraSet()
+        self._loras: LoraSet | None = None  # made by the first apply_lora
+
+    def _lora_set(self) -> "LoraSet":
+        with self._lock:
+            if self._loras is None:
+                from ..lora.overlay import LoraSet
+
+                self._loras = LoraSet()
+            return self._loras
 
     @property
     def _current(self) -> _Overlay:
@@ -198,22 +216,24 @@ class TaskModel:
     @property
     def tensors(self) -> Mapping[str, Any]:
         """name -> Tensor (a LoraTensor where an active LoRA targets the name)."""
-        return self._loras.wrap(self._current.tensors)
+        tensors, loras = self._current.tensors, self._loras
+        return tensors if loras is None else loras.wrap(tensors)
 
-    def apply_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> Any:
+    def apply_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> "LoraAdapter":
         """Activate the llama.cpp LoRA adapter at `path` with `scale` (or change an active one's scale).
         Its architecture, target names and shapes are checked against the task (GGUFSplitError naming the
         file); only its header is read: O(adapter), whatever the model's size. Returns the LoraAdapter."""
-        return self._loras.apply(self._current, path, scale)
+        return self._lora_set().apply(self._current, path, scale)
 
     def remove_lora(self, path: str | os.PathLike[str]) -> None:
         """Deactivate an adapter: the task's tensors are again exactly the original views."""
-        self._loras.discard(path)
+        self._lora_set().discard(path)
 
     @property
     def loras(self) -> list[tuple[str, float]]:
         """The active adapters, (absolute path, scale), in the order they were applied."""
-        return self._loras.active()
+        loras = self._loras
+        return [] if loras is None else loras.active()
 
     @property
     def files(self) -> list[str]:
@@ -224,10 +244,8 @@ class TaskModel:
         """Become another task of the split (same naming rule as `Split.load`): files both tasks use stay
         mapped; the others are unmapped as soon as nothing uses them. On failure the task is unchanged."""
         new = self.split._overlay(task)
-        for path, _ in self._loras.active():  # active LoRAs stay on only if they fit the new task too
-            adapter = self._loras.get(path)
-            if adapter is not None:
-                adapter.check_against(new)
+        if self._loras is not None:
+            self._loras.check_against(new)  # active LoRAs stay on only if they fit the new task too
         with self._lock:
             if self._overlay is None:
                 raise GGUFSplitError(None, "task model is closed")
@@ -292,7 +310,7 @@ class Split:
         return path if os.path.isfile(path) else None
 
     def _by_records(self, task: str) -> str:
-        sd = SplitDir.open(self.directory)
+        sd = SplitDir.read_once(self.directory)  # the caller retries (read_consistently)
         if task not in sd.adaptors:
             have = ", ".join(sd.tasks) or "none"
             hint = _PATH_HINT if task.endswith(".gguf") else ""
@@ -300,42 +318,50 @@ class Split:
         return sd.adaptors[task]
 
     def _overlay(self, task: str | os.PathLike[str]) -> _Overlay:
+        """The task's files, mapped as of one state of the directory (splitdir.read_consistently): a commit
+        running meanwhile is retried over, never seen half done; no lock is taken."""
         if self._closed:
             raise GGUFSplitError(show(self.directory), "split is closed")
-        finder = FileFinder(self._shared)  # anew for each load: a commit finished since is seen
         if isinstance(task, str):
             try:
                 check_task_name(task)
             except GGUFSplitError as e:
                 hint = _PATH_HINT if "/" in task or os.sep in task or task.endswith(".gguf") else ""
                 raise GGUFSplitError(None, e.problem + hint) from None
-            path = self._by_name(task)
-            if path is not None:
-                try:
-                    return _Overlay(path, finder, task)
-                except _OtherTask:
-                    pass
-            return _Overlay(self._by_records(task), finder, task)
+            return read_consistently([self.directory], lambda: self._overlay_by_name(task))
         if isinstance(task, os.PathLike):
             path = os.fspath(task)
             if isinstance(path, str):
-                return _Overlay(path, finder)
+                return read_consistently([directory_of(path)], lambda: _Overlay(path, FileFinder(self._shared)))
         raise TypeError(f"task must be a task name (str) or a path (os.PathLike), not {type(task).__name__}")
+
+    def _overlay_by_name(self, task: str) -> _Overlay:
+        finder = FileFinder(self._shared)  # anew for each load: a commit finished since is seen
+        path = self._by_name(task)
+        if path is not None:
+            try:
+                return _Overlay(path, finder, task)
+            except _OtherTask:
+                pass
+        return _Overlay(self._by_records(task), finder, task)
 
     def adaptor_path(self, task: str | os.PathLike[str]) -> str:
         """The adaptor `load(task)` would open: a task name (a str, always) resolved beside the opened
         path; an os.PathLike is an adaptor file."""
         if isinstance(task, str):
             check_task_name(task)
-            path = self._by_name(task)
-            if path is not None:
-                with SplitFile(path) as f:
-                    if f.role == ROLE_ADAPTOR and f.get(K_TASK) == task:
-                        return path
-            return self._by_records(task)
+            return read_consistently([self.directory], lambda: self._adaptor_path(task))
         if isinstance(task, os.PathLike):
             return os.fspath(task)
         raise TypeError(f"task must be a task name (str) or a path (os.PathLike), not {type(task).__name__}")
+
+    def _adaptor_path(self, task: str) -> str:
+        path = self._by_name(task)
+        if path is not None:
+            with SplitFile(path) as f:
+                if f.role == ROLE_ADAPTOR and f.get(K_TASK) == task:
+                    return path
+        return self._by_records(task)
 
     def load(self, task: str | os.PathLike[str]) -> TaskModel:
         """A task by name (a str, always), or the adaptor file given as an os.PathLike."""

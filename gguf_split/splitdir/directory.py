@@ -5,24 +5,86 @@ each adaptor lists the files its task loads. A commit that a killed run left hal
 (`commit.pending_view`): readers see the state it switched to. Shared files are looked up beside the
 adaptor unless the caller points elsewhere (`--shared PATH`, a file or a directory, repeatable): a file
 found is checked against what the adaptor recorded (position, content id, size), and its seal.
+
+Readers take no lock (a writer holds its lock for the whole run, hashing included, and the runtime loader
+must never wait for one), yet see one state: `read_consistently` runs a reader's listing and opening, and
+runs it again when the directory changed meanwhile. Why that is enough: gguf-split never changes a file in
+place (shared files are named after their content, adaptors and links are replaced by atomic renames, the
+commit journal says what a half-done commit leads to), so a reader that has *opened* every file of a
+state holds a consistent snapshot, whatever happens next; the only race is between listing a directory
+and opening what it lists. The directory's entries (names and inode numbers, the journal's included) are
+compared before and after: unchanged means no commit touched it in between, so what was opened is the
+state that was listed. A failure in a directory that changed meanwhile (a file removed between the listing
+and the open, say) is retried; one in a directory that did not change is real, and raised at once.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..disk.commit import pending_view
 from ..errors import GGUFSplitError
-from ..format.names import is_temp, show
+from ..format.names import JOURNAL, is_temp, show
 from ..format.records import ROLE_ADAPTOR, ROLE_SHARED, AdaptorInfo, FileRef, NotASplitFile, SharedInfo, SplitFile
 
 SHARED_OPTION = "-s/--shared"
 
 
-def _looks_like_ours(name: str) -> bool:
+def looks_like_split_name(name: str) -> bool:
+    """A name of gguf-split's form (what a damaged file of the split, or a link to a deleted one, is called)."""
     return any(part in name for part in ("adaptor-", "foundation", "shared-", "hole-"))
+
+
+T = TypeVar("T")
+READ_TRIES = 10  # a writer's commit lasts milliseconds; its next one comes after hashing and writing
+
+
+def _entries(directories: Sequence[str]) -> tuple[tuple[str, ...] | None, ...]:
+    """The entries of each directory that make its state: GGUF files and links (name and inode: a file
+    replaced by a rename changes its inode) and the commit journal; temporaries left out (writing them
+    changes no state), and so is whatever else a user keeps there."""
+    out: list[tuple[str, ...] | None] = []
+    for d in directories:
+        try:
+            with os.scandir(d) as it:
+                out.append(tuple(sorted(f"{e.name}\0{e.inode()}" for e in it
+                                        if e.name == JOURNAL or (e.name.endswith(".gguf") and not is_temp(e.name)))))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def read_consistently(directories: Iterable[str | os.PathLike[str]], attempt: Callable[[], T],
+                      discard: Callable[[T], None] | None = None) -> T:
+    """`attempt()` (list a split directory and open what it needs) as of one state of `directories`: run
+    again while a commit changes them meanwhile (`discard` releases a result taken while they changed).
+    A failure while nothing changed is raised at once: it is about the files, not about a race."""
+    dirs = list(dict.fromkeys(os.fspath(d) for d in directories))
+    for n in range(READ_TRIES):
+        before = _entries(dirs)
+        try:
+            result = attempt()
+        except (GGUFSplitError, OSError):
+            if n + 1 == READ_TRIES or _entries(dirs) == before:
+                raise
+        else:
+            if _entries(dirs) == before:
+                return result
+            if discard is not None:
+                discard(result)
+        time.sleep(min(0.2, 0.002 * 2 ** n))
+    raise GGUFSplitError(show(dirs[0]) if dirs else None, "kept changing while it was read (another process "
+                                                          "writes to it without end?): try again")
+
+
+def directory_of(path: str | os.PathLike[str]) -> str:
+    """The directory whose state a path argument reads: itself, or the one holding the file."""
+    p = os.fspath(path)
+    return p if os.path.isdir(p) else (os.path.dirname(p) or ".")
 
 
 @dataclass
@@ -38,7 +100,13 @@ class SplitDir:
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str]) -> "SplitDir":
+        """The split as of one state of the directory (`read_consistently`)."""
         d = os.fspath(directory)
+        return read_consistently([d], lambda: cls.read_once(d))
+
+    @classmethod
+    def read_once(cls, d: str) -> "SplitDir":
+        """One listing, not retried: for a caller that holds the directory's lock, or retries around it."""
         if not os.path.isdir(d):
             raise GGUFSplitError(show(d), "not a directory" if os.path.exists(d) else "no such directory")
         view = pending_view(d)
@@ -62,7 +130,7 @@ class SplitDir:
                 out.other.append(path)
                 continue
             except GGUFSplitError:
-                if _looks_like_ours(name):
+                if looks_like_split_name(name):
                     raise  # a damaged adaptor or shared file is what verify must report, not skip
                 out.other.append(path)
                 continue
@@ -82,6 +150,20 @@ class SplitDir:
     def tasks(self) -> list[str]:
         return sorted(self.adaptors)
 
+    def name_of(self, path: str) -> str:
+        """A file's name in the split (its final name, even while a pending commit holds it under a temporary)."""
+        return self.names.get(path, os.path.basename(path))
+
+    def task_file_names(self, task: str) -> list[str]:
+        """The names of a task's files in llama.cpp order (its adaptor, then positions 1..k), from its records."""
+        path = self.adaptor(task)
+        with SplitFile(path) as ad:
+            return [self.name_of(path), *(ref.name for ref in AdaptorInfo.read(ad).files)]
+
+    def file_names(self) -> set[str]:
+        """The names of every gguf-split file of the directory (adaptors and shared files, used or not)."""
+        return {self.name_of(p) for p in self.adaptors.values()} | set(self.shared)
+
     def adaptor(self, task: str) -> str:
         try:
             return self.adaptors[task]
@@ -89,10 +171,11 @@ class SplitDir:
             have = ", ".join(self.tasks) or "none"
             raise GGUFSplitError(show(self.directory), f"holds no task {task!r} (tasks: {have})") from None
 
-    def require_split(self) -> None:
+    def require_split(self, hint: str = "") -> None:
+        """Refuse a directory without a task; `hint` says what to do instead (e.g. start a split)."""
         if not self.adaptors:
-            hint = " (a split of gguf-split 0.1? see README: layout 1)" if any(
-                os.path.basename(p) == "foundation.gguf" for p in self.other) else ""
+            if any(os.path.basename(p) == "foundation.gguf" for p in self.other):
+                hint = " (a split of gguf-split 0.1? see README: layout 1)"
             raise GGUFSplitError(show(self.directory), f"holds no gguf-split adaptor{hint}")
 
 
@@ -227,17 +310,71 @@ def open_task(adaptor_path: str | os.PathLike[str], finder: FileFinder | None = 
         raise
 
 
-def resolve_tasks(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[str]]:
-    """verify/info arguments: split directories and/or adaptor files -> (adaptor paths, directories)."""
+@dataclass
+class OpenTasks:
+    """Tasks of a split directory listed and opened as of one state (`open_tasks`): each task's files are
+    open, so they stay readable whatever a later commit renames or deletes. Shared files are opened once."""
+
+    split: SplitDir
+    tasks: dict[str, TaskFiles]  # in task order
+    cache: dict[str, SplitFile]  # absolute path -> open shared file
+
+    def paths(self, task: str) -> list[str]:
+        """The task's files in llama.cpp order (absolute), each under its final name: a file a pending commit
+        still holds under a temporary name is given the name the commit gives it (what a link must name)."""
+        tf = self.tasks[task]
+        names = [self.split.name_of(tf.adaptor.path), *(ref.name for ref in tf.info.files)]
+        return [os.path.join(os.path.dirname(p), name) if is_temp(os.path.basename(p)) else p
+                for p, name in zip(tf.paths(), names)]
+
+    def close(self) -> None:
+        for tf in self.tasks.values():
+            tf.adaptor.close()
+        for f in self.cache.values():
+            f.close()
+
+    def __enter__(self) -> "OpenTasks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_tasks(directory: str | os.PathLike[str], tasks: Iterable[str] | None = None, *,
+               shared: Sequence[str | os.PathLike[str]] = ()) -> OpenTasks:
+    """Open `tasks` (default: every task; the directory must hold a split) of a split directory, checked
+    as `open_task` checks them, as of one state of the directory (`read_consistently`)."""
+    d = os.fspath(directory)
+    wanted = None if tasks is None else list(tasks)
+
+    def attempt() -> OpenTasks:
+        sd = SplitDir.read_once(d)
+        if wanted is None:
+            sd.require_split()
+        finder = FileFinder(shared)
+        out = OpenTasks(sd, {}, {})
+        try:
+            for task in (sd.tasks if wanted is None else wanted):
+                out.tasks[task] = open_task(sd.adaptor(task), finder, cache=out.cache)
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    return read_consistently([d], attempt, OpenTasks.close)
+
+
+def resolve_tasks(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[SplitDir]]:
+    """verify/info arguments: split directories and/or adaptor files -> (adaptor paths, split directories)."""
     adaptors: list[str] = []
-    dirs: list[str] = []
+    dirs: list[SplitDir] = []
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):
-            sd = SplitDir.open(p)
+            sd = SplitDir.read_once(p)
             sd.require_split()
             adaptors += [sd.adaptors[t] for t in sd.tasks]
-            dirs.append(p)
+            dirs.append(sd)
         else:
             with SplitFile(p) as f:
                 if f.role == ROLE_SHARED:

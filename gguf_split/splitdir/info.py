@@ -23,7 +23,7 @@ from ..format.records import (
     open_split_file,
     role_of,
 )
-from .directory import FileFinder, SplitDir, open_task
+from .directory import open_tasks
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -49,6 +49,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             f.require(ROLE_SHARED)
             out["content_id"] = f.get(K_CONTENT_ID)
             out["split_no"] = f.split_no()
+            out["hole"] = not h.tensors  # no tensors: only a split.no that fills a gap in some task's file list
         elif isinstance(f, SplitFile) and role == ROLE_ADAPTOR:
             a = AdaptorInfo.read(f)
             out.update({
@@ -75,36 +76,29 @@ def _type_counts(f: GGUFFile) -> dict[str, int]:
 
 
 def savings(directory: str | os.PathLike[str], *, shared: Sequence[str] = ()) -> dict[str, Any]:
-    """Files of a split directory, which tasks use each, and what the split saves."""
-    sd = SplitDir.open(directory)
-    sd.require_split()
-    finder = FileFinder(shared)
-    cache: dict[str, SplitFile] = {}
+    """Files of a split directory, which tasks use each, and what the split saves (as of one state of the
+    directory: splitdir.open_tasks)."""
     users: dict[str, list[str]] = {}
     tasks: list[dict[str, Any]] = []
     versions: dict[tuple[str, int, tuple[int, ...], bytes], int] = {}
     header_bytes = 0
-    try:
-        for task in sd.tasks:
-            tf = open_task(sd.adaptors[task], finder, cache=cache)
-            with tf.adaptor:
-                for f in tf.files:
-                    for t, d in zip(f.header.tensors, f.digests()):
-                        versions[(t.name, t.ggml_type, t.shape, d)] = t.nbytes
-                    if f is not tf.adaptor:
-                        users.setdefault(os.path.abspath(f.path), []).append(task)
-                header_bytes += tf.adaptor.header.data_start
-                tasks.append({"task": task, "path": tf.adaptor.path, "bytes": tf.adaptor.size,
-                              "tensors": len(tf.adaptor.header.tensors),
-                              "files": [os.path.basename(f.path) for f in tf.shared],
-                              "sources": [s.name for s in tf.info.sources],
-                              "source_bytes": sum(s.size for s in tf.info.sources)})
+    with open_tasks(directory, shared=shared) as opened:
+        sd, cache = opened.split, opened.cache
+        for task, tf in opened.tasks.items():
+            for f in tf.files:
+                for t, d in zip(f.header.tensors, f.digests()):
+                    versions[(t.name, t.ggml_type, t.shape, d)] = t.nbytes
+                if f is not tf.adaptor:
+                    users.setdefault(os.path.abspath(f.path), []).append(task)
+            header_bytes += tf.adaptor.header.data_start
+            tasks.append({"task": task, "path": tf.adaptor.path, "bytes": tf.adaptor.size,
+                          "tensors": len(tf.adaptor.header.tensors),
+                          "files": [os.path.basename(f.path) for f in tf.shared],
+                          "sources": [s.name for s in tf.info.sources],
+                          "source_bytes": sum(s.size for s in tf.info.sources)})
         files: list[dict[str, Any]] = [{"name": os.path.basename(p), "path": p, "bytes": f.size, "tensors": len(f.header.tensors),
                   "position": f.split_no(), "tasks": users.get(os.path.abspath(p), [])}
                  for p, f in sorted(cache.items(), key=lambda kv: (kv[1].split_no(), kv[0]))]
-    finally:
-        for f in cache.values():
-            f.close()
     unused = [os.path.basename(p) for n, p in sd.shared.items() if os.path.abspath(p) not in cache]
     inputs = sum(t["source_bytes"] for t in tasks)
     total = sum(f["bytes"] for f in files) + sum(t["bytes"] for t in tasks)
@@ -126,8 +120,8 @@ def savings(directory: str | os.PathLike[str], *, shared: Sequence[str] = ()) ->
 
 def task_files(directory: str | os.PathLike[str], task: str, *, shared: Sequence[str] = ()) -> dict[str, Any]:
     """Exactly the files one task needs (e.g. to download just those from a hub), in llama.cpp order."""
-    sd = SplitDir.open(directory)
-    with open_task(sd.adaptor(task), FileFinder(shared)) as tf:
+    with open_tasks(directory, [task], shared=shared) as opened:
+        tf = opened.tasks[task]
         rows = [{"position": 0, "path": tf.adaptor.path, "bytes": tf.adaptor.size, "sha256": None}]
         rows += [{"position": r.position, "path": f.path, "bytes": f.size, "sha256": r.sha256}
                  for r, f in zip(tf.info.files, tf.shared)]

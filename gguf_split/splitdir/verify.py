@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import GGUFSplitError
@@ -22,7 +22,7 @@ from ..format.names import show
 from ..disk.progress import NO_BAR, QUIET, Progress, Reporter
 from ..format.records import FileRef, SplitFile
 from .restore import plan_restore
-from .directory import FileFinder, SplitDir, TaskFiles, open_task, resolve_tasks
+from .directory import FileFinder, SplitDir, TaskFiles, directory_of, open_task, read_consistently, resolve_tasks
 
 
 @dataclass
@@ -57,33 +57,26 @@ def check_file(f: SplitFile, want: Sequence[FileRef], sha256: bool = False, bar:
             raise GGUFSplitError(f.path, f"its sha256 differs from the one recorded for {ref.name}: corrupted")
 
 
-def verify(paths: Sequence[str | os.PathLike[str]], *, shared: Sequence[str | os.PathLike[str]] = (),
-           sha256: bool = False, progress: Progress = QUIET, threads: int | None = None) -> VerifyReport:
-    """Verify split directories and/or adaptor files (each with every file it lists)."""
+def verify(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
+           shared: Sequence[str | os.PathLike[str]] = (), sha256: bool = False, progress: Progress = QUIET,
+           threads: int | None = None) -> VerifyReport:
+    """Verify split directories and/or adaptor files (each with every file it lists): one path or a list.
+    The files are listed and opened as of one state of their directories (splitdir.read_consistently),
+    then read: a commit running meanwhile changes nothing that is verified."""
+    if isinstance(paths, bytes) or not isinstance(paths, (str, os.PathLike, Iterable)):
+        raise TypeError(f"paths must be a path or a list of paths, not {type(paths).__name__}")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise GGUFSplitError(None, "nothing to verify: give a split directory or adaptor files")
-    adaptors, dirs = resolve_tasks(paths)
-    finder = FileFinder(shared)
-    cache: dict[str, SplitFile] = {}
-    opened: list[TaskFiles] = []
+    opened = read_consistently([directory_of(p) for p in paths], lambda: _open_all(paths, shared), _Opened.close)
     report = VerifyReport()
     try:
-        want: dict[str, list[FileRef]] = {}
-        for a in adaptors:
-            tf = open_task(a, finder, cache=cache)
-            opened.append(tf)
-            if tf.info.task in report.tasks:
-                raise GGUFSplitError(tf.adaptor.path, f"a second adaptor of task {tf.info.task!r} "
-                                                      f"(first: {show(report.tasks[tf.info.task])})")
-            report.tasks[tf.info.task] = tf.adaptor.path
-            for ref, f in zip(tf.info.files, tf.shared):
-                want.setdefault(os.path.abspath(f.path), []).append(ref)
-            plan_restore(tf)
+        report.tasks = {tf.info.task: tf.adaptor.path for tf in opened.tasks}
         files: dict[str, tuple[SplitFile, list[FileRef]]] = {}
-        for tf in opened:
+        for tf in opened.tasks:
             files[os.path.abspath(tf.adaptor.path)] = (tf.adaptor, [])
-        for key, f in cache.items():
-            files[key] = (f, want.get(key, []))
+        for key, f in opened.cache.items():
+            files[key] = (f, opened.want.get(key, []))
         total = sum(f.size for f, _ in files.values())
         with progress.bar("verifying", total) as bar:
             jobs = sorted(((f, refs, sha256, bar) for f, refs in files.values()), key=lambda j: -j[0].size)
@@ -91,14 +84,48 @@ def verify(paths: Sequence[str | os.PathLike[str]], *, shared: Sequence[str | os
         report.files = len(files)
         report.tensors = sum(len(f.header.tensors) for f, _ in files.values())
         report.bytes = sum(f.size for f, _ in files.values())
-        for d in dirs:
-            sd = SplitDir.open(d)
+        for sd in opened.dirs:
             report.pending_commit |= sd.pending
-            used = set(cache)
-            report.unused += [p for p in sd.shared.values() if os.path.abspath(p) not in used]
+            report.unused += [p for p in sd.shared.values() if os.path.abspath(p) not in opened.cache]
         return report
     finally:
-        for tf in opened:
+        opened.close()
+
+
+@dataclass
+class _Opened:
+    """Every task verify checks, open: adaptors, shared files (once), and what each adaptor recorded."""
+
+    tasks: list[TaskFiles] = field(default_factory=list)
+    cache: dict[str, SplitFile] = field(default_factory=dict)
+    want: dict[str, list[FileRef]] = field(default_factory=dict)  # shared file -> every record of it
+    dirs: list[SplitDir] = field(default_factory=list)
+
+    def close(self) -> None:
+        for tf in self.tasks:
             tf.adaptor.close()
-        for f in cache.values():
+        for f in self.cache.values():
             f.close()
+
+
+def _open_all(paths: Sequence[str | os.PathLike[str]], shared: Sequence[str | os.PathLike[str]]) -> _Opened:
+    """List the arguments' tasks and open (and check, as far as headers tell) every file they use."""
+    out = _Opened()
+    try:
+        adaptors, out.dirs = resolve_tasks(paths)
+        finder = FileFinder(shared)
+        seen: dict[str, str] = {}
+        for a in adaptors:
+            tf = open_task(a, finder, cache=out.cache)
+            out.tasks.append(tf)
+            if tf.info.task in seen:
+                raise GGUFSplitError(tf.adaptor.path, f"a second adaptor of task {tf.info.task!r} "
+                                                      f"(first: {show(seen[tf.info.task])})")
+            seen[tf.info.task] = tf.adaptor.path
+            for ref, f in zip(tf.info.files, tf.shared):
+                out.want.setdefault(os.path.abspath(f.path), []).append(ref)
+            plan_restore(tf)
+    except BaseException:
+        out.close()
+        raise
+    return out

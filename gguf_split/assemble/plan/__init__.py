@@ -78,7 +78,7 @@ from .choose import FamilyChoice
 from .reasons import explain, plan_stats
 from .records import (CAPPED, CHANGED, CUT_SCHEME, DEFAULT_CUT, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES,
                       EXACT_MAX_TASKS, EXACT_NODE_BUDGET, FIXED_EXACT_MAX, GREEDY_PAIR_TOP, GREEDY_SUBSET_TESTS, HOLE,
-                      HOLE_SEARCH_MAX_GROUPS, NO_CUT, ONLY_HERE, OWN, PAIR_BOUND_BUDGET, RETYPED, SHARED,
+                      HOLE_SEARCH_MAX_GROUPS, MIN_SHARD_SIZE, NO_CUT, ONLY_HERE, OWN, PAIR_BOUND_BUDGET, RETYPED, SHARED,
                       TOO_SMALL, Cut, FixedFile, Layout, PlanStats, PlannedFile, TensorId, Tuning,
                       default_header_bound)
 from .versions import index_versions
@@ -86,7 +86,8 @@ from .versions import index_versions
 __all__ = [
     "CAPPED", "CHANGED", "CUT_SCHEME", "DEFAULT_CUT", "DEFAULT_FILE_COST", "DEFAULT_MAX_SHARED_FILES",
     "EXACT_MAX_TASKS", "EXACT_NODE_BUDGET", "FIXED_EXACT_MAX", "GREEDY_PAIR_TOP", "GREEDY_SUBSET_TESTS", "HOLE",
-    "HOLE_SEARCH_MAX_GROUPS", "NO_CUT", "ONLY_HERE", "OWN", "PAIR_BOUND_BUDGET", "RETYPED", "SHARED",
+    "HOLE_SEARCH_MAX_GROUPS", "MIN_SHARD_SIZE", "NO_CUT", "ONLY_HERE", "OWN", "PAIR_BOUND_BUDGET", "RETYPED",
+    "SHARED",
     "TOO_SMALL", "Cut", "FixedFile", "Layout", "PlanStats", "PlannedFile", "TensorId", "Tuning",
     "default_header_bound", "plan_layout",
 ]

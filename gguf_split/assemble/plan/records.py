@@ -15,6 +15,7 @@ TOO_SMALL = "too small for a file"  # shared with other tasks, but its group sav
 CAPPED = "over the file cap"  # shared with other tasks, but the cap on shared files left it out
 
 DEFAULT_FILE_COST = 1 << 20
+MIN_SHARD_SIZE = 1 << 20  # smallest max_shard_size: a part's header alone may take default_header_bound()
 DEFAULT_MAX_SHARED_FILES = 32  # the tool's default cap on the files a task loads besides its adaptor
 
 CUT_SCHEME = 1  # how tensor names map to (role, layer): see roles.py; recorded with every cut
