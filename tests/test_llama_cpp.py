@@ -224,6 +224,38 @@ def test_added_task_gives_identical_logits_and_changes_no_file(tmp_path: Path) -
     assert r.split.tasks and verify([s.directory]).tasks.keys() == {"base", "chat", "code", "summarize"}
 
 
+def test_tasks_of_many_files_give_identical_logits_add_after_add(tmp_path: Path) -> None:
+    """Issue 19: a split cut finely (role:1, free files) makes every task load 20-32 files, holes included;
+    llama.cpp runs each bitwise like its original. Then the other tasks are added one at a time, each
+    reusing the cut files it holds: after every add, every task's logits, restore byte for byte, verify."""
+    models = H.demo_models(tmp_path / "models", n_layer=8)
+    originals = {task: H.last_logits([path]) for task, path in models.items()}
+    s = split({t: models[t] for t in ("base", "chat")}, tmp_path / "split", file_cost=0, cut="role:1")
+    done = ["base", "chat"]
+
+    def check() -> None:
+        with open_split(s.directory) as sp:
+            for task in done:
+                m = sp.load(task)
+                files = m.llama_cpp_paths()
+                m.close()
+                assert 1 + 1 <= len(files) <= 1 + 32, (task, len(files))
+                assert H.last_logits(files) == originals[task], task
+        for task in done:
+            out = restore(s.directory, tmp_path / f"r-{task}.gguf", task=task, force=True).output
+            assert filecmp.cmp(out, models[task], shallow=False), task
+        verify([s.directory])
+
+    with open_split(s.directory) as sp:
+        assert len(sp.load("base").llama_cpp_paths()) >= 1 + 20
+    check()
+    for task in ("code", "summarize"):
+        r = add(s.directory, {task: models[task]}, file_cost=0)
+        assert r.reused_bytes > 0 and r.cut == "role:1"
+        done.append(task)
+        check()
+
+
 def test_foreign_shared_file_loads_silently_in_llama_cpp_but_gguf_split_refuses(demo: Split, tmp_path: Path,
                                                                                   original_logits: dict[str, bytes]
                                                                                   ) -> None:

@@ -10,7 +10,8 @@
       link: false             # also make <task>-0000k-of-0000N.gguf links for llama.cpp
       models_dir: null        # also write llama-server's --models-dir directory there
       allow_unrelated: false  # split models with different architectures or no tensor in common
-      max_shared_files: null  # at most this many shared files per task (default: no cap)
+      max_shared_files: 32    # at most this many files per task besides its adaptor, holes included
+      cut: role:6             # cut shared groups by tensor role and blocks of 6 layers (none: one file per group)
       file_cost: 1MiB         # a group of shared tensors gets a file only if it saves more than this
       max_shard_size: null    # cut any file larger than this (e.g. 20G) into several
       threads: 2              # hashing threads (default: all cores)
@@ -35,11 +36,12 @@ import re
 
 from ..errors import GGUFSplitError
 from ..format.names import check_task_name
-from .plan import MIN_SHARD_SIZE
+from .plan import MIN_SHARD_SIZE, Cut
 
 TOP_KEYS = {"output", "prefix", "tasks", "options"}
 OPTION_TYPES: dict[str, type] = {"force": bool, "link": bool, "allow_unrelated": bool, "threads": int, "quiet": bool,
-                                 "max_shared_files": int, "file_cost": str, "max_shard_size": str, "models_dir": str}
+                                 "max_shared_files": int, "file_cost": str, "max_shard_size": str, "models_dir": str,
+                                 "cut": str}
 SIZE_MINIMUM = {"file_cost": 0, "max_shard_size": MIN_SHARD_SIZE}  # the size options and their smallest value
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -86,6 +88,7 @@ class SplitOptions:
     file_cost: int | None = None
     max_shard_size: int | None = None
     models_dir: str | None = None
+    cut: str | None = None  # None: the default (split) or the split's recorded cut (add)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -191,6 +194,11 @@ def parse_spec(data: Any, path: str, *, need_output: bool = True) -> SplitOption
                 raise fail(f"options.{key}", str(e)) from None
         elif type(value) is not want:  # bool is an int subclass: be exact
             raise fail(f"options.{key}", f"must be {_type_name(want)}, not {value!r}")
+        elif key == "cut":
+            try:
+                value = str(Cut.parse(str(value)))
+            except ValueError as e:
+                raise fail(f"options.{key}", str(e)) from None
         if key in ("threads", "max_shared_files") and value < 1:
             raise fail(f"options.{key}", "must be at least 1")
         if key == "models_dir":

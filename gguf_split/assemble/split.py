@@ -31,7 +31,8 @@ from ..disk.commit import Transaction, check_space
 from ..errors import GGUFSplitError
 from ..splitdir.links import LinkPlan, check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
 from ..format.names import adaptor_name, check_prefix, check_task_name, hole_name, own_part_name, shared_name, show
-from .plan import DEFAULT_FILE_COST, HOLE, MIN_SHARD_SIZE, OWN, Layout, PlannedFile, TensorId, plan_layout
+from .plan import (DEFAULT_CUT, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES, HOLE, MIN_SHARD_SIZE, OWN, Cut, Layout,
+                   PlannedFile, TensorId, plan_layout)
 from ..disk.progress import QUIET, Progress
 from ..format.records import (
     AdaptorInfo,
@@ -139,6 +140,23 @@ class SplitReport:
         return any(f.kind in ("foundation", "shared") for f in self.files)
 
 
+def as_cut(value: Cut | str) -> Cut:
+    """A cut given as a Cut or as its text ("none", "role", "role:6", "tensor"); ValueError/TypeError otherwise."""
+    if isinstance(value, Cut):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"cut must be a Cut or one of none, role, role:N, tensor, not {value!r}")
+    return Cut.parse(value)
+
+
+def planner_options(*, max_shared_files: int | None, file_cost: int, max_shard_size: int | None,
+                    cut: Cut) -> dict[str, Any]:
+    """plan_layout's keywords for the tool's options: --max-shared-files bounds both the shared groups a task
+    loads and every file it loads, holes included (plan/__init__.py)."""
+    return dict(max_shared_files=max_shared_files, max_files=max_shared_files, file_cost=file_cost,
+                max_shard_size=max_shard_size, cut=cut)
+
+
 def check_options(tasks: Mapping[str, str | os.PathLike[str]], *, max_shared_files: int | None,
                   file_cost: int, max_shard_size: int | None) -> None:
     """Programming errors (wrong types, impossible values) are TypeError/ValueError, not GGUFSplitError."""
@@ -181,11 +199,15 @@ def open_models(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated:
 
 def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike[str], *, prefix: str = "",
           force: bool = False, link: bool = False, allow_unrelated: bool = False,
-          max_shared_files: int | None = None, file_cost: int = DEFAULT_FILE_COST,
+          max_shared_files: int | None = DEFAULT_MAX_SHARED_FILES, file_cost: int = DEFAULT_FILE_COST,
           max_shard_size: int | None = None, threads: int | None = None, dry_run: bool = False,
-          models_dir: str | os.PathLike[str] | None = None, progress: Progress = QUIET) -> SplitReport:
-    """Split `tasks` (name -> GGUF path, or a sharded model's first shard) into `output`."""
+          models_dir: str | os.PathLike[str] | None = None, progress: Progress = QUIET,
+          cut: Cut | str = DEFAULT_CUT) -> SplitReport:
+    """Split `tasks` (name -> GGUF path, or a sharded model's first shard) into `output`. `cut`: where shared
+    groups are cut into files so that tasks added later reuse more (plan.Cut; "none" is 0.2's layout);
+    `max_shared_files`: at most this many files per task besides its adaptor, holes included (None: no cap)."""
     check_options(tasks, max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    cut = as_cut(cut)
     if not tasks:
         raise GGUFSplitError(None, "no tasks given")
     for task in tasks:
@@ -194,7 +216,8 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
     out = os.fspath(output)
     if out == "":
         raise GGUFSplitError(None, "-o/--output: empty path")
-    options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
+    options = planner_options(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size,
+                              cut=cut)
     if models_dir is not None:
         check_models_dir(models_dir, tasks)  # before anything is read or written
     if dry_run:
@@ -503,7 +526,7 @@ def _adaptor(m: ScannedModel, layout: Layout, named: list[NamedFile], refs: Mapp
     tensor_files = [where[t.name] for t, _ in m.tensors]
     source = m.source_records()
     kvs = adaptor_kvs(task=task, files=files, tensor_files=tensor_files, digests=b"".join(t.digest for t in own),
-                      source=source, n_model_tensors=len(m.tensors))
+                      source=source, n_model_tensors=len(m.tensors), cut=str(layout.cut), cut_scheme=layout.cut.scheme)
     return build_header(kvs, source.kept_kvs, own, m.first.header.alignment), own
 
 

@@ -173,6 +173,23 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _cut_option(value: Optional[str]) -> Optional[str]:
+    """--cut, checked as the spec's key is; the canonical text (None: not given)."""
+    if value is None:
+        return None
+    from ..assemble.plan import Cut
+
+    try:
+        return str(Cut.parse(value))
+    except ValueError as e:
+        raise GGUFSplitError(None, f"--cut: {e}") from None
+
+
+_CUT_HELP = ("Cut shared groups into files by tensor role and blocks of N layers (role:N), by role only (role), "
+             "per tensor (tensor) or not at all (none): finer cuts let `add` reuse more of a fine-tune's "
+             "unchanged tensors, at more files per task")
+
+
 def _size_option(name: str, value: Optional[str]) -> Optional[int]:
     """--file-cost / --max-shard-size, checked as the spec's keys are (spec.parse_size_option)."""
     if value is None:
@@ -242,7 +259,9 @@ _REASONS = {
 }
 
 
-def _print_split(report: Any, title: str = "split into") -> None:
+def _print_split(report: Any, title: str = "split into", add: Any = None) -> None:
+    """A split's report; with `add` (an AddReport), the lines about bytes describe the add: what it wrote
+    against the new models, what it reused, what no layout could have reused."""
     n_tasks = len(report.tasks)
     _files_table(f"{title} {show(report.directory)}" + (" (dry run: nothing written)" if report.dry_run else ""),
                  [(f.name + (" (kept)" if f.kept else ""), f.position, str(f.tensors), f.bytes, f.tasks)
@@ -251,7 +270,9 @@ def _print_split(report: Any, title: str = "split into") -> None:
                    f"{t.task} (replaces {', '.join(os.path.basename(s) for s in t.sources)}, "
                    f"{_size(t.source_bytes)})") for t in report.tasks],
                  report.output_bytes, report.input_bytes)
-    if not report.shares_anything:
+    if add is not None:
+        _print_add_bytes(add)
+    elif not report.shares_anything:
         why = "one model" if n_tasks == 1 else "no group of shared tensors pays for a file (see --file-cost)"
         out.print(f"nothing is shared ({why}): the split is {_size(-report.saved_bytes)} larger than the inputs "
                   "(each adaptor adds gguf-split's records); it restores byte for byte all the same")
@@ -259,12 +280,18 @@ def _print_split(report: Any, title: str = "split into") -> None:
         out.print(f"the split is {report.ratio:.1%} of the inputs: saves {_size(report.saved_bytes)}; every "
                   f"distinct tensor once would take {_size(report.dedup_optimum)} of tensor bytes"
                   + ("" if report.exact else f" (greedy plan; lower bound {_size(report.lower_bound)})"))
+    holes = {f.name for f in report.files if f.kind == "hole"}
     for t in report.tasks:
         counts: dict[str, list[str]] = {}
         for name, why in t.reasons.items():
             counts.setdefault(why, []).append(name)
         why = "; ".join(f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items())
         out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: {why or 'every tensor is in a shared file'}")
+        n_holes = sum(os.path.basename(f) in holes for f in t.files)
+        if len(t.files) > 1:
+            out.print(f"    loads {len(t.files)} files besides its adaptor"
+                      + (f", {n_holes} of them hole{'s' if n_holes > 1 else ''} (empty files that fill its list)"
+                         if n_holes else ""))
         if t.missing:
             out.print(f"    has no {', '.join(t.missing)} (other tasks do)")
         if t.links:
@@ -301,7 +328,9 @@ def split_cmd(
     allow_unrelated: bool = typer.Option(False, "--allow-unrelated",
                                          help="Split models of different architectures or with nothing in common."),
     max_shared_files: Optional[int] = typer.Option(None, "--max-shared-files", min=1,
-                                                   help="At most N shared files per task (default: no cap)."),
+                                                   help="At most N files per task besides its adaptor, holes "
+                                                        "included (default 32)."),
+    cut: Optional[str] = typer.Option(None, "--cut", help=_CUT_HELP + " (default role:6)."),
     file_cost: Optional[str] = typer.Option(None, "--file-cost",
                                             help="A group of shared tensors gets its own file only if it saves more "
                                                  "bytes than this (default 1MiB)."),
@@ -315,7 +344,7 @@ def split_cmd(
     """Split models into a directory: per task adaptor-<task>.gguf plus the shared files it loads."""
 
     def run() -> Any:
-        from ..assemble.plan import DEFAULT_FILE_COST
+        from ..assemble.plan import DEFAULT_CUT, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES
         from ..assemble.split import split
 
         opts = _tasks_from(spec, models or [], task, need_output=output is None)
@@ -331,6 +360,8 @@ def split_cmd(
             opts.threads = threads
         if max_shared_files is not None:
             opts.max_shared_files = max_shared_files
+        if cut is not None:
+            opts.cut = _cut_option(cut)
         if file_cost is not None:
             opts.file_cost = _size_option("--file-cost", file_cost)
         if max_shard_size is not None:
@@ -343,10 +374,10 @@ def split_cmd(
             raise GGUFSplitError(None, "no output directory: give -o DIR or `output:` in the spec")
         return split(opts.tasks, opts.output, prefix=opts.prefix, force=opts.force, link=opts.link,
                      allow_unrelated=opts.allow_unrelated, threads=opts.threads,
-                     max_shared_files=opts.max_shared_files,
+                     max_shared_files=opts.max_shared_files or DEFAULT_MAX_SHARED_FILES,
                      file_cost=opts.file_cost if opts.file_cost is not None else DEFAULT_FILE_COST,
                      max_shard_size=opts.max_shard_size, dry_run=dry_run, models_dir=opts.models_dir,
-                     progress=_progress(opts.quiet))
+                     progress=_progress(opts.quiet), cut=opts.cut or DEFAULT_CUT)
 
     report = _run(run)
     if json_out:
@@ -372,7 +403,9 @@ def add_cmd(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Also update llama-server's models directory."),
     allow_unrelated: bool = typer.Option(False, "--allow-unrelated", help="Add a model of another architecture."),
     max_shared_files: Optional[int] = typer.Option(None, "--max-shared-files", min=1,
-                                                   help="At most N shared files per new task."),
+                                                   help="At most N files per new task besides its adaptor, holes "
+                                                        "included (default 32)."),
+    cut: Optional[str] = typer.Option(None, "--cut", help=_CUT_HELP + " (default: as the split was cut)."),
     file_cost: Optional[str] = typer.Option(None, "--file-cost", help="Per-file cost for new shared files (1MiB)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Cut new files larger than this."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Hashing threads (default: all cores)."),
@@ -383,7 +416,7 @@ def add_cmd(
     """Add tasks to a shipped split: no existing file changes; existing shared files are reused."""
 
     def run() -> Any:
-        from ..assemble.plan import DEFAULT_FILE_COST
+        from ..assemble.plan import DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES
         from ..assemble.update import add
 
         spec = next((m for m in models or [] if m.suffix.lower() in (".yaml", ".yml")), None)
@@ -393,8 +426,9 @@ def add_cmd(
         if not opts.tasks:
             raise GGUFSplitError(None, "no tasks to add: give model files, -t NAME=PATH, or a spec file")
         cost = _size_option("--file-cost", file_cost) if file_cost is not None else opts.file_cost
-        return add(directory, opts.tasks, max_shared_files=max_shared_files or opts.max_shared_files,
-                   file_cost=cost if cost is not None else DEFAULT_FILE_COST,
+        return add(directory, opts.tasks,
+                   max_shared_files=max_shared_files or opts.max_shared_files or DEFAULT_MAX_SHARED_FILES,
+                   cut=_cut_option(cut) or opts.cut, file_cost=cost if cost is not None else DEFAULT_FILE_COST,
                    max_shard_size=_size_option("--max-shard-size", max_shard_size) or opts.max_shard_size,
                    allow_unrelated=allow_unrelated or opts.allow_unrelated, threads=threads or opts.threads,
                    dry_run=dry_run, models_dir=os.fspath(models_dir) if models_dir else opts.models_dir,
@@ -406,12 +440,24 @@ def add_cmd(
 
         _print_json({"version": __version__, **asdict(report), "split": _report_json(report.split)})
         return
-    _print_split(report.split, title="added to")
-    out.print(f"reused {_size(report.reused_bytes)} of tensors already in the split "
-              f"(tasks there: {', '.join(report.existing_tasks)})")
+    _print_split(report.split, title="added to", add=report)
+
+
+def _print_add_bytes(report: Any) -> None:
+    n = len(report.split.tasks)
+    new = "the new task" if n == 1 else f"the {n} new tasks"
+    share = f" ({report.new_bytes / report.model_bytes:.1%})" if report.model_bytes else ""
+    out.print(f"wrote {_size(report.new_bytes)} of tensors for {new}'s {_size(report.model_bytes)}{share}; reused "
+              f"{_size(report.reused_bytes)} from files already in the split (tasks there: "
+              f"{', '.join(report.existing_tasks)}; new shared files cut {report.cut})")
+    if report.new_bytes > report.unique_bytes:
+        out.print(f"  {_size(report.unique_bytes)} of it no task of the split holds; "
+                  f"{_size(report.in_adaptors_bytes)} sits in other tasks' adaptors, which no layout can reuse "
+                  "(shipped files never change)")
     if report.resplit_would_save > 0:
-        out.print(f"a fresh split of all {len(report.existing_tasks) + len(report.split.tasks)} tasks would store "
-                  f"{_size(report.resplit_would_save)} less (it needs every original model)")
+        out.print(f"a fresh split of all {len(report.existing_tasks) + n} tasks would store "
+                  f"{_size(report.resplit_would_save)} less (it needs every original model; devices would then "
+                  "download every file again)")
     else:
         out.print("a fresh split of all tasks would store no less")
 

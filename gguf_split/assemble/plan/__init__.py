@@ -73,13 +73,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from .attempt import Attempt, Options, attempt, count_files, relieve
+from .attempt import Options, attempt, count_files, relieve
 from .choose import FamilyChoice
 from .reasons import explain, plan_stats
 from .records import (CAPPED, CHANGED, CUT_SCHEME, DEFAULT_CUT, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES,
                       EXACT_MAX_TASKS, EXACT_NODE_BUDGET, FIXED_EXACT_MAX, GREEDY_PAIR_TOP, GREEDY_SUBSET_TESTS, HOLE,
-                      HOLE_SEARCH_MAX_GROUPS, MIN_SHARD_SIZE, NO_CUT, ONLY_HERE, OWN, PAIR_BOUND_BUDGET, RETYPED, SHARED,
-                      TOO_SMALL, Cut, FixedFile, Layout, PlanStats, PlannedFile, TensorId, Tuning,
+                      HOLE_SEARCH_MAX_GROUPS, MIN_SHARD_SIZE, NO_CUT, ONLY_HERE, OWN, PAIR_BOUND_BUDGET, RETYPED,
+                      SHARED, TOO_SMALL, Cut, FixedFile, Layout, PlanStats, PlannedFile, TensorId, Tuning,
                       default_header_bound)
 from .versions import index_versions
 
@@ -87,10 +87,10 @@ __all__ = [
     "CAPPED", "CHANGED", "CUT_SCHEME", "DEFAULT_CUT", "DEFAULT_FILE_COST", "DEFAULT_MAX_SHARED_FILES",
     "EXACT_MAX_TASKS", "EXACT_NODE_BUDGET", "FIXED_EXACT_MAX", "GREEDY_PAIR_TOP", "GREEDY_SUBSET_TESTS", "HOLE",
     "HOLE_SEARCH_MAX_GROUPS", "MIN_SHARD_SIZE", "NO_CUT", "ONLY_HERE", "OWN", "PAIR_BOUND_BUDGET", "RETYPED",
-    "SHARED",
-    "TOO_SMALL", "Cut", "FixedFile", "Layout", "PlanStats", "PlannedFile", "TensorId", "Tuning",
+    "SHARED", "TOO_SMALL", "Cut", "FixedFile", "Layout", "PlanStats", "PlannedFile", "TensorId", "Tuning",
     "default_header_bound", "plan_layout",
 ]
+
 
 def _tuning() -> Tuning:
     """The tuning constants as this module holds them now (tests patch them here)."""
