@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import sys
 import time
@@ -190,11 +191,14 @@ PER_TENSOR = Variant("per tensor", P.Cut("tensor"), None, 0)
 
 
 def variant(cut: str) -> Variant:
+    """A cut to measure: "role:6" (with the default cap) or "role:6@24" (with a cap of 24 files)."""
     if cut == "today":
         return TODAY
     if cut == "per-tensor":
         return PER_TENSOR
-    return Variant(f"{cut}, cap {CAP}", P.Cut.parse(cut), CAP, P.DEFAULT_FILE_COST)
+    text, _, cap = cut.partition("@")
+    n = int(cap) if cap else CAP
+    return Variant(f"{text}, cap {n}", P.Cut.parse(text), n, P.DEFAULT_FILE_COST)
 
 
 class Split:
@@ -337,14 +341,97 @@ def sweep_rows(models: Mapping[str, Sequence[TensorId]], cuts: Sequence[str]) ->
     return lines
 
 
+def files_cost_rows(source: str, cuts: Sequence[str], reps: int) -> list[str]:
+    """What many files cost a task, measured on real splits (the library's split, into the work directory):
+    each set (the base and three fine-tunes of bench/common.py, or the grow sets' base + qv + ffn + embd)
+    split with no cut (0.2's layout) and with each cut; the base task (it loads the most files) is loaded
+    by llama.cpp (llama_model_load_from_splits, mmap, warm page cache) and by the Python loader (open_split
+    + load; swap to another task and back), interleaved, `reps` times; medians. Also the file descriptors
+    and memory mappings a llama.cpp process keeps per loaded task, and the links a models directory holds."""
+    import statistics
+
+    import gguf_split
+    from common import finetunes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import llama_harness as H
+
+    lines = ["many files: llama.cpp load (wall / CPU), Python loader open+load and swap (CPU), medians of "
+             f"{reps}, the base task; fds and maps kept by a llama.cpp process with the task loaded"]
+    for which in (SMOLLM2, GEMMA3):
+        models = {t: str(p) for t, p in finetunes(which).items()}
+        dirs = {}
+        for c in ["none", *cuts]:
+            d = WORK / "grow-files" / which / c.replace(":", "_").replace("@", "_cap")
+            v = variant(c) if c != "none" else Variant("none", P.NO_CUT, CAP, P.DEFAULT_FILE_COST)
+            if not (d / "adaptor-base.gguf").exists():
+                gguf_split.split(models, d, force=True, cut=v.cut, max_shared_files=v.cap)
+            dirs[c] = d
+        paths = {}
+        for c, d in dirs.items():
+            with gguf_split.open_split(d) as sp:
+                m = sp.load("base")
+                paths[c] = m.llama_cpp_paths()
+                m.close()
+        H.init()
+        for p in paths.values():  # warm the page cache
+            H.llama_cpp.llama_model_free(H.load_model(p))
+        wall: dict[str, list[float]] = {c: [] for c in paths}
+        cpu: dict[str, list[float]] = {c: [] for c in paths}
+        fds: dict[str, tuple[int, int]] = {}
+        for _ in range(reps):
+            for c, p in paths.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                model = H.load_model(p)
+                wall[c].append(time.perf_counter() - t0)
+                cpu[c].append(time.process_time() - c0)
+                fds[c] = (len(os.listdir("/proc/self/fd")), sum(1 for _ in open("/proc/self/maps")))
+                H.llama_cpp.llama_model_free(model)
+        base_fds = (len(os.listdir("/proc/self/fd")), sum(1 for _ in open("/proc/self/maps")))
+        load_cpu: dict[str, list[float]] = {c: [] for c in dirs}
+        swap_cpu: dict[str, list[float]] = {c: [] for c in dirs}
+        for _ in range(reps):
+            for c, d in dirs.items():
+                c0 = time.process_time()
+                with gguf_split.open_split(d) as sp:
+                    m = sp.load("base")
+                    c1 = time.process_time()
+                    m.swap("chat")
+                    m.swap("base")
+                    swap_cpu[c].append((time.process_time() - c1) / 2)
+                    load_cpu[c].append(c1 - c0)
+                    m.close()
+        med = statistics.median
+        w0, c0_, l0, s0 = med(wall["none"]), med(cpu["none"]), med(load_cpu["none"]), med(swap_cpu["none"])
+        lines.append(f"  {which}:")
+        for c in dirs:
+            n = len(paths[c]) - 1
+            lines.append(
+                f"    {c:<7} {n:>2} files: llama.cpp {med(wall[c]) * 1000:7.1f} ms = {med(wall[c]) / w0:5.3f}x "
+                f"[<= 1.10: {'ok' if med(wall[c]) <= 1.1 * w0 else 'MISS'}], CPU {med(cpu[c]) * 1000:6.1f} ms = "
+                f"{med(cpu[c]) / c0_:5.3f}x; +{fds[c][0] - base_fds[0]} fds, +{fds[c][1] - base_fds[1]} maps while "
+                f"loaded; Python open+load {med(load_cpu[c]) * 1000:5.2f} ms = {med(load_cpu[c]) / l0:4.2f}x "
+                f"[<= 2: {'ok' if med(load_cpu[c]) <= 2 * l0 else 'MISS'}], swap {med(swap_cpu[c]) * 1000:5.2f} ms "
+                f"= {med(swap_cpu[c]) / s0:4.2f}x [<= 2: {'ok' if med(swap_cpu[c]) <= 2 * s0 else 'MISS'}]; "
+                f"models-dir links {n + 1}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", choices=("auto", "sets", "synthetic"), default="auto")
     ap.add_argument("--cuts", nargs="+", default=[str(P.DEFAULT_CUT)],
                     help="cuts to measure (none, role, role:N, tensor), each with the default cap and file cost")
     ap.add_argument("--sweep", action="store_true", help="also every top-k-layers fine-tune (slower)")
+    ap.add_argument("--files-cost", type=int, metavar="REPS", default=0,
+                    help="measure what many files cost (llama.cpp load, the Python loader), REPS rounds; alone")
     a = ap.parse_args()
     t0 = time.perf_counter()
+    if a.files_cost:
+        for line in files_cost_rows(a.source, a.cuts, a.files_cost):
+            print(line)
+        print(f"({time.perf_counter() - t0:.0f} s)")
+        return
     for label, models in model_sets(a.source).items():
         print(f"== {label}: tasks {', '.join(models)}; {n_layers(models['base'])} layers")
         for line in scenario_rows(models, a.cuts):
