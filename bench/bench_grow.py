@@ -417,6 +417,30 @@ def files_cost_rows(source: str, cuts: Sequence[str], reps: int) -> list[str]:
     return lines
 
 
+def fresh_rows(cuts: Sequence[str]) -> list[str]:
+    """A fresh split of every benchmark set (bench_layout.py's and the grow sets): bytes on disk with each cut
+    against today's (0.2) layout (goal: <= 1.005x), and against the dedup optimum + headers + file costs."""
+    lines = ["fresh splits: bytes on disk against today's layout (goal <= 1.005x); files per task (holes)"]
+    for name in ("smollm2", "gemma3", "smollm2-embd", "smollm2-quant", "grow-smollm2", "grow-gemma3"):
+        models = real_set(name)
+        if models is None:
+            continue
+        today = TODAY.plan(models)
+        t_bytes = layout_bytes(today)
+        assert today.stats is not None
+        parts = []
+        for c in cuts:
+            lay = variant(c).plan(models)
+            assert lay.stats is not None
+            b = layout_bytes(lay)
+            parts.append(f"{variant(c).label}: {b / t_bytes:.5f}x [{'ok' if b <= 1.005 * t_bytes else 'MISS'}], "
+                         f"<= {lay.stats.max_task_files} files ({lay.stats.holes} holes), tensor bytes "
+                         f"{lay.stats.stored_bytes / lay.stats.dedup_optimum:.4f}x the dedup optimum")
+        lines.append(f"  {name} ({len(models)} tasks): today {t_bytes / MB:.1f} MB, <= {today.stats.max_task_files} "
+                     f"files; " + "; ".join(parts))
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", choices=("auto", "sets", "synthetic"), default="auto")
@@ -425,8 +449,14 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also every top-k-layers fine-tune (slower)")
     ap.add_argument("--files-cost", type=int, metavar="REPS", default=0,
                     help="measure what many files cost (llama.cpp load, the Python loader), REPS rounds; alone")
+    ap.add_argument("--fresh", action="store_true", help="fresh splits of every benchmark set against today's")
     a = ap.parse_args()
     t0 = time.perf_counter()
+    if a.fresh:
+        for line in fresh_rows(a.cuts):
+            print(line)
+        print(f"({time.perf_counter() - t0:.0f} s)")
+        return
     if a.files_cost:
         for line in files_cost_rows(a.source, a.cuts, a.files_cost):
             print(line)

@@ -130,8 +130,9 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
 
     import numpy as np
     from gguf import GGUFWriter
-    from gguf_split.cli.app import app as cli
     import importlib
+
+    cli = importlib.import_module("gguf_split.cli.app")  # the module: its `app` is the Typer app
 
     S = importlib.import_module("gguf_split.assemble.split")  # the module (gguf_split.split is the function)
     from gguf_split.assemble.scan import hash_models

@@ -212,6 +212,14 @@ def test_the_add_report_describes_the_add(family: dict[str, str], tmp_path: Path
     line = next(x for x in text.splitlines() if x.startswith("wrote "))
     assert "of tensors for the new task's" in line and "reused" in line and "cut role:6" in line
     assert "sits in other tasks' adaptors" in text and "fresh split" in text
+    # reasons told against the split: its FFN changed, the base's q/v (only in the base's adaptor) not reusable
+    # (role:6 cuts ffn_up into layers 0-5 and 6-7: layers 0-3 ride with the changed 4-5, out of reach)
+    from gguf_split.assemble.update import IN_ADAPTOR, IN_FILE
+
+    a = add(r.directory, pick(family, "top-ffn_up"), file_cost=0, dry_run=True)
+    (t,) = a.split.tasks
+    assert sorted(t.reasons.values()) == sorted(["changed"] * len(TOP) + [IN_ADAPTOR] * 2 * N + [IN_FILE] * 4)
+    assert "held by a task of the split in its adaptor only" in text and "that not every task has" not in text
     res = CliRunner().invoke(app, ["add", r.directory, "-t", f"embd={family['embd']}", "--file-cost", "0",
                                    "--json", "--dry-run"])
     d = json.loads(res.output)

@@ -24,7 +24,8 @@ from ..disk.commit import Transaction
 from ..errors import GGUFSplitError
 from ..splitdir.links import check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
 from ..format.names import check_task_name, show
-from .plan import CUT_SCHEME, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES, Cut, FixedFile, TensorId, plan_layout
+from .plan import (CHANGED, CUT_SCHEME, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES, ONLY_HERE, RETYPED, Cut,
+                   FixedFile, TensorId, plan_layout)
 from ..disk.progress import QUIET, Progress
 from ..format.records import FileRef, SplitFile
 from .scan import hash_models
@@ -62,6 +63,39 @@ class AddReport:
     @property
     def resplit_would_save(self) -> int:
         return max(0, self.stored_bytes - self.fresh_split_bytes)
+
+
+# why a tensor of a new task sits in its adaptor, told against the split (the planner saw the new tasks only)
+IN_ADAPTOR = "in another task's adaptor"  # a task of the split holds these bytes, in its adaptor only
+IN_FILE = "in a file it cannot load"  # a shared file holds them, with tensors this task changed
+
+
+def _add_reasons(report: SplitReport, ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile],
+                 new_ids: Mapping[str, Sequence[TensorId]]) -> None:
+    """Reasons for the new adaptors' tensors against the whole split: a tensor no task of the split has is
+    changed (or of another type or shape, or in no model of the split); one it has sits in another task's
+    adaptor or in a shared file the new task cannot load. Reasons about the new tasks among themselves
+    (too small for a file, over the cap) stay."""
+    held = {x for xs in ids.values() for x in xs}
+    in_files = {x for f in fixed.values() for x in f.tensors}
+    kinds: dict[str, set[tuple[int, tuple[int, ...]]]] = {}
+    for xs in ids.values():
+        for x in xs:
+            kinds.setdefault(x.name, set()).add((x.ggml_type, x.shape))
+    for t in report.tasks:
+        mine = {x.name: x for x in new_ids[t.task]}
+        for name, why in t.reasons.items():
+            if why not in (CHANGED, RETYPED, ONLY_HERE):
+                continue
+            x = mine[name]
+            if x in in_files:
+                t.reasons[name] = IN_FILE
+            elif x in held:
+                t.reasons[name] = IN_ADAPTOR
+            elif name not in kinds:
+                t.reasons[name] = ONLY_HERE
+            else:
+                t.reasons[name] = CHANGED if (x.ggml_type, x.shape) in kinds[name] else RETYPED
 
 
 @dataclass
@@ -237,6 +271,7 @@ def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: 
         stored = stored_before + (layout.stats.stored_bytes if layout.stats else 0)
         fresh = plan_layout({**ids, **new_ids}, alignment=alignment, **options)
         unique, in_adaptors = _new_bytes(ids, fixed, new_ids)
+        _add_reasons(split_report, ids, fixed, new_ids)
         return AddReport(split_report, reused_bytes, sd.tasks, stored,
                          fresh.stats.stored_bytes if fresh.stats else stored, dry_run=tx is None, cut=str(cut),
                          model_bytes=sum(x.nbytes for xs in new_ids.values() for x in xs),

@@ -256,6 +256,8 @@ _REASONS = {
     "not in every model": "that not every task has",
     "too small for a file": "shared, but too small to pay for a file (--file-cost)",
     "over the file cap": "shared, but left out by --max-shared-files",
+    "in another task's adaptor": "held by a task of the split in its adaptor only (no layout can reuse them)",
+    "in a file it cannot load": "in a shared file of the split that also holds tensors this task changed",
 }
 
 

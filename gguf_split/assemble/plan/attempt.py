@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .bits import pc
 from .choose import FamilyChoice, choose_family
 from .contents import Contents, fill_contents
-from .cut import GroupCut, cut_groups, fit_budget
+from .cut import Piece, cut_groups, fit_budget, whole
 from .family import Family, Groups, group_versions
 from .files import build_files
 from .fixed import FixedChoice, choose_fixed_files
@@ -85,17 +85,19 @@ def _cut_and_place(vs: Versions, o: Options, ct: Contents, fx: FixedChoice, room
                    ) -> tuple[Shards, Placement]:
     """Cut the groups (cut.py) and place them; under a budget, merge pieces until every task's new pieces
     plus holes fit its room, where merging can do it (holes are known only once placed: retry)."""
+    if o.cut.kind == "none":  # one piece per group: no units to work out
+        return _shard_and_place(vs, o, ct, fx, [whole(ct.content[S]) for S in ct.masks], room)
     groups = cut_groups([ct.content[S] for S in ct.masks], ct.masks, o.cut, o.file_cost)
     if room is None or all(len(g.runs) <= 1 for g in groups):
-        return _shard_and_place(vs, o, ct, fx, groups, room)
-    whole = [g.copy() for g in groups]
-    fit_budget(whole, [0] * vs.n)
-    _, pl0 = _shard_and_place(vs, o, ct, fx, whole, room)
+        return _shard_and_place(vs, o, ct, fx, [g.pieces() for g in groups], room)
+    uncut = [g.copy() for g in groups]
+    fit_budget(uncut, [0] * vs.n)
+    _, pl0 = _shard_and_place(vs, o, ct, fx, [g.pieces() for g in uncut], room)
     target = [r - len(h) for r, h in zip(room, pl0.holes)]
     while True:
         trial = [g.copy() for g in groups]
         fit_budget(trial, target)
-        sh, pl = _shard_and_place(vs, o, ct, fx, trial, room)
+        sh, pl = _shard_and_place(vs, o, ct, fx, [g.pieces() for g in trial], room)
         over = _over_room(ct, sh, pl, room)
         if not any(over):
             return sh, pl
@@ -106,10 +108,9 @@ def _cut_and_place(vs: Versions, o: Options, ct: Contents, fx: FixedChoice, room
             target[t] -= max(over[t], 1)
 
 
-def _shard_and_place(vs: Versions, o: Options, ct: Contents, fx: FixedChoice, groups: Sequence[GroupCut],
+def _shard_and_place(vs: Versions, o: Options, ct: Contents, fx: FixedChoice, pieces: list[list[Piece]],
                      room: list[int] | None) -> tuple[Shards, Placement]:
-    sh = cut_shards(ct, [g.pieces() for g in groups], vs.tasks, o.max_shard_size, o.alignment,
-                    o.adaptor_header_bytes, o.header_bound)
+    sh = cut_shards(ct, pieces, vs.tasks, o.max_shard_size, o.alignment, o.adaptor_header_bytes, o.header_bound)
     pl = place(ct, sh, fx.used_positions, set(fx.holes), o.tuning.hole_search_max_groups, room)
     return sh, pl
 
