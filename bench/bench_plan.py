@@ -130,12 +130,12 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
 
     import numpy as np
     from gguf import GGUFWriter
-    import importlib
-
-    cli = importlib.import_module("gguf_split.cli.app")  # the module: its `app` is the Typer app
-
-    S = importlib.import_module("gguf_split.assemble.split")  # the module (gguf_split.split is the function)
-    from gguf_split.assemble.scan import hash_models
+    from gguf_split.assemble.options import SplitOptions
+    from gguf_split.assemble.outputs import name_files
+    from gguf_split.assemble.report import split_report
+    from gguf_split.assemble.scan import hash_models, open_models
+    from gguf_split.assemble.split import plan
+    from gguf_split.cli.render import print_split
 
     with tempfile.TemporaryDirectory() as d:
         tasks = {}
@@ -154,18 +154,18 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
             w.write_tensors_to_file()
             w.close()
             tasks[f"t{k:02d}"] = path
-        models = S.open_models(tasks, allow_unrelated=False)
+        models = open_models(tasks, allow_unrelated=False)
         try:
             hash_models(list(models.values()))
-            opts = {"max_shared_files": None, "file_cost": 0, "max_shard_size": None}
+            opts = SplitOptions(file_cost=0)
 
             def run() -> None:
-                layout = S._plan(models, opts)
-                rep = S._report(os.path.join(d, "out"), models, layout, S._name_files(models, layout, ""), {},
-                                dry_run=True)
+                layout = plan(models, opts)
+                rep = split_report(os.path.join(d, "out"), models, layout, name_files(models, layout, ""), {},
+                                   dry_run=True)
                 real, sys.stdout = sys.stdout, io.StringIO()
                 try:
-                    cli._print_split(rep)
+                    print_split(rep)
                 finally:
                     sys.stdout = real
             t = timeit(run, repeat)

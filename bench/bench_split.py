@@ -351,11 +351,11 @@ PHASES = (
     ("gguf_split.assemble.split", "open_models", "open + parse inputs"),
     ("gguf_split.assemble.split", "hash_models", "hash (file + tensor digests)"),
     ("gguf_split.assemble.split", "plan_layout", "plan"),
-    ("gguf_split.assemble.split", "build_header", "build headers"),
-    ("gguf_split.assemble.split", "write_gguf", "write (copy tensors)"),
+    ("gguf_split.assemble.outputs", "build_header", "build headers"),
+    ("gguf_split.assemble.outputs", "write_gguf", "write (copy tensors)"),
     ("os", "fsync", "fsync"),
-    ("gguf_split.assemble.split", "_prove_all", "prove restore (parse outputs)"),
-    ("gguf_split.assemble.split", "_check_written", "read back + check outputs"),
+    ("gguf_split.assemble.outputs", "prove_restores", "prove restore (parse outputs)"),
+    ("gguf_split.assemble.outputs", "check_written", "read back + check outputs"),
 )
 OTHER = "other (lock, rename, close, report)"
 

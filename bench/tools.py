@@ -1,5 +1,5 @@
 """llama.cpp's own tools for the benchmarks: llama-server, llama-cli, llama-gguf-split, llama-quantize,
-llama-export-lora.
+llama-export-lora, llama-imatrix; and ggufpacker, the quant-ladder packer, in a virtualenv of its own.
 
 Built once from the llama.cpp source that llama-cpp-python's source distribution carries (the same
 llama.cpp the `llama` extra runs in-process), so the tools and the Python binding agree on the format:
@@ -9,15 +9,21 @@ llama.cpp the `llama` extra runs in-process), so the tools and the Python bindin
   unpacked to `<work>/llama.cpp/src/`;
 - cmake Release, CPU only, static libraries, no HTTPS (`LLAMA_OPENSSL=OFF`; curl is gone from this
   llama.cpp), no web UI (neither npm nor the prebuilt download: the server's UI table stays empty), no tests
-  or examples; only the five targets are built, `-j2` (this machine has 2 cores);
+  or examples; only the six targets of TOOLS are built, `-j2` (this machine has 2 cores);
 - binaries land in `<work>/llama.cpp/build/bin/`, where `<work>` is `$GGUF_SPLIT_BENCH_WORK` or
   `bench/work/` (see common.py).
 
 `GGUF_SPLIT_LLAMA_BIN=/some/bin` uses an existing directory of these binaries instead (nothing is built;
 a missing tool is an error).
 
-    python bench/tools.py            # build if needed, print the paths
-    python bench/tools.py --rebuild  # configure and build again
+ggufpacker (PyPI, GGUFPACKER pinned) re-derives quantizations by running llama-quantize, so the ladder
+benchmarks use it as their yardstick. It needs Python >= 3.11 and its own dependencies, so it lives in a
+virtualenv of its own, `<work>/ggufpacker-venv/`, never in the project's: `ggufpacker_bin()` creates it once
+(`pip install ggufpacker==<GGUFPACKER>`) and returns the command's path.
+
+    python bench/tools.py              # build if needed, print the paths
+    python bench/tools.py --rebuild    # configure and build again
+    python bench/tools.py --ggufpacker # install ggufpacker if needed, print its path and version
 """
 
 from __future__ import annotations
@@ -36,13 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"
-TOOLS = ("llama-server", "llama-cli", "llama-gguf-split", "llama-quantize", "llama-export-lora")
+TOOLS = ("llama-server", "llama-cli", "llama-gguf-split", "llama-quantize", "llama-export-lora", "llama-imatrix")
 ENV_BIN = "GGUF_SPLIT_LLAMA_BIN"
 
 ROOT = WORK / "llama.cpp"
 SRC = ROOT / "src"
 BUILD = ROOT / "build"
 STAMP = ROOT / "build-info.json"
+
+GGUFPACKER = "0.4.2"
+GGUFPACKER_VENV = WORK / "ggufpacker-venv"
 
 CMAKE_OPTIONS = [
     "-DCMAKE_BUILD_TYPE=Release",
@@ -88,7 +97,7 @@ def _unpack() -> None:
 
 
 def build(rebuild: bool = False, jobs: int = 2) -> Path:
-    """Configure and build the five tools; returns the bin directory. Times the steps into build-info.json."""
+    """Configure and build the tools of TOOLS; returns the bin directory. Times the steps into build-info.json."""
     _unpack()
     if rebuild:
         shutil.rmtree(BUILD, ignore_errors=True)
@@ -111,7 +120,7 @@ def build(rebuild: bool = False, jobs: int = 2) -> Path:
 
 
 def bin_dir(build_if_missing: bool = True) -> Path:
-    """Directory holding the five tools: $GGUF_SPLIT_LLAMA_BIN, else the cached build (built on first use)."""
+    """Directory holding the tools of TOOLS: $GGUF_SPLIT_LLAMA_BIN, else the cached build (built on first use)."""
     env = os.environ.get(ENV_BIN)
     if env:
         d = Path(env)
@@ -134,11 +143,42 @@ def tool(name: str) -> Path:
     return bin_dir() / name
 
 
+def ggufpacker_bin() -> Path:
+    """The `ggufpacker` command of a virtualenv of its own under <work>, made on first use.
+
+    A stamp file written after a successful install marks the venv complete: an interrupted install is
+    redone from scratch rather than half-used. The venv is made from the running interpreter (>= 3.11)."""
+    exe = GGUFPACKER_VENV / "bin" / "ggufpacker"
+    stamp = GGUFPACKER_VENV / f"installed-ggufpacker-{GGUFPACKER}"
+    if stamp.exists() and exe.is_file():
+        return exe
+    if sys.version_info < (3, 11):
+        raise SystemExit(f"ggufpacker {GGUFPACKER} needs Python >= 3.11 (this is {sys.version.split()[0]})")
+    shutil.rmtree(GGUFPACKER_VENV, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(GGUFPACKER_VENV)], check=True)
+    pip = [str(GGUFPACKER_VENV / "bin" / "python"), "-m", "pip"]
+    subprocess.run([*pip, "install", "--quiet", f"ggufpacker=={GGUFPACKER}"], check=True)
+    freeze = subprocess.run([*pip, "freeze"], check=True, capture_output=True, text=True).stdout
+    stamp.write_text(freeze)
+    return exe
+
+
+def ggufpacker_version() -> str:
+    """`ggufpacker --version` of the venv's command, e.g. "ggufpacker 0.4.2"."""
+    r = subprocess.run([str(ggufpacker_bin()), "--version"], check=True, capture_output=True, text=True)
+    return (r.stdout or r.stderr).strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rebuild", action="store_true", help="remove the build directory and build again")
     ap.add_argument("-j", "--jobs", type=int, default=2)
+    ap.add_argument("--ggufpacker", action="store_true", help="install ggufpacker (own venv) and print its path")
     args = ap.parse_args()
+    if args.ggufpacker:
+        print(ggufpacker_bin())
+        print(ggufpacker_version())
+        return
     if args.rebuild or (not os.environ.get(ENV_BIN) and not all((BUILD / "bin" / t).is_file() for t in TOOLS)):
         d = build(rebuild=args.rebuild, jobs=args.jobs)
     else:

@@ -29,14 +29,15 @@ __version__ = "0.2.0"
 
 _LAZY = {
     "GGUFSplitError": ("errors", "GGUFSplitError"),
+    "SplitOptions": ("assemble.options", "SplitOptions"),
     "split": ("assemble.split", "split"),
-    "SplitReport": ("assemble.split", "SplitReport"),
-    "TaskReport": ("assemble.split", "TaskReport"),
-    "FileReport": ("assemble.split", "FileReport"),
+    "SplitReport": ("assemble.report", "SplitReport"),
+    "TaskReport": ("assemble.report", "TaskReport"),
+    "FileReport": ("assemble.report", "FileReport"),
     "add": ("assemble.update", "add"),
     "remove": ("assemble.update", "remove"),
-    "AddReport": ("assemble.update", "AddReport"),
-    "RemoveReport": ("assemble.update", "RemoveReport"),
+    "AddReport": ("assemble.report", "AddReport"),
+    "RemoveReport": ("assemble.report", "RemoveReport"),
     "restore": ("splitdir.restore", "restore"),
     "RestoreReport": ("splitdir.restore", "RestoreReport"),
     "verify": ("splitdir.verify", "verify"),
@@ -74,8 +75,10 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from typing import Any
 
-    from .assemble.split import FileReport, SplitReport, TaskReport, split
-    from .assemble.update import AddReport, RemoveReport, add, remove
+    from .assemble.options import SplitOptions
+    from .assemble.report import AddReport, FileReport, RemoveReport, SplitReport, TaskReport
+    from .assemble.split import split
+    from .assemble.update import add, remove
     from .errors import GGUFSplitError
     from .format.gguf import GGUFFile
     from .format.model import Field, Metadata, Model, Tensor, open_model

@@ -22,9 +22,8 @@ from typing import Any
 
 from ..errors import GGUFSplitError
 from ..format.names import check_prefix
-from .plan import DEFAULT_CUT, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES, Cut
+from .plan import DEFAULT_CUT, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES, MIN_SHARD_SIZE, Cut
 
-MIN_SHARD_SIZE = 1 << 20  # a shard must hold a part's header (records, tensor infos) and at least a tensor
 BOOL, COUNT, SIZE, PATH, TEXT = "bool", "count", "size", "path", "text"
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -53,8 +52,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("max_shared_files", "--max-shared-files", COUNT, "At most N files per task besides its adaptor, holes "
                                                             "included (default 32)."),
     Option("cut", "--cut", TEXT, "Cut shared groups into files by tensor role and blocks of N layers (role:N), by "
-                                 "role (role), per tensor (tensor) or not (none); finer cuts let `add` reuse more, "
-                                 "at more files per task (default role:6; add: as the split was cut)."),
+                                 "role (role), per tensor (tensor) or not (none): finer cuts let `add` reuse more of a "
+                                 "fine-tune's unchanged tensors, at more files per task (default role:6; add: as the "
+                                 "split was cut)."),
     Option("file_cost", "--file-cost", SIZE, "A group of shared tensors gets its own file only if it saves more "
                                              "bytes than this (default 1MiB)."),
     Option("max_shard_size", "--max-shard-size", SIZE, "Cut files larger than this (e.g. 20G) into several.",
@@ -129,25 +129,26 @@ class SplitOptions:
     link: bool = False
     models_dir: str | None = None
     allow_unrelated: bool = False
-    max_shared_files: int | None = DEFAULT_MAX_SHARED_FILES
-    cut: str = str(DEFAULT_CUT)  # `add` uses the split's recorded cut unless one is given
+    max_shared_files: int | None = DEFAULT_MAX_SHARED_FILES  # every file besides the adaptor, holes included
+    cut: str | None = None  # None: split cuts DEFAULT_CUT, add as the split's records say it was cut
     file_cost: int = DEFAULT_FILE_COST
     max_shard_size: int | None = None
     threads: int | None = None
     quiet: bool = False
 
-    def merged(self, values: Mapping[str, Any], where: Callable[[str], str] | None = None) -> "SplitOptions":
-        """A copy with each value of `values` that is not None, checked. Errors are TypeError/ValueError
-        (a library caller's mistake); with `where`, a GGUFSplitError whose text is `where(name)` + the problem
-        (e.g. `options.threads: must be at least 1, not 0` for a spec, `--threads: ...` for the CLI)."""
+    def merged(self, values: Mapping[str, Any],
+               blame: Callable[[str, str], GGUFSplitError] | None = None) -> "SplitOptions":
+        """A copy with each value of `values` that is not None, checked. Errors are TypeError/ValueError (a
+        library caller's mistake); with `blame`, the GGUFSplitError `blame(name, problem)` makes, naming the
+        value the way the user gave it (a spec key, a flag)."""
         changes: dict[str, Any] = {}
         for name, value in values.items():
             try:
                 checked = check_value(name, value)
             except (TypeError, ValueError) as e:
-                if where is None:
+                if blame is None:
                     raise type(e)(f"{name}: {e}") from None
-                raise GGUFSplitError(None, f"{where(name)}: {e}") from None
+                raise blame(name, str(e)) from None
             if checked is not None:
                 changes[name] = checked
         return dataclasses.replace(self, **changes)
@@ -161,3 +162,8 @@ class SplitOptions:
 
 def flag_of(name: str) -> str:
     return OPTIONS[name].flag
+
+
+def cut_of(opts: SplitOptions) -> Cut:
+    """The cut `split` makes with these options (an `add` without a cut given follows the split's records)."""
+    return DEFAULT_CUT if opts.cut is None else Cut.parse(opts.cut)

@@ -26,7 +26,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gguf.constants import GGUFValueType
@@ -320,3 +320,29 @@ def check_unchanged(models: Sequence[ScannedModel]) -> None:
             if now != inp.stat or st is None or (st.st_dev, st.st_ino) != inp.stat[:2]:
                 raise GGUFSplitError(inp.path, "changed while it was being split (size, time or file replaced); "
                                                "nothing was written: run the split again")
+
+
+def open_models(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated: bool) -> dict[str, ScannedModel]:
+    """Open every model (headers only) and check what can be checked before hashing."""
+    models: dict[str, ScannedModel] = {}
+    try:
+        seen: dict[str, str] = {}
+        for task, path in tasks.items():
+            check_input_path(path)
+            real = os.path.realpath(path)
+            if real in seen:
+                raise GGUFSplitError(show(path), f"is given twice (tasks {seen[real]!r} and {task!r})")
+            seen[real] = task
+            models[task] = open_model(task, path)
+        archs = {t: m.architecture for t, m in models.items()}
+        if not allow_unrelated and len(set(archs.values())) > 1:
+            first = next(iter(models))
+            other = next(t for t in models if archs[t] != archs[first])
+            listing = ", ".join(f"{t}={a}" for t, a in archs.items())
+            raise GGUFSplitError(models[other].path, f"general.architecture differs between tasks ({listing}); these "
+                                                     "models cannot share tensors (pass --allow-unrelated to split anyway)")
+        return models
+    except BaseException:
+        for m in models.values():
+            m.close()
+        raise

@@ -32,63 +32,21 @@ from typing import Any
 
 import yaml
 
-import re
-
 from ..errors import GGUFSplitError
 from ..format.names import check_task_name
-from .plan import MIN_SHARD_SIZE, Cut
+from .options import OPTIONS, SplitOptions
 
 TOP_KEYS = {"output", "prefix", "tasks", "options"}
-OPTION_TYPES: dict[str, type] = {"force": bool, "link": bool, "allow_unrelated": bool, "threads": int, "quiet": bool,
-                                 "max_shared_files": int, "file_cost": str, "max_shard_size": str, "models_dir": str,
-                                 "cut": str}
-SIZE_MINIMUM = {"file_cost": 0, "max_shard_size": MIN_SHARD_SIZE}  # the size options and their smallest value
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
-
-
-def parse_size(text: object) -> int:
-    """'20G' -> 20_000_000_000, '1MiB' -> 1_048_576, 4096 -> 4096; ValueError otherwise."""
-    if isinstance(text, bool):
-        raise ValueError(f"not a size: {text!r}")
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError(f"a size cannot be negative: {text}")
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if m is None or m[2].upper() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (use bytes or a number with K, M, G, T, KiB, MiB, GiB, TiB)")
-    return int(float(m[1]) * _UNITS[m[2].upper()])
-
-
-def parse_size_option(key: str, value: object) -> int:
-    """A size option (`file_cost`, `max_shard_size`) from a spec or the command line: a size, at least the
-    option's minimum (a shard under 1 MiB could not hold a part's header); ValueError saying so otherwise."""
-    n = parse_size(value)
-    low = SIZE_MINIMUM[key]
-    if n < low:
-        raise ValueError(f"{value!r} is {n:,} bytes, under the minimum of {low >> 20}MiB ({low:,} bytes)")
-    return n
+SPEC_OPTIONS = sorted(name for name in OPTIONS if name != "prefix")  # under `options:`; prefix is a top key
 
 
 @dataclass
-class SplitOptions:
-    """Everything `split` needs; the CLI builds the same object from its flags."""
+class Spec:
+    """A checked spec: the tasks (name -> absolute path), the output directory, the options it sets."""
 
-    tasks: dict[str, str] = field(default_factory=dict)  # name -> absolute path
+    tasks: dict[str, str] = field(default_factory=dict)
     output: str | None = None
-    prefix: str = ""
-    force: bool = False
-    link: bool = False
-    allow_unrelated: bool = False
-    threads: int | None = None
-    quiet: bool = False
-    max_shared_files: int | None = None
-    file_cost: int | None = None
-    max_shard_size: int | None = None
-    models_dir: str | None = None
-    cut: str | None = None  # None: the default (split) or the split's recorded cut (add)
+    options: SplitOptions = field(default_factory=SplitOptions)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -108,11 +66,7 @@ def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = Fals
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def _type_name(t: type) -> str:
-    return {bool: "true or false", int: "a whole number", str: "a string"}.get(t, t.__name__)
-
-
-def load_spec(path: str | os.PathLike[str], *, need_output: bool = True) -> SplitOptions:
+def load_spec(path: str | os.PathLike[str], *, need_output: bool = True) -> Spec:
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -129,79 +83,72 @@ def load_spec(path: str | os.PathLike[str], *, need_output: bool = True) -> Spli
     return parse_spec(data, path, need_output=need_output)
 
 
-def parse_spec(data: Any, path: str, *, need_output: bool = True) -> SplitOptions:
+def parse_spec(data: Any, path: str, *, need_output: bool = True) -> Spec:
     """Validate an already-loaded spec; paths are resolved relative to the spec file's directory."""
-    def fail(key: str, problem: str) -> GGUFSplitError:
-        return GGUFSplitError(path, f"{key}: {problem}" if key else problem)
-
     base = os.path.dirname(os.path.abspath(path))
     if not isinstance(data, dict):
-        raise fail("", "a spec is a mapping with the keys tasks and output (see specs/example.yaml)")
+        raise _fail(path, "", "a spec is a mapping with the keys tasks and output (see specs/example.yaml)")
     for key in data:
         if key not in TOP_KEYS:
-            raise fail(str(key), f"unknown key (known: {', '.join(sorted(TOP_KEYS))})")
-    opts = SplitOptions()
+            raise _fail(path, str(key), f"unknown key (known: {', '.join(sorted(TOP_KEYS))})")
+    return Spec(_tasks(data, path, base), _output(data, path, base, need_output), _options(data, path, base))
 
+
+def _fail(path: str, key: str, problem: str) -> GGUFSplitError:
+    return GGUFSplitError(path, f"{key}: {problem}" if key else problem)
+
+
+def _tasks(data: dict[Any, Any], path: str, base: str) -> dict[str, str]:
     if "tasks" not in data:
-        raise fail("tasks", "missing: map each task name to its GGUF file")
+        raise _fail(path, "tasks", "missing: map each task name to its GGUF file")
     tasks = data["tasks"]
     if not isinstance(tasks, dict) or not tasks:
-        raise fail("tasks", "must map at least one task name to a GGUF file")
+        raise _fail(path, "tasks", "must map at least one task name to a GGUF file")
+    out: dict[str, str] = {}
     for name, file in tasks.items():
         if not isinstance(name, str):
-            raise fail(f"tasks.{name}", "task names are strings")
+            raise _fail(path, f"tasks.{name}", "task names are strings")
         try:
             check_task_name(name)
         except GGUFSplitError as e:
-            raise fail(f"tasks.{name}", e.problem) from None
+            raise _fail(path, f"tasks.{name}", e.problem) from None
         if not isinstance(file, str) or not file:
-            raise fail(f"tasks.{name}", "must be the path of a GGUF file")
+            raise _fail(path, f"tasks.{name}", "must be the path of a GGUF file")
         full = os.path.normpath(os.path.join(base, os.path.expanduser(file)))
         if not os.path.exists(full):
-            raise fail(f"tasks.{name}", f"file not found: {full}")
+            raise _fail(path, f"tasks.{name}", f"file not found: {full}")
         if not os.path.isfile(full):
-            raise fail(f"tasks.{name}", f"not a file: {full}")
-        opts.tasks[name] = full
+            raise _fail(path, f"tasks.{name}", f"not a file: {full}")
+        out[name] = full
+    return out
 
+
+def _output(data: dict[Any, Any], path: str, base: str, need_output: bool) -> str | None:
     if "output" not in data:
         if need_output:
-            raise fail("output", "missing: the directory to write the split into")
-    else:
-        if not isinstance(data["output"], str) or not data["output"]:
-            raise fail("output", "must be a directory path")
-        opts.output = os.path.normpath(os.path.join(base, os.path.expanduser(data["output"])))
-        if os.path.exists(opts.output) and not os.path.isdir(opts.output):
-            raise fail("output", f"exists and is not a directory: {opts.output}")
+            raise _fail(path, "output", "missing: the directory to write the split into")
+        return None
+    if not isinstance(data["output"], str) or not data["output"]:
+        raise _fail(path, "output", "must be a directory path")
+    output = os.path.normpath(os.path.join(base, os.path.expanduser(data["output"])))
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise _fail(path, "output", f"exists and is not a directory: {output}")
+    return output
 
-    if "prefix" in data:
-        if not isinstance(data["prefix"], str):
-            raise fail("prefix", "must be a string")
-        opts.prefix = data["prefix"]
 
+def _options(data: dict[Any, Any], path: str, base: str) -> SplitOptions:
+    """`prefix:` and `options:`, checked by the options' one rule (options.check_value)."""
     options = data.get("options") or {}
     if not isinstance(options, dict):
-        raise fail("options", "must be a mapping")
+        raise _fail(path, "options", "must be a mapping")
+    values: dict[str, Any] = {}
     for key, value in options.items():
-        want = OPTION_TYPES.get(key)
-        if want is None:
-            raise fail(f"options.{key}", f"unknown option (known: {', '.join(sorted(OPTION_TYPES))})")
-        if value is None and key in ("max_shared_files", "max_shard_size", "models_dir", "threads"):
-            continue
-        if key in SIZE_MINIMUM:
-            try:
-                value = parse_size_option(key, value)
-            except ValueError as e:
-                raise fail(f"options.{key}", str(e)) from None
-        elif type(value) is not want:  # bool is an int subclass: be exact
-            raise fail(f"options.{key}", f"must be {_type_name(want)}, not {value!r}")
-        elif key == "cut":
-            try:
-                value = str(Cut.parse(str(value)))
-            except ValueError as e:
-                raise fail(f"options.{key}", str(e)) from None
-        if key in ("threads", "max_shared_files") and value < 1:
-            raise fail(f"options.{key}", "must be at least 1")
-        if key == "models_dir":
+        if key not in SPEC_OPTIONS:
+            raise _fail(path, f"options.{key}", f"unknown option (known: {', '.join(SPEC_OPTIONS)})")
+        if key == "models_dir" and isinstance(value, str) and value:
             value = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
-        setattr(opts, key, value)
-    return opts
+        values[key] = value
+    if "prefix" in data:
+        values["prefix"] = data["prefix"]
+    return SplitOptions().merged(values, lambda name, problem: _fail(
+        path, "prefix" if name == "prefix" else f"options.{name}", problem))

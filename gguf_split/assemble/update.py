@@ -17,52 +17,191 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..disk.commit import Transaction
-from ..errors import GGUFSplitError
-from ..splitdir.links import check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
-from ..format.names import check_task_name, show
-from .plan import (CHANGED, CUT_SCHEME, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES, ONLY_HERE, RETYPED, Cut,
-                   FixedFile, TensorId, plan_layout)
 from ..disk.progress import QUIET, Progress
+from ..errors import GGUFSplitError
+from ..format.names import adaptor_name, show
 from ..format.records import FileRef, SplitFile
-from .scan import hash_models
-from .split import (
-    SplitReport,
-    _name_files,
-    _report,
-    _write,
-    as_cut,
-    check_options,
-    keep_file,
-    open_models,
-    planner_options,
-    recorded_refs,
-    task_paths_after,
-)
 from ..splitdir.directory import FileFinder, SplitDir, TaskFiles, open_task
+from ..splitdir.links import check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
+from .options import SplitOptions
+from .outputs import keep_file, name_files, recorded_refs, write_outputs
+from .plan import CHANGED, CUT_SCHEME, ONLY_HERE, RETYPED, Cut, FixedFile, Layout, TensorId, plan_layout
+from .report import AddReport, RemoveReport, SplitReport, split_report
+from .scan import ScannedModel, hash_models, open_models
+from .split import check_tasks, plan, task_paths_after
+
+NO_SPLIT_HINT = " (its last task was removed?): make a new split with `gguf-split split MODEL... -o DIR`"
+
+
+def task_tensor_ids(tf: TaskFiles) -> list[TensorId]:
+    """A task's tensor identities in model order, from records only (no tensor data read)."""
+    from ..format.gguf import parse_tensor_infos
+    from ..format.records import K_SRC_TENSOR_INFOS
+
+    held: dict[str, TensorId] = {}
+    for f in tf.files:
+        for t, d in zip(f.header.tensors, f.digests()):
+            held[t.name] = TensorId(t.name, t.ggml_type, t.shape, d, t.nbytes)
+    order = parse_tensor_infos(tf.adaptor.blob(K_SRC_TENSOR_INFOS), tf.adaptor.path, 1)
+    return [held[t.name] for t in order if t.name in held]
 
 
 @dataclass
-class AddReport:
-    split: SplitReport  # the new tasks: their adaptors and the files they load
-    reused_bytes: int  # tensor bytes the new tasks load from files that were already there
-    existing_tasks: list[str]
-    stored_bytes: int  # tensor bytes of the whole split after the add
-    fresh_split_bytes: int  # what a fresh split of all tasks would store
-    dry_run: bool = False
-    cut: str = "none"  # how the new shared files were cut (the split's recorded cut unless one was given)
-    model_bytes: int = 0  # tensor bytes of the new models
-    new_bytes: int = 0  # tensor bytes the add writes: the new adaptors and new shared files
-    unique_bytes: int = 0  # of the new models' tensors, those no existing task holds (what any add must write)
-    in_adaptors_bytes: int = 0  # tensors the new tasks hold that sit in existing tasks' adaptors (no layout can
-    #                             reuse them: shipped files never change)
+class _Existing:
+    ids: dict[str, list[TensorId]]  # task -> tensor ids, model order
+    fixed: dict[str, FixedFile]  # shared file name -> what the planner may reuse
+    paths: dict[str, str]  # shared file name -> path
+    archs: set[str]
+    cuts: dict[str, tuple[str, int]]  # adaptor path -> (recorded cut, its name scheme)
 
-    @property
-    def resplit_would_save(self) -> int:
-        return max(0, self.stored_bytes - self.fresh_split_bytes)
+
+def _existing(sd: SplitDir) -> _Existing:
+    """What `add` needs of a split, from its records (no tensor data read)."""
+    finder = FileFinder()
+    cache: dict[str, SplitFile] = {}
+    ex = _Existing({}, {}, {}, set(), {})
+    try:
+        for task in sd.tasks:
+            tf = open_task(sd.adaptors[task], finder, cache=cache)
+            ex.cuts[tf.adaptor.path] = (tf.info.cut, tf.info.cut_scheme)
+            with tf.adaptor:
+                ex.ids[task] = task_tensor_ids(tf)
+                arch = tf.adaptor.get("general.architecture")
+                if isinstance(arch, str):
+                    ex.archs.add(arch)
+                for ref, f in zip(tf.info.files, tf.shared):
+                    if ref.name not in ex.fixed:
+                        ex.fixed[ref.name] = FixedFile(ref.name, ref.position, tuple(
+                            TensorId(t.name, t.ggml_type, t.shape, d, t.nbytes)
+                            for t, d in zip(f.header.tensors, f.digests())))
+                        ex.paths[ref.name] = f.path
+    finally:
+        for f in cache.values():
+            f.close()
+    return ex
+
+
+def recorded_cut(cuts: Mapping[str, tuple[str, int]]) -> Cut:
+    """The cut a split's adaptors record (the one most of them record; a split made before cuts existed:
+    none). A damaged record, or a name scheme this version does not know, is refused naming the adaptor."""
+    parsed: dict[Cut, int] = {}
+    for path, (text, scheme) in cuts.items():
+        try:
+            cut = Cut.parse(text, scheme)
+        except ValueError:
+            raise GGUFSplitError(show(path), f"records cut {text!r}, which this version does not know: damaged, "
+                                             "or written by a newer gguf-split (pass --cut to choose one)") from None
+        if cut.kind != "none" and scheme != CUT_SCHEME:
+            raise GGUFSplitError(show(path), f"its shared files were cut with tensor-name scheme {scheme}, which this "
+                                             f"version does not know (it knows {CUT_SCHEME}); pass --cut to choose a "
+                                             "cut, or use the gguf-split that made the split")
+        parsed[cut] = parsed.get(cut, 0) + 1
+    if not parsed:
+        return Cut()
+    return max(parsed, key=lambda c: (parsed[c], str(c) == "none", str(c)))
+
+
+def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]],
+        options: SplitOptions | None = None, *, dry_run: bool = False, progress: Progress = QUIET,
+        **option_values: Any) -> AddReport:
+    """Add `tasks` (name -> GGUF path) to the split in `split_dir`. Options as for `split` (the planner's, and
+    allow_unrelated, threads, models_dir); the new files take the split's own prefix."""
+    opts = (options or SplitOptions()).merged(option_values)
+    if isinstance(tasks, Mapping) and not tasks:
+        raise GGUFSplitError(None, "no tasks to add")
+    check_tasks(tasks)
+    d = os.fspath(split_dir)
+    sd0 = SplitDir.open(d)
+    sd0.require_split(NO_SPLIT_HINT)
+    if opts.models_dir is not None:
+        check_models_dir(opts.models_dir, [*sd0.tasks, *tasks])  # before anything is read or written
+    if dry_run:
+        return _add(sd0, tasks, None, opts, progress)
+    tx = Transaction(d, create=False, on_wait=progress.note, what="the split")
+    models_dir_done = opts.models_dir is None
+    try:
+        with tx:
+            sd = SplitDir.read_once(d)  # under the lock: the state the add changes
+            sd.require_split(NO_SPLIT_HINT)
+            report = _add(sd, tasks, tx, opts, progress)
+        if opts.models_dir is not None:
+            write_models_dir(d, opts.models_dir)
+            models_dir_done = True
+            report.split.models_dir = opts.models_dir
+    except BaseException as e:
+        if opts.models_dir is None or not tx.committed or models_dir_done:
+            raise
+        raise tx.note(e, models_dir_note(d, opts.models_dir)) from None
+    return report
+
+
+def split_prefix(sd: SplitDir, wanted: str = "") -> str:
+    """The file-name prefix the split was written with (read from its adaptors' names): files added to it
+    carry the same. A different prefix asked for (`wanted`, e.g. a spec's) is refused."""
+    found: dict[str, str] = {}
+    for task, path in sd.adaptors.items():
+        name, suffix = sd.name_of(path), adaptor_name(task)
+        if name.endswith(suffix):
+            found.setdefault(name[:-len(suffix)], name)
+    if len(found) > 1:
+        raise GGUFSplitError(show(sd.directory), f"its adaptors carry different prefixes ({', '.join(found.values())})"
+                                                 ": damaged")
+    prefix = next(iter(found), "")
+    if wanted and wanted != prefix:
+        raise GGUFSplitError(show(sd.directory), f"its files carry the prefix {prefix!r}, not {wanted!r}: added files "
+                                                 "take the split's prefix")
+    return prefix
+
+
+def _add(sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transaction | None, opts: SplitOptions,
+         progress: Progress) -> AddReport:
+    clash = [t for t in tasks if t in sd.adaptors]
+    if clash:
+        raise GGUFSplitError(show(sd.adaptors[clash[0]]), f"task {clash[0]!r} is already in the split; remove it "
+                                                          "first or choose another name")
+    prefix = split_prefix(sd, opts.prefix)
+    ex = _existing(sd)
+    ids, fixed = ex.ids, ex.fixed
+    cut = recorded_cut(ex.cuts) if opts.cut is None else Cut.parse(opts.cut)
+    models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+    try:
+        _refuse_other_architecture(models, ex.archs, opts)
+        hash_models(list(models.values()), progress, opts.threads)
+        layout = plan(models, opts, cut, fixed_files=list(fixed.values()))
+        named = name_files(models, layout, prefix, foundation=False)
+        known = _reused(layout, named, sd, ex.paths, check=tx is not None)
+        reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
+                           for pf in [layout.files[i]] if pf.fixed is not None)
+        split_rep = _write_added(sd, tx, models, layout, named, known, prefix, opts, progress)
+        stored = sum(x.nbytes for f in fixed.values() for x in f.tensors) + _adaptor_tensor_bytes(ids, fixed)
+        stored += layout.stats.stored_bytes if layout.stats else 0
+        new_ids = {t: m.tensor_ids() for t, m in models.items()}
+        fresh = plan_layout({**ids, **new_ids}, alignment=max(m.first.header.alignment for m in models.values()),
+                            max_shared_files=opts.max_shared_files, max_files=opts.max_shared_files,
+                            file_cost=opts.file_cost, max_shard_size=opts.max_shard_size, cut=cut)
+        unique, in_adaptors = _new_bytes(ids, fixed, new_ids)
+        _add_reasons(split_rep, ids, fixed, new_ids)
+        return AddReport(split_rep, reused_bytes, sd.tasks, stored, fresh.stats.stored_bytes if fresh.stats else stored,
+                         dry_run=tx is None, cut=str(cut), model_bytes=sum(x.nbytes for xs in new_ids.values() for x in xs),
+                         new_bytes=layout.stats.stored_bytes if layout.stats else 0, unique_bytes=unique,
+                         in_adaptors_bytes=in_adaptors)
+    finally:
+        for m in models.values():
+            m.close()
+
+
+def _new_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile],
+               new_ids: Mapping[str, Sequence[TensorId]]) -> tuple[int, int]:
+    """(bytes of the new tasks' tensors no existing task holds, bytes of those that existing tasks hold in their
+    adaptors only), summed over the new tasks."""
+    held = {x for xs in ids.values() for x in xs}
+    in_files = {x for f in fixed.values() for x in f.tensors}
+    unique = sum(x.nbytes for xs in new_ids.values() for x in xs if x not in held)
+    return unique, sum(x.nbytes for xs in new_ids.values() for x in xs if x in held and x not in in_files)
 
 
 # why a tensor of a new task sits in its adaptor, told against the split (the planner saw the new tasks only)
@@ -98,198 +237,47 @@ def _add_reasons(report: SplitReport, ids: Mapping[str, Sequence[TensorId]], fix
                 t.reasons[name] = CHANGED if (x.ggml_type, x.shape) in kinds[name] else RETYPED
 
 
-@dataclass
-class RemoveReport:
-    directory: str
-    removed_tasks: list[str]
-    deleted: list[str] = field(default_factory=list)  # file names
-    freed_bytes: int = 0
-    dry_run: bool = False
-    links: list[str] = field(default_factory=list)  # llama.cpp links of the removed tasks, deleted with them
+def _refuse_other_architecture(models: Mapping[str, ScannedModel], archs: set[str], opts: SplitOptions) -> None:
+    if opts.allow_unrelated or not archs:
+        return
+    for m in models.values():
+        if m.architecture not in archs:
+            raise GGUFSplitError(m.path, f"is a {m.architecture} model, the split holds {', '.join(sorted(archs))} "
+                                         "models (pass --allow-unrelated to add it anyway)")
 
 
-def task_tensor_ids(tf: TaskFiles) -> list[TensorId]:
-    """A task's tensor identities in model order, from records only (no tensor data read)."""
-    from ..format.gguf import parse_tensor_infos
-    from ..format.records import K_SRC_TENSOR_INFOS
-
-    held: dict[str, TensorId] = {}
-    for f in tf.files:
-        for t, d in zip(f.header.tensors, f.digests()):
-            held[t.name] = TensorId(t.name, t.ggml_type, t.shape, d, t.nbytes)
-    order = parse_tensor_infos(tf.adaptor.blob(K_SRC_TENSOR_INFOS), tf.adaptor.path, 1)
-    return [held[t.name] for t in order if t.name in held]
-
-
-@dataclass
-class _Existing:
-    ids: dict[str, list[TensorId]]  # task -> tensor ids, model order
-    fixed: dict[str, FixedFile]  # shared file name -> what the planner may reuse
-    paths: dict[str, str]  # shared file name -> path
-    archs: set[str]
-    cuts: dict[str, tuple[str, int]]  # adaptor path -> (recorded cut, its name scheme)
+def _reused(layout: Layout, named: list[Any], sd: SplitDir, fixed_paths: Mapping[str, str],
+            check: bool) -> dict[str, FileRef]:
+    """The existing files the plan reuses, under their own names; with `check`, each proven intact, byte
+    for byte and as every adaptor recorded it (keep_file), before anything is written."""
+    known: dict[str, FileRef] = {}
+    records = recorded_refs(sd)
+    for pf, nf in zip(layout.files, named):
+        if pf.fixed is not None:
+            nf.name = pf.fixed
+            if pf.fixed not in known:
+                known[pf.fixed] = keep_file(fixed_paths[pf.fixed], None, records[pf.fixed], pf.position) \
+                    if check else records[pf.fixed][0]
+    return known
 
 
-def _existing(sd: SplitDir) -> _Existing:
-    """What `add` needs of a split, from its records (no tensor data read)."""
-    finder = FileFinder()
-    cache: dict[str, SplitFile] = {}
-    ids: dict[str, list[TensorId]] = {}
-    fixed: dict[str, FixedFile] = {}
-    paths: dict[str, str] = {}
-    archs: set[str] = set()
-    cuts: dict[str, tuple[str, int]] = {}
-    try:
-        for task in sd.tasks:
-            tf = open_task(sd.adaptors[task], finder, cache=cache)
-            cuts[tf.adaptor.path] = (tf.info.cut, tf.info.cut_scheme)
-            with tf.adaptor:
-                ids[task] = task_tensor_ids(tf)
-                arch = tf.adaptor.get("general.architecture")
-                if isinstance(arch, str):
-                    archs.add(arch)
-                for ref, f in zip(tf.info.files, tf.shared):
-                    if ref.name not in fixed:
-                        fixed[ref.name] = FixedFile(ref.name, ref.position, tuple(
-                            TensorId(t.name, t.ggml_type, t.shape, d, t.nbytes)
-                            for t, d in zip(f.header.tensors, f.digests())))
-                        paths[ref.name] = f.path
-    finally:
-        for f in cache.values():
-            f.close()
-    return _Existing(ids, fixed, paths, archs, cuts)
-
-
-def recorded_cut(cuts: Mapping[str, tuple[str, int]]) -> Cut:
-    """The cut a split's adaptors record (the one most of them record; a split made before cuts existed:
-    none). A damaged record, or a name scheme this version does not know, is refused naming the adaptor."""
-    parsed: dict[Cut, int] = {}
-    for path, (text, scheme) in cuts.items():
-        try:
-            cut = Cut.parse(text, scheme)
-        except ValueError:
-            raise GGUFSplitError(show(path), f"records cut {text!r}, which this version does not know: damaged, "
-                                             "or written by a newer gguf-split (pass --cut to choose one)") from None
-        if cut.kind != "none" and scheme != CUT_SCHEME:
-            raise GGUFSplitError(show(path), f"its shared files were cut with tensor-name scheme {scheme}, which this "
-                                             f"version does not know (it knows {CUT_SCHEME}); pass --cut to choose a "
-                                             "cut, or use the gguf-split that made the split")
-        parsed[cut] = parsed.get(cut, 0) + 1
-    if not parsed:
-        return Cut()
-    return max(parsed, key=lambda c: (parsed[c], str(c) == "none", str(c)))
-
-
-def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]], *,
-        max_shared_files: int | None = DEFAULT_MAX_SHARED_FILES, file_cost: int = DEFAULT_FILE_COST,
-        max_shard_size: int | None = None, allow_unrelated: bool = False, threads: int | None = None,
-        dry_run: bool = False, models_dir: str | os.PathLike[str] | None = None, prefix: str = "",
-        progress: Progress = QUIET, cut: Cut | str | None = None) -> AddReport:
-    """Add `tasks` (name -> GGUF path) to the split in `split_dir`. `cut`: how to cut new shared files (None:
-    as the split's records say its files were cut; "none" for a split made by gguf-split 0.2)."""
-    check_options(tasks, max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size)
-    given_cut = None if cut is None else as_cut(cut)
-    if not tasks:
-        raise GGUFSplitError(None, "no tasks to add")
-    for t in tasks:
-        check_task_name(t)
-    d = os.fspath(split_dir)
-    sd0 = SplitDir.open(d)
-    sd0.require_split(" (its last task was removed?): make a new split with `gguf-split split MODEL... -o DIR`")
-    if models_dir is not None:
-        check_models_dir(models_dir, [*sd0.tasks, *tasks])  # before anything is read or written
-    options = dict(max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size,
-                   cut=given_cut)
-    if dry_run:
-        return _add(d, sd0, tasks, None, options, allow_unrelated, threads, prefix, progress)
-    tx = Transaction(d, create=False, on_wait=progress.note, what="the split")
-    models_dir_done = models_dir is None
-    try:
-        with tx:
-            sd = SplitDir.read_once(d)  # under the lock: the state the add changes
-            sd.require_split(" (its last task was removed?): make a new split with `gguf-split split MODEL... "
-                             "-o DIR`")
-            report = _add(d, sd, tasks, tx, options, allow_unrelated, threads, prefix, progress)
-        if models_dir is not None:
-            write_models_dir(d, models_dir)
-            models_dir_done = True
-            report.split.models_dir = os.fspath(models_dir)
-    except BaseException as e:
-        if models_dir is None or not tx.committed or models_dir_done:
-            raise
-        raise tx.note(e, models_dir_note(d, models_dir)) from None
+def _write_added(sd: SplitDir, tx: Transaction | None, models: Mapping[str, ScannedModel], layout: Layout,
+                 named: list[Any], known: dict[str, FileRef], prefix: str, opts: SplitOptions,
+                 progress: Progress) -> SplitReport:
+    d = sd.directory
+    if tx is None:
+        return split_report(d, models, layout, named, {}, dry_run=True, prefix=prefix,
+                            max_shard_size=opts.max_shard_size)
+    after = task_paths_after(tx.dir, models, layout, named, prefix)
+    split_files = [tx.path(n) for n in sd.file_names()] + [p for ps in after.values() for p in ps]
+    links = plan_links(tx.dir, tx.dir, split_files, after)  # only tasks with the tool's links: 0.2 leftovers
+    done = write_outputs(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known,
+                         max_shard_size=opts.max_shard_size, links=links)
+    report = split_report(tx.dir, models, layout, named, done.refs, kept=done.kept, removed=done.removed,
+                          prefix=prefix, max_shard_size=opts.max_shard_size)
+    for t in report.tasks:
+        t.links = links.paths(t.task)
     return report
-
-
-def _add(d: str, sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transaction | None,
-         given: dict[str, Any], allow_unrelated: bool, threads: int | None, prefix: str,
-         progress: Progress) -> AddReport:
-    clash = [t for t in tasks if t in sd.adaptors]
-    if clash:
-        raise GGUFSplitError(show(sd.adaptors[clash[0]]), f"task {clash[0]!r} is already in the split; remove it "
-                                                          "first or choose another name")
-    ex = _existing(sd)
-    ids, fixed, fixed_paths, archs = ex.ids, ex.fixed, ex.paths, ex.archs
-    cut = given["cut"] if given["cut"] is not None else recorded_cut(ex.cuts)
-    options = planner_options(max_shared_files=given["max_shared_files"], file_cost=given["file_cost"],
-                              max_shard_size=given["max_shard_size"], cut=cut)
-    models = open_models(tasks, allow_unrelated=allow_unrelated)
-    try:
-        if not allow_unrelated:
-            for t, m in models.items():
-                if archs and m.architecture not in archs:
-                    raise GGUFSplitError(m.path, f"is a {m.architecture} model, the split holds {', '.join(sorted(archs))} "
-                                                 "models (pass --allow-unrelated to add it anyway)")
-        hash_models(list(models.values()), progress, threads)
-        new_ids = {t: m.tensor_ids() for t, m in models.items()}
-        alignment = max(m.first.header.alignment for m in models.values())
-        head = {t: m.header_bytes + 4096 + 200 * len(m.tensors) for t, m in models.items()}
-        layout = plan_layout(new_ids, alignment=alignment, adaptor_header_bytes=head,
-                             fixed_files=list(fixed.values()), **options)
-        named = _name_files(models, layout, prefix, foundation=False)
-        known: dict[str, FileRef] = {}
-        records = recorded_refs(sd)
-        for pf, nf in zip(layout.files, named):
-            if pf.fixed is not None:
-                nf.name = pf.fixed
-                if pf.fixed not in known:  # still intact, byte for byte, and as every adaptor recorded it
-                    known[pf.fixed] = keep_file(fixed_paths[pf.fixed], None, records[pf.fixed], pf.position) \
-                        if tx is not None else records[pf.fixed][0]
-        reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
-                           for pf in [layout.files[i]] if pf.fixed is not None)
-        if tx is None:
-            split_report = _report(d, models, layout, named, {}, dry_run=True, prefix=prefix,
-                                   max_shard_size=given["max_shard_size"])
-        else:
-            after = task_paths_after(tx.dir, models, layout, named, prefix)
-            split_files = [tx.path(n) for n in sd.file_names()] + [p for ps in after.values() for p in ps]
-            links = plan_links(tx.dir, tx.dir, split_files, after)  # only tasks with the tool's links: 0.2 leftovers
-            split_report = _write(tx, models, layout, named, None, prefix=prefix, progress=progress, known=known,
-                                  max_shard_size=given["max_shard_size"], links=links)
-        stored_before = sum(x.nbytes for f in fixed.values() for x in f.tensors)
-        stored_before += _adaptor_tensor_bytes(ids, fixed)
-        stored = stored_before + (layout.stats.stored_bytes if layout.stats else 0)
-        fresh = plan_layout({**ids, **new_ids}, alignment=alignment, **options)
-        unique, in_adaptors = _new_bytes(ids, fixed, new_ids)
-        _add_reasons(split_report, ids, fixed, new_ids)
-        return AddReport(split_report, reused_bytes, sd.tasks, stored,
-                         fresh.stats.stored_bytes if fresh.stats else stored, dry_run=tx is None, cut=str(cut),
-                         model_bytes=sum(x.nbytes for xs in new_ids.values() for x in xs),
-                         new_bytes=layout.stats.stored_bytes if layout.stats else 0, unique_bytes=unique,
-                         in_adaptors_bytes=in_adaptors)
-    finally:
-        for m in models.values():
-            m.close()
-
-
-def _new_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile],
-               new_ids: Mapping[str, Sequence[TensorId]]) -> tuple[int, int]:
-    """(bytes of the new tasks' tensors no existing task holds, bytes of those that existing tasks hold in their
-    adaptors only), summed over the new tasks."""
-    held = {x for xs in ids.values() for x in xs}
-    in_files = {x for f in fixed.values() for x in f.tensors}
-    unique = sum(x.nbytes for xs in new_ids.values() for x in xs if x not in held)
-    return unique, sum(x.nbytes for xs in new_ids.values() for x in xs if x in held and x not in in_files)
 
 
 def _adaptor_tensor_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile]) -> int:

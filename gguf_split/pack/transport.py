@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ..disk.commit import Transaction, check_space
 from ..disk.progress import QUIET, Progress
@@ -270,3 +271,27 @@ def _temporary_named(tmp: str, path: str, message: str) -> Iterator[None]:
 __all__ = ["pack", "unpack_to", "split_inputs", "model_inputs", "TransportReport", "KIND_SPLIT", "KIND_MODELS",
            "read_index", "pack_tasks"]
 
+
+
+@dataclass
+class PackInfo:
+    """What `info NAME.ggufpack` shows: the pack's kind and meta, and every file it gives back."""
+
+    path: str
+    pack_version: int
+    kind: Any
+    meta: Any
+    pack_bytes: int
+    tensors: int  # distinct tensors stored
+    files: list[dict[str, Any]]
+    role: str = "pack"
+
+    def to_json(self, tensors: bool = False) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_pack(path: str | os.PathLike[str]) -> PackInfo:
+    """A pack's index (kind and meta checked), without unpacking anything."""
+    i = read_index(path)
+    return PackInfo(i.path, i.version, i.kind, i.meta, i.pack_bytes, i.tensors,
+                    [{"name": f.name, "bytes": f.size, "sha256": f.sha256, "xxh3": f.xxh3} for f in i.files])

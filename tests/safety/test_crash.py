@@ -28,14 +28,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from gguf.constants import GGMLQuantizationType as Q
 
-from conftest import write_model
+from helpers import write_model, command as cli
 from gguf_split import add, split
 from gguf_split.format.names import JOURNAL, TMP_SUFFIX
 from gguf_split.splitdir.restore import restore
@@ -66,10 +65,6 @@ def sha(path: Path) -> str:
 
 def temps(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.endswith(TMP_SUFFIX)) if d.exists() else []
-
-
-def cli(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "gguf_split", *map(str, args)]
 
 
 def split_args(tasks: dict[str, Path], out: Path, *extra: str) -> list[str]:

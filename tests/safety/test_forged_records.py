@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import base_tensors, write_model
+from helpers import base_tensors, write_model
 from gguf_split import GGUFSplitError, open_split, restore, split, verify
 from gguf_split.format.gguf import GGUFFile
 from test_hostile import CHANGED_TENSOR, forge_text, foundation_name, same_length

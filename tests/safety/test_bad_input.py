@@ -21,10 +21,10 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType as Q
 from typer.testing import CliRunner
 
-from conftest import base_tensors, sha256, write_model
+from helpers import base_tensors, sha256, write_model
 from gguf_split import restore, split
 from gguf_split.cli.app import app
-from gguf_split.assemble.split import SplitReport
+from gguf_split.assemble.report import SplitReport
 
 Factory = Callable[..., str]
 ERROR_PREFIX = "gguf-split: error: "

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from gguf.constants import GGMLQuantizationType as Q
 
-from conftest import base_tensors, write_model
+from helpers import base_tensors, write_model
 from gguf_split.errors import GGUFSplitError
 from gguf_split.format.gguf import GGUFFile, Header, iter_gaps
 from gguf_split import restore, split, verify

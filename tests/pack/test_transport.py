@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import base_tensors, write_model, write_sharded
+from helpers import base_tensors, write_model, write_sharded
 from gguf_split import GGUFSplitError, split, verify
 from gguf_split.cli.app import app
 from gguf_split.demo import make_demo_models

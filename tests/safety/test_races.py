@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from gguf.constants import GGMLQuantizationType as Q
 
-from conftest import write_model
+from helpers import write_model, command as cli
 from gguf_split import GGUFSplitError, open_split, split, verify
 from gguf_split.splitdir.info import savings, task_files
 from gguf_split.splitdir.links import write_models_dir
@@ -48,10 +48,6 @@ def small_models(root: Path, variant: int, tasks: tuple[str, ...] = ("chat", "co
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def cli(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "gguf_split", *map(str, args)]
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -116,7 +112,7 @@ def test_readers_never_fail_while_tasks_come_and_go(tmp_path: Path) -> None:
     try:
         while writer.poll() is None:
             attempt("verify", lambda: task_sets.add(len(verify(d, threads=1).tasks)))
-            attempt("info", lambda: task_sets.add(len(savings(d)["tasks"])))
+            attempt("info", lambda: task_sets.add(len(savings(d).tasks)))
             attempt("info --files", lambda: task_files(d, "chat"))
             attempt("loader", load)
             attempt("restore", restore_chat)

@@ -15,9 +15,9 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+from helpers import command as cli
 from gguf_split import split, verify
 from gguf_split.disk.commit import Transaction
 from gguf_split.splitdir.info import task_files
@@ -29,10 +29,6 @@ from test_races import small_models
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def cli(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "gguf_split", *map(str, args)]
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -66,7 +62,7 @@ def check_links(d: Path, linked: set[str]) -> None:
     """Exactly the links of `linked`, each resolving to its task's files in llama.cpp order; none dangles."""
     want: dict[str, Path] = {}
     for task in linked:
-        files = [Path(r["path"]).resolve() for r in task_files(d, task)["files"]]
+        files = [Path(r["path"]).resolve() for r in task_files(d, task).files]
         for k, f in enumerate(files):
             want[f"{task}-{k + 1:05d}-of-{len(files):05d}.gguf"] = f
     have = {p.name: p.resolve() for p in d.iterdir() if p.is_symlink()}

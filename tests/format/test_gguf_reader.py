@@ -17,7 +17,7 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFValueType as V
 from gguf.quants import dequantize
 
-from conftest import base_tensors, write_model
+from helpers import base_tensors, write_model
 from gguf_split.errors import GGUFSplitError
 from gguf_split.format.gguf import (
     GGUFFile,

@@ -42,7 +42,7 @@ from gguf.constants import GGUFValueType as V
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_model
+from helpers import write_model
 from gguf_split import open_split, restore, split, verify
 from gguf_split.errors import GGUFSplitError
 from gguf_split.format.gguf import GGUFFile, Header, decode_value, iter_gaps, parse_header, parse_tensor_infos

@@ -9,7 +9,7 @@ import pytest
 
 from gguf_split.demo import make_demo_models
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def python_blocks() -> list[str]:
@@ -42,8 +42,8 @@ def test_example_spec_runs_as_the_readme_shows(tmp_path: Path, monkeypatch: pyte
     monkeypatch.chdir(tmp_path)
     run_demo("gguf-split-demo")
     assert "gguf-split demo && gguf-split split specs/example.yaml" in README.read_text(encoding="utf-8")
-    opts = load_spec(tmp_path / "specs" / "example.yaml")
-    report = run_split(opts.tasks, opts.output, force=opts.force, link=opts.link, file_cost=opts.file_cost or 0)
+    spec = load_spec(tmp_path / "specs" / "example.yaml")
+    report = run_split(spec.tasks, spec.output, spec.options)  # what `gguf-split split SPEC` runs
     assert len(report.tasks) == 4 and report.shares_anything
 
 

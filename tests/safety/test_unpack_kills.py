@@ -33,7 +33,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as Q
 from typer.testing import CliRunner
 
-from conftest import base_tensors, write_model, write_sharded
+from helpers import base_tensors, write_model, write_sharded
 from gguf_split import split
 from gguf_split._main import main
 from gguf_split.cli.app import app

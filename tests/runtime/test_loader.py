@@ -42,7 +42,7 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType as Q, GGUFValueType as V
 from gguf.quants import dequantize
 
-from conftest import base_tensors, write_model
+from helpers import base_tensors, write_model
 from gguf_split import Foundation, GGUFFile, GGUFSplitError, TaskModel, Tensor, open_model, open_split, split, verify
 from gguf_split.runtime.loader import _Mapped
 from gguf_split.format.records import K_INDEX, K_SEAL, seal_offset

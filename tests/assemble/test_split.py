@@ -20,10 +20,10 @@ import pytest
 from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType as Q, GGUFValueType as V
 
-from conftest import base_tensors, sha256, write_sharded
+from helpers import base_tensors, sha256, write_sharded
 from gguf_split import GGUFSplitError, restore, split, verify
 from gguf_split.assemble.plan import CHANGED, ONLY_HERE, RETYPED
-from gguf_split.assemble.split import SplitReport
+from gguf_split.assemble.report import SplitReport
 
 Factory = Callable[..., str]
 

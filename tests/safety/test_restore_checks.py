@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 from typer.testing import CliRunner
 
-from conftest import base_tensors, write_model
+from helpers import base_tensors, write_model, one_line
 from gguf_split import GGUFSplitError, restore, split
 from gguf_split.cli.app import app
 from gguf_split.format.names import TMP_SUFFIX
@@ -25,7 +25,6 @@ from gguf_split.format.names import TMP_SUFFIX
 restore_mod = importlib.import_module("gguf_split.splitdir.restore")
 commit_mod = importlib.import_module("gguf_split.disk.commit")
 
-ERROR_PREFIX = "gguf-split: error: "
 CHANGED = "blk.0.attn_q.weight"
 EARLIER = b"the user's earlier restore, not to be lost\n"
 
@@ -48,15 +47,6 @@ def run(args: list[str]) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, args)
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     return result.exit_code, result.stdout, result.stderr
-
-
-def one_line(code: int, stderr: str, named: str | Path, fragment: str) -> str:
-    assert code == 2, stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), stderr
-    assert str(named) in lines[0], lines[0]
-    assert fragment.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 def temporaries(d: Path) -> list[str]:
@@ -246,7 +236,7 @@ def test_restore_into_a_path_under_a_file(world: dict[str, Path]) -> None:
 
 @pytest.fixture
 def sharded(tmp_path: Path) -> dict[str, Path]:
-    from conftest import write_sharded
+    from helpers import write_sharded
 
     (tmp_path / "shards").mkdir()
     first = write_sharded(tmp_path / "shards" / "big", base_tensors(), 3)

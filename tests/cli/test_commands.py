@@ -15,7 +15,7 @@ import pytest
 from gguf import GGUFReader
 from typer.testing import CliRunner
 
-from conftest import base_tensors, sha256, write_model
+from helpers import base_tensors, sha256, write_model
 from gguf_split import GGUFSplitError
 from gguf_split.cli.app import app
 
@@ -654,7 +654,7 @@ def test_a_signal_at_every_line_of_the_entry_point(project: Path, command: str, 
     command printed its result once gave a traceback from the exit path, 2 runs in 40.)"""
     args = {"version": ["--version"], "info": ["info", str(project / "models" / "chat.gguf")],
             "info-error": ["info", str(project / "nope.gguf")]}[command]
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("signal_lines.py")), str(sig), *args],
+    p = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "signal_lines.py"), str(sig), *args],
                        capture_output=True, text=True, cwd=project, timeout=120)
     assert p.returncode == 0, p.stderr
     runs = [json.loads(line) for line in p.stdout.splitlines()]
@@ -733,3 +733,69 @@ def test_signals_at_random_early_moments_of_a_real_process(project: Path) -> Non
         if p.returncode == 0:
             assert out == expected
     assert handled >= 5, (handled, early)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one options type: the spec, the command line and the library check a value by the same rule
+
+
+@pytest.mark.parametrize("key, value, spec_text", [
+    ("threads", 0, "0"),
+    ("max_shared_files", 0, "0"),
+    ("max_shard_size", "10K", "10K"),
+    ("file_cost", "lots", "lots"),
+    ("force", "yes", "'yes'"),
+    ("prefix", "a/b", "a/b"),
+])
+def test_an_option_is_checked_by_one_rule(project: Path, key: str, value: object, spec_text: str) -> None:
+    """The same bad value given in a spec, as a flag and as a library keyword is refused with the same
+    problem text, each naming it the way it was given; nothing is written."""
+    from gguf_split import SplitOptions
+
+    with pytest.raises((TypeError, ValueError)) as api:
+        SplitOptions().merged({key: value})
+    problem = str(api.value).split(": ", 1)[1]
+    where = "" if key == "prefix" else "options:\n  "
+    spec = write_spec(project, "output: out\n" + TASKS + f"{where}{key}: {spec_text}\n")
+    line = error_line(*cli("split", str(spec))[::2])
+    spec_key = "prefix" if key == "prefix" else f"options.{key}"
+    assert line == f"gguf-split: error: {spec}: {spec_key}: {problem}", line
+    if key != "force":  # a boolean flag takes no value
+        flag = "--" + key.replace("_", "-")
+        line = error_line(*cli("split", str(project / "models" / "base.gguf"), "-o", str(project / "x"), flag,
+                               str(value))[::2])
+        assert line.startswith(f"gguf-split: error: {flag}: {problem}"), line
+    assert not (project / "out").exists() and not (project / "x").exists()
+
+
+def test_a_bad_flag_is_refused_before_any_file_is_looked_at(tmp_path: Path) -> None:
+    line = error_line(*cli("split", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "x"), "--threads", "0")[::2])
+    assert "--threads: must be at least 1, not 0" in line and "--help" in line, line
+
+
+def test_flags_override_the_spec_and_a_flag_not_given_keeps_it(project: Path) -> None:
+    """One merge rule: a value given wins; a flag left off does not undo the spec (here `file_cost: 0` and
+    `force: true`, then --file-cost 1MiB on the command line)."""
+    spec = write_spec(project, "output: out\n" + TASKS + "options:\n  file_cost: 0\n  force: true\n")
+    ok("split", "-q", str(spec))
+    ok("split", "-q", str(spec))  # force from the spec: replaced, no flag needed
+    report = json.loads(ok("split", str(spec), "--json", "--dry-run", "--file-cost", "1MiB"))
+    assert not any(f["kind"] in ("foundation", "shared") for f in report["files"])  # tiny models: no file pays
+    report = json.loads(ok("split", str(spec), "--json", "--dry-run"))
+    assert any(f["kind"] in ("foundation", "shared") for f in report["files"])
+
+
+def test_add_keeps_the_splits_prefix(project: Path) -> None:
+    """`add` to a split made with --prefix writes its files with that prefix (it wrote adaptor-x.gguf beside
+    fam-adaptor-base.gguf)."""
+    models, out = project / "models", project / "out"
+    ok("split", "-q", "--prefix", "fam-", "--file-cost", "0", "-o", str(out), "-t", f"base={models / 'base.gguf'}",
+       "-t", f"chat={models / 'chat.gguf'}")
+    ok("add", "-q", str(out), "--file-cost", "0", "-t", f"code={models / 'code.gguf'}")
+    names = sorted(p.name for p in out.iterdir() if p.suffix == ".gguf")
+    assert "fam-adaptor-code.gguf" in names and all(n.startswith("fam-") for n in names), names
+    ok("verify", str(out))
+    spec = write_spec(project, TASKS.replace("base:", "other:").replace("chat:", "other2:") + "prefix: v2-\n",
+                      "add.yaml")
+    line = error_line(*cli("add", str(out), str(spec))[::2])
+    assert "prefix 'fam-', not 'v2-'" in line, line

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import gguf_split.assemble.split as S
+import gguf_split.assemble.outputs as S  # where adaptors are built (adaptor_kvs)
 from gguf_split import add, open_split, restore, split, verify
 from gguf_split.assemble.plan import CUT_SCHEME
 from gguf_split.assemble.update import recorded_cut

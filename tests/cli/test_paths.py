@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import base_tensors, write_model
+from helpers import base_tensors, write_model, one_line, ERROR_PREFIX
 from gguf_split import open_split, split
 from gguf_split.cli.app import app
 
-ERROR_PREFIX = "gguf-split: error: "
 CHANGED = "blk.0.attn_q.weight"
 
 
@@ -56,16 +55,6 @@ def run_process(*args: str | bytes | Path, cwd: Path, env: dict[str, str] | None
     p = subprocess.run([*console_script(), *[os.fspath(a) for a in args]], capture_output=True, cwd=cwd, timeout=120,
                        env={**os.environ, **(env or {})})
     return p.returncode, p.stdout, p.stderr
-
-
-def one_line(code: int, stderr: str, named: str | Path, fragment: str) -> str:
-    assert code == 2, stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), stderr
-    assert "Traceback" not in stderr
-    assert str(named) in lines[0], lines[0]
-    assert fragment.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,7 +396,7 @@ def test_link_keeps_a_link_whose_name_only_ends_like_the_tasks(models: dict[str,
 
 
 def test_shard_name_with_a_trailing_newline_is_not_a_first_shard(tmp_path: Path) -> None:
-    from conftest import write_sharded
+    from helpers import write_sharded
 
     first = Path(write_sharded(tmp_path / "m", base_tensors(0), 2))
     odd = tmp_path / "m-00001-of-00002.gguf\n"

@@ -22,15 +22,13 @@ What is checked:
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import base_tensors, sha256, write_model
+from helpers import base_tensors, sha256, write_model, one_line, command as cli
 from gguf_split import add, open_split, remove, split, verify
 from gguf_split.cli.app import app
 from gguf_split.splitdir.info import task_files
@@ -38,7 +36,6 @@ from gguf_split.splitdir.links import MODELS_STATE
 from gguf_split.format.names import JOURNAL, TMP_SUFFIX
 from gguf_split.splitdir.restore import restore
 
-ERROR_PREFIX = "gguf-split: error: "
 
 
 def variant(*changed: str, seed: int = 1) -> dict:
@@ -67,15 +64,6 @@ def run(*args: str | Path) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def one_line(code: int, stderr: str, named: str | Path, fragment: str) -> str:
-    assert code == 2, stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), stderr
-    assert str(named) in lines[0], lines[0]
-    assert fragment.lower() in lines[0].lower(), lines[0]
-    return lines[0]
-
-
 def listing(d: Path) -> dict[str, str]:
     """Every entry of `d`: a file's sha256, a link's target, a directory's mark."""
     if not d.exists():
@@ -93,7 +81,7 @@ def check_links(d: Path, linked: set[str]) -> None:
     `info DIR TASK --files` lists); no other link of a split name exists in `d`."""
     want: dict[str, str] = {}
     for task in linked:
-        files = [Path(r["path"]).resolve() for r in task_files(d, task)["files"]]
+        files = [Path(r["path"]).resolve() for r in task_files(d, task).files]
         for k, f in enumerate(files):
             want[f"{task}-{k + 1:05d}-of-{len(files):05d}.gguf"] = str(f)
     have = {name: str((d / name).resolve()) for name in link_names(d)}
@@ -231,7 +219,7 @@ def test_link_is_one_commit_and_replaces_its_stale_links(models: dict[str, Path]
     code, _, err = run("link", "chat", r, "--to", elsewhere)
     assert code == 0, err
     assert [Path(os.path.realpath(elsewhere / n)) for n in sorted(os.listdir(elsewhere))] == \
-        [Path(p["path"]).resolve() for p in task_files(r, "chat")["files"]]
+        [Path(p["path"]).resolve() for p in task_files(r, "chat").files]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,10 +288,6 @@ def test_models_dir_of_a_folder_that_is_not_a_split_writes_nothing(tmp_path: Pat
     assert not (tmp_path / "OUT").exists()
 
 
-def cli(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "gguf_split", *map(str, args)]
-
-
 def test_ctrl_c_at_every_step_says_what_stands(models: dict[str, Path], tmp_path: Path) -> None:
     """`split --force --link --models-dir` interrupted (SIGINT, the CLI's Ctrl-C handling) at each step of
     its commit and of the models directory's update in turn: exit 130, and the last line says exactly what
@@ -346,8 +330,8 @@ def test_ctrl_c_at_every_step_says_what_stands(models: dict[str, Path], tmp_path
                 in last, (k, last)
             assert run("models-dir", r, m)[0] == 0
             assert sorted(os.listdir(m / "chat")) == sorted(
-                f"chat-{i:05d}-of-{len(task_files(r, 'chat')['files']):05d}.gguf"
-                for i in range(1, len(task_files(r, "chat")["files"]) + 1))
+                f"chat-{i:05d}-of-{len(task_files(r, 'chat').files):05d}.gguf"
+                for i in range(1, len(task_files(r, "chat").files) + 1))
         with open_split(r) as s:
             s.load("chat")
         verify(r)  # recovers nothing: a reader; a pending commit is honoured

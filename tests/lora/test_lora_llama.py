@@ -227,7 +227,7 @@ def test_token_embd_lora_over_a_tied_head_aborts_llama_cpp_and_is_refused(setup:
     lora = tied_token_embd_lora(tmp_path / "tied.gguf")
     script = textwrap.dedent(f"""
         import ctypes, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         import llama_harness as H
         L = H.init()
         with H.loaded([{setup['models']['base']!r}]) as model, H.context(model) as ctx:

@@ -35,14 +35,14 @@ import xxhash
 from gguf import GGUFEndian, GGUFWriter
 from typer.testing import CliRunner
 
-from conftest import base_tensors, write_model
+from helpers import base_tensors, write_model
 from gguf_split.cli.app import app
 from gguf_split.errors import GGUFSplitError
 from gguf_split.format.gguf import KV, GGUFFile, Header, TensorInfo, iter_gaps, parse_header
 from gguf_split.assemble.split import split
 
 ERROR_PREFIX = "gguf-split: error: "
-DOC = Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-inputs.md"
 HUGE = 1 << 60
 CHANGED_TENSOR = "blk.0.attn_q.weight"  # b differs from a here: adaptor-b holds a tensor of its own
 

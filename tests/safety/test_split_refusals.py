@@ -21,14 +21,13 @@ from typing import Callable
 
 import pytest
 
-from conftest import base_tensors, write_model
+from helpers import base_tensors, write_model, one_line
 from gguf_split import GGUFSplitError, add, restore, split, verify
 
 scan_mod = importlib.import_module("gguf_split.assemble.scan")
 split_mod = importlib.import_module("gguf_split.assemble.split")
 commit_mod = importlib.import_module("gguf_split.disk.commit")
 
-ERROR_PREFIX = "gguf-split: error: "
 CHANGED = "blk.0.attn_q.weight"
 TIB = 1 << 40
 
@@ -119,15 +118,6 @@ def cli(args: list[str], cwd: Path, timeout: float = 60) -> tuple[int, str, str]
     p = subprocess.run([sys.executable, "-m", "gguf_split", *args], capture_output=True, text=True, cwd=cwd,
                        timeout=timeout)
     return p.returncode, p.stdout, p.stderr
-
-
-def one_line(code: int, stderr: str, named: str | Path, fragment: str) -> str:
-    assert code == 2, stderr
-    lines = stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), stderr
-    assert str(named) in lines[0], lines[0]
-    assert fragment.lower() in lines[0].lower(), lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from gguf_split.cli.app import app  # noqa: E402
 from gguf_split.demo import Dims  # noqa: E402
 from gguf_split.errors import GGUFSplitError  # noqa: E402
 from gguf_split.format.gguf import GGUFFile  # noqa: E402
-from gguf_split.assemble.split import SplitReport  # noqa: E402
+from gguf_split.assemble.report import SplitReport  # noqa: E402
 
 TASKS = ("base", "chat", "code", "summarize")
 
