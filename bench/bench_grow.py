@@ -441,6 +441,63 @@ def fresh_rows(cuts: Sequence[str]) -> list[str]:
     return lines
 
 
+def library_rows(cuts: Sequence[str]) -> list[str]:
+    """The sequence of adds with the library on the grow sets' real files: split base + qv, add the others one
+    by one; after every add every task's llama.cpp logits (the last token's, all n_vocab float32) must be
+    bitwise those of its original model; at the end every task restores byte for byte (sha256) and the
+    split's bytes on disk are compared with a fresh split of all tasks."""
+    import hashlib
+    import shutil
+
+    import gguf_split
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import llama_harness as H
+
+    def sha(p: Path | str) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def disk(d: Path) -> int:
+        return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and not p.is_symlink())
+
+    lines = ["library: split base+qv, then add one task at a time; logits after every add, restore at the end"]
+    for name in ("grow-smollm2", "grow-gemma3"):
+        manifest = WORK / "sets" / name / "manifest.json"
+        if not manifest.exists():
+            continue
+        paths = {t: e["path"] for t, e in json.loads(manifest.read_text())["tasks"].items()}
+        logits = {t: H.last_logits([p]) for t, p in paths.items()}
+        for c in cuts:
+            root = WORK / "grow-library" / name / c.replace(":", "_")
+            shutil.rmtree(root, ignore_errors=True)
+            d = root / "split"
+            gguf_split.split({t: paths[t] for t in FIRST}, d, cut=c)
+            done, steps, ok = list(FIRST), [], True
+            for t in (t for t in paths if t not in FIRST):
+                r = gguf_split.add(d, {t: paths[t]})
+                done.append(t)
+                with gguf_split.open_split(d) as sp:
+                    for u in done:
+                        m = sp.load(u)
+                        ok &= H.last_logits(m.llama_cpp_paths()) == logits[u]
+                        m.close()
+                steps.append(f"{t} {r.new_bytes / MB:.0f}")
+            restored = all(sha(gguf_split.restore(d, root / f"{t}.gguf", task=t).output) == sha(paths[t]) for t in done)
+            fresh = root / "fresh"
+            gguf_split.split(paths, fresh, cut=c)
+            total, f_bytes = disk(d), disk(fresh)
+            lines.append(f"  {name}, {c}: {total / MB:.1f} MB on disk = {total / f_bytes:.3f} x a fresh split "
+                         f"({f_bytes / MB:.1f} MB) [<= 1.25: {'ok' if total <= 1.25 * f_bytes else 'MISS'}]; adds "
+                         f"wrote (MB of tensors): {', '.join(steps)}; logits bitwise after every add: "
+                         f"{'yes' if ok else 'NO'}; restore byte-exact: {'yes' if restored else 'NO'}")
+            shutil.rmtree(root, ignore_errors=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", choices=("auto", "sets", "synthetic"), default="auto")
@@ -450,8 +507,15 @@ def main() -> None:
     ap.add_argument("--files-cost", type=int, metavar="REPS", default=0,
                     help="measure what many files cost (llama.cpp load, the Python loader), REPS rounds; alone")
     ap.add_argument("--fresh", action="store_true", help="fresh splits of every benchmark set against today's")
+    ap.add_argument("--library", action="store_true",
+                    help="the sequence of adds with the library on the real files (logits, restore, bytes on disk)")
     a = ap.parse_args()
     t0 = time.perf_counter()
+    if a.library:
+        for line in library_rows(a.cuts):
+            print(line)
+        print(f"({time.perf_counter() - t0:.0f} s)")
+        return
     if a.fresh:
         for line in fresh_rows(a.cuts):
             print(line)
