@@ -111,7 +111,8 @@ def adaptor_header(m: ScannedModel, layout: Layout, named: list[NamedFile], refs
             where[x.name] = pos
     source = m.source_records()
     kvs = adaptor_kvs(task=task, files=[refs[i] for i in order], tensor_files=[where[t.name] for t, _ in m.tensors],
-                      digests=b"".join(t.digest for t in own), source=source, n_model_tensors=len(m.tensors))
+                      digests=b"".join(t.digest for t in own), source=source, n_model_tensors=len(m.tensors),
+                      cut=str(layout.cut), cut_scheme=layout.cut.scheme)
     return build_header(kvs, source.kept_kvs, own, m.first.header.alignment), own
 
 

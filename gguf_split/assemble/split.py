@@ -34,9 +34,9 @@ from ..errors import GGUFSplitError
 from ..format.names import adaptor_name, check_task_name, show
 from ..splitdir.directory import SplitDir
 from ..splitdir.links import check_models_dir, models_dir_note, plan_links, write_models_dir
-from .options import SplitOptions
+from .options import SplitOptions, cut_of
 from .outputs import NamedFile, name_files, write_outputs
-from .plan import Layout, plan_layout
+from .plan import Cut, Layout, plan_layout
 from .report import SplitReport, split_report
 from .scan import ScannedModel, hash_models, open_models
 
@@ -181,13 +181,16 @@ def task_paths_after(directory: str, models: Mapping[str, Any], layout: Layout, 
                 *(os.path.join(directory, named[i].name) for i in layout.task_files[t])] for t in models}
 
 
-def plan(models: Mapping[str, ScannedModel], opts: SplitOptions, **more: Any) -> Layout:
-    """The planner on the models' tensor identities, with the options that shape a plan."""
+def plan(models: Mapping[str, ScannedModel], opts: SplitOptions, cut: Cut | None = None, **more: Any) -> Layout:
+    """The planner on the models' tensor identities, with the options that shape a plan: --max-shared-files
+    bounds both the shared groups a task loads and every file it loads, holes included (plan/__init__.py);
+    `cut`: the cut to make (default: the options')."""
     ids = {t: m.tensor_ids() for t, m in models.items()}
     alignment = max(m.first.header.alignment for m in models.values())
     head = {t: m.header_bytes + 4096 + 200 * len(m.tensors) for t, m in models.items()}
     return plan_layout(ids, alignment=alignment, adaptor_header_bytes=head, max_shared_files=opts.max_shared_files,
-                       file_cost=opts.file_cost, max_shard_size=opts.max_shard_size, **more)
+                       max_files=opts.max_shared_files, file_cost=opts.file_cost, max_shard_size=opts.max_shard_size,
+                       cut=cut if cut is not None else cut_of(opts), **more)
 
 
 def _check_existing(directory: str, tasks: Mapping[str, Any], prefix: str, force: bool) -> SplitDir | None:
