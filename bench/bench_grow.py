@@ -74,14 +74,14 @@ SCENARIOS = [  # (existing tasks, new task)
 
 def hashed_ids(path: Path) -> list[TensorId]:
     """The model's tensor identities, hashed by gguf-split's own scan (cached by path, size and mtime)."""
-    from gguf_split.assemble.scan import hash_models, open_model
+    from gguf_split.assemble.scan import hash_models, open_input
 
     st = path.stat()
     cache = WORK / "grow-ids" / (xxhash.xxh64(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
                                  + ".pkl")
     if cache.exists():
         return pickle.loads(cache.read_bytes())
-    m = open_model(path.stem, path)
+    m = open_input(path.stem, path)
     try:
         hash_models([m])
         ids = m.tensor_ids()

@@ -133,7 +133,7 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
     from gguf_split.assemble.options import SplitOptions
     from gguf_split.assemble.outputs import name_files
     from gguf_split.assemble.report import split_report
-    from gguf_split.assemble.scan import hash_models, open_models
+    from gguf_split.assemble.scan import hash_models, open_inputs
     from gguf_split.assemble.split import plan
     from gguf_split.cli.render import print_split
 
@@ -154,7 +154,7 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
             w.write_tensors_to_file()
             w.close()
             tasks[f"t{k:02d}"] = path
-        models = open_models(tasks, allow_unrelated=False)
+        models = open_inputs(tasks, allow_unrelated=False)
         try:
             hash_models(list(models.values()))
             opts = SplitOptions(file_cost=0)

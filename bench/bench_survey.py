@@ -278,9 +278,9 @@ def check_families(r: Any, sets: dict[str, dict[str, str]], unrelated: list[str]
 
 def _joins(f: Any) -> str:
     """The tensors every member of a family holds byte-identical (what its foundation would hold)."""
-    from gguf_split.assemble.scan import hash_models, open_model
+    from gguf_split.assemble.scan import hash_models, open_input
 
-    models = [open_model(m.task, m.path) for m in f.members]
+    models = [open_input(m.task, m.path) for m in f.members]
     try:
         hash_models(models)
         common = set.intersection(*({(t.name, m.digests[t.name]) for t, _ in m.tensors} for m in models))

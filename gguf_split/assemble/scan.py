@@ -219,7 +219,7 @@ def _check_extra_bytes(f: GGUFFile) -> None:
                                  f"at most {MAX_EXTRA_BYTES >> 20} MiB of them are kept{cut}")
 
 
-def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
+def open_input(task: str, path: str | os.PathLike[str]) -> ScannedModel:
     """Open a model (or the first shard of a sharded model, with its siblings) and check it is splittable."""
     check_input_path(path)
     first = GGUFFile(path)
@@ -390,7 +390,7 @@ def check_unchanged(models: Sequence[ScannedModel]) -> None:
                                                "nothing was written: run the split again")
 
 
-def open_models(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated: bool) -> dict[str, ScannedModel]:
+def open_inputs(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated: bool) -> dict[str, ScannedModel]:
     """Open every model (headers only) and check what can be checked before hashing."""
     models: dict[str, ScannedModel] = {}
     try:
@@ -401,7 +401,7 @@ def open_models(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated:
             if real in seen:
                 raise GGUFSplitError(show(path), f"is given twice (tasks {seen[real]!r} and {task!r})")
             seen[real] = task
-            models[task] = open_model(task, path)
+            models[task] = open_input(task, path)
         archs = {t: m.architecture for t, m in models.items()}
         if not allow_unrelated and len(set(archs.values())) > 1:
             first = next(iter(models))

@@ -38,7 +38,7 @@ from .options import SplitOptions, cut_of
 from .outputs import NamedFile, name_files, write_outputs
 from .plan import Cut, Layout, plan_layout
 from .report import SplitReport, split_report
-from .scan import ScannedModel, hash_models, open_models
+from .scan import ScannedModel, hash_models, open_inputs
 
 
 def check_tasks(tasks: object) -> None:
@@ -109,7 +109,7 @@ class manifest_cache:
 
 def _dry_run(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitOptions, progress: Progress,
              cache: ManifestSource | None) -> SplitReport:
-    models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+    models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
     try:
         if os.path.isdir(out):
             _check_existing(out, tasks, opts.prefix, opts.force)
@@ -131,7 +131,7 @@ def plan_report(output: str, models: Mapping[str, ScannedModel], opts: SplitOpti
 def _split_in(tx: Transaction, tasks: Mapping[str, str | os.PathLike[str]], opts: SplitOptions,
               progress: Progress, cache: ManifestSource | None) -> SplitReport:
     """Under the directory's lock: open, refuse what must be refused, hash, plan, write, prove, commit."""
-    models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+    models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
     try:
         mine = {adaptor_name(t, opts.prefix) for t in tasks}
         for m in models.values():

@@ -32,7 +32,7 @@ from .options import SplitOptions
 from .outputs import keep_file, name_files, recorded_refs, write_outputs
 from .plan import CHANGED, CUT_SCHEME, ONLY_HERE, RETYPED, Cut, FixedFile, Layout, TensorId, plan_layout
 from .report import AddReport, RemoveReport, SplitReport, split_report
-from .scan import ScannedModel, hash_models, open_models
+from .scan import ScannedModel, hash_models, open_inputs
 from .split import check_tasks, manifest_cache, plan, task_paths_after
 
 NO_SPLIT_HINT = " (its last task was removed?): make a new split with `gguf-split split MODEL... -o DIR`"
@@ -174,7 +174,7 @@ def _add(sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transact
     ex = _existing(sd)
     ids, fixed = ex.ids, ex.fixed
     cut = recorded_cut(ex.cuts) if opts.cut is None else Cut.parse(opts.cut)
-    models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+    models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
     try:
         _refuse_other_architecture(models, ex.archs, opts)
         hash_models(list(models.values()), progress, opts.threads, cache)

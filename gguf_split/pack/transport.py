@@ -59,13 +59,13 @@ def split_inputs(split_dir: str | os.PathLike[str]) -> tuple[list[tuple[str, str
 
 def model_inputs(tasks: Mapping[str, str | os.PathLike[str]]) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
     """The files of models (a sharded model: all its shards): ((name, path), task -> file names)."""
-    from ..assemble.scan import open_model
+    from ..assemble.scan import open_input
 
     inputs: dict[str, str] = {}
     names: dict[str, list[str]] = {}
     for task, path in tasks.items():
         check_task_name(task)
-        m = open_model(task, path)
+        m = open_input(task, path)
         try:
             files = [inp.path for inp in m.files]
         finally:

@@ -266,7 +266,7 @@ def plan_family(members: Sequence[Model], known: KnownManifests, options: SplitO
                 threads: int | None, outputs: set[str]) -> list[FamilyReport]:
     """Plan a candidate as `split` would: no family when the split shares nothing, several when its shared
     files fall into groups of tasks no file joins (separate splits would store them as well)."""
-    from ..assemble.scan import ScannedModel, hash_models, open_model
+    from ..assemble.scan import ScannedModel, hash_models, open_input
 
     names = task_names([m.path for m in members])
     by_task = dict(zip(names, members))
@@ -274,7 +274,7 @@ def plan_family(members: Sequence[Model], known: KnownManifests, options: SplitO
     try:
         for name, m in by_task.items():
             try:
-                opened[name] = open_model(name, m.path)
+                opened[name] = open_input(name, m.path)
             except GGUFSplitError as e:
                 skipped.append(Problem(m.path, e.problem))
         hash_models(list(opened.values()), QUIET, threads, known)
