@@ -43,7 +43,9 @@ def check_cancel(cancel: threading.Event | None) -> None:
 
 def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple[object, ...]], threads: int | None) -> None:
     """Run `fn(*job, cancel)` for every job on a thread pool; the first failure cancels the others and is
-    raised. The main thread waits with a timeout, so a signal handler runs at once."""
+    raised once they have stopped (each within a piece: nothing runs on, or reads a file the caller closes,
+    after the call has returned or raised). The main thread waits with a timeout, so a signal handler runs
+    at once."""
     threads = default_threads(threads)
     cancel = threading.Event()
     if threads <= 1 or len(jobs) <= 1:
@@ -57,7 +59,7 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple[object, ...]], thread
             wait_for(fut)
     except BaseException:
         cancel.set()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
 
