@@ -53,8 +53,8 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple[object, ...]], thread
             fn(*job, cancel)
         return
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gguf-split-job")
-    futures: list[Future[None]] = [pool.submit(fn, *job, cancel) for job in jobs]
-    try:
+    try:  # the submissions too: a Ctrl-C may arrive while the first jobs already run
+        futures: list[Future[None]] = [pool.submit(fn, *job, cancel) for job in jobs]
         for fut in futures:
             wait_for(fut)
     except BaseException:
