@@ -1,4 +1,4 @@
-"""Pack benchmark: bytes and speed of `gguf_split.pack.container` on real model sets, against the baselines.
+"""Pack benchmark: bytes and speed of `gguf_split.pack` (writer, reader) on real model sets, against the baselines.
 
 For each set (base + 3 fine-tunes), in one run:
 - inputs: the sum of the input files;
@@ -22,6 +22,10 @@ Sets: the real ones made with llama.cpp's `llama-export-lora` by the bench-infra
 read from `<work>/sets/<set>/manifest.json` when present (`--source export-lora`), else the
 export-lora-style fine-tunes of bench/common.py (`--source common`); `auto` (default) prefers the first.
 
+`--against TREE` instead packs and unpacks each set with this package and with TREE's (a checkout, or
+`git archive` of a commit: the speed before a change), interleaved, the median of `--rounds` runs each,
+and says whether both wrote the same bytes.
+
 `--compressors` instead compares compressors (zstd levels, zlib, lzma, brotli and lz4 when installed) on
 real pack data from the SmolLM2 set: byte-shuffled quantized tensors, delta residuals, header records;
 ratio and single-thread compress / decompress MB/s (thread CPU time, robust to a shared machine).
@@ -29,6 +33,7 @@ ratio and single-thread compress / decompress MB/s (thread CPU time, robust to a
     python bench/bench_pack.py                           # both sets
     python bench/bench_pack.py --sets smollm2 --json out.json
     python bench/bench_pack.py --compressors
+    git archive HEAD~3 | tar -x -C /tmp/before && python bench/bench_pack.py --against /tmp/before --rounds 5
 """
 
 from __future__ import annotations
@@ -52,12 +57,12 @@ import xxhash
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+# a child of --against runs the other tree's package (GGUF_SPLIT_BENCH_TREE), everything else this one
+sys.path.insert(0, os.environ.get("GGUF_SPLIT_BENCH_TREE") or str(HERE.parent))
 from common import WORK, finetunes  # noqa: E402
 
-from gguf_split.pack.container import codec  # noqa: E402
 from gguf_split.format.gguf import GGUFFile  # noqa: E402
-from gguf_split.pack.container import pack_files, unpack  # noqa: E402
+from gguf_split.pack import codec  # noqa: E402
 
 CDC_MIN, CDC_AVG, CDC_MAX = 16 << 10, 64 << 10, 256 << 10
 CACHE = WORK / "bench-pack-cache.json"
@@ -329,12 +334,76 @@ def measure(name: str, source: str, scratch: Path, threads: int, baselines: bool
     return r
 
 
-def child(what: str, args: dict[str, Any]) -> dict[str, Any]:
+def child(what: str, args: dict[str, Any], tree: Path | None = None) -> dict[str, Any]:
     """Run a pack or unpack in a fresh process; its wall time and peak anonymous memory over its baseline
-    after imports (a fresh process: the parent's freed heap cannot hide the child's allocations)."""
+    after imports (a fresh process: the parent's freed heap cannot hide the child's allocations). `tree`:
+    run another tree's package instead of this one."""
+    env = {**os.environ, "GGUF_SPLIT_BENCH_TREE": str(tree)} if tree is not None else None
     r = subprocess.run([sys.executable, __file__, "--child", what, json.dumps(args)], check=True,
-                       stdout=subprocess.PIPE, text=True)
+                       stdout=subprocess.PIPE, text=True, env=env)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# against another tree
+
+
+def against(name: str, source: str, scratch: Path, threads: int, other: Path, rounds: int) -> dict[str, Any]:
+    """Pack and unpack one set with this package and with `other` (a checkout, or `git archive` of a
+    commit), interleaved (this, other, other, this, ...) so that a shared machine's load falls on both;
+    the median of `rounds` runs of each, and whether both wrote the same pack bytes."""
+    tasks, origin = model_set(name, source)
+    inputs = input_names(tasks)
+    total = sum(p.stat().st_size for _, p in inputs)
+    meta = {"tasks": {t: f"{t}.gguf" for t in tasks}}
+    print(f"{name}: {total / 1e6:.1f} MB ({origin}); this tree against {other}, {rounds} rounds", file=sys.stderr)
+    scratch.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[str, list[float]]] = {"this": {"pack": [], "unpack": []}, "other": {"pack": [], "unpack": []}}
+    digests: dict[str, set[str]] = {"this": set(), "other": set()}
+    for i in range(rounds):
+        order = ["this", "other"] if i % 2 == 0 else ["other", "this"]
+        for who in order:
+            tree = other if who == "other" else None
+            pk, out = scratch / f"{name}-{who}.ggufpack", scratch / f"{name}-{who}-out"
+            pk.unlink(missing_ok=True)
+            cp = child("pack", {"inputs": [(n, str(p)) for n, p in inputs], "out": str(pk), "meta": meta,
+                                "threads": threads}, tree)
+            runs[who]["pack"].append(cp["seconds"])
+            digests[who].add(sha256(pk))
+            shutil.rmtree(out, ignore_errors=True)
+            subprocess.run(["sync"], check=False)
+            runs[who]["unpack"].append(child("unpack", {"pack": str(pk), "out": str(out), "threads": threads},
+                                             tree)["seconds"])
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  round {i + 1} {who}: pack {cp['seconds']:.2f} s, unpack {runs[who]['unpack'][-1]:.2f} s",
+                  file=sys.stderr)
+    med = {who: {k: sorted(v)[len(v) // 2] for k, v in r.items()} for who, r in runs.items()}
+    return {"set": name, "inputs": total, "runs": runs, "median": med,
+            "same_bytes": len(digests["this"] | digests["other"]) == 1, "load": round(os.getloadavg()[0], 2)}
+
+
+def against_table(results: list[dict[str, Any]]) -> str:
+    out = ["| set | pack s this / other (median) | MB/s this / other | unpack s this / other | MB/s this / other "
+           "| same pack bytes |", "|---|---|---|---|---|---|"]
+    for r in results:
+        m, mb = r["median"], r["inputs"] / 1e6
+        out.append(f"| {r['set']} | {m['this']['pack']:.2f} / {m['other']['pack']:.2f} | "
+                   f"{mb / m['this']['pack']:.0f} / {mb / m['other']['pack']:.0f} | "
+                   f"{m['this']['unpack']:.2f} / {m['other']['unpack']:.2f} | "
+                   f"{mb / m['this']['unpack']:.0f} / {mb / m['other']['unpack']:.0f} | "
+                   f"{'yes' if r['same_bytes'] else 'NO'} |")
+    return "\n".join(out)
+
+
+def _pack_api() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(pack_files, unpack) of the package on sys.path: pack/writer.py and pack/reader.py, or a tree from
+    before issue 18 (pack/container.py) that --against compares with."""
+    try:
+        from gguf_split.pack.reader import unpack
+        from gguf_split.pack.writer import pack_files
+    except ImportError:
+        from gguf_split.pack.container import pack_files, unpack  # type: ignore[no-redef]
+    return pack_files, unpack
 
 
 def run_child(what: str, args: dict[str, Any]) -> None:
@@ -344,6 +413,7 @@ def run_child(what: str, args: dict[str, Any]) -> None:
         tracemalloc.start()
     with AnonPeak() as mem:
         t0 = time.perf_counter()
+        pack_files, unpack = _pack_api()
         if what == "pack":
             rep = pack_files([tuple(x) for x in args["inputs"]], args["out"], kind="models", meta=args["meta"],
                              threads=args["threads"])
@@ -521,6 +591,9 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true", help="skip split, zstd -19 and CDC")
     ap.add_argument("--compressors", action="store_true", help="compare compressors instead")
     ap.add_argument("--no-trace", action="store_true", help="skip the tracemalloc runs")
+    ap.add_argument("--against", type=Path, metavar="TREE",
+                    help="compare pack and unpack times with another tree's package (interleaved runs)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each package with --against")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -529,6 +602,12 @@ def main() -> None:
         return
     if a.compressors:
         print(compare_compressors(a.source))
+        return
+    if a.against:
+        res = [against(s, a.source, a.scratch, a.threads, a.against.resolve(), a.rounds) for s in a.sets]
+        print(against_table(res))
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1, default=str))
         return
     results = [measure(s, a.source, a.scratch, a.threads, not a.no_baselines, not a.no_trace) for s in a.sets]
     print(table(results))

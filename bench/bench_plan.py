@@ -95,6 +95,8 @@ def baseline(models) -> None:
             users[x] = users.get(x, 0) | bit
 
 
+# gguf-split's defaults since issue 19: groups cut by role and blocks of layers, at most 32 files per task
+TOOL = dict(cut=P.DEFAULT_CUT, max_shared_files=P.DEFAULT_MAX_SHARED_FILES, max_files=P.DEFAULT_MAX_SHARED_FILES)
 GOAL_S = 1.0  # issue: 64 synthetic tasks x 2,000 tiny tensors plan and report in under 1 s
 
 
@@ -110,8 +112,8 @@ def row(label: str, models, repeat: int, **kw) -> None:
     ntensors = sum(len(v) for v in models.values())
     holes = sum(f.kind == P.HOLE for f in lay.files)
     maxk = max(len(v) for v in lay.task_files.values())
-    print(f"{label:<44} {len(models):>3} x {ntensors // len(models):>5}  {t * 1000:8.1f} ms  "
-          f"{t / base_t:6.1f}x base ({base_t * 1000:6.1f} ms)  groups {st.groups:>3}  holes {holes:>2}  "
+    print(f"{label:<48} {len(models):>3} x {ntensors // len(models):>5}  {t * 1000:8.1f} ms  "
+          f"{t / base_t:6.1f}x base ({base_t * 1000:6.1f} ms)  groups {st.groups:>3} in {st.pieces:>4} files  holes {holes:>2}  "
           f"max files/task {maxk:>2}  stored/dedup {st.stored_bytes / st.dedup_optimum:6.4f}  "
           f"bound/stored {st.lower_bound / st.stored_bytes:6.4f}  {'exact' if st.exact else 'greedy'}"
           + (f"  goal < {GOAL_S:.0f} s: {'PASS' if t < GOAL_S else 'FAIL'}" if len(models) >= 64 else ""))
@@ -131,7 +133,7 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
     from gguf_split.assemble.options import SplitOptions
     from gguf_split.assemble.outputs import name_files
     from gguf_split.assemble.report import split_report
-    from gguf_split.assemble.scan import hash_models, open_models
+    from gguf_split.assemble.scan import hash_models, open_inputs
     from gguf_split.assemble.split import plan
     from gguf_split.cli.render import print_split
 
@@ -152,7 +154,7 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
             w.write_tensors_to_file()
             w.close()
             tasks[f"t{k:02d}"] = path
-        models = open_models(tasks, allow_unrelated=False)
+        models = open_inputs(tasks, allow_unrelated=False)
         try:
             hash_models(list(models.values()))
             opts = SplitOptions(file_cost=0)
@@ -170,7 +172,7 @@ def report_case(repeat: int, n_tasks: int = 64, n_tensors: int = 2000) -> None:
         finally:
             for m in models.values():
                 m.close()
-    print(f"{'plan + report (64 real files, file_cost 0)':<44} {n_tasks:>3} x {n_tensors:>5}  {t * 1000:8.1f} ms  "
+    print(f"{'plan + report (64 real files, file_cost 0)':<48} {n_tasks:>3} x {n_tensors:>5}  {t * 1000:8.1f} ms  "
           f"goal < {GOAL_S:.0f} s: {'PASS' if t < GOAL_S else 'FAIL'}")
 
 
@@ -179,7 +181,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     rep = 1 if a.quick else 5
-    print("case                                         tasks x tensors   plan time   vs baseline (user sets)  ...")
+    print("case                                             tasks x tensors   plan time   vs baseline (user sets)  ...")
     m = many()
     row("many: default (file_cost 1 MiB)", m, rep)
     row("many: file_cost 0", m, rep, file_cost=0)
@@ -187,6 +189,8 @@ def main() -> None:
     row("many: file_cost 64 KiB, cap 1", m, rep, file_cost=64 * 1024, max_shared_files=1)
     row("many: file_cost 64 KiB, cap 3", m, rep, file_cost=64 * 1024, max_shared_files=3)
     row("many: file_cost 0, shards of 4 MB", m, rep, file_cost=0, max_shard_size=4_000_000)
+    row("many: tool defaults (cut, <= 32 files)", m, rep, **TOOL)
+    row("many: file_cost 0, cut, <= 32 files", m, rep, **TOOL, file_cost=0)
     report_case(rep)
     row("old: 16 x 1,446 (old planner: 16.5 s)", many(16, 1446), rep)
     for n in (4, 8, 20):
@@ -194,6 +198,7 @@ def main() -> None:
         row(f"realistic {n}: default", r, rep)
         row(f"realistic {n}: cap 1", r, rep, max_shared_files=1)
         row(f"realistic {n}: cap 2, shards of 20 GB", r, rep, max_shared_files=2, max_shard_size=20_000_000_000)
+        row(f"realistic {n}: tool defaults (cut, <= 32 files)", r, rep, **TOOL)
     row("realistic 5: shards of 2 GB", realistic(5), rep, max_shard_size=2_000_000_000)
 
 

@@ -67,7 +67,7 @@ from common import GEMMA3, SMOLLM2, WORK, finetunes  # noqa: E402
 
 from gguf_split.format.gguf import _WALKED, GGUFFile  # noqa: E402
 from gguf_split.disk.progress import QUIET  # noqa: E402
-from gguf_split.assemble.scan import hash_models, open_model  # noqa: E402
+from gguf_split.assemble.scan import hash_models, open_input  # noqa: E402
 from gguf_split.assemble.split import split  # noqa: E402
 
 READ_CHUNK = 16 << 20
@@ -206,7 +206,7 @@ def time_hashing(tasks: dict[str, str], repeats: int) -> dict[str, float]:
     """GB/s of the split's hashing step with 1 and 2 threads, against plain xxh3-128 over each input's
     mmap with 1 and 2 threads (what this machine gives right now: other load takes the second core)."""
     def scan(threads: int) -> tuple[float, int]:
-        models = [open_model(t, p) for t, p in tasks.items()]
+        models = [open_input(t, p) for t, p in tasks.items()]
         try:
             nbytes = sum(2 * inp.file.size - inp.file.header.tensor_info_end for m in models for inp in m.files)
             return timed(lambda: hash_models(models, QUIET, threads)), nbytes
@@ -348,14 +348,14 @@ def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
 
 # where the split's wall time goes: (module, function, label); a function the package no longer has is skipped
 PHASES = (
-    ("gguf_split.assemble.split", "open_models", "open + parse inputs"),
+    ("gguf_split.assemble.split", "open_inputs", "open + parse inputs"),
     ("gguf_split.assemble.split", "hash_models", "hash (file + tensor digests)"),
     ("gguf_split.assemble.split", "plan_layout", "plan"),
     ("gguf_split.assemble.outputs", "build_header", "build headers"),
     ("gguf_split.assemble.outputs", "write_gguf", "write (copy tensors)"),
     ("os", "fsync", "fsync"),
     ("gguf_split.assemble.outputs", "prove_restores", "prove restore (parse outputs)"),
-    ("gguf_split.assemble.outputs", "check_written", "read back + check outputs"),
+    ("gguf_split.assemble.outputs", "read_back_check", "read back + check + digest outputs (beside the copy)"),
 )
 OTHER = "other (lock, rename, close, report)"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,3 +29,14 @@ def model_factory(tmp_path: Path) -> Callable[..., str]:
         return write_model(tmp_path / f"{name}.gguf", tensors, **kwargs)
 
     return make
+@pytest.fixture(autouse=True, scope="session")
+def _private_manifest_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The CLI's split, add and survey keep per-file digests in the user's cache directory: tests use their
+    own, never the real ~/.cache/gguf-split."""
+    old = os.environ.get("GGUF_SPLIT_CACHE_DIR")
+    os.environ["GGUF_SPLIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("manifest-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GGUF_SPLIT_CACHE_DIR", None)
+    else:
+        os.environ["GGUF_SPLIT_CACHE_DIR"] = old

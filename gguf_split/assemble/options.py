@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import GGUFSplitError
 from ..format.names import check_prefix
-from .plan import DEFAULT_FILE_COST, MIN_SHARD_SIZE
+from .plan import DEFAULT_CUT, DEFAULT_FILE_COST, DEFAULT_MAX_SHARED_FILES, MIN_SHARD_SIZE, Cut
 
 BOOL, COUNT, SIZE, PATH, TEXT = "bool", "count", "size", "path", "text"
 
@@ -49,13 +49,21 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("models_dir", "--models-dir", PATH, "Also write (or update) llama-server's models directory there."),
     Option("allow_unrelated", "--allow-unrelated", BOOL,
            "Split models of different architectures or with nothing in common."),
-    Option("max_shared_files", "--max-shared-files", COUNT, "At most N shared files per task (default: no cap)."),
+    Option("max_shared_files", "--max-shared-files", COUNT, "At most N files per task besides its adaptor, holes "
+                                                            "included (default 32)."),
+    Option("cut", "--cut", TEXT, "Cut shared groups into files by tensor role and blocks of N layers (role:N), by "
+                                 "role (role), per tensor (tensor) or not (none): finer cuts let `add` reuse more of a "
+                                 "fine-tune's unchanged tensors, at more files per task (default role:6; add: as the "
+                                 "split was cut)."),
     Option("file_cost", "--file-cost", SIZE, "A group of shared tensors gets its own file only if it saves more "
                                              "bytes than this (default 1MiB)."),
     Option("max_shard_size", "--max-shard-size", SIZE, "Cut files larger than this (e.g. 20G) into several.",
            minimum=MIN_SHARD_SIZE),
     Option("threads", "--threads", COUNT, "Hashing threads (default: all cores)."),
     Option("quiet", "--quiet", BOOL, "No progress bars or waiting messages."),
+    Option("cache_dir", "--cache-dir", PATH, "Where per-file digests are kept (default: the user cache directory, "
+                                             "e.g. ~/.cache/gguf-split); must be a local disk."),
+    Option("no_cache", "--no-cache", BOOL, "Hash every input; read and write no digest cache."),
 )}
 
 
@@ -110,6 +118,8 @@ def check_value(name: str, value: Any) -> Any:
             check_prefix(value)
         except GGUFSplitError as e:
             raise ValueError(e.problem) from None
+    if name == "cut":
+        return str(Cut.parse(value))  # ValueError saying what a cut is
     return value
 
 
@@ -122,11 +132,14 @@ class SplitOptions:
     link: bool = False
     models_dir: str | None = None
     allow_unrelated: bool = False
-    max_shared_files: int | None = None
+    max_shared_files: int | None = DEFAULT_MAX_SHARED_FILES  # every file besides the adaptor, holes included
+    cut: str | None = None  # None: split cuts DEFAULT_CUT, add as the split's records say it was cut
     file_cost: int = DEFAULT_FILE_COST
     max_shard_size: int | None = None
     threads: int | None = None
     quiet: bool = False
+    cache_dir: str | None = None  # the manifest cache (disk.manifest_cache); None: the user cache directory
+    no_cache: bool = False
 
     def merged(self, values: Mapping[str, Any],
                blame: Callable[[str, str], GGUFSplitError] | None = None) -> "SplitOptions":
@@ -154,3 +167,8 @@ class SplitOptions:
 
 def flag_of(name: str) -> str:
     return OPTIONS[name].flag
+
+
+def cut_of(opts: SplitOptions) -> Cut:
+    """The cut `split` makes with these options (an `add` without a cut given follows the split's records)."""
+    return DEFAULT_CUT if opts.cut is None else Cut.parse(opts.cut)

@@ -5,7 +5,7 @@ name never changes meaning), built from the inputs that hold its tensors, and wr
 name (`write_outputs`); then, before anything is visible, three proofs: every task's restore is planned
 from what was written and must rebuild each input's header and tensor map exactly (`prove_restores`);
 the inputs did not change meanwhile; and every written file is read back and must hold the digests its
-records claim (`check_written`: this catches an input rewritten in place between hashing and copying, even
+records claim (`read_back_check`, as each file is written: this catches an input rewritten in place between hashing and copying, even
 with its mtime put back, and any writer bug). Only then does the commit switch the directory over. A file
 the new state needs that the directory already holds is kept, after one sweep proves it is intact
 (`keep_file`).
@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..disk.commit import NewFile, Transaction, check_space
-from ..disk.copy import file_digests, write_gguf
-from ..disk.jobs import run_jobs
+from ..disk.copy import write_gguf
 from ..disk.progress import Progress, Reporter
-from ..disk.sweep import sweep_file
+from ..disk.sweep import Digests, sweep_file
 from ..errors import GGUFSplitError
 from ..format.names import adaptor_name, hole_name, own_part_name, shared_name, show
 from ..format.records import (
@@ -43,7 +42,7 @@ from ..splitdir.links import LinkPlan, stage_links
 from ..splitdir.restore import Copy, RestorePlan, plan_restore
 from ..splitdir.verify import check_file
 from .plan import HOLE, OWN, Layout, PlannedFile, TensorId
-from .scan import ScannedModel, check_unchanged
+from .scan import ScannedModel, check_unchanged, forget_cached, recheck_cached
 
 
 class ContentMismatch(GGUFSplitError):
@@ -112,7 +111,8 @@ def adaptor_header(m: ScannedModel, layout: Layout, named: list[NamedFile], refs
             where[x.name] = pos
     source = m.source_records()
     kvs = adaptor_kvs(task=task, files=[refs[i] for i in order], tensor_files=[where[t.name] for t, _ in m.tensors],
-                      digests=b"".join(t.digest for t in own), source=source, n_model_tensors=len(m.tensors))
+                      digests=b"".join(t.digest for t in own), source=source, n_model_tensors=len(m.tensors),
+                      cut=str(layout.cut), cut_scheme=layout.cut.scheme)
     return build_header(kvs, source.kept_kvs, own, m.first.header.alignment), own
 
 
@@ -141,6 +141,7 @@ def write_outputs(tx: Transaction, models: Mapping[str, ScannedModel], layout: L
     need = sum(named[i].built.file_size for i in to_write)
     need += sum(m.header_bytes + sum(x.nbytes for x in layout.adaptor_tensors[t]) for t, m in models.items())
     check_space(tx.dir, need)
+    _recheck_cached(models, layout, named, to_write, progress)
     temps, adaptors = _write_files(tx, models, layout, named, to_write, done.refs, prefix, progress)
     tx.wait_synced()
     if max_shard_size is not None:
@@ -148,13 +149,23 @@ def write_outputs(tx: Transaction, models: Mapping[str, ScannedModel], layout: L
     paths = {i: temps.get(i, tx.path(named[i].name)) for i in range(len(named))}
     prove_restores(models, layout, paths, {t: f.path for t, f in adaptors.items()})
     check_unchanged(list(models.values()))
-    check_written([(temps[i], [done.refs[i]]) for i in to_write] + [(f.path, []) for f in adaptors.values()], models)
     if links is not None:
         stage_links(tx, links)  # after the files: a new link appears after its file, an old one goes before
     if old is not None:
         done.removed = _stage_deletes(tx, old, named, models, prefix)
     tx.commit()
     return done
+
+
+def _recheck_cached(models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile], to_write: list[int],
+                    progress: Progress) -> None:
+    """Digests from the manifest cache are checked before anything is written: every input byte that will
+    not be copied into a new file is hashed again now (copied bytes are checked in the files written, by
+    read_back_check), so a stale manifest can never produce a wrong split."""
+    copied = {(id(t.src), t.src_offset) for i in to_write for t in named[i].tensors}
+    copied |= {(id(f), offset) for t, m in models.items() for x in layout.adaptor_tensors[t]
+               for f, offset in [m.source_of(x.name)]}
+    recheck_cached(list(models.values()), copied, progress)
 
 
 def _sort_kept(tx: Transaction, named: list[NamedFile], old: SplitDir | None,
@@ -176,25 +187,33 @@ def _sort_kept(tx: Transaction, named: list[NamedFile], old: SplitDir | None,
 def _write_files(tx: Transaction, models: Mapping[str, ScannedModel], layout: Layout, named: list[NamedFile],
                  to_write: list[int], refs: dict[int, FileRef], prefix: str,
                  progress: Progress) -> tuple[dict[int, str], dict[str, NewFile]]:
-    """Shared files first (their digests computed from the same sources on another core while the kernel
-    copies), then the adaptors, which record those digests."""
+    """Shared files first, then the adaptors, which record their digests. Each file is read back as soon as
+    it is written (`read_back_check`, on another core while the kernel copies the next): one pass checks
+    every tensor against the digest hashed from the inputs and gives the whole-file xxh3 and sha256 the
+    adaptors record."""
     temps: dict[int, str] = {}
     adaptors: dict[str, NewFile] = {}
     total = sum(named[i].planned.nbytes for i in to_write) + sum(
         sum(x.nbytes for x in layout.adaptor_tensors[t]) for t in models)
-    with ThreadPoolExecutor(2, thread_name_prefix="gguf-split-digest") as hashers, \
+    with ThreadPoolExecutor(2, thread_name_prefix="gguf-split-check") as checkers, \
             progress.bar("writing", total) as bar:
-        digests: dict[int, Future[tuple[str, str]]] = {
-            i: hashers.submit(file_digests, named[i].built, named[i].tensors) for i in to_write}
+        checks: dict[int, Future[Digests]] = {}
         for i in to_write:
-            temps[i] = _write_one(tx, named[i].name, named[i].built, named[i].tensors, bar).path
+            f = _write_one(tx, named[i].name, named[i].built, named[i].tensors, bar)
+            temps[i] = f.path
+            checks[i] = checkers.submit(read_back_check, f, [t.digest for t in named[i].tensors], True)
         for i in to_write:
-            x, s = digests[i].result()
+            d = _checked(checks[i], models)
             nf = named[i]
-            refs[i] = FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size, x, s)
+            refs[i] = FileRef(nf.planned.position, nf.name, nf.cid, nf.built.file_size, d.xxh3_hex, d.sha256 or "")
+        adaptor_checks = []
         for task, m in models.items():
             built, tensors = adaptor_header(m, layout, named, refs, task)
             adaptors[task] = _write_one(tx, adaptor_name(task, prefix), built, tensors, bar)
+            adaptor_checks.append(checkers.submit(read_back_check, adaptors[task], [t.digest for t in tensors],
+                                                  False))
+        for fut in adaptor_checks:
+            _checked(fut, models)
     return temps, adaptors
 
 
@@ -231,23 +250,37 @@ def _stage_deletes(tx: Transaction, old: SplitDir, named: list[NamedFile], model
 # Proofs before the commit
 
 
-def check_written(files: Sequence[tuple[str, list[FileRef]]], models: Mapping[str, ScannedModel]) -> None:
-    """What was written is what was recorded: every new file is read back (from the page cache: cheap) and
-    each tensor's xxh3-128, the padding and the whole file's digests checked against the records."""
-    opened = [(SplitFile(path), refs) for path, refs in files]
+def read_back_check(new: NewFile, planned: Sequence[bytes], sha256: bool) -> Digests:
+    """What was written is what was planned: the new file is read back (from the page cache: cheap) and each
+    tensor's xxh3-128 and the zero padding checked, in one sweep that also gives the whole file's digests.
+    This catches an input rewritten in place between hashing and copying (even with its mtime put back)
+    and any writer bug, before anything is committed. Errors name the file by its final name."""
     try:
-        run_jobs(check_file, [(f, refs) for f, refs in opened], None)
+        with SplitFile(new.path) as f:
+            d = sweep_file(f, sha256=sha256, zero_gaps=True)
+            for t, got, want, recorded in zip(f.header.tensors, d.tensors, planned, f.digests()):
+                if got != want or recorded != want:
+                    raise GGUFSplitError(new.final_path, f"tensor {t.name!r} does not match its recorded digest")
+            if len(d.tensors) != len(planned):
+                raise GGUFSplitError(new.final_path, f"holds {len(d.tensors)} tensors, {len(planned)} were planned")
+            return d
+    except GGUFSplitError as e:
+        raise GGUFSplitError(new.final_path, e.problem) from None
+
+
+def _checked(fut: "Future[Digests]", models: Mapping[str, ScannedModel]) -> Digests:
+    """A read-back check's result; a mismatch names the input that changed, or is an internal error."""
+    try:
+        return fut.result()
     except GGUFSplitError as e:
         check_unchanged(list(models.values()))
+        forget_cached(list(models.values()))  # a cached digest may be what differs: the next run hashes
         changed = _changed_input(models)
         if changed is not None:
             raise GGUFSplitError(changed, "changed while it was being split (its tensor bytes differ from what was "
                                           "hashed); nothing was written: run the split again") from None
         raise GGUFSplitError(e.path, f"internal error: a written file does not match its records ({e.problem}); "
                                      "nothing was written. Please report this.") from None
-    finally:
-        for f, _ in opened:
-            f.close()
 
 
 def _changed_input(models: Mapping[str, ScannedModel]) -> str | None:
@@ -266,7 +299,7 @@ def _changed_input(models: Mapping[str, ScannedModel]) -> str | None:
 def prove_restores(models: Mapping[str, ScannedModel], layout: Layout, file_paths: Mapping[int, str],
                    adaptor_paths: Mapping[str, str]) -> None:
     """Check, from the files just written, that restore rebuilds every input byte for byte (headers and the
-    mapping of every tensor; tensor bytes were copied from the hashed inputs and check_written re-hashes them)."""
+    mapping of every tensor; tensor bytes were copied from the hashed inputs and read_back_check re-hashed them)."""
     opened: dict[int, SplitFile] = {}
     try:
         for task, m in models.items():

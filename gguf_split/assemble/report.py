@@ -112,6 +112,12 @@ class AddReport:
     stored_bytes: int  # tensor bytes of the whole split after the add
     fresh_split_bytes: int  # what a fresh split of all tasks would store
     dry_run: bool = False
+    cut: str = "none"  # how the new shared files were cut (the split's recorded cut unless one was given)
+    model_bytes: int = 0  # tensor bytes of the new models
+    new_bytes: int = 0  # tensor bytes the add writes: the new adaptors and new shared files
+    unique_bytes: int = 0  # of the new models' tensors, those no existing task holds (what any add must write)
+    in_adaptors_bytes: int = 0  # tensors the new tasks hold that sit in existing tasks' adaptors (no layout can
+    #                             reuse them: shipped files never change)
 
     @property
     def resplit_would_save(self) -> int:

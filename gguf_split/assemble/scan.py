@@ -17,25 +17,34 @@ without a timeout.
 
 An input rewritten in place while it is split would make the split's records lie: `check_unchanged`
 compares each input's size, mtime and inode after the outputs are written with what they were at open.
+
+Manifests (disk.manifest): given a `ManifestSource` (the manifest cache), `hash_models` takes a file's
+digests from a manifest of that very file (same device, inode, size, mtime and ctime; same tensor
+records; same frame, i.e. header and padding, re-hashed now: cheap) instead of reading its tensors, and
+leaves a manifest of every file it hashes. Planning may trust that; writing may not: a tensor `split`
+deduplicates into another model's copy is never read from its own input, so `recheck_cached` hashes,
+before the commit, every tensor of a cached input that was not copied into a new file (copied ones are
+checked in the files written), and a difference fails the run and drops the stale manifest.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gguf.constants import GGUFValueType
 
 from ..disk.jobs import run_jobs
-from ..disk.sweep import PIECE, sweep_file
+from ..disk.manifest import FileKey, ManifestSource, frame_digest, manifest_of, matches_header
+from ..disk.sweep import PIECE, TENSOR, Span, sweep, sweep_file
 from ..errors import GGUFSplitError, os_problem
 from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, Header, TensorInfo, align_up, iter_gaps
-from ..format.names import show
+from ..format.names import SHARD_NAME, show
 from .plan import TensorId
 from ..disk.progress import QUIET, Progress, Reporter
 from ..format.records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, SourceFile, SourceRecords
@@ -46,7 +55,6 @@ MAX_NONZERO_GAP_BYTES = 16 << 20  # more than this outside the tensors is not pa
 # and (if not zero) recorded. Kept up to this bound per file, refused beyond it (zero or not) before any of
 # them is read: a 1 TiB sparse tail would otherwise be minutes of reading.
 MAX_EXTRA_BYTES = 16 << 20
-_SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")  # fullmatch
 
 
 @dataclass
@@ -57,6 +65,7 @@ class InputFile:
     stat: tuple[int, int, int, int]  # dev, inode, size, mtime_ns at open
     digest: bytes = b""  # whole file, xxh3-128
     nonzero_gaps: list[tuple[int, bytes]] = field(default_factory=list)  # (file offset, bytes)
+    cached: ManifestSource | None = None  # where its digests came from (None: hashed in this run)
 
     @property
     def path(self) -> str:
@@ -210,7 +219,7 @@ def _check_extra_bytes(f: GGUFFile) -> None:
                                  f"at most {MAX_EXTRA_BYTES >> 20} MiB of them are kept{cut}")
 
 
-def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
+def open_input(task: str, path: str | os.PathLike[str]) -> ScannedModel:
     """Open a model (or the first shard of a sharded model, with its siblings) and check it is splittable."""
     check_input_path(path)
     first = GGUFFile(path)
@@ -263,7 +272,7 @@ def open_model(task: str, path: str | os.PathLike[str]) -> ScannedModel:
 
 def _open_siblings(first: GGUFFile, count: int) -> list[GGUFFile]:
     name = os.path.basename(first.path)
-    m = _SHARD_NAME.fullmatch(name)
+    m = SHARD_NAME.fullmatch(name)
     if m is None or int(m["no"]) != 1 or int(m["count"]) != count:
         raise GGUFSplitError(first.path, f"is the first of {count} shards, but its name does not end in "
                                          f"-00001-of-{count:05d}.gguf, so its other shards cannot be found")
@@ -292,20 +301,79 @@ def _open_siblings(first: GGUFFile, count: int) -> list[GGUFFile]:
         raise
 
 
-def _hash_file(inp: InputFile, model: ScannedModel, bar: Reporter, cancel: threading.Event) -> None:
-    """Tensor digests and the whole-file digest (recorded for restore) in one sweep."""
+def _hash_file(inp: InputFile, model: ScannedModel, bar: Reporter, cache: ManifestSource | None,
+               cancel: threading.Event) -> None:
+    """Tensor digests and the whole-file digest (recorded for restore) in one sweep; the manifest to `cache`
+    when the file did not change meanwhile."""
+    recorded_ns = time.time_ns()  # before the stat: the cache's racy-clean rule must be conservative
+    before = FileKey.of(os.fstat(inp.file.fd))
     d = sweep_file(inp.file, bar=bar, cancel=cancel)
     for t, digest in zip(inp.file.header.tensors, d.tensors):
         model.digests[t.name] = digest
     inp.digest = d.xxh3
+    if cache is not None and FileKey.of(os.fstat(inp.file.fd)) == before:
+        cache.store(manifest_of(inp.file, before, recorded_ns, d.xxh3, d.tensors))
 
 
-def hash_models(models: Sequence[ScannedModel], progress: Progress = QUIET, threads: int | None = None) -> None:
-    """Fill in every model's tensor digests and every input file's digest."""
-    jobs = sorted(((inp, m) for m in models for inp in m.files), key=lambda x: -x[0].file.size)
+def _from_manifest(inp: InputFile, model: ScannedModel, cache: ManifestSource) -> bool:
+    """Fill in a file's digests from a manifest of this very file, if `cache` has one."""
+    found = cache.lookup(inp.path, os.fstat(inp.file.fd))
+    if found is None or not matches_header(found, inp.file.header.tensors) or found.frame != frame_digest(inp.file):
+        return False
+    for t in found.tensors:
+        model.digests[t.name] = t.digest
+    inp.digest = found.xxh3
+    inp.cached = cache
+    return True
+
+
+def hash_models(models: Sequence[ScannedModel], progress: Progress = QUIET, threads: int | None = None,
+                cache: ManifestSource | None = None) -> None:
+    """Fill in every model's tensor digests and every input file's digest (from `cache` where it holds a
+    manifest of the file; what is hashed is left there)."""
+    jobs = sorted(((inp, m) for m in models for inp in m.files if cache is None or not _from_manifest(inp, m, cache)),
+                  key=lambda x: -x[0].file.size)
     total = sum(inp.file.size for inp, _ in jobs)
     with progress.bar("hashing", total) as bar:
-        run_jobs(_hash_file, [(inp, m, bar) for inp, m in jobs], threads)
+        run_jobs(_hash_file, [(inp, m, bar, cache) for inp, m in jobs], threads)
+
+
+def recheck_cached(models: Sequence[ScannedModel], copied: Collection[tuple[int, int]], progress: Progress = QUIET,
+                   threads: int | None = None) -> None:
+    """Before a commit: hash every tensor of an input whose digests came from a manifest, except those
+    copied into a new file (`copied`: (id of the GGUFFile, absolute offset); the written files are checked
+    against the digests), and refuse the run if one differs (the stale manifest is dropped)."""
+    jobs: list[tuple[InputFile, ScannedModel, list[TensorInfo]]] = []
+    for m in models:
+        for i, inp in enumerate(m.files):
+            start = inp.file.header.data_start
+            todo = [t for t, j in m.tensors if j == i and (id(inp.file), start + t.offset) not in copied] \
+                if inp.cached is not None else []
+            if todo:
+                jobs.append((inp, m, sorted(todo, key=lambda t: t.offset)))
+    total = sum(t.nbytes for _, _, ts in jobs for t in ts)
+    with progress.bar("checking", total) as bar:
+        run_jobs(_recheck, [(inp, m, ts, bar) for inp, m, ts in jobs], threads)
+
+
+def _recheck(inp: InputFile, model: ScannedModel, tensors: list[TensorInfo], bar: Reporter,
+             cancel: threading.Event) -> None:
+    f = inp.file
+    spans = [Span(TENSOR, t.nbytes, f, f.header.data_start + t.offset) for t in tensors]
+    for t, digest in zip(tensors, sweep(spans, bar=bar, cancel=cancel).tensors):
+        if digest != model.digests[t.name]:
+            forget_cached([model])
+            raise GGUFSplitError(inp.path, f"tensor {t.name!r} differs from the digest cached for this file, although "
+                                           "its size and times did not change; nothing was written: run again (the "
+                                           "stale cache entry was dropped)")
+
+
+def forget_cached(models: Sequence[ScannedModel]) -> None:
+    """Drop the manifests the digests of these models' inputs came from (they were found stale)."""
+    for m in models:
+        for inp in m.files:
+            if inp.cached is not None and inp.file.fd >= 0:
+                inp.cached.forget(inp.path, os.fstat(inp.file.fd))
 
 
 def check_unchanged(models: Sequence[ScannedModel]) -> None:
@@ -322,7 +390,7 @@ def check_unchanged(models: Sequence[ScannedModel]) -> None:
                                                "nothing was written: run the split again")
 
 
-def open_models(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated: bool) -> dict[str, ScannedModel]:
+def open_inputs(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated: bool) -> dict[str, ScannedModel]:
     """Open every model (headers only) and check what can be checked before hashing."""
     models: dict[str, ScannedModel] = {}
     try:
@@ -333,7 +401,7 @@ def open_models(tasks: Mapping[str, str | os.PathLike[str]], *, allow_unrelated:
             if real in seen:
                 raise GGUFSplitError(show(path), f"is given twice (tasks {seen[real]!r} and {task!r})")
             seen[real] = task
-            models[task] = open_model(task, path)
+            models[task] = open_input(task, path)
         archs = {t: m.architecture for t, m in models.items()}
         if not allow_unrelated and len(set(archs.values())) > 1:
             first = next(iter(models))

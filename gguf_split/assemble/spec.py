@@ -10,7 +10,8 @@
       link: false             # also make <task>-0000k-of-0000N.gguf links for llama.cpp
       models_dir: null        # also write llama-server's --models-dir directory there
       allow_unrelated: false  # split models with different architectures or no tensor in common
-      max_shared_files: null  # at most this many shared files per task (default: no cap)
+      max_shared_files: 32    # at most this many files per task besides its adaptor, holes included
+      cut: role:6             # cut shared groups by tensor role and blocks of 6 layers (none: one file per group)
       file_cost: 1MiB         # a group of shared tensors gets a file only if it saves more than this
       max_shard_size: null    # cut any file larger than this (e.g. 20G) into several
       threads: 2              # hashing threads (default: all cores)

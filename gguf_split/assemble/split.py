@@ -27,16 +27,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..disk.commit import Transaction
+from ..disk.manifest import ManifestSource
+from ..disk.manifest_cache import open_cache
 from ..disk.progress import QUIET, Progress
 from ..errors import GGUFSplitError
 from ..format.names import adaptor_name, check_task_name, show
 from ..splitdir.directory import SplitDir
 from ..splitdir.links import check_models_dir, models_dir_note, plan_links, write_models_dir
-from .options import SplitOptions
+from .options import SplitOptions, cut_of
 from .outputs import NamedFile, name_files, write_outputs
-from .plan import Layout, plan_layout
+from .plan import Cut, Layout, plan_layout
 from .report import SplitReport, split_report
-from .scan import ScannedModel, hash_models, open_models
+from .scan import ScannedModel, hash_models, open_inputs
 
 
 def check_tasks(tasks: object) -> None:
@@ -51,9 +53,11 @@ def check_tasks(tasks: object) -> None:
 
 def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike[str],
           options: SplitOptions | None = None, *, dry_run: bool = False, progress: Progress = QUIET,
-          **option_values: Any) -> SplitReport:
+          cache: ManifestSource | None = None, **option_values: Any) -> SplitReport:
     """Split `tasks` (name -> GGUF path, or a sharded model's first shard) into `output`. Options: a
-    SplitOptions, and/or its fields as keywords (`force=True, file_cost=0`), which take precedence."""
+    SplitOptions, and/or its fields as keywords (`force=True, file_cost=0`), which take precedence.
+    `cache`: where the inputs' manifests are looked up and left (default: the manifest cache the options
+    name, disk.manifest_cache); planning trusts them, writing re-checks every input byte it does not copy."""
     opts = (options or SplitOptions()).merged(option_values)
     check_tasks(tasks)
     out = os.fspath(output)
@@ -61,13 +65,19 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
         raise GGUFSplitError(None, "-o/--output: empty path")
     if opts.models_dir is not None:
         check_models_dir(opts.models_dir, tasks)  # before anything is read or written
-    if dry_run:
-        return _dry_run(tasks, out, opts, progress)
+    with manifest_cache(opts, progress, cache) as source:
+        if dry_run:
+            return _dry_run(tasks, out, opts, progress, source)
+        return _split(tasks, out, opts, progress, source)
+
+
+def _split(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitOptions, progress: Progress,
+           cache: ManifestSource | None) -> SplitReport:
     tx = Transaction(out, on_wait=progress.note, what="the split")
     models_dir_done = opts.models_dir is None
     try:
         with tx:
-            report = _split_in(tx, tasks, opts, progress)
+            report = _split_in(tx, tasks, opts, progress, cache)
         if opts.models_dir is not None:
             write_models_dir(report.directory, opts.models_dir)
             models_dir_done = True
@@ -79,25 +89,49 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
     return report
 
 
-def _dry_run(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitOptions,
-             progress: Progress) -> SplitReport:
-    models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+class manifest_cache:
+    """`with manifest_cache(opts, progress, given) as cache:` the caller's manifest source, else the cache
+    the options ask for (None with no_cache, or when it cannot be used: its notices say why), closed at the
+    end if opened here."""
+
+    def __init__(self, opts: SplitOptions, progress: Progress, given: ManifestSource | None = None) -> None:
+        c = None if given is not None else open_cache(opts.cache_dir, no_cache=opts.no_cache, note=progress.note)
+        self.cache = given if given is not None else c if c is not None and c.enabled else None
+        self._opened = c
+
+    def __enter__(self) -> ManifestSource | None:
+        return self.cache
+
+    def __exit__(self, *exc: object) -> None:
+        if self._opened is not None:
+            self._opened.close()
+
+
+def _dry_run(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitOptions, progress: Progress,
+             cache: ManifestSource | None) -> SplitReport:
+    models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
     try:
         if os.path.isdir(out):
             _check_existing(out, tasks, opts.prefix, opts.force)
-        hash_models(list(models.values()), progress, opts.threads)
-        layout = plan(models, opts)
-        return split_report(out, models, layout, name_files(models, layout, opts.prefix), {}, dry_run=True,
-                            prefix=opts.prefix, max_shard_size=opts.max_shard_size)
+        hash_models(list(models.values()), progress, opts.threads, cache)
+        return plan_report(out, models, opts)
     finally:
         for m in models.values():
             m.close()
 
 
+def plan_report(output: str, models: Mapping[str, ScannedModel], opts: SplitOptions) -> SplitReport:
+    """What a split of hashed `models` into `output` would write, without writing (a dry run, a survey):
+    every file's exact size (adaptors built with placeholder digests of the same length)."""
+    layout = plan(models, opts)
+    return split_report(output, models, layout, name_files(models, layout, opts.prefix), {}, dry_run=True,
+                        prefix=opts.prefix, max_shard_size=opts.max_shard_size)
+
+
 def _split_in(tx: Transaction, tasks: Mapping[str, str | os.PathLike[str]], opts: SplitOptions,
-              progress: Progress) -> SplitReport:
+              progress: Progress, cache: ManifestSource | None) -> SplitReport:
     """Under the directory's lock: open, refuse what must be refused, hash, plan, write, prove, commit."""
-    models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+    models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
     try:
         mine = {adaptor_name(t, opts.prefix) for t in tasks}
         for m in models.values():
@@ -106,7 +140,7 @@ def _split_in(tx: Transaction, tasks: Mapping[str, str | os.PathLike[str]], opts
                         os.path.basename(inp.path) in mine:
                     raise GGUFSplitError(inp.path, "output would overwrite an input file")
         old = _check_existing(tx.dir, tasks, opts.prefix, opts.force)
-        hash_models(list(models.values()), progress, opts.threads)
+        hash_models(list(models.values()), progress, opts.threads, cache)
         layout = plan(models, opts)
         _refuse_unrelated(models, layout, opts)
         named = name_files(models, layout, opts.prefix)
@@ -147,13 +181,16 @@ def task_paths_after(directory: str, models: Mapping[str, Any], layout: Layout, 
                 *(os.path.join(directory, named[i].name) for i in layout.task_files[t])] for t in models}
 
 
-def plan(models: Mapping[str, ScannedModel], opts: SplitOptions, **more: Any) -> Layout:
-    """The planner on the models' tensor identities, with the options that shape a plan."""
+def plan(models: Mapping[str, ScannedModel], opts: SplitOptions, cut: Cut | None = None, **more: Any) -> Layout:
+    """The planner on the models' tensor identities, with the options that shape a plan: --max-shared-files
+    bounds both the shared groups a task loads and every file it loads, holes included (plan/__init__.py);
+    `cut`: the cut to make (default: the options')."""
     ids = {t: m.tensor_ids() for t, m in models.items()}
     alignment = max(m.first.header.alignment for m in models.values())
     head = {t: m.header_bytes + 4096 + 200 * len(m.tensors) for t, m in models.items()}
     return plan_layout(ids, alignment=alignment, adaptor_header_bytes=head, max_shared_files=opts.max_shared_files,
-                       file_cost=opts.file_cost, max_shard_size=opts.max_shard_size, **more)
+                       max_files=opts.max_shared_files, file_cost=opts.file_cost, max_shard_size=opts.max_shard_size,
+                       cut=cut if cut is not None else cut_of(opts), **more)
 
 
 def _check_existing(directory: str, tasks: Mapping[str, Any], prefix: str, force: bool) -> SplitDir | None:

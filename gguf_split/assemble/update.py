@@ -4,6 +4,8 @@ Users ship a split once (to phones, edge boxes, a hub) and publish new fine-tune
 writes adaptors for the new tasks, reusing every existing shared file whose tensors a new task holds
 byte-identical at its position, and new shared files among the new tasks where they pay off; the
 originals of the existing tasks are not needed, and no existing file is touched (same bytes, same mtime).
+New shared files are cut as the split's records say its files were cut (`gguf_split.cut`; a split made
+before cuts existed records none and keeps 0.2's layout), unless the caller names another cut.
 `remove` deletes tasks' adaptors and every shared file no remaining task uses, never one still in use.
 Both commit like `split` (commit.py): a kill at any moment leaves the old or the new state. The llama.cpp
 links the tool made (links.py) change in the same commit: a removed task's go, a task that gets files
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..disk.commit import Transaction
+from ..disk.manifest import ManifestSource
 from ..disk.progress import QUIET, Progress
 from ..errors import GGUFSplitError
 from ..format.names import adaptor_name, show
@@ -26,10 +30,10 @@ from ..splitdir.directory import FileFinder, SplitDir, TaskFiles, open_task
 from ..splitdir.links import check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
 from .options import SplitOptions
 from .outputs import keep_file, name_files, recorded_refs, write_outputs
-from .plan import FixedFile, Layout, TensorId, plan_layout
+from .plan import CHANGED, CUT_SCHEME, ONLY_HERE, RETYPED, Cut, FixedFile, Layout, TensorId, plan_layout
 from .report import AddReport, RemoveReport, SplitReport, split_report
-from .scan import ScannedModel, hash_models, open_models
-from .split import check_tasks, plan, task_paths_after
+from .scan import ScannedModel, hash_models, open_inputs
+from .split import check_tasks, manifest_cache, plan, task_paths_after
 
 NO_SPLIT_HINT = " (its last task was removed?): make a new split with `gguf-split split MODEL... -o DIR`"
 
@@ -47,37 +51,64 @@ def task_tensor_ids(tf: TaskFiles) -> list[TensorId]:
     return [held[t.name] for t in order if t.name in held]
 
 
-def _existing(sd: SplitDir) -> tuple[dict[str, list[TensorId]], dict[str, FixedFile], dict[str, str], set[str]]:
-    """(task -> tensor ids, file name -> FixedFile, file name -> path, architectures) of a split."""
+@dataclass
+class _Existing:
+    ids: dict[str, list[TensorId]]  # task -> tensor ids, model order
+    fixed: dict[str, FixedFile]  # shared file name -> what the planner may reuse
+    paths: dict[str, str]  # shared file name -> path
+    archs: set[str]
+    cuts: dict[str, tuple[str, int]]  # adaptor path -> (recorded cut, its name scheme)
+
+
+def _existing(sd: SplitDir) -> _Existing:
+    """What `add` needs of a split, from its records (no tensor data read)."""
     finder = FileFinder()
     cache: dict[str, SplitFile] = {}
-    ids: dict[str, list[TensorId]] = {}
-    fixed: dict[str, FixedFile] = {}
-    paths: dict[str, str] = {}
-    archs: set[str] = set()
+    ex = _Existing({}, {}, {}, set(), {})
     try:
         for task in sd.tasks:
             tf = open_task(sd.adaptors[task], finder, cache=cache)
+            ex.cuts[tf.adaptor.path] = (tf.info.cut, tf.info.cut_scheme)
             with tf.adaptor:
-                ids[task] = task_tensor_ids(tf)
+                ex.ids[task] = task_tensor_ids(tf)
                 arch = tf.adaptor.get("general.architecture")
                 if isinstance(arch, str):
-                    archs.add(arch)
+                    ex.archs.add(arch)
                 for ref, f in zip(tf.info.files, tf.shared):
-                    if ref.name not in fixed:
-                        fixed[ref.name] = FixedFile(ref.name, ref.position, tuple(
+                    if ref.name not in ex.fixed:
+                        ex.fixed[ref.name] = FixedFile(ref.name, ref.position, tuple(
                             TensorId(t.name, t.ggml_type, t.shape, d, t.nbytes)
                             for t, d in zip(f.header.tensors, f.digests())))
-                        paths[ref.name] = f.path
+                        ex.paths[ref.name] = f.path
     finally:
         for f in cache.values():
             f.close()
-    return ids, fixed, paths, archs
+    return ex
+
+
+def recorded_cut(cuts: Mapping[str, tuple[str, int]]) -> Cut:
+    """The cut a split's adaptors record (the one most of them record; a split made before cuts existed:
+    none). A damaged record, or a name scheme this version does not know, is refused naming the adaptor."""
+    parsed: dict[Cut, int] = {}
+    for path, (text, scheme) in cuts.items():
+        try:
+            cut = Cut.parse(text, scheme)
+        except ValueError:
+            raise GGUFSplitError(show(path), f"records cut {text!r}, which this version does not know: damaged, "
+                                             "or written by a newer gguf-split (pass --cut to choose one)") from None
+        if cut.kind != "none" and scheme != CUT_SCHEME:
+            raise GGUFSplitError(show(path), f"its shared files were cut with tensor-name scheme {scheme}, which this "
+                                             f"version does not know (it knows {CUT_SCHEME}); pass --cut to choose a "
+                                             "cut, or use the gguf-split that made the split")
+        parsed[cut] = parsed.get(cut, 0) + 1
+    if not parsed:
+        return Cut()
+    return max(parsed, key=lambda c: (parsed[c], str(c) == "none", str(c)))
 
 
 def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]],
         options: SplitOptions | None = None, *, dry_run: bool = False, progress: Progress = QUIET,
-        **option_values: Any) -> AddReport:
+        cache: ManifestSource | None = None, **option_values: Any) -> AddReport:
     """Add `tasks` (name -> GGUF path) to the split in `split_dir`. Options as for `split` (the planner's, and
     allow_unrelated, threads, models_dir); the new files take the split's own prefix."""
     opts = (options or SplitOptions()).merged(option_values)
@@ -89,15 +120,21 @@ def add(split_dir: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike
     sd0.require_split(NO_SPLIT_HINT)
     if opts.models_dir is not None:
         check_models_dir(opts.models_dir, [*sd0.tasks, *tasks])  # before anything is read or written
-    if dry_run:
-        return _add(sd0, tasks, None, opts, progress)
+    with manifest_cache(opts, progress, cache) as source:
+        if dry_run:
+            return _add(sd0, tasks, None, opts, progress, source)
+        return _add_in(d, tasks, opts, progress, source)
+
+
+def _add_in(d: str, tasks: Mapping[str, str | os.PathLike[str]], opts: SplitOptions, progress: Progress,
+            cache: ManifestSource | None) -> AddReport:
     tx = Transaction(d, create=False, on_wait=progress.note, what="the split")
     models_dir_done = opts.models_dir is None
     try:
         with tx:
             sd = SplitDir.read_once(d)  # under the lock: the state the add changes
             sd.require_split(NO_SPLIT_HINT)
-            report = _add(sd, tasks, tx, opts, progress)
+            report = _add(sd, tasks, tx, opts, progress, cache)
         if opts.models_dir is not None:
             write_models_dir(d, opts.models_dir)
             models_dir_done = True
@@ -128,20 +165,22 @@ def split_prefix(sd: SplitDir, wanted: str = "") -> str:
 
 
 def _add(sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transaction | None, opts: SplitOptions,
-         progress: Progress) -> AddReport:
+         progress: Progress, cache: ManifestSource | None = None) -> AddReport:
     clash = [t for t in tasks if t in sd.adaptors]
     if clash:
         raise GGUFSplitError(show(sd.adaptors[clash[0]]), f"task {clash[0]!r} is already in the split; remove it "
                                                           "first or choose another name")
     prefix = split_prefix(sd, opts.prefix)
-    ids, fixed, fixed_paths, archs = _existing(sd)
-    models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+    ex = _existing(sd)
+    ids, fixed = ex.ids, ex.fixed
+    cut = recorded_cut(ex.cuts) if opts.cut is None else Cut.parse(opts.cut)
+    models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
     try:
-        _refuse_other_architecture(models, archs, opts)
-        hash_models(list(models.values()), progress, opts.threads)
-        layout = plan(models, opts, fixed_files=list(fixed.values()))
+        _refuse_other_architecture(models, ex.archs, opts)
+        hash_models(list(models.values()), progress, opts.threads, cache)
+        layout = plan(models, opts, cut, fixed_files=list(fixed.values()))
         named = name_files(models, layout, prefix, foundation=False)
-        known = _reused(layout, named, sd, fixed_paths, check=tx is not None)
+        known = _reused(layout, named, sd, ex.paths, check=tx is not None)
         reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
                            for pf in [layout.files[i]] if pf.fixed is not None)
         split_rep = _write_added(sd, tx, models, layout, named, known, prefix, opts, progress)
@@ -149,13 +188,60 @@ def _add(sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transact
         stored += layout.stats.stored_bytes if layout.stats else 0
         new_ids = {t: m.tensor_ids() for t, m in models.items()}
         fresh = plan_layout({**ids, **new_ids}, alignment=max(m.first.header.alignment for m in models.values()),
-                            max_shared_files=opts.max_shared_files, file_cost=opts.file_cost,
-                            max_shard_size=opts.max_shard_size)
+                            max_shared_files=opts.max_shared_files, max_files=opts.max_shared_files,
+                            file_cost=opts.file_cost, max_shard_size=opts.max_shard_size, cut=cut)
+        unique, in_adaptors = _new_bytes(ids, fixed, new_ids)
+        _add_reasons(split_rep, ids, fixed, new_ids)
         return AddReport(split_rep, reused_bytes, sd.tasks, stored, fresh.stats.stored_bytes if fresh.stats else stored,
-                         dry_run=tx is None)
+                         dry_run=tx is None, cut=str(cut), model_bytes=sum(x.nbytes for xs in new_ids.values() for x in xs),
+                         new_bytes=layout.stats.stored_bytes if layout.stats else 0, unique_bytes=unique,
+                         in_adaptors_bytes=in_adaptors)
     finally:
         for m in models.values():
             m.close()
+
+
+def _new_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile],
+               new_ids: Mapping[str, Sequence[TensorId]]) -> tuple[int, int]:
+    """(bytes of the new tasks' tensors no existing task holds, bytes of those that existing tasks hold in their
+    adaptors only), summed over the new tasks."""
+    held = {x for xs in ids.values() for x in xs}
+    in_files = {x for f in fixed.values() for x in f.tensors}
+    unique = sum(x.nbytes for xs in new_ids.values() for x in xs if x not in held)
+    return unique, sum(x.nbytes for xs in new_ids.values() for x in xs if x in held and x not in in_files)
+
+
+# why a tensor of a new task sits in its adaptor, told against the split (the planner saw the new tasks only)
+IN_ADAPTOR = "in another task's adaptor"  # a task of the split holds these bytes, in its adaptor only
+IN_FILE = "in a file it cannot load"  # a shared file holds them, with tensors this task changed
+
+
+def _add_reasons(report: SplitReport, ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile],
+                 new_ids: Mapping[str, Sequence[TensorId]]) -> None:
+    """Reasons for the new adaptors' tensors against the whole split: a tensor no task of the split has is
+    changed (or of another type or shape, or in no model of the split); one it has sits in another task's
+    adaptor or in a shared file the new task cannot load. Reasons about the new tasks among themselves
+    (too small for a file, over the cap) stay."""
+    held = {x for xs in ids.values() for x in xs}
+    in_files = {x for f in fixed.values() for x in f.tensors}
+    kinds: dict[str, set[tuple[int, tuple[int, ...]]]] = {}
+    for xs in ids.values():
+        for x in xs:
+            kinds.setdefault(x.name, set()).add((x.ggml_type, x.shape))
+    for t in report.tasks:
+        mine = {x.name: x for x in new_ids[t.task]}
+        for name, why in t.reasons.items():
+            if why not in (CHANGED, RETYPED, ONLY_HERE):
+                continue
+            x = mine[name]
+            if x in in_files:
+                t.reasons[name] = IN_FILE
+            elif x in held:
+                t.reasons[name] = IN_ADAPTOR
+            elif name not in kinds:
+                t.reasons[name] = ONLY_HERE
+            else:
+                t.reasons[name] = CHANGED if (x.ggml_type, x.shape) in kinds[name] else RETYPED
 
 
 def _refuse_other_architecture(models: Mapping[str, ScannedModel], archs: set[str], opts: SplitOptions) -> None:

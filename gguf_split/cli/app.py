@@ -3,7 +3,7 @@
 `run(argv)` is what the entry point (`gguf_split._main`) calls once its signal handlers are in place.
 The commands register themselves on the typer app (`base.app`) when their modules are imported here, one
 module per layer of the library: assemble_cmds (split, add, remove), splitdir_cmds (restore, verify,
-info, link, models-dir), lora_cmds (extract-lora), pack_cmds (pack, unpack), demo_cmd.
+info, link, models-dir), lora_cmds (extract-lora), pack_cmds (pack, unpack), survey_cmd, demo_cmd.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import typer
 
 from .. import __version__
-from . import assemble_cmds, demo_cmd, lora_cmds, pack_cmds, splitdir_cmds  # noqa: F401 - they register commands
+from . import assemble_cmds, demo_cmd, lora_cmds, pack_cmds, splitdir_cmds, survey_cmd  # noqa: F401 - they register
 from .base import app
 
 __all__ = ["app", "run"]

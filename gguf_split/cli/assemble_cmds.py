@@ -14,12 +14,18 @@ from ..format.names import show
 from .base import OPT_JSON, OPT_QUIET, OPT_TASK, OPT_THREADS, SPEC_HELP, app, flag_options, gather, progress, run_or_fail
 from .render import out, print_add, print_json, print_split, report_json, size
 
-_OPT_MAX_SHARED_FILES = typer.Option(None, "--max-shared-files", help="At most N shared files per task (default: "
-                                                                       "no cap).")
+_OPT_MAX_SHARED_FILES = typer.Option(None, "--max-shared-files", help="At most N files per task besides its adaptor, "
+                                                                       "holes included (default 32).")
+_CUT_HELP = ("Cut shared groups into files by tensor role and blocks of N layers (role:N), by role only (role), per "
+             "tensor (tensor) or not at all (none): finer cuts let `add` reuse more of a fine-tune's unchanged "
+             "tensors, at more files per task")
 _OPT_FILE_COST = typer.Option(None, "--file-cost", help="A group of shared tensors gets its own file only if it saves "
                                                         "more bytes than this (default 1MiB).")
 _OPT_MAX_SHARD_SIZE = typer.Option(None, "--max-shard-size", help="Cut files larger than this (e.g. 20G) into several.")
 _OPT_DRY_RUN = typer.Option(False, "--dry-run", help="Plan and report; write nothing.")
+_OPT_CACHE_DIR = typer.Option(None, "--cache-dir", help="Where per-file digests are kept (default: the user cache "
+                                                        "directory, e.g. ~/.cache/gguf-split); a local disk.")
+_OPT_NO_CACHE = typer.Option(False, "--no-cache", help="Hash every input; read and write no digest cache.")
 
 
 @app.command("split")
@@ -35,9 +41,12 @@ def split_cmd(
     allow_unrelated: bool = typer.Option(False, "--allow-unrelated",
                                          help="Split models of different architectures or with nothing in common."),
     max_shared_files: Optional[int] = _OPT_MAX_SHARED_FILES,
+    cut: Optional[str] = typer.Option(None, "--cut", help=_CUT_HELP + " (default role:6)."),
     file_cost: Optional[str] = _OPT_FILE_COST,
     max_shard_size: Optional[str] = _OPT_MAX_SHARD_SIZE,
     threads: Optional[int] = OPT_THREADS,
+    cache_dir: Optional[Path] = _OPT_CACHE_DIR,
+    no_cache: bool = _OPT_NO_CACHE,
     dry_run: bool = _OPT_DRY_RUN,
     quiet: bool = OPT_QUIET,
     json_out: bool = OPT_JSON,
@@ -49,8 +58,8 @@ def split_cmd(
         from ..assemble.split import split
 
         flags = dict(prefix=prefix, force=force, link=link, models_dir=models_dir, allow_unrelated=allow_unrelated,
-                     max_shared_files=max_shared_files, file_cost=file_cost, max_shard_size=max_shard_size,
-                     threads=threads, quiet=quiet or json_out)
+                     max_shared_files=max_shared_files, cut=cut, file_cost=file_cost, max_shard_size=max_shard_size,
+                     threads=threads, cache_dir=cache_dir, no_cache=no_cache, quiet=quiet or json_out)
         flag_options(SplitOptions(), "split", **flags)  # a bad flag is refused before any file is looked at
         spec_ = gather(spec, models or [], task, need_output=output is None)
         opts = flag_options(spec_.options, "split", **flags)
@@ -76,9 +85,12 @@ def add_cmd(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Also update llama-server's models directory."),
     allow_unrelated: bool = typer.Option(False, "--allow-unrelated", help="Add a model of another architecture."),
     max_shared_files: Optional[int] = _OPT_MAX_SHARED_FILES,
+    cut: Optional[str] = typer.Option(None, "--cut", help=_CUT_HELP + " (default: as the split was cut)."),
     file_cost: Optional[str] = _OPT_FILE_COST,
     max_shard_size: Optional[str] = _OPT_MAX_SHARD_SIZE,
     threads: Optional[int] = OPT_THREADS,
+    cache_dir: Optional[Path] = _OPT_CACHE_DIR,
+    no_cache: bool = _OPT_NO_CACHE,
     dry_run: bool = _OPT_DRY_RUN,
     quiet: bool = OPT_QUIET,
     json_out: bool = OPT_JSON,
@@ -90,7 +102,8 @@ def add_cmd(
         from ..assemble.update import add
 
         flags = dict(models_dir=models_dir, allow_unrelated=allow_unrelated, max_shared_files=max_shared_files,
-                     file_cost=file_cost, max_shard_size=max_shard_size, threads=threads, quiet=quiet or json_out)
+                     cut=cut, file_cost=file_cost, max_shard_size=max_shard_size, threads=threads, cache_dir=cache_dir,
+                     no_cache=no_cache, quiet=quiet or json_out)
         flag_options(SplitOptions(), "add", **flags)
         spec = next((m for m in models or [] if m.suffix.lower() in (".yaml", ".yml")), None)
         spec_ = gather(spec, [m for m in models or [] if m != spec], task, need_output=False)

@@ -97,11 +97,14 @@ _REASONS = {
     "not in every model": "that not every task has",
     "too small for a file": "shared, but too small to pay for a file (--file-cost)",
     "over the file cap": "shared, but left out by --max-shared-files",
+    "in another task's adaptor": "held by a task of the split in its adaptor only (no layout can reuse them)",
+    "in a file it cannot load": "in a shared file of the split that also holds tensors this task changed",
 }
 
 
-def print_split(report: Any, title: str = "split into") -> None:
-    """The files table, the savings line, then per task why each tensor of its adaptor is not shared."""
+def print_split(report: Any, title: str = "split into", add: Any = None) -> None:
+    """The files table, the savings line, then per task why each tensor of its adaptor is not shared and how
+    many files it loads. With `add` (an AddReport), the lines about bytes describe the add."""
     files_table(f"{title} {show(report.directory)}" + (" (dry run: nothing written)" if report.dry_run else ""),
                 [(f.name + (" (kept)" if f.kept else ""), f.position, str(f.tensors), f.bytes, f.tasks)
                  for f in report.files],
@@ -109,9 +112,13 @@ def print_split(report: Any, title: str = "split into") -> None:
                   f"{t.task} (replaces {', '.join(os.path.basename(s) for s in t.sources)}, "
                   f"{size(t.source_bytes)})") for t in report.tasks],
                 report.output_bytes, report.input_bytes)
-    _print_savings_line(report)
+    if add is not None:
+        _print_add_bytes(add)
+    else:
+        _print_savings_line(report)
+    holes = {f.name for f in report.files if f.kind == "hole"}
     for t in report.tasks:
-        _print_task_reasons(t)
+        _print_task_reasons(t, holes)
     if report.oversize:
         out.print(f"note: {len(report.oversize)} file(s) over --max-shard-size {size(report.max_shard_size)}, "
                   "each one tensor larger than that (a tensor cannot be cut): "
@@ -134,12 +141,17 @@ def _print_savings_line(report: Any) -> None:
                   + ("" if report.exact else f" (greedy plan; lower bound {size(report.lower_bound)})"))
 
 
-def _print_task_reasons(t: Any) -> None:
+def _print_task_reasons(t: Any, holes: set[str]) -> None:
     counts: dict[str, list[str]] = {}
     for name, why in t.reasons.items():
         counts.setdefault(why, []).append(name)
     why = "; ".join(f"{len(v)} {_REASONS.get(k, k)}" for k, v in counts.items())
     out.print(f"  {t.task}: {t.tensors} tensors in its adaptor: {why or 'every tensor is in a shared file'}")
+    if len(t.files) > 1:
+        n_holes = sum(os.path.basename(f) in holes for f in t.files)
+        out.print(f"    loads {len(t.files)} files besides its adaptor"
+                  + (f", {n_holes} of them hole{'s' if n_holes > 1 else ''} (empty files that fill its list)"
+                     if n_holes else ""))
     if t.missing:
         out.print(f"    has no {', '.join(t.missing)} (other tasks do)")
     if t.links:
@@ -157,12 +169,26 @@ def report_json(report: Any) -> dict[str, Any]:
 
 
 def print_add(report: Any) -> None:
-    print_split(report.split, title="added to")
-    out.print(f"reused {size(report.reused_bytes)} of tensors already in the split "
-              f"(tasks there: {', '.join(report.existing_tasks)})")
+    print_split(report.split, title="added to", add=report)
+
+
+def _print_add_bytes(report: Any) -> None:
+    """What the add wrote against the new models (not the split-wide savings: the existing files were
+    there before), what it reused, what no layout could reuse, and what a fresh split would save."""
+    n = len(report.split.tasks)
+    new = "the new task" if n == 1 else f"the {n} new tasks"
+    share = f" ({report.new_bytes / report.model_bytes:.1%})" if report.model_bytes else ""
+    out.print(f"wrote {size(report.new_bytes)} of tensors for {new}'s {size(report.model_bytes)}{share}; reused "
+              f"{size(report.reused_bytes)} from files already in the split (tasks there: "
+              f"{', '.join(report.existing_tasks)}; new shared files cut {report.cut})")
+    if report.new_bytes > report.unique_bytes:
+        out.print(f"  {size(report.unique_bytes)} of it no task of the split holds; "
+                  f"{size(report.in_adaptors_bytes)} sits in other tasks' adaptors, which no layout can reuse "
+                  "(shipped files never change)")
     if report.resplit_would_save > 0:
-        out.print(f"a fresh split of all {len(report.existing_tasks) + len(report.split.tasks)} tasks would store "
-                  f"{size(report.resplit_would_save)} less (it needs every original model)")
+        out.print(f"a fresh split of all {len(report.existing_tasks) + n} tasks would store "
+                  f"{size(report.resplit_would_save)} less (it needs every original model; devices would then "
+                  "download every file again)")
     else:
         out.print("a fresh split of all tasks would store no less")
 

@@ -1,3 +1,3 @@
 """Writing and reading bytes safely: crash-safe directory commits, kernel copies, the one hashing
-sweep, thread jobs and progress. Imports format only.
+sweep and what it yields per file (manifests), thread jobs and progress. Imports format only.
 """

@@ -41,12 +41,12 @@ import shutil
 import signal
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, BinaryIO
 
 import xxhash
 
@@ -563,5 +563,66 @@ def _remove_temp_dir(path: str) -> None:
         pass
 
 
-__all__ = ["Transaction", "NewFile", "Journal", "checkpoint", "check_space", "fsync_dir", "holds_bytes", "locked",
-           "pending_view", "roll_forward", "signals_deferred", "TMP_SUFFIX"]
+# ---------------------------------------------------------------------------------------------------------
+# A few whole files at once
+
+
+def write_files(directory: str | os.PathLike[str], files: Sequence[tuple[str, Callable[[int], None]]], *,
+                force: bool = False, keep: Callable[[str, str], bool] | None = None, create: bool = True,
+                check: Callable[[Transaction], None] | None = None,
+                on_wait: Callable[[str], None] | None = None) -> list[str]:
+    """Write each (name, write) into `directory`, all or nothing, as one Transaction: the outputs of a
+    command that makes a few whole files (a pack, an unpack, a LoRA adapter). `write(fd)` writes (and
+    checks) the file's bytes; any exception discards every temporary and leaves the directory as it was.
+
+    Under the directory's lock, before anything is written: `check(tx)` (the caller's own refusals, e.g.
+    free space), then each name: a directory in the way is refused; an existing entry is kept when
+    `keep(name, path)` says it already holds the bytes, else refused unless `force`. `create`: make the
+    directory if missing (it goes again if nothing was written). Returns the names kept."""
+    directory = os.path.abspath(os.fspath(directory))
+    names = [name for name, _ in files]
+    for name in names:
+        check_bare_name(name, directory)
+    if len(set(names)) != len(names):
+        raise GGUFSplitError(directory, "two outputs have the same name")
+    with Transaction(directory, create=create, on_wait=on_wait) as tx:
+        if check is not None:
+            check(tx)
+        kept = _kept_outputs(tx, names, force, keep)
+        for name, write in files:
+            if name not in kept:
+                tx.write(tx.new(name), write)
+        tx.commit()
+    return kept
+
+
+def _kept_outputs(tx: Transaction, names: Sequence[str], force: bool,
+                  keep: Callable[[str, str], bool] | None) -> list[str]:
+    """The names whose existing file is kept; refuses a directory, and an existing entry unless `force`."""
+    kept: list[str] = []
+    for name in names:
+        path = tx.path(name)
+        if not os.path.lexists(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise GGUFSplitError(path, "is a directory: cannot replace it with a file")
+        if keep is not None and keep(name, path):
+            kept.append(name)
+        elif not force:
+            raise GGUFSplitError(path, "already exists (use --force to replace it)")
+    return kept
+
+
+def buffered(write: Callable[[BinaryIO], None], size: int = 1 << 20) -> Callable[[int], None]:
+    """A `write(fd)` for write_files from a writer of a file object: many small writes (a pack's records)
+    go through a `size`-byte buffer over a duplicate of the descriptor, flushed before the fsync."""
+    def fill(fd: int) -> None:
+        with os.fdopen(os.dup(fd), "wb", buffering=size) as f:
+            write(f)
+            f.flush()
+
+    return fill
+
+
+__all__ = ["Transaction", "NewFile", "Journal", "buffered", "checkpoint", "check_space", "fsync_dir", "holds_bytes",
+           "locked", "pending_view", "roll_forward", "signals_deferred", "write_files", "TMP_SUFFIX"]

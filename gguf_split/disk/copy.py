@@ -3,9 +3,8 @@
 Writing is the slow part of these machines (`cp` ~150 MB/s), so tensor bytes never pass through Python
 objects on their way out: they move file to file with `os.copy_file_range` (a reflink or an in-kernel
 copy), falling back to `os.write` of mmap views where the kernel cannot. Files are written by a
-`commit.Transaction` (temporary name, fsync, atomic switch). `file_digests` computes the xxh3-128 and
-sha256 of a file being written from its header and the sources' mapped bytes (hashlib and xxhash release
-the GIL, so it runs beside the copy on another core); the adaptors record them.
+`commit.Transaction` (temporary name, fsync, atomic switch); each file is then read back and hashed
+(disk.sweep) while the next is copied.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from ..errors import GGUFSplitError
 from ..format.gguf import GGUFFile
 from .progress import Reporter
 from ..format.records import BuiltHeader, OutTensor
-from .sweep import spans_of_layout, sweep
 
 CHUNK = 64 << 20
 _ZEROS = bytes(1 << 16)
@@ -68,11 +66,3 @@ def write_gguf(fd: int, built: BuiltHeader, tensors: Sequence[OutTensor], bar: R
         copy_bytes(t.src, t.src_offset, t.nbytes, fd, bar)
         pos = offset + t.nbytes
     write_zeros(fd, built.file_size - built.data_start - pos)
-
-
-def file_digests(built: BuiltHeader, tensors: Sequence[OutTensor]) -> tuple[str, str]:
-    """(xxh3-128, sha256) hex of the file `write_gguf(built, tensors)` writes, from the same bytes: the header
-    and the sources' mapped tensors (run beside the copy: hashlib and xxhash release the GIL)."""
-    pieces = [(offset, t.nbytes, t.src, t.src_offset) for t, offset in zip(tensors, built.offsets)]
-    d = sweep(spans_of_layout(built.data, built.data_start, pieces, built.file_size), sha256=True)
-    return d.xxh3_hex, d.sha256 or ""

@@ -3,8 +3,8 @@ every hasher a piece while it is in the CPU cache.
 
 Why one mechanism: scanning inputs (tensor digests + the whole file's, recorded for restore), verifying a
 split (the same digests compared, and the padding checked to be zero), keeping a file a re-split or `add`
-reuses, checking what a split just wrote, digesting a file before it is written (from its header and its
-sources) and hashing a pack's inputs are all the same walk: a header, then tensors and the gaps between
+reuses, checking what a split just wrote (and taking the digests its adaptors record from that read) and
+hashing a pack's inputs are all the same walk: a header, then tensors and the gaps between
 them in file order. Tensors never overlap (the format layer refuses it), so header, tensors and gaps tile
 the file, and one pass gives the whole-file xxh3-128 (what `xxh128sum` prints), optionally its sha256
 (~0.7 GB/s, so only where it is recorded), and every tensor's xxh3-128. Pieces are 1 MiB: small enough that
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import xxhash
@@ -124,23 +124,6 @@ def _pieces(span: Span) -> Iterable[bytes | memoryview]:
     else:
         for at in range(span.offset, span.offset + n, PIECE):
             yield src.view(at, min(at + PIECE, span.offset + n))
-
-
-def spans_of_layout(header: bytes, data_start: int, pieces: Sequence[tuple[int, int, GGUFFile, int]],
-                    file_size: int) -> list[Span]:
-    """The spans of a file to be written: `header` bytes, zeros to `data_start`, then each tensor
-    (data offset, length, source file, source offset) with zeros between, and zeros to `file_size`."""
-    spans = [Span(HEADER, len(header), header), Span(GAP, data_start - len(header))]
-    pos = data_start
-    for offset, n, src, src_offset in pieces:
-        at = data_start + offset
-        if at > pos:
-            spans.append(Span(GAP, at - pos))
-        spans.append(Span(TENSOR, n, src, src_offset))
-        pos = at + n
-    if file_size > pos:
-        spans.append(Span(GAP, file_size - pos))
-    return spans
 
 
 def read_back(path: str, bar: Reporter = NO_BAR) -> str:

@@ -12,7 +12,8 @@ directory, `gguf-split link`) never point at other bytes:
 
 `<id>` is the first 12 hex digits of the file's content id (gguf_split.content_id, recorded inside it).
 An optional prefix goes in front of every name. Names that come from files (records, journals) are checked
-with `check_bare_name` before they are joined to a directory: a forged `../x` or `/etc/x` is refused.
+with `check_bare_name` before they are joined to a directory: a forged `../x` or `/etc/x` is refused; the
+names a pack gives back follow its strict mode (not hidden, no control characters, at most 255 bytes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ TASK_RULE = ("a task name is 1 to 64 characters: letters, digits and _ . + -, st
 # whole-string matches (fullmatch): `$` would also match before a final newline, and "chat\n" would pass
 _TASK_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _PREFIX_CHARS = re.compile(r"[A-Za-z0-9_.+-]*")
+
+NAME_MAX_BYTES = 255  # a strict name's limit, in UTF-8 bytes (check_bare_name)
 
 TMP_SUFFIX = ".gguf-split-tmp"
 TMP_DIR_SUFFIX = ".gguf-split-tmpdir"
@@ -59,12 +62,36 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def check_bare_name(name: object, where: str | None, what: str = "file name") -> str:
-    """A name read from a file must be a bare base name: no directory part, not . or .., no NUL."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or "\0" in name or os.path.basename(name) != name):
-        raise GGUFSplitError(where, f"recorded {what} {name!r} is not a plain file name: damaged or forged")
+def check_bare_name(name: object, where: str | None, what: str = "file name", *, strict: bool = False) -> str:
+    """`name` if it is a bare base name, safe to join to a directory: no directory part, not . or .., no NUL.
+
+    Plain: the rule for names read from gguf-split's own records and journals (a forged `../x` is refused
+    as "damaged or forged"). `strict`: the rule of a file a pack gives back (docs/pack-format.md), which
+    names a file another machine creates from a downloaded pack: also not hidden (gguf-split's temporaries
+    are hidden), no control character, no leading or trailing space, at most 255 bytes of UTF-8 (the
+    limit of common file systems); its messages say which rule a pack's name or an input's breaks."""
+    if not strict:
+        if not _is_bare(name):
+            raise GGUFSplitError(where, f"recorded {what} {name!r} is not a plain file name: damaged or forged")
+        assert isinstance(name, str)
+        return name
+    if not isinstance(name, str) or not name:
+        raise GGUFSplitError(where, f"{what} {name!r} is not a non-empty string")
+    if not _is_bare(name) or name.startswith(".") or name != name.strip() or any(ord(c) < 32 for c in name):
+        raise GGUFSplitError(where, f"{what} {name!r} must be a bare file name (no directory, not hidden, "
+                                    "no control characters)")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise GGUFSplitError(where, f"{what} {name!r} is not valid Unicode") from None
+    if size > NAME_MAX_BYTES:
+        raise GGUFSplitError(where, f"{what} {name[:40]!r}... is longer than {NAME_MAX_BYTES} bytes")
     return name
+
+
+def _is_bare(name: object) -> bool:
+    return (isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name and os.path.basename(name) == name)
 
 
 def adaptor_name(task: str, prefix: str = "") -> str:
@@ -81,6 +108,10 @@ def hole_name(position: int, prefix: str = "") -> str:
 
 def own_part_name(task: str, part: int, content_id: str, prefix: str = "") -> str:
     return f"{prefix}adaptor-{task}-part{part}-{content_id[:ID_CHARS]}.gguf"
+
+
+# a llama.cpp shard (`llama_split_path`): <prefix>-0000k-of-0000N.gguf; always matched whole (fullmatch)
+SHARD_NAME = re.compile(r"(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
 
 
 def link_name(task: str, index: int, count: int) -> str:

@@ -80,6 +80,8 @@ K_FILES_SIZE = "gguf_split.files.size"
 K_FILES_XXH3 = "gguf_split.files.xxh3"
 K_FILES_SHA256 = "gguf_split.files.sha256"
 K_TENSOR_FILES = "gguf_split.tensor_files"
+K_CUT = "gguf_split.cut"  # how shared groups were cut into files ("none", "role", "role:6", "tensor"); absent: none
+K_CUT_SCHEME = "gguf_split.cut_scheme"  # the tensor name -> (role, layer) mapping the cut used (assemble/plan/roles.py)
 K_SRC_NAME = "gguf_split.source.name"
 K_SRC_SIZE = "gguf_split.source.size"
 K_SRC_XXH3 = "gguf_split.source.xxh3"
@@ -229,13 +231,16 @@ class SourceRecords:
 
 
 def adaptor_kvs(*, task: str, files: Sequence[FileRef], tensor_files: Sequence[int], digests: bytes,
-                source: SourceRecords, n_model_tensors: int) -> list[bytes]:
-    """gguf-split's records of an adaptor (the tail, source.kept_kvs, follows the index)."""
+                source: SourceRecords, n_model_tensors: int, cut: str = "none", cut_scheme: int = 1) -> list[bytes]:
+    """gguf-split's records of an adaptor (the tail, source.kept_kvs, follows the index). `cut` and
+    `cut_scheme`: how the split cut its shared groups, so that a later `add` cuts new ones the same way."""
     s = source
     return [
         encode_kv(K_VERSION, U32, LAYOUT_VERSION),
         encode_kv(K_ROLE, STR, ROLE_ADAPTOR),
         encode_kv(K_TASK, STR, task),
+        encode_kv(K_CUT, STR, cut),
+        encode_kv(K_CUT_SCHEME, U32, cut_scheme),
         encode_kv(K_FILES_NAME, ARR, [f.name for f in files], STR),
         encode_kv(K_FILES_ID, ARR, [f.content_id for f in files], STR),
         encode_kv(K_FILES_SIZE, ARR, [f.size for f in files], U64),
@@ -518,6 +523,8 @@ class AdaptorInfo:
     tensor_files: list[int]  # per model tensor (source order): position of the file holding it
     sources: list[SourceFile]
     n_model_tensors: int
+    cut: str = "none"  # how the split cut its shared groups; splits made before cuts existed (0.2) record none
+    cut_scheme: int = 1
 
     @classmethod
     def read(cls, f: SplitFile) -> "AdaptorInfo":
@@ -551,7 +558,11 @@ class AdaptorInfo:
             raise GGUFSplitError(p, "tensor index names a file position the task does not have: damaged")
         if sum(1 for pos in tensor_files if pos == 0) != len(f.header.tensors):
             raise GGUFSplitError(p, "tensor index does not match the adaptor's own tensors: damaged")
-        return cls(p, task, files, tensor_files, sources, n_model)
+        cut, scheme = "none", 1
+        if K_CUT in f.header.kv_by_key:
+            cut = f.text(K_CUT)
+            scheme = f.record(K_CUT_SCHEME, U32)  # type: ignore[assignment]
+        return cls(p, task, files, tensor_files, sources, n_model, cut, scheme)
 
     def paths(self) -> list[str]:
         """The task's llama.cpp split list: this adaptor, then its files in order (beside it)."""

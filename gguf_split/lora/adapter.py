@@ -22,13 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import xxhash
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.constants import GGUFValueType
 
 from ..errors import GGUFSplitError
-from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, TensorInfo, to_numpy, type_name
+from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, TensorInfo, type_name
+from ..format.model import Tensor
 from .math import OUTPUT, is_token_embd
 
 __all__ = ["AdapterTensor", "LoraAdapter", "LoraWeight", "base_digest"]
@@ -43,27 +43,7 @@ SUFFIX_A, SUFFIX_B = ".lora_a", ".lora_b"
 INT_TYPES = frozenset({Q.I8, Q.I16, Q.I32, Q.I64})
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterTensor:
-    """A tensor of the adapter file: name, ggml type, GGUF shape, read-only view of the mapped file."""
-
-    name: str
-    ggml_type: int
-    shape: tuple[int, ...]
-    data: memoryview
-    file: str
-
-    @property
-    def type_name(self) -> str:
-        return type_name(self.ggml_type)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-    def to_numpy(self) -> np.ndarray:
-        out: np.ndarray = to_numpy(self.data, self.ggml_type, self.shape)
-        return out
+AdapterTensor = Tensor  # a tensor of the adapter file: the same zero-copy view as any GGUF's (format.model)
 
 
 @dataclass(frozen=True, slots=True)

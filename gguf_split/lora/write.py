@@ -2,11 +2,11 @@
 gguf-split is.
 
 Why a module of its own: extraction decides what goes into an adapter; this says how those factors become
-bytes on disk, and it is the only code of lora/ that writes. It writes through `disk.commit.Transaction`
-(the output's directory locked, a hidden temporary fsynced, one atomic rename of a journal, a killed run's
-leftovers finished or removed by the next gguf-split run in that directory), so a kill at any moment
-leaves the old file or the new one, never a part. An existing output is refused unless `force`, and an
-input model never becomes the output.
+bytes on disk, and it is the only code of lora/ that writes. It writes through `disk.commit.write_files`
+(one Transaction: the output's directory locked, a hidden temporary fsynced, one atomic rename of a
+journal, a killed run's leftovers finished or removed by the next gguf-split run in that directory), so a
+kill at any moment leaves the old file or the new one, never a part. An existing output is refused unless
+`force`, and an input model never becomes the output.
 
 The layout: GGUF v3, the KVs (what adapter.py reads, then the task's hyperparameters, which llama.cpp
 ignores in an adapter but which document what the LoRA was made for), the tensor infos, every tensor
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..disk.commit import Transaction, check_space
+from ..disk.commit import Transaction, check_space, write_files
 from ..disk.copy import write_all, write_zeros
 from ..disk.progress import QUIET, Progress
 from ..errors import GGUFSplitError
@@ -133,10 +133,11 @@ def write_adapter(path: str | os.PathLike[str], header: AdapterHeader, factors: 
     `check_output` is asked again under the directory's lock. Returns the file's size."""
     layout = _layout(header.encode(), factors, ggml_type)
     final = os.path.abspath(os.fspath(path))
-    with Transaction(os.path.dirname(final), create=False, on_wait=progress.note) as tx:
+
+    def check(tx: Transaction) -> None:
         check_output(path, force=force, inputs=inputs)
         check_space(tx.dir, layout.size, "the LoRA")
-        new = tx.new(os.path.basename(final))
-        tx.write(new, lambda fd: _write(fd, layout, factors))
-        tx.commit()
+
+    write_files(os.path.dirname(final), [(os.path.basename(final), lambda fd: _write(fd, layout, factors))],
+                force=force, create=False, check=check, on_wait=progress.note)
     return layout.size

@@ -311,7 +311,10 @@ def _bf16_bits(p: np.ndarray) -> np.ndarray:
     return _gguf_quantize(p, Q.BF16).view(np.uint16).reshape(p.shape)  # pragma: no cover
 
 
-def factors_from_bytes(raw: Any, factor_type: str, r: int, m: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+Factors = tuple[np.ndarray, np.ndarray]  # (Bᵀ (r, m), A (r, n)) float32, exactly representable in their type
+
+
+def factors_from_bytes(raw: Any, factor_type: str, r: int, m: int, n: int) -> Factors:
     """(Bt (r, m), A (r, n)) as float32 from a factor record: Bt then A, row-major, little-endian."""
     dt = np.dtype(FACTOR_DTYPES[factor_type]).newbyteorder("<")
     need = r * (m + n) * dt.itemsize
@@ -440,7 +443,7 @@ def _rank_candidates(s: np.ndarray, kmax: int) -> list[int]:
     return sorted(c for c in cands if c <= kmax)
 
 
-def _balanced(bt: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _balanced(bt: np.ndarray, a: np.ndarray) -> Factors:
     """Scale each component so that B's column and A's row have the same largest magnitude."""
     bt = bt.astype(np.float32).copy()
     a = a.astype(np.float32).copy()
@@ -453,7 +456,7 @@ def _balanced(bt: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bt, a
 
 
-def _storable(bt: np.ndarray, a: np.ndarray, factor_type: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _storable(bt: np.ndarray, a: np.ndarray, factor_type: str) -> Factors | None:
     if factor_type == "f16":
         if max(float(np.abs(bt).max(initial=0)), float(np.abs(a).max(initial=0))) >= _F16_MAX:
             return None
@@ -464,148 +467,219 @@ def _storable(bt: np.ndarray, a: np.ndarray, factor_type: str) -> tuple[np.ndarr
 # D = target - base is kept in memory while planning when it has at most this many elements (256 MiB of
 # float32), else recomputed from the inputs on each pass
 _PLAN_CACHE_ELEMS = 1 << 26
+SKETCH_FIRST = 16  # components of the first sketch (+8 oversampling); a larger one only without a clear gap
+SKETCH_GROWTH = 4
+CLEAR_GAP = 4.0  # a ratio of consecutive singular values this large: the rank of an update, found
+SAMPLE_RUNS = 4
 
 
 def plan_delta(target: RowReader, target_type: int, base: RowReader, base_type: int, g: Geometry, *,
                level: int, rows_per_chunk: int, seed: int = 0, max_rank: int = 128,
                sample_elems: int = 1 << 17, power: int = 1) -> DeltaPlan | None:
     """Find B and A for target ≈ base + B·A and pick rank, factor type and residual mode by the bytes they
-    produce on a sample of rows (every row when the tensor is small). None when the base is not finite."""
-    m, n = g.n_rows, g.row_elems
-    tdtype, width = DELTA_TARGET_TYPES[Q(target_type)]
-    kmax = max(0, min(max_rank, min(m, n) // 2))
-    rng = np.random.default_rng(seed)
-    blocks = [g.chunk_span(i, rows_per_chunk) for i in range(g.chunk_count(rows_per_chunk))]
+    produce on a sample of rows (every row when the tensor is small). None when the base is not finite.
 
-    def rows_of(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-        b = dequantize_rows(base(r0, r1), base_type, r1 - r0, n)
-        tb = np.frombuffer(target(r0, r1), dtype=tdtype).reshape(r1 - r0, n)
+    In steps: the base checked finite; D = target - base factorized by a randomized SVD (`_factorize`);
+    a sample of rows (`_Sample`) on which every candidate is measured by its compressed bytes; the rank
+    searched (`_RankSearch.run`); at the chosen rank, the residual mode and the factors' type
+    (`_RankSearch.finish`)."""
+    pair = _DeltaPair(target, target_type, base, base_type, g, rows_per_chunk)
+    if not pair.base_is_finite():
+        return None
+    kmax = max(0, min(max_rank, min(g.n_rows, g.row_elems) // 2))
+    s, b_full, a_full, kmax = _factorize(pair, kmax, np.random.default_rng(seed), power)
+    sample = _Sample.take(pair, sample_elems, level)
+    search = _RankSearch(b_full, a_full, kmax, sample)
+    search.run(s)
+    return search.finish()
+
+
+@dataclass
+class _DeltaPair:
+    """A target and its base, read by rows, cut in the pack's chunks (the blocks every pass walks)."""
+
+    target: RowReader
+    target_type: int
+    base: RowReader
+    base_type: int
+    g: Geometry
+    rows_per_chunk: int
+
+    def __post_init__(self) -> None:
+        self.m, self.n = self.g.n_rows, self.g.row_elems
+        self.tdtype, self.width = DELTA_TARGET_TYPES[Q(self.target_type)]
+        k = self.rows_per_chunk
+        self.blocks = [self.g.chunk_span(i, k) for i in range(self.g.chunk_count(k))]
+
+    def rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(base as float32, target's bit patterns) of rows [r0, r1)."""
+        b = dequantize_rows(self.base(r0, r1), self.base_type, r1 - r0, self.n)
+        tb = np.frombuffer(self.target(r0, r1), dtype=self.tdtype).reshape(r1 - r0, self.n)
         return b, tb
 
-    def diff(r0: int, r1: int) -> np.ndarray:
-        b, tb = rows_of(r0, r1)
-        d = dequantize_rows(tb.view(np.uint8), target_type, r1 - r0, n) - b
+    def diff(self, r0: int, r1: int) -> np.ndarray:
+        """target - base on rows [r0, r1), float32, non-finite values as 0."""
+        b, tb = self.rows(r0, r1)
+        d = dequantize_rows(tb.view(np.uint8), self.target_type, r1 - r0, self.n) - b
         finite: np.ndarray = np.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
         return finite
 
-    for r0, r1 in blocks:
-        b = dequantize_rows(base(r0, r1), base_type, r1 - r0, n)
-        if not np.isfinite(b).all() or float(np.abs(b).max(initial=0)) > 1e30:
-            return None
-    cache: list[np.ndarray] | None = [diff(r0, r1) for r0, r1 in blocks] if m * n <= _PLAN_CACHE_ELEMS else None
+    def base_is_finite(self) -> bool:
+        for r0, r1 in self.blocks:
+            b = dequantize_rows(self.base(r0, r1), self.base_type, r1 - r0, self.n)
+            if not np.isfinite(b).all() or float(np.abs(b).max(initial=0)) > 1e30:
+                return False
+        return True
+
+
+def _factorize(pair: _DeltaPair, kmax: int, rng: np.random.Generator,
+               power: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(singular values, Bᵀ, A, the largest rank worth trying) of D = target - base: a sketch of
+    SKETCH_FIRST (+8) components first, SKETCH_GROWTH times larger while no clear gap shows in it."""
+    m, n = pair.m, pair.n
+    cache = [pair.diff(r0, r1) for r0, r1 in pair.blocks] if m * n <= _PLAN_CACHE_ELEMS else None
 
     def d_block(i: int) -> np.ndarray:
-        return cache[i] if cache is not None else diff(*blocks[i])
-
-    # randomized range finder with power iterations (the spectrum of a merged update is the update's
-    # rank-r signal over a flat floor of rounding noise; without one the noise tilts the subspace found):
-    # Y = D·Ω; `power` times: Q = orth(Y), W = orth(Dᵀ·Q), Y = D·W; then Z = Qᵀ·D = U S Vᵀ.
-    # A sketch of 16 (+8) components first; a larger one only when no clear gap shows in it.
-    def factorize(kk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        w = rng.standard_normal((n, kk)).astype(np.float32)
-        for it in range(power + 1):
-            y = np.empty((m, kk), dtype=np.float32)
-            for i, (r0, r1) in enumerate(blocks):
-                y[r0:r1] = d_block(i) @ w
-            qm, _ = np.linalg.qr(y)
-            del y
-            z = np.zeros((n, kk), dtype=np.float64)
-            for i, (r0, r1) in enumerate(blocks):
-                z += d_block(i).T @ qm[r0:r1]
-            if it < power:
-                w = np.linalg.qr(z)[0].astype(np.float32)
-        uz, sv, vt = np.linalg.svd(z.T, full_matrices=False)
-        return sv, (qm @ (uz * sv).astype(np.float32)).T, vt.astype(np.float32)
+        return cache[i] if cache is not None else pair.diff(*pair.blocks[i])
 
     s = np.zeros(0)
     b_full = np.zeros((0, m), np.float32)
     a_full = np.zeros((0, n), np.float32)
-    reach = 16
+    reach = SKETCH_FIRST
     while kmax > 0:
         kk_max = min(kmax, reach)
-        s, b_full, a_full = factorize(min(kk_max + 8, min(m, n)))
+        s, b_full, a_full = _range_svd(d_block, pair.blocks, m, n, min(kk_max + 8, min(m, n)), rng, power)
         top = s[: kk_max + 1]
-        clear_gap = any(top[r] <= 0 or top[r - 1] / top[r] >= 4.0 for r in range(1, len(top)))
+        clear_gap = any(top[r] <= 0 or top[r - 1] / top[r] >= CLEAR_GAP for r in range(1, len(top)))
         if clear_gap or kk_max >= kmax:
             kmax = kk_max
             break
-        reach *= 4
-    cache = None  # free the cached D before sampling
+        reach *= SKETCH_GROWTH
+    return s, b_full, a_full, kmax
 
-    # the sample: every row of a small tensor, else 4 evenly spread runs of rows
-    sample_rows = max(1, min(m, sample_elems // n))
-    if sample_rows >= m:
-        spans = [(0, m)]
-    else:
-        run = max(1, sample_rows // 4)
-        starts = np.linspace(0, m - run, 4).astype(int)
-        spans = sorted({(int(s0), int(s0) + run) for s0 in starts})
-    scale = m / sum(r1 - r0 for r0, r1 in spans)
-    samples = [(r0, r1, *rows_of(r0, r1)) for r0, r1 in spans]
-    plain_est = int(scale * sum(len(compress(shuffle(tb.tobytes(), width), level)) for *_, tb in samples))
 
-    def residual_bytes(st: tuple[np.ndarray, np.ndarray], modes: tuple[str, ...]) -> dict[str, int]:
+def _range_svd(d_block: Callable[[int], np.ndarray], blocks: list[tuple[int, int]], m: int, n: int, kk: int,
+               rng: np.random.Generator, power: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A randomized range finder with power iterations (the spectrum of a merged update is the update's
+    rank-r signal over a flat floor of rounding noise; without one the noise tilts the subspace found):
+    Y = D·Ω; `power` times: Q = orth(Y), W = orth(Dᵀ·Q), Y = D·W; then Z = Qᵀ·D = U S Vᵀ. Returns
+    (S, (Q·U·S)ᵀ, Vᵀ) for kk components."""
+    w = rng.standard_normal((n, kk)).astype(np.float32)
+    for it in range(power + 1):
+        y = np.empty((m, kk), dtype=np.float32)
+        for i, (r0, r1) in enumerate(blocks):
+            y[r0:r1] = d_block(i) @ w
+        qm, _ = np.linalg.qr(y)
+        del y
+        z = np.zeros((n, kk), dtype=np.float64)
+        for i, (r0, r1) in enumerate(blocks):
+            z += d_block(i).T @ qm[r0:r1]
+        if it < power:
+            w = np.linalg.qr(z)[0].astype(np.float32)
+    uz, sv, vt = np.linalg.svd(z.T, full_matrices=False)
+    return sv, (qm @ (uz * sv).astype(np.float32)).T, vt.astype(np.float32)
+
+
+class _Sample:
+    """Rows a candidate is measured on: every row of a small tensor, else SAMPLE_RUNS evenly spread runs;
+    estimates are scaled from them to the whole tensor."""
+
+    def __init__(self, pair: _DeltaPair, spans: list[tuple[int, int]], level: int) -> None:
+        self.pair, self.level = pair, level
+        self.scale = pair.m / sum(r1 - r0 for r0, r1 in spans)
+        self.rows = [(r0, r1, *pair.rows(r0, r1)) for r0, r1 in spans]
+
+    @classmethod
+    def take(cls, pair: _DeltaPair, sample_elems: int, level: int) -> "_Sample":
+        m = pair.m
+        sample_rows = max(1, min(m, sample_elems // pair.n))
+        if sample_rows >= m:
+            return cls(pair, [(0, m)], level)
+        run = max(1, sample_rows // SAMPLE_RUNS)
+        starts = np.linspace(0, m - run, SAMPLE_RUNS).astype(int)
+        return cls(pair, sorted({(int(s0), int(s0) + run) for s0 in starts}), level)
+
+    def plain_bytes(self) -> int:
+        """The target's estimated bytes as a plain tensor (shuffled, zstd)."""
+        w = self.pair.width
+        return int(self.scale * sum(len(compress(shuffle(tb.tobytes(), w), self.level)) for *_, tb in self.rows))
+
+    def residual_bytes(self, st: Factors, modes: tuple[str, ...]) -> dict[str, int]:
+        """Each residual mode's estimated bytes with factors `st`."""
         sizes = {mode: 0 for mode in modes}
-        for r0, r1, b, tb in samples:
-            pred = predict_bits(b, np.ascontiguousarray(st[0][:, r0:r1]), st[1], target_type)
+        for r0, r1, b, tb in self.rows:
+            pred = predict_bits(b, np.ascontiguousarray(st[0][:, r0:r1]), st[1], self.pair.target_type)
             for mode in modes:
-                sizes[mode] += len(compress(residual_encode(tb, pred, mode), level))
-        return {mode: int(v * scale) for mode, v in sizes.items()}
+                sizes[mode] += len(compress(residual_encode(tb, pred, mode), self.level))
+        return {mode: int(v * self.scale) for mode, v in sizes.items()}
 
-    def factor_bytes(r: int, ft: str) -> int:
-        return int(r * (m + n) * np.dtype(FACTOR_DTYPES[ft]).itemsize)
 
-    # ranks, cheapest questions first: none, the spectrum's largest gap, then powers of two upwards until
-    # two in a row do worse than the best so far (or their factors alone would)
-    cands: dict[int, int] = {}
-    parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+class _RankSearch:
+    """The rank by the bytes it produces, cheapest questions first: none, the spectrum's largest gap,
+    then the ladder (`_rank_candidates`) up and down from it, each way until two in a row do worse than
+    the best so far (or their factors alone would)."""
 
-    def try_rank(r: int) -> None:
-        if r in cands or r > kmax:
+    def __init__(self, b_full: np.ndarray, a_full: np.ndarray, kmax: int, sample: _Sample) -> None:
+        self.b_full, self.a_full, self.kmax, self.sample = b_full, a_full, kmax, sample
+        self.cands: dict[int, int] = {}  # rank -> estimated bytes
+        self.parts: dict[int, Factors] = {}
+
+    def factor_bytes(self, r: int, ft: str) -> int:
+        pair = self.sample.pair
+        return int(r * (pair.m + pair.n) * np.dtype(FACTOR_DTYPES[ft]).itemsize)
+
+    def storable(self, r: int, ft: str) -> Factors | None:
+        return _storable(*_balanced(self.b_full[:r], self.a_full[:r]), ft)
+
+    def try_rank(self, r: int) -> None:
+        if r in self.cands or r > self.kmax:
             return
-        st = _storable(*_balanced(b_full[:r], a_full[:r]), "f16")
+        ft = "f16"
+        st = self.storable(r, ft)
         if st is None:
-            st = _storable(*_balanced(b_full[:r], a_full[:r]), "f32")
             ft = "f32"
-        else:
-            ft = "f16"
+            st = self.storable(r, ft)
         if st is None:
             return
-        if cands and factor_bytes(r, ft) >= min(cands.values()):
+        if self.cands and self.factor_bytes(r, ft) >= min(self.cands.values()):
             return
-        cands[r] = factor_bytes(r, ft) + residual_bytes(st, ("sub",))["sub"]
-        parts[r] = st
+        self.cands[r] = self.factor_bytes(r, ft) + self.sample.residual_bytes(st, ("sub",))["sub"]
+        self.parts[r] = st
 
-    try_rank(0)
-    ladder = _rank_candidates(s, kmax)[1:]  # powers of two and the spectrum's gaps, ascending
-    if ladder:
-        ratios = [(s[r - 1] / s[r] if s[r] > 0 else np.inf, r) for r in range(1, min(len(s), kmax + 1))]
+    def run(self, s: np.ndarray) -> None:
+        self.try_rank(0)
+        ladder = _rank_candidates(s, self.kmax)[1:]  # powers of two and the spectrum's gaps, ascending
+        if not ladder:
+            return
+        ratios = [(s[r - 1] / s[r] if s[r] > 0 else np.inf, r) for r in range(1, min(len(s), self.kmax + 1))]
         start = max(ratios)[1] if ratios else ladder[0]
-        try_rank(start)
+        self.try_rank(start)
         for direction in (1, -1):  # up from the largest gap, then down, each until two in a row do worse
             worse = 0
             for r in (ladder if direction > 0 else ladder[::-1]):
                 if (r - start) * direction <= 0:
                     continue
-                before = min(cands.values())
-                try_rank(r)
-                worse = worse + 1 if r not in cands or cands[r] >= before else 0
+                before = min(self.cands.values())
+                self.try_rank(r)
+                worse = worse + 1 if r not in self.cands or self.cands[r] >= before else 0
                 if worse >= 2:
                     break
-    r = min(cands, key=lambda c: (cands[c], c))
-    # at the chosen rank: xor against sub, float32 factors against float16
-    options: list[tuple[int, str, str, tuple[np.ndarray, np.ndarray]]] = []
-    st = parts[r]
-    ft = "f16" if r == 0 or bool((st[0].astype(np.float16).astype(np.float32) == st[0]).all()) else "f32"
-    for mode, size in residual_bytes(st, RESIDUAL_MODES).items():
-        options.append((factor_bytes(r, ft) + size, ft, mode, st))
-    if r > 0 and ft == "f16":
-        st32 = _storable(*_balanced(b_full[:r], a_full[:r]), "f32")
-        if st32 is not None:
-            size = residual_bytes(st32, ("sub",))["sub"]
-            options.append((factor_bytes(r, "f32") + size, "f32", "sub", st32))
-    total, ft, mode, st = min(options, key=lambda o: o[0])
-    return DeltaPlan(r, ft, mode, st[0], st[1], total, plain_est, cands)
+
+    def finish(self) -> DeltaPlan:
+        """At the best rank: xor against sub, float32 factors against float16."""
+        r = min(self.cands, key=lambda c: (self.cands[c], c))
+        st = self.parts[r]
+        ft = "f16" if r == 0 or bool((st[0].astype(np.float16).astype(np.float32) == st[0]).all()) else "f32"
+        options: list[tuple[int, str, str, Factors]] = []
+        for mode, size in self.sample.residual_bytes(st, RESIDUAL_MODES).items():
+            options.append((self.factor_bytes(r, ft) + size, ft, mode, st))
+        if r > 0 and ft == "f16":
+            st32 = self.storable(r, "f32")
+            if st32 is not None:
+                size = self.sample.residual_bytes(st32, ("sub",))["sub"]
+                options.append((self.factor_bytes(r, "f32") + size, "f32", "sub", st32))
+        total, ft, mode, st = min(options, key=lambda o: o[0])
+        return DeltaPlan(r, ft, mode, st[0], st[1], total, self.sample.plain_bytes(), self.cands)
 
 
 def encode_delta_chunk(plan: DeltaPlan, base_raw: Any, base_type: int, target_raw: Any, target_type: int,

@@ -1,8 +1,8 @@
 """Transport: a split directory or a set of models as one pack file, and back.
 
-pack.py packs and unpacks any ordered set of GGUF files; this module says which files: a split's files
-(every adaptor and every file a task uses, as the commit journal leaves them), or models given as
-task -> path (a sharded model with all its shards). The pack records what it holds (`kind` "split" or
+writer.py packs and reader.py unpacks any ordered set of GGUF files; this module says which files: a
+split's files (every adaptor and every file a task uses, as the commit journal leaves them), or models
+given as task -> path (a sharded model with all its shards). The pack records what it holds (`kind` "split" or
 "models", and `meta` {"tasks": {task: [its file names, in order]}}); `read_index` checks that record
 against the pack's files before anyone uses it (a forged or foreign pack is one line), so `unpack` can
 give back the split, or with `restore=True` the original models directly.
@@ -26,11 +26,14 @@ from typing import Any
 from ..disk.commit import Transaction, check_space
 from ..disk.progress import QUIET, Progress
 from ..errors import GGUFSplitError
-from ..format.names import check_task_name, show
+from ..format.names import check_bare_name, check_task_name, show
 from ..format.records import AdaptorInfo, SourceFile, SplitFile
 from ..splitdir.directory import FileFinder, open_task, open_tasks
-from .container import PackIndex, PackReport, UnpackReport, check_file_name, pack_files, unpack
-from .container import read_index as read_pack_index
+from .index import PackIndex
+from .reader import UnpackReport, unpack
+from .reader import read_index as read_pack_index
+from .report import PackReport
+from .writer import pack_files
 
 KIND_SPLIT = "split"
 KIND_MODELS = "models"
@@ -56,13 +59,13 @@ def split_inputs(split_dir: str | os.PathLike[str]) -> tuple[list[tuple[str, str
 
 def model_inputs(tasks: Mapping[str, str | os.PathLike[str]]) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
     """The files of models (a sharded model: all its shards): ((name, path), task -> file names)."""
-    from ..assemble.scan import open_model
+    from ..assemble.scan import open_input
 
     inputs: dict[str, str] = {}
     names: dict[str, list[str]] = {}
     for task, path in tasks.items():
         check_task_name(task)
-        m = open_model(task, path)
+        m = open_input(task, path)
         try:
             files = [inp.path for inp in m.files]
         finally:
@@ -137,7 +140,7 @@ def pack_tasks(index: PackIndex) -> dict[str, list[str]]:
             raise forged(f"meta: task {task!r}: its files are not a list of distinct names")
         for name in names:
             try:
-                check_file_name(name)
+                check_bare_name(name, None, strict=True)
             except GGUFSplitError as e:
                 raise forged(f"meta: task {task!r}: {e.problem}") from None
             if name not in in_pack:

@@ -1,4 +1,4 @@
-"""The planner (gguf_split/plan.py): every plan is checked by one validity oracle; small random instances are
+"""The planner (gguf_split/assemble/plan/): every plan is checked by one validity oracle; small random instances are
 checked against a brute-force optimum; the realistic shapes (base + fine-tunes) against expected groups."""
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def padded(ts, alignment):
 
 
 def check(models, lay, *, cap=None, file_cost=P.DEFAULT_FILE_COST, max_shard_size=None, alignment=32,
-          adaptor_header_bytes=None, header_bound=P.default_header_bound, fixed_files=()):
+          adaptor_header_bytes=None, header_bound=P.default_header_bound, fixed_files=(), max_files=None,
+          cut=P.NO_CUT):
     tasks = list(models)
     files = lay.files
     assert set(lay.task_files) == set(tasks) and set(lay.adaptor_tensors) == set(tasks)
@@ -53,7 +54,8 @@ def check(models, lay, *, cap=None, file_cost=P.DEFAULT_FILE_COST, max_shard_siz
             if f.fixed is not None:
                 ff = fixed_by_name[f.fixed]
                 assert ff.position == f.position and tuple(ff.tensors) == f.tensors, "fixed files never change"
-    # sharded groups: consecutive positions, parts 0..parts-1, one task set
+    assert lay.cut == cut
+    # sharded groups (and cut pieces): consecutive positions, parts 0..parts-1, one task set
     by_group: dict[int, list] = {}
     for f in files:
         if f.kind == P.SHARED and f.fixed is None:
@@ -71,11 +73,14 @@ def check(models, lay, *, cap=None, file_cost=P.DEFAULT_FILE_COST, max_shard_siz
         have = set(models[t])
         for f in mine:
             assert set(f.tensors) <= have
-        if cap is not None:
-            shared_groups = {(f.group, f.fixed is not None) for f in mine if f.kind == P.SHARED}
-            fixed_keys = {fixed_by_name[f.fixed].group or f.fixed for f in mine if f.fixed and f.tensors}
-            new_groups = {g for g, fx in shared_groups if not fx}
+        fixed_keys = {fixed_by_name[f.fixed].group or f.fixed for f in mine if f.fixed and f.tensors}
+        if cap is not None:  # family groups (a cut group's pieces and a sharded group's parts count once)
+            new_groups = {f.tasks for f in mine if f.kind == P.SHARED and f.fixed is None}
             assert len(new_groups) + len(fixed_keys) <= cap, f"{t}: cap"
+        if max_files is not None:  # every file, holes included (parts of one piece once, OWN parts not)
+            pieces = {f.group for f in mine if f.kind == P.SHARED and f.fixed is None}
+            holes = sum(f.kind == P.HOLE for f in mine)
+            assert len(pieces) + len(fixed_keys) + holes <= max_files, f"{t}: max_files"
         own = list(lay.adaptor_tensors[t]) + [x for f in mine if f.kind == P.OWN for x in f.tensors]
         assert set(lay.reasons[t]) == {x.name for x in own}
         order = {x: k for k, x in enumerate(models[t])}
@@ -101,8 +106,12 @@ def check(models, lay, *, cap=None, file_cost=P.DEFAULT_FILE_COST, max_shard_siz
     new_shared = [f for f in files if f.kind == P.SHARED and f.fixed is None]
     stored = sum(x.nbytes for t in tasks for x in lay.adaptor_tensors[t]) + \
         sum(f.nbytes for f in files if f.kind != P.HOLE and f.fixed is None)
-    ngroups = len({f.group for f in new_shared})
-    assert st.stored_bytes == stored and st.groups == ngroups
+    ngroups = len({f.tasks for f in new_shared})
+    assert st.stored_bytes == stored and st.groups == ngroups and st.pieces == len({f.group for f in new_shared})
+    assert st.holes == sum(files[i].kind == P.HOLE for t in tasks for i in lay.task_files[t])
+    assert st.max_task_files == max((len(lay.task_files[t]) for t in tasks), default=0)
+    if cut.kind == "none":
+        assert st.pieces == st.groups and all(f.piece == "" for f in new_shared)
     assert st.objective == stored + file_cost * ngroups
     assert st.input_bytes == sum(x.nbytes for t in tasks for x in models[t])
     fixed_tensors = {x for ff in fixed_files for x in ff.tensors}
@@ -115,6 +124,8 @@ def check(models, lay, *, cap=None, file_cost=P.DEFAULT_FILE_COST, max_shard_siz
 
 
 def plan(models, **kw):
+    if isinstance(kw.get("cut"), str):
+        kw["cut"] = P.Cut.parse(kw["cut"])
     return check(models, plan_layout(models, **kw), cap=kw.get("max_shared_files"),
                  **{k: v for k, v in kw.items() if k != "max_shared_files"})
 
@@ -520,3 +531,271 @@ def test_search_out_of_budget_says_so(monkeypatch):
         assert lay.stats.objective_bound <= opt <= lay.stats.objective
         seen_inexact |= not lay.stats.exact
     assert seen_inexact
+
+
+# --- the package's shape (issue 18): small steps ----------------------------------------------------------------
+
+def _decisions(fn) -> int:
+    """McCabe's number as ruff's C901 counts it, near enough: 1 + branches, loops, handlers, boolean operands,
+    conditional expressions and comprehension conditions (nested functions counted on their own)."""
+    import ast
+
+    n = 1
+    todo = list(ast.iter_child_nodes(fn))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, (ast.If, ast.For, ast.AsyncFor, ast.While, ast.ExceptHandler, ast.IfExp, ast.With,
+                             ast.Assert)):
+            n += 1
+        elif isinstance(node, ast.BoolOp):
+            n += len(node.values) - 1
+        elif isinstance(node, ast.comprehension):
+            n += 1 + len(node.ifs)
+        todo.extend(ast.iter_child_nodes(node))
+    return n
+
+
+def test_planner_functions_stay_small():
+    """Every function of the planner package: at most 80 lines and complexity at most 25."""
+    import ast
+    import pathlib
+
+    pkg = pathlib.Path(P.__file__).parent
+    assert len(list(pkg.glob("*.py"))) >= 8, "the planner is a package of step modules"
+    big = []
+    for path in sorted(pkg.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines, cc = node.end_lineno - node.lineno + 1, _decisions(node)
+                if lines > 80 or cc > 25:
+                    big.append(f"{path.name}:{node.name}: {lines} lines, complexity {cc}")
+    assert not big, big
+
+
+def test_planner_records_are_frozen_dataclasses():
+    import dataclasses
+
+    from gguf_split.assemble.plan import contents, files, fixed, positions, shards, versions
+
+    for cls in (versions.Versions, fixed.FixedCandidate, fixed.FixedChoice, contents.Contents, shards.Shards,
+                positions.Placement, files._Entry, P.TensorId, P.FixedFile, P.PlannedFile):
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, cls
+        assert hasattr(cls, "__slots__"), cls
+
+
+# --- cuts (issue 19): shared groups cut along roles and blocks of layers so that `add` reuses more -------------
+
+from gguf_split.assemble.plan import cut as C, roles as R  # noqa: E402
+
+ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")
+
+
+def role_base(rng, layers, scale=1000):
+    """A llama-like model: token_embd, per layer every role (norms tiny), output_norm; random sizes."""
+    size = {r: (rng.choice([20, 50, 100]) if "norm" not in r else 1) * scale for r in ROLES}
+    ts = [T("token_embd.weight", 0, rng.choice([100, 300]) * scale)]
+    ts += [T(f"blk.{i}.{r}.weight", 0, size[r]) for i in range(layers) for r in ROLES]
+    return ts + [T("output_norm.weight", 0, scale)]
+
+
+def fine_tune(base, roles, layers, version):
+    """What llama-export-lora makes: the chosen roles of the chosen layers changed, all else identical."""
+    def hit(name):
+        role, layer = R.role_and_layer(name)
+        if layer is None:
+            return name.split(".")[0] in roles
+        return role.removeprefix("blk.") in roles and layer in layers
+    return changed(base, hit, version)
+
+
+def role_models(rng, n_tasks, layers):
+    base = role_base(rng, layers)
+    models = {"base": base}
+    for k in range(1, n_tasks):
+        roles = set(rng.sample(ROLES[:7] + ("token_embd",), rng.randint(1, 3)))
+        lo = rng.randrange(layers)
+        models[f"ft{k}"] = fine_tune(base, roles, set(range(lo, layers)), 100 + k)
+    return models
+
+
+def test_role_and_layer_from_names_only():
+    assert R.role_and_layer("blk.12.attn_q.weight") == ("blk.attn_q", 12)
+    assert R.role_and_layer("blk.3.attn_q.bias") == ("blk.attn_q", 3), "a weight and its bias share a role"
+    assert R.role_and_layer("token_embd.weight") == ("token_embd", None)
+    assert R.role_and_layer("output_norm.weight") == ("output_norm", None)
+    assert R.role_and_layer("v.blk.0.attn_k.weight") == ("v.blk.attn_k", 0)
+    assert R.role_and_layer("rope_freqs") == ("rope_freqs", None)
+    assert R.role_and_layer("blk.1.ffn_up.7.weight") == ("blk.ffn_up.7", 1), "the first number is the layer"
+    with pytest.raises(ValueError, match="scheme 2"):
+        R.role_and_layer("blk.0.attn_q.weight", 2)
+
+
+def test_cut_parse_and_text():
+    for text in ("none", "role", "role:8", "tensor"):
+        assert str(P.Cut.parse(text)) == text
+    assert P.Cut.parse("role:8") == P.Cut("role", 8) and P.Cut.parse("role") == P.Cut("role", 0)
+    for bad in ("role:0", "role:x", "layers", "tensor:2", "", "role:-1", "none:1"):
+        with pytest.raises(ValueError, match="cut"):
+            P.Cut.parse(bad)
+    with pytest.raises(ValueError):
+        P.Cut("tensor", 4)
+
+
+def test_unit_order_puts_what_fine_tunes_change_most_last():
+    units = [("blk.attn_q", 0), ("blk.ffn_up", 1), ("blk.attn_norm", 0), ("token_embd", -1), ("blk.ffn_up", 0),
+             ("blk.attn_v", 0), ("blk.attn_k", 0)]
+    assert sorted(units, key=R.unit_order) == [("blk.attn_norm", 0), ("token_embd", -1), ("blk.attn_k", 0),
+                                               ("blk.ffn_up", 0), ("blk.ffn_up", 1), ("blk.attn_q", 0),
+                                               ("blk.attn_v", 0)]
+
+
+def _partitions(n):
+    for mask in range(1 << (n - 1)):
+        yield [i for i in range(1, n) if mask >> (i - 1) & 1] + [n]
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_paying_partition_is_the_finest_paying_one(seed):
+    """Against every contiguous partition: the most pieces that all pay, then the fewest pieces mixing roles,
+    then the smallest largest piece."""
+    rng = random.Random(seed)
+    sizes = [rng.choice([1, 2, 3, 5, 8, 13]) for _ in range(rng.randint(1, 9))]
+    roles = sorted(rng.choice("abc") for _ in sizes)  # units come role by role
+    w, cost = rng.choice([1, 2, 3]), rng.choice([0, 4, 9, 15, 40])
+    ends = C.paying_partition(sizes, w, cost, roles)
+    assert ends[-1] == len(sizes) and ends == sorted(set(ends))
+
+    def pieces(e):
+        return [sum(sizes[a:b]) for a, b in zip([0] + e[:-1], e)]
+
+    def mixed(e):
+        return sum(len(set(roles[a:b])) > 1 for a, b in zip([0] + e[:-1], e))
+    paying = [e for e in _partitions(len(sizes)) if all(s * w > cost for s in pieces(e))]
+    if not paying:
+        assert ends == [len(sizes)], "nothing pays: the group stays whole"
+        return
+    assert all(s * w > cost for s in pieces(ends))
+    key = (len(ends), -mixed(ends), -max(pieces(ends)))
+    assert key == max((len(e), -mixed(e), -max(pieces(e))) for e in paying)
+
+
+def _pieces_by_group(lay):
+    out: dict[int, list] = {}
+    for f in lay.files:
+        if f.kind == P.SHARED and f.fixed is None:
+            out.setdefault(f.group, []).append(f)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_cut_only_adds_files(seed):
+    """Same bytes, same groups, same adaptors as the uncut plan; every piece pays for its file unless its
+    group is whole; a unit (a role within a block) never spans two pieces; pieces hold consecutive units."""
+    rng = random.Random(seed)
+    layers = rng.randint(2, 10)
+    models = role_models(rng, rng.randint(2, 6), layers)
+    cost = rng.choice([0, 30_000, 150_000, 600_000])
+    whole = plan(models, file_cost=cost)
+    for text in ("role", "role:1", "role:3", "tensor"):
+        cut = P.Cut.parse(text)
+        lay = plan(models, file_cost=cost, cut=cut)
+        assert lay.stats.stored_bytes == whole.stats.stored_bytes and lay.stats.groups == whole.stats.groups
+        assert lay.adaptor_tensors == whole.adaptor_tensors and lay.reasons == whole.reasons
+        assert shared_sets(lay) == shared_sets(whole)
+        by_set: dict[tuple, list] = {}
+        for fs in _pieces_by_group(lay).values():
+            by_set.setdefault(fs[0].tasks, []).append(fs)
+        for tasks, pieces in by_set.items():
+            pieces.sort(key=lambda fs: fs[0].position)
+            positions = [f.position for fs in pieces for f in fs]
+            assert positions == list(range(positions[0], positions[0] + len(positions))), "a group's pieces in a run"
+            if len(pieces) > 1:
+                for fs in pieces:
+                    assert sum(f.nbytes for f in fs) * (len(tasks) - 1) > cost, f"{fs[0].piece} does not pay"
+            seen: dict = {}
+            spans = []
+            for k, fs in enumerate(pieces):
+                units = {R.unit_of(x, cut) for f in fs for x in f.tensors}
+                for u in units:
+                    assert seen.setdefault(u, k) == k, f"unit {u} in two pieces"
+                spans.append((min(map(R.unit_order, units)), max(map(R.unit_order, units))))
+            assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), "pieces hold runs of units, in unit order"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_max_files_counts_every_file_holes_included(seed):
+    rng = random.Random(500 + seed)
+    models = role_models(rng, rng.randint(2, 8), rng.randint(2, 8)) if seed % 2 else \
+        random_models(rng, rng.randint(2, 7), rng.randint(3, 12))
+    cut = rng.choice(["none", "role", "role:2", "tensor"])
+    max_files = rng.randint(0, 8)
+    kw = dict(cut=cut, max_files=max_files, file_cost=rng.choice([0, 3000, 100_000]))
+    if rng.random() < 0.3:
+        kw["max_shared_files"] = rng.randint(0, 3)
+    if rng.random() < 0.3:
+        kw.update(max_shard_size=400_000, adaptor_header_bytes={t: 5000 for t in models})
+    lay = plan(models, **kw)
+    assert lay.stats.max_task_files <= max_files or kw.get("max_shard_size"), "parts and OWN parts aside"
+
+
+def test_max_files_avoids_a_hole_the_groups_alone_would_need():
+    """Three tasks, each pair sharing much: three pairwise groups need three positions, so one task of each
+    pair gets a hole (3 files). With max_files 2 that is refused: a group is given up instead."""
+    ab, bc = [T(f"ab{i}", 0) for i in range(3)], [T(f"bc{i}", 0) for i in range(3)]
+    ac = [T(f"ac{i}", 0) for i in range(2)]
+    models = {"A": ab + ac, "B": ab + bc, "C": bc + ac}
+    free = plan(models, max_shared_files=2)
+    assert free.stats.groups == 3 and free.stats.max_task_files == 3 and free.stats.holes >= 1
+    lay = plan(models, max_shared_files=2, max_files=2)
+    assert lay.stats.max_task_files <= 2 and lay.stats.groups == 2
+    assert not lay.stats.exact and lay.stats.objective_bound <= lay.stats.objective
+    assert set(shared_sets(lay)) == {frozenset("AB"), frozenset("BC")}, "the smallest group goes"
+
+
+def test_cut_under_max_files_merges_blocks_of_one_role_first():
+    rng = random.Random(7)
+    base = role_base(rng, 8)
+    models = {"base": base, "qv": fine_tune(base, {"attn_q", "attn_v"}, set(range(8)), 1)}
+    fine = plan(models, cut="role:1", file_cost=0)
+    assert fine.stats.max_task_files > 20
+    lay = plan(models, cut="role:1", file_cost=0, max_files=12)
+    assert lay.stats.max_task_files == 12
+    labels = [f.piece for f in lay.files]
+    assert all("+" not in p for p in labels), f"no piece mixes roles while blocks can merge: {labels}"
+
+
+def test_cut_is_deterministic_and_recorded():
+    rng = random.Random(3)
+    models = role_models(rng, 5, 6)
+    for text in ("role:2", "tensor"):
+        a = plan_layout(models, cut=P.Cut.parse(text), max_files=10, file_cost=10_000)
+        b = plan_layout({t: list(v) for t, v in models.items()}, cut=P.Cut.parse(text), max_files=10, file_cost=10_000)
+        assert a == b and a.cut == P.Cut.parse(text)
+    assert plan_layout(models).cut == P.NO_CUT
+
+
+@pytest.mark.parametrize("role", ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+                                  "token_embd", "attn_norm"])
+@pytest.mark.parametrize("cut", ["role", "role:2", "tensor"])
+def test_add_reuses_every_piece_the_new_task_holds(role, cut):
+    """A split of base + a q/v fine-tune, cut; then `add` of a fine-tune of one role in the top layers: every
+    existing file whose tensors the new task holds byte-identical is loaded, and the new task writes only
+    what no loadable file holds."""
+    rng = random.Random(11)
+    layers = 6
+    base = role_base(rng, layers, scale=10_000)
+    first = {"base": base, "qv": fine_tune(base, {"attn_q", "attn_v"}, set(range(layers)), 1)}
+    split = plan(first, cut=cut, max_files=P.DEFAULT_MAX_SHARED_FILES, file_cost=0)  # every unit pays
+    fixed = [FixedFile(f"f{i}", f.position, f.tensors) for i, f in enumerate(split.files) if f.kind != P.OWN]
+    new = fine_tune(base, {role}, set(range(layers - 2, layers)), 2)
+    lay = plan({"new": new}, cut=cut, fixed_files=fixed, file_cost=0)
+    loaded = {lay.files[i].fixed for i in lay.task_files["new"] if lay.files[i].fixed}
+    holdable = {f.name for f in fixed if f.tensors and set(f.tensors) <= set(new)}
+    assert loaded >= holdable
+    in_loaded = {x for f in fixed if f.name in loaded for x in f.tensors}
+    assert lay.stats.stored_bytes == sum(x.nbytes for x in new if x not in in_loaded)
+    if cut != "role" and role not in ("attn_q", "attn_v"):  # (base's q and v sit in its adaptor: not shared)
+        untouched = {x for x in new if R.role_and_layer(x.name) in ((f"blk.{role}", 0), (f"blk.{role}", 1))}
+        assert untouched <= in_loaded, "blocks of the changed role that it does not change stay shared"

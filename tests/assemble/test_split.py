@@ -418,8 +418,10 @@ def test_shared_file_of_another_split_is_refused(model_factory: Factory, tmp_pat
     other = model_factory("other", {"token_embd.weight": 12})
     one = split({"base": base, "chat": chat}, tmp_path / "one", file_cost=0)
     two = split({"base": base, "other": other}, tmp_path / "two", file_cost=0)
-    f_one = next(f for f in one.files if f.kind == "foundation")
-    f_two = next(f for f in two.files if f.kind == "foundation")
+    # cut into pieces, the two splits have identical pieces too (same content, same name: harmless to copy);
+    # take a piece of `one` that `two` does not have, and the piece of `two` at its position
+    f_one = next(f for f in one.files if f.kind == "foundation" and f.name not in {g.name for g in two.files})
+    f_two = next(f for f in two.files if f.kind == "foundation" and f.position == f_one.position)
     assert f_one.name != f_two.name
     target = Path(one.directory) / f_one.name
     target.write_bytes((Path(two.directory) / f_two.name).read_bytes())

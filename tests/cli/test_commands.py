@@ -287,11 +287,14 @@ def test_info_on_adaptor_and_plain_model(project: Path, split_dir: Path) -> None
 
 def test_info_exits_2_on_an_inconsistent_split(project: Path, split_dir: Path) -> None:
     """A split whose files do not belong together is an error (exit 2), as in verify, not a table note."""
-    shared = next(p for p in split_dir.iterdir() if p.name.startswith("foundation-"))
     other = project / "other"
     ok("split", "-q", "-o", str(other), "--file-cost", "0", "-t", f"a={project / 'models' / 'base.gguf'}",
        "-t", f"b={project / 'models' / 'code.gguf'}")
-    foreign = next(p for p in other.iterdir() if p.name.startswith("foundation-"))
+    # the two splits' cut pieces may coincide (same content, same name); take one that differs
+    theirs = {p.name for p in other.iterdir()}
+    shared = next(p for p in sorted(split_dir.iterdir()) if p.name.startswith("foundation-") and p.name not in theirs)
+    foreign = next(p for p in sorted(other.iterdir()) if p.name.startswith("foundation-") and p.name not in
+                   {q.name for q in split_dir.iterdir()})
     shared.write_bytes(foreign.read_bytes())
     line = error_line(*cli("info", str(split_dir))[::2])
     assert str(shared) in line and "another split" in line

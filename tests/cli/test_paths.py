@@ -220,7 +220,7 @@ def test_restore_into_a_read_only_directory(models: dict[str, Path], tmp_path: P
 def force_scenarios(models: dict[str, Path], tmp: Path) -> dict[str, list[str | Path]]:
     """Commands that fail with outputs in the way, most of them for another reason too."""
     s = tmp / "split"
-    split({"a": models["a"], "b": models["b"]}, s, file_cost=0)
+    split({"a": models["a"], "b": models["b"]}, s, file_cost=0, cut="none")  # uncut: b's link names of 2 files
     (tmp / "restored").mkdir()
     shutil.copy(models["b"], tmp / "restored" / "b.gguf")
     truncated = tmp / "truncated.gguf"
@@ -237,7 +237,7 @@ def force_scenarios(models: dict[str, Path], tmp: Path) -> dict[str, list[str | 
     (tmp / "dirs" / "c.gguf").mkdir()  # task b's original once split-same-tasks has run with --force
     (tmp / "other").mkdir()
     (tmp / "other" / "a-00001-of-00002.gguf").write_text("a user's file")
-    t = ["--file-cost", "0", "-o", s]
+    t = ["--file-cost", "0", "--cut", "none", "-o", s]
     return {
         "split-adaptor-of-output-as-input": ["split", "-q", "-t", f"a={s / 'adaptor-a.gguf'}", "-t", f"b={models['b']}", *t],
         "split-truncated-input": ["split", "-q", "-t", f"a={models['a']}", "-t", f"b={truncated}", *t],

@@ -674,9 +674,11 @@ def test_apply_refuses_a_lora_that_does_not_fit(split_demo: dict[str, Any], tmp_
 def test_switching_reads_the_adapter_header_only(split_demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """apply_lora parses the adapter's header and maps it; no tensor of the model or the adapter is read
     (to_numpy is never called) until a merged tensor is asked for."""
+    import gguf_split.format.model as model_module  # the adapter's tensors are format.model.Tensor views
+
     calls: list[Any] = []
-    real = adapter_module.to_numpy
-    monkeypatch.setattr(adapter_module, "to_numpy", lambda *a: calls.append(a) or real(*a))
+    real = model_module.to_numpy
+    monkeypatch.setattr(model_module, "to_numpy", lambda *a: calls.append(a) or real(*a))
     with open_split(split_demo["split"]) as fnd:
         m = LoraModel(fnd.load("base"))
         for _ in range(3):
@@ -687,7 +689,7 @@ def test_switching_reads_the_adapter_header_only(split_demo: dict[str, Any], mon
         assert calls == []
         m.apply_lora(split_demo["loras"]["chat"])
         m.tensors["blk.0.attn_q.weight"].to_numpy(merged=True)
-        assert len(calls) == 2  # A and B of the one tensor
+        assert len(calls) == 3  # the base tensor, and A and B of its LoRA
 
 
 def test_report_lines_name_every_tensor(demo: dict[str, str]) -> None:

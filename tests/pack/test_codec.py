@@ -12,7 +12,7 @@ from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from gguf_split.pack.container import codec
+from gguf_split.pack import codec
 from gguf_split.pack.codec import CodecError
 
 # ---------------------------------------------------------------------------------------------------------

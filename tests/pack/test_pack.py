@@ -7,13 +7,15 @@ LoRA (base dequantized + B·A, written as F16; an F32 tensor stays F32), one wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import time
 import tracemalloc
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -24,10 +26,15 @@ from gguf.quants import quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gguf_split.pack import codec
-from gguf_split.pack import container as packmod
+from gguf_split.disk.progress import Progress, Reporter
 from gguf_split.errors import GGUFSplitError
-from gguf_split.pack.container import pack_files, read_index, unpack
+from gguf_split.format.names import check_bare_name
+from gguf_split.pack import codec
+from gguf_split.pack import format as fmt
+from gguf_split.pack.reader import PackReader, read_index, unpack
+from gguf_split.pack.transport import pack
+from gguf_split.pack.report import PackReport
+from gguf_split.pack.writer import pack_files
 
 N_EMBD, N_FF, N_VOCAB = 64, 128, 96
 
@@ -123,7 +130,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def packed(models: list[tuple[str, str]], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, packmod.PackReport]:
+def packed(models: list[tuple[str, str]], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, PackReport]:
     out = tmp_path_factory.mktemp("pack") / "set.ggufpack"
     report = pack_files(models, out, kind="models", meta={"tasks": {"chat": "chat.gguf"}}, threads=2)
     return os.fspath(out), report
@@ -133,7 +140,7 @@ def packed(models: list[tuple[str, str]], tmp_path_factory: pytest.TempPathFacto
 # round trips and choices
 
 
-def test_round_trip_is_byte_exact(models: list[tuple[str, str]], packed: tuple[str, packmod.PackReport],
+def test_round_trip_is_byte_exact(models: list[tuple[str, str]], packed: tuple[str, PackReport],
                                   tmp_path: Path) -> None:
     path, report = packed
     rep = unpack(path, tmp_path / "out", threads=2)
@@ -145,7 +152,7 @@ def test_round_trip_is_byte_exact(models: list[tuple[str, str]], packed: tuple[s
     assert report.pack_bytes < 0.5 * report.input_bytes
 
 
-def test_codecs_chosen_by_their_bytes(packed: tuple[str, packmod.PackReport]) -> None:
+def test_codecs_chosen_by_their_bytes(packed: tuple[str, PackReport]) -> None:
     _, report = packed
     by = {(t.name, t.ggml_type): t for t in report.tensors}
     for name in ("blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
@@ -161,19 +168,19 @@ def test_codecs_chosen_by_their_bytes(packed: tuple[str, packmod.PackReport]) ->
     assert all(t.codec != "delta" for t in report.tensors if t.ggml_type in ("Q8_0", "Q4_0"))
 
 
-def test_repeated_kv_data_is_stored_once(models: list[tuple[str, str]], packed: tuple[str, packmod.PackReport]) -> None:
+def test_repeated_kv_data_is_stored_once(models: list[tuple[str, str]], packed: tuple[str, PackReport]) -> None:
     path, report = packed
-    with packmod.PackReader(path) as r:
-        big = [b for b in r.blobs if b.size >= packmod.BIG_KV]
+    with PackReader(path) as r:
+        big = [b for b in r.blobs if b.size >= fmt.BIG_KV]
         # tokens and scores: the same in all 4 files, one record each
         assert len(big) == 2
-        uses = [sum(1 for f in r.files for tag, v in f.parts if tag == "b" and v == i)
-                for i, b in enumerate(r.blobs) if b.size >= packmod.BIG_KV]
+        uses = [sum(1 for f in r.files for p in f.parts if p.kind == fmt.PART_BLOB and p.value == i)
+                for i, b in enumerate(r.blobs) if b.size >= fmt.BIG_KV]
         assert uses == [len(models), len(models)]
     assert report.codecs["headers"].stored_bytes < report.codecs["headers"].input_bytes / 4
 
 
-def test_read_index_lists_the_files(models: list[tuple[str, str]], packed: tuple[str, packmod.PackReport]) -> None:
+def test_read_index_lists_the_files(models: list[tuple[str, str]], packed: tuple[str, PackReport]) -> None:
     path, _ = packed
     ix = read_index(path)
     assert ix.kind == "models" and ix.meta == {"tasks": {"chat": "chat.gguf"}} and ix.version == 1
@@ -219,11 +226,147 @@ def test_unpack_memory_is_bounded_by_chunks(tmp_path: Path, monkeypatch: pytest.
     assert peak < 4 << 20, peak
 
 
+def test_pack_bytes_do_not_depend_on_threads(models: list[tuple[str, str]], packed: tuple[str, PackReport],
+                                             tmp_path: Path) -> None:
+    """Records are coded on a pool but written in one order: the same inputs give the same pack."""
+    pack_files(models, tmp_path / "t1.ggufpack", kind="models", meta={"tasks": {"chat": "chat.gguf"}}, threads=1)
+    pack_files(models, tmp_path / "t3.ggufpack", kind="models", meta={"tasks": {"chat": "chat.gguf"}}, threads=3)
+    assert sha(tmp_path / "t1.ggufpack") == sha(tmp_path / "t3.ggufpack") == sha(packed[0])
+
+
+# the last commit whose pack writer was container.py (before the writer became stages, issue 18); a change
+# that alters a pack's bytes on purpose (a new codec, a new index field) sets this to its own commit
+OLD_WRITER = "d9942910d2712a008faa5063ca1e557adef25ef8"
+
+
+def test_pack_bytes_equal_the_old_writer(models: list[tuple[str, str]], tmp_path: Path) -> None:
+    """The staged writer writes the very bytes container.py wrote (the old package from git, in a child
+    process): a refactoring of the writer must not change a pack. Skipped outside a git checkout."""
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    repo = Path(__file__).resolve().parents[2]  # the checkout's root
+    try:
+        archive = subprocess.run(["git", "-C", os.fspath(repo), "archive", "--format=tar", OLD_WRITER, "gguf_split"],
+                                 check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"no git checkout holding commit {OLD_WRITER[:12]}")
+    old = tmp_path / "old"
+    old.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        try:
+            tar.extractall(old, filter="data")
+        except TypeError:  # a Python without extraction filters (our own archive: nothing to filter)
+            tar.extractall(old)
+    tasks = {name[:-len(".gguf")]: path for name, path in models}
+    tasks["x"] = _with_trailing_bytes(models[1][1], tmp_path)
+    script = ("import json, sys\nfrom gguf_split.pack.transport import pack\n"  # the API both have
+              "pack(sys.argv[2], tasks=json.loads(sys.argv[1]), threads=2)\n")
+    env = {**os.environ, "PYTHONPATH": os.fspath(old)}
+    subprocess.run([sys.executable, "-c", script, json.dumps(tasks), os.fspath(tmp_path / "old.ggufpack")],
+                   check=True, env=env, cwd=tmp_path)
+    pack(tmp_path / "new.ggufpack", tasks=tasks, threads=2)
+    assert sha(tmp_path / "new.ggufpack") == sha(tmp_path / "old.ggufpack")
+
+
+def _with_trailing_bytes(src: str, d: Path) -> str:
+    p = d / "x.gguf"
+    p.write_bytes(Path(src).read_bytes() + b"trailing bytes\x01")
+    return os.fspath(p)
+
+
+def test_ctrl_c_while_hashing_stops_every_job(tmp_path: Path) -> None:
+    """Ctrl-C during the hashing: the interruption comes at once, the other file's sweep stops at its next
+    piece (disk.jobs.run_jobs), and no pack nor temporary is left. (A pool without the cancel flag hashed
+    both files to the end before the interruption got out.)"""
+    import signal
+    import threading
+
+    big = np.tile(np.arange(1024, dtype=np.float32) / 1024, (8192, 1))  # 32 MiB each: 32 pieces to hash
+    inputs = [(f"{n}.gguf", _write(tmp_path / f"{n}.gguf", {"w": (big + i, Q.F32)}, n)) for i, n in enumerate("ab")]
+    hashed: list[int] = []
+    main = threading.main_thread().ident
+    assert main is not None
+
+    class Interrupting(Progress):
+        @contextlib.contextmanager
+        def bar(self, description: str, total: int) -> Iterator[Reporter]:
+            yield self
+
+        def advance(self, n: int) -> None:
+            hashed.append(n)
+            if len(hashed) == 1:
+                signal.pthread_kill(main, signal.SIGINT)  # a Ctrl-C: KeyboardInterrupt in the main thread
+            time.sleep(0.01)  # a slow disk: every piece takes a while
+
+    out = tmp_path / "out" / "p.ggufpack"
+    with pytest.raises(KeyboardInterrupt):
+        pack_files(inputs, out, threads=2, progress=Interrupting(quiet=True))
+    seen = len(hashed)
+    time.sleep(0.2)
+    assert len(hashed) == seen  # nothing runs on
+    assert sum(hashed) <= 4 << 20, sum(hashed)  # of 64 MiB: each job stopped within a piece or two
+    assert not out.parent.exists()
+
+
+def test_file_names_by_the_strict_rule() -> None:
+    """A pack's names: one rule (names.check_bare_name, strict), each broken part named; the plain rule of
+    gguf-split's own records keeps its message and still takes hidden names (its temporaries)."""
+    cases = {"a/b": "bare file name", ".x": "bare file name", " a": "bare file name", "a ": "bare file name",
+             "a\x01": "bare file name", "": "non-empty string", "é" * 128: "longer than 255 bytes",
+             "\udcff.gguf": "not valid Unicode", 7: "non-empty string"}
+    for name, fragment in cases.items():
+        with pytest.raises(GGUFSplitError, match=fragment):
+            check_bare_name(name, "w", strict=True)
+    assert check_bare_name("é" * 127 + "x", None, strict=True)  # 255 bytes
+    assert check_bare_name(".x.gguf-split-tmp", None) == ".x.gguf-split-tmp"
+    with pytest.raises(GGUFSplitError, match="is not a plain file name: damaged or forged"):
+        check_bare_name("../x", "w")
+
+
+def test_map_ordered_keeps_order_and_window() -> None:
+    """disk.jobs.map_ordered, the pack's record pipeline: results in the items' order however the pool
+    finishes them, never more than `window` items in flight."""
+    import random
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gguf_split.disk.jobs import map_ordered
+
+    lock = threading.Lock()
+    live, peak = [0], [0]
+
+    def work(i: int) -> int:
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(random.Random(i).random() / 200)
+        with lock:
+            live[0] -= 1
+        return i * i
+
+    submitted: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(60):
+            submitted.append(i)
+            yield i
+
+    with ThreadPoolExecutor(4) as pool:
+        got = []
+        for i, r in map_ordered(pool, work, items(), window=3):
+            assert len(submitted) - len(got) <= 3  # the window: items taken but not yet given back
+            got.append((i, r))
+    assert got == [(i, i * i) for i in range(60)] and peak[0] <= 3
+
+
 # ---------------------------------------------------------------------------------------------------------
 # refusals
 
 
-def test_unknown_version_is_refused(packed: tuple[str, packmod.PackReport], tmp_path: Path) -> None:
+def test_unknown_version_is_refused(packed: tuple[str, PackReport], tmp_path: Path) -> None:
     data = bytearray(Path(packed[0]).read_bytes())
     struct.pack_into("<I", data, 8, 2)
     p = tmp_path / "v2.ggufpack"
@@ -245,7 +388,7 @@ def test_not_a_pack(tmp_path: Path, models: list[tuple[str, str]]) -> None:
         read_index(tmp_path / "missing")
 
 
-def test_truncated_pack(packed: tuple[str, packmod.PackReport], tmp_path: Path) -> None:
+def test_truncated_pack(packed: tuple[str, PackReport], tmp_path: Path) -> None:
     data = Path(packed[0]).read_bytes()
     p = tmp_path / "t.ggufpack"
     p.write_bytes(data[: len(data) // 2])
@@ -254,7 +397,7 @@ def test_truncated_pack(packed: tuple[str, packmod.PackReport], tmp_path: Path) 
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_outputs_need_force(packed: tuple[str, packmod.PackReport], models: list[tuple[str, str]],
+def test_existing_outputs_need_force(packed: tuple[str, PackReport], models: list[tuple[str, str]],
                                      tmp_path: Path) -> None:
     out = tmp_path / "o"
     out.mkdir()
@@ -273,6 +416,8 @@ def test_pack_refusals(models: list[tuple[str, str]], tmp_path: Path) -> None:
     for bad in ("../a.gguf", "dir/a.gguf", ".hidden", "", "a\0b"):
         with pytest.raises(GGUFSplitError, match="file name"):
             pack_files([(bad, models[0][1])], out)
+    with pytest.raises(GGUFSplitError, match="file name '.p.ggufpack' must be a bare file name"):
+        pack_files(models[:1], tmp_path / ".p.ggufpack")  # unpack could not give it back either
     with pytest.raises(GGUFSplitError, match="not a GGUF|too short"):
         (tmp_path / "junk.gguf").write_bytes(b"junk" * 10)
         pack_files([("junk.gguf", tmp_path / "junk.gguf")], out)
@@ -292,24 +437,24 @@ def test_pack_refusals(models: list[tuple[str, str]], tmp_path: Path) -> None:
 
 def rewrite_index(data: bytes, change: Callable[[dict], None]) -> bytes:
     """The pack with its index changed by `change` and sealed again (checksums and tail right)."""
-    ioff, _, ver, flags, magic = packmod._TAIL.unpack_from(data, len(data) - packmod._TAIL.size)
-    kind, rc, _, _, blen, dec, _ = packmod._REC.unpack_from(data, ioff)
-    body = data[ioff + packmod._REC.size : ioff + packmod._REC.size + blen]
+    ioff, _, ver, flags, magic = fmt.TAIL.unpack_from(data, len(data) - fmt.TAIL.size)
+    kind, rc, _, _, blen, dec, _ = fmt.RECORD.unpack_from(data, ioff)
+    body = data[ioff + fmt.RECORD.size : ioff + fmt.RECORD.size + blen]
     ix = json.loads(codec.decompress(body, dec))
     change(ix)
     raw = json.dumps(ix).encode()
     z = codec.compress(raw, 3)
-    rec = packmod._REC.pack(packmod.KIND_INDEX, packmod.REC_ZSTD, 0, 0, len(z), len(raw), xxhash.xxh3_128_digest(z))
-    return data[:ioff] + rec + z + packmod._TAIL.pack(ioff, len(rec) + len(z), ver, flags, magic)
+    rec = fmt.RECORD.pack(fmt.KIND_INDEX, fmt.REC_ZSTD, 0, 0, len(z), len(raw), xxhash.xxh3_128_digest(z))
+    return data[:ioff] + rec + z + fmt.TAIL.pack(ioff, len(rec) + len(z), ver, flags, magic)
 
 
 def reseal_record(data: bytes, off: int, body: bytes, decoded: int | None = None) -> bytes:
     """Replace the body of the record at `off` (same length) and fix its checksum."""
-    kind, rc, _, _, blen, dec, _ = packmod._REC.unpack_from(data, off)
+    kind, rc, _, _, blen, dec, _ = fmt.RECORD.unpack_from(data, off)
     assert len(body) == blen
-    rec = packmod._REC.pack(kind, rc, 0, 0, blen, dec if decoded is None else decoded,
+    rec = fmt.RECORD.pack(kind, rc, 0, 0, blen, dec if decoded is None else decoded,
                             xxhash.xxh3_128_digest(body))
-    return data[:off] + rec + body + data[off + packmod._REC.size + blen :]
+    return data[:off] + rec + body + data[off + fmt.RECORD.size + blen :]
 
 
 def _unpack_oracle(data: bytes, tmp: Path, originals: dict[str, str]) -> str:
@@ -394,13 +539,13 @@ def test_deeply_nested_json_index(small_pack: tuple[bytes, dict[str, str]], tmp_
         ix["meta"] = "@@DEEP@@"
 
     forged = rewrite_index(data, deep)
-    ioff = packmod._TAIL.unpack_from(forged, len(forged) - packmod._TAIL.size)[0]
-    blen, dec = packmod._REC.unpack_from(forged, ioff)[4:6]
-    raw = codec.decompress(forged[ioff + packmod._REC.size : ioff + packmod._REC.size + blen], dec)
+    ioff = fmt.TAIL.unpack_from(forged, len(forged) - fmt.TAIL.size)[0]
+    blen, dec = fmt.RECORD.unpack_from(forged, ioff)[4:6]
+    raw = codec.decompress(forged[ioff + fmt.RECORD.size : ioff + fmt.RECORD.size + blen], dec)
     raw = raw.replace(b'"@@DEEP@@"', b"[" * 100000 + b"]" * 100000)
     z = codec.compress(raw, 3)
-    rec = packmod._REC.pack(packmod.KIND_INDEX, packmod.REC_ZSTD, 0, 0, len(z), len(raw), xxhash.xxh3_128_digest(z))
-    forged = forged[:ioff] + rec + z + packmod._TAIL.pack(ioff, len(rec) + len(z), 1, 0, packmod.MAGIC)
+    rec = fmt.RECORD.pack(fmt.KIND_INDEX, fmt.REC_ZSTD, 0, 0, len(z), len(raw), xxhash.xxh3_128_digest(z))
+    forged = forged[:ioff] + rec + z + fmt.TAIL.pack(ioff, len(rec) + len(z), 1, 0, fmt.MAGIC)
     assert "not valid JSON" in _unpack_oracle(forged, tmp_path, originals)
 
 
@@ -409,29 +554,29 @@ def test_forged_record_contents_are_caught(small_pack: tuple[bytes, dict[str, st
     data, originals = small_pack
     p = tmp_path / "s.ggufpack"
     p.write_bytes(data)
-    with packmod.PackReader(p) as r:
+    with PackReader(p) as r:
         delta = next(t for t in r.tensors if t.codec == "delta")
         plain = next(t for t in r.tensors if t.codec == "plain" and r.data(t.chunks[0], None, "", 1 << 30))
         offs = [(delta.chunks[0], "residual"), (delta.factors, "factors"), (plain.chunks[0], "plain")]
     for off, what in offs:
-        blen = packmod._REC.unpack_from(data, off)[4]
-        body = bytearray(data[off + packmod._REC.size : off + packmod._REC.size + blen])
-        rc = packmod._REC.unpack_from(data, off)[1]
-        if rc == packmod.REC_STORED:
+        blen = fmt.RECORD.unpack_from(data, off)[4]
+        body = bytearray(data[off + fmt.RECORD.size : off + fmt.RECORD.size + blen])
+        rc = fmt.RECORD.unpack_from(data, off)[1]
+        if rc == fmt.REC_STORED:
             body[len(body) // 2] ^= 0x10
             forged = reseal_record(data, off, bytes(body))
         else:  # a valid zstd frame of other bytes, same declared size
-            dec = packmod._REC.unpack_from(data, off)[5]
+            dec = fmt.RECORD.unpack_from(data, off)[5]
             raw = bytearray(codec.decompress(bytes(body), dec))
             raw[len(raw) // 2] ^= 0x10
             z = codec.compress(bytes(raw), 3)
-            kind = packmod._REC.unpack_from(data, off)[0]
-            rec = packmod._REC.pack(kind, rc, 0, 0, len(z), dec, xxhash.xxh3_128_digest(z))
+            kind = fmt.RECORD.unpack_from(data, off)[0]
+            rec = fmt.RECORD.pack(kind, rc, 0, 0, len(z), dec, xxhash.xxh3_128_digest(z))
             # keep the record length: pad by moving nothing -- only possible when sizes match, else skip
             if len(z) != blen:
                 forged = None
             else:
-                forged = data[:off] + rec + z + data[off + packmod._REC.size + blen :]
+                forged = data[:off] + rec + z + data[off + fmt.RECORD.size + blen :]
         if forged is not None:
             assert _unpack_oracle(forged, tmp_path, originals) != "ok", what
 

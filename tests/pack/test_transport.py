@@ -250,13 +250,14 @@ def test_unpack_restore_never_replaces_a_gguf_split_file(demo, split_pack: Path,
 
 def corrupt_record(data: bytes) -> bytes:
     """The pack with one byte of its largest data record's body flipped (its checksum then fails)."""
-    from gguf_split.pack import container as packmod
+    from gguf_split.pack import format as fmt
+    from gguf_split.pack.reader import PackReader
 
-    with packmod.PackReader(io_path(data)) as r:
+    with PackReader(io_path(data)) as r:
         offs = [t.chunks[0] for t in r.tensors]
-    off = max(offs, key=lambda o: packmod._REC.unpack_from(data, o)[4])
+    off = max(offs, key=lambda o: fmt.RECORD.unpack_from(data, o)[4])
     b = bytearray(data)
-    b[off + packmod._REC.size + 10] ^= 0x40
+    b[off + fmt.RECORD.size + 10] ^= 0x40
     return bytes(b)
 
 
@@ -290,16 +291,16 @@ def rewrite_index(data: bytes, change) -> bytes:  # noqa: ANN001
     import xxhash
 
     from gguf_split.pack import codec
-    from gguf_split.pack import container as packmod
+    from gguf_split.pack import format as fmt
 
-    ioff, _, ver, flags, magic = packmod._TAIL.unpack_from(data, len(data) - packmod._TAIL.size)
-    blen, dec = packmod._REC.unpack_from(data, ioff)[4:6]
-    ix = json.loads(codec.decompress(data[ioff + packmod._REC.size:ioff + packmod._REC.size + blen], dec))
+    ioff, _, ver, flags, magic = fmt.TAIL.unpack_from(data, len(data) - fmt.TAIL.size)
+    blen, dec = fmt.RECORD.unpack_from(data, ioff)[4:6]
+    ix = json.loads(codec.decompress(data[ioff + fmt.RECORD.size:ioff + fmt.RECORD.size + blen], dec))
     change(ix)
     raw = json.dumps(ix).encode()
     z = codec.compress(raw, 3)
-    rec = packmod._REC.pack(packmod.KIND_INDEX, packmod.REC_ZSTD, 0, 0, len(z), len(raw), xxhash.xxh3_128_digest(z))
-    return data[:ioff] + rec + z + packmod._TAIL.pack(ioff, len(rec) + len(z), ver, flags, magic)
+    rec = fmt.RECORD.pack(fmt.KIND_INDEX, fmt.REC_ZSTD, 0, 0, len(z), len(raw), xxhash.xxh3_128_digest(z))
+    return data[:ioff] + rec + z + fmt.TAIL.pack(ioff, len(rec) + len(z), ver, flags, magic)
 
 
 def _first_task(ix: dict) -> str:

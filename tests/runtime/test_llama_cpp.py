@@ -137,8 +137,8 @@ def test_max_shard_size_split_gives_identical_logits(tmp_path: Path) -> None:
     biggest = max(t.nbytes for m in s.models.values() for t in GGUFFile(m).header.tensors)
     sizes = [os.path.getsize(p) for p in Path(s.report.directory).glob("*.gguf") if not p.is_symlink()]
     assert all(n <= max(limit, biggest + (64 << 10)) for n in sizes), sizes
-    plain = split(s.models, tmp_path / "plain", file_cost=0)
-    assert len(s.report.files) > len(plain.files)  # the limit did cut files
+    plain = split(s.models, tmp_path / "plain", file_cost=0, cut="none")  # one file per group, no limit
+    assert len(s.report.files) > len(plain.files)  # the limit (and the default cut) made more files
     assert max(f.bytes for f in plain.files) > limit
     for task, path in s.models.items():
         assert H.last_logits(s.files(task)) == H.last_logits([path]), task
@@ -222,6 +222,38 @@ def test_added_task_gives_identical_logits_and_changes_no_file(tmp_path: Path) -
         out = restore(s.directory, tmp_path / f"r-{task}.gguf", task=task).output
         assert filecmp.cmp(out, models[task], shallow=False)
     assert r.split.tasks and verify([s.directory]).tasks.keys() == {"base", "chat", "code", "summarize"}
+
+
+def test_tasks_of_many_files_give_identical_logits_add_after_add(tmp_path: Path) -> None:
+    """Issue 19: a split cut finely (role:1, free files) makes every task load 20-32 files, holes included;
+    llama.cpp runs each bitwise like its original. Then the other tasks are added one at a time, each
+    reusing the cut files it holds: after every add, every task's logits, restore byte for byte, verify."""
+    models = H.demo_models(tmp_path / "models", n_layer=8)
+    originals = {task: H.last_logits([path]) for task, path in models.items()}
+    s = split({t: models[t] for t in ("base", "chat")}, tmp_path / "split", file_cost=0, cut="role:1")
+    done = ["base", "chat"]
+
+    def check() -> None:
+        with open_split(s.directory) as sp:
+            for task in done:
+                m = sp.load(task)
+                files = m.llama_cpp_paths()
+                m.close()
+                assert 1 + 1 <= len(files) <= 1 + 32, (task, len(files))
+                assert H.last_logits(files) == originals[task], task
+        for task in done:
+            out = restore(s.directory, tmp_path / f"r-{task}.gguf", task=task, force=True).output
+            assert filecmp.cmp(out, models[task], shallow=False), task
+        verify([s.directory])
+
+    with open_split(s.directory) as sp:
+        assert len(sp.load("base").llama_cpp_paths()) >= 1 + 20
+    check()
+    for task in ("code", "summarize"):
+        r = add(s.directory, {task: models[task]}, file_cost=0)
+        assert r.reused_bytes > 0 and r.cut == "role:1"
+        done.append(task)
+        check()
 
 
 def test_foreign_shared_file_loads_silently_in_llama_cpp_but_gguf_split_refuses(demo: Split, tmp_path: Path,

@@ -160,7 +160,9 @@ def test_resplit_without_link_updates_the_links_a_task_has(models: dict[str, Pat
 
 def test_remove_deletes_the_tasks_links(models: dict[str, Path], tmp_path: Path) -> None:
     r = tmp_path / "R"
-    split({"base": models["base"], "chat": models["chat"], "code": models["code"]}, r, file_cost=0, link=True)
+    # uncut (cut none): few files per task, so that the names below (9 files) are not the tool's
+    split({"base": models["base"], "chat": models["chat"], "code": models["code"]}, r, file_cost=0, link=True,
+          cut="none")
     # a user's link of a split name pointing elsewhere, and a user's file of such a name: never touched
     (tmp_path / "elsewhere.gguf").write_text("x")
     os.symlink("../elsewhere.gguf", r / "code-00001-of-00009.gguf")
@@ -196,8 +198,8 @@ def test_link_names_holding_files_are_refused_before_writing(models: dict[str, P
     r.mkdir()
     (r / "chat-00001-of-00002.gguf").write_text("a user's file")
     before = listing(r)
-    code, _, err = run("split", "-q", "--link", "--file-cost", "0", "-t", f"base={models['base']}",
-                       "-t", f"chat={models['chat']}", "-o", r)
+    code, _, err = run("split", "-q", "--link", "--file-cost", "0", "--cut", "none", "-t", f"base={models['base']}",
+                       "-t", f"chat={models['chat']}", "-o", r)  # uncut: chat loads 2 files
     one_line(code, err, r / "chat-00001-of-00002.gguf", "is not a link")
     assert "--force" not in err  # split --force would not get past it
     assert listing(r) == before
@@ -205,7 +207,7 @@ def test_link_names_holding_files_are_refused_before_writing(models: dict[str, P
 
 def test_link_is_one_commit_and_replaces_its_stale_links(models: dict[str, Path], tmp_path: Path) -> None:
     r = tmp_path / "R"
-    split({"base": models["base"], "chat": models["chat"]}, r, file_cost=0)
+    split({"base": models["base"], "chat": models["chat"]}, r, file_cost=0, cut="none")  # chat: 2 files
     os.symlink("adaptor-chat.gguf", r / "chat-00001-of-00007.gguf")  # a link of an older file list
     code, stdout, err = run("link", "chat", r)
     assert code == 0, err

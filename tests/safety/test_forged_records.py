@@ -25,7 +25,8 @@ def split_dir(tmp_path: Path) -> Path:
     b[CHANGED_TENSOR] = (qt, shape, seed + 777)
     write_model(tmp_path / "a.gguf", a)
     write_model(tmp_path / "b.gguf", b)
-    split({"a": tmp_path / "a.gguf", "b": tmp_path / "b.gguf"}, tmp_path / "split", file_cost=0)
+    # one foundation (cut none), as test_hostile's rows: the records forged below are the same in a cut split
+    split({"a": tmp_path / "a.gguf", "b": tmp_path / "b.gguf"}, tmp_path / "split", file_cost=0, cut="none")
     return tmp_path / "split"
 
 

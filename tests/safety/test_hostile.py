@@ -193,8 +193,10 @@ def build_world(root: Path) -> World:
     write_model(w.model("shard0"), base_tensors(0), kvs=_split_kvs(0, 2, 16))
     write_big_endian(w.model("be"))
     # tiny models: file_cost=0 so that they share a file anyway (the default cost would share nothing)
-    split({"a": w.model("a"), "b": w.model("b")}, w.path("split"), file_cost=0)
-    split({"c": w.model("c"), "d": w.model("d")}, w.path("other"), file_cost=0)
+    # the 0.2 layout (cut none): one foundation per split, which the rows below edit; the records they forge
+    # are the same in a cut split
+    split({"a": w.model("a"), "b": w.model("b")}, w.path("split"), file_cost=0, cut="none")
+    split({"c": w.model("c"), "d": w.model("d")}, w.path("other"), file_cost=0, cut="none")
     w.out.mkdir()
     (w.out / "keep.txt").write_text("a file the user had here\n")
     return w

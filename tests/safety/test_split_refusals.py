@@ -393,6 +393,41 @@ def test_input_rewritten_with_its_mtime_put_back(models: dict[str, Path], tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("victim", ["shared", "adaptor"])
+def test_a_writer_bug_is_caught_before_the_commit(models: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    """A written file whose bytes differ from the plan (a writer bug, simulated by flipping a byte of the
+    first tensor the copy writes into a shared file or an adaptor) is caught by the read-back check as each
+    file is written: an internal error naming the file, nothing committed (a new split absent, a re-split's
+    earlier split intact)."""
+    copy_mod = importlib.import_module("gguf_split.disk.copy")
+    out = tmp_path / "out"
+    if victim == "adaptor":  # a re-split that keeps the shared files and writes new adaptors
+        split({"a": models["a"], "b": models["b"]}, out, file_cost=0)
+    before = tree(out)
+    real = copy_mod.copy_bytes
+    hit: list[str] = []
+
+    def corrupting(src, offset, n, dst_fd, bar):  # noqa: ANN001
+        real(src, offset, n, dst_fd, bar)
+        name = os.readlink(f"/proc/self/fd/{dst_fd}")
+        if not hit and ("adaptor-" in name) == (victim == "adaptor"):
+            hit.append(name)
+            at = os.lseek(dst_fd, 0, os.SEEK_CUR) - n
+            fd = os.open(name, os.O_RDWR)
+            try:
+                os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x01]), at)
+            finally:
+                os.close(fd)
+
+    monkeypatch.setattr(copy_mod, "copy_bytes", corrupting)
+    with pytest.raises(GGUFSplitError, match="internal error: a written file does not match its records") as e:
+        split({"a": models["a"], "b": models["c"]}, out, file_cost=0, force=True)
+    final = os.path.basename(str(e.value.path))  # named by its final name, not the temporary's
+    assert hit and f".{final}." in os.path.basename(hit[0]) and not final.startswith("."), (hit, e.value)
+    assert tree(out) == before
+
+
 def test_inputs_are_opened_read_only(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every open of an input (the models for split and add; the split's files for verify, info, restore
     and the loader) is read-only: os.open and open() are watched for write flags on those paths."""
