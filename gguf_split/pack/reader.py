@@ -39,14 +39,15 @@ from ..disk.jobs import default_threads, map_ordered
 from ..disk.progress import QUIET, Progress, Reporter
 from ..errors import GGUFSplitError
 from ..format.gguf import open_mapped
-from . import codec
+from . import codec, ladder
 from .codec import CodecError, Factors
-from .format import (CODEC_DELTA, CODEC_PLAIN, HEAD, KIND_DATA, KIND_INDEX, MAGIC, MAX_INDEX_BYTES,
-                     MAX_RECORD_BYTES, PART_BLOB, PART_TENSOR, PART_ZEROS, REC_STORED, REC_ZSTD, VERSION, Corrupt,
-                     RecordHeader, Tail, need)
+from .format import (CODEC_DELTA, CODEC_FPLANES, CODEC_PLAIN, CODEC_REQUANT, HEAD, KIND_DATA, KIND_INDEX, MAGIC,
+                     MAX_INDEX_BYTES, MAX_RECORD_BYTES, PART_BLOB, PART_TENSOR, PART_ZEROS, READABLE_VERSIONS,
+                     REC_STORED, REC_ZSTD, Corrupt, RecordHeader, Tail, UnknownCodec, need)
 from .index import BlobEntry, FileEntry, FileParts, PackIndex, TensorEntry, parse_index
 
 _ZERO = bytes(1 << 20)
+FACTORS_KEPT = 8  # delta factors a reader keeps decoded (a file's tensors come one after another)
 
 
 @dataclass
@@ -84,8 +85,13 @@ class PackReader:
                                        too_small=f"not a gguf-split pack: {size} bytes is too short")
         os.close(fd)  # the map keeps what it needs
         self.size = st.st_size
+        self._factors: dict[int, Factors] = {}  # delta-coded tensors' factors, a few at a time
+        self._factors_lock = threading.Lock()
         try:
             self._read_index()
+        except UnknownCodec as e:
+            self.close()
+            raise GGUFSplitError(self.path, str(e)) from None
         except Corrupt as e:
             self.close()
             raise GGUFSplitError(self.path, f"corrupt pack: {e}") from None
@@ -124,9 +130,10 @@ class PackReader:
         magic, version, flags = HEAD.unpack_from(self.mm, 0)
         if magic != MAGIC:
             raise GGUFSplitError(self.path, "not a gguf-split pack (no GGUFPACK magic)")
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
+            known = " and ".join(str(v) for v in READABLE_VERSIONS)
             raise GGUFSplitError(self.path, f"pack format version {version} is not supported (this gguf-split "
-                                            f"reads version {VERSION}); a newer gguf-split wrote it")
+                                            f"reads versions {known}); a newer gguf-split wrote it")
         need(flags == 0, f"unknown flags {flags:#x} in the head")
         return int(version)
 
@@ -180,6 +187,54 @@ class PackReader:
         need(xxhash.xxh3_128_hexdigest(data) == b.xxh3, f"blob {i}: xxh3 mismatch")
         return data
 
+    def chunk(self, ti: int, c: int) -> bytes:
+        """Chunk c of tensor ti, whatever its codec (a delta reads its base's chunk, a requant its source's:
+        at most requant -> delta -> plain or fplanes, which the index checks)."""
+        kind = self.tensors[ti].codec
+        if kind == CODEC_PLAIN:
+            return self.plain_chunk(ti, c)
+        if kind == CODEC_FPLANES:
+            return self.fplanes_chunk(ti, c)
+        if kind == CODEC_DELTA:
+            return self.delta_chunk(ti, c, self.factors_cached(ti))
+        return self.requant_chunk(ti, c)
+
+    def factors_cached(self, ti: int) -> Factors:
+        """A delta-coded tensor's factors, read once for all its chunks (the last few tensors' kept)."""
+        with self._factors_lock:
+            v = self._factors.get(ti)
+            if v is None:
+                v = self.factors(ti)
+                while len(self._factors) >= FACTORS_KEPT:
+                    self._factors.pop(next(iter(self._factors)))
+                self._factors[ti] = v
+            return v
+
+    def fplanes_chunk(self, ti: int, c: int) -> bytes:
+        t = self.tensors[ti]
+        r0, r1 = t.geo.chunk_span(c, t.rows_per_chunk)
+        n = (r1 - r0) * t.geo.row_elems
+        what = f"tensor {t.name!r} chunk {c}"
+        data = self.data(t.chunks[c], None, what, ladder.fplanes_bound(n))
+        try:
+            return ladder.decode_fplanes_chunk(data, t.geo.ggml_type, t.shuffle, n)
+        except CodecError as e:
+            raise Corrupt(f"{what}: {e}") from None
+
+    def requant_chunk(self, ti: int, c: int) -> bytes:
+        t = self.tensors[ti]
+        assert t.source is not None
+        s = self.tensors[t.source]
+        r0, r1 = t.geo.chunk_span(c, t.rows_per_chunk)
+        what = f"tensor {t.name!r} chunk {c}"
+        qtype, n = t.geo.ggml_type, t.geo.row_elems
+        res = self.data(t.chunks[c], None, what, ladder.residual_bound(r1 - r0, n, qtype))
+        source = self.chunk(t.source, c)
+        try:
+            return ladder.decode_requant_chunk(source, s.geo.ggml_type, res, qtype, r1 - r0, n)
+        except CodecError as e:
+            raise Corrupt(f"{what}: {e}") from None
+
     def plain_chunk(self, ti: int, c: int) -> bytes:
         t = self.tensors[ti]
         r0, r1 = t.geo.chunk_span(c, t.rows_per_chunk)
@@ -205,7 +260,7 @@ class PackReader:
         n = rows * t.geo.row_elems
         width = codec.DELTA_TARGET_TYPES[Q(t.geo.ggml_type)][1]
         res = self.data(t.chunks[c], None, f"tensor {t.name!r} chunk {c}", codec.residual_bound(n, width))
-        base_raw = self.plain_chunk(t.base, c)
+        base_raw = self.chunk(t.base, c)
         bt = np.ascontiguousarray(fac[0][:, r0:r1])
         try:
             return codec.decode_delta_chunk(base_raw, b.geo.ggml_type, t.geo.ggml_type, rows, t.geo.row_elems,
@@ -239,8 +294,6 @@ class FileRebuild:
     def __init__(self, reader: PackReader, fi: int) -> None:
         self.reader = reader
         self.file = reader.files[fi]
-        self._factors: dict[int, Factors] = {}  # a delta-coded tensor's, read once for all its chunks
-        self._lock = threading.Lock()
 
     def pieces(self) -> Iterator[Piece]:
         """The file's pieces, in order."""
@@ -260,16 +313,7 @@ class FileRebuild:
             return None
         if piece.kind == PART_BLOB:
             return r.blob(piece.value)
-        if r.tensors[piece.value].codec == CODEC_PLAIN:
-            return r.plain_chunk(piece.value, piece.chunk)
-        return r.delta_chunk(piece.value, piece.chunk, self.factors(piece.value))
-
-    def factors(self, ti: int) -> Factors:
-        with self._lock:
-            v = self._factors.get(ti)
-            if v is None:
-                v = self._factors[ti] = self.reader.factors(ti)
-            return v
+        return r.chunk(piece.value, piece.chunk)
 
     def write(self, out: BinaryIO, pool: Executor, window: int, bar: Reporter) -> None:
         digests = _FileDigests()
@@ -287,7 +331,6 @@ class FileRebuild:
                 if piece.last:
                     self._check_tensor(piece.value, tensor.hexdigest())
                     tensor = xxhash.xxh3_128()
-                    self._factors.pop(piece.value, None)
             bar.advance(n)
         digests.check(self.file.entry)
 
@@ -295,8 +338,8 @@ class FileRebuild:
         t = self.reader.tensors[ti]
         if digest != t.xxh3:
             raise Corrupt(f"tensor {t.name!r} of {self.file.entry.name}: rebuilt bytes do not match the recorded "
-                          "xxh3-128" + (" (a delta: this machine computes its prediction differently, or the pack "
-                                        "is corrupt)" if t.codec == CODEC_DELTA else ""))
+                          "xxh3-128" + (" (a delta or requant: this machine computes its prediction differently, or "
+                                        "the pack is corrupt)" if t.codec in (CODEC_DELTA, CODEC_REQUANT) else ""))
 
 
 class _FileDigests:
@@ -374,8 +417,8 @@ def _chosen(r: PackReader, files: Sequence[str] | None) -> list[tuple[int, FileP
 
 
 def _check_can_predict(r: PackReader) -> None:
-    """Delta-coded tensors are rebuilt only where float32 arithmetic gives the encoder's bits."""
-    if any(t.codec == CODEC_DELTA for t in r.tensors):
+    """Delta and requant tensors are rebuilt only where float32 arithmetic gives the encoder's bits."""
+    if any(t.codec in (CODEC_DELTA, CODEC_REQUANT) for t in r.tensors):
         try:
             codec.check_float_environment()
         except CodecError as e:
