@@ -66,6 +66,8 @@ class BaseChoice:
 
     def __init__(self, tensors: list[DistinctTensor], requant: frozenset[int] = frozenset()) -> None:
         self.requant = requant  # tensors re-derived from a source: never a base
+        self.deltas: dict[tuple[int, int], DeltaPlan | None] = {}  # (target, base) -> plan, made once
+        self._lock = threading.Lock()
         self.groups: dict[tuple[str, tuple[int, ...]], list[DistinctTensor]] = {}
         for t in tensors:
             for n in t.names:
@@ -84,6 +86,17 @@ class BaseChoice:
 
     def can_base(self, t: DistinctTensor) -> bool:
         return t.index not in self.targets and t.index not in self.requant and t.ggml_type in codec.DELTA_BASE_TYPES
+
+    def delta(self, t: DistinctTensor, b: DistinctTensor, level: int) -> DeltaPlan | None:
+        """plan_delta of target t against base b, computed once (requant planning may have asked)."""
+        with self._lock:
+            if (t.index, b.index) in self.deltas:
+                return self.deltas[(t.index, b.index)]
+        p = codec.plan_delta(t.rows(), t.ggml_type, b.rows(), b.ggml_type, t.geo, level=level,
+                             rows_per_chunk=t.rows_per_chunk, seed=t.index)
+        with self._lock:
+            self.deltas[(t.index, b.index)] = p
+        return p
 
     def sources_for(self, t: DistinctTensor) -> list[DistinctTensor]:
         """The full-precision versions of quantized `t` (same name and shape) a requant may derive it from."""
@@ -132,8 +145,7 @@ def plan_tensor(t: DistinctTensor, choice: BaseChoice, level: int) -> TensorPlan
     if t.index in choice.targets:
         b = choice.base_for(t)
         if b is not None:
-            p = codec.plan_delta(t.rows(), t.ggml_type, b.rows(), b.ggml_type, t.geo, level=level,
-                                 rows_per_chunk=t.rows_per_chunk, seed=t.index)
+            p = choice.delta(t, b, level)
             if p is not None and p.estimate < DELTA_GAIN * p.plain_estimate:
                 return TensorPlan(CODEC_DELTA, base=b.index, delta=p)
     sizes = plain_sizes(t.geo, t.ggml_type, t.rows(), level)
@@ -225,8 +237,7 @@ def plan_requant(t: DistinctTensor, choice: BaseChoice, check: SourceCheck, leve
         return None
     est, s = best
     if est > CLEAR_REQUANT * plain and s.index in choice.targets and t.ggml_type in codec.DELTA_BASE_TYPES:
-        p = codec.plan_delta(s.rows(), s.ggml_type, rows, t.ggml_type, s.geo, level=level,
-                             rows_per_chunk=s.rows_per_chunk, seed=s.index)
+        p = choice.delta(s, t, level)
         if p is not None and p.estimate < DELTA_GAIN * p.plain_estimate and plain + p.estimate < est + p.plain_estimate:
             return None  # the quant as the source's delta base costs less than the quant re-derived
     return TensorPlan(CODEC_REQUANT, source=s.index)
@@ -252,6 +263,8 @@ def plan_codecs(tensors: list[DistinctTensor], level: int, threads: int, progres
 
     with codec.blas_single_threaded(), progress.bar("analysing", sum(t.geo.nbytes for t in tensors)) as bar:
         run_jobs(requant_one, [(t, bar) for t in candidates], threads)
+        deltas = choice.deltas
         choice = BaseChoice(tensors, frozenset(i for i, p in enumerate(plans) if p is not None))
+        choice.deltas = deltas
         run_jobs(plan_one, [(t, bar) for t in by_size if plans[t.index] is None], threads)
     return [p if p is not None else TensorPlan() for p in plans]
