@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from gguf.constants import GGMLQuantizationType as Q
 
 from ..errors import GGUFSplitError
 from ..format.names import check_bare_name
@@ -78,8 +79,9 @@ class TensorEntry:
     factor_type: str = "f16"
     residual: str = "sub"
     factors: int | None = None
-    source: int | None = None  # requant: the source tensor's index, the port's version
-    port: str = ladder.PORT
+    source: int | None = None  # requant: the source tensor's index, the port's version, the importance
+    port: str = ladder.PORT  # vectors' (in_sum2, counts) tensors or None
+    imatrix: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         e: dict[str, Any] = {"name": self.name, "type": int(self.geo.ggml_type), "shape": list(self.geo.shape),
@@ -88,7 +90,8 @@ class TensorEntry:
         if self.codec in (CODEC_PLAIN, CODEC_FPLANES):
             e["shuffle"] = self.shuffle
         elif self.codec == CODEC_REQUANT:
-            e.update({"source": self.source, "port": self.port})
+            e.update({"source": self.source, "port": self.port,
+                      "imatrix": list(self.imatrix) if self.imatrix is not None else None})
         else:
             e.update({"base": self.base, "rank": self.rank, "factor_type": self.factor_type,
                       "residual": self.residual, "factors": self.factors})
@@ -222,6 +225,10 @@ def _parse_requant_fields(i: int, t: Any, te: TensorEntry) -> None:
                            "gguf-split does not know (a newer gguf-split wrote it?)")
     need(ladder.can_requant(te.geo.ggml_type), f"tensor {i}: type {te.geo.ggml_type} cannot be re-derived")
     need(_is_int(te.source), f"tensor {i}: bad source")
+    im = t.get("imatrix")
+    need(im is None or (isinstance(im, list) and len(im) == 2 and all(_is_int(v) for v in im)),
+         f"tensor {i}: bad imatrix")
+    te.imatrix = (im[0], im[1]) if im is not None else None
 
 
 def _check_source(i: int, t: TensorEntry, tensors: list[TensorEntry]) -> None:
@@ -234,6 +241,15 @@ def _check_source(i: int, t: TensorEntry, tensors: list[TensorEntry]) -> None:
     need(s.geo.ggml_type in ladder.SOURCE_TYPES, f"tensor {i}: source type {s.geo.ggml_type} cannot be a source")
     need(s.geo.shape == t.geo.shape and s.rows_per_chunk == t.rows_per_chunk,
          f"tensor {i}: its source has another shape or chunking")
+    if t.imatrix is not None:
+        n_mat = t.geo.shape[2] if len(t.geo.shape) >= 3 else 1
+        need(len(t.geo.shape) <= 3, f"tensor {i}: importance vectors for a 4-D tensor")
+        for j, elems in zip(t.imatrix, (t.geo.row_elems * n_mat, n_mat)):
+            need(0 <= j < len(tensors), f"tensor {i}: imatrix tensor {j} does not exist")
+            m = tensors[j]
+            need(m.geo.ggml_type == Q.F32 and m.codec != CODEC_REQUANT and m.geo.n_elems == elems,
+                 f"tensor {i}: imatrix tensor {j} is not F32 data of {elems} values")
+            need(m.geo.nbytes <= MAX_RECORD_BYTES, f"tensor {i}: imatrix tensor {j} is too large")
 
 
 def _parse_delta_fields(i: int, t: Any, te: TensorEntry, records_end: int) -> None:

@@ -15,14 +15,18 @@ source's because both have the same shape and so the same rows per chunk); plann
 source) is in planning.py, the records in records.py, the reading in reader.py.
 
 Importance matrices: a quant made with one re-derives only with the same vectors, and a GGUF quant records
-only the imatrix file's name. This version re-quantizes without one. For such a quant every block misses,
-but the k-quants' codes still follow from the published scales, so their residual stays a few % of the
-quant; the legacy types (Q4_0, Q5_0, ...) do not, and the writer keeps them plain because it measures both.
+only the imatrix file's name. When the imatrix file (llama-imatrix's GGUF: `<name>.in_sum2` and
+`<name>.counts`, F32) is one of the packed files, a requant tensor may name those two tensors, and the
+vectors are computed from them as llama-quantize loads them (`Weights.from_tensors`). Without them, a quant
+made with an imatrix misses in every block, but the k-quants' codes still follow from the published
+scales, so their residual stays a few % of the quant; the legacy types (Q4_0, Q5_0, ...) do not, and the
+writer keeps them plain because it measures both.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,15 +79,60 @@ def source_rows(raw: Any, source_type: int, rows: int, row_elems: int) -> np.nda
     return out.reshape(rows, row_elems)
 
 
-def predict(x: np.ndarray, qtype: int) -> np.ndarray:
-    """Our re-quantization of source rows x: (rows, row_bytes) uint8."""
+@dataclass(frozen=True)
+class Weights:
+    """A tensor's importance vectors as llama-quantize uses them: `vectors` (n_mat, ne0) float32, row r of
+    the tensor quantized with vector r // rows_per_mat (a 3-D tensor's experts: one vector each)."""
+
+    vectors: np.ndarray
+    rows_per_mat: int
+
+    @classmethod
+    def from_tensors(cls, sums_raw: Any, counts_raw: Any, shape: tuple[int, ...]) -> "Weights":
+        """llama-quantize's load_imatrix (GGUF format): count = (float) lround(counts[j]); vector j =
+        in_sum2[j] / count (float32) when count > 0, else all 1."""
+        ne0 = shape[0]
+        n_mat = shape[2] if len(shape) >= 3 else 1
+        if len(shape) > 3:
+            raise CodecError("importance vectors of a 4-D tensor")
+        sums = np.frombuffer(sums_raw, dtype="<f4").astype(np.float32)
+        counts = np.frombuffer(counts_raw, dtype="<f4").astype(np.float64)
+        if sums.size != ne0 * n_mat or counts.size != n_mat:
+            raise CodecError(f"importance data of {sums.size} sums and {counts.size} counts, {ne0 * n_mat} and "
+                             f"{n_mat} expected")
+        if not (np.isfinite(sums).all() and np.isfinite(counts).all() and (np.abs(counts) < 2.0 ** 62).all()):
+            raise CodecError("importance data holds non-finite or huge values")
+        c = (np.sign(counts) * np.floor(np.abs(counts) + 0.5)).astype(np.float32)  # lround, then (float)
+        sums = sums.reshape(n_mat, ne0)
+        ones = np.ones_like(sums)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.where((c > 0)[:, None], sums / np.where(c > 0, c, np.float32(1))[:, None], ones)
+        vectors = np.ascontiguousarray(v, dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            raise CodecError("importance vectors are not finite")
+        return cls(vectors, shape[1] if len(shape) >= 2 else 1)
+
+
+def predict(x: np.ndarray, qtype: int, weights: Weights | None = None, r0: int = 0) -> np.ndarray:
+    """Our re-quantization of source rows x (rows r0.. of the tensor): (rows, row_bytes) uint8, each row with
+    its importance vector when `weights` are given."""
     if not np.isfinite(x).all():
         raise CodecError("the source holds NaN or infinite values")
     try:
-        out: np.ndarray = quantize(x, qtype, None, engine=engine(), threads=1)
-    except RequantError as e:
+        if weights is None:
+            out: np.ndarray = quantize(x, qtype, None, engine=engine(), threads=1)
+            return out
+        parts = []
+        k = weights.rows_per_mat
+        i = 0
+        while i < x.shape[0]:
+            m = (r0 + i) // k
+            j = min(x.shape[0], (m + 1) * k - r0)
+            parts.append(quantize(x[i:j], qtype, weights.vectors[m], engine=engine(), threads=1))
+            i = j
+        return np.concatenate(parts)
+    except (RequantError, IndexError) as e:
         raise CodecError(str(e)) from None
-    return out
 
 
 def residual_bound(rows: int, row_elems: int, qtype: int) -> int:
@@ -94,10 +143,10 @@ def residual_bound(rows: int, row_elems: int, qtype: int) -> int:
 
 
 def encode_requant_chunk(source_raw: Any, source_type: int, target_raw: Any, qtype: int, rows: int,
-                         row_elems: int, level: int) -> bytes:
+                         row_elems: int, level: int, weights: Weights | None = None, r0: int = 0) -> bytes:
     """One requant chunk: the zstd frame of its residual, after checking that decoding it gives the target."""
     x = source_rows(source_raw, source_type, rows, row_elems)
-    pred = predict(x, qtype)
+    pred = predict(x, qtype, weights, r0)
     target = np.frombuffer(target_raw, dtype=np.uint8).reshape(rows, -1)
     buf, _ = encode_residual(x, target, pred, qtype)
     body = codec.compress(buf, level)
@@ -108,23 +157,23 @@ def encode_requant_chunk(source_raw: Any, source_type: int, target_raw: Any, qty
 
 
 def decode_requant_chunk(source_raw: Any, source_type: int, residual: bytes, qtype: int, rows: int,
-                         row_elems: int) -> bytes:
+                         row_elems: int, weights: Weights | None = None, r0: int = 0) -> bytes:
     """A requant chunk's bytes from its source chunk's bytes and its decoded residual."""
     x = source_rows(source_raw, source_type, rows, row_elems)
     try:
-        out: bytes = apply_residual(x, predict(x, qtype), residual, qtype).tobytes()
+        out: bytes = apply_residual(x, predict(x, qtype, weights, r0), residual, qtype).tobytes()
     except ResidualError as e:
         raise CodecError(str(e)) from None
     return out
 
 
 def requant_estimate(source_raw: Any, source_type: int, target_raw: Any, qtype: int, rows: int, row_elems: int,
-                     level: int) -> int | None:
+                     level: int, weights: Weights | None = None, r0: int = 0) -> int | None:
     """The bytes a requant chunk of these rows would take (None when the source is not finite there)."""
     x = source_rows(source_raw, source_type, rows, row_elems)
     if not np.isfinite(x).all():
         return None
-    pred = predict(x, qtype)
+    pred = predict(x, qtype, weights, r0)
     buf, _ = encode_residual(x, np.frombuffer(target_raw, dtype=np.uint8).reshape(rows, -1), pred, qtype)
     return len(codec.compress(buf, level))
 

@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+from gguf.constants import GGMLQuantizationType as Q
 
 from ..disk.jobs import run_jobs
 from ..disk.progress import Progress, Reporter
@@ -38,6 +39,8 @@ MAX_SHAPE_CANDIDATES = 32  # bases of the same shape tried when no other version
 DELTA_GAIN = 0.97  # a delta is taken when it is estimated at most this fraction of zstd's bytes
 SIMILARITY_ROWS = 16
 MAX_SOURCES = 4  # full-precision versions a quant tries as its requant source
+MAX_IMATRICES = 4  # importance matrices (packed imatrix files) a quant tries, next to none
+SUMS, COUNTS = ".in_sum2", ".counts"  # llama-imatrix's GGUF tensor names: <tensor name> + these
 REQUANT_GAIN = 0.95  # requant is taken when its sampled residual is at most this fraction of plain's bytes
 CLEAR_REQUANT = 0.1  # a residual this small (of plain's bytes) is a ladder's: taken without weighing a delta
 SAMPLE_BYTES = 128 << 10  # bytes of each of the 2 spread samples a plain, fplanes or requant estimate reads
@@ -54,11 +57,13 @@ class TensorPlan:
     base: int | None = None
     delta: DeltaPlan | None = None
     source: int | None = None
+    imatrix: tuple[int, int] | None = None  # requant: the in_sum2 and counts tensors of its importance vectors
 
     @property
-    def needs(self) -> int | None:
-        """The tensor whose chunks this one's decoding reads (its records come first), if any."""
-        return self.base if self.base is not None else self.source
+    def needs(self) -> list[int]:
+        """The tensors whose chunks this one's decoding reads (their records come first)."""
+        deps = [d for d in (self.base, self.source) if d is not None]
+        return deps + list(self.imatrix or ())
 
 
 class BaseChoice:
@@ -74,6 +79,8 @@ class BaseChoice:
                 self.groups.setdefault((n, t.shape), []).append(t)
         anchors = {self._anchor(versions).index for versions in self.groups.values() if len(versions) > 1}
         self.targets = {t.index for t in tensors if t.ggml_type in codec.DELTA_TARGET_TYPES and t.index not in anchors}
+        self._weights: dict[tuple[int, int], ladder.Weights | None] = {}
+        self.imatrices = _imatrix_pairs(tensors)
         self.by_shape: dict[tuple[int, ...], list[DistinctTensor]] = {}
         for t in tensors:
             if self.can_base(t):
@@ -98,6 +105,20 @@ class BaseChoice:
             self.deltas[(t.index, b.index)] = p
         return p
 
+    def weights(self, t: DistinctTensor, pair: tuple[DistinctTensor, DistinctTensor]) -> ladder.Weights | None:
+        """The importance vectors of an imatrix's (in_sum2, counts) for quant t, or None when they do not fit."""
+        key = (pair[0].index, pair[1].index)
+        with self._lock:
+            if key not in self._weights:
+                self._weights[key] = load_weights(pair[0], pair[1], t.shape)
+            return self._weights[key]
+
+    def imatrices_for(self, t: DistinctTensor) -> list[tuple[DistinctTensor, DistinctTensor]]:
+        found: list[tuple[DistinctTensor, DistinctTensor]] = []
+        for n in t.names:
+            found += [p for p in self.imatrices.get(n, []) if p not in found]
+        return found[:MAX_IMATRICES]
+
     def sources_for(self, t: DistinctTensor) -> list[DistinctTensor]:
         """The full-precision versions of quantized `t` (same name and shape) a requant may derive it from."""
         if not ladder.can_requant(t.ggml_type):
@@ -120,6 +141,33 @@ class BaseChoice:
             if d < best_d:
                 best, best_d = c, d
         return best
+
+
+def _imatrix_pairs(tensors: list[DistinctTensor]) -> dict[str, list[tuple[DistinctTensor, DistinctTensor]]]:
+    """Tensor name -> the (`<name>.in_sum2`, `<name>.counts`) F32 pairs of the imatrix files packed (each
+    pair from one file)."""
+    by_place = {(id(src.file), src.info.name): t for t in tensors for src in t.sources}
+    pairs: dict[str, list[tuple[DistinctTensor, DistinctTensor]]] = {}
+    for t in tensors:
+        for src in t.sources:
+            name = src.info.name
+            if t.ggml_type != Q.F32 or not name.endswith(SUMS):
+                continue
+            counts = by_place.get((id(src.file), name[:-len(SUMS)] + COUNTS))
+            if counts is not None and counts.ggml_type == Q.F32:
+                got = pairs.setdefault(name[:-len(SUMS)], [])
+                if (t, counts) not in got:
+                    got.append((t, counts))
+    return pairs
+
+
+def load_weights(sums: DistinctTensor, counts: DistinctTensor, shape: tuple[int, ...]) -> ladder.Weights | None:
+    """Importance vectors from an imatrix's two tensors for a quant of `shape` (None: they do not fit)."""
+    try:
+        return ladder.Weights.from_tensors(bytes(sums.rows()(0, sums.geo.n_rows)),
+                                           bytes(counts.rows()(0, counts.geo.n_rows)), shape)
+    except codec.CodecError:
+        return None
 
 
 def distance(t: DistinctTensor, b: DistinctTensor) -> float:
@@ -224,23 +272,29 @@ def plan_requant(t: DistinctTensor, choice: BaseChoice, check: SourceCheck, leve
     rows = t.rows()
     plain = scale * min(sum(len(codec.compress(codec.shuffle(bytes(rows(r0, r1)), st), level)) for r0, r1 in spans)
                         for st in {1, codec.natural_stride(t.ggml_type)})
-    best: tuple[float, DistinctTensor] | None = None
+    best: tuple[float, DistinctTensor, tuple[int, int] | None] | None = None
+    options: list[tuple[tuple[int, int] | None, ladder.Weights | None]] = [(None, None)]
+    for pair in choice.imatrices_for(t):
+        w = choice.weights(t, pair)
+        if w is not None:
+            options.append(((pair[0].index, pair[1].index), w))
     for s in choice.sources_for(t):
         if not check.finite(s):
             continue
         srows = s.rows()
-        est = scale * sum(ladder.requant_estimate(srows(r0, r1), s.ggml_type, rows(r0, r1), t.ggml_type, r1 - r0,
-                                                  t.geo.row_elems, level) or 0 for r0, r1 in spans)
-        if best is None or est < best[0]:
-            best = (est, s)
+        for key, w in options:
+            est = scale * sum(ladder.requant_estimate(srows(r0, r1), s.ggml_type, rows(r0, r1), t.ggml_type, r1 - r0,
+                                                      t.geo.row_elems, level, w, r0) or 0 for r0, r1 in spans)
+            if best is None or est < best[0]:
+                best = (est, s, key)
     if best is None or best[0] > REQUANT_GAIN * plain:
         return None
-    est, s = best
+    est, s, imatrix = best
     if est > CLEAR_REQUANT * plain and s.index in choice.targets and t.ggml_type in codec.DELTA_BASE_TYPES:
         p = choice.delta(s, t, level)
         if p is not None and p.estimate < DELTA_GAIN * p.plain_estimate and plain + p.estimate < est + p.plain_estimate:
             return None  # the quant as the source's delta base costs less than the quant re-derived
-    return TensorPlan(CODEC_REQUANT, source=s.index)
+    return TensorPlan(CODEC_REQUANT, source=s.index, imatrix=imatrix)
 
 
 def plan_codecs(tensors: list[DistinctTensor], level: int, threads: int, progress: Progress) -> list[TensorPlan]:

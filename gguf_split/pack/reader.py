@@ -87,6 +87,7 @@ class PackReader:
         self.size = st.st_size
         self._factors: dict[int, Factors] = {}  # delta-coded tensors' factors, a few at a time
         self._factors_lock = threading.Lock()
+        self._weights: dict[tuple[int, int, tuple[int, ...]], ladder.Weights] = {}  # importance vectors
         try:
             self._read_index()
         except UnknownCodec as e:
@@ -231,9 +232,31 @@ class PackReader:
         res = self.data(t.chunks[c], None, what, ladder.residual_bound(r1 - r0, n, qtype))
         source = self.chunk(t.source, c)
         try:
-            return ladder.decode_requant_chunk(source, s.geo.ggml_type, res, qtype, r1 - r0, n)
+            w = self.weights(t) if t.imatrix is not None else None
+            return ladder.decode_requant_chunk(source, s.geo.ggml_type, res, qtype, r1 - r0, n, w, r0)
         except CodecError as e:
             raise Corrupt(f"{what}: {e}") from None
+
+    def whole(self, ti: int) -> bytes:
+        """A (small) tensor's bytes, every chunk (an imatrix's in_sum2 or counts)."""
+        t = self.tensors[ti]
+        return b"".join(self.chunk(ti, c) for c in range(t.geo.chunk_count(t.rows_per_chunk)))
+
+    def weights(self, t: TensorEntry) -> ladder.Weights:
+        """A requant tensor's importance vectors (made once per imatrix and shape)."""
+        assert t.imatrix is not None
+        key = (*t.imatrix, t.geo.shape)
+        with self._factors_lock:
+            w = self._weights.get(key)
+        if w is None:
+            sums, counts = (self.whole(j) for j in t.imatrix)
+            for j, data in zip(t.imatrix, (sums, counts)):
+                need(xxhash.xxh3_128_hexdigest(data) == self.tensors[j].xxh3, f"tensor {self.tensors[j].name!r}: "
+                     "rebuilt bytes do not match the recorded xxh3-128")
+            w = ladder.Weights.from_tensors(sums, counts, t.geo.shape)
+            with self._factors_lock:
+                self._weights[key] = w
+        return w
 
     def plain_chunk(self, ti: int, c: int) -> bytes:
         t = self.tensors[ti]

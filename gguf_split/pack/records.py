@@ -10,6 +10,7 @@ order, a bounded window of jobs in flight (`disk.jobs.map_ordered`), and notes w
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from . import codec, ladder
 from .codec import CodecError
 from .format import CODEC_DELTA, CODEC_FPLANES, CODEC_REQUANT, KIND_DATA, PART_BLOB, PART_TENSOR, REC_STORED, REC_ZSTD, Part, RecordHeader
 from .inventory import Inventory
-from .planning import TensorPlan
+from .planning import TensorPlan, load_weights
 
 LEVEL_TENSORS = 3  # measured: level 3 gives 92 % on Q4_1 (shuffled) at ~230 MB/s; 19 gives 88 % at 6 MB/s
 LEVEL_HEADERS = 19  # headers are small and repeated once: spend the time
@@ -122,9 +123,8 @@ def record_order(inv: Inventory, plans: list[TensorPlan]) -> list[Part]:
     def want(p: Part) -> None:
         if p in seen:
             return
-        base = plans[p.value].needs if p.kind == PART_TENSOR else None
-        if base is not None:
-            want(Part(PART_TENSOR, base))
+        for dep in (plans[p.value].needs if p.kind == PART_TENSOR else []):
+            want(Part(PART_TENSOR, dep))
         seen.add(p)
         order.append(p)
 
@@ -160,6 +160,21 @@ class Encoder:
 
     def __init__(self, inv: Inventory, plans: list[TensorPlan], level: int, out_path: str) -> None:
         self.inv, self.plans, self.level, self.out_path = inv, plans, level, out_path
+        self._weights: dict[int, ladder.Weights | None] = {}  # a requant tensor's importance vectors
+        self._lock = threading.Lock()
+
+    def weights(self, ti: int) -> ladder.Weights | None:
+        pair = self.plans[ti].imatrix
+        if pair is None:
+            return None
+        with self._lock:
+            if ti not in self._weights:
+                self._weights[ti] = load_weights(self.inv.tensors[pair[0]], self.inv.tensors[pair[1]],
+                                                 self.inv.tensors[ti].shape)
+            w = self._weights[ti]
+        if w is None:
+            raise CodecError("its importance vectors do not fit")
+        return w
 
     def __call__(self, job: RecordJob) -> Encoded:
         if job.what == BLOB:
@@ -213,7 +228,7 @@ class Encoder:
         assert plan.source is not None
         s = self.inv.tensors[plan.source]
         body = ladder.encode_requant_chunk(s.rows()(r0, r1), s.ggml_type, t.rows()(r0, r1), t.ggml_type, r1 - r0,
-                                           t.geo.row_elems, self.level)
+                                           t.geo.row_elems, self.level, self.weights(ti), r0)
         return Encoded(REC_ZSTD, body, zstandard.frame_content_size(body), xxhash.xxh3_128_digest(body),
                        (r1 - r0) * t.geo.row_bytes)
 

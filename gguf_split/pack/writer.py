@@ -155,7 +155,7 @@ def _tensor_entry(i: int, inv: Inventory, plans: list[TensorPlan], written: Writ
     if plan.delta is not None:
         e.base, e.rank, e.factor_type = plan.base, plan.delta.rank, plan.delta.factor_type
         e.residual, e.factors = plan.delta.mode, rec.factors
-    e.source = plan.source
+    e.source, e.imatrix = plan.source, plan.imatrix
     return e
 
 

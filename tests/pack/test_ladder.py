@@ -229,6 +229,51 @@ def test_quant_made_with_an_importance_matrix(tmp_path: Path) -> None:
     assert all(t.codec == "requant" and t.stored_bytes < 0.25 * t.nbytes for t in q6), q6
 
 
+def _imatrix_file(path: Path, seed: int) -> tuple[str, dict[str, np.ndarray]]:
+    """An imatrix GGUF as llama-imatrix writes it (`<name>.in_sum2` (ne0, 1) and `<name>.counts` (1, 1), F32)
+    and the vectors llama-quantize loads from it (tools/quantize/quantize.cpp: in_sum2 / counts, in float32;
+    all ones where the count is 0)."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(os.fspath(path), "imatrix")
+    w.add_string("general.type", "imatrix")
+    vectors = {}
+    for i, (n, shape) in enumerate(SHAPES.items()):
+        sums = (rng.random((1, shape[1])) * 50).astype(np.float32)
+        count = np.array([[0.0 if i == 3 else 128.0 + i]], dtype=np.float32)
+        w.add_tensor(n + ".in_sum2", sums)
+        w.add_tensor(n + ".counts", count)
+        vectors[n] = sums[0] / count[0, 0] if count[0, 0] > 0 else np.ones(shape[1], np.float32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(path), vectors
+
+
+@needs_oracle
+def test_quant_re_derived_with_the_packed_imatrix(tmp_path: Path) -> None:
+    """Quants made with an importance matrix whose file is in the pack: re-derived with its vectors (one
+    tensor of the matrix never saw input: its vector is all ones), nearly free, and the index names the
+    in_sum2/counts tensors."""
+    im_path, vectors = _imatrix_file(tmp_path / "imatrix.gguf", 9)
+
+    def with_imatrix(q: dict[str, tuple[np.ndarray, int]]) -> dict[str, tuple[np.ndarray, int]]:
+        for n, w in _weights(0).items():
+            q[n] = (ggml_oracle.quantize(w.astype(np.float16).astype(np.float32), q[n][1], vectors[n]), q[n][1])
+        return q
+
+    files = make_ladder(tmp_path / "m", rungs=("Q6_K", "Q4_0", "Q3_K"),
+                        tweak={r: with_imatrix for r in ("Q6_K", "Q4_0", "Q3_K")})
+    pk, report = _round_trip(files + [("imatrix.gguf", im_path)], tmp_path)
+    quants = [t for t in report.tensors if t.ggml_type in ("Q6_K", "Q4_0", "Q3_K")]
+    assert len(quants) == 12 and all(t.codec == "requant" and t.stored_bytes < 0.01 * t.nbytes + 200 for t in quants)
+    ix = _index_json(pk.read_bytes())
+    names = {i: t["name"] for i, t in enumerate(ix["tensors"])}
+    for t in ix["tensors"]:
+        if t["codec"] == "requant":
+            assert [names[j] for j in t["imatrix"]] == [t["name"] + ".in_sum2", t["name"] + ".counts"]
+
+
 @needs_oracle
 def test_family_fine_tune_published_as_f16_and_quant(tmp_path: Path) -> None:
     """A fine-tune published as F16 and Q4_K next to its base's ladder: its quant is re-derived from its own
@@ -363,7 +408,7 @@ def test_version_1_pack_may_not_use_version_2_codecs(f16_pack: tuple[Path, PackR
 
 @needs_oracle
 @pytest.mark.parametrize("change", ["self_source", "quant_source", "bad_shape_source", "requant_base_of_delta",
-                                    "fplanes_on_quant"])
+                                    "fplanes_on_quant", "imatrix_not_f32", "imatrix_missing"])
 def test_forged_ladder_index_is_refused(f16_pack: tuple[Path, PackReport], tmp_path: Path, change: str) -> None:
     pk, _ = f16_pack
     data = pk.read_bytes()
@@ -380,6 +425,10 @@ def test_forged_ladder_index_is_refused(f16_pack: tuple[Path, PackReport], tmp_p
     elif change == "requant_base_of_delta":
         f16 = next(i for i, t in enumerate(ts) if t["type"] == Q.F16)
         ts[f16].update(codec="delta", base=req, rank=0, factor_type="f16", residual="sub", factors=None)
+    elif change == "imatrix_not_f32":
+        ts[req]["imatrix"] = [ts[req]["source"], ts[req]["source"]]
+    elif change == "imatrix_missing":
+        ts[req]["imatrix"] = [len(ts), 0]
     else:
         ts[req]["codec"] = "fplanes"
         ts[req]["shuffle"] = 1
