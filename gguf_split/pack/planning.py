@@ -297,6 +297,54 @@ def plan_requant(t: DistinctTensor, choice: BaseChoice, check: SourceCheck, leve
     return TensorPlan(CODEC_REQUANT, source=s.index, imatrix=imatrix)
 
 
+def _rank0_delta_bytes(s: DistinctTensor, q: DistinctTensor, level: int) -> int:
+    """Sampled bytes of source s as a rank-0 delta of quant q (its dequantization rounded to s's type, and
+    the exact residual): small when s is (close to) an upcast of q."""
+    dtype, _ = codec.DELTA_TARGET_TYPES[Q(s.ggml_type)]
+    total = 0
+    n = s.geo.row_elems
+    for r0, r1 in sample_spans(s.geo):
+        base = codec.dequantize_rows(q.rows()(r0, r1), q.ggml_type, r1 - r0, n)
+        if not np.isfinite(base).all():
+            return 1 << 62
+        pred = codec.predict_bits(base, np.zeros((0, r1 - r0), np.float32), np.zeros((0, n), np.float32), s.ggml_type)
+        target = np.frombuffer(s.rows()(r0, r1), dtype=dtype)
+        total += len(codec.compress(codec.residual_encode(target, pred, "sub"), level))
+    return total
+
+
+def _sampled_plain(t: DistinctTensor, spans: list[tuple[int, int]], level: int) -> int:
+    rows = t.rows()
+    return min(sum(len(codec.compress(codec.shuffle(bytes(rows(r0, r1)), st), level)) for r0, r1 in spans)
+               for st in {1, codec.natural_stride(t.ggml_type)})
+
+
+def keep_upcast_bases(tensors: list[DistinctTensor], plans: list[TensorPlan | None], level: int) -> None:
+    """A source that is (nearly) an upcast of one of its quants (a ladder made from a quantized model) costs
+    least as that quant, plain, plus a delta; the other quants still derive from the source. Per source,
+    on the samples: if some quant q's plain bytes plus the source's rank-0 delta against q beat the source's
+    own coding plus q's requant residual, q is planned again (plain: it becomes the source's delta base)."""
+    by_source: dict[int, list[DistinctTensor]] = {}
+    for t in tensors:
+        p = plans[t.index]
+        if p is not None and p.source is not None and p.imatrix is None and t.ggml_type in codec.DELTA_BASE_TYPES:
+            by_source.setdefault(p.source, []).append(t)
+    for si, quants in by_source.items():
+        s = tensors[si]
+        spans = sample_spans(s.geo)
+        sizes = plain_sizes(s.geo, s.ggml_type, s.rows(), level)
+        own = min(sizes.values())
+        best: tuple[int, DistinctTensor] | None = None
+        for q in quants:
+            rq = sum(ladder.requant_estimate(s.rows()(r0, r1), s.ggml_type, q.rows()(r0, r1), q.ggml_type,
+                                             r1 - r0, s.geo.row_elems, level) or 0 for r0, r1 in spans)
+            gain = own + rq - _sampled_plain(q, spans, level) - _rank0_delta_bytes(s, q, level)
+            if gain > 0 and (best is None or gain > best[0]):
+                best = (gain, q)
+        if best is not None:
+            plans[best[1].index] = None
+
+
 def plan_codecs(tensors: list[DistinctTensor], level: int, threads: int, progress: Progress) -> list[TensorPlan]:
     """Stage 3: every tensor's plan, on a pool (BLAS in one thread: the pool is the parallelism): the
     requant candidates first (they decide which tensors may be delta bases), then everything else."""
@@ -317,6 +365,7 @@ def plan_codecs(tensors: list[DistinctTensor], level: int, threads: int, progres
 
     with codec.blas_single_threaded(), progress.bar("analysing", sum(t.geo.nbytes for t in tensors)) as bar:
         run_jobs(requant_one, [(t, bar) for t in candidates], threads)
+        keep_upcast_bases(tensors, plans, level)
         deltas = choice.deltas
         choice = BaseChoice(tensors, frozenset(i for i, p in enumerate(plans) if p is not None))
         choice.deltas = deltas
