@@ -28,7 +28,7 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -88,6 +88,8 @@ class PackReader:
         self._factors: dict[int, Factors] = {}  # delta-coded tensors' factors, a few at a time
         self._factors_lock = threading.Lock()
         self._weights: dict[tuple[int, int, tuple[int, ...]], ladder.Weights] = {}  # importance vectors
+        # tensor -> (descriptor, offset) of its bytes in an output this unpack already wrote and checked
+        self._rebuilt: dict[int, tuple[int, int]] = {}
         try:
             self._read_index()
         except UnknownCodec as e:
@@ -190,7 +192,13 @@ class PackReader:
 
     def chunk(self, ti: int, c: int) -> bytes:
         """Chunk c of tensor ti, whatever its codec (a delta reads its base's chunk, a requant its source's:
-        at most requant -> delta -> plain or fplanes, which the index checks)."""
+        at most requant -> delta -> plain or fplanes, which the index checks). A tensor an earlier output of
+        this unpack holds (checked when written) is read back from it: a ladder's source is decoded once,
+        not once per quant derived from it."""
+        if ti in self._rebuilt:
+            got = self._read_back(ti, c)
+            if got is not None:
+                return got
         kind = self.tensors[ti].codec
         if kind == CODEC_PLAIN:
             return self.plain_chunk(ti, c)
@@ -199,6 +207,30 @@ class PackReader:
         if kind == CODEC_DELTA:
             return self.delta_chunk(ti, c, self.factors_cached(ti))
         return self.requant_chunk(ti, c)
+
+    def note_written(self, fi: int, fd: int) -> None:
+        """File fi's bytes are in `fd` (readable, complete, every tensor and the file checked): its tensors
+        may be read back from it."""
+        if not hasattr(os, "pread"):
+            return
+        pos = 0
+        for p in self.files[fi].parts:
+            if p.kind == PART_TENSOR:
+                self._rebuilt.setdefault(p.value, (fd, pos))
+                pos += self.tensors[p.value].geo.nbytes
+            else:
+                pos += self.blobs[p.value].size if p.kind == PART_BLOB else p.value
+
+    def _read_back(self, ti: int, c: int) -> bytes | None:
+        t = self.tensors[ti]
+        fd, start = self._rebuilt[ti]
+        r0, r1 = t.geo.chunk_span(c, t.rows_per_chunk)
+        n = (r1 - r0) * t.geo.row_bytes
+        try:
+            data = os.pread(fd, n, start + r0 * t.geo.row_bytes)
+        except OSError:
+            return None
+        return data if len(data) == n else None
 
     def factors_cached(self, ti: int) -> Factors:
         """A delta-coded tensor's factors, read once for all its chunks (the last few tensors' kept)."""
@@ -423,8 +455,7 @@ def unpack(pack_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         _check_free_space(out_dir, total)
         entries = {f.entry.name: f.entry for _, f in chosen}
         with ThreadPoolExecutor(nthreads) as pool, progress.bar("unpacking", total) as bar:
-            outputs = [(f.entry.name, buffered(partial(_write_checked, r, i, pool, nthreads + 2, bar)))
-                       for i, f in chosen]
+            outputs = [(f.entry.name, _output(r, i, pool, nthreads + 2, bar)) for i, f in chosen]
             kept = write_files(out_dir, outputs, force=force,
                                keep=lambda name, path: holds_bytes(path, entries[name].size, entries[name].xxh3))
     written = total - sum(entries[name].size for name in kept)
@@ -459,6 +490,17 @@ def _check_free_space(out_dir: str, total: int) -> None:
     free = st.f_bavail * st.f_frsize
     if total > free:
         raise GGUFSplitError(out_dir, f"the pack unpacks to {total} bytes, only {free} are free there")
+
+
+def _output(r: PackReader, fi: int, pool: Executor, window: int, bar: Reporter) -> Callable[[int], None]:
+    """write_files' writer of file fi: through a 1 MiB buffer, then noted as readable (`note_written`)."""
+    write = buffered(partial(_write_checked, r, fi, pool, window, bar))
+
+    def fill(fd: int) -> None:
+        write(fd)
+        r.note_written(fi, fd)
+
+    return fill
 
 
 def _write_checked(r: PackReader, fi: int, pool: Executor, window: int, bar: Reporter, out: BinaryIO) -> None:

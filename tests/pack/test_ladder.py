@@ -328,6 +328,23 @@ def test_unpack_same_bytes_with_numba_and_threads(f16_ladder: list[tuple[str, st
         assert sha(tmp_path / "o" / n) == sha(p)
 
 
+@needs_oracle
+def test_source_is_decoded_once_per_unpack(f16_ladder: list[tuple[str, str]], f16_pack: tuple[Path, PackReport],
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacking the ladder decodes each fplanes chunk of the source once (the quants read the source back
+    from the output already written), and the files are still byte-identical."""
+    pk, _ = f16_pack
+    calls: list[int] = []
+    real = ladder.decode_fplanes_chunk
+    monkeypatch.setattr(ladder, "decode_fplanes_chunk", lambda *a: calls.append(1) or real(*a))
+    unpack(pk, tmp_path / "o", threads=2)
+    with PackReader(pk) as r:
+        chunks = sum(len(t.chunks) for t in r.tensors if t.codec == "fplanes")
+    assert chunks and len(calls) == chunks
+    for n, p in f16_ladder:
+        assert sha(tmp_path / "o" / n) == sha(p)
+
+
 def test_packs_without_a_ladder_stay_version_1(tmp_path: Path) -> None:
     """Quants without their source (no requant) and no F16/BF16 (no fplanes): a version-1 pack, which
     gguf-split before version 2 reads too."""
