@@ -455,11 +455,18 @@ def unpack(pack_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         _check_free_space(out_dir, total)
         entries = {f.entry.name: f.entry for _, f in chosen}
         with ThreadPoolExecutor(nthreads) as pool, progress.bar("unpacking", total) as bar:
-            outputs = [(f.entry.name, _output(r, i, pool, nthreads + 2, bar)) for i, f in chosen]
+            outputs = [(f.entry.name, _output(r, i, pool, nthreads + 2, bar)) for i, f in _sources_first(r, chosen)]
             kept = write_files(out_dir, outputs, force=force,
                                keep=lambda name, path: holds_bytes(path, entries[name].size, entries[name].xxh3))
     written = total - sum(entries[name].size for name in kept)
     return UnpackReport(out_dir, [f.entry for _, f in chosen], written, time.perf_counter() - t0, kept)
+
+
+def _sources_first(r: PackReader, chosen: list[tuple[int, FileParts]]) -> list[tuple[int, FileParts]]:
+    """The files holding a tensor that requant tensors derive from first (in pack order otherwise), so the
+    quants read their source back instead of decoding it; the files written do not depend on the order."""
+    sources = {t.source for t in r.tensors if t.codec == CODEC_REQUANT}
+    return sorted(chosen, key=lambda c: not any(p.kind == PART_TENSOR and p.value in sources for p in c[1].parts))
 
 
 def _chosen(r: PackReader, files: Sequence[str] | None) -> list[tuple[int, FileParts]]:

@@ -333,16 +333,19 @@ def test_source_is_decoded_once_per_unpack(f16_ladder: list[tuple[str, str]], f1
                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unpacking the ladder decodes each fplanes chunk of the source once (the quants read the source back
     from the output already written), and the files are still byte-identical."""
-    pk, _ = f16_pack
     calls: list[int] = []
     real = ladder.decode_fplanes_chunk
     monkeypatch.setattr(ladder, "decode_fplanes_chunk", lambda *a: calls.append(1) or real(*a))
-    unpack(pk, tmp_path / "o", threads=2)
-    with PackReader(pk) as r:
-        chunks = sum(len(t.chunks) for t in r.tensors if t.codec == "fplanes")
-    assert chunks and len(calls) == chunks
-    for n, p in f16_ladder:
-        assert sha(tmp_path / "o" / n) == sha(p)
+    quants_first = f16_ladder[1:] + f16_ladder[:1]  # the source's file last in the pack: unpack writes it first
+    for i, (files, pk) in enumerate([(f16_ladder, f16_pack[0]),
+                                     (quants_first, pack_files(quants_first, tmp_path / "q.ggufpack").path)]):
+        calls.clear()
+        unpack(pk, tmp_path / f"o{i}", threads=2)
+        with PackReader(pk) as r:
+            chunks = sum(len(t.chunks) for t in r.tensors if t.codec == "fplanes")
+        assert chunks and len(calls) == chunks
+        for n, p in files:
+            assert sha(tmp_path / f"o{i}" / n) == sha(p)
 
 
 def test_packs_without_a_ladder_stay_version_1(tmp_path: Path) -> None:
