@@ -42,7 +42,7 @@ MAX_SOURCES = 4  # full-precision versions a quant tries as its requant source
 MAX_IMATRICES = 4  # importance matrices (packed imatrix files) a quant tries, next to none
 SUMS, COUNTS = ".in_sum2", ".counts"  # llama-imatrix's GGUF tensor names: <tensor name> + these
 REQUANT_GAIN = 0.95  # requant is taken when its sampled residual is at most this fraction of plain's bytes
-CLEAR_REQUANT = 0.1  # a residual this small (of plain's bytes) is a ladder's: taken without weighing a delta
+CLEAR_REQUANT = 0.01  # a residual this small (of plain's bytes) is a ladder's: taken without weighing a delta
 SAMPLE_BYTES = 128 << 10  # bytes of each of the 2 spread samples a plain, fplanes or requant estimate reads
 
 
@@ -263,7 +263,7 @@ def _all_finite(s: DistinctTensor) -> bool:
 def plan_requant(t: DistinctTensor, choice: BaseChoice, check: SourceCheck, level: int) -> TensorPlan | None:
     """Requant from the source whose residual is smallest on the samples, when it pays (else None).
 
-    A residual under CLEAR_REQUANT of the plain bytes is a ladder (the quant was made from that source):
+    A residual under CLEAR_REQUANT (1 %) of the plain bytes is a ladder (the quant was made from that source):
     taken. A larger one is a quant of something close to the source (a fine-tune's F16 next to its base's
     quant): there the quant may serve better as the base of the source's delta, so both ways are
     estimated and the cheaper kept."""
