@@ -192,9 +192,9 @@ class PackReader:
 
     def chunk(self, ti: int, c: int) -> bytes:
         """Chunk c of tensor ti, whatever its codec (a delta reads its base's chunk, a requant its source's:
-        at most requant -> delta -> plain or fplanes, which the index checks). A tensor an earlier output of
-        this unpack holds (checked when written) is read back from it: a ladder's source is decoded once,
-        not once per quant derived from it."""
+        at most requant -> delta -> plain or fplanes, which the index checks). A requant source an earlier
+        output of this unpack holds (checked when written) is read back from it: a ladder's source is
+        decoded once, not once per quant derived from it."""
         if ti in self._rebuilt:
             got = self._read_back(ti, c)
             if got is not None:
@@ -213,10 +213,11 @@ class PackReader:
         may be read back from it."""
         if not hasattr(os, "pread"):
             return
+        sources = {t.source for t in self.tensors if t.codec == CODEC_REQUANT}
         pos = 0
         for p in self.files[fi].parts:
-            if p.kind == PART_TENSOR:
-                self._rebuilt.setdefault(p.value, (fd, pos))
+            if p.kind == PART_TENSOR and p.value in sources:  # only what a quant derives from: other
+                self._rebuilt.setdefault(p.value, (fd, pos))  # packs read as they always did
                 pos += self.tensors[p.value].geo.nbytes
             else:
                 pos += self.blobs[p.value].size if p.kind == PART_BLOB else p.value
