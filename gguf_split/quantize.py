@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
+import mmap
 import os
 import re
 import struct
@@ -240,6 +242,9 @@ class Backend:
     def type_name(self, t: int) -> str:
         return str(self.lib.ggml_type_name(t).decode())
 
+    def is_quantized(self, t: int) -> bool:
+        return bool(self.lib.ggml_get_type_traits(t).contents.is_quantized)
+
     def row_size(self, t: int, n_per_row: int) -> int:
         return int(self.lib.ggml_row_size(t, n_per_row))
 
@@ -382,16 +387,17 @@ def plan_model(path: str | os.PathLike[str], recipe: Recipe) -> ModelPlan:
         if count in h.kv_by_key and int(f.kv_value(count)) > 1:
             raise GGUFSplitError(path, "a model in several shards: merge it first (llama-gguf-split --merge)")
         infos = {t.name: t for t in h.tensors}
-    lines, fallbacks, records = _dry_run(be, path, recipe)
-    tensors = _planned_tensors(path, be, infos, lines, fallbacks, records)
+    lines, fallbacks = _dry_run(be, path, recipe)
+    tensors = _planned_tensors(path, be, infos, lines, fallbacks)
     plan = ModelPlan(path, recipe, tensors)
     _resolve_imatrix(plan)
     _check_plan(plan, be)
     return plan
 
 
-def _dry_run(be: Backend, path: str, recipe: Recipe) -> tuple[list[tuple[str, str, str | None]], set[str],
-                                                                list[tuple[int, str]]]:
+def _dry_run(be: Backend, path: str, recipe: Recipe) -> tuple[list[tuple[str, str, str | None]], set[str]]:
+    """llama.cpp's dry run: (name, type, new type or None when unchanged) per tensor in its order, and the
+    names it fell back for."""
     params = _params(be, recipe, dry_run=True)
     with _captured_log(be) as records:
         rc = be.llama.llama_model_quantize(path.encode(), b"", ctypes.byref(params.struct))
@@ -400,12 +406,11 @@ def _dry_run(be: Backend, path: str, recipe: Recipe) -> tuple[list[tuple[str, st
     text = "".join(t for _, t in records)
     lines = [(m.group(3), m.group(4), m.group(5)) for m in _PLAN_LINE.finditer(text)]
     fallbacks = {m.group(1) for m in _FALLBACK_LINE.finditer(text)}
-    return lines, fallbacks, records
+    return lines, fallbacks
 
 
 def _planned_tensors(path: str, be: Backend, infos: Mapping[str, TensorInfo],
-                     lines: Sequence[tuple[str, str, str | None]], fallbacks: set[str],
-                     records: Sequence[tuple[int, str]]) -> list[PlannedTensor]:
+                     lines: Sequence[tuple[str, str, str | None]], fallbacks: set[str]) -> list[PlannedTensor]:
     if len(lines) != len(infos) or {n for n, _, _ in lines} != set(infos):
         raise GGUFSplitError(path, f"cannot read llama.cpp's quantization plan ({len(lines)} of {len(infos)} "
                                    f"tensors recognised in its log)")
@@ -441,7 +446,7 @@ def _resolve_imatrix(plan: ModelPlan) -> None:
                 continue
             raise GGUFSplitError(imx.path, f"imatrix entry {t.name!r} has {v.size} values but {plan.path}'s tensor "
                                            f"needs {want}: an imatrix for another model?")
-        plan.tensors[i] = PlannedTensor(t.name, t.shape, t.src_type, t.dst_type, t.fallback, True)
+        plan.tensors[i] = dataclasses.replace(t, with_imatrix=True)
         used += 1
     if not used and any(t.quantized for t in plan.tensors):
         raise GGUFSplitError(imx.path, f"no imatrix entry matches a tensor of {plan.path}: an imatrix for another "
@@ -474,10 +479,12 @@ def _check_plan(plan: ModelPlan, be: Backend) -> None:
         if not t.with_imatrix and _requires_imatrix(be, t, plan.recipe.ftype):
             raise GGUFSplitError(plan.path, f"{plan.recipe.quant_type} needs an importance matrix for {t.name!r} "
                                             f"({be.type_name(t.dst_type)}): give --imatrix")
-        if t.src_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16) \
-                and not plan.recipe.allow_requantize:
+        if be.is_quantized(t.src_type) and not plan.recipe.allow_requantize:
             raise GGUFSplitError(plan.path, f"tensor {t.name!r} is already {be.type_name(t.src_type)}: requantizing "
                                             f"is disabled (quantize from the F16/BF16/F32 model)")
+        if not be.is_quantized(t.src_type) and t.src_type not in _FLOAT_SOURCES:
+            raise GGUFSplitError(plan.path, f"tensor {t.name!r}: llama.cpp cannot convert {be.type_name(t.src_type)} "
+                                            f"to {be.type_name(t.dst_type)}")
         if len(t.shape) > 3 and t.shape[3] != 1:
             raise GGUFSplitError(plan.path, f"tensor {t.name!r} has 4 dimensions: llama.cpp's quantizer cannot")
         known = GGML_QUANT_SIZES.get(GGMLQuantizationType(t.dst_type)) if t.dst_type in _GGUF_TYPES else None
@@ -492,6 +499,7 @@ def _check_plan(plan: ModelPlan, be: Backend) -> None:
 
 
 _GGUF_TYPES = {int(t) for t in GGMLQuantizationType}
+_FLOAT_SOURCES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 @dataclass
@@ -785,6 +793,7 @@ def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], rec
                     out.write(memoryview(data))
                     out.write(bytes(align_up(data.nbytes, OUTPUT_ALIGNMENT) - data.nbytes))
                     del data
+                    _drop_pages(f, f.header.data_start + info.offset, info.nbytes)
             os.replace(tmp, dst)
         except OSError as e:
             _unlink(tmp)
@@ -793,6 +802,18 @@ def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], rec
             _unlink(tmp)
             raise
     return plan
+
+
+def _drop_pages(f: GGUFFile, start: int, length: int) -> None:
+    """Unmap a source tensor's pages once it is done (they stay in the page cache), so the process's
+    memory holds one tensor at a time, as llama.cpp's quantizer unmaps each weight."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or length <= 0:
+        return
+    lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(align_up(start + length, mmap.PAGESIZE), f.size)
+    with contextlib.suppress(OSError, ValueError):
+        f.mm.madvise(advice, lo, hi - lo)
 
 
 def _unlink(path: str) -> None:

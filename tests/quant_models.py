@@ -22,11 +22,12 @@ SMALL = dict(n_embd=256, n_ff=256, n_layer=8, n_head=2, n_head_kv=1, n_vocab=320
 
 def make_model(path: str | os.PathLike[str], *, n_embd: int = 256, n_ff: int = 256, n_layer: int = 8,
                n_head: int = 2, n_head_kv: int = 1, n_vocab: int = 320, dtype: str = "f16",
-               output: bool = False, seed: int = 0, changed: Iterable[str] = (),
+               output: bool = False, seed: int = 0, changed: Iterable[str] = (), n_expert: int = 0,
                extra: Callable[[GGUFWriter, np.random.Generator], None] | None = None,
                kvs: Callable[[GGUFWriter], None] | None = None) -> str:
     """A llama model with random weights in `dtype` (f16, bf16 or f32; norms F32). `changed`: tensors drawn
-    from another seed (a fine-tune); `output`: an untied output head."""
+    from another seed (a fine-tune); `output`: an untied output head; `n_expert`: a mixture of experts (3-D
+    `ffn_*_exps` tensors, an F32 router), as Mixtral is in llama.cpp's llama architecture."""
     d = Dims(n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv)
     changed = set(changed)
     w = GGUFWriter(os.fspath(path), "llama")
@@ -40,6 +41,9 @@ def make_model(path: str | os.PathLike[str], *, n_embd: int = 256, n_ff: int = 2
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_vocab_size(n_vocab)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(2)
     w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
     tokens, scores, types = _vocab(d)
     w.add_tokenizer_model("llama")
@@ -78,6 +82,12 @@ def make_model(path: str | os.PathLike[str], *, n_embd: int = 256, n_ff: int = 2
         add(f"blk.{i}.attn_v.weight", (n_embd, n_head_kv * hd))
         add(f"blk.{i}.attn_output.weight", (n_embd, n_embd))
         add(f"blk.{i}.ffn_norm.weight", (n_embd,), True)
+        if n_expert:
+            add(f"blk.{i}.ffn_gate_inp.weight", (n_embd, n_expert), True)
+            add(f"blk.{i}.ffn_gate_exps.weight", (n_embd, n_ff, n_expert))
+            add(f"blk.{i}.ffn_up_exps.weight", (n_embd, n_ff, n_expert))
+            add(f"blk.{i}.ffn_down_exps.weight", (n_ff, n_embd, n_expert))
+            continue
         add(f"blk.{i}.ffn_gate.weight", (n_embd, n_ff))
         add(f"blk.{i}.ffn_up.weight", (n_embd, n_ff))
         add(f"blk.{i}.ffn_down.weight", (n_ff, n_embd))
@@ -94,24 +104,35 @@ def make_model(path: str | os.PathLike[str], *, n_embd: int = 256, n_ff: int = 2
 
 
 def matmul_inputs(n_embd: int = 256, n_ff: int = 256, n_layer: int = 8, n_head: int = 2, n_head_kv: int = 1,
-                  **_: int) -> dict[str, int]:
-    """name -> row length (ne0) of every tensor llama-imatrix records for make_model's model (tied head:
-    token_embd is the output matmul's weight)."""
+                  n_expert: int = 0, **_: int) -> dict[str, int]:
+    """name -> values llama-imatrix records for make_model's model: the row length (ne0), times the experts
+    for expert tensors (tied head: token_embd is the output matmul's weight)."""
     out = {"token_embd.weight": n_embd}
     for i in range(n_layer):
-        for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"):
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
             out[f"blk.{i}.{t}.weight"] = n_embd
-        out[f"blk.{i}.ffn_down.weight"] = n_ff
+        if n_expert:
+            out[f"blk.{i}.ffn_gate_inp.weight"] = n_embd
+            for t, n in (("ffn_gate_exps", n_embd), ("ffn_up_exps", n_embd), ("ffn_down_exps", n_ff)):
+                out[f"blk.{i}.{t}.weight"] = n * n_expert
+            continue
+        for t, n in (("ffn_gate", n_embd), ("ffn_up", n_embd), ("ffn_down", n_ff)):
+            out[f"blk.{i}.{t}.weight"] = n
     return out
 
 
-def random_entries(sizes: dict[str, int], seed: int = 0, n_expert: int = 1) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (sums, counts) as llama-imatrix accumulates them (positive sums, counts per expert)."""
+def random_entries(sizes: dict[str, int], seed: int = 0, n_expert: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (sums, counts) as llama-imatrix accumulates them (positive sums; counts per expert for the
+    `_exps` tensors of a model of `n_expert` experts, one of them never routed to)."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, n in sizes.items():
-        counts = rng.integers(100, 5000, size=n_expert).astype(np.float32)
-        sums = (rng.gamma(2.0, 1.0, size=n * n_expert) * np.repeat(counts, n)).astype(np.float32)
+        experts = n_expert if "_exps" in name else 1
+        n //= experts
+        counts = rng.integers(100, 5000, size=experts).astype(np.float32)
+        if experts > 1:
+            counts[1] = 0  # an expert the data never reached: llama-quantize uses ones for it
+        sums = (rng.gamma(2.0, 1.0, size=n * experts) * np.repeat(counts, n)).astype(np.float32)
         out[name] = (sums, counts)
     return out
 

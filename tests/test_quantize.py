@@ -154,6 +154,19 @@ def test_header_quirks_are_reproduced(tmp_path: Path) -> None:
         assert f.header.tensor_by_name["blk.0.extra.weight"].shape == (256,)
 
 
+def test_mixture_of_experts(tmp_path: Path) -> None:
+    """3-D expert tensors: llama.cpp quantizes rows across experts, each expert with its slice of the
+    imatrix (an expert without counts gets ones); the router stays F32."""
+    dims = {**SMALL, "n_layer": 4, "n_expert": 4}
+    moe = make_model(tmp_path / "moe.gguf", **dims)
+    imx = write_imatrix_gguf(tmp_path / "moe-imatrix.gguf", random_entries(matmul_inputs(**dims), n_expert=4))
+    for qtype in ("Q4_K_M", "Q4_0"):
+        plan = same_as_llama(moe, QZ.make_recipe(qtype, imx), tmp_path)
+        exps = [t for t in plan.tensors if "_exps" in t.name]
+        assert exps and all(t.with_imatrix and len(t.shape) == 3 for t in exps)
+        assert {t.dst_type for t in plan.tensors if "gate_inp" in t.name} == {Q.F32}
+
+
 def test_requantizing_a_quantized_source(work: dict[str, str], tmp_path: Path) -> None:
     q8 = str(tmp_path / "q8.gguf")
     QZ.quantize_model(work["f16"], q8, QZ.make_recipe("Q8_0"))
