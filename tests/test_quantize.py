@@ -65,8 +65,11 @@ def same_as_llama(src: str, recipe: QZ.Recipe, tmp: Path, **kw: Any) -> QZ.Model
     return plan
 
 
-@pytest.mark.parametrize("imatrix", [None, "imatrix.gguf", "imatrix.dat"])
-@pytest.mark.parametrize("qtype", TYPES)
+# every type with and without an imatrix; the legacy format (the same vectors by another loader) on two
+CASES = [(t, i) for t in TYPES for i in (None, "imatrix.gguf")] + [("Q4_K_M", "imatrix.dat"), ("Q4_0", "imatrix.dat")]
+
+
+@pytest.mark.parametrize("qtype, imatrix", CASES)
 def test_tensor_by_tensor_equals_llama_quantize(work: dict[str, str], tmp_path: Path, qtype: str,
                                                 imatrix: str | None) -> None:
     recipe = QZ.make_recipe(qtype, None if imatrix is None else work[imatrix])
