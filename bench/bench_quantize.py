@@ -46,7 +46,7 @@ recipe = QZ.make_recipe(qtype, imatrix or None)
 t1 = time.perf_counter()
 plan = QZ.plan_model(src, recipe)
 t2 = time.perf_counter()
-QZ.quantize_model(src, dst, recipe, threads=int(threads))
+QZ.quantize_model(src, dst, recipe, threads=int(threads), plan=plan)
 t3 = time.perf_counter()
 print(json.dumps({"import_recipe": t1 - t0, "dry_run": t2 - t1, "quantize_model": t3 - t2,
                   "warnings": plan.warnings[:3], "n_warnings": len(plan.warnings)}))
@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--variants", default="none,gguf,dat")
+    ap.add_argument("--keep", action="store_true", help="keep the quantized outputs in <work>/quantize/")
     args = ap.parse_args()
 
     q = tool("llama-quantize")
@@ -190,6 +191,9 @@ def main() -> None:
                     inner.append(json.loads(stdout.strip().splitlines()[-1]))
         cmp = compare(cli_out, ours_out)
         same_file = sha256(cli_out) == sha256(ours_out)
+        if not args.keep:
+            for p in (cli_out, ours_out, inproc_out):
+                p.unlink(missing_ok=True)
         med = {n: (statistics.median(w for w, _ in r), max(m for _, m in r)) for n, r in runs.items()}
         results[variant] = {"compare": cmp, "same_file": same_file, "wall_s": {n: round(v[0], 2) for n, v in med.items()},
                             "peak_rss_mb": {n: round(v[1] / 1024) for n, v in med.items()},
@@ -203,7 +207,7 @@ def main() -> None:
               f"whole file identical: {same_file}")
         if cmp["imatrix_kvs"]:
             print(f"  CLI's imatrix KVs: {cmp['imatrix_kvs']}")
-        print(f"  wall (s): CLI {r['wall_s']['cli']}, gguf-split {r['wall_s']['ours']} (inside: {r['ours_inner_s']}), "
+        print(f"  wall (s): CLI {r['wall_s']['cli']}, gguf-split {r['wall_s']['ours']} (of which {r['ours_inner_s']}), "
               f"llama_model_quantize in process {r['wall_s']['inproc']}")
         print(f"  peak RSS (MB): CLI {r['peak_rss_mb']['cli']}, gguf-split {r['peak_rss_mb']['ours']}, "
               f"in process {r['peak_rss_mb']['inproc']}")

@@ -50,12 +50,12 @@ _I32 = struct.Struct("<i")
 _LROUND_LIMIT = 2.0**63  # std::lround of a larger magnitude (or of inf/NaN) gives LONG_MIN on x86-64 / arm64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Imatrix:
     """An importance matrix as llama-quantize hands it to llama.cpp: one float32 vector per tensor name.
 
     `datasets` and `chunk_count` feed the `quantize.imatrix.*` KVs; `sha256` (of the file) identifies the
-    recipe in a split's records."""
+    recipe in a split's records. Compared by identity (the vectors are numpy arrays)."""
 
     path: str
     entries: dict[str, np.ndarray]

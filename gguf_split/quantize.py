@@ -773,11 +773,15 @@ def unit_key(source_digest: bytes, t: PlannedTensor, recipe: Recipe) -> bytes:
 
 
 def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], recipe: Recipe, *,
-                   threads: int | None = None) -> ModelPlan:
+                   threads: int | None = None, plan: ModelPlan | None = None) -> ModelPlan:
     """Write to `dst` the file llama-quantize writes for `src` with `recipe` (tensor by tensor, streaming:
-    memory holds one quantized tensor plus a chunk per thread). `dst` appears complete or not at all."""
+    memory holds one quantized tensor plus a chunk per thread). `dst` appears complete or not at all.
+    `plan`: plan_model(src, recipe), when the caller has it already."""
     src, dst = os.fspath(src), os.fspath(dst)
-    plan = plan_model(src, recipe)
+    if plan is None:
+        plan = plan_model(src, recipe)
+    elif plan.path != src or plan.recipe is not recipe:
+        raise ValueError("the plan is for another model or recipe")
     extra = imatrix_kvs(recipe)
     tmp = f"{dst}.tmp-{os.getpid()}"
     n_threads = threads or default_threads()
