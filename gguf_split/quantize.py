@@ -316,7 +316,12 @@ def _captured_log(be: Backend) -> Iterator[list[tuple[int, str]]]:
 
         callback = llama.llama_log_callback(record)
         old_cb, old_ud = llama.llama_log_callback(), ctypes.c_void_p()
-        llama.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_ud))
+        if hasattr(llama, "llama_log_get"):
+            llama.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_ud))
+        else:  # before llama_log_get: llama-cpp-python's own logger is what was installed
+            with contextlib.suppress(ImportError, AttributeError):
+                from llama_cpp import _logger
+                old_cb = _logger.llama_log_callback
         llama.llama_log_set(callback, ctypes.c_void_p(0))
         try:
             yield records

@@ -126,8 +126,10 @@ def test_bf16_and_f32_sources(tmp_path: Path, dtype: str, work: dict[str, str]) 
 
 def test_header_quirks_are_reproduced(tmp_path: Path) -> None:
     """gguf_set_kv's copy: a string cut at a NUL, a bool byte of 2 written as 1, general.file_type and
-    general.quantization_version moved to the end, split.* removed; a [n, 1] tensor written with one dim."""
+    general.quantization_version moved to the end, split.* removed, general.alignment (32) kept; a [n, 1]
+    tensor written with one dim; a GGUF v2 source gives a v3 file."""
     def kvs(w: Any) -> None:
+        w.add_uint32("general.alignment", 32)
         w.add_string("test.nul", "before\0after")
         w.add_array("test.strings", ["a\0b", "c"])
         w.add_bool("test.flag", True)
@@ -146,6 +148,7 @@ def test_header_quirks_are_reproduced(tmp_path: Path) -> None:
         extra_info = f.header.tensor_by_name["blk.0.extra.weight"]
         assert len(extra_info.shape) == 2
     raw[flag] = 2
+    raw[4:8] = struct.pack("<I", 2)
     Path(src).write_bytes(bytes(raw))
     same_as_llama(src, QZ.make_recipe("Q8_0"), tmp_path)
     with GGUFFile(tmp_path / "mine.gguf") as f:
@@ -153,7 +156,9 @@ def test_header_quirks_are_reproduced(tmp_path: Path) -> None:
         assert keys[-2:] == ["general.quantization_version", "general.file_type"]
         assert not any(k.startswith("split.") for k in keys)
         assert f.kv_value("test.nul") == "before" and f.kv_value("test.strings") == ["a", "c"]
-        assert f.kv_value("test.flag") is True and f.raw(f.header.kv_by_key["test.flag"].value_start, 0)[:0] == b""
+        flag_at = f.header.kv_by_key["test.flag"].value_start
+        assert f.raw(flag_at, flag_at + 1) == b"\x01" and f.header.version == 3
+        assert f.kv_value("general.alignment") == 32
         assert f.header.tensor_by_name["blk.0.extra.weight"].shape == (256,)
 
 
@@ -303,6 +308,19 @@ def test_bad_models(work: dict[str, str], tmp_path: Path) -> None:
     data[i : i + 5] = b"llamb"
     unknown.write_bytes(bytes(data))
     refused(tmp_path, str(unknown), lambda: QZ.make_recipe("Q4_K_M"), "llama.cpp cannot quantize this model", str(unknown))
+
+
+def test_build_info_and_log_restored(work: dict[str, str]) -> None:
+    """What a split records about the quantizer's build; and planning leaves llama.cpp's logger as it was
+    (the harness's recorder still gets messages afterwards)."""
+    info = QZ.backend().build_info()
+    assert info["system_info"] and info["ggml_version"] and info["llama_cpp_python"]
+    H.init()
+    QZ.plan_model(work["f16"], QZ.make_recipe("Q8_0"))
+    mark = H.log_mark()
+    with pytest.raises(H.LlamaLoadError):
+        H.load_model([os.devnull])
+    assert H.log_since(mark, H.ERROR)
 
 
 def test_without_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
