@@ -68,16 +68,18 @@ def tool(name: str) -> Path | None:
     return p if p.exists() else None
 
 
-def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int, str]:
-    """(wall s, peak RSS KiB, stdout) of a command run under /usr/bin/time."""
+def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, int, float, str]:
+    """(wall s, peak RSS KiB, CPU s (user + sys), stdout) of a command run under /usr/bin/time."""
     stats = log.with_suffix(".time")
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(stats), *cmd], capture_output=True, text=True, env=env)
+    r = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(stats), *cmd], capture_output=True, text=True,
+                       env=env)
     dt = time.perf_counter() - t0
     log.write_text(r.stdout + r.stderr)
     if r.returncode:
         raise SystemExit(f"{cmd[0]} failed ({r.returncode}), see {log}:\n{r.stderr[-2000:]}")
-    return dt, int(stats.read_text().split()[-1]), r.stdout
+    rss, user, system = stats.read_text().split()[-3:]
+    return dt, int(rss), float(user) + float(system), r.stdout
 
 
 def sha256(p: Path) -> str:
@@ -96,7 +98,7 @@ def make_f16(which: str, base: Path) -> Path:
     part = f16.with_suffix(".part.gguf")
     q = tool("llama-quantize")
     if q is not None:
-        timed([str(q), "--allow-requantize", str(base), str(part), "F16", "2"], OUT / "make-f16.log")
+        timed([str(q), "--allow-requantize", str(base), str(part), "F16", "2"], OUT / f"make-{which}-f16.log")
     else:
         from gguf_split import quantize as QZ
         QZ.llama_quantize(base, part, QZ.make_recipe("F16", allow_requantize=True), threads=2)
@@ -180,13 +182,14 @@ def main() -> None:
         ours_cmd = [sys.executable, "-c", _OURS, str(f16), str(ours_out), args.type, imatrix, str(args.threads)]
         inproc_cmd = [sys.executable, "-c", _INPROCESS, str(f16), str(inproc_out), args.type, imatrix,
                       str(args.threads)]
-        runs: dict[str, list[tuple[float, int]]] = {"cli": [], "ours": [], "inproc": []}
+        runs: dict[str, list[tuple[float, int, float]]] = {"cli": [], "ours": [], "inproc": []}
         inner: list[dict[str, object]] = []
         for _ in range(args.repeat):  # interleaved: the machine's load drifts
             for name, cmd in (("cli", cli_cmd), ("ours", ours_cmd), ("inproc", inproc_cmd)):
                 {"cli": cli_out, "ours": ours_out, "inproc": inproc_out}[name].unlink(missing_ok=True)
-                wall, rss, stdout = timed(cmd, OUT / f"{args.model}-{variant}-{name}.log", None if name == "cli" else env)
-                runs[name].append((wall, rss))
+                wall, rss, cpu, stdout = timed(cmd, OUT / f"{args.model}-{variant}-{name}.log",
+                                               None if name == "cli" else env)
+                runs[name].append((wall, rss, cpu))
                 if name == "ours":
                     inner.append(json.loads(stdout.strip().splitlines()[-1]))
         cmp = compare(cli_out, ours_out)
@@ -194,9 +197,11 @@ def main() -> None:
         if not args.keep:
             for p in (cli_out, ours_out, inproc_out):
                 p.unlink(missing_ok=True)
-        med = {n: (statistics.median(w for w, _ in r), max(m for _, m in r)) for n, r in runs.items()}
+        med = {n: (statistics.median(w for w, _, _ in r), max(m for _, m, _ in r), statistics.median(c for _, _, c in r))
+               for n, r in runs.items()}
         results[variant] = {"compare": cmp, "same_file": same_file, "wall_s": {n: round(v[0], 2) for n, v in med.items()},
                             "peak_rss_mb": {n: round(v[1] / 1024) for n, v in med.items()},
+                            "cpu_s": {n: round(v[2], 2) for n, v in med.items()},
                             "ours_inner_s": {k: round(statistics.median(float(i[k]) for i in inner), 3)  # type: ignore[arg-type]
                                              for k in ("import_recipe", "dry_run", "quantize_model")},
                             "warnings": inner[-1]["warnings"], "n_warnings": inner[-1]["n_warnings"]}
@@ -209,6 +214,8 @@ def main() -> None:
             print(f"  CLI's imatrix KVs: {cmp['imatrix_kvs']}")
         print(f"  wall (s): CLI {r['wall_s']['cli']}, gguf-split {r['wall_s']['ours']} (of which {r['ours_inner_s']}), "
               f"llama_model_quantize in process {r['wall_s']['inproc']}")
+        print(f"  CPU (s, user + sys): CLI {r['cpu_s']['cli']}, gguf-split {r['cpu_s']['ours']}, "
+              f"in process {r['cpu_s']['inproc']}")
         print(f"  peak RSS (MB): CLI {r['peak_rss_mb']['cli']}, gguf-split {r['peak_rss_mb']['ours']}, "
               f"in process {r['peak_rss_mb']['inproc']}")
         if r["n_warnings"]:

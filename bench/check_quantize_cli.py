@@ -11,7 +11,8 @@ byte-identical:
   (`quantize.imatrix.file` is cut), datasets longer than 127 bytes;
 - legacy .dat: ncall 0 (sums taken as they are), a repeated entry (the last wins), a name with a NUL (cut
   there), a partial trailing chunk count, a dataset with a NUL, no trailing data (no chunks_count KV);
-- `--exclude-weights` / `--include-weights`; Q4_0 with an imatrix (the mix changes), IQ4_XS.
+- `--exclude-weights` / `--include-weights`; Q4_0 with an imatrix (the mix changes), IQ4_XS;
+  `--pure`, `--output-tensor-type`, `--token-embedding-type`, `--leave-output-tensor` on an untied model.
 
     export GGUF_SPLIT_BENCH_WORK=/work/cache/bench-work
     python bench/check_quantize_cli.py
@@ -47,10 +48,11 @@ def cli(args: list[str], log: Path) -> None:
 
 
 def case(d: Path, name: str, model: str, qtype: str, imatrix: str | None, flags: list[str] = (),
-         include: list[str] = (), exclude: list[str] = ()) -> bool:
+         include: list[str] = (), exclude: list[str] = (), **options: object) -> bool:
     ref, ours = d / f"{name}-cli.gguf", d / f"{name}-ours.gguf"
     cli([*flags, *(["--imatrix", imatrix] if imatrix else []), model, str(ref), qtype, "2"], d / f"{name}.log")
-    QZ.quantize_model(model, ours, QZ.make_recipe(qtype, imatrix, include_weights=include, exclude_weights=exclude))
+    QZ.quantize_model(model, ours, QZ.make_recipe(qtype, imatrix, include_weights=include, exclude_weights=exclude,
+                                                  **options))  # type: ignore[arg-type]
     same = ref.read_bytes() == ours.read_bytes()
     print(f"{'same' if same else 'DIFFERENT'}: {name}")
     return same
@@ -64,6 +66,7 @@ def main() -> None:
         model = make_model(d / "f16.gguf", **SMALL)
         moe_dims = {**SMALL, "n_layer": 4, "n_expert": 4}
         moe = make_model(d / "moe.gguf", **moe_dims)
+        untied = make_model(d / "untied.gguf", output=True, **SMALL)
         sizes = matmul_inputs(**SMALL)
         entries = random_entries(sizes)
         entries["blk.0.attn_q.weight"][1][0] = 2.5
@@ -95,6 +98,10 @@ def main() -> None:
             case(d, "iq4xs-dat", model, "IQ4_XS", str(dat)),
             case(d, "exclude", model, "Q4_K_M", gguf, ["--exclude-weights", "ffn_up"], exclude=["ffn_up"]),
             case(d, "include", model, "Q5_K_M", str(dat), ["--include-weights", "attn"], include=["attn"]),
+            case(d, "pure-types", untied, "Q4_K_M", None, ["--pure", "--output-tensor-type", "q8_0",
+                                                            "--token-embedding-type", "q5_k"],
+                 pure=True, output_tensor_type="q8_0", token_embedding_type="q5_k"),
+            case(d, "leave-output", untied, "Q5_K_S", gguf, ["--leave-output-tensor"], leave_output_tensor=True),
             case(d, "moe-q4km", moe, "Q4_K_M", moe_imx),
             case(d, "moe-q4_0", moe, "Q4_0", moe_imx),
         ])

@@ -81,7 +81,6 @@ from .gguf_format import (
     KV,
     TensorInfo,
     align_up,
-    encode_kv,
     encode_prefix,
     encode_tensor_info,
     encode_value,
@@ -137,6 +136,11 @@ class Recipe:
     imatrix_label: str | None = None
     tensor_types: tuple[tuple[str, int], ...] = ()  # exact per-tensor types (a template's), llama.cpp-checked
     allow_requantize: bool = False
+    # the CLI's --pure, --output-tensor-type, --token-embedding-type, --leave-output-tensor
+    pure: bool = False
+    output_tensor_type: int | None = None
+    token_embedding_type: int | None = None
+    leave_output_tensor: bool = False
 
     def imatrix_vector(self, name: str) -> np.ndarray | None:
         return None if self.imatrix is None else self.imatrix.entries.get(name)
@@ -145,8 +149,10 @@ class Recipe:
 def make_recipe(quant_type: str, imatrix: str | os.PathLike[str] | None = None, *,
                 include_weights: Sequence[str] = (), exclude_weights: Sequence[str] = (),
                 imatrix_label: str | None = None, template: str | os.PathLike[str] | None = None,
-                allow_requantize: bool = False) -> Recipe:
-    """A recipe as `llama-quantize [--imatrix FILE] [--include/--exclude-weights ...] TYPE` builds it.
+                allow_requantize: bool = False, pure: bool = False, output_tensor_type: str | None = None,
+                token_embedding_type: str | None = None, leave_output_tensor: bool = False) -> Recipe:
+    """A recipe as `llama-quantize [--imatrix FILE] [--include/--exclude-weights ...] [--pure]
+    [--output-tensor-type T] [--token-embedding-type T] [--leave-output-tensor] TYPE` builds it.
     An imatrix left empty by the filters is no imatrix (the CLI then passes none and writes no KVs).
     `template`: a quantized model whose per-tensor types the family must take (see template_types)."""
     name, ftype = parse_quant_type(quant_type)
@@ -160,7 +166,18 @@ def make_recipe(quant_type: str, imatrix: str | os.PathLike[str] | None = None, 
             _check_finite(imx)
             label = os.fspath(imatrix) if imatrix_label is None else imatrix_label
     types = tuple(template_types(template).items()) if template is not None else ()
-    return Recipe(name, ftype, imx, label, types, allow_requantize)
+    return Recipe(name, ftype, imx, label, types, allow_requantize, pure, _ggml_type(output_tensor_type),
+                  _ggml_type(token_embedding_type), leave_output_tensor)
+
+
+def _ggml_type(name: str | None) -> int | None:
+    """A ggml type by name, case-insensitive (the CLI's parse_ggml_type)."""
+    if name is None:
+        return None
+    for t in GGMLQuantizationType:
+        if t.name.lower() == name.strip().lower():
+            return int(t)
+    raise GGUFSplitError(None, f"unknown ggml type {name!r}")
 
 
 def _check_finite(imx: Imatrix) -> None:
@@ -523,6 +540,12 @@ def _params(be: Backend, recipe: Recipe, *, dry_run: bool = False, nthread: int 
     p.nthread = nthread
     p.dry_run = dry_run
     p.allow_requantize = recipe.allow_requantize
+    p.pure = recipe.pure
+    p.quantize_output_tensor = not recipe.leave_output_tensor
+    if recipe.output_tensor_type is not None:
+        p.output_tensor_type = recipe.output_tensor_type
+    if recipe.token_embedding_type is not None:
+        p.token_embedding_type = recipe.token_embedding_type
     keep: list[Any] = []
     imx = recipe.imatrix
     if imx is not None:

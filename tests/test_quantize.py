@@ -186,6 +186,20 @@ def test_requantizing_a_quantized_source(work: dict[str, str], tmp_path: Path) -
     assert not any(t.quantized for t in plan.tensors)
 
 
+def test_cli_options(work: dict[str, str], tmp_path: Path) -> None:
+    """--pure, --output-tensor-type, --token-embedding-type, --leave-output-tensor: llama.cpp applies them."""
+    untied = make_model(tmp_path / "untied.gguf", output=True, **SMALL)
+    plan = same_as_llama(untied, QZ.make_recipe("Q4_K_M", pure=True, output_tensor_type="q8_0",
+                                                token_embedding_type="Q5_K"), tmp_path)
+    types = {t.name: t.dst_type for t in plan.tensors}
+    assert types["output.weight"] == Q.Q8_0 and types["token_embd.weight"] == Q.Q5_K
+    assert {types[n] for n in types if n.startswith("blk.") and "norm" not in n} == {Q.Q4_K}
+    plan = same_as_llama(untied, QZ.make_recipe("Q6_K", leave_output_tensor=True), tmp_path)
+    assert {t.name: t.dst_type for t in plan.tensors}["output.weight"] == Q.F16
+    with pytest.raises(GGUFSplitError, match="unknown ggml type"):
+        QZ.make_recipe("Q4_K_M", output_tensor_type="q9")
+
+
 def test_template_types(work: dict[str, str], tmp_path: Path) -> None:
     """A fine-tune quantized with a template's types (a quantized base): llama.cpp applies them as
     tensor-type overrides, the result equals llama_model_quantize with the same overrides."""
