@@ -15,7 +15,9 @@ quantize.cpp, ggml/src/gguf.cpp, as vendored by llama-cpp-python 0.3.36):
   ffn_down layers Q4_1), capturing its log: one line per tensor, in its order, with the source type and
   the target type, plus a warning per row-size fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, ... or F16). The
   types depend on the whole model (whether `output.weight` exists changes `token_embd`'s type; n_layer,
-  n_gqa, the imatrix), so every model is planned on its own. A dry run reads the header only (~10 ms).
+  n_gqa, the imatrix), so every model is planned on its own. A dry run reads the header only: 10 ms of
+  CPU for a tiny model, 65 ms for SmolLM2-135M, 0.3 s for Gemma-3-270M (llama.cpp parses and logs the
+  262k-token vocabulary).
   Per-tensor types (a template model's) go to llama.cpp as exact-name `tt_overrides`, so fallbacks and
   precedence stay llama.cpp's.
 - **Tensor order**: llama.cpp's loader order (by layer number of `blk.N.`, then name), read from the plan.
@@ -26,6 +28,9 @@ quantize.cpp, ggml/src/gguf.cpp, as vendored by llama-cpp-python 0.3.36):
   the same functions of the same libggml-base through ctypes (which releases the GIL) on a thread pool.
   Both the source and the result are checked with `ggml_validate_row_data`, as llama.cpp does (a NaN in
   a source tensor fails, copied tensors included). A tensor whose target type is its type is copied.
+  Memory: one quantized tensor plus one float32 chunk (at most 16 MiB) per thread; each source tensor's
+  pages are unmapped once done (llama.cpp converts a whole tensor to float32 at once: on Gemma-3 its
+  peak RSS is 1.18 GB, this module's 0.6 GB).
 - **Header** (`quantized_header`, pure Python: a restore needs no llama.cpp): GGUF v3; the source KVs in
   order, as `gguf_set_kv` copies them (string values cut at a NUL, bools written 0/1, a key set twice
   moves to the end), then `general.quantization_version` and `general.file_type` (removed and appended),
@@ -42,7 +47,10 @@ What llama.cpp does that is reproduced, not judged: an imatrix entry whose size 
 row (times experts) fails, except for `token_embd` (quantized without it); a tensor with no entry is
 quantized without one (reported in `ModelPlan.warnings`); the very-low-bit types that need an imatrix
 fail without one. What is refused beyond llama.cpp: an imatrix none of whose entries matches a quantized
-tensor of the model (an imatrix for another model), sources with a non-32 alignment (see above).
+tensor of the model (an imatrix for another model), sources with a non-32 alignment (see above), models
+in several shards (merge them first), 4-D tensors (llama.cpp's quantizer handles 3 dimensions).
+`general.quantization_version` is gguf's GGML_QUANT_VERSION (ggml's GGML_QNT_VERSION is a macro, not
+exported; the tests compare it with llama.cpp's output).
 
 `llama_quantize` runs `llama_model_quantize` itself with the parameters the CLI would pass: the
 fall-back for what cannot be reproduced tensor by tensor, and the oracle of the tests.
