@@ -1,4 +1,4 @@
-"""Tensor-by-tensor quantization (gguf_split.quantize) against the llama-quantize CLI on a real model.
+"""Tensor-by-tensor quantization (gguf_split.assemble.quantize) against the llama-quantize CLI on a real model.
 
 Model: SmolLM2-135M-Instruct (the registry's Q4_1) or Gemma-3-270M (`--model gemma3`, the registry's
 Q4_K_M), made F16 with `llama-quantize --allow-requantize ... F16`. Importance matrices: made by llama-imatrix on this repository's README (both formats, GGUF and
@@ -40,7 +40,7 @@ BIN = Path(os.environ.get("GGUF_SPLIT_LLAMA_BIN", WORK / "llama.cpp" / "build" /
 _OURS = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from gguf_split import quantize as QZ
+from gguf_split.assemble import quantize as QZ
 src, dst, qtype, imatrix, threads = sys.argv[1:6]
 recipe = QZ.make_recipe(qtype, imatrix or None)
 t1 = time.perf_counter()
@@ -54,7 +54,7 @@ print(json.dumps({"import_recipe": t1 - t0, "dry_run": t2 - t1, "quantize_model"
 
 _INPROCESS = r"""
 import json, sys, time
-from gguf_split import quantize as QZ
+from gguf_split.assemble import quantize as QZ
 src, dst, qtype, imatrix, threads = sys.argv[1:6]
 recipe = QZ.make_recipe(qtype, imatrix or None)
 t0 = time.perf_counter()
@@ -100,7 +100,7 @@ def make_f16(which: str, base: Path) -> Path:
     if q is not None:
         timed([str(q), "--allow-requantize", str(base), str(part), "F16", "2"], OUT / f"make-{which}-f16.log")
     else:
-        from gguf_split import quantize as QZ
+        from gguf_split.assemble import quantize as QZ
         QZ.llama_quantize(base, part, QZ.make_recipe("F16", allow_requantize=True), threads=2)
     part.rename(f16)
     return f16
@@ -120,8 +120,8 @@ def make_imatrices(which: str, f16: Path) -> dict[str, Path]:
                    "-t", "2", "--output-format", fmt], OUT / f"{which}-imatrix-{fmt}.log")
         print(f"imatrix: llama-imatrix on {text.stat().st_size} bytes of text, 16 chunks of 128 tokens")
     else:
-        from gguf_split.gguf_format import GGUFFile
-        from quant_models import random_entries, write_imatrix_dat, write_imatrix_gguf
+        from gguf_split.format.gguf import GGUFFile
+        from helpers import random_entries, write_imatrix_dat, write_imatrix_gguf
         with GGUFFile(f16) as f:
             sizes = {t.name: t.shape[0] for t in f.header.tensors if len(t.shape) >= 2}
         entries = random_entries(sizes)
@@ -132,7 +132,7 @@ def make_imatrices(which: str, f16: Path) -> dict[str, Path]:
 
 
 def compare(cli: Path, ours: Path) -> dict[str, object]:
-    from gguf_split.gguf_format import GGUFFile, decode_value
+    from gguf_split.format.gguf import GGUFFile, decode_value
 
     with GGUFFile(cli) as a, GGUFFile(ours) as b:
         ta, tb = a.header.tensors, b.header.tensors

@@ -1,6 +1,6 @@
 """Edge cases of llama-quantize's imatrix loader and KVs, checked against the CLI itself.
 
-tests/test_quantize.py compares gguf_split.quantize with llama_model_quantize given the vectors this
+tests/assemble/test_quantize.py compares gguf_split.assemble.quantize with llama_model_quantize given the vectors this
 project's loader computes; what proves the loader (and the `quantize.imatrix.*` KVs) is the llama-quantize
 binary built from the same llama.cpp (bench/tools.py). For each case below, on the tests' tiny F16 llama
 model (and a mixture-of-experts one), the CLI and `quantize_model` write a file and the two must be
@@ -33,9 +33,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 from common import WORK  # noqa: E402
-from quant_models import SMALL, dat_bytes, make_model, matmul_inputs, random_entries, write_imatrix_gguf  # noqa: E402
+from helpers import SMALL, dat_bytes, make_model, matmul_inputs, random_entries, write_imatrix_gguf  # noqa: E402
 
-from gguf_split import quantize as QZ  # noqa: E402
+from gguf_split.assemble import quantize as QZ  # noqa: E402
 
 BIN = Path(os.environ.get("GGUF_SPLIT_LLAMA_BIN", WORK / "llama.cpp" / "build" / "bin"))
 

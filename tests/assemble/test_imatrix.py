@@ -17,10 +17,10 @@ import pytest
 from gguf.constants import GGUFValueType
 
 from gguf_split.errors import GGUFSplitError
-from gguf_split.imatrix import load_imatrix
-from gguf_split.quantize import Recipe, imatrix_kvs, parse_quant_type
+from gguf_split.assemble.quantize.imatrix import load_imatrix
+from gguf_split.assemble.quantize import Recipe, imatrix_kvs, parse_quant_type
 
-from quant_models import dat_bytes, write_imatrix_gguf
+from helpers import dat_bytes, write_imatrix_gguf
 
 
 def f32(*v: float) -> np.ndarray:

@@ -19,11 +19,11 @@ name and passes those (`llama_model_quantize_params.imatrix`). Quantizing tensor
 
 What llama.cpp reports as a failure (or crashes on: zero counts, a non-u32 chunk count) is a
 `GGUFSplitError` naming the file. (A non-finite value, which `llama_model_quantize` refuses, is checked
-after filtering, by `gguf_split.quantize.make_recipe`, as llama.cpp sees only the filtered entries.)
+after filtering, by `recipe.make_recipe`, as llama.cpp sees only the filtered entries.)
 
 `--include-weights` / `--exclude-weights` (substring filters) are `Imatrix.filtered`. The KVs the CLI adds
 to its output (`quantize.imatrix.file`, `.dataset`, `.entries_count`, `.chunks_count`) are computed from an
-`Imatrix` by `gguf_split.quantize.imatrix_kvs`.
+`Imatrix` by `header.imatrix_kvs`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from typing import Any, Iterable
 import numpy as np
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
-from .errors import GGUFSplitError, os_problem
-from .gguf_format import MAGIC, GGUFFile
+from ...errors import GGUFSplitError, os_problem
+from ...format.gguf import MAGIC, GGUFFile
 
 DATASETS_KEY = "imatrix.datasets"
 CHUNK_COUNT_KEY = "imatrix.chunk_count"

@@ -3,7 +3,7 @@
 Oracle: `llama_model_quantize` (llama-quantize's core, in process, same build) run on the same model with
 the parameters the CLI passes (`quantize.llama_quantize`): the file `quantize_model` writes must be the
 same bytes, header (KVs, tensor order, types, offsets, padding) and every tensor. Models are tiny F16 /
-BF16 / F32 llama models (tests/quant_models.py); imatrix files of both formats.
+BF16 / F32 llama models (tests/helpers.py); imatrix files of both formats.
 
 Skipped when llama_cpp cannot be imported, except under CI=true, where that is a failure.
 """
@@ -29,11 +29,11 @@ if H.IMPORT_ERROR is not None:
 
 from gguf.constants import GGMLQuantizationType as Q  # noqa: E402
 
-from gguf_split import quantize as QZ  # noqa: E402
+from gguf_split.assemble import quantize as QZ  # noqa: E402
 from gguf_split.errors import GGUFSplitError  # noqa: E402
-from gguf_split.gguf_format import GGUFFile  # noqa: E402
+from gguf_split.format.gguf import GGUFFile  # noqa: E402
 
-from quant_models import SMALL, make_model, matmul_inputs, random_entries, write_imatrix_dat, write_imatrix_gguf  # noqa: E402
+from helpers import SMALL, make_model, matmul_inputs, random_entries, write_imatrix_dat, write_imatrix_gguf  # noqa: E402
 
 TYPES = ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0"]
 
@@ -226,8 +226,8 @@ def test_chunking_and_threads_do_not_change_bytes(work: dict[str, str], tmp_path
             vec = recipe.imatrix_vector(t.name) if t.with_imatrix else None
             results = set()
             for lo, hi, p in ((1 << 40, 1 << 40, None), (1, 1, pool), (1 << 12, 1 << 12, pool)):
-                monkeypatch.setattr(QZ, "CHUNK_MIN_ELEMENTS", lo)
-                monkeypatch.setattr(QZ, "CHUNK_MAX_ELEMENTS", hi)
+                monkeypatch.setattr(QZ.tensor, "CHUNK_MIN_ELEMENTS", lo)
+                monkeypatch.setattr(QZ.tensor, "CHUNK_MAX_ELEMENTS", hi)
                 results.add(bytes(memoryview(QZ.quantize_tensor(src, t, vec, pool=p))))
             assert len(results) == 1, t.name
 
@@ -339,7 +339,7 @@ def test_build_info_and_log_restored(work: dict[str, str]) -> None:
 
 def test_without_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails
-    monkeypatch.setattr(QZ, "_backend", None)
+    monkeypatch.setattr(QZ.binding, "_backend", None)
     with pytest.raises(GGUFSplitError) as e:
         QZ.backend()
     assert str(e.value) == "quantizing needs llama.cpp's Python binding: pip install 'gguf-split[llama]'"
