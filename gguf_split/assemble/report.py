@@ -60,6 +60,40 @@ class TaskReport:
 
 
 @dataclass
+class QuantizedTask:
+    """One task the split quantized: it stands for the file llama-quantize writes for its input."""
+
+    task: str
+    source: str  # the full-precision input (not kept: the split holds the quantized tensors)
+    output: str  # the file name restore gives (llama-quantize's output for the input)
+    types: dict[str, int]  # ggml type name -> tensors of that type in the result
+    quantized: int  # tensors quantized (the others, norms say, are copied)
+    new_units: int  # quantized in this run for this task (not seen in an earlier task or the split)
+    reused: int  # quantized tensors whose bytes came from an earlier task of this run or from the split
+    warnings: list[str] = field(default_factory=list)  # llama-quantize's fallbacks, entries it did without
+    sha256: str = ""  # of the quantized file ("" in a dry run)
+
+
+@dataclass
+class QuantizeReport:
+    """What `--quantize` did: the recipe, each quantized task, the inputs kept as they were."""
+
+    qtype: str
+    options: str  # llama-quantize's other options
+    imatrix: str | None  # file name
+    template: str | None
+    build: dict[str, str]  # the llama.cpp build that quantized (versions, llama_print_system_info())
+    tasks: list[QuantizedTask]
+    kept: dict[str, str] = field(default_factory=dict)  # task -> why it was not quantized
+    units: int = 0  # distinct tensors quantized in this run
+    unit_bytes: int = 0  # their quantized bytes
+    reused_units: int = 0  # distinct quantized tensors taken from the split (add) instead of quantized
+    seconds: float = 0.0  # time spent asking llama.cpp for the types and quantizing
+    notes: list[str] = field(default_factory=list)  # e.g. a build that rounds differently from the split's
+    dry_run: bool = False  # units were not quantized: tensors are matched by their unit keys
+
+
+@dataclass
 class SplitReport:
     directory: str
     files: list[FileReport]
@@ -72,6 +106,7 @@ class SplitReport:
     removed: list[str] = field(default_factory=list)  # old files the commit deleted
     models_dir: str | None = None
     max_shard_size: int | None = None  # the limit the split was cut to, if any
+    quantize: QuantizeReport | None = None  # what --quantize did
 
     @property
     def oversize(self) -> list[tuple[str, int]]:

@@ -82,31 +82,66 @@ def split(tasks: Mapping[str, str | os.PathLike[str]], output: str | os.PathLike
 def _dry_run(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitOptions,
              progress: Progress) -> SplitReport:
     models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+    family = None
     try:
         if os.path.isdir(out):
             _check_existing(out, tasks, opts.prefix, opts.force)
+        recipe = _recipe(opts)
         hash_models(list(models.values()), progress, opts.threads)
+        if recipe is not None:
+            family = _quantize(models, recipe, None, opts, progress)
+            models = family.models
         layout = plan(models, opts)
-        return split_report(out, models, layout, name_files(models, layout, opts.prefix), {}, dry_run=True,
-                            prefix=opts.prefix, max_shard_size=opts.max_shard_size)
+        report = split_report(out, models, layout, name_files(models, layout, opts.prefix), {}, dry_run=True,
+                              prefix=opts.prefix, max_shard_size=opts.max_shard_size)
+        report.quantize = family.report if family is not None else None
+        return report
     finally:
-        for m in models.values():
-            m.close()
+        _close(models, family)
+
+
+def _recipe(opts: SplitOptions) -> Any:
+    """The quantization recipe (quantize.family.recipe_of), None without --quantize; the quantize package is
+    imported only when it is used (it pulls in numpy and, for quantizing, llama.cpp)."""
+    if opts.quantize is None and opts.imatrix is None and opts.quantize_template is None and opts.quantize_args is None:
+        return None
+    from .quantize.family import recipe_of
+
+    return recipe_of(opts)
+
+
+def _quantize(models: Mapping[str, ScannedModel], recipe: Any, tx: Transaction | None, opts: SplitOptions,
+              progress: Progress, stored: Any = None) -> Any:
+    from .quantize.family import quantize_inputs
+
+    return quantize_inputs(models, recipe, tx=tx, progress=progress, threads=opts.threads, stored=stored)
+
+
+def _close(models: Mapping[str, ScannedModel], family: Any) -> None:
+    for m in models.values():
+        m.close()
+    if family is not None:
+        family.close_stores()
 
 
 def _split_in(tx: Transaction, tasks: Mapping[str, str | os.PathLike[str]], opts: SplitOptions,
               progress: Progress) -> SplitReport:
     """Under the directory's lock: open, refuse what must be refused, hash, plan, write, prove, commit."""
     models = open_models(tasks, allow_unrelated=opts.allow_unrelated)
+    family = None
     try:
         mine = {adaptor_name(t, opts.prefix) for t in tasks}
         for m in models.values():
-            for inp in m.files:
+            for inp in m.watched_files():
                 if os.path.dirname(os.path.realpath(inp.path)) == os.path.realpath(tx.dir) and \
                         os.path.basename(inp.path) in mine:
                     raise GGUFSplitError(inp.path, "output would overwrite an input file")
         old = _check_existing(tx.dir, tasks, opts.prefix, opts.force)
+        recipe = _recipe(opts)
         hash_models(list(models.values()), progress, opts.threads)
+        if recipe is not None:
+            family = _quantize(models, recipe, tx, opts, progress)
+            models = family.models
         layout = plan(models, opts)
         _refuse_unrelated(models, layout, opts)
         named = name_files(models, layout, opts.prefix)
@@ -119,10 +154,10 @@ def _split_in(tx: Transaction, tasks: Mapping[str, str | os.PathLike[str]], opts
                               prefix=opts.prefix, max_shard_size=opts.max_shard_size)
         for t in report.tasks:
             t.links = links.paths(t.task)
+        report.quantize = family.report if family is not None else None
         return report
     finally:
-        for m in models.values():
-            m.close()
+        _close(models, family)
 
 
 def _refuse_unrelated(models: Mapping[str, ScannedModel], layout: Layout, opts: SplitOptions) -> None:

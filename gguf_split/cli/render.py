@@ -110,6 +110,8 @@ def print_split(report: Any, title: str = "split into") -> None:
                   f"{size(t.source_bytes)})") for t in report.tasks],
                 report.output_bytes, report.input_bytes)
     _print_savings_line(report)
+    if report.quantize is not None:
+        _print_quantize(report.quantize)
     for t in report.tasks:
         _print_task_reasons(t)
     if report.oversize:
@@ -132,6 +134,33 @@ def _print_savings_line(report: Any) -> None:
         out.print(f"the split is {report.ratio:.1%} of the inputs: saves {size(report.saved_bytes)}; every "
                   f"distinct tensor once would take {size(report.dedup_optimum)} of tensor bytes"
                   + ("" if report.exact else f" (greedy plan; lower bound {size(report.lower_bound)})"))
+
+
+def _print_quantize(q: Any) -> None:
+    """What --quantize did: the recipe and build, per task what it stands for and how many of its tensors
+    were quantized here, the inputs kept as they were, and notes."""
+    recipe = " ".join(x for x in (q.qtype, q.options, f"--imatrix {q.imatrix}" if q.imatrix else "",
+                                  f"--quantize-template {q.template}" if q.template else "") if x)
+    build = f"ggml {q.build.get('ggml_version', '?')} {q.build.get('ggml_commit', '')}".rstrip()
+    total = sum(t.quantized for t in q.tasks)
+    if q.dry_run:
+        work = f"{sum(t.new_units for t in q.tasks):,} distinct tensors to quantize for {total:,} quantized tensors " \
+               "(dry run: none quantized; tensors matched by unit key)"
+    else:
+        work = f"{q.units:,} distinct tensors quantized once ({size(q.unit_bytes)}) for {total:,} quantized tensors"
+        work += f", {q.reused_units:,} taken from the split" if q.reused_units else ""
+    out.print(f"quantized {len(q.tasks)} task(s) as llama-quantize {recipe} (llama.cpp {build}): {work}; "
+              f"{q.seconds:.1f} s")
+    for t in q.tasks:
+        types = ", ".join(f"{n} {k}" for k, n in sorted(t.types.items(), key=lambda kv: -kv[1]))
+        out.print(f"  {t.task}: {t.output} from {os.path.basename(t.source)} ({types}); {t.quantized} tensors "
+                  f"quantized: {t.new_units} new, {t.reused} the same as another task's")
+        for w in t.warnings:
+            out.print(f"    {w}")
+    for task, why in q.kept.items():
+        out.print(f"  {task}: {why}")
+    for note in q.notes:
+        out.print(f"note: {note}")
 
 
 def _print_task_reasons(t: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
+from ...disk.jobs import wait_for
 from ...errors import GGUFSplitError
 from .binding import Backend, backend
 from .mix import PlannedTensor
@@ -65,8 +66,14 @@ def quantize_tensor(src: Any, t: PlannedTensor, imatrix: np.ndarray | None = Non
         for c in chunks:
             job.run(*c)
     else:
-        for fut in [pool.submit(job.run, *c) for c in chunks]:
-            fut.result()
+        futures = [pool.submit(job.run, *c) for c in chunks]
+        try:
+            for fut in futures:
+                wait_for(fut)  # wakes every 0.1 s: a Ctrl-C is acted on at once, not after the tensor
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
     return out
 
 

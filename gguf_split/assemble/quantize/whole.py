@@ -43,7 +43,7 @@ def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], rec
                     out.write(memoryview(data))
                     out.write(bytes(align_up(data.nbytes, OUTPUT_ALIGNMENT) - data.nbytes))
                     del data
-                    _drop_pages(f, f.header.data_start + info.offset, info.nbytes)
+                    drop_pages(f, f.header.data_start + info.offset, info.nbytes)
             os.replace(tmp, dst)
         except OSError as e:
             _unlink(tmp)
@@ -54,7 +54,7 @@ def quantize_model(src: str | os.PathLike[str], dst: str | os.PathLike[str], rec
     return plan
 
 
-def _drop_pages(f: GGUFFile, start: int, length: int) -> None:
+def drop_pages(f: GGUFFile, start: int, length: int) -> None:
     """Unmap a source tensor's pages once it is done (they stay in the page cache), so the process's
     memory holds one tensor at a time, as llama.cpp's quantizer unmaps each weight."""
     advice = getattr(mmap, "MADV_DONTNEED", None)

@@ -1,0 +1,465 @@
+"""A family quantized once: `split --quantize` and `add` make, from full-precision inputs, the models
+llama-quantize would write, quantizing each distinct unit once.
+
+The design (a contract for split, add, restore, verify, info and pack):
+- **A quantized task is the file llama-quantize writes for its input** (this llama.cpp, this recipe): a
+  virtual input (`QuantizedModel`) whose header is `quantized_header(...)` (pure Python) and whose tensors are
+  quantized units. From there the split treats it as any input: the adaptor records that file (its header,
+  size, whole-file xxh3-128), so `restore` gives back llama-quantize's file byte for byte without llama.cpp,
+  and `verify`, `info` and `pack` work on the quantized bytes. The full-precision input is not kept.
+- **A unit** is (source tensor digest, source type, shape, target type, imatrix vector): on one build, equal
+  units give equal bytes (rows are quantized independently by a deterministic function of those), so each
+  distinct unit is quantized once, into a unit store: one temporary file in the output directory's
+  transaction (`Transaction.temp_dir`), removed when it ends, committed or not, and by the next run if this
+  one is killed. A tensor the recipe leaves at its type (norms) is copied from the input.
+- **Types come from llama.cpp, model by model** (mix.plan_model: a dry run of llama_model_quantize with the
+  imatrix): a task whose tensor set differs from the base's may get other types, which is detected, never
+  assumed.
+- **Inputs that already hold quantized tensors are kept as they are** (they are what the user quantized;
+  requantizing would lose precision and match nothing), and the report says so; with a template
+  (`--quantize-template`, a quantized base the family must match) they are quantized to the template's
+  types too, their tensors already at that type copied: an export-lora merge over a quantized base (merged
+  tensors F16, the others the base's) then shares every untouched tensor with the base, byte for byte.
+- **Records** (format.records.QuantizeRecords, in each quantized task's adaptor): the recipe (type, options,
+  imatrix name and sha256, template), the build that quantized (Backend.build_info()), the input's name,
+  size and xxh3-128, the quantized file's sha256, and per tensor the source digest, source type and unit key.
+- **add** (`stored_units`, `add_recipe`): a new full-precision fine-tune must come with the split's recipe
+  (the imatrix by sha256; another one is refused in one line unless --allow-recipe-change); every unit whose
+  key the split already holds takes the stored bytes, on any build, and only new units are quantized. If
+  this build differs from the one recorded, a few reused units are quantized again and compared, and a
+  difference is reported (the new task then mixes two builds' roundings: still exact per tensor, see README).
+- A dry run quantizes nothing: quantized tensors are matched by their unit keys (two different units that
+  happen to give equal bytes count as different there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import xxhash
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ...disk.commit import Transaction, check_space, checkpoint
+from ...disk.copy import write_all, write_zeros
+from ...disk.progress import Progress
+from ...disk.sweep import spans_of_layout, sweep
+from ...errors import GGUFSplitError, os_problem
+from ...format.gguf import GGUFFile, align_up, parse_header, parse_tensor_infos
+from ...format.names import show
+from ...format.records import K_SRC_TENSOR_INFOS, QuantizeRecords, RecipeRecord, SplitFile
+from ...splitdir.directory import FileFinder, SplitDir, open_task
+from ..options import SplitOptions, flag_of
+from ..report import QuantizedTask, QuantizeReport
+from ..scan import InputFile, ScannedModel, check_input_path
+from .binding import backend
+from .header import imatrix_kvs, quantized_header
+from .mix import ModelPlan, PlannedTensor, plan_model
+from .recipe import Recipe, make_recipe, parse_quantize_args
+from .tensor import default_threads, quantize_tensor, unit_key
+from .whole import drop_pages
+
+STORE_ALIGNMENT = 64
+SPOT_CHECKS = 3  # reused units quantized again when this build differs from the split's
+_FLOAT_NAME = re.compile(r"(?i)(?<![A-Za-z0-9])(f16|bf16|f32|fp16|fp32)(?![A-Za-z0-9])")
+
+
+def is_quantized_type(ggml_type: int) -> bool:
+    """A block holds more than one value (F32, F16, BF16 and the integer types hold one)."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)][0] > 1
+
+
+def quantized_name(source_name: str, qtype: str) -> str:
+    """The file name restore gives a quantized task: the input's, its last f16/bf16/f32 word replaced by the
+    type (`chat-f16.gguf` -> `chat-Q4_K_M.gguf`), else the type appended (`chat.gguf` -> `chat-Q4_K_M.gguf`)."""
+    stem = source_name[:-5] if source_name.lower().endswith(".gguf") else source_name
+    found = list(_FLOAT_NAME.finditer(stem))
+    if found:
+        m = found[-1]
+        return f"{stem[:m.start()]}{qtype}{stem[m.end():]}.gguf"
+    return f"{stem}-{qtype}.gguf"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Virtual inputs
+
+
+class VirtualFile(GGUFFile):
+    """The file llama-quantize would write, of which only the header exists (an anonymous map): a GGUFFile
+    whose tensor bytes live elsewhere (QuantizedModel.source_of says where)."""
+
+    def __init__(self, path: str, header: bytes, size: int) -> None:
+        self.path = path
+        self.fd = -1
+        self.size = size
+        self.identity = (0, 0)
+        self._mm = mmap.mmap(-1, max(1, len(header)))
+        self._mm.write(header)
+        self.header = parse_header(self._mm, size, path)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Where one tensor's bytes are (a unit store, an input, a file of the split) and their xxh3-128."""
+
+    src: GGUFFile
+    offset: int
+    nbytes: int
+    digest: bytes
+
+
+class QuantizedModel(ScannedModel):
+    """A task as the file llama-quantize writes for its full-precision input (`source`, kept open: its
+    copied tensors are read from it, and it must not change while the split is made)."""
+
+    def __init__(self, source: ScannedModel, file: VirtualFile, digest: bytes, units: dict[str, Unit],
+                 records: QuantizeRecords | None) -> None:
+        super().__init__(source.task, [InputFile(file, source.files[0].stat, digest)],
+                         [(t, 0) for t in file.header.tensors], {n: u.digest for n, u in units.items()}, records)
+        self.source = source
+        self.units = units
+
+    @property
+    def path(self) -> str:
+        return self.source.path  # messages name the user's file
+
+    def source_of(self, name: str) -> tuple[GGUFFile, int]:
+        u = self.units[name]
+        return u.src, u.offset
+
+    def watched_files(self) -> list[InputFile]:
+        return self.source.watched_files()
+
+    def close(self) -> None:
+        super().close()
+        self.source.close()
+
+
+@dataclass
+class Family:
+    """The inputs after quantizing: every task (quantized ones as QuantizedModel), what was done, and the
+    unit stores to close once the outputs are written."""
+
+    models: dict[str, ScannedModel]
+    report: QuantizeReport
+    stores: list[GGUFFile] = field(default_factory=list)
+
+    def close_stores(self) -> None:
+        for f in self.stores:
+            f.close()
+        self.stores = []
+
+
+@dataclass
+class StoredUnits:
+    """What a split already holds, for `add`: unit key -> its bytes in the split's files, and the recipe and
+    build of each quantized task."""
+
+    units: dict[bytes, Unit] = field(default_factory=dict)
+    recipes: dict[str, RecipeRecord] = field(default_factory=dict)
+    builds: dict[str, dict[str, str]] = field(default_factory=dict)
+    files: list[GGUFFile] = field(default_factory=list)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        self.files = []
+
+
+@dataclass
+class _Planned:
+    """One input to quantize: its plan (llama.cpp's types) and each planned tensor's unit key."""
+
+    model: ScannedModel
+    plan: ModelPlan
+    keys: list[bytes]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizing a family
+
+
+def quantize_inputs(models: Mapping[str, ScannedModel], recipe: Recipe, *, tx: Transaction | None,
+                    progress: Progress, threads: int | None = None, stored: StoredUnits | None = None) -> Family:
+    """The family after quantizing: each full-precision input (hashed) becomes the model llama-quantize
+    writes for it; inputs holding quantized tensors are kept (unless the recipe has a template). `tx` None:
+    a dry run (nothing quantized). `stored`: units of the split being added to."""
+    t0 = time.monotonic()
+    be = backend()
+    report = QuantizeReport(recipe.quant_type, recipe.options_text(), _name(recipe.imatrix.path)
+                            if recipe.imatrix is not None else None, recipe.template_name or None, be.build_info(),
+                            [], dry_run=tx is None)
+    planned: dict[str, _Planned] = {}
+    for task, m in models.items():
+        why = kept_reason(m, recipe)
+        if why is not None:
+            report.kept[task] = why
+            continue
+        plan = plan_model(m.path, recipe)
+        planned[task] = _Planned(m, plan, [unit_key(m.digests[t.name], t, recipe) for t in plan.tensors])
+    known = dict(stored.units) if stored is not None else {}
+    todo = _new_units(planned, known)
+    family = Family(dict(models), report)
+    units: dict[bytes, Unit] = {}
+    if tx is not None and todo:
+        units, store = _quantize_units(todo, recipe, tx.temp_dir("quantize"), progress, threads)
+        family.stores.append(store)
+        report.units, report.unit_bytes = len(units), sum(u.nbytes for u in units.values())
+    report.reused_units = len({k for p in planned.values() for k, t in zip(p.keys, p.plan.tensors)
+                               if t.quantized and k in known})
+    if stored is not None and tx is not None:
+        report.notes += spot_check(planned, known, stored, be.build_info(), threads)
+    try:
+        for task, p in planned.items():
+            qm = _virtual_model(p, {**known, **units}, recipe, report.build, dry_run=tx is None)
+            family.models[task] = qm
+            report.tasks.append(_task_report(task, p, qm, todo, known))
+    except BaseException:
+        for task in planned:
+            m = family.models[task]
+            if isinstance(m, QuantizedModel):
+                m.first.close()  # its virtual file; the caller closes the inputs
+        family.close_stores()
+        raise
+    report.seconds = time.monotonic() - t0
+    return family
+
+
+def _name(path: str) -> str:
+    return os.path.basename(path)
+
+
+def kept_reason(m: ScannedModel, recipe: Recipe) -> str | None:
+    """Why an input is kept as it is (None: it is quantized): it holds quantized tensors and no template says
+    which types its other tensors must take."""
+    quantized: dict[str, int] = {}
+    matrices = 0
+    for t, _ in m.tensors:
+        if is_quantized_type(t.ggml_type):
+            quantized[t.type_name] = quantized.get(t.type_name, 0) + 1
+        elif len(t.shape) > 1:
+            matrices += 1
+    if not quantized or recipe.tensor_types:
+        return None
+    held = ", ".join(f"{n} {k}" for k, n in sorted(quantized.items()))
+    why = f"already quantized ({held}): kept as it is"
+    if matrices:
+        why += (f"; its {matrices} full-precision matrices (an export-lora merge over a quantized base?) stay so: "
+                "--quantize-template BASE quantizes them to the base's types")
+    return why
+
+
+def _new_units(planned: Mapping[str, _Planned], known: Mapping[bytes, Unit]
+               ) -> dict[bytes, tuple[_Planned, PlannedTensor]]:
+    """Each distinct unit to quantize (not in `known`), with the first tensor that needs it."""
+    todo: dict[bytes, tuple[_Planned, PlannedTensor]] = {}
+    for p in planned.values():
+        for key, t in zip(p.keys, p.plan.tensors):
+            if t.quantized and key not in known and key not in todo:
+                todo[key] = (p, t)
+    return todo
+
+
+def _quantize_units(todo: Mapping[bytes, tuple[_Planned, PlannedTensor]], recipe: Recipe, directory: str,
+                    progress: Progress, threads: int | None) -> tuple[dict[bytes, Unit], GGUFFile]:
+    """Quantize each unit once, streaming into the unit store (memory: one quantized tensor plus a chunk per
+    thread); every core works on the rows of each tensor."""
+    path = os.path.join(directory, "units")
+    need = sum(align_up(_nbytes(t.dst_type, t.shape), STORE_ALIGNMENT) for _, t in todo.values())
+    check_space(directory, need, "the quantized tensors")
+    places: dict[bytes, tuple[int, int, bytes]] = {}
+    n_threads = threads or default_threads()
+    total = sum(_nbytes(t.src_type, t.shape) for _, t in todo.values())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        pos = 0
+        with ThreadPoolExecutor(n_threads, thread_name_prefix="gguf-split-quantize") as pool, \
+                progress.bar("quantizing", total) as bar:
+            for key, (p, t) in todo.items():
+                src, offset = p.model.source_of(t.name)
+                n_src = _nbytes(t.src_type, t.shape)
+                data = quantize_tensor(src.view(offset, offset + n_src), t,
+                                       recipe.imatrix_vector(t.name) if t.with_imatrix else None,
+                                       pool=pool if n_threads > 1 else None, path=p.model.path)
+                write_zeros(fd, align_up(pos, STORE_ALIGNMENT) - pos)
+                pos = align_up(pos, STORE_ALIGNMENT)
+                write_all(fd, memoryview(data))
+                places[key] = (pos, data.nbytes, xxhash.xxh3_128(memoryview(data)).digest())
+                pos += data.nbytes
+                del data
+                drop_pages(src, offset, n_src)
+                bar.advance(n_src)
+        checkpoint("quantized units")
+    except OSError as e:
+        raise GGUFSplitError(os.path.dirname(directory), f"cannot write the quantized tensors: {os_problem(e)}") from None
+    finally:
+        os.close(fd)
+    store = GGUFFile(path, parse=False)
+    return {k: Unit(store, off, n, d) for k, (off, n, d) in places.items()}, store
+
+
+def _nbytes(ggml_type: int, shape: Sequence[int]) -> int:
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * size
+
+
+def _virtual_model(p: _Planned, units: Mapping[bytes, Unit], recipe: Recipe, build: dict[str, str], *,
+                   dry_run: bool) -> QuantizedModel:
+    """The model llama-quantize writes for `p`'s input, from its header and the units; its whole-file
+    digests streamed from the same bytes the outputs are written from (not in a dry run)."""
+    m = p.model
+    tensors = p.plan.tensors
+    header = quantized_header(m.first, [(t.name, t.shape, t.dst_type) for t in tensors], recipe.ftype,
+                              imatrix_kvs(recipe))
+    size = len(header) + sum(align_up(_nbytes(t.dst_type, t.shape), 32) for t in tensors)
+    path = os.path.join(os.path.dirname(m.path), quantized_name(os.path.basename(m.path), recipe.quant_type))
+    vf = VirtualFile(path, header, size)
+    by_name: dict[str, Unit] = {}
+    for t, key, info in zip(tensors, p.keys, vf.header.tensors):
+        if not t.quantized:
+            src, offset = m.source_of(t.name)
+            by_name[t.name] = Unit(src, offset, info.nbytes, m.digests[t.name])
+        elif dry_run and key not in units:
+            by_name[t.name] = Unit(m.first, 0, info.nbytes, key[:16])  # never read: a dry run writes nothing
+        else:
+            by_name[t.name] = units[key]
+        if by_name[t.name].nbytes != info.nbytes:
+            raise AssertionError(f"{t.name}: {by_name[t.name].nbytes} bytes quantized, the header says {info.nbytes}")
+    digest, sha = b"", ""
+    if not dry_run:
+        pieces = [(info.offset, info.nbytes, by_name[info.name].src, by_name[info.name].offset)
+                  for info in vf.header.tensors]
+        d = sweep(spans_of_layout(header, vf.header.data_start, pieces, size), sha256=True)
+        digest, sha = d.xxh3, d.sha256 or ""
+    source = m.files[0]
+    records = QuantizeRecords(recipe.record(), build, os.path.basename(m.path), source.file.size,
+                              source.digest.hex(), sha, b"".join(m.digests[t.name] for t in tensors),
+                              tuple(t.src_type for t in tensors), b"".join(p.keys))
+    return QuantizedModel(m, vf, digest, by_name, records)
+
+
+def _task_report(task: str, p: _Planned, qm: QuantizedModel, todo: Mapping[bytes, tuple[_Planned, PlannedTensor]],
+                 known: Mapping[bytes, Unit]) -> QuantizedTask:
+    types: dict[str, int] = {}
+    for info in qm.first.header.tensors:
+        types[info.type_name] = types.get(info.type_name, 0) + 1
+    new = sum(1 for k, t in zip(p.keys, p.plan.tensors) if t.quantized and k in todo and todo[k][0] is p)
+    quantized = sum(1 for t in p.plan.tensors if t.quantized)
+    return QuantizedTask(task, p.model.path, os.path.basename(qm.first.path), types, quantized, new, quantized - new,
+                         list(p.plan.warnings), qm.quantized.sha256 if qm.quantized is not None else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# add: the split's units and recipe
+
+
+def spot_check(planned: Mapping[str, _Planned], known: Mapping[bytes, Unit], stored: StoredUnits,
+               build: dict[str, str], threads: int | None) -> list[str]:
+    """When this llama.cpp build is not the one that quantized the split, quantize a few of the units taken
+    from the split again and compare: a difference is reported (the bytes kept are the split's)."""
+    if not stored.builds or all(b == build for b in stored.builds.values()):
+        return []
+    reused = [(k, p, t) for p in planned.values() for k, t in zip(p.keys, p.plan.tensors)
+              if t.quantized and k in known]
+    picks = list({k: (p, t) for k, p, t in reused}.items())[:SPOT_CHECKS]
+    if not picks:
+        return []
+    differ = []
+    for key, (p, t) in picks:
+        src, offset = p.model.source_of(t.name)
+        data = quantize_tensor(src.view(offset, offset + _nbytes(t.src_type, t.shape)), t,
+                               p.plan.recipe.imatrix_vector(t.name) if t.with_imatrix else None)
+        if xxhash.xxh3_128(memoryview(data)).digest() != known[key].digest:
+            differ.append(t.name)
+    theirs = next(iter(stored.builds.values()))
+    what = (f"this llama.cpp build ({_build_text(build)}) is not the one that quantized the split "
+            f"({_build_text(theirs)})")
+    if differ:
+        return [f"{what}, and it rounds {len(differ)} of {len(picks)} reused tensors differently "
+                f"({', '.join(differ)}): the reused tensors keep the split's bytes, the new ones get this build's, "
+                "so the new task is not exactly what either build's llama-quantize writes"]
+    return [f"{what}; {len(picks)} reused tensors quantized again here gave the same bytes"]
+
+
+def _build_text(build: Mapping[str, str]) -> str:
+    return f"llama-cpp-python {build.get('llama_cpp_python', '?')}, ggml {build.get('ggml_version', '?')}" \
+           f" {build.get('ggml_commit', '')}".rstrip()
+
+
+def stored_units(sd: SplitDir) -> StoredUnits:
+    """Every quantized task's units in a split (unit key -> its bytes in the split's files), its recipe and
+    build; the files stay open (they are read when an added task copies a unit) until `close`."""
+    out = StoredUnits()
+    cache: dict[str, SplitFile] = {}
+    try:
+        finder = FileFinder()
+        for task in sd.tasks:
+            tf = open_task(sd.adaptors[task], finder, cache=cache)
+            out.files.append(tf.adaptor)
+            q = tf.info.quantize
+            if q is None:
+                continue
+            out.recipes[task], out.builds[task] = q.recipe, q.build
+            held = {t.name: (f, t, d) for f in tf.files for t, d in zip(f.header.tensors, f.digests())}
+            order = parse_tensor_infos(tf.adaptor.blob(K_SRC_TENSOR_INFOS), tf.adaptor.path, 1)
+            for i, t in enumerate(order):
+                f, info, digest = held[t.name]
+                out.units.setdefault(q.unit_key(i), Unit(f, f.header.data_start + info.offset, info.nbytes, digest))
+    except BaseException:
+        out.files += cache.values()
+        out.close()
+        raise
+    out.files += cache.values()
+    return out
+
+
+def add_recipe(opts: SplitOptions, stored: StoredUnits, directory: str) -> Recipe | None:
+    """The recipe an `add` quantizes with: the options' (checked against the split's unless
+    allow_recipe_change), or, without --quantize, the split's own (its imatrix and template must be given
+    again: the split records them by digest, not their contents). None: nothing to quantize with."""
+    theirs = list(dict.fromkeys(stored.recipes.values()))
+    if opts.quantize is None and not theirs:
+        return recipe_of(opts)
+    if opts.quantize is None:
+        r = theirs[0]
+        opts = dataclasses.replace(opts, quantize=r.qtype, quantize_args=opts.quantize_args or r.options or None)
+        if r.imatrix_sha256 and opts.imatrix is None:
+            raise GGUFSplitError(show(directory), f"its tasks were quantized with the imatrix {r.imatrix_name} (sha256 "
+                                                  f"{r.imatrix_sha256[:16]}...): give it again with --imatrix FILE")
+        if r.template_sha256 and opts.quantize_template is None:
+            raise GGUFSplitError(show(directory), f"its tasks were quantized with the template {r.template_name}: "
+                                                  "give it again with --quantize-template FILE")
+    recipe = recipe_of(opts)
+    assert recipe is not None
+    if theirs and recipe.record() not in theirs and not opts.allow_recipe_change:
+        first = theirs[0]
+        what = "; ".join(first.differences(recipe.record()))
+        raise GGUFSplitError(show(directory), f"its tasks were quantized with another recipe ({what}): the new "
+                                              "task would share nothing it quantizes; give the split's recipe, or "
+                                              "--allow-recipe-change")
+    return recipe
+
+
+def recipe_of(opts: SplitOptions) -> Recipe | None:
+    """The recipe the options ask for (None without --quantize), read and checked before any model is
+    hashed: an unreadable or corrupt imatrix or template, an unknown type, or no llama.cpp binding is one
+    line naming the problem."""
+    if opts.quantize is None:
+        for name in ("imatrix", "quantize_template", "quantize_args"):
+            if getattr(opts, name) is not None:
+                raise GGUFSplitError(None, f"{flag_of(name)} is given without --quantize TYPE")
+        return None
+    backend()  # the install hint first: nothing else matters without llama.cpp
+    if opts.quantize_template is not None:
+        check_input_path(opts.quantize_template, "template model")
+    return make_recipe(opts.quantize, opts.imatrix, template=opts.quantize_template,
+                       **parse_quantize_args(opts.quantize_args or ""))
