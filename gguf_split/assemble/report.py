@@ -9,10 +9,11 @@ the write builds it).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..format.names import adaptor_name
+from ..format.nearmiss import NearMissReport, Version, near_misses
 from ..format.records import FileRef
 from .outputs import NamedFile, adaptor_header
 from .plan import Layout
@@ -107,6 +108,7 @@ class SplitReport:
     models_dir: str | None = None
     max_shard_size: int | None = None  # the limit the split was cut to, if any
     quantize: QuantizeReport | None = None  # what --quantize did
+    near_misses: NearMissReport | None = None  # a dry run: inputs that differ only by quantization
 
     @property
     def oversize(self) -> list[tuple[str, int]]:
@@ -197,3 +199,16 @@ def split_report(directory: str, models: Mapping[str, ScannedModel], layout: Lay
     return SplitReport(os.path.abspath(directory), files, tasks, st.dedup_optimum if st else 0,
                        st.exact if st else False, st.lower_bound if st else 0, st.small_group_bytes if st else 0,
                        dry_run=dry_run, removed=removed or [], max_shard_size=max_shard_size)
+
+
+def near_miss_report(models: Mapping[str, ScannedModel]) -> NearMissReport:
+    """Which inputs hold tensors that differ only by quantization (format.nearmiss), from hashed inputs."""
+    def reader(m: ScannedModel, name: str, nbytes: int) -> Callable[[], memoryview]:
+        def read() -> memoryview:
+            f, offset = m.source_of(name)
+            return f.view(offset, offset + nbytes)
+        return read
+
+    return near_misses({task: [Version(t.name, t.ggml_type, t.shape, m.digests[t.name], t.nbytes,
+                                       reader(m, t.name, t.nbytes)) for t, _ in m.tensors]
+                        for task, m in models.items()})

@@ -35,7 +35,7 @@ from ..splitdir.links import check_models_dir, models_dir_note, plan_links, writ
 from .options import SplitOptions
 from .outputs import NamedFile, name_files, write_outputs
 from .plan import Layout, plan_layout
-from .report import SplitReport, split_report
+from .report import SplitReport, near_miss_report, split_report
 from .scan import ScannedModel, hash_models, open_models
 
 
@@ -88,6 +88,7 @@ def _dry_run(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitO
             _check_existing(out, tasks, opts.prefix, opts.force)
         recipe = _recipe(opts)
         hash_models(list(models.values()), progress, opts.threads)
+        near = near_miss_report(models)
         if recipe is not None:
             family = _quantize(models, recipe, None, opts, progress)
             models = family.models
@@ -95,6 +96,7 @@ def _dry_run(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitO
         report = split_report(out, models, layout, name_files(models, layout, opts.prefix), {}, dry_run=True,
                               prefix=opts.prefix, max_shard_size=opts.max_shard_size)
         report.quantize = family.report if family is not None else None
+        report.near_misses = near
         return report
     finally:
         _close(models, family)

@@ -112,6 +112,8 @@ def print_split(report: Any, title: str = "split into") -> None:
     _print_savings_line(report)
     if report.quantize is not None:
         _print_quantize(report.quantize)
+    for line in report.near_misses.lines() if report.near_misses is not None else []:
+        out.print(f"note: {line}")
     for t in report.tasks:
         _print_task_reasons(t)
     if report.oversize:
@@ -161,6 +163,19 @@ def _print_quantize(q: Any) -> None:
         out.print(f"  {task}: {why}")
     for note in q.notes:
         out.print(f"note: {note}")
+
+
+def _print_quantized_records(q: dict[str, Any]) -> None:
+    src = q["from"]
+    recipe = " ".join(x for x in (q["type"], q["options"], f"--imatrix {q['imatrix']}" if q["imatrix"] else "",
+                                  f"--quantize-template {q['template']}" if q["template"] else "") if x)
+    out.print(f"  quantized by the split from {src['name']} ({size(src['bytes'])}, xxh3-128 {src['xxh3']}; not kept) "
+              f"as llama-quantize {recipe} writes it: sha256 {q['sha256']}")
+    if q["imatrix_sha256"]:
+        out.print(f"  imatrix sha256 {q['imatrix_sha256']}")
+    b = q["build"]
+    out.print(f"  llama.cpp: llama-cpp-python {b.get('llama_cpp_python', '?')}, ggml {b.get('ggml_version', '?')} "
+              f"{b.get('ggml_commit', '')}; {b.get('system_info', '')}")
 
 
 def _print_task_reasons(t: Any) -> None:
@@ -236,7 +251,9 @@ def _print_savings(s: Any, tensors: bool = False) -> None:
     files_table(f"split {show(s.directory)}",
                 [(f["name"], f["position"], str(f["tensors"]), f["bytes"], f["tasks"]) for f in s.files],
                 [(os.path.basename(t["path"]), str(t["tensors"]), t["bytes"],
-                  f"{t['task']} (replaces {', '.join(t['sources'])}, {size(t['source_bytes'])})") for t in s.tasks],
+                  f"{t['task']} (replaces {', '.join(t['sources'])}, {size(t['source_bytes'])}"
+                  + (f"; {t['quantized']['type']} of {t['quantized']['from']['name']}" if t.get("quantized") else "")
+                  + ")") for t in s.tasks],
                 s.output_bytes, s.input_bytes)
     if s.ratio is not None:
         out.print(f"the split is {s.ratio:.1%} of the inputs: saves {size(s.saved_bytes)}; "
@@ -244,6 +261,8 @@ def _print_savings(s: Any, tensors: bool = False) -> None:
                   "every adaptor's header)")
     if s.unused:
         out.print(f"note: shared file(s) no task uses: {', '.join(s.unused)}")
+    for line in s.near_miss_lines:
+        out.print(f"note: {line}")
 
 
 def _print_file(d: Any, tensors: bool = False) -> None:
@@ -264,6 +283,8 @@ def _print_file(d: Any, tensors: bool = False) -> None:
             out.print(f"  split.no {f['position']}: {f['name']} ({size(f['bytes'])})")
         for s in d.sources:
             out.print(f"  restores {s['name']} ({size(s['bytes'])}, xxh3-128 {s['xxh3']})")
+        if d.quantized:
+            _print_quantized_records(d.quantized)
     elif d.split:
         out.print(f"  llama.cpp split metadata: {d.split}")
     if tensors:

@@ -236,8 +236,9 @@ def _name(path: str) -> str:
 
 
 def kept_reason(m: ScannedModel, recipe: Recipe) -> str | None:
-    """Why an input is kept as it is (None: it is quantized): it holds quantized tensors and no template says
-    which types its other tensors must take."""
+    """Why an input is kept as it is (None: it is quantized). A model holding quantized tensors is what its
+    author quantized: kept, unless it also holds full-precision matrices and a template says which types
+    they take (an export-lora merge over a quantized base)."""
     quantized: dict[str, int] = {}
     matrices = 0
     for t, _ in m.tensors:
@@ -245,7 +246,7 @@ def kept_reason(m: ScannedModel, recipe: Recipe) -> str | None:
             quantized[t.type_name] = quantized.get(t.type_name, 0) + 1
         elif len(t.shape) > 1:
             matrices += 1
-    if not quantized or recipe.tensor_types:
+    if not quantized or (matrices and recipe.tensor_types):
         return None
     held = ", ".join(f"{n} {k}" for k, n in sorted(quantized.items()))
     why = f"already quantized ({held}): kept as it is"
