@@ -219,7 +219,7 @@ def quantize_inputs(models: Mapping[str, ScannedModel], recipe: Recipe, *, tx: T
         for task, p in planned.items():
             qm = _virtual_model(p, {**known, **units}, recipe, report.build, dry_run=tx is None)
             family.models[task] = qm
-            report.tasks.append(_task_report(task, p, qm, todo, known))
+            report.tasks.append(_task_report(task, p, qm, todo, known, tx is None))
     except BaseException:
         for task in planned:
             m = family.models[task]
@@ -335,7 +335,7 @@ def _virtual_model(p: _Planned, units: Mapping[bytes, Unit], recipe: Recipe, bui
             by_name[t.name] = units[key]
         if by_name[t.name].nbytes != info.nbytes:
             raise AssertionError(f"{t.name}: {by_name[t.name].nbytes} bytes quantized, the header says {info.nbytes}")
-    digest, sha = b"", ""
+    digest, sha = bytes(16), "0" * 64  # a dry run's stand-ins, as long as the real ones: its sizes are exact
     if not dry_run:
         pieces = [(info.offset, info.nbytes, by_name[info.name].src, by_name[info.name].offset)
                   for info in vf.header.tensors]
@@ -349,14 +349,14 @@ def _virtual_model(p: _Planned, units: Mapping[bytes, Unit], recipe: Recipe, bui
 
 
 def _task_report(task: str, p: _Planned, qm: QuantizedModel, todo: Mapping[bytes, tuple[_Planned, PlannedTensor]],
-                 known: Mapping[bytes, Unit]) -> QuantizedTask:
+                 known: Mapping[bytes, Unit], dry_run: bool) -> QuantizedTask:
     types: dict[str, int] = {}
     for info in qm.first.header.tensors:
         types[info.type_name] = types.get(info.type_name, 0) + 1
     new = sum(1 for k, t in zip(p.keys, p.plan.tensors) if t.quantized and k in todo and todo[k][0] is p)
     quantized = sum(1 for t in p.plan.tensors if t.quantized)
     return QuantizedTask(task, p.model.path, os.path.basename(qm.first.path), types, quantized, new, quantized - new,
-                         list(p.plan.warnings), qm.quantized.sha256 if qm.quantized is not None else "")
+                         list(p.plan.warnings), qm.quantized.sha256 if qm.quantized is not None and not dry_run else "")
 
 
 # ---------------------------------------------------------------------------------------------------------
