@@ -40,14 +40,16 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import xxhash
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ...disk.commit import Transaction, check_space, checkpoint
 from ...disk.copy import write_all, write_zeros
+from ...disk.jobs import wait_for
 from ...disk.progress import Progress
 from ...disk.sweep import spans_of_layout, sweep
 from ...errors import GGUFSplitError, os_problem
@@ -60,7 +62,7 @@ from ..report import QuantizedTask, QuantizeReport
 from ..scan import InputFile, ScannedModel, check_input_path
 from .binding import backend
 from .header import imatrix_kvs, quantized_header
-from .mix import ModelPlan, PlannedTensor, plan_model
+from .mix import FALLBACK_NOTE, ModelPlan, PlannedTensor, plan_model
 from .recipe import Recipe, make_recipe, parse_quantize_args
 from .tensor import default_threads, quantize_tensor, unit_key
 from .whole import drop_pages
@@ -216,10 +218,15 @@ def quantize_inputs(models: Mapping[str, ScannedModel], recipe: Recipe, *, tx: T
     if stored is not None and tx is not None:
         report.notes += spot_check(planned, known, stored, be.build_info(), threads)
     try:
-        for task, p in planned.items():
-            qm = _virtual_model(p, {**known, **units}, recipe, report.build, dry_run=tx is None)
-            family.models[task] = qm
-            report.tasks.append(_task_report(task, p, qm, todo, known, tx is None))
+        everything = {**known, **units}
+        with ThreadPoolExecutor(threads or default_threads(), thread_name_prefix="gguf-split-digest") as pool:
+            futures = {task: pool.submit(_virtual_model, p, everything, recipe, report.build, dry_run=tx is None)
+                       for task, p in planned.items()}  # each streams its file's xxh3 and sha256 (GIL released)
+            for task, fut in futures.items():
+                qm = wait_for(cast("Future[object]", fut))
+                assert isinstance(qm, QuantizedModel)
+                family.models[task] = qm
+                report.tasks.append(_task_report(task, planned[task], qm, todo, known, tx is None))
     except BaseException:
         for task in planned:
             m = family.models[task]
@@ -356,7 +363,24 @@ def _task_report(task: str, p: _Planned, qm: QuantizedModel, todo: Mapping[bytes
     new = sum(1 for k, t in zip(p.keys, p.plan.tensors) if t.quantized and k in todo and todo[k][0] is p)
     quantized = sum(1 for t in p.plan.tensors if t.quantized)
     return QuantizedTask(task, p.model.path, os.path.basename(qm.first.path), types, quantized, new, quantized - new,
-                         list(p.plan.warnings), qm.quantized.sha256 if qm.quantized is not None and not dry_run else "")
+                         _warnings(p.plan), qm.quantized.sha256 if qm.quantized is not None and not dry_run else "")
+
+
+def _warnings(plan: ModelPlan) -> list[str]:
+    """The plan's warnings, llama-quantize's row-size fallbacks summed up in one line (a model whose width
+    no k-quant block divides, SmolLM2's 576, falls back on most of its tensors)."""
+    fallbacks: dict[str, int] = {}
+    for t in plan.tensors:
+        if t.fallback:
+            name = GGMLQuantizationType(t.dst_type).name
+            fallbacks[name] = fallbacks.get(name, 0) + 1
+    out = [w for w in plan.warnings if not w.endswith(FALLBACK_NOTE)]
+    if fallbacks:
+        widths = sorted({t.shape[0] for t in plan.tensors if t.fallback})
+        out.insert(0, f"{sum(fallbacks.values())} tensors of {', '.join(map(str, widths))} columns do not fit the "
+                      f"mix's block size: {', '.join(f'{n} {k}' for k, n in sorted(fallbacks.items()))} instead "
+                      "(llama-quantize's fallback)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

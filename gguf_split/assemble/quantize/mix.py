@@ -26,6 +26,7 @@ from .recipe import Recipe
 # names llama.cpp's quantizer treats as token embeddings (llama-quant.cpp, tensor_name_match_token_embd)
 TOKEN_EMBD_NAMES = ("token_embd.weight", "per_layer_token_embd.weight")
 OUTPUT_NAME = "output.weight"
+FALLBACK_NOTE = "(llama-quantize's fallback)"
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def _check_plan(plan: ModelPlan, be: Backend) -> None:
     for t in plan.tensors:
         if t.fallback:
             plan.warnings.append(f"{t.name}: {t.shape[0]} columns do not fit the mix's type, "
-                                 f"{be.type_name(t.dst_type)} instead (llama-quantize's fallback)")
+                                 f"{be.type_name(t.dst_type)} instead {FALLBACK_NOTE}")
         if not t.quantized:
             continue
         if not t.with_imatrix and _requires_imatrix(be, t, plan.recipe.ftype):
