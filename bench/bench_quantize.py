@@ -1,19 +1,32 @@
-"""Tensor-by-tensor quantization (gguf_split.assemble.quantize) against the llama-quantize CLI on a real model.
+"""Quantizing a family: `split --quantize` against llama-quantize on each model then `split`, and the core
+(tensor-by-tensor quantization) against the llama-quantize CLI on one model.
 
-Model: SmolLM2-135M-Instruct (the registry's Q4_1) or Gemma-3-270M (`--model gemma3`, the registry's
-Q4_K_M), made F16 with `llama-quantize --allow-requantize ... F16`. Importance matrices: made by llama-imatrix on this repository's README (both formats, GGUF and
-legacy .dat) when that tool is built, else written in Python (random, both formats).
+Family mode (the default; issue 20's benchmark): the F16 families of bench/models.py, `f16-smollm2` and
+`f16-gemma3` (base = the registry model dequantized with `llama-quantize --allow-requantize ... F16`; qv, ffn,
+topq = export-lora merges of random LoRAs onto it), one recipe: TYPE with the base's importance matrix
+(llama-imatrix's GGUF output). Per set:
+- time (wall and CPU, user + sys) and peak memory (anonymous RSS, sampled every 10 ms: mapped input pages
+  are the page cache's, not the process's) of
+    baseline: `llama-quantize --imatrix IMX <task>.gguf <task>-TYPE.gguf TYPE THREADS` for every task, then
+              `gguf-split split` of the quantized models;
+    ours:     `gguf-split split --quantize TYPE --imatrix IMX` of the F16 models;
+  interleaved over --repeat rounds (this machine's load drifts), medians;
+- exactness: every task restored from our split against the CLI's file: whole-file sha256, the tensors and
+  KVs that differ (none expected: the imatrix path string is the same), and llama.cpp's logits of the
+  split's task against the CLI's file (bitwise, llama-cpp-python);
+- bytes: our split against the baseline split, the dedup optimum and the quantized models;
+- identical tensors: per fine-tune, the share of its tensors (and bytes) identical to the base's;
+- scaling with the share of changed bytes: the base alone split with --quantize, then each fine-tune added
+  (`add`), timed, against the share of its source bytes that had to be quantized;
+- near misses: the tasks quantized each with its own importance matrix by the CLI (what a family made
+  model by model looks like), then `split --dry-run`: its near-miss lines.
 
-For each imatrix variant (none, GGUF, .dat), both runs quantize the F16 model to TYPE on the same machine:
-- the CLI: `llama-quantize [--imatrix FILE] f16.gguf cli.gguf TYPE THREADS`;
-- gguf-split: `quantize_model(f16, ours, make_recipe(TYPE, FILE))`, in a fresh Python process;
-and the script checks every tensor (name, order, type, bytes) and every KV of the two outputs, prints the
-KVs that differ (none is expected: the recipe's imatrix label is the path the CLI was given) and the
-whole-file sha256, and times both (wall, peak RSS via /usr/bin/time). It also times llama.cpp's dry run
-(the per-tensor types) and llama_model_quantize in process.
+Model mode (`--mode model`, the earlier check of the core): for each imatrix variant (none, GGUF, .dat) the
+CLI and `quantize_model` on one F16 model, every tensor and KV compared, timed.
 
     export GGUF_SPLIT_BENCH_WORK=/work/cache/bench-work
-    python bench/bench_quantize.py [--type Q4_K_M] [--threads 2] [--repeat 3]
+    python bench/bench_quantize.py [--sets f16-smollm2,f16-gemma3] [--type Q4_K_M] [--threads 2] [--repeat 2]
+    python bench/bench_quantize.py --mode model [--model gemma3] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -156,14 +169,22 @@ def compare(cli: Path, ours: Path) -> dict[str, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=SMOLLM2, choices=[SMOLLM2, GEMMA3])
+    ap.add_argument("--mode", default="family", choices=["family", "model"])
+    ap.add_argument("--sets", default="f16-smollm2,f16-gemma3", help="family mode: the F16 sets")
+    ap.add_argument("--model", default=SMOLLM2, choices=[SMOLLM2, GEMMA3], help="model mode: the model")
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=None, help="rounds (default: 2 in family mode, 3 in model mode)")
     ap.add_argument("--variants", default="none,gguf,dat")
+    ap.add_argument("--no-near-miss", action="store_true", help="family mode: skip the per-task-imatrix run")
     ap.add_argument("--keep", action="store_true", help="keep the quantized outputs in <work>/quantize/")
     args = ap.parse_args()
-
+    if args.mode == "family":
+        from bench_family_quantize import run_family
+        args.repeat = args.repeat or 2
+        run_family(args)
+        return
+    args.repeat = args.repeat or 3
     q = tool("llama-quantize")
     if q is None:
         raise SystemExit(f"llama-quantize is not built in {BIN} (python bench/tools.py)")
