@@ -16,10 +16,11 @@ Why a fifth: quantizing the same weights with another importance matrix (or on a
 rounding choices, not every value, so the difference stays well below the noise itself, while a fine-tune's
 change moves every value. Measured on the benchmark families, each task quantized to Q4_K_M with its own
 imatrix by llama-quantize (bench_quantize.py): the tensors the fine-tunes left alone differ by at most 0.05
-of the noise (SmolLM2-135M; Gemma-3-270M: under 0.0001), the ones a rank-8 LoRA changed by at least 0.29
-(Gemma-3: 0.83). The bound is a heuristic between those: imatrices that differ more than two fine-tunes'
-do (unrelated calibration data) can push requantization above it, and a fine-tune whose change is that small
-against the quantization noise cannot be told from requantization (it is then reported as one). A test of
+of the noise (SmolLM2-135M; Gemma-3-270M: under 0.0001), the ones a rank-8 LoRA changed by 0.29 or more
+(Gemma-3: 0.83), except SmolLM2's Q4_K ffn_down, whose LoRA change is 0.03 of its noise. The bound is a
+heuristic between those: imatrices that differ more than two fine-tunes' do (unrelated calibration data)
+can push requantization above it, and a fine-tune whose change is that small against the quantization noise
+cannot be told from requantization (it is then reported as one, as those four ffn_down are). A test of
 low-rank structure in the difference was tried and dropped: the imatrix's per-column weights make
 requantization differences column-sparse, which looks just as structured as a LoRA's change.
 Tensors are compared on at most SAMPLE_ROWS rows (evenly spaced): memory and time stay bounded
