@@ -90,7 +90,8 @@ def _dry_run(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitO
         hash_models(list(models.values()), progress, opts.threads)
         near = near_miss_report(models)
         if recipe is not None:
-            family = _quantize(models, recipe, None, opts, progress)
+            old = SplitDir.open(out) if os.path.isdir(out) and opts.force else None
+            family = _quantize(models, recipe, None, opts, progress, old)
             models = family.models
         layout = plan(models, opts)
         report = split_report(out, models, layout, name_files(models, layout, opts.prefix), {}, dry_run=True,
@@ -113,10 +114,21 @@ def _recipe(opts: SplitOptions) -> Any:
 
 
 def _quantize(models: Mapping[str, ScannedModel], recipe: Any, tx: Transaction | None, opts: SplitOptions,
-              progress: Progress, stored: Any = None) -> Any:
-    from .quantize.family import quantize_inputs
+              progress: Progress, old: SplitDir | None) -> Any:
+    """Quantize the inputs; a re-split (`force`) takes the units the directory's split already holds (its
+    files stay open until the outputs are written), as `add` does."""
+    from .quantize.family import quantize_inputs, reusable_units
 
-    return quantize_inputs(models, recipe, tx=tx, progress=progress, threads=opts.threads, stored=stored)
+    stored = reusable_units(old) if old is not None else None
+    try:
+        family = quantize_inputs(models, recipe, tx=tx, progress=progress, threads=opts.threads, stored=stored)
+    except BaseException:
+        if stored is not None:
+            stored.close()
+        raise
+    if stored is not None:
+        family.stores += stored.files  # the family's models may copy from them: closed with its stores
+    return family
 
 
 def _close(models: Mapping[str, ScannedModel], family: Any) -> None:
@@ -142,7 +154,7 @@ def _split_in(tx: Transaction, tasks: Mapping[str, str | os.PathLike[str]], opts
         recipe = _recipe(opts)
         hash_models(list(models.values()), progress, opts.threads)
         if recipe is not None:
-            family = _quantize(models, recipe, tx, opts, progress)
+            family = _quantize(models, recipe, tx, opts, progress, old)
             models = family.models
         layout = plan(models, opts)
         _refuse_unrelated(models, layout, opts)

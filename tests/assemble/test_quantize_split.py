@@ -287,3 +287,20 @@ def test_quantized_name() -> None:
     assert FAM.quantized_name("ggml-model-f16.gguf", "Q4_0") == "ggml-model-Q4_0.gguf"
     assert FAM.quantized_name("chat.gguf", "Q6_K") == "chat-Q6_K.gguf"
     assert FAM.quantized_name("f16x.gguf", "Q6_K") == "f16x-Q6_K.gguf"
+
+
+def test_a_resplit_takes_the_units_the_directory_holds(family: dict[str, Any], tmp_path: Path) -> None:
+    """split --force over a quantized split quantizes only the units it does not hold (here: legal's one
+    changed tensor), and the result is still llama-quantize's files."""
+    out = tmp_path / "split"
+    split(family["models"], out, quantize="Q4_K_M", imatrix=family["imatrix"], file_cost=0)
+    more = {**family["models"], "legal": family["legal"]}
+    dry = split(more, out, quantize="Q4_K_M", imatrix=family["imatrix"], file_cost=0, force=True, dry_run=True)
+    rep = split(more, out, quantize="Q4_K_M", imatrix=family["imatrix"], file_cost=0, force=True)
+    for r in (dry, rep):
+        assert r.quantize is not None and r.quantize.reused_units == 57 + 2 + 1  # base's, chat's and code's units
+    assert rep.quantize is not None and rep.quantize.units == 1
+    assert [f.bytes for f in dry.files] == [f.bytes for f in rep.files]
+    ref = oracle(family["legal"], tmp_path / "ref-legal.gguf", "Q4_K_M", family["imatrix"])
+    assert filecmp.cmp(restored(out, "legal", tmp_path), ref, shallow=False)
+    verify([out])

@@ -88,3 +88,24 @@ def test_split_quantize_killed_at_every_step(tmp_path: Path) -> None:
     split(x, d, quantize="Q4_K_M", force=True)  # the next run cleans up after the last kill
     assert leftovers(d) == []
     assert seen == {"x", "y"}
+
+
+def test_ctrl_c_while_quantizing_leaves_nothing(tmp_path: Path) -> None:
+    """A Ctrl-C once the units are quantized (the hook interrupts the process at that step, as a user
+    would): exit 130, one line, the store gone at once, the old split as it was."""
+    x, y = family(tmp_path / "x", 0), family(tmp_path / "y", 1)
+    d = tmp_path / "out"
+    split(x, d, quantize="Q8_0")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    log = tmp_path / "steps.log"
+    args = command("split", "-q", "--force", "--quantize", "Q8_0", "-o", d, *[a for t, p in y.items()
+                                                                             for a in ("-t", f"{t}={p}")])
+    subprocess.run(args, capture_output=True, timeout=120, env={**os.environ, "GGUF_SPLIT_TEST_STEPS": str(log)},
+                   check=True)
+    split(x, d, quantize="Q8_0", force=True)
+    step = next(i for i, s in enumerate(log.read_text().splitlines(), 1) if "quantized units" in s)
+    p = subprocess.run(args, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "GGUF_SPLIT_TEST_KILL_AT": str(step), "GGUF_SPLIT_TEST_SIGNAL": "SIGINT"})
+    assert p.returncode == 130 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert leftovers(d) == []
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before

@@ -55,7 +55,7 @@ from ...disk.sweep import spans_of_layout, sweep
 from ...errors import GGUFSplitError, os_problem
 from ...format.gguf import GGUFFile, align_up, parse_header, parse_tensor_infos
 from ...format.names import show
-from ...format.records import K_SRC_TENSOR_INFOS, QuantizeRecords, RecipeRecord, SplitFile
+from ...format.records import K_Q_TYPE, K_SRC_TENSOR_INFOS, QuantizeRecords, RecipeRecord, SplitFile
 from ...splitdir.directory import FileFinder, SplitDir, open_task
 from ..options import SplitOptions, flag_of
 from ..report import QuantizedTask, QuantizeReport
@@ -445,6 +445,26 @@ def stored_units(sd: SplitDir) -> StoredUnits:
         raise
     out.files += cache.values()
     return out
+
+
+def reusable_units(sd: SplitDir) -> StoredUnits | None:
+    """The units of the split a re-split (`--force`) replaces, when it has quantized tasks: equal unit keys
+    are equal bytes, so they need not be quantized again. A split that cannot be read as a whole (a re-split
+    is also how a damaged one is replaced) gives none."""
+    if not any(_is_quantized_task(path) for path in sd.adaptors.values()):
+        return None
+    try:
+        return stored_units(sd)
+    except GGUFSplitError:
+        return None
+
+
+def _is_quantized_task(adaptor: str) -> bool:
+    try:
+        with SplitFile(adaptor) as f:
+            return K_Q_TYPE in f.header.kv_by_key
+    except GGUFSplitError:
+        return False
 
 
 def add_recipe(opts: SplitOptions, stored: StoredUnits, directory: str) -> Recipe | None:
