@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 from ..format.gguf import ARCHITECTURE_KEY, GGUFFile
-from ..format.nearmiss import Version, near_misses
 from ..format.records import (
     K_CONTENT_ID,
     K_TASK,
@@ -169,6 +168,8 @@ def savings(directory: str | os.PathLike[str], *, shared: Sequence[str] = ()) ->
                   "position": f.split_no(), "tasks": users.get(os.path.abspath(p), [])}
                  for p, f in sorted(cache.items(), key=lambda kv: (kv[1].split_no(), kv[0]))]
         sd = opened.split
+        from ..format.nearmiss import Version, near_misses  # only here: `info FILE` stays a header read
+
         near = near_misses({task: [Version(t.name, t.ggml_type, t.shape, d, t.nbytes, partial(f.tensor_view, t))
                                    for f in tf.files for t, d in zip(f.header.tensors, f.digests())]
                             for task, tf in opened.tasks.items()})
