@@ -112,6 +112,10 @@ class ScannedModel:
     def tensor_ids(self) -> list[TensorId]:
         return [TensorId(t.name, t.ggml_type, t.shape, self.digests[t.name], t.nbytes) for t, _ in self.tensors]
 
+    def tensor_index(self, name: str) -> int:
+        """The position of tensor `name` in `tensors`."""
+        return self._index[name]
+
     def source_of(self, name: str) -> tuple[GGUFFile, int]:
         """(file, absolute offset) of a tensor's bytes."""
         t, i = self._by_name[name]
@@ -120,6 +124,7 @@ class ScannedModel:
 
     def __post_init__(self) -> None:
         self._by_name = {t.name: (t, i) for t, i in self.tensors}
+        self._index = {t.name: k for k, (t, _) in enumerate(self.tensors)}
 
     def watched_files(self) -> list[InputFile]:
         """The user's files this model is read from, which must not change while it is split (a quantized

@@ -304,3 +304,57 @@ def test_a_resplit_takes_the_units_the_directory_holds(family: dict[str, Any], t
     ref = oracle(family["legal"], tmp_path / "ref-legal.gguf", "Q4_K_M", family["imatrix"])
     assert filecmp.cmp(restored(out, "legal", tmp_path), ref, shallow=False)
     verify([out])
+
+
+def shard(src: str, prefix: Path, n: int = 2) -> str:
+    """`src` as llama-gguf-split --split writes it: every KV and split.* in shard 1, the tensors spread in
+    order, each later shard with its split.* KVs."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFWriter
+
+    r = GGUFReader(src)
+    tensors = list(r.tensors)
+    per = -(-len(tensors) // n)
+    for k in range(n):
+        w = GGUFWriter(f"{prefix}-{k + 1:05d}-of-{n:05d}.gguf", "llama")
+        if k == 0:
+            for f in r.fields.values():
+                if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+                    w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+        else:
+            w.kv_data[0].pop("general.architecture", None)
+        w.add_uint16("split.no", k)
+        w.add_uint16("split.count", n)
+        w.add_int32("split.tensors.count", len(tensors))
+        for t in tensors[k * per:(k + 1) * per]:
+            w.add_tensor(t.name, np.asarray(t.data), raw_shape=np.asarray(t.data).shape, raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return f"{prefix}-00001-of-{n:05d}.gguf"
+
+
+def test_a_sharded_input_is_quantized_whole_by_llama_cpp(family: dict[str, Any], tmp_path: Path) -> None:
+    """Tensor by tensor reads one file; a model in shards falls back to llama_model_quantize on the whole
+    model. Its restore is llama-quantize's file, and its unchanged tensors are shared with the base made tensor
+    by tensor (the same bytes)."""
+    sharded = shard(family["models"]["chat"], tmp_path / "chat-f16")
+    models = {"base": family["models"]["base"], "chat": sharded}
+    out = tmp_path / "split"
+    rep = split(models, out, quantize="Q4_K_M", imatrix=family["imatrix"], file_cost=0)
+    assert rep.quantize is not None
+    chat = next(t for t in rep.quantize.tasks if t.task == "chat")
+    assert chat.output == "chat-Q4_K_M.gguf" and "quantized as a whole" in chat.warnings[0]
+    assert set(next(t for t in rep.tasks if t.task == "chat").reasons) == set(CHANGES["chat"])
+    ref = oracle(sharded, tmp_path / "ref.gguf", "Q4_K_M", family["imatrix"])
+    assert filecmp.cmp(restored(out, "chat", tmp_path), ref, shallow=False)
+    dry = split(models, tmp_path / "dry", quantize="Q4_K_M", imatrix=family["imatrix"], file_cost=0, dry_run=True)
+    # a dry run matches tensors quantized tensor by tensor by their unit keys: the whole model shares none
+    assert dry.quantize is not None and dry.quantize.tasks[-1].task == "chat" and not (tmp_path / "dry").exists()
+    rep = add(out, {"legal": family["legal"]}, imatrix=family["imatrix"])  # whole-model tasks give no units
+    assert rep.split.quantize is not None and rep.split.quantize.reused_units == legal_units(rep) - 1
+
+
+def legal_units(rep: Any) -> int:
+    return next(t for t in rep.split.quantize.tasks if t.task == "legal").quantized

@@ -48,7 +48,8 @@ row (times experts) fails, except for `token_embd` (quantized without it); a ten
 quantized without one (reported in `ModelPlan.warnings`); the very-low-bit types that need an imatrix
 fail without one. What is refused beyond llama.cpp: an imatrix none of whose entries matches a quantized
 tensor of the model (an imatrix for another model), sources with a non-32 alignment (see above), models
-in several shards (merge them first), 4-D tensors (llama.cpp's quantizer handles 3 dimensions).
+in several shards (plan_model reads one file: `split` quantizes those as a whole, family.quantize_whole), 4-D
+tensors (llama.cpp's quantizer handles 3 dimensions).
 `general.quantization_version` is gguf's GGML_QUANT_VERSION (ggml's GGML_QNT_VERSION is a macro, not
 exported; the tests compare it with llama.cpp's output).
 

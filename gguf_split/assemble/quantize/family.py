@@ -28,6 +28,9 @@ The design (a contract for split, add, restore, verify, info and pack):
   key the split already holds takes the stored bytes, on any build, and only new units are quantized. If
   this build differs from the one recorded, a few reused units are quantized again and compared, and a
   difference is reported (the new task then mixes two builds' roundings: still exact per tensor, see README).
+- **Where tensor by tensor is not exact, llama.cpp quantizes the whole model** (`quantize_whole`: a model in
+  shards, which the tensor-by-tensor path does not read): its output is scanned as any input, so its
+  tensors are shared by their bytes; it records no unit keys.
 - A dry run quantizes nothing: quantized tensors are matched by their unit keys (two different units that
   happen to give equal bytes count as different there).
 """
@@ -38,6 +41,7 @@ import dataclasses
 import mmap
 import os
 import re
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,23 +55,31 @@ from ...disk.commit import Transaction, check_space, checkpoint
 from ...disk.copy import write_all, write_zeros
 from ...disk.jobs import wait_for
 from ...disk.progress import Progress
-from ...disk.sweep import spans_of_layout, sweep
+from ...disk.sweep import spans_of_layout, sweep, sweep_file
 from ...errors import GGUFSplitError, os_problem
 from ...format.gguf import GGUFFile, align_up, parse_header, parse_tensor_infos
 from ...format.names import show
-from ...format.records import K_Q_TYPE, K_SRC_TENSOR_INFOS, QuantizeRecords, RecipeRecord, SplitFile
+from ...format.records import (
+    K_Q_TYPE,
+    K_SRC_TENSOR_INFOS,
+    UNIT_KEY_SIZE,
+    QuantizeRecords,
+    RecipeRecord,
+    SplitFile,
+)
 from ...splitdir.directory import FileFinder, SplitDir, open_task
 from ..options import SplitOptions, flag_of
 from ..report import QuantizedTask, QuantizeReport
-from ..scan import InputFile, ScannedModel, check_input_path
+from ..scan import InputFile, ScannedModel, check_input_path, hash_models, open_model
 from .binding import backend
 from .header import imatrix_kvs, quantized_header
 from .mix import FALLBACK_NOTE, ModelPlan, PlannedTensor, plan_model
 from .recipe import Recipe, make_recipe, parse_quantize_args
 from .tensor import default_threads, quantize_tensor, unit_key
-from .whole import drop_pages
+from .whole import drop_pages, llama_quantize
 
 STORE_ALIGNMENT = 64
+NO_UNIT = bytes(UNIT_KEY_SIZE)  # the key a tensor without a unit records (a model llama.cpp quantized whole)
 SPOT_CHECKS = 3  # reused units quantized again when this build differs from the split's
 _FLOAT_NAME = re.compile(r"(?i)(?<![A-Za-z0-9])(f16|bf16|f32|fp16|fp32)(?![A-Za-z0-9])")
 
@@ -81,6 +93,7 @@ def quantized_name(source_name: str, qtype: str) -> str:
     """The file name restore gives a quantized task: the input's, its last f16/bf16/f32 word replaced by the
     type (`chat-f16.gguf` -> `chat-Q4_K_M.gguf`), else the type appended (`chat.gguf` -> `chat-Q4_K_M.gguf`)."""
     stem = source_name[:-5] if source_name.lower().endswith(".gguf") else source_name
+    stem = re.sub(r"-\d{5}-of-\d{5}\Z", "", stem)  # a sharded input's first shard: one file comes out
     found = list(_FLOAT_NAME.finditer(stem))
     if found:
         m = found[-1]
@@ -116,9 +129,27 @@ class Unit:
     digest: bytes
 
 
-class QuantizedModel(ScannedModel):
-    """A task as the file llama-quantize writes for its full-precision input (`source`, kept open: its
-    copied tensors are read from it, and it must not change while the split is made)."""
+class DerivedModel(ScannedModel):
+    """A task made from the user's full-precision input (`source`, kept open until the split is written: it
+    must not change meanwhile, and copied tensors are read from it)."""
+
+    source: ScannedModel
+
+    @property
+    def path(self) -> str:
+        return self.source.path  # messages name the user's file
+
+    def watched_files(self) -> list[InputFile]:
+        return self.source.watched_files()
+
+    def close(self) -> None:
+        super().close()
+        self.source.close()
+
+
+class QuantizedModel(DerivedModel):
+    """A task as the file llama-quantize writes for its input, made tensor by tensor: a virtual file whose
+    tensors are units."""
 
     def __init__(self, source: ScannedModel, file: VirtualFile, digest: bytes, units: dict[str, Unit],
                  records: QuantizeRecords | None) -> None:
@@ -127,20 +158,18 @@ class QuantizedModel(ScannedModel):
         self.source = source
         self.units = units
 
-    @property
-    def path(self) -> str:
-        return self.source.path  # messages name the user's file
-
     def source_of(self, name: str) -> tuple[GGUFFile, int]:
         u = self.units[name]
         return u.src, u.offset
 
-    def watched_files(self) -> list[InputFile]:
-        return self.source.watched_files()
 
-    def close(self) -> None:
-        super().close()
-        self.source.close()
+class WholeModel(DerivedModel):
+    """A task llama.cpp quantized as a whole (`llama_model_quantize`, the fall-back where tensor by tensor is
+    not exact: an input in shards): the file it wrote, scanned as any input."""
+
+    def __init__(self, source: ScannedModel, quantized: ScannedModel, records: QuantizeRecords) -> None:
+        super().__init__(source.task, quantized.files, quantized.tensors, quantized.digests, records)
+        self.source = source
 
 
 @dataclass
@@ -151,11 +180,15 @@ class Family:
     models: dict[str, ScannedModel]
     report: QuantizeReport
     stores: list[GGUFFile] = field(default_factory=list)
+    scratch: list[tempfile.TemporaryDirectory[str]] = field(default_factory=list)  # a dry run's whole models
 
     def close_stores(self) -> None:
         for f in self.stores:
             f.close()
         self.stores = []
+        for d in self.scratch:
+            d.cleanup()
+        self.scratch = []
 
 
 @dataclass
@@ -198,10 +231,14 @@ def quantize_inputs(models: Mapping[str, ScannedModel], recipe: Recipe, *, tx: T
                             if recipe.imatrix is not None else None, recipe.template_name or None, be.build_info(),
                             [], dry_run=tx is None)
     planned: dict[str, _Planned] = {}
+    whole: dict[str, ScannedModel] = {}
     for task, m in models.items():
         why = kept_reason(m, recipe)
         if why is not None:
             report.kept[task] = why
+            continue
+        if len(m.files) > 1:
+            whole[task] = m
             continue
         plan = plan_model(m.path, recipe)
         planned[task] = _Planned(m, plan, [unit_key(m.digests[t.name], t, recipe) for t in plan.tensors])
@@ -234,6 +271,7 @@ def quantize_inputs(models: Mapping[str, ScannedModel], recipe: Recipe, *, tx: T
                 m.first.close()  # its virtual file; the caller closes the inputs
         family.close_stores()
         raise
+    quantize_whole(whole, recipe, tx, family, threads)
     report.seconds = time.monotonic() - t0
     return family
 
@@ -383,6 +421,51 @@ def _warnings(plan: ModelPlan) -> list[str]:
     return out
 
 
+def quantize_whole(models: Mapping[str, ScannedModel], recipe: Recipe, tx: Transaction | None, family: Family,
+                   threads: int | None) -> None:
+    """Inputs in shards: llama.cpp quantizes each as a whole (llama_model_quantize with the CLI's parameters
+    and imatrix KVs: exactly llama-quantize's file) into the transaction's temporary directory (a dry run:
+    a temporary directory of the system's, removed with the family's stores). Their tensors are shared by
+    bytes as any input's, but record no unit keys: `add` does not reuse them."""
+    if not models:
+        return
+    if tx is not None:
+        directory = tx.temp_dir("quantize")
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="gguf-split-dry-run-")
+        family.scratch.append(scratch)
+        directory = scratch.name
+    for task, m in models.items():
+        out = os.path.join(directory, quantized_name(os.path.basename(m.path), recipe.quant_type))
+        llama_quantize(m.path, out, recipe, threads=threads or default_threads())
+        checkpoint("quantized a whole model")
+        q = open_model(task, out)
+        try:
+            hash_models([q], threads=threads)
+            sha = sweep_file(q.first, sha256=True).sha256 or ""
+        except BaseException:
+            q.close()
+            raise
+        family.models[task] = wm = WholeModel(m, q, QuantizeRecords(
+            recipe.record(), family.report.build, os.path.basename(m.path), m.size, m.files[0].digest.hex(), sha,
+            b"".join(m.digests.get(t.name, bytes(16)) for t, _ in q.tensors),
+            tuple(m.tensors[m.tensor_index(t.name)][0].ggml_type for t, _ in q.tensors),
+            bytes(UNIT_KEY_SIZE) * len(q.tensors)))
+        family.report.tasks.append(_whole_report(task, m, wm))
+
+
+def _whole_report(task: str, m: ScannedModel, wm: WholeModel) -> QuantizedTask:
+    types: dict[str, int] = {}
+    changed = 0
+    for t, _ in wm.tensors:
+        types[t.type_name] = types.get(t.type_name, 0) + 1
+        changed += t.ggml_type != m.tensors[m.tensor_index(t.name)][0].ggml_type
+    note = (f"a model in {len(m.files)} shards: quantized as a whole by llama.cpp (llama_model_quantize, "
+            "llama-quantize's core); its tensors are shared by their bytes, but add will not reuse them")
+    return QuantizedTask(task, m.path, os.path.basename(wm.first.path), types, changed, changed, 0, [note],
+                         wm.quantized.sha256 if wm.quantized is not None else "")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # add: the split's units and recipe
 
@@ -438,7 +521,8 @@ def stored_units(sd: SplitDir) -> StoredUnits:
             order = parse_tensor_infos(tf.adaptor.blob(K_SRC_TENSOR_INFOS), tf.adaptor.path, 1)
             for i, t in enumerate(order):
                 f, info, digest = held[t.name]
-                out.units.setdefault(q.unit_key(i), Unit(f, f.header.data_start + info.offset, info.nbytes, digest))
+                if q.unit_key(i) != NO_UNIT:  # a whole-model task's tensors carry no key
+                    out.units.setdefault(q.unit_key(i), Unit(f, f.header.data_start + info.offset, info.nbytes, digest))
     except BaseException:
         out.files += cache.values()
         out.close()

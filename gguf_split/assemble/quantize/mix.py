@@ -72,7 +72,8 @@ def plan_model(path: str | os.PathLike[str], recipe: Recipe) -> ModelPlan:
                                        f"rewrite the model with alignment {OUTPUT_ALIGNMENT} first")
         count = SPLIT_KEYS[1]
         if count in h.kv_by_key and int(f.kv_value(count)) > 1:
-            raise GGUFSplitError(path, "a model in several shards: merge it first (llama-gguf-split --merge)")
+            raise GGUFSplitError(path, "a model in several shards: plan_model reads one file (split quantizes a "
+                                       "sharded model as a whole through llama_model_quantize)")
         infos = {t.name: t for t in h.tensors}
     lines, fallbacks = _dry_run(be, path, recipe)
     tensors = _planned_tensors(path, be, infos, lines, fallbacks)
