@@ -20,6 +20,14 @@ model given as llama.cpp shards has several): name, size, whole-file xxh3-128, G
 the original tensor-info records, the original KVs it had to replace (`split.*`) with their positions, the
 other shards' KVs, and any non-zero padding byte; then `split.no` = 0, `split.count`, `split.tensors.count`,
 and every KV of the original model in its order (llama.cpp reads model metadata from split 0 only).
+
+An adaptor of a task made by quantizing (`split --quantize`) adds `gguf_split.quantize.*` (QuantizeRecords):
+the recipe (llama-quantize's TYPE and file type, its other options, the imatrix's file name and sha256, a
+template's name and the sha256 of its types), the llama.cpp build that quantized it (versions and
+`llama_print_system_info()`), the full-precision input it was made from (name, size, xxh3-128), the sha256
+of the quantized file restore gives, and per tensor (in the quantized file's order) the source tensor's xxh3-128, its source type and
+its unit key (what `add` matches to reuse the stored bytes). Adaptors without them (every split made
+before) are plain tasks.
 """
 
 from __future__ import annotations
@@ -91,6 +99,23 @@ K_SRC_TENSOR_INFOS = "gguf_split.source.tensor_infos"
 K_SRC_REPLACED_KVS = "gguf_split.source.replaced_kvs"
 K_SRC_SHARD_KVS = "gguf_split.source.shard_kvs"
 K_SRC_GAPS = "gguf_split.source.gaps"
+K_Q_TYPE = "gguf_split.quantize.type"
+K_Q_FTYPE = "gguf_split.quantize.ftype"
+K_Q_OPTIONS = "gguf_split.quantize.options"
+K_Q_IMATRIX_NAME = "gguf_split.quantize.imatrix.name"
+K_Q_IMATRIX_SHA256 = "gguf_split.quantize.imatrix.sha256"
+K_Q_TEMPLATE_NAME = "gguf_split.quantize.template.name"
+K_Q_TEMPLATE_SHA256 = "gguf_split.quantize.template.types_sha256"
+K_Q_BUILD_KEYS = "gguf_split.quantize.build.keys"
+K_Q_BUILD_VALUES = "gguf_split.quantize.build.values"
+K_Q_SRC_NAME = "gguf_split.quantize.source.name"
+K_Q_SRC_SIZE = "gguf_split.quantize.source.size"
+K_Q_SRC_XXH3 = "gguf_split.quantize.source.xxh3"
+K_Q_SHA256 = "gguf_split.quantize.sha256"
+K_Q_SRC_DIGESTS = "gguf_split.quantize.source.tensor_digests"
+K_Q_SRC_TYPES = "gguf_split.quantize.source.tensor_types"
+K_Q_UNIT_KEYS = "gguf_split.quantize.unit_keys"
+UNIT_KEY_SIZE = 32  # sha256
 
 DIGEST_SIZE = 16
 HEX_DIGEST = 32
@@ -230,10 +255,99 @@ class SourceRecords:
     kept_kvs: list[bytes]  # source 0's KVs except split.*, in order: the adaptor's tail
 
 
+@dataclass(frozen=True)
+class RecipeRecord:
+    """How a quantized task was made (llama-quantize's parameters), as recorded: equal recipes give equal
+    bytes for equal source tensors on one llama.cpp build."""
+
+    qtype: str  # llama-quantize's TYPE, canonical (Q4_K_M)
+    ftype: int  # its llama_ftype (general.file_type of the result)
+    options: str = ""  # llama-quantize's other options, canonical ("--pure --output-tensor-type q8_0")
+    imatrix_name: str = ""  # file name ("" without an imatrix)
+    imatrix_sha256: str = ""
+    template_name: str = ""  # a template model whose per-tensor types were taken ("" without)
+    template_sha256: str = ""  # sha256 of the template's (tensor name, type) list
+
+    def differences(self, other: "RecipeRecord") -> list[str]:
+        """What differs from `other`, in words (empty: the same recipe)."""
+        out = []
+        if (self.qtype, self.options) != (other.qtype, other.options):
+            out.append(f"type {other.qtype} {other.options}".rstrip() + f" instead of {self.qtype} {self.options}".rstrip())
+        if self.imatrix_sha256 != other.imatrix_sha256:
+            out.append(f"imatrix {other.imatrix_name or 'none'} instead of {self.imatrix_name or 'none'}"
+                       + (f" (sha256 {self.imatrix_sha256[:12]}...)" if self.imatrix_sha256 else ""))
+        if self.template_sha256 != other.template_sha256:
+            out.append(f"template {other.template_name or 'none'} instead of {self.template_name or 'none'}")
+        return out
+
+
+@dataclass(frozen=True)
+class QuantizeRecords:
+    """A quantized task's records (see the module docstring): per-tensor lists in the quantized file's order."""
+
+    recipe: RecipeRecord
+    build: dict[str, str]  # the llama.cpp build that quantized it (Backend.build_info())
+    source_name: str  # the full-precision input (not kept)
+    source_size: int
+    source_xxh3: str
+    sha256: str  # of the quantized file (what restore gives back)
+    source_digests: bytes  # xxh3-128 of each source tensor, 16 bytes each
+    source_types: tuple[int, ...]
+    unit_keys: bytes  # UNIT_KEY_SIZE bytes each
+
+    def kvs(self) -> list[bytes]:
+        r = self.recipe
+        return [
+            encode_kv(K_Q_TYPE, STR, r.qtype),
+            encode_kv(K_Q_FTYPE, U32, r.ftype),
+            encode_kv(K_Q_OPTIONS, STR, r.options),
+            encode_kv(K_Q_IMATRIX_NAME, STR, r.imatrix_name),
+            encode_kv(K_Q_IMATRIX_SHA256, STR, r.imatrix_sha256),
+            encode_kv(K_Q_TEMPLATE_NAME, STR, r.template_name),
+            encode_kv(K_Q_TEMPLATE_SHA256, STR, r.template_sha256),
+            encode_kv(K_Q_BUILD_KEYS, ARR, list(self.build), STR),
+            encode_kv(K_Q_BUILD_VALUES, ARR, list(self.build.values()), STR),
+            encode_kv(K_Q_SRC_NAME, STR, self.source_name),
+            encode_kv(K_Q_SRC_SIZE, U64, self.source_size),
+            encode_kv(K_Q_SRC_XXH3, STR, self.source_xxh3),
+            encode_kv(K_Q_SHA256, STR, self.sha256),
+            blob_kv(K_Q_SRC_DIGESTS, self.source_digests),
+            encode_kv(K_Q_SRC_TYPES, ARR, list(self.source_types), U32),
+            blob_kv(K_Q_UNIT_KEYS, self.unit_keys),
+        ]
+
+    @classmethod
+    def read(cls, f: "SplitFile", n_tensors: int) -> "QuantizeRecords | None":
+        """The records of an adaptor (None: not a quantized task), checked against its `n_tensors`."""
+        if K_Q_TYPE not in f.header.kv_by_key:
+            return None
+        ftype = f.record(K_Q_FTYPE, U32)
+        size = f.record(K_Q_SRC_SIZE, U64)
+        assert isinstance(ftype, int) and isinstance(size, int)
+        recipe = RecipeRecord(f.text(K_Q_TYPE), ftype, f.text(K_Q_OPTIONS), f.text(K_Q_IMATRIX_NAME),
+                        f.text(K_Q_IMATRIX_SHA256), f.text(K_Q_TEMPLATE_NAME), f.text(K_Q_TEMPLATE_SHA256))
+        keys = f.array(K_Q_BUILD_KEYS, STR)
+        build = dict(zip(keys, f.array(K_Q_BUILD_VALUES, STR, len(keys))))
+        digests, units = f.blob(K_Q_SRC_DIGESTS), f.blob(K_Q_UNIT_KEYS)
+        types = f.array(K_Q_SRC_TYPES, U32, n_tensors)
+        if len(digests) != n_tensors * DIGEST_SIZE or len(units) != n_tensors * UNIT_KEY_SIZE:
+            raise GGUFSplitError(f.path, "gguf-split quantize records do not match the model's tensors: damaged")
+        return cls(recipe, build, f.text(K_Q_SRC_NAME), size, f.text(K_Q_SRC_XXH3), f.text(K_Q_SHA256), digests,
+                   tuple(types), units)
+
+    def unit_key(self, i: int) -> bytes:
+        return self.unit_keys[i * UNIT_KEY_SIZE:(i + 1) * UNIT_KEY_SIZE]
+
+    def source_digest(self, i: int) -> bytes:
+        return self.source_digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
+
+
 def adaptor_kvs(*, task: str, files: Sequence[FileRef], tensor_files: Sequence[int], digests: bytes,
-                source: SourceRecords, n_model_tensors: int, cut: str = "none", cut_scheme: int = 1) -> list[bytes]:
+                source: SourceRecords, n_model_tensors: int, cut: str = "none", cut_scheme: int = 1,
+                quantize: QuantizeRecords | None = None) -> list[bytes]:
     """gguf-split's records of an adaptor (the tail, source.kept_kvs, follows the index). `cut` and
-    `cut_scheme`: how the split cut its shared groups, so that a later `add` cuts new ones the same way."""
+    `cut_scheme`: how the split cut its shared groups, so that a later `add` cuts new ones the same way;
+    `quantize`: a quantized task's recipe and provenance."""
     s = source
     return [
         encode_kv(K_VERSION, U32, LAYOUT_VERSION),
@@ -257,6 +371,7 @@ def adaptor_kvs(*, task: str, files: Sequence[FileRef], tensor_files: Sequence[i
         blob_kv(K_SRC_REPLACED_KVS, s.replaced_kvs),
         blob_kv(K_SRC_SHARD_KVS, s.shard_kvs),
         blob_kv(K_SRC_GAPS, s.gaps),
+        *(quantize.kvs() if quantize is not None else []),
         encode_kv(SPLIT_NO, U16, 0),
         encode_kv(SPLIT_COUNT, U16, len(files) + 1),
         encode_kv(SPLIT_TENSORS, I32, n_model_tensors),
@@ -525,6 +640,7 @@ class AdaptorInfo:
     n_model_tensors: int
     cut: str = "none"  # how the split cut its shared groups; splits made before cuts existed (0.2) record none
     cut_scheme: int = 1
+    quantize: QuantizeRecords | None = None  # a quantized task's recipe and provenance
 
     @classmethod
     def read(cls, f: SplitFile) -> "AdaptorInfo":
@@ -562,7 +678,7 @@ class AdaptorInfo:
         if K_CUT in f.header.kv_by_key:
             cut = f.text(K_CUT)
             scheme = f.record(K_CUT_SCHEME, U32)  # type: ignore[assignment]
-        return cls(p, task, files, tensor_files, sources, n_model, cut, scheme)
+        return cls(p, task, files, tensor_files, sources, n_model, cut, scheme, QuantizeRecords.read(f, n_model))
 
     def paths(self) -> list[str]:
         """The task's llama.cpp split list: this adaptor, then its files in order (beside it)."""
