@@ -3,7 +3,6 @@ then `split`, on the F16 sets of bench/models.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -20,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from common import WORK  # noqa: E402
+from common import WORK, sha256_file  # noqa: E402
 from models import imatrices, model_set  # noqa: E402
 from tools import tool  # noqa: E402
 
@@ -76,13 +75,6 @@ def task_args(models: dict[str, Path]) -> list[str]:
     return [a for t, p in models.items() for a in ("-t", f"{t}={p}")]
 
 
-def sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def med(values: list[float]) -> float:
     return round(statistics.median(values), 2)
@@ -129,7 +121,7 @@ def exactness(d: Path, quantized: dict[str, Path]) -> dict[str, Any]:
                 paths = m.llama_cpp_paths()
             finally:
                 m.close()
-            same = sha256(r) == sha256(cli)
+            same = sha256_file(r) == sha256_file(cli)
             out[task] = {"restored": r.name, "identical_file": same, "diff": None if same else diff(cli, r),
                          "logits_bitwise": H.last_logits(paths) == H.last_logits([cli])}
             r.unlink()

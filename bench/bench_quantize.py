@@ -32,7 +32,6 @@ CLI and `quantize_model` on one F16 model, every tensor and KV compared, timed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -45,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from common import GEMMA3, SMOLLM2, WORK, model_path  # noqa: E402
+from common import GEMMA3, SMOLLM2, WORK, model_path, sha256_file  # noqa: E402
 
 OUT = WORK / "quantize"
 BIN = Path(os.environ.get("GGUF_SPLIT_LLAMA_BIN", WORK / "llama.cpp" / "build" / "bin"))
@@ -94,13 +93,6 @@ def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple
     rss, user, system = stats.read_text().split()[-3:]
     return dt, int(rss), float(user) + float(system), r.stdout
 
-
-def sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_f16(which: str, base: Path) -> Path:
@@ -214,7 +206,7 @@ def main() -> None:
                 if name == "ours":
                     inner.append(json.loads(stdout.strip().splitlines()[-1]))
         cmp = compare(cli_out, ours_out)
-        same_file = sha256(cli_out) == sha256(ours_out)
+        same_file = sha256_file(cli_out) == sha256_file(ours_out)
         if not args.keep:
             for p in (cli_out, ours_out, inproc_out):
                 p.unlink(missing_ok=True)
