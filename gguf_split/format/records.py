@@ -28,6 +28,7 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 from gguf.constants import GGUFValueType, Keys
@@ -40,6 +41,8 @@ from .gguf import (
     WRITE_VERSION,
     GGUFFile,
     Header,
+    KnownRecords,
+    TensorInfo,
     _check_data_layout,
     _Cursor,
     align_up,
@@ -47,6 +50,7 @@ from .gguf import (
     encode_kv,
     encode_prefix,
     encode_tensor_info,
+    read_known_kv,
     read_kv_at,
     read_prefix,
     read_tensor_infos_at,
@@ -92,10 +96,24 @@ K_SRC_REPLACED_KVS = "gguf_split.source.replaced_kvs"
 K_SRC_SHARD_KVS = "gguf_split.source.shard_kvs"
 K_SRC_GAPS = "gguf_split.source.gaps"
 
+# Every record gguf-split writes among its own (before the header index), with its value type: read with
+# a few struct calls (gguf.read_known_kv); anything else in their place goes through the general reader.
+_OWN_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
+    K_SEAL: (STR, None), K_VERSION: (U32, None), K_ROLE: (STR, None), K_INDEX: (ARR, U64), K_DIGESTS: (ARR, U8),
+    K_CONTENT_ID: (STR, None), K_TASK: (STR, None), K_CUT: (STR, None), K_CUT_SCHEME: (U32, None),
+    K_FILES_NAME: (ARR, STR), K_FILES_ID: (ARR, STR), K_FILES_SIZE: (ARR, U64), K_FILES_XXH3: (ARR, STR),
+    K_FILES_SHA256: (ARR, STR), K_TENSOR_FILES: (ARR, U16), K_SRC_NAME: (ARR, STR), K_SRC_SIZE: (ARR, U64),
+    K_SRC_XXH3: (ARR, STR), K_SRC_VERSION: (ARR, U32), K_SRC_NTENSORS: (ARR, U64), K_SRC_TENSOR_INFOS: (ARR, U8),
+    K_SRC_REPLACED_KVS: (ARR, U8), K_SRC_SHARD_KVS: (ARR, U8), K_SRC_GAPS: (ARR, U8), SPLIT_NO: (U16, None),
+    SPLIT_COUNT: (U16, None), SPLIT_TENSORS: (I32, None), ARCHITECTURE_KEY: (STR, None), ALIGNMENT_KEY: (U32, None),
+}
+OWN_RECORDS: KnownRecords = {k.encode(): (k, t, sub) for k, (t, sub) in _OWN_TYPES.items()}
+
 DIGEST_SIZE = 16
 HEX_DIGEST = 32
 PREFIX_SIZE = 24  # magic, version, n_tensors, n_kv
 _UNSEALED = "0" * HEX_DIGEST
+_NOT_DECODED = object()
 MAX_POSITIONS = 0xFFFF  # split.no is a u16
 
 
@@ -110,11 +128,37 @@ def identity_record(name: str, shape: tuple[int, ...], ggml_type: int, digest: b
 def content_id(position: int, alignment: int, architecture: str | None,
                tensors: Iterable[tuple[str, tuple[int, ...], int, bytes]]) -> str:
     """A shared file's identity: everything its bytes depend on (its position is in the file)."""
+    h = _content_id_start(position, alignment, architecture)
+    for name, shape, ggml_type, digest in tensors:
+        h.update(identity_record(name, shape, ggml_type, digest))
+    return h.hexdigest()
+
+
+def _content_id_start(position: int, alignment: int, architecture: str | None) -> "xxhash.xxh3_128":
     h = xxhash.xxh3_128()
     h.update(b"gguf-split shared file\0" + struct.pack("<IHI", LAYOUT_VERSION, position, alignment))
     h.update((architecture or "").encode() + b"\0")
-    for name, shape, ggml_type, digest in tensors:
-        h.update(identity_record(name, shape, ggml_type, digest))
+    return h
+
+
+_NO_OFFSET = bytes(8)
+
+
+def content_id_of_records(buf: Any, tensors: Sequence[TensorInfo], digests: bytes, position: int, alignment: int,
+                          architecture: str | None) -> str:
+    """content_id() of a file's tensors from their tensor-info records in `buf`, without re-encoding them.
+
+    A record is encode_tensor_info(name, shape, type, offset) byte for byte: the reader decodes the name
+    as strict UTF-8 (re-encoding gives its bytes back) and takes n_dims, dims and type as written; so the
+    record with its last 8 bytes (the offset) zeroed is the identity record's first part. `digests`: one
+    16-byte digest per tensor, in order (the file's tensor_digests record, its length checked)."""
+    h = _content_id_start(position, alignment, architecture)
+    parts: list[bytes] = []
+    at = 0
+    for t in tensors:
+        parts += (buf[t.start : t.end - 8], _NO_OFFSET, digests[at : at + DIGEST_SIZE])
+        at += DIGEST_SIZE
+    h.update(b"".join(parts))
     return h.hexdigest()
 
 
@@ -281,6 +325,7 @@ class SplitFile(GGUFFile):
     tail: dict[str, tuple[int, int]]
 
     def __init__(self, path: str | os.PathLike[str], *, keep_fd: bool = True) -> None:
+        self._values: dict[str, Any] = {}  # our records' strings and numbers, once decoded (kv_value)
         super().__init__(path, parse=False)
         try:
             if not keep_fd:
@@ -314,7 +359,7 @@ class SplitFile(GGUFFile):
         own: list[KV] = []
         pos = PREFIX_SIZE
         while len(own) < n_kv:
-            kv = read_kv_at(self.mm, pos, self.path)
+            kv = read_known_kv(self.mm, pos, OWN_RECORDS) or read_kv_at(self.mm, pos, self.path)
             if not own and kv.key != K_SEAL:
                 raise NotASplitFile(self.path, "not written by gguf-split (no gguf-split seal record)")
             own.append(kv)
@@ -376,6 +421,16 @@ class SplitFile(GGUFFile):
         if kv.end != end or kv.key != key:
             raise GGUFSplitError(self.path, f"metadata record {key!r} does not match the header index: damaged")
         return kv
+
+    def kv_value(self, key: str, *, expect: GGUFValueType | None = None) -> Any:
+        """As GGUFFile.kv_value; a string or number of our records is decoded once (a load asks for a file's
+        role, version and position several times). Arrays are decoded on every call: the caller owns the list."""
+        got = self._values.get(key, _NOT_DECODED)
+        if got is _NOT_DECODED or expect is not None:
+            got = super().kv_value(key, expect=expect)
+            if self.header.kv_by_key[key].vtype is not ARR:
+                self._values[key] = got
+        return got
 
     def get(self, key: str, default: object = None, *, expect: GGUFValueType | None = None) -> object:
         if key in self.header.kv_by_key:
@@ -460,13 +515,18 @@ class SplitFile(GGUFFile):
             what = f"a gguf-split {actual} file" if actual else "not a gguf-split file"
             raise GGUFSplitError(self.path, f"expected a gguf-split {role} file, but this is {what}")
 
-    def digests(self) -> list[bytes]:
+    def digest_bytes(self) -> bytes:
+        """Every tensor's digest, 16 bytes each, in order (the record's length checked)."""
         raw = self.blob(K_DIGESTS)
         n = len(self.header.tensors)
         if len(raw) != n * DIGEST_SIZE:
             raise GGUFSplitError(self.path, f"gguf-split record {K_DIGESTS!r} holds {len(raw) // DIGEST_SIZE} digests "
                                             f"for {n} tensors: damaged")
-        return [raw[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] for i in range(n)]
+        return raw
+
+    def digests(self) -> list[bytes]:
+        raw = self.digest_bytes()
+        return [raw[i:i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
 
     def split_no(self) -> int:
         v = self.record(SPLIT_NO, U16)
@@ -505,9 +565,8 @@ class SharedInfo:
             raise GGUFSplitError(f.path, f"shared file with split.no {position}: damaged")
         arch = f.get(ARCHITECTURE_KEY)
         architecture = arch if isinstance(arch, str) else None
-        digests = f.digests()
-        expect = content_id(position, f.header.alignment, architecture,
-                            ((t.name, t.shape, t.ggml_type, d) for t, d in zip(f.header.tensors, digests)))
+        expect = content_id_of_records(f.mm, f.header.tensors, f.digest_bytes(), position, f.header.alignment,
+                                       architecture)
         if expect != cid:
             raise GGUFSplitError(f.path, "its tensors do not match its recorded content id: damaged")
         return cls(f.path, position, cid, architecture, len(f.header.tensors))

@@ -1,0 +1,212 @@
+"""gguf-split's own records read through their fast paths: each must give exactly what the general, strict
+reader gives, or step aside.
+
+Why: the loader reads eight or more of its own records and a content id per file, and a task loads up
+to 33 files; so SplitFile reads its records with gguf.read_known_kv (a few struct calls for a key and
+types known in advance) and SharedInfo.read derives the content id from the tensor-info bytes. Neither may
+accept what the strict reader refuses, nor read a record differently: read_known_kv returns a KV only
+when read_kv_at returns the same KV, and None otherwise (the caller then reads the record with read_kv_at,
+whose error is unchanged); content_id_of_records equals content_id over the decoded tensors.
+"""
+
+from __future__ import annotations
+
+import mmap
+import random
+import struct
+from pathlib import Path
+
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFValueType as V
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import base_tensors, write_model
+from gguf_split import split
+from gguf_split.errors import GGUFSplitError
+from gguf_split.format.gguf import (
+    MAX_ARRAY_ELEMENTS,
+    MAX_STRING_LENGTH,
+    KV,
+    encode_kv,
+    encode_tensor_info,
+    parse_tensor_infos,
+    read_known_kv,
+    read_kv_at,
+)
+from gguf_split.format.records import (
+    K_CONTENT_ID,
+    K_DIGESTS,
+    K_FILES_NAME,
+    K_ROLE,
+    K_VERSION,
+    OWN_RECORDS,
+    SplitFile,
+    content_id,
+    content_id_of_records,
+)
+
+
+@pytest.fixture(scope="module")
+def cut_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two models split one file per tensor: an adaptor listing many files, and many shared files."""
+    d = tmp_path_factory.mktemp("records")
+    a = base_tensors(0)
+    b = dict(a)
+    qt, shape, seed = a["blk.0.attn_q.weight"]
+    b["blk.0.attn_q.weight"] = (qt, shape, seed + 1)
+    write_model(d / "a.gguf", a)
+    write_model(d / "b.gguf", b)
+    split({"a": d / "a.gguf", "b": d / "b.gguf"}, d / "split", file_cost=0, cut="tensor")
+    return d / "split"
+
+
+def general(buf: object, pos: int) -> KV | GGUFSplitError:
+    try:
+        return read_kv_at(buf, pos, "f.gguf")
+    except GGUFSplitError as e:
+        return e
+
+
+def check_agrees(buf: object, pos: int) -> KV | None:
+    """read_known_kv at `pos` is None, or exactly what the general reader reads there."""
+    fast = read_known_kv(buf, pos, OWN_RECORDS)
+    if fast is not None:
+        assert general(buf, pos) == fast, (pos, fast)
+    return fast
+
+
+def own_records(path: Path) -> tuple[bytes, list[KV]]:
+    with SplitFile(path) as f:
+        return f.raw(0, f.header.tensor_info_end), list(f.header.kvs)
+
+
+def test_every_record_gguf_split_writes_takes_the_fast_path(cut_split: Path) -> None:
+    """Not vacuous: each of our records in an adaptor and in a shared file is read by read_known_kv, equal
+    to the general reader's KV (the adaptor's string arrays of file names included)."""
+    files = sorted(cut_split.glob("*.gguf"))
+    assert len(files) > 8
+    keys = set()
+    for path in files:
+        head, kvs = own_records(path)
+        for kv in kvs:
+            assert check_agrees(head, kv.start) == kv
+            keys.add(kv.key)
+    assert {K_CONTENT_ID, K_DIGESTS, K_FILES_NAME, K_ROLE, K_VERSION} <= keys
+
+
+def test_any_other_record_steps_aside() -> None:
+    """Another key, our key with another value type or element type: None, the general reader reads it."""
+    nested = (struct.pack("<Q", len(K_DIGESTS)) + K_DIGESTS.encode()
+              + struct.pack("<IIQIQB", V.ARRAY, V.ARRAY, 1, V.UINT8, 1, 7))  # an array of arrays of u8
+    for raw in (encode_kv("general.name", V.STRING, "x"), encode_kv(K_VERSION, V.UINT64, 2),
+                encode_kv(K_FILES_NAME, V.ARRAY, [1, 2], V.UINT64), nested,
+                encode_kv(K_ROLE, V.ARRAY, ["a"], V.STRING)):
+        assert read_known_kv(raw, 0, OWN_RECORDS) is None
+        assert isinstance(general(raw, 0), KV)
+
+
+def test_truncated_records_never_pass_the_fast_path(cut_split: Path) -> None:
+    """Every record of a shared file and of an adaptor, cut at every byte: None wherever the general reader
+    refuses the cut record, and the same KV wherever it still reads one."""
+    for name in ("adaptor-a.gguf", sorted(p.name for p in cut_split.glob("foundation-*"))[0]):
+        head, kvs = own_records(cut_split / name)
+        for kv in kvs:
+            for end in range(kv.start, kv.end + 1):
+                got = check_agrees(head[:end], kv.start)
+                assert (got is not None) == (end == kv.end and not isinstance(general(head[:end], kv.start),
+                                                                                GGUFSplitError))
+
+
+def test_mutated_records_agree_with_the_general_reader(cut_split: Path) -> None:
+    """Random bit flips and huge integers written over the records (derandomized): at every record start,
+    the fast path is None or the general reader's KV, never a KV the general reader refuses."""
+    rng = random.Random(19)
+    huge = (0, 1, 255, (1 << 31) - 1, 1 << 32, MAX_STRING_LENGTH, MAX_STRING_LENGTH + 1, 1 << 63, (1 << 64) - 1)
+    for name in ("adaptor-b.gguf", sorted(p.name for p in cut_split.glob("foundation-*"))[0]):
+        head, kvs = own_records(cut_split / name)
+        end = kvs[-1].end
+        for _ in range(300):
+            data = bytearray(head)
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(24, end - 8)
+                if rng.random() < 0.5:
+                    data[at] ^= 1 << rng.randrange(8)
+                else:
+                    data[at:at + 8] = struct.pack("<Q", rng.choice(huge))
+            for kv in kvs:
+                check_agrees(bytes(data), kv.start)
+
+
+def sparse(path: Path, head: bytes, size: int) -> mmap.mmap:
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_limits_are_the_general_readers(tmp_path: Path, over: int) -> None:
+    """A string of 2^30 bytes, an array of 2^30 digests, a file name of 2^30 bytes (in sparse files that
+    hold them): read; one more: None, and the general reader's refusal stands."""
+    key = struct.pack("<Q", len(K_CONTENT_ID)) + K_CONTENT_ID.encode()
+    digests = struct.pack("<Q", len(K_DIGESTS)) + K_DIGESTS.encode()
+    names = struct.pack("<Q", len(K_FILES_NAME)) + K_FILES_NAME.encode()
+    n = MAX_STRING_LENGTH + over
+    cases = {
+        "string": key + struct.pack("<IQ", V.STRING, n),
+        "array": digests + struct.pack("<IIQ", V.ARRAY, V.UINT8, MAX_ARRAY_ELEMENTS + over),
+        "string in array": names + struct.pack("<IIQQsQ", V.ARRAY, V.STRING, 2, 1, b"x", n),
+    }
+    for what, head in cases.items():
+        buf = sparse(tmp_path / "s.gguf", head, len(head) + n + 64)
+        try:
+            got = check_agrees(buf, 0)
+            if over:
+                assert got is None and isinstance(general(buf, 0), GGUFSplitError), what
+            else:
+                assert got is not None and got.end == len(head) + (MAX_ARRAY_ELEMENTS if what == "array" else n), what
+        finally:
+            buf.close()
+
+
+TYPES = [q for q, (block, _) in GGML_QUANT_SIZES.items()]
+
+
+@st.composite
+def tensor_records(draw: st.DrawFn) -> list[tuple[str, tuple[int, ...], int]]:
+    names = draw(st.lists(st.text(min_size=1, max_size=12), min_size=0, max_size=6, unique=True))
+    out = []
+    for name in names:
+        qt = draw(st.sampled_from(TYPES))
+        block = GGML_QUANT_SIZES[qt][0]
+        dims = draw(st.integers(0 if block == 1 else 1, 4))
+        shape = tuple(draw(st.integers(1, 3)) * (block if i == 0 else 1) for i in range(dims))
+        out.append((name, shape, int(qt)))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(records=tensor_records(), position=st.integers(1, 0xFFFF), alignment=st.sampled_from([1, 32, 4096]),
+       arch=st.one_of(st.none(), st.text(max_size=8)), seed=st.integers(0, 1 << 30))
+def test_content_id_from_records_is_the_content_id(records: list[tuple[str, tuple[int, ...], int]], position: int,
+                                                   alignment: int, arch: str | None, seed: int) -> None:
+    """Names of any Unicode text, 0 to 4 dimensions, every ggml type, random offsets: the content id read
+    off the tensor-info bytes is content_id() of the decoded tensors (what split wrote)."""
+    rng = random.Random(seed)
+    buf = b"".join(encode_tensor_info(n, s, t, rng.randrange(1 << 20) * alignment) for n, s, t in records)
+    infos = parse_tensor_infos(buf, "f.gguf", alignment)
+    digests = bytes(rng.randrange(256) for _ in range(16 * len(infos)))
+    want = content_id(position, alignment, arch,
+                      [(t.name, t.shape, t.ggml_type, digests[16 * i:16 * i + 16]) for i, t in enumerate(infos)])
+    assert content_id_of_records(buf, infos, digests, position, alignment, arch) == want
+
+
+def test_a_decoded_record_keeps_its_type_check(cut_split: Path) -> None:
+    """Our strings and numbers are decoded once per file; a caller expecting another type is still refused."""
+    with SplitFile(next(cut_split.glob("foundation-*"))) as f:
+        assert f.kv_value(K_ROLE) == "shared" and f.kv_value(K_ROLE) == "shared"
+        with pytest.raises(GGUFSplitError, match="expected a UINT32"):
+            f.kv_value(K_ROLE, expect=V.UINT32)
+        assert f.kv_value(K_DIGESTS) is not f.kv_value(K_DIGESTS)  # a list: the caller's own
