@@ -25,7 +25,7 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Final, Iterator
 
 from gguf.constants import (
     GGML_QUANT_SIZES,
@@ -83,17 +83,21 @@ def type_name(ggml_type: int) -> str:
     return t.name if t is not None else f"type{ggml_type}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class KV:
-    """One key/value record, as the byte span [start, end) of its file."""
+    """One key/value record, as the byte span [start, end) of its file.
 
-    key: str
-    vtype: GGUFValueType
-    start: int  # offset of the record (its key's length field)
-    value_start: int  # offset of the value, after the u32 value type
-    end: int
-    subtype: GGUFValueType | None = None  # element type, for arrays
-    count: int = 1  # element count, for arrays
+    Read-only through `Final` (mypy --strict refuses an assignment) rather than frozen=True: one is made
+    for every record read, eight or more per file on every load, and a frozen dataclass takes 1.5 us to
+    build, 5x this. Hashed by value, as a frozen one is."""
+
+    key: Final[str]
+    vtype: Final[GGUFValueType]
+    start: Final[int]  # offset of the record (its key's length field)
+    value_start: Final[int]  # offset of the value, after the u32 value type
+    end: Final[int]
+    subtype: Final[GGUFValueType | None] = None  # element type, for arrays
+    count: Final[int] = 1  # element count, for arrays
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,60 +360,86 @@ def read_kv_at(buf: Any, pos: int, path: str) -> KV:
     return read_kv(_Cursor(buf, pos, len(buf), path), 0)
 
 
-# A record whose key and types a reader knows in advance: key bytes -> (key, value type, element type).
-KnownRecords = dict[bytes, tuple[str, GGUFValueType, "GGUFValueType | None"]]
-_SUB_COUNT = struct.Struct("<IQ")
+# Records whose keys and types a reader knows in advance: key bytes -> (key, value type, element type, width:
+# the byte size of a number or of an array's number element, 0 for strings).
+KnownRecords = dict[bytes, tuple[str, GGUFValueType, "GGUFValueType | None", int]]
+_TYPE_LENGTH = struct.Struct("<IQ")  # a string's value type and length; an array's element type and count
+_TYPE_SUB_COUNT = struct.Struct("<IIQ")
 _STRING, _ARRAY = GGUFValueType.STRING, GGUFValueType.ARRAY  # an enum member looked up on its class costs ~0.2 us
 _LONGEST_KNOWN_KEY = 64
 
 
-def read_known_kv(buf: Any, pos: int, known: KnownRecords) -> KV | None:
-    """The record at byte `pos` of `buf` if its key is one of `known` with the value type (and element type)
-    given there, read with a few struct calls; None for anything else, and for anything read_kv_at would
-    refuse or that would need a closer look (a truncation, a limit): the caller then reads the record
-    with read_kv_at, which gives the same KV or the error. So whenever this returns a KV, it is the one
-    read_kv_at returns; it never raises, and it reads no value into memory.
+def known_records(types: dict[str, tuple[GGUFValueType, GGUFValueType | None]]) -> KnownRecords:
+    """The table read_known_kvs takes: each key with its value type, and an array's element type (a string
+    or a number: nested arrays are left to the general reader)."""
+    out: KnownRecords = {}
+    for key, (vtype, sub) in types.items():
+        assert len(key.encode()) <= _LONGEST_KNOWN_KEY and (vtype is _ARRAY) == (sub is not None) and sub is not _ARRAY
+        width = SCALAR_SIZES.get(sub if vtype is _ARRAY else vtype, 0)  # type: ignore[arg-type]
+        out[key.encode()] = (key, vtype, sub, width)
+    return out
+
+
+def read_known_kvs(buf: Any, pos: int, known: KnownRecords, last: str | None = None,
+                   limit: int = 1) -> tuple[list[KV], int]:
+    """The records from byte `pos` of `buf` whose keys are `known` with the types given there, at most
+    `limit`, up to and including the one keyed `last`: (those records, the offset after them). It stops
+    early at a record it does not know, and at anything read_kv_at would refuse or look at closer (a
+    truncation, a limit): the caller reads that one with read_kv_at, which gives the record or the error.
+    So every KV this returns is the one read_kv_at returns at its offset; it never raises, and it reads no
+    value into memory.
 
     Why: gguf-split's own records (a seal, a version, a role, digests, lists of files) are read on every
-    load, eight or more per file, and a task loads up to 33 files; the general walk costs ~12 us a record."""
+    load, eight or more per file, and a task loads up to 33 files: one pass with a struct call or two per
+    record, where the general walk takes several method calls per field."""
     size = len(buf)
-    if pos < 0 or pos + 8 > size:
-        return None
-    (n,) = _U64.unpack_from(buf, pos)
-    at = pos + 8 + n  # the value type
-    if n > _LONGEST_KNOWN_KEY or at + 4 > size:
-        return None
-    expected = known.get(bytes(buf[pos + 8 : at]))  # bytes: a memoryview slice is not hashable
-    if expected is None:
-        return None
-    key, vtype, sub = expected
-    (raw_type,) = _U32.unpack_from(buf, at)
-    if raw_type != vtype:
-        return None
-    value_start = at + 4
-    if vtype is _STRING:
-        if value_start + 8 > size:
-            return None
-        (m,) = _U64.unpack_from(buf, value_start)
-        if m > MAX_STRING_LENGTH or m > size - value_start - 8:
-            return None
-        return KV(key, vtype, pos, value_start, value_start + 8 + m)
-    if vtype is not _ARRAY:
-        end = value_start + SCALAR_SIZES[vtype]
-        return KV(key, vtype, pos, value_start, end) if end <= size else None
-    if sub is None or value_start + 12 > size:
-        return None
-    raw_sub, count = _SUB_COUNT.unpack_from(buf, value_start)
-    body = value_start + 12
-    if raw_sub != sub or count > MAX_ARRAY_ELEMENTS:
-        return None
-    if sub is _STRING:
-        end = _string_run_end(buf, body, count, size)
-    elif sub in SCALAR_SIZES:
-        end = body + count * SCALAR_SIZES[sub]
-    else:
-        return None
-    return KV(key, vtype, pos, value_start, end, sub, count) if 0 <= end <= size else None
+    out: list[KV] = []
+    u64, type_length, type_sub_count = _U64.unpack_from, _TYPE_LENGTH.unpack_from, _TYPE_SUB_COUNT.unpack_from
+    while len(out) < limit and 0 <= pos and pos + 8 <= size:
+        (n,) = u64(buf, pos)
+        at = pos + 8 + n  # the value type
+        if n > _LONGEST_KNOWN_KEY or at + 4 > size:
+            break
+        key_bytes = buf[pos + 8 : at]
+        spec = known.get(key_bytes if type(key_bytes) is bytes else bytes(key_bytes))  # a memoryview's is unhashable
+        if spec is None:
+            break
+        key, vtype, sub, width = spec
+        value_start = at + 4
+        if vtype is _STRING:
+            if value_start + 8 > size:
+                break
+            raw_type, m = type_length(buf, at)
+            end = value_start + 8 + m
+            if raw_type != vtype or m > MAX_STRING_LENGTH or end > size:
+                break
+            kv = KV(key, vtype, pos, value_start, end)
+        elif vtype is _ARRAY:
+            if value_start + 12 > size:
+                break
+            raw_type, raw_sub, count = type_sub_count(buf, at)
+            if raw_type != vtype or raw_sub != sub or count > MAX_ARRAY_ELEMENTS:
+                break
+            end = value_start + 12 + count * width if width else _string_run_end(buf, value_start + 12, count, size)
+            if not 0 <= end <= size:
+                break
+            kv = KV(key, vtype, pos, value_start, end, sub, count)
+        else:
+            end = value_start + width
+            if end > size or _U32.unpack_from(buf, at)[0] != vtype:
+                break
+            kv = KV(key, vtype, pos, value_start, end)
+        out.append(kv)
+        pos = end
+        if key == last:
+            break
+    return out, pos
+
+
+def read_known_kv(buf: Any, pos: int, known: KnownRecords) -> KV | None:
+    """The one record at `pos` as read_known_kvs reads it, or None (read it with read_kv_at)."""
+    got = read_known_kvs(buf, pos, known)[0]
+    return got[0] if got else None
 
 
 def _string_run_end(buf: Any, pos: int, count: int, size: int) -> int:

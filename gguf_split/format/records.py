@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ from .gguf import (
     GGUFFile,
     Header,
     KnownRecords,
+    SCALAR_FORMATS,
     TensorInfo,
     _check_data_layout,
     _Cursor,
@@ -50,7 +51,8 @@ from .gguf import (
     encode_kv,
     encode_prefix,
     encode_tensor_info,
-    read_known_kv,
+    known_records,
+    read_known_kvs,
     read_kv_at,
     read_prefix,
     read_tensor_infos_at,
@@ -107,7 +109,23 @@ _OWN_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
     K_SRC_REPLACED_KVS: (ARR, U8), K_SRC_SHARD_KVS: (ARR, U8), K_SRC_GAPS: (ARR, U8), SPLIT_NO: (U16, None),
     SPLIT_COUNT: (U16, None), SPLIT_TENSORS: (I32, None), ARCHITECTURE_KEY: (STR, None), ALIGNMENT_KEY: (U32, None),
 }
-OWN_RECORDS: KnownRecords = {k.encode(): (k, t, sub) for k, (t, sub) in _OWN_TYPES.items()}
+OWN_RECORDS: KnownRecords = known_records(_OWN_TYPES)
+_NUMBERS = {t: struct.Struct(SCALAR_FORMATS[t]) for t in (U16, U32, I32)}
+
+
+def _decode_checked(buf: Any, kv: KV) -> object:
+    """The value of one of our string or number records, `kv` a record the strict reader read from `buf`
+    (its span checked against the file): what decode_value gives, without checking the span again."""
+    if kv.vtype is STR:
+        raw = buf[kv.value_start + 8 : kv.end]
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            return bytes(raw)
+    number = _NUMBERS.get(kv.vtype)
+    return number.unpack_from(buf, kv.value_start)[0] if number is not None else decode_value(buf, kv.vtype,
+                                                                                               kv.value_start)[0]
+
 
 DIGEST_SIZE = 16
 HEX_DIGEST = 32
@@ -221,7 +239,11 @@ def build_header(own_kvs: Sequence[bytes], tail_kvs: Sequence[bytes], tensors: S
 
 def seal_offset() -> int:
     """Byte offset of the seal's hex text: it is the first KV, right after the 24-byte prefix."""
-    return PREFIX_SIZE + len(encode_kv(K_SEAL, STR, _UNSEALED)) - HEX_DIGEST
+    return _SEAL_AT
+
+
+_SEAL_AT = PREFIX_SIZE + len(encode_kv(K_SEAL, STR, _UNSEALED)) - HEX_DIGEST
+_UNSEALED_BYTES = _UNSEALED.encode()
 
 
 def shared_kvs(*, position: int, cid: str, digests: bytes, architecture: str | None, alignment: int) -> list[bytes]:
@@ -341,29 +363,32 @@ class SplitFile(GGUFFile):
         version, n_tensors, n_kv = read_prefix(mm, p)
         own, index = self._own_records(n_kv)
         ti_start, data_start, offsets = self._index_offsets(index, n_kv, len(own), own[-1].end)
-        own_keys = {kv.key for kv in own}
-        if len(own_keys) != len(own):
+        by_key = {kv.key: kv for kv in own}
+        if len(by_key) != len(own):
             raise GGUFSplitError(p, "duplicate gguf-split record: damaged")
-        tail, alignment = self._locate_tail(offsets, ti_start, own_keys)
-        alignment = self._own_alignment(own, alignment)
+        tail, alignment = self._locate_tail(offsets, ti_start, by_key)
+        alignment = self._own_alignment(by_key.get(ALIGNMENT_KEY), alignment)
         tensors = read_tensor_infos_at(mm, ti_start, n_tensors, alignment, p)
         if align_up(tensors[-1].end if tensors else ti_start, alignment) != data_start:
             raise GGUFSplitError(p, "header index: data offset does not match the tensor infos: damaged")
         self.header = Header(p, version, own, tensors, alignment, ti_start, data_start, self.size,
-                             {kv.key: kv for kv in own}, {t.name: t for t in tensors})
+                             by_key, {t.name: t for t in tensors})
         _check_data_layout(self.header)
         self.tail = tail
 
     def _own_records(self, n_kv: int) -> tuple[list[KV], KV]:
         """gguf-split's records: from the seal (first) to the header index (last of ours)."""
         own: list[KV] = []
-        pos = PREFIX_SIZE
+        mm, pos = self.mm, PREFIX_SIZE
         while len(own) < n_kv:
-            kv = read_known_kv(self.mm, pos, OWN_RECORDS) or read_kv_at(self.mm, pos, self.path)
-            if not own and kv.key != K_SEAL:
+            run, pos = read_known_kvs(mm, pos, OWN_RECORDS, K_INDEX, n_kv - len(own))
+            if not run:  # one the fast path leaves to the strict reader (which reads it or says what is wrong)
+                run = [read_kv_at(mm, pos, self.path)]
+                pos = run[0].end
+            if not own and run[0].key != K_SEAL:
                 raise NotASplitFile(self.path, "not written by gguf-split (no gguf-split seal record)")
-            own.append(kv)
-            pos = kv.end
+            own += run
+            kv = run[-1]  # a run ends at the index
             if kv.key == K_INDEX:
                 if kv.vtype is not ARR or kv.subtype is not U64:
                     break
@@ -375,15 +400,16 @@ class SplitFile(GGUFFile):
         in range, the first right after our records (the original KVs follow the index back to back)."""
         if index.count != 2 + n_kv - n_own:  # checked before decoding: the count comes from the file
             raise GGUFSplitError(self.path, "header index does not match the header: damaged")
-        values = decode_value(self.mm, index.vtype, index.value_start)[0]
-        ti_start, data_start, offsets = values[0], values[1], values[2:]
+        values = struct.unpack_from(f"<{index.count}Q", self.mm, index.value_start + 12)  # a checked record
+        ti_start, data_start, offsets = values[0], values[1], list(values[2:])
         starts = [*offsets, ti_start]
-        if starts[0] != after_own or any(a >= b for a, b in zip(starts, starts[1:])) or ti_start > self.size:
+        if (starts[0] != after_own or ti_start > self.size
+                or (offsets and any(a >= b for a, b in zip(starts, starts[1:])))):
             raise GGUFSplitError(self.path, "header index offsets are out of order or out of range: damaged")
         return ti_start, data_start, offsets
 
     def _locate_tail(self, offsets: list[int], ti_start: int,
-                     own_keys: set[str]) -> tuple[dict[str, tuple[int, int]], int]:
+                     own_keys: Container[str]) -> tuple[dict[str, tuple[int, int]], int]:
         """The original KVs located by the index (key -> record span), not decoded; the alignment among them."""
         tail: dict[str, tuple[int, int]] = {}
         alignment = 32
@@ -400,13 +426,12 @@ class SplitFile(GGUFFile):
                 alignment = cur.u32(ALIGNMENT_KEY)
         return tail, alignment
 
-    def _own_alignment(self, own: list[KV], alignment: int) -> int:
-        """A shared file records its alignment among our records; either way it must be a power of two."""
-        for kv in own:
-            if kv.key == ALIGNMENT_KEY:
-                if kv.vtype is not U32:
-                    raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
-                alignment = decode_value(self.mm, kv.vtype, kv.value_start)[0]
+    def _own_alignment(self, kv: KV | None, alignment: int) -> int:
+        """A shared file records its alignment among our records (`kv`); either way it must be a power of two."""
+        if kv is not None:
+            if kv.vtype is not U32:
+                raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
+            alignment = decode_value(self.mm, kv.vtype, kv.value_start)[0]
         if alignment == 0 or alignment & (alignment - 1):
             raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} = {alignment} is not a power of two")
         return alignment
@@ -425,11 +450,17 @@ class SplitFile(GGUFFile):
     def kv_value(self, key: str, *, expect: GGUFValueType | None = None) -> Any:
         """As GGUFFile.kv_value; a string or number of our records is decoded once (a load asks for a file's
         role, version and position several times). Arrays are decoded on every call: the caller owns the list."""
-        got = self._values.get(key, _NOT_DECODED)
-        if got is _NOT_DECODED or expect is not None:
-            got = super().kv_value(key, expect=expect)
-            if self.header.kv_by_key[key].vtype is not ARR:
-                self._values[key] = got
+        if expect is not None:
+            return super().kv_value(key, expect=expect)
+        return self._value(self.header.kv_by_key[key])
+
+    def _value(self, kv: KV) -> Any:
+        """The value of `kv`, one of this file's records (checked by the parse)."""
+        got = self._values.get(kv.key, _NOT_DECODED)
+        if got is _NOT_DECODED:
+            if kv.vtype is ARR:
+                return decode_value(self.mm, ARR, kv.value_start, path=self.path)[0]
+            got = self._values[kv.key] = _decode_checked(self.mm, kv)
         return got
 
     def get(self, key: str, default: object = None, *, expect: GGUFValueType | None = None) -> object:
@@ -448,14 +479,15 @@ class SplitFile(GGUFFile):
         """Any change to the header (one flipped bit, an edited KV) breaks the seal: ~1.5 ms for a 7 MB
         header (Gemma-3's tokenizer), so the loader checks it on every open."""
         first = self.header.kvs[0] if self.header.kvs else None
-        at = seal_offset()
+        at = _SEAL_AT
         if first is None or first.key != K_SEAL or first.vtype is not STR or first.end != at + HEX_DIGEST:
             raise GGUFSplitError(self.path, "header damaged: its seal record is missing or altered")
-        h = xxhash.xxh3_128()
-        h.update(self.view(0, at))
-        h.update(_UNSEALED.encode())
-        h.update(self.view(at + HEX_DIGEST, self.header.tensor_info_end))
-        if h.hexdigest().encode() != self.raw(at, at + HEX_DIGEST):
+        with memoryview(self.mm) as whole:
+            h = xxhash.xxh3_128(whole[:at])
+            h.update(_UNSEALED_BYTES)
+            h.update(whole[at + HEX_DIGEST : self.header.tensor_info_end])
+            sealed = h.hexdigest().encode() == whole[at : at + HEX_DIGEST]
+        if not sealed:
             raise GGUFSplitError(self.path, "header damaged: its bytes do not match the seal gguf-split wrote "
                                             "(modified or corrupted after the split)")
 
@@ -463,7 +495,7 @@ class SplitFile(GGUFFile):
         kv = self.header.kv_by_key.get(key)
         if kv is None or kv.vtype is not vtype or (subtype is not None and kv.subtype is not subtype):
             raise GGUFSplitError(self.path, f"gguf-split record {key!r} is missing or damaged")
-        return self.kv_value(key)
+        return self._value(kv)
 
     def text(self, key: str) -> str:
         v = self.record(key, STR)
@@ -492,13 +524,13 @@ class SplitFile(GGUFFile):
         kv = self.header.kv_by_key.get(K_ROLE)
         if kv is None or kv.vtype is not STR:
             return None
-        v = self.kv_value(K_ROLE)
+        v = self._value(kv)
         return v if isinstance(v, str) else None
 
     @property
     def layout_version(self) -> int | None:
         kv = self.header.kv_by_key.get(K_VERSION)
-        return self.kv_value(K_VERSION) if kv is not None and kv.vtype is U32 else None
+        return self._value(kv) if kv is not None and kv.vtype is U32 else None
 
     def require(self, role: str) -> None:
         """This file is a gguf-split `role` of the layout this version reads."""

@@ -2,11 +2,12 @@
 reader gives, or step aside.
 
 Why: the loader reads eight or more of its own records and a content id per file, and a task loads up
-to 33 files; so SplitFile reads its records with gguf.read_known_kv (a few struct calls for a key and
-types known in advance) and SharedInfo.read derives the content id from the tensor-info bytes. Neither may
-accept what the strict reader refuses, nor read a record differently: read_known_kv returns a KV only
-when read_kv_at returns the same KV, and None otherwise (the caller then reads the record with read_kv_at,
-whose error is unchanged); content_id_of_records equals content_id over the decoded tensors.
+to 33 files; so SplitFile reads its records with gguf.read_known_kvs (one pass, a struct call or two per
+record whose key and types are known in advance) and SharedInfo.read derives the content id from the
+tensor-info bytes. Neither may accept what the strict reader refuses, nor read a record differently:
+read_known_kv returns a KV only when read_kv_at returns the same KV, and None otherwise (the caller then
+reads the record with read_kv_at, whose error is unchanged); a run of read_known_kvs holds only records
+read_kv_at reads the same, back to back; content_id_of_records equals content_id over the decoded tensors.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from gguf_split.format.gguf import (
     encode_tensor_info,
     parse_tensor_infos,
     read_known_kv,
+    read_known_kvs,
     read_kv_at,
 )
 from gguf_split.format.records import (
     K_CONTENT_ID,
     K_DIGESTS,
     K_FILES_NAME,
+    K_INDEX,
     K_ROLE,
     K_VERSION,
     OWN_RECORDS,
@@ -74,6 +77,20 @@ def check_agrees(buf: object, pos: int) -> KV | None:
     if fast is not None:
         assert general(buf, pos) == fast, (pos, fast)
     return fast
+
+
+def check_run_agrees(buf: object, pos: int, limit: int = 1 << 20) -> list[KV]:
+    """read_known_kvs from `pos` (up to the header index): records back to back from `pos`, each exactly
+    what the general reader reads at its offset, at most `limit`, none after the index; the offset it
+    returns is the end of the last (or `pos`)."""
+    run, end = read_known_kvs(buf, pos, OWN_RECORDS, K_INDEX, limit)
+    at = pos
+    for kv in run:
+        assert kv.start == at and general(buf, at) == kv, (at, kv)
+        at = kv.end
+    assert end == at and len(run) <= limit
+    assert all(kv.key != K_INDEX for kv in run[:-1])
+    return run
 
 
 def own_records(path: Path) -> tuple[bytes, list[KV]]:
@@ -210,3 +227,54 @@ def test_a_decoded_record_keeps_its_type_check(cut_split: Path) -> None:
         with pytest.raises(GGUFSplitError, match="expected a UINT32"):
             f.kv_value(K_ROLE, expect=V.UINT32)
         assert f.kv_value(K_DIGESTS) is not f.kv_value(K_DIGESTS)  # a list: the caller's own
+
+
+def test_runs_read_every_record_of_ours_in_one_pass(cut_split: Path) -> None:
+    """Not vacuous: from the seal, one read_known_kvs call reads all of a file's records up to the header
+    index, as the general reader does; with a limit, that many; SplitFile's records are exactly these."""
+    for path in sorted(cut_split.glob("*.gguf")):
+        head, kvs = own_records(path)
+        assert check_run_agrees(head, kvs[0].start) == kvs and kvs[-1].key == K_INDEX
+        for limit in range(len(kvs)):
+            assert check_run_agrees(head, kvs[0].start, limit) == kvs[:limit]
+
+
+def test_truncated_runs_stop_where_the_general_reader_would(cut_split: Path) -> None:
+    """The records of an adaptor and of a shared file cut at every byte: a run holds exactly the records
+    that lie whole before the cut (the general reader reads each), and stops at the first cut one."""
+    for name in ("adaptor-a.gguf", sorted(p.name for p in cut_split.glob("foundation-*"))[0]):
+        head, kvs = own_records(cut_split / name)
+        for end in range(kvs[0].start, kvs[-1].end + 1):
+            run = check_run_agrees(head[:end], kvs[0].start)
+            assert run == [kv for kv in kvs if kv.end <= end]
+
+
+def test_mutated_runs_agree_with_the_general_reader(cut_split: Path) -> None:
+    """Random bit flips and huge integers over the records (derandomized): from every record start, a run is
+    records the general reader reads the same, back to back; it stops at the first it cannot vouch for."""
+    rng = random.Random(1919)
+    huge = (0, 1, 255, (1 << 31) - 1, 1 << 32, MAX_STRING_LENGTH, MAX_STRING_LENGTH + 1, 1 << 63, (1 << 64) - 1)
+    for name in ("adaptor-b.gguf", sorted(p.name for p in cut_split.glob("foundation-*"))[-1]):
+        head, kvs = own_records(cut_split / name)
+        end = kvs[-1].end
+        for _ in range(300):
+            data = bytearray(head)
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(24, end - 8)
+                if rng.random() < 0.5:
+                    data[at] ^= 1 << rng.randrange(8)
+                else:
+                    data[at:at + 8] = struct.pack("<Q", rng.choice(huge))
+            for kv in kvs:
+                check_run_agrees(bytes(data), kv.start)
+
+
+def test_a_run_stops_at_a_record_it_does_not_know() -> None:
+    """Ours, then another key: the run is ours and ends before it (the caller reads that one strictly);
+    the same through a memoryview (its slices are not hashable: looked up as bytes)."""
+    ours = encode_kv(K_ROLE, V.STRING, "shared") + encode_kv(K_VERSION, V.UINT32, 2)
+    buf = ours + encode_kv("general.name", V.STRING, "x") + encode_kv(K_ROLE, V.STRING, "y")
+    for b in (buf, memoryview(buf)):
+        run, end = read_known_kvs(b, 0, OWN_RECORDS, K_INDEX, 10)
+        assert [kv.key for kv in run] == [K_ROLE, K_VERSION] and end == len(ours)
+        assert check_run_agrees(b, 0) == run
