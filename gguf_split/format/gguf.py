@@ -100,17 +100,20 @@ class KV:
     count: Final[int] = 1  # element count, for arrays
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class TensorInfo:
-    """One tensor-info record: `shape` is GGUF order (ne0, the fastest-moving dim, first)."""
+    """One tensor-info record: `shape` is GGUF order (ne0, the fastest-moving dim, first).
 
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: int
-    offset: int  # relative to the data section
-    nbytes: int
-    start: int  # byte span of the record in its file
-    end: int
+    Read-only through `Final`, as KV (mypy --strict refuses an assignment): a load builds one per tensor
+    of every file of the task, and frozen=True would triple what that costs. Hashed by value."""
+
+    name: Final[str]
+    shape: Final[tuple[int, ...]]
+    ggml_type: Final[int]
+    offset: Final[int]  # relative to the data section
+    nbytes: Final[int]
+    start: Final[int]  # byte span of the record in its file
+    end: Final[int]
 
     @property
     def type_name(self) -> str:
@@ -509,6 +512,20 @@ def parse_header(buf: Any, size: int, path: str) -> Header:
 
 _DIMS = [struct.Struct(f"<{n}Q") for n in range(MAX_DIMS + 1)]
 _TYPE_OFFSET = struct.Struct("<IQ")
+_BLOCK_SIZES = {int(t): sizes for t, sizes in GGML_QUANT_SIZES.items()}  # raw ggml type -> (block, type size)
+
+
+def _plain_name(buf: Any, pos: int, size: int) -> str | None:
+    """The name at `pos` (its u64 length readable) when it is what _Cursor.text reads without complaint:
+    within the buffer, at most MAX_NAME_LENGTH bytes, valid UTF-8; None for anything else (text() then
+    reads it and says what is wrong). One struct call and a decode, where text() makes several calls."""
+    (n,) = _U64.unpack_from(buf, pos)
+    if n > MAX_NAME_LENGTH or n > size - pos - 8:
+        return None
+    try:
+        return str(buf[pos + 8 : pos + 8 + n], "utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> list[TensorInfo]:
@@ -519,13 +536,18 @@ def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> li
     buf, size = cur.buf, cur.size
     tensors: list[TensorInfo] = []
     names: set[str] = set()
+    u64, dims_of, type_offset, block_sizes = _U64.unpack_from, _DIMS, _TYPE_OFFSET.unpack_from, _BLOCK_SIZES
     i = 0
     while (i < n_tensors) if n_tensors is not None else (cur.pos < size):
         start = cur.pos
-        try:
-            name = cur.text("tensor name")
-        except GGUFSplitError as e:  # name the record only on failure: formatting is the costly part
-            raise GGUFSplitError(cur.path, e.problem.replace("tensor name", f"name of tensor {i}", 1)) from None
+        name = _plain_name(buf, start, size) if start + 8 <= size else None
+        if name is not None:  # what cur.text reads there, read inline
+            cur.pos = start + 8 + u64(buf, start)[0]
+        else:
+            try:
+                name = cur.text("tensor name")
+            except GGUFSplitError as e:  # name the record only on failure: formatting is the costly part
+                raise GGUFSplitError(cur.path, e.problem.replace("tensor name", f"name of tensor {i}", 1)) from None
         if name in names:
             raise cur.fail(f"duplicate tensor name {name!r}", at=start)
         pos = cur.pos
@@ -538,10 +560,10 @@ def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> li
         if at + 12 > size:
             raise cur.fail(f"truncated: dimensions, type and offset of tensor {name!r} need {at + 12 - pos} "
                            f"bytes, {size - pos} left", at=pos)
-        shape = _DIMS[n_dims].unpack_from(buf, pos + 4)
-        raw_type, offset = _TYPE_OFFSET.unpack_from(buf, at)
+        shape = dims_of[n_dims].unpack_from(buf, pos + 4)
+        raw_type, offset = type_offset(buf, at)
         cur.pos = at + 12
-        sizes = GGML_QUANT_SIZES.get(_GGML_TYPES.get(raw_type))  # type: ignore[arg-type]
+        sizes = block_sizes.get(raw_type)
         if sizes is None:
             raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}", at=at)
         block, type_size = sizes

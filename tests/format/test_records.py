@@ -27,8 +27,11 @@ from gguf_split import split
 from gguf_split.errors import GGUFSplitError
 from gguf_split.format.gguf import (
     MAX_ARRAY_ELEMENTS,
+    MAX_NAME_LENGTH,
     MAX_STRING_LENGTH,
     KV,
+    _Cursor,
+    _plain_name,
     encode_kv,
     encode_tensor_info,
     parse_tensor_infos,
@@ -278,3 +281,28 @@ def test_a_run_stops_at_a_record_it_does_not_know() -> None:
         run, end = read_known_kvs(b, 0, OWN_RECORDS, K_INDEX, 10)
         assert [kv.key for kv in run] == [K_ROLE, K_VERSION] and end == len(ours)
         assert check_run_agrees(b, 0) == run
+
+
+def strict_name(buf: bytes, pos: int) -> str | GGUFSplitError:
+    try:
+        return _Cursor(buf, pos, len(buf), "f.gguf").text("tensor name")
+    except GGUFSplitError as e:
+        return e
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.one_of(st.text(max_size=20), st.binary(max_size=20)), cut=st.integers(0, 40),
+       length=st.one_of(st.none(), st.sampled_from([0, 1, MAX_NAME_LENGTH, MAX_NAME_LENGTH + 1, 1 << 63])))
+def test_tensor_names_read_inline_are_the_cursors(name: str | bytes, cut: int, length: int | None) -> None:
+    """A tensor name (any text, any bytes: invalid UTF-8 too), its length field overwritten, cut anywhere:
+    the inline read is None or exactly what _Cursor.text reads (which then reads it or refuses it)."""
+    raw = name.encode() if isinstance(name, str) else name
+    buf = (struct.pack("<Q", len(raw) if length is None else length) + raw + b"\0" * 12)[:cut]
+    if len(buf) < 8:
+        return
+    fast = _plain_name(buf, 0, len(buf))
+    strict = strict_name(buf, 0)
+    assert fast is None or fast == strict
+    if length is None and cut >= 8 + len(raw) and isinstance(strict, str):
+        assert fast == strict  # not vacuous: a well-formed name takes the inline read
+
