@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Container, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+import threading
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import xxhash
 from gguf.constants import GGUFValueType, Keys
@@ -337,6 +338,64 @@ class NotASplitFile(GGUFSplitError):
     """A valid GGUF start, but not written by gguf-split (no seal record first)."""
 
 
+@dataclass(slots=True)
+class _Remembered:
+    """One header as a SplitFile parsed it from `head` (a copy of the file's first bytes) in a file of `size`
+    bytes; `header` None: the header did not fit in HeaderMemo.READ bytes (parsed from the map each time)."""
+
+    size: int
+    head: bytes | None = None
+    header: Header | None = None
+    tail: dict[str, tuple[int, int]] | None = None
+    sealed: bool = False  # check_seal passed on `head`
+    derived: dict[str, object] = field(default_factory=dict)  # SplitFile.remembered: computed from `head`
+
+
+T = TypeVar("T")
+
+
+class HeaderMemo:
+    """Headers of gguf-split files parsed and checked in this process, per (path, device, inode): a file
+    opened again (a task loaded again, a swap back) whose size and header bytes are the remembered ones is
+    given the remembered parse, seal check and derived records (SharedInfo) instead of doing them again.
+
+    Why it is safe: the key only finds a candidate; a hit needs the file's size and every byte of its
+    header (0 to the end of the tensor infos) equal to the copy the parse read, compared in full on each
+    open. Every check on a header is a function of exactly those bytes, that size and the path, and is
+    computed from the copy (never from the map, which another process could change meanwhile), so a hit
+    gives exactly what parsing and checking again would: an edited, truncated or replaced file, a reused
+    inode, a restored mtime all miss. The tensor data is not covered, as it is not by a fresh parse.
+    Headers longer than READ bytes (an adaptor's holds the vocabulary) are not kept: parsed from the map
+    each time, as without a memo. At most MAX_FILES entries (oldest dropped first), MAX_FILES * READ bytes."""
+
+    FIRST = 16 << 10  # read first: a shared file's header is a few KiB
+    READ = 64 << 10  # then this much, if the header is longer
+    MAX_FILES = 4096
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, int, int], _Remembered] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> _Remembered | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple[str, int, int], entry: _Remembered) -> _Remembered:
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self.MAX_FILES:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = entry
+        return entry
+
+    def clear(self) -> None:
+        """Forget everything (benchmarks use it to time a process's first open of each file)."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class SplitFile(GGUFFile):
     """A file gguf-split wrote, opened through its header index: gguf-split's records and the tensor infos
     are read and checked; the original model's KVs (a 262k-token vocabulary, say) are located but not
@@ -346,28 +405,85 @@ class SplitFile(GGUFFile):
 
     tail: dict[str, tuple[int, int]]
 
-    def __init__(self, path: str | os.PathLike[str], *, keep_fd: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, keep_fd: bool = True, memo: HeaderMemo | None = None) -> None:
+        """With `memo`, a header parsed and checked before is taken from it (HeaderMemo says when)."""
         self._values: dict[str, Any] = {}  # our records' strings and numbers, once decoded (kv_value)
+        self._head: bytes | None = None  # the copy of the header every header read uses (a memo's), else None
+        self._remembered: _Remembered | None = None
+        self._just_compared = False  # the header was compared with the remembered copy by this open
         super().__init__(path, parse=False)
         try:
+            if memo is not None:
+                self._open_remembered(memo)
             if not keep_fd:
                 os.close(self.fd)
                 self.fd = -1
-            self._parse_indexed()
+            if memo is None:
+                self._parse_indexed(self.mm)
         except BaseException:
             self.close()
             raise
 
-    def _parse_indexed(self) -> None:
-        mm, p = self.mm, self.path
+    def _open_remembered(self, memo: HeaderMemo) -> None:
+        """The remembered header if this file's size and header bytes are the remembered ones; else parse a
+        copy of the file's first bytes (the map if the header is longer) and remember that. The bytes are
+        read with pread, not through the map: the header's page is not faulted in (~8 us a file)."""
+        key = (self.path, *self.identity)
+        mm = self.mm
+        got = memo.get(key)
+        if got is not None and got.size == self.size:
+            if got.head is None:
+                self._parse_indexed(mm)
+                return
+            if os.pread(self.fd, len(got.head), 0) == got.head:
+                assert got.header is not None and got.tail is not None
+                self.header, self.tail, self._head, self._remembered = got.header, got.tail, got.head, got
+                self._just_compared = True
+                return
+        copy = b""
+        for n in sorted({min(self.size, memo.FIRST), min(self.size, memo.READ)}):
+            copy = os.pread(self.fd, n, 0)
+            try:
+                self._parse_indexed(copy)  # reads within the copy only: success there is success on the file
+                break
+            except GGUFSplitError:
+                if len(copy) == self.size:
+                    raise
+        else:
+            self._parse_indexed(mm)  # a header longer than READ (or a damaged one: this says what is wrong)
+            memo.put(key, _Remembered(self.size))
+            return
+        self._head = copy[: self.header.tensor_info_end]
+        self._remembered = memo.put(key, _Remembered(self.size, self._head, self.header, self.tail))
+        self._just_compared = True
+
+    @property
+    def header_bytes(self) -> Any:
+        """What header reads read: the remembered copy of the header (HeaderMemo), else the map."""
+        mm = self.mm  # refused once closed, either way
+        return self._head if self._head is not None else mm
+
+    def remembered(self, name: str, compute: Callable[["SplitFile"], T]) -> T:
+        """compute(self), once per remembered header: `compute` must read the header through header_bytes
+        and this file's records only (so its result is a function of the remembered bytes and the path)."""
+        got = self._remembered
+        if got is None:
+            return compute(self)
+        if name not in got.derived:
+            got.derived[name] = compute(self)
+        return got.derived[name]  # type: ignore[return-value]
+
+    def _parse_indexed(self, mm: Any) -> None:
+        """Parse the header from `mm`: the map, or a copy of the file's first bytes (reads stay within it)."""
+        p = self.path
         version, n_tensors, n_kv = read_prefix(mm, p)
-        own, index = self._own_records(n_kv)
-        ti_start, data_start, offsets = self._index_offsets(index, n_kv, len(own), own[-1].end)
+        own, index = self._own_records(mm, n_kv)
+        ti_start, data_start, offsets = self._index_offsets(mm, index, n_kv, len(own), own[-1].end)
         by_key = {kv.key: kv for kv in own}
         if len(by_key) != len(own):
             raise GGUFSplitError(p, "duplicate gguf-split record: damaged")
-        tail, alignment = self._locate_tail(offsets, ti_start, by_key)
-        alignment = self._own_alignment(by_key.get(ALIGNMENT_KEY), alignment)
+        tail, alignment = self._locate_tail(mm, offsets, ti_start, by_key)
+        alignment = self._own_alignment(mm, by_key.get(ALIGNMENT_KEY), alignment)
         tensors = read_tensor_infos_at(mm, ti_start, n_tensors, alignment, p)
         if align_up(tensors[-1].end if tensors else ti_start, alignment) != data_start:
             raise GGUFSplitError(p, "header index: data offset does not match the tensor infos: damaged")
@@ -376,10 +492,10 @@ class SplitFile(GGUFFile):
         _check_data_layout(self.header)
         self.tail = tail
 
-    def _own_records(self, n_kv: int) -> tuple[list[KV], KV]:
+    def _own_records(self, mm: Any, n_kv: int) -> tuple[list[KV], KV]:
         """gguf-split's records: from the seal (first) to the header index (last of ours)."""
         own: list[KV] = []
-        mm, pos = self.mm, PREFIX_SIZE
+        pos = PREFIX_SIZE
         while len(own) < n_kv:
             run, pos = read_known_kvs(mm, pos, OWN_RECORDS, K_INDEX, n_kv - len(own))
             if not run:  # one the fast path leaves to the strict reader (which reads it or says what is wrong)
@@ -395,12 +511,12 @@ class SplitFile(GGUFFile):
                 return own, kv
         raise GGUFSplitError(self.path, "gguf-split header index is missing or damaged")
 
-    def _index_offsets(self, index: KV, n_kv: int, n_own: int, after_own: int) -> tuple[int, int, list[int]]:
+    def _index_offsets(self, mm: Any, index: KV, n_kv: int, n_own: int, after_own: int) -> tuple[int, int, list[int]]:
         """(tensor-info start, data start, each original KV's offset) from the index, checked: in order,
         in range, the first right after our records (the original KVs follow the index back to back)."""
         if index.count != 2 + n_kv - n_own:  # checked before decoding: the count comes from the file
             raise GGUFSplitError(self.path, "header index does not match the header: damaged")
-        values = struct.unpack_from(f"<{index.count}Q", self.mm, index.value_start + 12)  # a checked record
+        values = struct.unpack_from(f"<{index.count}Q", mm, index.value_start + 12)  # a checked record
         ti_start, data_start, offsets = values[0], values[1], list(values[2:])
         starts = [*offsets, ti_start]
         if (starts[0] != after_own or ti_start > self.size
@@ -408,13 +524,13 @@ class SplitFile(GGUFFile):
             raise GGUFSplitError(self.path, "header index offsets are out of order or out of range: damaged")
         return ti_start, data_start, offsets
 
-    def _locate_tail(self, offsets: list[int], ti_start: int,
+    def _locate_tail(self, mm: Any, offsets: list[int], ti_start: int,
                      own_keys: Container[str]) -> tuple[dict[str, tuple[int, int]], int]:
         """The original KVs located by the index (key -> record span), not decoded; the alignment among them."""
         tail: dict[str, tuple[int, int]] = {}
         alignment = 32
         for start, end in zip(offsets, [*offsets[1:], ti_start]):
-            cur = _Cursor(self.mm, start, end, self.path)  # bounded by the next record: a damaged index cannot run on
+            cur = _Cursor(mm, start, min(end, len(mm)), self.path)  # bounded by the next record: a damaged index cannot run on
             key = cur.text("metadata key")
             vtype = cur.value_type(f"value type of {key!r}")
             if key in tail or key in own_keys:
@@ -426,12 +542,12 @@ class SplitFile(GGUFFile):
                 alignment = cur.u32(ALIGNMENT_KEY)
         return tail, alignment
 
-    def _own_alignment(self, kv: KV | None, alignment: int) -> int:
+    def _own_alignment(self, mm: Any, kv: KV | None, alignment: int) -> int:
         """A shared file records its alignment among our records (`kv`); either way it must be a power of two."""
         if kv is not None:
             if kv.vtype is not U32:
                 raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
-            alignment = decode_value(self.mm, kv.vtype, kv.value_start)[0]
+            alignment = decode_value(mm, kv.vtype, kv.value_start)[0]
         if alignment == 0 or alignment & (alignment - 1):
             raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} = {alignment} is not a power of two")
         return alignment
@@ -442,7 +558,7 @@ class SplitFile(GGUFFile):
     def tail_kv(self, key: str) -> KV:
         """The original KV `key`, checked against the file (every length) and its index span."""
         start, end = self.tail[key]
-        kv = read_kv_at(self.mm, start, self.path)
+        kv = read_kv_at(self.header_bytes, start, self.path)
         if kv.end != end or kv.key != key:
             raise GGUFSplitError(self.path, f"metadata record {key!r} does not match the header index: damaged")
         return kv
@@ -459,8 +575,8 @@ class SplitFile(GGUFFile):
         got = self._values.get(kv.key, _NOT_DECODED)
         if got is _NOT_DECODED:
             if kv.vtype is ARR:
-                return decode_value(self.mm, ARR, kv.value_start, path=self.path)[0]
-            got = self._values[kv.key] = _decode_checked(self.mm, kv)
+                return decode_value(self.header_bytes, ARR, kv.value_start, path=self.path)[0]
+            got = self._values[kv.key] = _decode_checked(self.header_bytes, kv)
         return got
 
     def get(self, key: str, default: object = None, *, expect: GGUFValueType | None = None) -> object:
@@ -470,19 +586,32 @@ class SplitFile(GGUFFile):
             kv = self.tail_kv(key)
             if expect is not None and kv.vtype is not expect:
                 raise GGUFSplitError(self.path, f"{key} is a {kv.vtype.name}, expected a {expect.name}")
-            return decode_value(self.mm, kv.vtype, kv.value_start)[0]
+            return decode_value(self.header_bytes, kv.vtype, kv.value_start)[0]
         return default
 
     # -- gguf-split's own records ------------------------------------------------------------------------
 
     def check_seal(self) -> None:
         """Any change to the header (one flipped bit, an edited KV) breaks the seal: ~1.5 ms for a 7 MB
-        header (Gemma-3's tokenizer), so the loader checks it on every open."""
+        header (Gemma-3's tokenizer), so the loader checks it on every open. A header taken from a
+        HeaderMemo is compared with the remembered copy, byte for byte (the first check after the open takes
+        the open's comparison), and the seal is checked once per copy (on the copy); a header that changed
+        since is checked on the map, as any other."""
         first = self.header.kvs[0] if self.header.kvs else None
         at = _SEAL_AT
         if first is None or first.key != K_SEAL or first.vtype is not STR or first.end != at + HEX_DIGEST:
             raise GGUFSplitError(self.path, "header damaged: its seal record is missing or altered")
-        with memoryview(self.mm) as whole:
+        got, self._just_compared, compared = self._remembered, False, self._just_compared
+        if got is not None and got.head is not None and (compared or self.mm[: len(got.head)] == got.head):
+            if not got.sealed:
+                self._check_seal_of(got.head)
+                got.sealed = True
+            return
+        self._check_seal_of(self.mm)
+
+    def _check_seal_of(self, buf: Any) -> None:
+        at = _SEAL_AT
+        with memoryview(buf) as whole:
             h = xxhash.xxh3_128(whole[:at])
             h.update(_UNSEALED_BYTES)
             h.update(whole[at + HEX_DIGEST : self.header.tensor_info_end])
@@ -507,7 +636,7 @@ class SplitFile(GGUFFile):
         kv = self.header.kv_by_key.get(key)
         if kv is None or kv.vtype is not ARR or kv.subtype is not U8:
             raise GGUFSplitError(self.path, f"gguf-split record {key!r} is missing or damaged")
-        return self.raw(kv.value_start + 12, kv.end)
+        return bytes(self.header_bytes[kv.value_start + 12 : kv.end])
 
     def array(self, key: str, subtype: GGUFValueType, n: int | None = None) -> list:  # type: ignore[type-arg]
         values = self.record(key, ARR, subtype)
@@ -597,7 +726,7 @@ class SharedInfo:
             raise GGUFSplitError(f.path, f"shared file with split.no {position}: damaged")
         arch = f.get(ARCHITECTURE_KEY)
         architecture = arch if isinstance(arch, str) else None
-        expect = content_id_of_records(f.mm, f.header.tensors, f.digest_bytes(), position, f.header.alignment,
+        expect = content_id_of_records(f.header_bytes, f.header.tensors, f.digest_bytes(), position, f.header.alignment,
                                        architecture)
         if expect != cid:
             raise GGUFSplitError(f.path, "its tensors do not match its recorded content id: damaged")

@@ -245,7 +245,7 @@ def read_shared(f: SplitFile) -> SharedInfo:
     """A shared file's seal and records, checked: what `match_shared` compares with each adaptor's record
     (the runtime loader reads a file once per mapping and compares it with every task that uses it)."""
     f.check_seal()
-    return SharedInfo.read(f)
+    return f.remembered("shared", SharedInfo.read)  # read from the header's bytes: once per remembered header
 
 
 def match_shared(info: SharedInfo, size: int, path: str, ref: FileRef, adaptor: AdaptorInfo) -> None:
