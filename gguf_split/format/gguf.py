@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 import sys
 import threading
@@ -835,8 +836,6 @@ def open_mapped(path: str, *, min_size: int, too_small: str) -> tuple[int, mmap.
 
 
 def _is_regular(mode: int) -> bool:
-    import stat
-
     return stat.S_ISREG(mode)
 
 

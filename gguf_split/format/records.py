@@ -29,7 +29,7 @@ import struct
 import threading
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import xxhash
 from gguf.constants import GGUFValueType, Keys
@@ -112,6 +112,26 @@ _OWN_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
 }
 OWN_RECORDS: KnownRecords = known_records(_OWN_TYPES)
 _NUMBERS = {t: struct.Struct(SCALAR_FORMATS[t]) for t in (U16, U32, I32)}
+_U64 = struct.Struct("<Q")
+
+
+def _strings_checked(buf: Any, kv: KV) -> list[str | bytes]:
+    """The strings of a string-array record the strict reader (or read_known_kvs) read from `buf`: every
+    length was checked to fit, and together they fill the record to kv.end. What decode_value gives (a
+    string that is not valid UTF-8 as bytes), without checking again: an adaptor lists each of its up
+    to 32 files in four string arrays, read on every load."""
+    blob = bytes(buf[kv.value_start + 12 : kv.end])
+    out: list[str | bytes] = []
+    append, unpack, pos = out.append, _U64.unpack_from, 0
+    for _ in range(kv.count):
+        (n,) = unpack(blob, pos)
+        raw = blob[pos + 8 : pos + 8 + n]
+        pos += 8 + n
+        try:
+            append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            append(raw)
+    return out
 
 
 def _decode_checked(buf: Any, kv: KV) -> object:
@@ -262,16 +282,18 @@ def shared_kvs(*, position: int, cid: str, digests: bytes, architecture: str | N
     return kvs
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class FileRef:
-    """One entry of an adaptor's list of files: the file at `position` (its split.no) for this task."""
+    """One entry of an adaptor's list of files: the file at `position` (its split.no) for this task.
+    Read-only through `Final` (mypy --strict refuses an assignment), not frozen=True: every load builds
+    one per file of the task (up to 32), and a frozen dataclass costs 3x as much to build."""
 
-    position: int
-    name: str
-    content_id: str
-    size: int
-    xxh3: str  # whole file, hex xxh3-128 (what `xxh128sum` prints)
-    sha256: str
+    position: Final[int]
+    name: Final[str]
+    content_id: Final[str]
+    size: Final[int]
+    xxh3: Final[str]  # whole file, hex xxh3-128 (what `xxh128sum` prints)
+    sha256: Final[str]
 
 
 @dataclass(frozen=True)
@@ -575,6 +597,8 @@ class SplitFile(GGUFFile):
         got = self._values.get(kv.key, _NOT_DECODED)
         if got is _NOT_DECODED:
             if kv.vtype is ARR:
+                if kv.subtype is STR:
+                    return _strings_checked(self.header_bytes, kv)
                 return decode_value(self.header_bytes, ARR, kv.value_start, path=self.path)[0]
             got = self._values[kv.key] = _decode_checked(self.header_bytes, kv)
         return got

@@ -126,8 +126,7 @@ class _Mapped:
                 raise GGUFSplitError(show(path), f"cannot open: {getattr(e, 'strerror', None) or e}") from None
         key = (st.st_dev, st.st_ino)
         stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
-        with cls._lock:
-            got = cls._lookup(key)
+        got = cls._lookup(key)  # one dict read and a weakref call: atomic, no lock needed to look
         if got is not None and got.stamp == stamp:
             return got
         f = SplitFile(path, keep_fd=False, memo=HEADERS if shared else None)

@@ -32,6 +32,7 @@ from gguf_split.format.gguf import (
     KV,
     _Cursor,
     _plain_name,
+    decode_value,
     encode_kv,
     encode_tensor_info,
     parse_tensor_infos,
@@ -48,6 +49,7 @@ from gguf_split.format.records import (
     K_VERSION,
     OWN_RECORDS,
     SplitFile,
+    _strings_checked,
     content_id,
     content_id_of_records,
 )
@@ -306,3 +308,22 @@ def test_tensor_names_read_inline_are_the_cursors(name: str | bytes, cut: int, l
     if length is None and cut >= 8 + len(raw) and isinstance(strict, str):
         assert fast == strict  # not vacuous: a well-formed name takes the inline read
 
+
+
+def test_string_arrays_of_ours_decode_as_decode_value(cut_split: Path) -> None:
+    """Every string array of our records in every file (file names, ids, hashes, sources) and one holding
+    text that is not UTF-8: SplitFile's decode without re-checking gives decode_value's list."""
+    seen = 0
+    for path in sorted(cut_split.glob("*.gguf")):
+        with SplitFile(path) as f:
+            for kv in f.header.kvs:
+                if kv.vtype is V.ARRAY and kv.subtype is V.STRING:
+                    assert f.kv_value(kv.key) == decode_value(f.mm, V.ARRAY, kv.value_start)[0]
+                    seen += 1
+    assert seen > 8
+    raw = encode_kv(K_FILES_NAME, V.ARRAY, ["a", "", "é"], V.STRING)
+    bad = raw.replace("é".encode(), b"\xff\xfe")  # same length, not UTF-8
+    for buf in (raw, bad):
+        kv = read_kv_at(buf, 0, "f.gguf")
+        assert _strings_checked(buf, kv) == decode_value(buf, V.ARRAY, kv.value_start)[0]
+    assert _strings_checked(bad, read_kv_at(bad, 0, "f.gguf"))[2] == b"\xff\xfe"
