@@ -31,7 +31,7 @@ What it promises, and how:
   (content id, position, size), whether the file was already mapped or not. A shared file mapped again
   (after every task let go of it) whose size and header bytes equal those this process checked before
   (compared in full: records.HeaderMemo) takes that parse and those checks instead of redoing them: a
-  task of the default cut has up to 33 files, and this keeps its load within 2x of a 4-file task's. Tensor data is not hashed
+  task of the default cut has up to 33 files, and parsing and checking them was most of its load. Tensor data is not hashed
   (that is `verify`'s job): opening stays independent of model size.
 - Cost independent of model size: gguf-split writes its records first in every file, with a header index,
   so opening an adaptor reads its records and tensor infos and jumps over the tokenizer arrays.
