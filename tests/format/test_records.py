@@ -327,3 +327,18 @@ def test_string_arrays_of_ours_decode_as_decode_value(cut_split: Path) -> None:
         kv = read_kv_at(buf, 0, "f.gguf")
         assert _strings_checked(buf, kv) == decode_value(buf, V.ARRAY, kv.value_start)[0]
     assert _strings_checked(bad, read_kv_at(bad, 0, "f.gguf"))[2] == b"\xff\xfe"
+
+
+def test_header_memo_keeps_at_most_max_files(cut_split: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo is bounded: opening more files than MAX_FILES keeps the newest MAX_FILES; a file opened
+    through it reads the same header as without it."""
+    from gguf_split.format.records import HeaderMemo
+
+    monkeypatch.setattr(HeaderMemo, "MAX_FILES", 3)
+    memo = HeaderMemo()
+    files = sorted(p for p in cut_split.glob("*.gguf") if not p.name.startswith("adaptor-"))
+    assert len(files) > 3
+    for path in files:
+        with SplitFile(path, memo=memo) as f, SplitFile(path) as plain:
+            assert f.header == plain.header and f.tail == plain.tail
+    assert len(memo) == 3 and [k[0] for k in memo._entries] == [str(p) for p in files[-3:]]
