@@ -20,7 +20,7 @@ What it promises, and how:
   no task, no `model.tensors` / `model.metadata` a reader took, and no view a caller holds uses it any
   more (reference counting: no garbage collection needed). `swap` maps only what the new task adds and
   unmaps what nothing uses; loading and swapping 10,000 times keeps memory flat. A file changed on disk
-  (size or mtime) is mapped anew.
+  (size, mtime or ctime: an edit with its mtime put back still changes the ctime) is mapped anew.
 - Paths are the ones the task was reached by: tasks are found beside the path the split was opened with,
   a task's shared files beside its adaptor (or where `shared=` points), and `files`, `llama_cpp_paths()`
   and `Tensor.file` report those paths (absolute, symlinks kept), never the path another task mapped the
@@ -92,9 +92,9 @@ class _Mapped:
     _registry: "dict[tuple[int, int], weakref.ref[_Mapped]]" = {}
     _lock = threading.RLock()
 
-    def __init__(self, file: SplitFile, stamp: tuple[int, int] | None) -> None:
+    def __init__(self, file: SplitFile, stamp: tuple[int, int, int] | None) -> None:
         self.file = file
-        self.stamp = stamp  # (size, mtime) when mapped; None: never reused
+        self.stamp = stamp  # (size, mtime, ctime) when mapped; None: never reused
         self.shared: SharedInfo | None = None  # its records, once checked as a shared file
 
     @classmethod
@@ -125,7 +125,7 @@ class _Mapped:
             except (OSError, ValueError) as e:
                 raise GGUFSplitError(show(path), f"cannot open: {getattr(e, 'strerror', None) or e}") from None
         key = (st.st_dev, st.st_ino)
-        stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+        stamp: tuple[int, int, int] | None = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         got = cls._lookup(key)  # one dict read and a weakref call: atomic, no lock needed to look
         if got is not None and got.stamp == stamp:
             return got

@@ -804,6 +804,25 @@ def test_shared_headers_are_remembered_only_while_their_bytes_stay(tasks: Made, 
         assert_model_matches(model, tasks.originals["chat"])
 
 
+def test_a_mapped_file_edited_with_its_mtime_put_back_is_mapped_anew(tasks: Made, tmp_path: Path) -> None:
+    """While a task holds a shared file's mapping, the file is edited in place (same size, mtime put back):
+    the next load must not reuse the mapping (whose header was checked before the edit) but map the file
+    anew and refuse it (its ctime changed; a stamp of size and mtime alone reused it)."""
+    work = copy_split(tasks, tmp_path / "work")
+    victim = work.only_used_by("base", "chat")
+    with open_split(work.dir) as s, s.load("chat") as held:
+        st = victim.stat()
+        at = kv_value_offset(victim, "general.architecture")
+        old = victim.read_bytes()[at:at + 4]
+        patch_file(victim, at, old.upper() if old != old.upper() else old.lower())
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with open_split(work.dir) as s2:
+            with pytest.raises(GGUFSplitError) as e:
+                s2.load("chat")
+        assert e.value.path == str(victim) and "seal" in e.value.problem
+        assert held.task == "chat"
+
+
 def test_headers_too_long_to_remember_are_read_each_time(tasks: Made, monkeypatch: pytest.MonkeyPatch) -> None:
     """A shared header longer than HeaderMemo.READ (here: a few bytes) is parsed from the map on every
     load and gives the same task; a damaged one is refused with the same problem as without a memo."""
