@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from gguf_split.demo import Dims, _vocab
+from gguf_split.demo import Dims, add_tokenizer
 
 ERROR_PREFIX = "gguf-split: error: "
 
@@ -173,14 +173,7 @@ def make_model(path: str | os.PathLike[str], *, n_embd: int = 256, n_ff: int = 2
         w.add_expert_count(n_expert)
         w.add_expert_used_count(2)
     w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
-    tokens, scores, types = _vocab(d)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    add_tokenizer(w, d)
     if kvs is not None:
         kvs(w)
 
