@@ -37,12 +37,22 @@ time other processes took):
   (/proc/self/maps lines, all and those of the split's files), the loader's registry and the open file
   descriptors. Printed against the sample after the first 100 cycles, as a ratio.
 
+- many files against few (issue 19: "the Python loader's open and swap CPU time within 2x of the 4-file
+  task's, same run"): the same four models also split with `cut="none"` (0.2's layout: task base loads
+  4 files) into loader-<model>-few/, next to the default cut (role:6: base loads up to 33); task base
+  opened (`open_split(dir).load("base")`, nothing mapped) and swapped (base -> chat -> base, the only
+  model) in both, interleaved round by round (few, many, few, many, ...), so both see the same load on
+  the machine; medians of CPU and wall time and their ratio, many / few. Open twice per round: first
+  with the loader's header memo emptied (`open_first`: the process's first sight of those files, each
+  header parsed and checked), then again (`open`: shared headers seen before are taken from the memo
+  after a byte comparison, records.HeaderMemo).
+
 Goals: open, swap and the first load of a fresh process <= 5 ms (Gemma's 262k-token vocabulary included);
-RSS of 3 tasks <= their files
+many-file open and swap <= 2x the few-file ones (CPU time, same run); RSS of 3 tasks <= their files
 + 5 %; flat memory over 10,000 cycles.
 
 Usage: python bench/bench_loader.py [--models smollm2 gemma3] [--repeats 101] [--fresh 7]
-       [--cycles 10000] [--reuse] [--profile] [--json out.json]
+       [--cycles 10000] [--reuse] [--profile] [--files-only] [--json out.json]
 """
 
 from __future__ import annotations
@@ -68,13 +78,15 @@ from common import GEMMA3, SMOLLM2, WORK, finetunes  # noqa: E402
 
 from gguf_split import GGUFFile, open_model, open_split  # noqa: E402
 from gguf_split.format.gguf import _WALKED  # noqa: E402
-from gguf_split.runtime.loader import _Mapped  # noqa: E402
+from gguf_split.runtime.loader import HEADERS, _Mapped  # noqa: E402
 from gguf_split.format.records import SplitFile  # noqa: E402
 from gguf_split.assemble.split import split  # noqa: E402
 
 TASKS = ("chat", "code", "summarize")  # the fine-tunes; "base" is a task of the split too
 ALL = (*TASKS, "base")
 OPEN_GOAL_MS = 5.0
+FILES_GOAL = 2.0  # many-file open and swap against the few-file ones (issue 19)
+FILES_TASK = "base"  # the task that loads the most files
 RSS_GOAL = 1.05
 FLAT_GOAL = 1.05
 MB = 1e6
@@ -153,6 +165,30 @@ def time_swap(directory: Path, tasks: list[str], repeats: int, hold_all: bool = 
         runs = [timed(lambda: model.swap(t)) for t in itertools.islice(itertools.cycle(tasks), repeats)]
         del holders
         return runs
+
+
+def time_many_few(dirs: dict[str, Path], repeats: int) -> dict[str, dict[str, list[Run]]]:
+    """Task base opened (nothing mapped) and swapped to chat and back (each swap timed) in each directory,
+    interleaved round by round: both layouts see the same load on the shared machine. Each round first
+    opens base with the loader's header memo emptied ("open_first": the first time this process sees
+    those files), drops it, then opens it again ("open": files seen before, nothing mapped)."""
+    out: dict[str, dict[str, list[Run]]] = {k: {"open_first": [], "open": [], "swap": []} for k in dirs}
+    for _ in range(repeats):
+        for k, d in dirs.items():
+            assert _Mapped.count() == 0, "a file is still mapped: the run would reuse its mapping"
+            HEADERS.clear()
+            t0 = now()
+            model = open_split(d).load(FILES_TASK)
+            out[k]["open_first"].append(since(t0))
+            del model
+            assert _Mapped.count() == 0, "a file is still mapped: the run would reuse its mapping"
+            t0 = now()
+            model = open_split(d).load(FILES_TASK)
+            out[k]["open"].append(since(t0))
+            out[k]["swap"].append(timed(lambda: model.swap("chat")))
+            out[k]["swap"].append(timed(lambda: model.swap(FILES_TASK)))
+            del model
+    return out
 
 
 def time_seal(adaptor: Path, repeats: int) -> tuple[list[Run], list[Run], int]:
@@ -321,17 +357,35 @@ def run_child(*args: str) -> dict:
 # One model
 
 
-def split_dir(which: str, originals: dict[str, Path], reuse: bool) -> Path:
-    out = WORK / f"loader-{which}"
+def split_dir(which: str, originals: dict[str, Path], reuse: bool, cut: str | None = None) -> Path:
+    """The split of `originals` with the default cut (many files), or with `cut` into loader-<model>-few/."""
+    out = WORK / (f"loader-{which}" if cut is None else f"loader-{which}-few")
     if not (reuse and all((out / f"adaptor-{t}.gguf").exists() for t in originals)):
         print(f"[{which}] splitting into {out}...", file=sys.stderr)
-        split({t: str(p) for t, p in originals.items()}, out, force=True)
+        split({t: str(p) for t, p in originals.items()}, out, force=True, **({} if cut is None else {"cut": cut}))
     return out
+
+
+def bench_files(which: str, out: Path, few: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Many files against few: task base's open and swap in both splits, interleaved (time_many_few)."""
+    dirs = {"few": few, "many": out}
+    counts = {}
+    for k, d in dirs.items():
+        with open_split(d) as s:
+            counts[k] = len(s.load(FILES_TASK).files)
+    print(f"[{which}] many files ({counts['many']}) against few ({counts['few']}) x{args.repeats}...", file=sys.stderr)
+    time_many_few(dirs, 5)  # warm-up
+    return {"counts": counts, **time_many_few(dirs, args.repeats)}
 
 
 def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
     originals = finetunes(which)
     out = split_dir(which, originals, args.reuse)
+    few = split_dir(which, originals, args.reuse, cut="none")
+    if args.files_only:
+        warm([p for d in (out, few) for p in sorted(d.glob("*.gguf"))])
+        return {"files": bench_files(which, out, few, args),
+                "first_load": [first_load(out, "chat") for _ in range(args.fresh)]}
     adaptors = {t: out / f"adaptor-{t}.gguf" for t in originals}
     with open_split(out) as s:
         layout = {t: s.load(t).files for t in ALL}
@@ -359,6 +413,7 @@ def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
         "open_model_memo": time_open_model(originals["chat"], max(5, n // 10), memo=True),
         "fresh": [run_child("first-open", str(out), "chat", "code") for _ in range(args.fresh)],
         "first_load": [first_load(out, "chat") for _ in range(args.fresh)],
+        "files": bench_files(which, out, few, args),
     }
     print(f"[{which}] memory in fresh processes...", file=sys.stderr)
     r["mem_split"] = run_child("memory", "split", str(out), *TASKS)
@@ -435,16 +490,43 @@ def goal(runs: list[Run]) -> str:
             f"CPU {verdict(median_ms(runs, 1) <= OPEN_GOAL_MS)}")
 
 
-def rows_for(r: dict) -> list[tuple[str, str]]:
-    open_ms = median_ms(r["open"])
-    fresh_open, fresh_swap = ([f[k] for f in r["fresh"]] for k in ("open", "swap"))
-    parse_ms = median_ms(r["parse_adaptor"])
+def files_rows(r: dict) -> list[tuple[str, str]]:
+    """Many files against few: each side's medians, and the ratio against the goal (CPU and wall)."""
+    f = r["files"]
+    n_few, n_many = f["counts"]["few"], f["counts"]["many"]
+    rows = []
+    labels = {"open_first": "first open (header memo empty)", "open": "open (headers seen before)", "swap": "swap"}
+    for what, label in labels.items():
+        if what not in f["few"]:
+            continue
+        few, many = f["few"][what], f["many"][what]
+        cpu, wall = median_ms(many, 1) / median_ms(few, 1), median_ms(many) / median_ms(few)
+        rows += [
+            (f"{label} of task {FILES_TASK}, few files (cut none)", f"{n_few} files: {show_ms(few)}"),
+            (f"{label} of task {FILES_TASK}, many files (default cut)", f"{n_many} files: {show_ms(many)}"),
+            (f"  {what}: many files / few <= {FILES_GOAL:g}x (same run)",
+             f"CPU {cpu:.2f}x {verdict(cpu <= FILES_GOAL)}, wall {wall:.2f}x {verdict(wall <= FILES_GOAL)}"),
+        ]
+    return rows
+
+
+def first_load_rows(r: dict) -> list[tuple[str, str]]:
     first = [f["run"] for f in r["first_load"]]
     imported = sorted({m for f in r["first_load"] for m in f["imported"]})
-    rows = [
+    return [
         ("first load after `from gguf_split import open_split`", show_ms(first)),
         (f"  first load <= {OPEN_GOAL_MS:g} ms (fresh processes)", goal(first)),
         ("  modules the first load imports", ", ".join(imported) or "none"),
+    ]
+
+
+def rows_for(r: dict) -> list[tuple[str, str]]:
+    if "open" not in r:  # --files-only
+        return first_load_rows(r) + files_rows(r)
+    open_ms = median_ms(r["open"])
+    fresh_open, fresh_swap = ([f[k] for f in r["fresh"]] for k in ("open", "swap"))
+    parse_ms = median_ms(r["parse_adaptor"])
+    rows = first_load_rows(r) + [
         ("open: open_split + load, nothing mapped", show_ms(r["open"])),
         (f"open <= {OPEN_GOAL_MS:g} ms", goal(r["open"])),
         ("  first open in a fresh bench process (everything imported)", show_ms(fresh_open)),
@@ -462,7 +544,7 @@ def rows_for(r: dict) -> list[tuple[str, str]]:
         ("open_model(original chat)", show_ms(r["open_model"])),
         ("  vocabulary replayed from the memo", show_ms(r["open_model_memo"])),
     ]
-    return rows + rss_rows(r) + cycle_rows(r)
+    return rows + files_rows(r) + rss_rows(r) + cycle_rows(r)
 
 
 def print_table(results: dict[str, dict]) -> None:
@@ -476,6 +558,8 @@ def print_table(results: dict[str, dict]) -> None:
         print("| " + " | ".join([metric.ljust(width), *(table[n].get(metric, "").ljust(50) for n in names)]) + " |")
     for n in names:
         r = results[n]
+        if "layout" not in r:
+            continue
         print(f"\n{n}: files (MB) and the tasks that load them")
         users: dict[str, list[str]] = {}
         for t, fs in r["layout"].items():
@@ -513,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cycles", type=int, default=10_000, help="load + swap cycles of the memory run (0: skip)")
     ap.add_argument("--reuse", action="store_true", help="keep an existing split in $GGUF_SPLIT_BENCH_WORK/loader-<model>/")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of open + load + swap per model")
+    ap.add_argument("--files-only", action="store_true",
+                    help="only many files against few (and the first load of a fresh process)")
     ap.add_argument("--json", help="also write all raw figures to this file")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()

@@ -34,6 +34,15 @@ GEMMA3 = "gemma3"
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB pieces (the benchmarks' proof that two files are the same bytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _pip_download(names: list[str], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(dest), *names],

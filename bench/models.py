@@ -66,7 +66,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GEMMA3, SMOLLM2, WORK, model_path  # noqa: E402
+from common import GEMMA3, SMOLLM2, WORK, model_path, sha256_file  # noqa: E402
 from ggufhdr import read_header  # noqa: E402
 
 SETS = ("smollm2", "gemma3", "smollm2-embd", "smollm2-quant")
@@ -626,13 +626,6 @@ def types(path: Path) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(count.items(), key=lambda kv: -kv[1]))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def ggufpacker_roundtrip(name: str) -> dict:
     """Pack a ladder set's directory with ggufpacker (pointed at our llama-quantize), unpack every file
@@ -665,7 +658,7 @@ def ggufpacker_roundtrip(name: str) -> dict:
     for task, p in paths.items():
         out = root / "out" / p.name
         dt = run([str(exe), "unpack", str(pack), p.name, "-o", str(out)], f"unpack-{task}.log")
-        same = _sha256(out) == _sha256(p)
+        same = sha256_file(out) == sha256_file(p)
         files[task] = {"file": p.name, "plan": plans.get(p.name), "bytes": p.stat().st_size,
                        "unpack_s": round(dt, 1), "bit_exact": same}
         out.unlink()

@@ -34,6 +34,8 @@ _LAZY = {
     "SplitReport": ("assemble.report", "SplitReport"),
     "TaskReport": ("assemble.report", "TaskReport"),
     "FileReport": ("assemble.report", "FileReport"),
+    "QuantizeReport": ("assemble.report", "QuantizeReport"),
+    "QuantizedTask": ("assemble.report", "QuantizedTask"),
     "add": ("assemble.update", "add"),
     "remove": ("assemble.update", "remove"),
     "AddReport": ("assemble.report", "AddReport"),
@@ -76,7 +78,15 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .assemble.options import SplitOptions
-    from .assemble.report import AddReport, FileReport, RemoveReport, SplitReport, TaskReport
+    from .assemble.report import (
+        AddReport,
+        FileReport,
+        QuantizedTask,
+        QuantizeReport,
+        RemoveReport,
+        SplitReport,
+        TaskReport,
+    )
     from .assemble.split import split
     from .assemble.update import add, remove
     from .errors import GGUFSplitError

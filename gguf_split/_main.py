@@ -57,6 +57,12 @@ def main() -> None:
     except (Interrupted, KeyboardInterrupt) as e:
         _decided = True
         code = _report_interruption(isinstance(e, Terminated), e)
+    except Exception as e:
+        cause = _interruption_behind(e)
+        if cause is None:
+            raise
+        _decided = True
+        code = _report_interruption(isinstance(cause, Terminated), cause)
     for sig in _SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)
@@ -93,6 +99,20 @@ def _deliver_output() -> None:
         pass
     finally:
         _delivering = False
+
+
+def _interruption_behind(e: BaseException) -> BaseException | None:
+    """The interruption an exception was raised from, if any. Python wraps an exception raised while a class
+    is being made (a signal landing in a dataclass's `__set_name__` as a module is imported) in a
+    RuntimeError; the interruption is still the whole story."""
+    seen: set[int] = set()
+    at: BaseException | None = e
+    while at is not None and id(at) not in seen:
+        if isinstance(at, (Interrupted, KeyboardInterrupt)):
+            return at
+        seen.add(id(at))
+        at = at.__cause__ or at.__context__
+    return None
 
 
 def _report_interruption(terminated: bool, e: BaseException) -> int:

@@ -51,6 +51,18 @@ def _vocab(d: Dims) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def add_tokenizer(w: GGUFWriter, d: Dims) -> None:
+    """The small llama vocabulary's KVs (tokens, scores, types, special ids): enough for llama.cpp to load."""
+    tokens, scores, types = _vocab(d)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+
 def make_base_model(path: str | os.PathLike[str], *, dims: Dims = Dims(), seed: int = 0,
                     name: str = "gguf-split demo base", alignment: int | None = None) -> str:
     """Write a small llama model llama.cpp can load and run (random weights)."""
@@ -70,14 +82,7 @@ def make_base_model(path: str | os.PathLike[str], *, dims: Dims = Dims(), seed: 
     w.add_rope_dimension_count(d.n_embd // d.n_head)
     w.add_vocab_size(d.n_vocab)
     w.add_file_type(7)  # mostly Q8_0
-    tokens, scores, types = _vocab(d)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    add_tokenizer(w, d)
     w.add_add_bos_token(True)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
 

@@ -8,6 +8,7 @@ Anything else escaping is a bug in gguf-split.
 from __future__ import annotations
 
 import os
+from collections import deque
 
 
 class GGUFSplitError(Exception):
@@ -36,7 +37,24 @@ def add_state(exc: BaseException, state: str) -> BaseException:
     return exc
 
 
+_COMMITTED: deque[str] = deque(maxlen=16)  # what this run committed, in words: see record_commit
+
+
+def record_commit(state: str) -> None:
+    """Remember that the run changed the user's state (`state`: "the change to out is complete"). An
+    interruption can land after a commit and outside the block that notes it on the exception (while the
+    report is printed, between two steps): the last line must still say what stands."""
+    _COMMITTED.append(state)
+
+
+def forget_commits() -> None:
+    """A new command starts: nothing it did is committed yet."""
+    _COMMITTED.clear()
+
+
 def state_of(exc: BaseException) -> list[str]:
-    """The notes `add_state` put on `exc` (empty: nothing was committed)."""
+    """What stands after `exc`: the notes `add_state` put on it, then every commit of this run they do not
+    already say (empty: nothing was committed)."""
     notes = getattr(exc, STATE_ATTR, None)
-    return list(notes) if isinstance(notes, list) else []
+    out = list(notes) if isinstance(notes, list) else []
+    return out + [s for s in dict.fromkeys(_COMMITTED) if s not in out]

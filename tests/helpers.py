@@ -1,17 +1,21 @@
 """Helpers the tests share: tiny GGUF models written with gguf's own GGUFWriter (never committed files),
-and the checks of the command line's one-line refusals. Fixtures live in conftest.py."""
+tiny full-precision llama models and importance matrices for the quantization tests, and the checks of the
+command line's one-line refusals. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+from gguf_split.demo import Dims, add_tokenizer
 
 ERROR_PREFIX = "gguf-split: error: "
 
@@ -131,3 +135,183 @@ def _write_bare(path: str, tensors: dict[str, tuple[Q, tuple[int, ...], int]],
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny full-precision llama models and importance matrices for the quantization tests.
+# 
+# The models are real llama.cpp models (its quantizer loads the architecture's hyperparameters), at F16 by
+# default, with rows of 256 columns so the k-quant mixes apply (a smaller n_embd would make every tensor
+# fall back). Importance matrices are written in both formats llama-imatrix writes: GGUF (`<name>.in_sum2`
+# + `<name>.counts`, F32, and the `imatrix.*` KVs) and the legacy `.dat`.
+
+SMALL = dict(n_embd=256, n_ff=256, n_layer=8, n_head=2, n_head_kv=1, n_vocab=320)
+
+
+def make_model(path: str | os.PathLike[str], *, n_embd: int = 256, n_ff: int = 256, n_layer: int = 8,
+               n_head: int = 2, n_head_kv: int = 1, n_vocab: int = 320, dtype: str = "f16",
+               output: bool = False, seed: int = 0, changed: Iterable[str] = (), n_expert: int = 0,
+               extra: Callable[[GGUFWriter, np.random.Generator], None] | None = None,
+               kvs: Callable[[GGUFWriter], None] | None = None) -> str:
+    """A llama model with random weights in `dtype` (f16, bf16 or f32; norms F32). `changed`: tensors drawn
+    from another seed (a fine-tune); `output`: an untied output head; `n_expert`: a mixture of experts (3-D
+    `ffn_*_exps` tensors, an F32 router), as Mixtral is in llama.cpp's llama architecture."""
+    d = Dims(n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv)
+    changed = set(changed)
+    w = GGUFWriter(os.fspath(path), "llama")
+    w.add_name("quant test")
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_vocab_size(n_vocab)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(2)
+    w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
+    add_tokenizer(w, d)
+    if kvs is not None:
+        kvs(w)
+
+    def add(name: str, shape: tuple[int, ...], norm: bool = False) -> None:
+        # one generator per tensor: a tensor's bytes depend on its name and seed only
+        rng = np.random.default_rng([seed + (1000 if name in changed else 0), *name.encode()])
+        np_shape = tuple(reversed(shape))
+        if norm:
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(np_shape)).astype(np.float32))
+            return
+        x = (rng.standard_normal(np_shape) * 0.05).astype(np.float32)
+        if dtype == "f16":
+            w.add_tensor(name, x.astype(np.float16))
+        elif dtype == "bf16":
+            from gguf.constants import GGMLQuantizationType as Q
+            bits = (x.view(np.uint32) >> 16).astype(np.uint16)  # truncation is fine for test data
+            w.add_tensor(name, bits.view(np.uint8).reshape(*np_shape[:-1], np_shape[-1] * 2), raw_dtype=Q.BF16)
+        else:
+            w.add_tensor(name, x)
+
+    hd = n_embd // n_head
+    add("token_embd.weight", (n_embd, n_vocab))
+    for i in range(n_layer):
+        add(f"blk.{i}.attn_norm.weight", (n_embd,), True)
+        add(f"blk.{i}.attn_q.weight", (n_embd, n_embd))
+        add(f"blk.{i}.attn_k.weight", (n_embd, n_head_kv * hd))
+        add(f"blk.{i}.attn_v.weight", (n_embd, n_head_kv * hd))
+        add(f"blk.{i}.attn_output.weight", (n_embd, n_embd))
+        add(f"blk.{i}.ffn_norm.weight", (n_embd,), True)
+        if n_expert:
+            add(f"blk.{i}.ffn_gate_inp.weight", (n_embd, n_expert), True)
+            add(f"blk.{i}.ffn_gate_exps.weight", (n_embd, n_ff, n_expert))
+            add(f"blk.{i}.ffn_up_exps.weight", (n_embd, n_ff, n_expert))
+            add(f"blk.{i}.ffn_down_exps.weight", (n_ff, n_embd, n_expert))
+            continue
+        add(f"blk.{i}.ffn_gate.weight", (n_embd, n_ff))
+        add(f"blk.{i}.ffn_up.weight", (n_embd, n_ff))
+        add(f"blk.{i}.ffn_down.weight", (n_ff, n_embd))
+    add("output_norm.weight", (n_embd,), True)
+    if output:
+        add("output.weight", (n_embd, n_vocab))
+    if extra is not None:
+        extra(w, np.random.default_rng(seed + 7))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(path)
+
+
+def matmul_inputs(n_embd: int = 256, n_ff: int = 256, n_layer: int = 8, n_head: int = 2, n_head_kv: int = 1,
+                  n_expert: int = 0, **_: int) -> dict[str, int]:
+    """name -> values llama-imatrix records for make_model's model: the row length (ne0), times the experts
+    for expert tensors (tied head: token_embd is the output matmul's weight)."""
+    out = {"token_embd.weight": n_embd}
+    for i in range(n_layer):
+        for t in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            out[f"blk.{i}.{t}.weight"] = n_embd
+        if n_expert:
+            out[f"blk.{i}.ffn_gate_inp.weight"] = n_embd
+            for t, n in (("ffn_gate_exps", n_embd), ("ffn_up_exps", n_embd), ("ffn_down_exps", n_ff)):
+                out[f"blk.{i}.{t}.weight"] = n * n_expert
+            continue
+        for t, n in (("ffn_gate", n_embd), ("ffn_up", n_embd), ("ffn_down", n_ff)):
+            out[f"blk.{i}.{t}.weight"] = n
+    return out
+
+
+def random_entries(sizes: dict[str, int], seed: int = 0, n_expert: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (sums, counts) as llama-imatrix accumulates them (positive sums; counts per expert for the
+    `_exps` tensors of a model of `n_expert` experts, one of them never routed to)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, n in sizes.items():
+        experts = n_expert if "_exps" in name else 1
+        n //= experts
+        counts = rng.integers(100, 5000, size=experts).astype(np.float32)
+        if experts > 1:
+            counts[1] = 0  # an expert the data never reached: llama-quantize uses ones for it
+        sums = (rng.gamma(2.0, 1.0, size=n * experts) * np.repeat(counts, n)).astype(np.float32)
+        out[name] = (sums, counts)
+    return out
+
+
+def write_imatrix_gguf(path: str | os.PathLike[str], entries: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                       datasets: Sequence[str] | None = ("train.txt",), chunk_count: int | None = 10,
+                       chunk_size: int | None = 512, extra: Callable[[GGUFWriter], None] | None = None) -> str:
+    """An imatrix as llama-imatrix (GGUF output) writes it; None leaves a metadata key out."""
+    w = GGUFWriter(os.fspath(path), arch="llama")
+    w.kv_data[0].pop("general.architecture", None)
+    w.add_type("imatrix")
+    if datasets is not None:
+        w.add_array("imatrix.datasets", list(datasets))
+    if chunk_count is not None:
+        w.add_uint32("imatrix.chunk_count", chunk_count)
+    if chunk_size is not None:
+        w.add_uint32("imatrix.chunk_size", chunk_size)
+    if extra is not None:
+        extra(w)
+    for name in sorted(entries):
+        sums, counts = entries[name]
+        sums, counts = np.asarray(sums, np.float32), np.asarray(counts, np.float32)
+        nmat = max(counts.size, 1)
+        # llama-imatrix writes [ne0, nmat] and [1, nmat]; a size that does not divide stays flat
+        w.add_tensor(f"{name}.in_sum2", sums.reshape(nmat, -1) if sums.size % nmat == 0 else sums)
+        w.add_tensor(f"{name}.counts", counts.reshape(counts.size, 1) if counts.size else counts)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return os.fspath(path)
+
+
+def dat_bytes(entries: Sequence[tuple[bytes | str, int, np.ndarray]], *, chunk_count: int | None = 10,
+              dataset: bytes | str | None = b"train.txt") -> bytes:
+    """A legacy imatrix: (name, ncall, values already scaled by ncall) per entry, then the optional tail."""
+    out = [struct.pack("<i", len(entries))]
+    for name, ncall, values in entries:
+        raw = name.encode() if isinstance(name, str) else name
+        v = np.asarray(values, np.float32)
+        out += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, v.size), v.astype("<f4").tobytes()]
+    if chunk_count is not None:
+        out.append(struct.pack("<i", chunk_count))
+        if dataset is not None:
+            raw = dataset.encode() if isinstance(dataset, str) else dataset
+            out += [struct.pack("<i", len(raw)), raw]
+    return b"".join(out)
+
+
+def write_imatrix_dat(path: str | os.PathLike[str], entries: dict[str, tuple[np.ndarray, np.ndarray]], **kw: object) -> str:
+    """The legacy file llama-imatrix --output-format dat writes for the same accumulated data."""
+    rows = []
+    for name in sorted(entries):
+        sums, counts = entries[name]
+        ncall = int(counts.max())  # chunk size 1: ncall = max count
+        per = sums.size // counts.size
+        vals = np.array([sums[i] / counts[i // per] * ncall for i in range(sums.size)], np.float32)
+        rows.append((name, ncall, vals))
+    with open(path, "wb") as f:
+        f.write(dat_bytes(rows, **kw))
+    return os.fspath(path)

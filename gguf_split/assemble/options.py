@@ -59,11 +59,22 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                                              "bytes than this (default 1MiB)."),
     Option("max_shard_size", "--max-shard-size", SIZE, "Cut files larger than this (e.g. 20G) into several.",
            minimum=MIN_SHARD_SIZE),
-    Option("threads", "--threads", COUNT, "Hashing threads (default: all cores)."),
+    Option("threads", "--threads", COUNT, "Hashing and quantizing threads (default: all cores)."),
     Option("quiet", "--quiet", BOOL, "No progress bars or waiting messages."),
     Option("cache_dir", "--cache-dir", PATH, "Where per-file digests are kept (default: the user cache directory, "
                                              "e.g. ~/.cache/gguf-split); must be a local disk."),
     Option("no_cache", "--no-cache", BOOL, "Hash every input; read and write no digest cache."),
+    Option("quantize", "--quantize", TEXT, "Quantize the full-precision inputs to this llama-quantize TYPE "
+                                           "(Q4_K_M, Q8_0, ...) with one recipe, so what they share stays shared."),
+    Option("imatrix", "--imatrix", PATH, "The importance matrix for --quantize (llama-imatrix's GGUF or .dat file)."),
+    Option("quantize_template", "--quantize-template", PATH,
+           "A quantized model whose per-tensor types the quantized tasks take (e.g. the base of export-lora "
+           "merges)."),
+    Option("quantize_args", "--quantize-args", TEXT,
+           "More llama-quantize options, as it takes them: --pure, --leave-output-tensor, --allow-requantize, "
+           "--output-tensor-type T, --token-embedding-type T, --include-weights S, --exclude-weights S."),
+    Option("allow_recipe_change", "--allow-recipe-change", BOOL,
+           "add: quantize with another recipe than the split's tasks were quantized with."),
 )}
 
 
@@ -113,6 +124,8 @@ def check_value(name: str, value: Any) -> Any:
         return os.fspath(value)
     if not isinstance(value, str):
         raise TypeError(f"must be a string, not {value!r}")
+    if name in ("quantize", "quantize_args"):
+        return _check_quantize(name, value)
     if name == "prefix":
         try:
             check_prefix(value)
@@ -120,6 +133,20 @@ def check_value(name: str, value: Any) -> Any:
             raise ValueError(e.problem) from None
     if name == "cut":
         return str(Cut.parse(value))  # ValueError saying what a cut is
+    return value
+
+
+def _check_quantize(name: str, value: str) -> str:
+    """A TYPE llama-quantize knows (canonical: q4_k -> Q4_K_M), or llama-quantize options gguf-split passes on
+    (the recipe module is imported only when one is given: it pulls in numpy)."""
+    from .quantize.recipe import parse_quant_type, parse_quantize_args
+
+    if name == "quantize":
+        try:
+            return parse_quant_type(value)[0]
+        except GGUFSplitError as e:
+            raise ValueError(e.problem) from None
+    parse_quantize_args(value)
     return value
 
 
@@ -140,6 +167,11 @@ class SplitOptions:
     quiet: bool = False
     cache_dir: str | None = None  # the manifest cache (disk.manifest_cache); None: the user cache directory
     no_cache: bool = False
+    quantize: str | None = None
+    imatrix: str | None = None
+    quantize_template: str | None = None
+    quantize_args: str | None = None
+    allow_recipe_change: bool = False
 
     def merged(self, values: Mapping[str, Any],
                blame: Callable[[str, str], GGUFSplitError] | None = None) -> "SplitOptions":

@@ -112,7 +112,8 @@ def adaptor_header(m: ScannedModel, layout: Layout, named: list[NamedFile], refs
     source = m.source_records()
     kvs = adaptor_kvs(task=task, files=[refs[i] for i in order], tensor_files=[where[t.name] for t, _ in m.tensors],
                       digests=b"".join(t.digest for t in own), source=source, n_model_tensors=len(m.tensors),
-                      cut=str(layout.cut), cut_scheme=layout.cut.scheme)
+                      cut=str(layout.cut), cut_scheme=layout.cut.scheme,
+                      quantize=m.quantized)
     return build_header(kvs, source.kept_kvs, own, m.first.header.alignment), own
 
 
@@ -288,10 +289,9 @@ def _changed_input(models: Mapping[str, ScannedModel]) -> str | None:
     import xxhash
 
     for m in models.values():
-        for t, i in m.tensors:
-            f = m.files[i].file
-            if xxhash.xxh3_128(f.view(f.header.data_start + t.offset,
-                                      f.header.data_start + t.offset + t.nbytes)).digest() != m.digests[t.name]:
+        for t, _ in m.tensors:
+            f, offset = m.source_of(t.name)
+            if xxhash.xxh3_128(f.view(offset, offset + t.nbytes)).digest() != m.digests[t.name]:
                 return f.path
     return None
 

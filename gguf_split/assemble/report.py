@@ -9,10 +9,11 @@ the write builds it).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..format.names import adaptor_name
+from ..format.nearmiss import NearMissReport, Version, near_misses
 from ..format.records import FileRef
 from .outputs import NamedFile, adaptor_header
 from .plan import Layout
@@ -60,6 +61,40 @@ class TaskReport:
 
 
 @dataclass
+class QuantizedTask:
+    """One task the split quantized: it stands for the file llama-quantize writes for its input."""
+
+    task: str
+    source: str  # the full-precision input (not kept: the split holds the quantized tensors)
+    output: str  # the file name restore gives (llama-quantize's output for the input)
+    types: dict[str, int]  # ggml type name -> tensors of that type in the result
+    quantized: int  # tensors quantized (the others, norms say, are copied)
+    new_units: int  # quantized in this run for this task (not seen in an earlier task or the split)
+    reused: int  # quantized tensors whose bytes came from an earlier task of this run or from the split
+    warnings: list[str] = field(default_factory=list)  # llama-quantize's fallbacks, entries it did without
+    sha256: str = ""  # of the quantized file ("" in a dry run)
+
+
+@dataclass
+class QuantizeReport:
+    """What `--quantize` did: the recipe, each quantized task, the inputs kept as they were."""
+
+    qtype: str
+    options: str  # llama-quantize's other options
+    imatrix: str | None  # file name
+    template: str | None
+    build: dict[str, str]  # the llama.cpp build that quantized (versions, llama_print_system_info())
+    tasks: list[QuantizedTask]
+    kept: dict[str, str] = field(default_factory=dict)  # task -> why it was not quantized
+    units: int = 0  # distinct tensors quantized in this run
+    unit_bytes: int = 0  # their quantized bytes
+    reused_units: int = 0  # distinct quantized tensors taken from the split (add) instead of quantized
+    seconds: float = 0.0  # time spent asking llama.cpp for the types and quantizing
+    notes: list[str] = field(default_factory=list)  # e.g. a build that rounds differently from the split's
+    dry_run: bool = False  # units were not quantized: tensors are matched by their unit keys
+
+
+@dataclass
 class SplitReport:
     directory: str
     files: list[FileReport]
@@ -72,6 +107,8 @@ class SplitReport:
     removed: list[str] = field(default_factory=list)  # old files the commit deleted
     models_dir: str | None = None
     max_shard_size: int | None = None  # the limit the split was cut to, if any
+    quantize: QuantizeReport | None = None  # what --quantize did
+    near_misses: NearMissReport | None = None  # a dry run: inputs that differ only by quantization
 
     @property
     def oversize(self) -> list[tuple[str, int]]:
@@ -168,3 +205,16 @@ def split_report(directory: str, models: Mapping[str, ScannedModel], layout: Lay
     return SplitReport(os.path.abspath(directory), files, tasks, st.dedup_optimum if st else 0,
                        st.exact if st else False, st.lower_bound if st else 0, st.small_group_bytes if st else 0,
                        dry_run=dry_run, removed=removed or [], max_shard_size=max_shard_size)
+
+
+def near_miss_report(models: Mapping[str, ScannedModel]) -> NearMissReport:
+    """Which inputs hold tensors that differ only by quantization (format.nearmiss), from hashed inputs."""
+    def reader(m: ScannedModel, name: str, nbytes: int) -> Callable[[], memoryview]:
+        def read() -> memoryview:
+            f, offset = m.source_of(name)
+            return f.view(offset, offset + nbytes)
+        return read
+
+    return near_misses({task: [Version(t.name, t.ggml_type, t.shape, m.digests[t.name], t.nbytes,
+                                       reader(m, t.name, t.nbytes)) for t, _ in m.tensors]
+                        for task, m in models.items()})

@@ -47,7 +47,16 @@ from ..format.gguf import ARCHITECTURE_KEY, GGUFFile, Header, TensorInfo, align_
 from ..format.names import SHARD_NAME, show
 from .plan import TensorId
 from ..disk.progress import QUIET, Progress, Reporter
-from ..format.records import OWN_PREFIX, SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, SourceFile, SourceRecords
+from ..format.records import (
+    OWN_PREFIX,
+    SPLIT_COUNT,
+    SPLIT_KEYS,
+    SPLIT_NO,
+    SPLIT_TENSORS,
+    QuantizeRecords,
+    SourceFile,
+    SourceRecords,
+)
 
 MAX_NONZERO_GAP_BYTES = 16 << 20  # more than this outside the tensors is not padding; refuse
 # Bytes outside the tensors beyond alignment padding (a tail after the tensor data, a gap between tensors):
@@ -80,6 +89,7 @@ class ScannedModel:
     files: list[InputFile]
     tensors: list[tuple[TensorInfo, int]]  # every tensor in source order, with the index of its file
     digests: dict[str, bytes] = field(default_factory=dict)  # tensor name -> xxh3-128
+    quantized: QuantizeRecords | None = None  # a model quantized by the split (quantize.family.QuantizedModel)
 
     @property
     def path(self) -> str:
@@ -111,6 +121,10 @@ class ScannedModel:
     def tensor_ids(self) -> list[TensorId]:
         return [TensorId(t.name, t.ggml_type, t.shape, self.digests[t.name], t.nbytes) for t, _ in self.tensors]
 
+    def tensor_index(self, name: str) -> int:
+        """The position of tensor `name` in `tensors`."""
+        return self._index[name]
+
     def source_of(self, name: str) -> tuple[GGUFFile, int]:
         """(file, absolute offset) of a tensor's bytes."""
         t, i = self._by_name[name]
@@ -119,6 +133,12 @@ class ScannedModel:
 
     def __post_init__(self) -> None:
         self._by_name = {t.name: (t, i) for t, i in self.tensors}
+        self._index = {t.name: k for k, (t, _) in enumerate(self.tensors)}
+
+    def watched_files(self) -> list[InputFile]:
+        """The user's files this model is read from, which must not change while it is split (a quantized
+        model's are its full-precision input's)."""
+        return self.files
 
     def source_records(self) -> SourceRecords:
         """What the adaptor records so restore rebuilds every input file byte for byte."""
@@ -379,7 +399,7 @@ def forget_cached(models: Sequence[ScannedModel]) -> None:
 def check_unchanged(models: Sequence[ScannedModel]) -> None:
     """Refuse a split whose inputs changed while it ran (its records would describe other bytes)."""
     for m in models:
-        for inp in m.files:
+        for inp in m.watched_files():
             try:
                 now = _stat(inp.file) if inp.file.fd >= 0 else None
                 st = os.stat(inp.path)

@@ -14,8 +14,13 @@
       cut: role:6             # cut shared groups by tensor role and blocks of 6 layers (none: one file per group)
       file_cost: 1MiB         # a group of shared tensors gets a file only if it saves more than this
       max_shard_size: null    # cut any file larger than this (e.g. 20G) into several
-      threads: 2              # hashing threads (default: all cores)
+      threads: 2              # hashing and quantizing threads (default: all cores)
       quiet: false            # no progress bars
+      quantize: null          # quantize full-precision inputs to this llama-quantize TYPE (Q4_K_M, ...)
+      imatrix: null           # its importance matrix (llama-imatrix's GGUF or .dat file)
+      quantize_template: null # a quantized model whose per-tensor types the quantized tasks take
+      quantize_args: null     # more llama-quantize options ("--pure --output-tensor-type q8_0")
+      allow_recipe_change: false  # add: quantize with another recipe than the split's
 
 `gguf-split add DIR SPEC` reads the same file: its tasks are added; `output`, if given, must be DIR.
 Every problem is one GGUFSplitError naming the spec file and the key, e.g.
@@ -145,7 +150,7 @@ def _options(data: dict[Any, Any], path: str, base: str) -> SplitOptions:
     for key, value in options.items():
         if key not in SPEC_OPTIONS:
             raise _fail(path, f"options.{key}", f"unknown option (known: {', '.join(SPEC_OPTIONS)})")
-        if key == "models_dir" and isinstance(value, str) and value:
+        if key in ("models_dir", "imatrix", "quantize_template") and isinstance(value, str) and value:
             value = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
         values[key] = value
     if "prefix" in data:

@@ -37,7 +37,7 @@ from ..splitdir.links import check_models_dir, models_dir_note, plan_links, writ
 from .options import SplitOptions, cut_of
 from .outputs import NamedFile, name_files, write_outputs
 from .plan import Cut, Layout, plan_layout
-from .report import SplitReport, split_report
+from .report import SplitReport, near_miss_report, split_report
 from .scan import ScannedModel, hash_models, open_inputs
 
 
@@ -110,14 +110,66 @@ class manifest_cache:
 def _dry_run(tasks: Mapping[str, str | os.PathLike[str]], out: str, opts: SplitOptions, progress: Progress,
              cache: ManifestSource | None) -> SplitReport:
     models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
+    family = None
     try:
         if os.path.isdir(out):
             _check_existing(out, tasks, opts.prefix, opts.force)
-        hash_models(list(models.values()), progress, opts.threads, cache)
-        return plan_report(out, models, opts)
+        recipe = _recipe(opts)
+        hash_models(list(models.values()), progress, opts.threads, _cache_unless_quantizing(cache, recipe))
+        near = near_miss_report(models)
+        if recipe is not None:
+            old = SplitDir.open(out) if os.path.isdir(out) and opts.force else None
+            family = _quantize(models, recipe, None, opts, progress, old)
+            models = family.models
+        report = plan_report(out, models, opts)
+        report.quantize = family.report if family is not None else None
+        report.near_misses = near
+        return report
     finally:
-        for m in models.values():
-            m.close()
+        _close(models, family)
+
+
+def _cache_unless_quantizing(cache: ManifestSource | None, recipe: Any) -> ManifestSource | None:
+    """The manifest cache, unless the inputs are quantized: a source tensor's digest keys the unit quantized
+    from it (and the units a re-split or `add` takes from the split's store), and a unit's input is never
+    written as it is, so the read-back recheck of cached digests (outputs) would not cover it. Quantizing
+    costs far more than hashing, so the inputs are hashed afresh."""
+    return cache if recipe is None else None
+
+
+def _recipe(opts: SplitOptions) -> Any:
+    """The quantization recipe (quantize.family.recipe_of), None without --quantize; the quantize package is
+    imported only when it is used (it pulls in numpy and, for quantizing, llama.cpp)."""
+    if opts.quantize is None and opts.imatrix is None and opts.quantize_template is None and opts.quantize_args is None:
+        return None
+    from .quantize.family import recipe_of
+
+    return recipe_of(opts)
+
+
+def _quantize(models: Mapping[str, ScannedModel], recipe: Any, tx: Transaction | None, opts: SplitOptions,
+              progress: Progress, old: SplitDir | None) -> Any:
+    """Quantize the inputs; a re-split (`force`) takes the units the directory's split already holds (its
+    files stay open until the outputs are written), as `add` does."""
+    from .quantize.family import quantize_inputs, reusable_units
+
+    stored = reusable_units(old) if old is not None else None
+    try:
+        family = quantize_inputs(models, recipe, tx=tx, progress=progress, threads=opts.threads, stored=stored)
+    except BaseException:
+        if stored is not None:
+            stored.close()
+        raise
+    if stored is not None:
+        family.stores += stored.files  # the family's models may copy from them: closed with its stores
+    return family
+
+
+def _close(models: Mapping[str, ScannedModel], family: Any) -> None:
+    for m in models.values():
+        m.close()
+    if family is not None:
+        family.close_stores()
 
 
 def plan_report(output: str, models: Mapping[str, ScannedModel], opts: SplitOptions) -> SplitReport:
@@ -132,15 +184,20 @@ def _split_in(tx: Transaction, tasks: Mapping[str, str | os.PathLike[str]], opts
               progress: Progress, cache: ManifestSource | None) -> SplitReport:
     """Under the directory's lock: open, refuse what must be refused, hash, plan, write, prove, commit."""
     models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
+    family = None
     try:
         mine = {adaptor_name(t, opts.prefix) for t in tasks}
         for m in models.values():
-            for inp in m.files:
+            for inp in m.watched_files():
                 if os.path.dirname(os.path.realpath(inp.path)) == os.path.realpath(tx.dir) and \
                         os.path.basename(inp.path) in mine:
                     raise GGUFSplitError(inp.path, "output would overwrite an input file")
         old = _check_existing(tx.dir, tasks, opts.prefix, opts.force)
-        hash_models(list(models.values()), progress, opts.threads, cache)
+        recipe = _recipe(opts)
+        hash_models(list(models.values()), progress, opts.threads, _cache_unless_quantizing(cache, recipe))
+        if recipe is not None:
+            family = _quantize(models, recipe, tx, opts, progress, old)
+            models = family.models
         layout = plan(models, opts)
         _refuse_unrelated(models, layout, opts)
         named = name_files(models, layout, opts.prefix)
@@ -153,10 +210,10 @@ def _split_in(tx: Transaction, tasks: Mapping[str, str | os.PathLike[str]], opts
                               prefix=opts.prefix, max_shard_size=opts.max_shard_size)
         for t in report.tasks:
             t.links = links.paths(t.task)
+        report.quantize = family.report if family is not None else None
         return report
     finally:
-        for m in models.values():
-            m.close()
+        _close(models, family)
 
 
 def _refuse_unrelated(models: Mapping[str, ScannedModel], layout: Layout, opts: SplitOptions) -> None:

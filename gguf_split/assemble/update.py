@@ -25,7 +25,7 @@ from ..disk.manifest import ManifestSource
 from ..disk.progress import QUIET, Progress
 from ..errors import GGUFSplitError
 from ..format.names import adaptor_name, show
-from ..format.records import FileRef, SplitFile
+from ..format.records import K_Q_TYPE, FileRef, SplitFile
 from ..splitdir.directory import FileFinder, SplitDir, TaskFiles, open_task
 from ..splitdir.links import check_models_dir, models_dir_note, plan_links, stage_links, write_models_dir
 from .options import SplitOptions
@@ -175,30 +175,68 @@ def _add(sd: SplitDir, tasks: Mapping[str, str | os.PathLike[str]], tx: Transact
     ids, fixed = ex.ids, ex.fixed
     cut = recorded_cut(ex.cuts) if opts.cut is None else Cut.parse(opts.cut)
     models = open_inputs(tasks, allow_unrelated=opts.allow_unrelated)
+    family, stored = None, None
     try:
         _refuse_other_architecture(models, ex.archs, opts)
-        hash_models(list(models.values()), progress, opts.threads, cache)
+        recipe, stored = _recipe_and_units(sd, opts, models)
+        # quantized: hashed afresh, as split does (split._cache_unless_quantizing says why)
+        hash_models(list(models.values()), progress, opts.threads, cache if recipe is None else None)
+        if recipe is not None:
+            from .quantize.family import quantize_inputs
+
+            family = quantize_inputs(models, recipe, tx=tx, progress=progress, threads=opts.threads, stored=stored)
+            models = family.models
         layout = plan(models, opts, cut, fixed_files=list(fixed.values()))
         named = name_files(models, layout, prefix, foundation=False)
         known = _reused(layout, named, sd, ex.paths, check=tx is not None)
         reused_bytes = sum(pf.nbytes for t in models for i in layout.task_files[t]
                            for pf in [layout.files[i]] if pf.fixed is not None)
         split_rep = _write_added(sd, tx, models, layout, named, known, prefix, opts, progress)
-        stored = sum(x.nbytes for f in fixed.values() for x in f.tensors) + _adaptor_tensor_bytes(ids, fixed)
-        stored += layout.stats.stored_bytes if layout.stats else 0
+        stored_bytes = sum(x.nbytes for f in fixed.values() for x in f.tensors) + _adaptor_tensor_bytes(ids, fixed)
+        stored_bytes += layout.stats.stored_bytes if layout.stats else 0
         new_ids = {t: m.tensor_ids() for t, m in models.items()}
         fresh = plan_layout({**ids, **new_ids}, alignment=max(m.first.header.alignment for m in models.values()),
                             max_shared_files=opts.max_shared_files, max_files=opts.max_shared_files,
                             file_cost=opts.file_cost, max_shard_size=opts.max_shard_size, cut=cut)
         unique, in_adaptors = _new_bytes(ids, fixed, new_ids)
         _add_reasons(split_rep, ids, fixed, new_ids)
-        return AddReport(split_rep, reused_bytes, sd.tasks, stored, fresh.stats.stored_bytes if fresh.stats else stored,
+        split_rep.quantize = family.report if family is not None else None
+        return AddReport(split_rep, reused_bytes, sd.tasks, stored_bytes,
+                         fresh.stats.stored_bytes if fresh.stats else stored_bytes,
                          dry_run=tx is None, cut=str(cut), model_bytes=sum(x.nbytes for xs in new_ids.values() for x in xs),
                          new_bytes=layout.stats.stored_bytes if layout.stats else 0, unique_bytes=unique,
                          in_adaptors_bytes=in_adaptors)
     finally:
         for m in models.values():
             m.close()
+        if family is not None:
+            family.close_stores()
+        if stored is not None:
+            stored.close()
+
+
+def _recipe_and_units(sd: SplitDir, opts: SplitOptions, models: Mapping[str, ScannedModel]) -> tuple[Any, Any]:
+    """(the recipe the added tasks are quantized with or None, the split's quantized units or None), read
+    before any model is hashed: a quantized split's recipe applies to a full-precision model added to it
+    (an already quantized one is added as it is, as without --quantize)."""
+    quantized = False
+    for path in sd.adaptors.values():
+        with SplitFile(path) as ad:
+            quantized = quantized or K_Q_TYPE in ad.header.kv_by_key
+    asked = any(getattr(opts, n) is not None for n in ("quantize", "imatrix", "quantize_template", "quantize_args"))
+    if not quantized and not asked:
+        return None, None
+    from .quantize.family import add_recipe, is_quantized_type, stored_units
+
+    if not asked and all(any(is_quantized_type(t.ggml_type) for t, _ in m.tensors) for m in models.values()):
+        return None, None
+
+    stored = stored_units(sd)
+    try:
+        return add_recipe(opts, stored, sd.directory), stored
+    except BaseException:
+        stored.close()
+        raise
 
 
 def _new_bytes(ids: Mapping[str, Sequence[TensorId]], fixed: Mapping[str, FixedFile],

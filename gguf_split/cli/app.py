@@ -13,6 +13,7 @@ import sys
 import typer
 
 from .. import __version__
+from ..errors import forget_commits
 from . import assemble_cmds, demo_cmd, lora_cmds, pack_cmds, splitdir_cmds, survey_cmd  # noqa: F401 - they register
 from .base import app
 
@@ -33,4 +34,5 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
 
 def run(argv: list[str]) -> None:
     """Run the command line (exits through SystemExit, as click does)."""
+    forget_commits()  # what an earlier command of this process committed is not this one's state
     app(args=argv, prog_name="gguf-split")

@@ -26,6 +26,16 @@ _OPT_DRY_RUN = typer.Option(False, "--dry-run", help="Plan and report; write not
 _OPT_CACHE_DIR = typer.Option(None, "--cache-dir", help="Where per-file digests are kept (default: the user cache "
                                                         "directory, e.g. ~/.cache/gguf-split); a local disk.")
 _OPT_NO_CACHE = typer.Option(False, "--no-cache", help="Hash every input; read and write no digest cache.")
+_OPT_QUANTIZE = typer.Option(None, "--quantize", metavar="TYPE",
+                             help="Quantize full-precision inputs to this llama-quantize type (Q4_K_M, Q8_0, ...) "
+                                  "with one recipe, so what they share stays shared (needs the llama extra).")
+_OPT_IMATRIX = typer.Option(None, "--imatrix", help="Importance matrix for --quantize (llama-imatrix's GGUF or .dat).")
+_OPT_TEMPLATE = typer.Option(None, "--quantize-template",
+                             help="A quantized model whose per-tensor types the quantized tasks take.")
+_OPT_QUANTIZE_ARGS = typer.Option(None, "--quantize-args", metavar="'ARGS'",
+                                  help="More llama-quantize options: --pure, --leave-output-tensor, --allow-requantize, "
+                                       "--output-tensor-type T, --token-embedding-type T, --include-weights S, "
+                                       "--exclude-weights S (give them as one argument: --quantize-args='--pure').")
 
 
 @app.command("split")
@@ -47,6 +57,10 @@ def split_cmd(
     threads: Optional[int] = OPT_THREADS,
     cache_dir: Optional[Path] = _OPT_CACHE_DIR,
     no_cache: bool = _OPT_NO_CACHE,
+    quantize: Optional[str] = _OPT_QUANTIZE,
+    imatrix: Optional[Path] = _OPT_IMATRIX,
+    quantize_template: Optional[Path] = _OPT_TEMPLATE,
+    quantize_args: Optional[str] = _OPT_QUANTIZE_ARGS,
     dry_run: bool = _OPT_DRY_RUN,
     quiet: bool = OPT_QUIET,
     json_out: bool = OPT_JSON,
@@ -59,7 +73,9 @@ def split_cmd(
 
         flags = dict(prefix=prefix, force=force, link=link, models_dir=models_dir, allow_unrelated=allow_unrelated,
                      max_shared_files=max_shared_files, cut=cut, file_cost=file_cost, max_shard_size=max_shard_size,
-                     threads=threads, cache_dir=cache_dir, no_cache=no_cache, quiet=quiet or json_out)
+                     threads=threads, cache_dir=cache_dir, no_cache=no_cache, quiet=quiet or json_out,
+                     quantize=quantize, imatrix=imatrix, quantize_template=quantize_template,
+                     quantize_args=quantize_args)
         flag_options(SplitOptions(), "split", **flags)  # a bad flag is refused before any file is looked at
         spec_ = gather(spec, models or [], task, need_output=output is None)
         opts = flag_options(spec_.options, "split", **flags)
@@ -91,11 +107,18 @@ def add_cmd(
     threads: Optional[int] = OPT_THREADS,
     cache_dir: Optional[Path] = _OPT_CACHE_DIR,
     no_cache: bool = _OPT_NO_CACHE,
+    quantize: Optional[str] = _OPT_QUANTIZE,
+    imatrix: Optional[Path] = _OPT_IMATRIX,
+    quantize_template: Optional[Path] = _OPT_TEMPLATE,
+    quantize_args: Optional[str] = _OPT_QUANTIZE_ARGS,
+    allow_recipe_change: bool = typer.Option(False, "--allow-recipe-change",
+                                             help="Quantize with another recipe than the split's tasks were."),
     dry_run: bool = _OPT_DRY_RUN,
     quiet: bool = OPT_QUIET,
     json_out: bool = OPT_JSON,
 ) -> None:
-    """Add tasks to a shipped split: no existing file changes; existing shared files are reused."""
+    """Add tasks to a shipped split: no existing file changes; existing shared files are reused. A
+    full-precision model added to a quantized split is quantized with the split's recipe."""
 
     def run() -> Any:
         from ..assemble.options import SplitOptions
@@ -103,7 +126,9 @@ def add_cmd(
 
         flags = dict(models_dir=models_dir, allow_unrelated=allow_unrelated, max_shared_files=max_shared_files,
                      cut=cut, file_cost=file_cost, max_shard_size=max_shard_size, threads=threads, cache_dir=cache_dir,
-                     no_cache=no_cache, quiet=quiet or json_out)
+                     no_cache=no_cache, quiet=quiet or json_out, quantize=quantize, imatrix=imatrix,
+                     quantize_template=quantize_template, quantize_args=quantize_args,
+                     allow_recipe_change=allow_recipe_change)
         flag_options(SplitOptions(), "add", **flags)
         spec = next((m for m in models or [] if m.suffix.lower() in (".yaml", ".yml")), None)
         spec_ = gather(spec, [m for m in models or [] if m != spec], task, need_output=False)

@@ -116,6 +116,10 @@ def print_split(report: Any, title: str = "split into", add: Any = None) -> None
         _print_add_bytes(add)
     else:
         _print_savings_line(report)
+    if report.quantize is not None:
+        _print_quantize(report.quantize)
+    for line in report.near_misses.lines() if report.near_misses is not None else []:
+        out.print(f"note: {line}")
     holes = {f.name for f in report.files if f.kind == "hole"}
     for t in report.tasks:
         _print_task_reasons(t, holes)
@@ -139,6 +143,46 @@ def _print_savings_line(report: Any) -> None:
         out.print(f"the split is {report.ratio:.1%} of the inputs: saves {size(report.saved_bytes)}; every "
                   f"distinct tensor once would take {size(report.dedup_optimum)} of tensor bytes"
                   + ("" if report.exact else f" (greedy plan; lower bound {size(report.lower_bound)})"))
+
+
+def _print_quantize(q: Any) -> None:
+    """What --quantize did: the recipe and build, per task what it stands for and how many of its tensors
+    were quantized here, the inputs kept as they were, and notes."""
+    recipe = " ".join(x for x in (q.qtype, q.options, f"--imatrix {q.imatrix}" if q.imatrix else "",
+                                  f"--quantize-template {q.template}" if q.template else "") if x)
+    build = f"ggml {q.build.get('ggml_version', '?')} {q.build.get('ggml_commit', '')}".rstrip()
+    total = sum(t.quantized for t in q.tasks)
+    if q.dry_run:
+        work = f"{sum(t.new_units for t in q.tasks):,} distinct tensors to quantize for {total:,} quantized tensors " \
+               "(dry run: none quantized; tensors matched by unit key)"
+    else:
+        work = f"{q.units:,} distinct tensors quantized once ({size(q.unit_bytes)}) for {total:,} quantized tensors"
+        work += f", {q.reused_units:,} taken from the split" if q.reused_units else ""
+    out.print(f"quantized {len(q.tasks)} task(s) as llama-quantize {recipe} (llama.cpp {build}): {work}; "
+              f"{q.seconds:.1f} s")
+    for t in q.tasks:
+        types = ", ".join(f"{n} {k}" for k, n in sorted(t.types.items(), key=lambda kv: -kv[1]))
+        out.print(f"  {t.task}: {t.output} from {os.path.basename(t.source)} ({types}); {t.quantized} tensors "
+                  f"quantized: {t.new_units} new, {t.reused} the same as another task's")
+        for w in t.warnings:
+            out.print(f"    {w}")
+    for task, why in q.kept.items():
+        out.print(f"  {task}: {why}")
+    for note in q.notes:
+        out.print(f"note: {note}")
+
+
+def _print_quantized_records(q: dict[str, Any]) -> None:
+    src = q["from"]
+    recipe = " ".join(x for x in (q["type"], q["options"], f"--imatrix {q['imatrix']}" if q["imatrix"] else "",
+                                  f"--quantize-template {q['template']}" if q["template"] else "") if x)
+    out.print(f"  quantized by the split from {src['name']} ({size(src['bytes'])}, xxh3-128 {src['xxh3']}; not kept) "
+              f"as llama-quantize {recipe} writes it: sha256 {q['sha256']}")
+    if q["imatrix_sha256"]:
+        out.print(f"  imatrix sha256 {q['imatrix_sha256']}")
+    b = q["build"]
+    out.print(f"  llama.cpp: llama-cpp-python {b.get('llama_cpp_python', '?')}, ggml {b.get('ggml_version', '?')} "
+              f"{b.get('ggml_commit', '')}; {b.get('system_info', '')}")
 
 
 def _print_task_reasons(t: Any, holes: set[str]) -> None:
@@ -233,7 +277,9 @@ def _print_savings(s: Any, tensors: bool = False) -> None:
     files_table(f"split {show(s.directory)}",
                 [(f["name"], f["position"], str(f["tensors"]), f["bytes"], f["tasks"]) for f in s.files],
                 [(os.path.basename(t["path"]), str(t["tensors"]), t["bytes"],
-                  f"{t['task']} (replaces {', '.join(t['sources'])}, {size(t['source_bytes'])})") for t in s.tasks],
+                  f"{t['task']} (replaces {', '.join(t['sources'])}, {size(t['source_bytes'])}"
+                  + (f"; {t['quantized']['type']} of {t['quantized']['from']['name']}" if t.get("quantized") else "")
+                  + ")") for t in s.tasks],
                 s.output_bytes, s.input_bytes)
     if s.ratio is not None:
         out.print(f"the split is {s.ratio:.1%} of the inputs: saves {size(s.saved_bytes)}; "
@@ -241,6 +287,8 @@ def _print_savings(s: Any, tensors: bool = False) -> None:
                   "every adaptor's header)")
     if s.unused:
         out.print(f"note: shared file(s) no task uses: {', '.join(s.unused)}")
+    for line in s.near_miss_lines:
+        out.print(f"note: {line}")
 
 
 def _print_file(d: Any, tensors: bool = False) -> None:
@@ -261,6 +309,8 @@ def _print_file(d: Any, tensors: bool = False) -> None:
             out.print(f"  split.no {f['position']}: {f['name']} ({size(f['bytes'])})")
         for s in d.sources:
             out.print(f"  restores {s['name']} ({size(s['bytes'])}, xxh3-128 {s['xxh3']})")
+        if d.quantized:
+            _print_quantized_records(d.quantized)
     elif d.split:
         out.print(f"  llama.cpp split metadata: {d.split}")
     if tensors:

@@ -50,7 +50,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from ..errors import GGUFSplitError, add_state, os_problem
+from ..errors import GGUFSplitError, add_state, os_problem, record_commit
 from ..format.names import JOURNAL, TMP_SUFFIX, check_bare_name, is_temp, is_temp_dir, show, temp_dir_name, temp_name
 
 JOURNAL_VERSION = 1
@@ -503,6 +503,8 @@ class Transaction:
                 raise GGUFSplitError(self.dir, f"committed, but could not finish moving files into place "
                                                f"({os_problem(e)}); the next gguf-split run here finishes it") from None
             self.applied = True  # before a deferred signal is let through at the end of this block
+            if not is_temp_dir(os.path.basename(self.dir)):  # the user's state, not a step inside another's
+                record_commit(self.state())
 
     def state(self) -> str:
         """What stands once the switch is done, in words (for a failure or an interruption after it)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -124,6 +124,23 @@ def _pieces(span: Span) -> Iterable[bytes | memoryview]:
     else:
         for at in range(span.offset, span.offset + n, PIECE):
             yield src.view(at, min(at + PIECE, span.offset + n))
+
+
+def spans_of_layout(header: bytes, data_start: int, pieces: Sequence[tuple[int, int, GGUFFile, int]],
+                    file_size: int) -> list[Span]:
+    """The spans of a file to be written: `header` bytes, zeros to `data_start`, then each tensor
+    (data offset, length, source file, source offset) with zeros between, and zeros to `file_size`."""
+    spans = [Span(HEADER, len(header), header), Span(GAP, data_start - len(header))]
+    pos = data_start
+    for offset, n, src, src_offset in pieces:
+        at = data_start + offset
+        if at > pos:
+            spans.append(Span(GAP, at - pos))
+        spans.append(Span(TENSOR, n, src, src_offset))
+        pos = at + n
+    if file_size > pos:
+        spans.append(Span(GAP, file_size - pos))
+    return spans
 
 
 def read_back(path: str, bar: Reporter = NO_BAR) -> str:

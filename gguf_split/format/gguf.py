@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Final, Iterator
 
 from gguf.constants import (
     GGML_QUANT_SIZES,
@@ -83,30 +84,37 @@ def type_name(ggml_type: int) -> str:
     return t.name if t is not None else f"type{ggml_type}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class KV:
-    """One key/value record, as the byte span [start, end) of its file."""
+    """One key/value record, as the byte span [start, end) of its file.
 
-    key: str
-    vtype: GGUFValueType
-    start: int  # offset of the record (its key's length field)
-    value_start: int  # offset of the value, after the u32 value type
-    end: int
-    subtype: GGUFValueType | None = None  # element type, for arrays
-    count: int = 1  # element count, for arrays
+    Read-only through `Final` (mypy --strict refuses an assignment) rather than frozen=True: one is made
+    for every record read, eight or more per file on every load, and a frozen dataclass takes 1.5 us to
+    build, 5x this. Hashed by value, as a frozen one is."""
+
+    key: Final[str]
+    vtype: Final[GGUFValueType]
+    start: Final[int]  # offset of the record (its key's length field)
+    value_start: Final[int]  # offset of the value, after the u32 value type
+    end: Final[int]
+    subtype: Final[GGUFValueType | None] = None  # element type, for arrays
+    count: Final[int] = 1  # element count, for arrays
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class TensorInfo:
-    """One tensor-info record: `shape` is GGUF order (ne0, the fastest-moving dim, first)."""
+    """One tensor-info record: `shape` is GGUF order (ne0, the fastest-moving dim, first).
 
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: int
-    offset: int  # relative to the data section
-    nbytes: int
-    start: int  # byte span of the record in its file
-    end: int
+    Read-only through `Final`, as KV (mypy --strict refuses an assignment): a load builds one per tensor
+    of every file of the task, and frozen=True would triple what that costs. Hashed by value."""
+
+    name: Final[str]
+    shape: Final[tuple[int, ...]]
+    ggml_type: Final[int]
+    offset: Final[int]  # relative to the data section
+    nbytes: Final[int]
+    start: Final[int]  # byte span of the record in its file
+    end: Final[int]
 
     @property
     def type_name(self) -> str:
@@ -356,6 +364,104 @@ def read_kv_at(buf: Any, pos: int, path: str) -> KV:
     return read_kv(_Cursor(buf, pos, len(buf), path), 0)
 
 
+# Records whose keys and types a reader knows in advance: key bytes -> (key, value type, element type, width:
+# the byte size of a number or of an array's number element, 0 for strings).
+KnownRecords = dict[bytes, tuple[str, GGUFValueType, "GGUFValueType | None", int]]
+_TYPE_LENGTH = struct.Struct("<IQ")  # a string's value type and length; an array's element type and count
+_TYPE_SUB_COUNT = struct.Struct("<IIQ")
+_STRING, _ARRAY = GGUFValueType.STRING, GGUFValueType.ARRAY  # an enum member looked up on its class costs ~0.2 us
+_LONGEST_KNOWN_KEY = 64
+
+
+def known_records(types: dict[str, tuple[GGUFValueType, GGUFValueType | None]]) -> KnownRecords:
+    """The table read_known_kvs takes: each key with its value type, and an array's element type (a string
+    or a number: nested arrays are left to the general reader)."""
+    out: KnownRecords = {}
+    for key, (vtype, sub) in types.items():
+        assert len(key.encode()) <= _LONGEST_KNOWN_KEY and (vtype is _ARRAY) == (sub is not None) and sub is not _ARRAY
+        width = SCALAR_SIZES.get(sub if vtype is _ARRAY else vtype, 0)  # type: ignore[arg-type]
+        out[key.encode()] = (key, vtype, sub, width)
+    return out
+
+
+def read_known_kvs(buf: Any, pos: int, known: KnownRecords, last: str | None = None,
+                   limit: int = 1) -> tuple[list[KV], int]:
+    """The records from byte `pos` of `buf` whose keys are `known` with the types given there, at most
+    `limit`, up to and including the one keyed `last`: (those records, the offset after them). It stops
+    early at a record it does not know, and at anything read_kv_at would refuse or look at closer (a
+    truncation, a limit): the caller reads that one with read_kv_at, which gives the record or the error.
+    So every KV this returns is the one read_kv_at returns at its offset; it never raises, and it reads no
+    value into memory.
+
+    Why: gguf-split's own records (a seal, a version, a role, digests, lists of files) are read on every
+    load, eight or more per file, and a task loads up to 33 files: one pass with a struct call or two per
+    record, where the general walk takes several method calls per field."""
+    size = len(buf)
+    out: list[KV] = []
+    u64, type_length, type_sub_count = _U64.unpack_from, _TYPE_LENGTH.unpack_from, _TYPE_SUB_COUNT.unpack_from
+    while len(out) < limit and 0 <= pos and pos + 8 <= size:
+        (n,) = u64(buf, pos)
+        at = pos + 8 + n  # the value type
+        if n > _LONGEST_KNOWN_KEY or at + 4 > size:
+            break
+        key_bytes = buf[pos + 8 : at]
+        spec = known.get(key_bytes if type(key_bytes) is bytes else bytes(key_bytes))  # a memoryview's is unhashable
+        if spec is None:
+            break
+        key, vtype, sub, width = spec
+        value_start = at + 4
+        if vtype is _STRING:
+            if value_start + 8 > size:
+                break
+            raw_type, m = type_length(buf, at)
+            end = value_start + 8 + m
+            if raw_type != vtype or m > MAX_STRING_LENGTH or end > size:
+                break
+            kv = KV(key, vtype, pos, value_start, end)
+        elif vtype is _ARRAY:
+            if value_start + 12 > size:
+                break
+            raw_type, raw_sub, count = type_sub_count(buf, at)
+            if raw_type != vtype or raw_sub != sub or count > MAX_ARRAY_ELEMENTS:
+                break
+            end = value_start + 12 + count * width if width else _string_run_end(buf, value_start + 12, count, size)
+            if not 0 <= end <= size:
+                break
+            kv = KV(key, vtype, pos, value_start, end, sub, count)
+        else:
+            end = value_start + width
+            if end > size or _U32.unpack_from(buf, at)[0] != vtype:
+                break
+            kv = KV(key, vtype, pos, value_start, end)
+        out.append(kv)
+        pos = end
+        if key == last:
+            break
+    return out, pos
+
+
+def read_known_kv(buf: Any, pos: int, known: KnownRecords) -> KV | None:
+    """The one record at `pos` as read_known_kvs reads it, or None (read it with read_kv_at)."""
+    got = read_known_kvs(buf, pos, known)[0]
+    return got[0] if got else None
+
+
+def _string_run_end(buf: Any, pos: int, count: int, size: int) -> int:
+    """End of `count` strings from `pos`, each within `size` and llama.cpp's string limit; -1 otherwise."""
+    if count > (size - pos) // 8:
+        return -1
+    unpack = _U64.unpack_from
+    for _ in range(count):
+        if pos + 8 > size:
+            return -1
+        (n,) = unpack(buf, pos)
+        pos += 8
+        if n > size - pos or n > MAX_STRING_LENGTH:
+            return -1
+        pos += n
+    return pos
+
+
 def read_tensor_infos_at(buf: Any, pos: int, n_tensors: int, alignment: int, path: str) -> list[TensorInfo]:
     """`n_tensors` checked tensor-info records from byte `pos` of `buf`."""
     room = max(len(buf) - pos, 0)  # pos comes from a header index: it may lie past the end
@@ -407,6 +513,20 @@ def parse_header(buf: Any, size: int, path: str) -> Header:
 
 _DIMS = [struct.Struct(f"<{n}Q") for n in range(MAX_DIMS + 1)]
 _TYPE_OFFSET = struct.Struct("<IQ")
+_BLOCK_SIZES = {int(t): sizes for t, sizes in GGML_QUANT_SIZES.items()}  # raw ggml type -> (block, type size)
+
+
+def _plain_name(buf: Any, pos: int, size: int) -> str | None:
+    """The name at `pos` (its u64 length readable) when it is what _Cursor.text reads without complaint:
+    within the buffer, at most MAX_NAME_LENGTH bytes, valid UTF-8; None for anything else (text() then
+    reads it and says what is wrong). One struct call and a decode, where text() makes several calls."""
+    (n,) = _U64.unpack_from(buf, pos)
+    if n > MAX_NAME_LENGTH or n > size - pos - 8:
+        return None
+    try:
+        return str(buf[pos + 8 : pos + 8 + n], "utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> list[TensorInfo]:
@@ -417,13 +537,18 @@ def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> li
     buf, size = cur.buf, cur.size
     tensors: list[TensorInfo] = []
     names: set[str] = set()
+    u64, dims_of, type_offset, block_sizes = _U64.unpack_from, _DIMS, _TYPE_OFFSET.unpack_from, _BLOCK_SIZES
     i = 0
     while (i < n_tensors) if n_tensors is not None else (cur.pos < size):
         start = cur.pos
-        try:
-            name = cur.text("tensor name")
-        except GGUFSplitError as e:  # name the record only on failure: formatting is the costly part
-            raise GGUFSplitError(cur.path, e.problem.replace("tensor name", f"name of tensor {i}", 1)) from None
+        name = _plain_name(buf, start, size) if start + 8 <= size else None
+        if name is not None:  # what cur.text reads there, read inline
+            cur.pos = start + 8 + u64(buf, start)[0]
+        else:
+            try:
+                name = cur.text("tensor name")
+            except GGUFSplitError as e:  # name the record only on failure: formatting is the costly part
+                raise GGUFSplitError(cur.path, e.problem.replace("tensor name", f"name of tensor {i}", 1)) from None
         if name in names:
             raise cur.fail(f"duplicate tensor name {name!r}", at=start)
         pos = cur.pos
@@ -436,10 +561,10 @@ def read_tensor_infos(cur: _Cursor, n_tensors: int | None, alignment: int) -> li
         if at + 12 > size:
             raise cur.fail(f"truncated: dimensions, type and offset of tensor {name!r} need {at + 12 - pos} "
                            f"bytes, {size - pos} left", at=pos)
-        shape = _DIMS[n_dims].unpack_from(buf, pos + 4)
-        raw_type, offset = _TYPE_OFFSET.unpack_from(buf, at)
+        shape = dims_of[n_dims].unpack_from(buf, pos + 4)
+        raw_type, offset = type_offset(buf, at)
         cur.pos = at + 12
-        sizes = GGML_QUANT_SIZES.get(_GGML_TYPES.get(raw_type))  # type: ignore[arg-type]
+        sizes = block_sizes.get(raw_type)
         if sizes is None:
             raise cur.fail(f"tensor {name!r} has unknown ggml type {raw_type}", at=at)
         block, type_size = sizes
@@ -711,8 +836,6 @@ def open_mapped(path: str, *, min_size: int, too_small: str) -> tuple[int, mmap.
 
 
 def _is_regular(mode: int) -> bool:
-    import stat
-
     return stat.S_ISREG(mode)
 
 

@@ -20,14 +20,24 @@ model given as llama.cpp shards has several): name, size, whole-file xxh3-128, G
 the original tensor-info records, the original KVs it had to replace (`split.*`) with their positions, the
 other shards' KVs, and any non-zero padding byte; then `split.no` = 0, `split.count`, `split.tensors.count`,
 and every KV of the original model in its order (llama.cpp reads model metadata from split 0 only).
+
+An adaptor of a task made by quantizing (`split --quantize`) adds `gguf_split.quantize.*` (QuantizeRecords):
+the recipe (llama-quantize's TYPE and file type, its other options, the imatrix's file name and sha256, a
+template's name and the sha256 of its types), the llama.cpp build that quantized it (versions and
+`llama_print_system_info()`), the full-precision input it was made from (name, size, xxh3-128), the sha256
+of the quantized file restore gives, and per tensor (in the quantized file's order) the source tensor's xxh3-128, its source type and
+its unit key (what `add` matches to reuse the stored bytes). Adaptors without them (every split made
+before) are plain tasks.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
 
 import xxhash
 from gguf.constants import GGUFValueType, Keys
@@ -40,6 +50,9 @@ from .gguf import (
     WRITE_VERSION,
     GGUFFile,
     Header,
+    KnownRecords,
+    SCALAR_FORMATS,
+    TensorInfo,
     _check_data_layout,
     _Cursor,
     align_up,
@@ -47,6 +60,8 @@ from .gguf import (
     encode_kv,
     encode_prefix,
     encode_tensor_info,
+    known_records,
+    read_known_kvs,
     read_kv_at,
     read_prefix,
     read_tensor_infos_at,
@@ -91,11 +106,78 @@ K_SRC_TENSOR_INFOS = "gguf_split.source.tensor_infos"
 K_SRC_REPLACED_KVS = "gguf_split.source.replaced_kvs"
 K_SRC_SHARD_KVS = "gguf_split.source.shard_kvs"
 K_SRC_GAPS = "gguf_split.source.gaps"
+K_Q_TYPE = "gguf_split.quantize.type"
+K_Q_FTYPE = "gguf_split.quantize.ftype"
+K_Q_OPTIONS = "gguf_split.quantize.options"
+K_Q_IMATRIX_NAME = "gguf_split.quantize.imatrix.name"
+K_Q_IMATRIX_SHA256 = "gguf_split.quantize.imatrix.sha256"
+K_Q_TEMPLATE_NAME = "gguf_split.quantize.template.name"
+K_Q_TEMPLATE_SHA256 = "gguf_split.quantize.template.types_sha256"
+K_Q_BUILD_KEYS = "gguf_split.quantize.build.keys"
+K_Q_BUILD_VALUES = "gguf_split.quantize.build.values"
+K_Q_SRC_NAME = "gguf_split.quantize.source.name"
+K_Q_SRC_SIZE = "gguf_split.quantize.source.size"
+K_Q_SRC_XXH3 = "gguf_split.quantize.source.xxh3"
+K_Q_SHA256 = "gguf_split.quantize.sha256"
+K_Q_SRC_DIGESTS = "gguf_split.quantize.source.tensor_digests"
+K_Q_SRC_TYPES = "gguf_split.quantize.source.tensor_types"
+K_Q_UNIT_KEYS = "gguf_split.quantize.unit_keys"
+UNIT_KEY_SIZE = 32  # sha256
+
+# Every record gguf-split writes among its own (before the header index), with its value type: read with
+# a few struct calls (gguf.read_known_kv); anything else in their place goes through the general reader.
+_OWN_TYPES: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {
+    K_SEAL: (STR, None), K_VERSION: (U32, None), K_ROLE: (STR, None), K_INDEX: (ARR, U64), K_DIGESTS: (ARR, U8),
+    K_CONTENT_ID: (STR, None), K_TASK: (STR, None), K_CUT: (STR, None), K_CUT_SCHEME: (U32, None),
+    K_FILES_NAME: (ARR, STR), K_FILES_ID: (ARR, STR), K_FILES_SIZE: (ARR, U64), K_FILES_XXH3: (ARR, STR),
+    K_FILES_SHA256: (ARR, STR), K_TENSOR_FILES: (ARR, U16), K_SRC_NAME: (ARR, STR), K_SRC_SIZE: (ARR, U64),
+    K_SRC_XXH3: (ARR, STR), K_SRC_VERSION: (ARR, U32), K_SRC_NTENSORS: (ARR, U64), K_SRC_TENSOR_INFOS: (ARR, U8),
+    K_SRC_REPLACED_KVS: (ARR, U8), K_SRC_SHARD_KVS: (ARR, U8), K_SRC_GAPS: (ARR, U8), SPLIT_NO: (U16, None),
+    SPLIT_COUNT: (U16, None), SPLIT_TENSORS: (I32, None), ARCHITECTURE_KEY: (STR, None), ALIGNMENT_KEY: (U32, None),
+}
+OWN_RECORDS: KnownRecords = known_records(_OWN_TYPES)
+_NUMBERS = {t: struct.Struct(SCALAR_FORMATS[t]) for t in (U16, U32, I32)}
+_U64 = struct.Struct("<Q")
+
+
+def _strings_checked(buf: Any, kv: KV) -> list[str | bytes]:
+    """The strings of a string-array record the strict reader (or read_known_kvs) read from `buf`: every
+    length was checked to fit, and together they fill the record to kv.end. What decode_value gives (a
+    string that is not valid UTF-8 as bytes), without checking again: an adaptor lists each of its up
+    to 32 files in four string arrays, read on every load."""
+    blob = bytes(buf[kv.value_start + 12 : kv.end])
+    out: list[str | bytes] = []
+    append, unpack, pos = out.append, _U64.unpack_from, 0
+    for _ in range(kv.count):
+        (n,) = unpack(blob, pos)
+        raw = blob[pos + 8 : pos + 8 + n]
+        pos += 8 + n
+        try:
+            append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            append(raw)
+    return out
+
+
+def _decode_checked(buf: Any, kv: KV) -> object:
+    """The value of one of our string or number records, `kv` a record the strict reader read from `buf`
+    (its span checked against the file): what decode_value gives, without checking the span again."""
+    if kv.vtype is STR:
+        raw = buf[kv.value_start + 8 : kv.end]
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            return bytes(raw)
+    number = _NUMBERS.get(kv.vtype)
+    return number.unpack_from(buf, kv.value_start)[0] if number is not None else decode_value(buf, kv.vtype,
+                                                                                               kv.value_start)[0]
+
 
 DIGEST_SIZE = 16
 HEX_DIGEST = 32
 PREFIX_SIZE = 24  # magic, version, n_tensors, n_kv
 _UNSEALED = "0" * HEX_DIGEST
+_NOT_DECODED = object()
 MAX_POSITIONS = 0xFFFF  # split.no is a u16
 
 
@@ -110,11 +192,37 @@ def identity_record(name: str, shape: tuple[int, ...], ggml_type: int, digest: b
 def content_id(position: int, alignment: int, architecture: str | None,
                tensors: Iterable[tuple[str, tuple[int, ...], int, bytes]]) -> str:
     """A shared file's identity: everything its bytes depend on (its position is in the file)."""
+    h = _content_id_start(position, alignment, architecture)
+    for name, shape, ggml_type, digest in tensors:
+        h.update(identity_record(name, shape, ggml_type, digest))
+    return h.hexdigest()
+
+
+def _content_id_start(position: int, alignment: int, architecture: str | None) -> "xxhash.xxh3_128":
     h = xxhash.xxh3_128()
     h.update(b"gguf-split shared file\0" + struct.pack("<IHI", LAYOUT_VERSION, position, alignment))
     h.update((architecture or "").encode() + b"\0")
-    for name, shape, ggml_type, digest in tensors:
-        h.update(identity_record(name, shape, ggml_type, digest))
+    return h
+
+
+_NO_OFFSET = bytes(8)
+
+
+def content_id_of_records(buf: Any, tensors: Sequence[TensorInfo], digests: bytes, position: int, alignment: int,
+                          architecture: str | None) -> str:
+    """content_id() of a file's tensors from their tensor-info records in `buf`, without re-encoding them.
+
+    A record is encode_tensor_info(name, shape, type, offset) byte for byte: the reader decodes the name
+    as strict UTF-8 (re-encoding gives its bytes back) and takes n_dims, dims and type as written; so the
+    record with its last 8 bytes (the offset) zeroed is the identity record's first part. `digests`: one
+    16-byte digest per tensor, in order (the file's tensor_digests record, its length checked)."""
+    h = _content_id_start(position, alignment, architecture)
+    parts: list[bytes] = []
+    at = 0
+    for t in tensors:
+        parts += (buf[t.start : t.end - 8], _NO_OFFSET, digests[at : at + DIGEST_SIZE])
+        at += DIGEST_SIZE
+    h.update(b"".join(parts))
     return h.hexdigest()
 
 
@@ -177,7 +285,11 @@ def build_header(own_kvs: Sequence[bytes], tail_kvs: Sequence[bytes], tensors: S
 
 def seal_offset() -> int:
     """Byte offset of the seal's hex text: it is the first KV, right after the 24-byte prefix."""
-    return PREFIX_SIZE + len(encode_kv(K_SEAL, STR, _UNSEALED)) - HEX_DIGEST
+    return _SEAL_AT
+
+
+_SEAL_AT = PREFIX_SIZE + len(encode_kv(K_SEAL, STR, _UNSEALED)) - HEX_DIGEST
+_UNSEALED_BYTES = _UNSEALED.encode()
 
 
 def shared_kvs(*, position: int, cid: str, digests: bytes, architecture: str | None, alignment: int) -> list[bytes]:
@@ -195,16 +307,18 @@ def shared_kvs(*, position: int, cid: str, digests: bytes, architecture: str | N
     return kvs
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class FileRef:
-    """One entry of an adaptor's list of files: the file at `position` (its split.no) for this task."""
+    """One entry of an adaptor's list of files: the file at `position` (its split.no) for this task.
+    Read-only through `Final` (mypy --strict refuses an assignment), not frozen=True: every load builds
+    one per file of the task (up to 32), and a frozen dataclass costs 3x as much to build."""
 
-    position: int
-    name: str
-    content_id: str
-    size: int
-    xxh3: str  # whole file, hex xxh3-128 (what `xxh128sum` prints)
-    sha256: str
+    position: Final[int]
+    name: Final[str]
+    content_id: Final[str]
+    size: Final[int]
+    xxh3: Final[str]  # whole file, hex xxh3-128 (what `xxh128sum` prints)
+    sha256: Final[str]
 
 
 @dataclass(frozen=True)
@@ -230,10 +344,99 @@ class SourceRecords:
     kept_kvs: list[bytes]  # source 0's KVs except split.*, in order: the adaptor's tail
 
 
+@dataclass(frozen=True)
+class RecipeRecord:
+    """How a quantized task was made (llama-quantize's parameters), as recorded: equal recipes give equal
+    bytes for equal source tensors on one llama.cpp build."""
+
+    qtype: str  # llama-quantize's TYPE, canonical (Q4_K_M)
+    ftype: int  # its llama_ftype (general.file_type of the result)
+    options: str = ""  # llama-quantize's other options, canonical ("--pure --output-tensor-type q8_0")
+    imatrix_name: str = ""  # file name ("" without an imatrix)
+    imatrix_sha256: str = ""
+    template_name: str = ""  # a template model whose per-tensor types were taken ("" without)
+    template_sha256: str = ""  # sha256 of the template's (tensor name, type) list
+
+    def differences(self, other: "RecipeRecord") -> list[str]:
+        """What differs from `other`, in words (empty: the same recipe)."""
+        out = []
+        if (self.qtype, self.options) != (other.qtype, other.options):
+            out.append(f"type {other.qtype} {other.options}".rstrip() + f" instead of {self.qtype} {self.options}".rstrip())
+        if self.imatrix_sha256 != other.imatrix_sha256:
+            out.append(f"imatrix {other.imatrix_name or 'none'} instead of {self.imatrix_name or 'none'}"
+                       + (f" (sha256 {self.imatrix_sha256[:12]}...)" if self.imatrix_sha256 else ""))
+        if self.template_sha256 != other.template_sha256:
+            out.append(f"template {other.template_name or 'none'} instead of {self.template_name or 'none'}")
+        return out
+
+
+@dataclass(frozen=True)
+class QuantizeRecords:
+    """A quantized task's records (see the module docstring): per-tensor lists in the quantized file's order."""
+
+    recipe: RecipeRecord
+    build: dict[str, str]  # the llama.cpp build that quantized it (Backend.build_info())
+    source_name: str  # the full-precision input (not kept)
+    source_size: int
+    source_xxh3: str
+    sha256: str  # of the quantized file (what restore gives back)
+    source_digests: bytes  # xxh3-128 of each source tensor, 16 bytes each
+    source_types: tuple[int, ...]
+    unit_keys: bytes  # UNIT_KEY_SIZE bytes each
+
+    def kvs(self) -> list[bytes]:
+        r = self.recipe
+        return [
+            encode_kv(K_Q_TYPE, STR, r.qtype),
+            encode_kv(K_Q_FTYPE, U32, r.ftype),
+            encode_kv(K_Q_OPTIONS, STR, r.options),
+            encode_kv(K_Q_IMATRIX_NAME, STR, r.imatrix_name),
+            encode_kv(K_Q_IMATRIX_SHA256, STR, r.imatrix_sha256),
+            encode_kv(K_Q_TEMPLATE_NAME, STR, r.template_name),
+            encode_kv(K_Q_TEMPLATE_SHA256, STR, r.template_sha256),
+            encode_kv(K_Q_BUILD_KEYS, ARR, list(self.build), STR),
+            encode_kv(K_Q_BUILD_VALUES, ARR, list(self.build.values()), STR),
+            encode_kv(K_Q_SRC_NAME, STR, self.source_name),
+            encode_kv(K_Q_SRC_SIZE, U64, self.source_size),
+            encode_kv(K_Q_SRC_XXH3, STR, self.source_xxh3),
+            encode_kv(K_Q_SHA256, STR, self.sha256),
+            blob_kv(K_Q_SRC_DIGESTS, self.source_digests),
+            encode_kv(K_Q_SRC_TYPES, ARR, list(self.source_types), U32),
+            blob_kv(K_Q_UNIT_KEYS, self.unit_keys),
+        ]
+
+    @classmethod
+    def read(cls, f: "SplitFile", n_tensors: int) -> "QuantizeRecords | None":
+        """The records of an adaptor (None: not a quantized task), checked against its `n_tensors`."""
+        if K_Q_TYPE not in f.header.kv_by_key:
+            return None
+        ftype = f.record(K_Q_FTYPE, U32)
+        size = f.record(K_Q_SRC_SIZE, U64)
+        assert isinstance(ftype, int) and isinstance(size, int)
+        recipe = RecipeRecord(f.text(K_Q_TYPE), ftype, f.text(K_Q_OPTIONS), f.text(K_Q_IMATRIX_NAME),
+                        f.text(K_Q_IMATRIX_SHA256), f.text(K_Q_TEMPLATE_NAME), f.text(K_Q_TEMPLATE_SHA256))
+        keys = f.array(K_Q_BUILD_KEYS, STR)
+        build = dict(zip(keys, f.array(K_Q_BUILD_VALUES, STR, len(keys))))
+        digests, units = f.blob(K_Q_SRC_DIGESTS), f.blob(K_Q_UNIT_KEYS)
+        types = f.array(K_Q_SRC_TYPES, U32, n_tensors)
+        if len(digests) != n_tensors * DIGEST_SIZE or len(units) != n_tensors * UNIT_KEY_SIZE:
+            raise GGUFSplitError(f.path, "gguf-split quantize records do not match the model's tensors: damaged")
+        return cls(recipe, build, f.text(K_Q_SRC_NAME), size, f.text(K_Q_SRC_XXH3), f.text(K_Q_SHA256), digests,
+                   tuple(types), units)
+
+    def unit_key(self, i: int) -> bytes:
+        return self.unit_keys[i * UNIT_KEY_SIZE:(i + 1) * UNIT_KEY_SIZE]
+
+    def source_digest(self, i: int) -> bytes:
+        return self.source_digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
+
+
 def adaptor_kvs(*, task: str, files: Sequence[FileRef], tensor_files: Sequence[int], digests: bytes,
-                source: SourceRecords, n_model_tensors: int, cut: str = "none", cut_scheme: int = 1) -> list[bytes]:
+                source: SourceRecords, n_model_tensors: int, cut: str = "none", cut_scheme: int = 1,
+                quantize: QuantizeRecords | None = None) -> list[bytes]:
     """gguf-split's records of an adaptor (the tail, source.kept_kvs, follows the index). `cut` and
-    `cut_scheme`: how the split cut its shared groups, so that a later `add` cuts new ones the same way."""
+    `cut_scheme`: how the split cut its shared groups, so that a later `add` cuts new ones the same way;
+    `quantize`: a quantized task's recipe and provenance."""
     s = source
     return [
         encode_kv(K_VERSION, U32, LAYOUT_VERSION),
@@ -257,6 +460,7 @@ def adaptor_kvs(*, task: str, files: Sequence[FileRef], tensor_files: Sequence[i
         blob_kv(K_SRC_REPLACED_KVS, s.replaced_kvs),
         blob_kv(K_SRC_SHARD_KVS, s.shard_kvs),
         blob_kv(K_SRC_GAPS, s.gaps),
+        *(quantize.kvs() if quantize is not None else []),
         encode_kv(SPLIT_NO, U16, 0),
         encode_kv(SPLIT_COUNT, U16, len(files) + 1),
         encode_kv(SPLIT_TENSORS, I32, n_model_tensors),
@@ -271,6 +475,64 @@ class NotASplitFile(GGUFSplitError):
     """A valid GGUF start, but not written by gguf-split (no seal record first)."""
 
 
+@dataclass(slots=True)
+class _Remembered:
+    """One header as a SplitFile parsed it from `head` (a copy of the file's first bytes) in a file of `size`
+    bytes; `header` None: the header did not fit in HeaderMemo.READ bytes (parsed from the map each time)."""
+
+    size: int
+    head: bytes | None = None
+    header: Header | None = None
+    tail: dict[str, tuple[int, int]] | None = None
+    sealed: bool = False  # check_seal passed on `head`
+    derived: dict[str, object] = field(default_factory=dict)  # SplitFile.remembered: computed from `head`
+
+
+T = TypeVar("T")
+
+
+class HeaderMemo:
+    """Headers of gguf-split files parsed and checked in this process, per (path, device, inode): a file
+    opened again (a task loaded again, a swap back) whose size and header bytes are the remembered ones is
+    given the remembered parse, seal check and derived records (SharedInfo) instead of doing them again.
+
+    Why it is safe: the key only finds a candidate; a hit needs the file's size and every byte of its
+    header (0 to the end of the tensor infos) equal to the copy the parse read, compared in full on each
+    open. Every check on a header is a function of exactly those bytes, that size and the path, and is
+    computed from the copy (never from the map, which another process could change meanwhile), so a hit
+    gives exactly what parsing and checking again would: an edited, truncated or replaced file, a reused
+    inode, a restored mtime all miss. The tensor data is not covered, as it is not by a fresh parse.
+    Headers longer than READ bytes (an adaptor's holds the vocabulary) are not kept: parsed from the map
+    each time, as without a memo. At most MAX_FILES entries (oldest dropped first), MAX_FILES * READ bytes."""
+
+    FIRST = 16 << 10  # read first: a shared file's header is a few KiB
+    READ = 64 << 10  # then this much, if the header is longer
+    MAX_FILES = 4096
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, int, int], _Remembered] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> _Remembered | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple[str, int, int], entry: _Remembered) -> _Remembered:
+        with self._lock:
+            self._entries.pop(key, None)
+            while len(self._entries) >= self.MAX_FILES:
+                del self._entries[next(iter(self._entries))]
+            self._entries[key] = entry
+        return entry
+
+    def clear(self) -> None:
+        """Forget everything (benchmarks use it to time a process's first open of each file)."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class SplitFile(GGUFFile):
     """A file gguf-split wrote, opened through its header index: gguf-split's records and the tensor infos
     are read and checked; the original model's KVs (a 262k-token vocabulary, say) are located but not
@@ -280,70 +542,132 @@ class SplitFile(GGUFFile):
 
     tail: dict[str, tuple[int, int]]
 
-    def __init__(self, path: str | os.PathLike[str], *, keep_fd: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, keep_fd: bool = True, memo: HeaderMemo | None = None) -> None:
+        """With `memo`, a header parsed and checked before is taken from it (HeaderMemo says when)."""
+        self._values: dict[str, Any] = {}  # our records' strings and numbers, once decoded (kv_value)
+        self._head: bytes | None = None  # the copy of the header every header read uses (a memo's), else None
+        self._remembered: _Remembered | None = None
+        self._just_compared = False  # the header was compared with the remembered copy by this open
         super().__init__(path, parse=False)
         try:
+            if memo is not None:
+                self._open_remembered(memo)
             if not keep_fd:
                 os.close(self.fd)
                 self.fd = -1
-            self._parse_indexed()
+            if memo is None:
+                self._parse_indexed(self.mm)
         except BaseException:
             self.close()
             raise
 
-    def _parse_indexed(self) -> None:
-        mm, p = self.mm, self.path
+    def _open_remembered(self, memo: HeaderMemo) -> None:
+        """The remembered header if this file's size and header bytes are the remembered ones; else parse a
+        copy of the file's first bytes (the map if the header is longer) and remember that. The bytes are
+        read with pread, not through the map: the header's page is not faulted in (~8 us a file)."""
+        key = (self.path, *self.identity)
+        mm = self.mm
+        got = memo.get(key)
+        if got is not None and got.size == self.size:
+            if got.head is None:
+                self._parse_indexed(mm)
+                return
+            if os.pread(self.fd, len(got.head), 0) == got.head:
+                assert got.header is not None and got.tail is not None
+                self.header, self.tail, self._head, self._remembered = got.header, got.tail, got.head, got
+                self._just_compared = True
+                return
+        copy = b""
+        for n in sorted({min(self.size, memo.FIRST), min(self.size, memo.READ)}):
+            copy = os.pread(self.fd, n, 0)
+            try:
+                self._parse_indexed(copy)  # reads within the copy only: success there is success on the file
+                break
+            except GGUFSplitError:
+                if len(copy) == self.size:
+                    raise
+        else:
+            self._parse_indexed(mm)  # a header longer than READ (or a damaged one: this says what is wrong)
+            memo.put(key, _Remembered(self.size))
+            return
+        self._head = copy[: self.header.tensor_info_end]
+        self._remembered = memo.put(key, _Remembered(self.size, self._head, self.header, self.tail))
+        self._just_compared = True
+
+    @property
+    def header_bytes(self) -> Any:
+        """What header reads read: the remembered copy of the header (HeaderMemo), else the map."""
+        mm = self.mm  # refused once closed, either way
+        return self._head if self._head is not None else mm
+
+    def remembered(self, name: str, compute: Callable[["SplitFile"], T]) -> T:
+        """compute(self), once per remembered header: `compute` must read the header through header_bytes
+        and this file's records only (so its result is a function of the remembered bytes and the path)."""
+        got = self._remembered
+        if got is None:
+            return compute(self)
+        if name not in got.derived:
+            got.derived[name] = compute(self)
+        return got.derived[name]  # type: ignore[return-value]
+
+    def _parse_indexed(self, mm: Any) -> None:
+        """Parse the header from `mm`: the map, or a copy of the file's first bytes (reads stay within it)."""
+        p = self.path
         version, n_tensors, n_kv = read_prefix(mm, p)
-        own, index = self._own_records(n_kv)
-        ti_start, data_start, offsets = self._index_offsets(index, n_kv, len(own), own[-1].end)
-        own_keys = {kv.key for kv in own}
-        if len(own_keys) != len(own):
+        own, index = self._own_records(mm, n_kv)
+        ti_start, data_start, offsets = self._index_offsets(mm, index, n_kv, len(own), own[-1].end)
+        by_key = {kv.key: kv for kv in own}
+        if len(by_key) != len(own):
             raise GGUFSplitError(p, "duplicate gguf-split record: damaged")
-        tail, alignment = self._locate_tail(offsets, ti_start, own_keys)
-        alignment = self._own_alignment(own, alignment)
+        tail, alignment = self._locate_tail(mm, offsets, ti_start, by_key)
+        alignment = self._own_alignment(mm, by_key.get(ALIGNMENT_KEY), alignment)
         tensors = read_tensor_infos_at(mm, ti_start, n_tensors, alignment, p)
         if align_up(tensors[-1].end if tensors else ti_start, alignment) != data_start:
             raise GGUFSplitError(p, "header index: data offset does not match the tensor infos: damaged")
         self.header = Header(p, version, own, tensors, alignment, ti_start, data_start, self.size,
-                             {kv.key: kv for kv in own}, {t.name: t for t in tensors})
+                             by_key, {t.name: t for t in tensors})
         _check_data_layout(self.header)
         self.tail = tail
 
-    def _own_records(self, n_kv: int) -> tuple[list[KV], KV]:
+    def _own_records(self, mm: Any, n_kv: int) -> tuple[list[KV], KV]:
         """gguf-split's records: from the seal (first) to the header index (last of ours)."""
         own: list[KV] = []
         pos = PREFIX_SIZE
         while len(own) < n_kv:
-            kv = read_kv_at(self.mm, pos, self.path)
-            if not own and kv.key != K_SEAL:
+            run, pos = read_known_kvs(mm, pos, OWN_RECORDS, K_INDEX, n_kv - len(own))
+            if not run:  # one the fast path leaves to the strict reader (which reads it or says what is wrong)
+                run = [read_kv_at(mm, pos, self.path)]
+                pos = run[0].end
+            if not own and run[0].key != K_SEAL:
                 raise NotASplitFile(self.path, "not written by gguf-split (no gguf-split seal record)")
-            own.append(kv)
-            pos = kv.end
+            own += run
+            kv = run[-1]  # a run ends at the index
             if kv.key == K_INDEX:
                 if kv.vtype is not ARR or kv.subtype is not U64:
                     break
                 return own, kv
         raise GGUFSplitError(self.path, "gguf-split header index is missing or damaged")
 
-    def _index_offsets(self, index: KV, n_kv: int, n_own: int, after_own: int) -> tuple[int, int, list[int]]:
+    def _index_offsets(self, mm: Any, index: KV, n_kv: int, n_own: int, after_own: int) -> tuple[int, int, list[int]]:
         """(tensor-info start, data start, each original KV's offset) from the index, checked: in order,
         in range, the first right after our records (the original KVs follow the index back to back)."""
         if index.count != 2 + n_kv - n_own:  # checked before decoding: the count comes from the file
             raise GGUFSplitError(self.path, "header index does not match the header: damaged")
-        values = decode_value(self.mm, index.vtype, index.value_start)[0]
-        ti_start, data_start, offsets = values[0], values[1], values[2:]
+        values = struct.unpack_from(f"<{index.count}Q", mm, index.value_start + 12)  # a checked record
+        ti_start, data_start, offsets = values[0], values[1], list(values[2:])
         starts = [*offsets, ti_start]
-        if starts[0] != after_own or any(a >= b for a, b in zip(starts, starts[1:])) or ti_start > self.size:
+        if (starts[0] != after_own or ti_start > self.size
+                or (offsets and any(a >= b for a, b in zip(starts, starts[1:])))):
             raise GGUFSplitError(self.path, "header index offsets are out of order or out of range: damaged")
         return ti_start, data_start, offsets
 
-    def _locate_tail(self, offsets: list[int], ti_start: int,
-                     own_keys: set[str]) -> tuple[dict[str, tuple[int, int]], int]:
+    def _locate_tail(self, mm: Any, offsets: list[int], ti_start: int,
+                     own_keys: Container[str]) -> tuple[dict[str, tuple[int, int]], int]:
         """The original KVs located by the index (key -> record span), not decoded; the alignment among them."""
         tail: dict[str, tuple[int, int]] = {}
         alignment = 32
         for start, end in zip(offsets, [*offsets[1:], ti_start]):
-            cur = _Cursor(self.mm, start, end, self.path)  # bounded by the next record: a damaged index cannot run on
+            cur = _Cursor(mm, start, min(end, len(mm)), self.path)  # bounded by the next record: a damaged index cannot run on
             key = cur.text("metadata key")
             vtype = cur.value_type(f"value type of {key!r}")
             if key in tail or key in own_keys:
@@ -355,13 +679,12 @@ class SplitFile(GGUFFile):
                 alignment = cur.u32(ALIGNMENT_KEY)
         return tail, alignment
 
-    def _own_alignment(self, own: list[KV], alignment: int) -> int:
-        """A shared file records its alignment among our records; either way it must be a power of two."""
-        for kv in own:
-            if kv.key == ALIGNMENT_KEY:
-                if kv.vtype is not U32:
-                    raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
-                alignment = decode_value(self.mm, kv.vtype, kv.value_start)[0]
+    def _own_alignment(self, mm: Any, kv: KV | None, alignment: int) -> int:
+        """A shared file records its alignment among our records (`kv`); either way it must be a power of two."""
+        if kv is not None:
+            if kv.vtype is not U32:
+                raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} must be a u32, not {kv.vtype.name}")
+            alignment = decode_value(mm, kv.vtype, kv.value_start)[0]
         if alignment == 0 or alignment & (alignment - 1):
             raise GGUFSplitError(self.path, f"{ALIGNMENT_KEY} = {alignment} is not a power of two")
         return alignment
@@ -372,10 +695,28 @@ class SplitFile(GGUFFile):
     def tail_kv(self, key: str) -> KV:
         """The original KV `key`, checked against the file (every length) and its index span."""
         start, end = self.tail[key]
-        kv = read_kv_at(self.mm, start, self.path)
+        kv = read_kv_at(self.header_bytes, start, self.path)
         if kv.end != end or kv.key != key:
             raise GGUFSplitError(self.path, f"metadata record {key!r} does not match the header index: damaged")
         return kv
+
+    def kv_value(self, key: str, *, expect: GGUFValueType | None = None) -> Any:
+        """As GGUFFile.kv_value; a string or number of our records is decoded once (a load asks for a file's
+        role, version and position several times). Arrays are decoded on every call: the caller owns the list."""
+        if expect is not None:
+            return super().kv_value(key, expect=expect)
+        return self._value(self.header.kv_by_key[key])
+
+    def _value(self, kv: KV) -> Any:
+        """The value of `kv`, one of this file's records (checked by the parse)."""
+        got = self._values.get(kv.key, _NOT_DECODED)
+        if got is _NOT_DECODED:
+            if kv.vtype is ARR:
+                if kv.subtype is STR:
+                    return _strings_checked(self.header_bytes, kv)
+                return decode_value(self.header_bytes, ARR, kv.value_start, path=self.path)[0]
+            got = self._values[kv.key] = _decode_checked(self.header_bytes, kv)
+        return got
 
     def get(self, key: str, default: object = None, *, expect: GGUFValueType | None = None) -> object:
         if key in self.header.kv_by_key:
@@ -384,23 +725,37 @@ class SplitFile(GGUFFile):
             kv = self.tail_kv(key)
             if expect is not None and kv.vtype is not expect:
                 raise GGUFSplitError(self.path, f"{key} is a {kv.vtype.name}, expected a {expect.name}")
-            return decode_value(self.mm, kv.vtype, kv.value_start)[0]
+            return decode_value(self.header_bytes, kv.vtype, kv.value_start)[0]
         return default
 
     # -- gguf-split's own records ------------------------------------------------------------------------
 
     def check_seal(self) -> None:
         """Any change to the header (one flipped bit, an edited KV) breaks the seal: ~1.5 ms for a 7 MB
-        header (Gemma-3's tokenizer), so the loader checks it on every open."""
+        header (Gemma-3's tokenizer), so the loader checks it on every open. A header taken from a
+        HeaderMemo is compared with the remembered copy, byte for byte (the first check after the open takes
+        the open's comparison), and the seal is checked once per copy (on the copy); a header that changed
+        since is checked on the map, as any other."""
         first = self.header.kvs[0] if self.header.kvs else None
-        at = seal_offset()
+        at = _SEAL_AT
         if first is None or first.key != K_SEAL or first.vtype is not STR or first.end != at + HEX_DIGEST:
             raise GGUFSplitError(self.path, "header damaged: its seal record is missing or altered")
-        h = xxhash.xxh3_128()
-        h.update(self.view(0, at))
-        h.update(_UNSEALED.encode())
-        h.update(self.view(at + HEX_DIGEST, self.header.tensor_info_end))
-        if h.hexdigest().encode() != self.raw(at, at + HEX_DIGEST):
+        got, self._just_compared, compared = self._remembered, False, self._just_compared
+        if got is not None and got.head is not None and (compared or self.mm[: len(got.head)] == got.head):
+            if not got.sealed:
+                self._check_seal_of(got.head)
+                got.sealed = True
+            return
+        self._check_seal_of(self.mm)
+
+    def _check_seal_of(self, buf: Any) -> None:
+        at = _SEAL_AT
+        with memoryview(buf) as whole:
+            h = xxhash.xxh3_128(whole[:at])
+            h.update(_UNSEALED_BYTES)
+            h.update(whole[at + HEX_DIGEST : self.header.tensor_info_end])
+            sealed = h.hexdigest().encode() == whole[at : at + HEX_DIGEST]
+        if not sealed:
             raise GGUFSplitError(self.path, "header damaged: its bytes do not match the seal gguf-split wrote "
                                             "(modified or corrupted after the split)")
 
@@ -408,7 +763,7 @@ class SplitFile(GGUFFile):
         kv = self.header.kv_by_key.get(key)
         if kv is None or kv.vtype is not vtype or (subtype is not None and kv.subtype is not subtype):
             raise GGUFSplitError(self.path, f"gguf-split record {key!r} is missing or damaged")
-        return self.kv_value(key)
+        return self._value(kv)
 
     def text(self, key: str) -> str:
         v = self.record(key, STR)
@@ -420,7 +775,7 @@ class SplitFile(GGUFFile):
         kv = self.header.kv_by_key.get(key)
         if kv is None or kv.vtype is not ARR or kv.subtype is not U8:
             raise GGUFSplitError(self.path, f"gguf-split record {key!r} is missing or damaged")
-        return self.raw(kv.value_start + 12, kv.end)
+        return bytes(self.header_bytes[kv.value_start + 12 : kv.end])
 
     def array(self, key: str, subtype: GGUFValueType, n: int | None = None) -> list:  # type: ignore[type-arg]
         values = self.record(key, ARR, subtype)
@@ -437,13 +792,13 @@ class SplitFile(GGUFFile):
         kv = self.header.kv_by_key.get(K_ROLE)
         if kv is None or kv.vtype is not STR:
             return None
-        v = self.kv_value(K_ROLE)
+        v = self._value(kv)
         return v if isinstance(v, str) else None
 
     @property
     def layout_version(self) -> int | None:
         kv = self.header.kv_by_key.get(K_VERSION)
-        return self.kv_value(K_VERSION) if kv is not None and kv.vtype is U32 else None
+        return self._value(kv) if kv is not None and kv.vtype is U32 else None
 
     def require(self, role: str) -> None:
         """This file is a gguf-split `role` of the layout this version reads."""
@@ -460,13 +815,18 @@ class SplitFile(GGUFFile):
             what = f"a gguf-split {actual} file" if actual else "not a gguf-split file"
             raise GGUFSplitError(self.path, f"expected a gguf-split {role} file, but this is {what}")
 
-    def digests(self) -> list[bytes]:
+    def digest_bytes(self) -> bytes:
+        """Every tensor's digest, 16 bytes each, in order (the record's length checked)."""
         raw = self.blob(K_DIGESTS)
         n = len(self.header.tensors)
         if len(raw) != n * DIGEST_SIZE:
             raise GGUFSplitError(self.path, f"gguf-split record {K_DIGESTS!r} holds {len(raw) // DIGEST_SIZE} digests "
                                             f"for {n} tensors: damaged")
-        return [raw[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] for i in range(n)]
+        return raw
+
+    def digests(self) -> list[bytes]:
+        raw = self.digest_bytes()
+        return [raw[i:i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
 
     def split_no(self) -> int:
         v = self.record(SPLIT_NO, U16)
@@ -505,9 +865,8 @@ class SharedInfo:
             raise GGUFSplitError(f.path, f"shared file with split.no {position}: damaged")
         arch = f.get(ARCHITECTURE_KEY)
         architecture = arch if isinstance(arch, str) else None
-        digests = f.digests()
-        expect = content_id(position, f.header.alignment, architecture,
-                            ((t.name, t.shape, t.ggml_type, d) for t, d in zip(f.header.tensors, digests)))
+        expect = content_id_of_records(f.header_bytes, f.header.tensors, f.digest_bytes(), position, f.header.alignment,
+                                       architecture)
         if expect != cid:
             raise GGUFSplitError(f.path, "its tensors do not match its recorded content id: damaged")
         return cls(f.path, position, cid, architecture, len(f.header.tensors))
@@ -525,6 +884,7 @@ class AdaptorInfo:
     n_model_tensors: int
     cut: str = "none"  # how the split cut its shared groups; splits made before cuts existed (0.2) record none
     cut_scheme: int = 1
+    quantize: QuantizeRecords | None = None  # a quantized task's recipe and provenance
 
     @classmethod
     def read(cls, f: SplitFile) -> "AdaptorInfo":
@@ -562,7 +922,7 @@ class AdaptorInfo:
         if K_CUT in f.header.kv_by_key:
             cut = f.text(K_CUT)
             scheme = f.record(K_CUT_SCHEME, U32)  # type: ignore[assignment]
-        return cls(p, task, files, tensor_files, sources, n_model, cut, scheme)
+        return cls(p, task, files, tensor_files, sources, n_model, cut, scheme, QuantizeRecords.read(f, n_model))
 
     def paths(self) -> list[str]:
         """The task's llama.cpp split list: this adaptor, then its files in order (beside it)."""

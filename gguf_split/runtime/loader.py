@@ -20,7 +20,7 @@ What it promises, and how:
   no task, no `model.tensors` / `model.metadata` a reader took, and no view a caller holds uses it any
   more (reference counting: no garbage collection needed). `swap` maps only what the new task adds and
   unmaps what nothing uses; loading and swapping 10,000 times keeps memory flat. A file changed on disk
-  (size or mtime) is mapped anew.
+  (size, mtime or ctime: an edit with its mtime put back still changes the ctime) is mapped anew.
 - Paths are the ones the task was reached by: tasks are found beside the path the split was opened with,
   a task's shared files beside its adaptor (or where `shared=` points), and `files`, `llama_cpp_paths()`
   and `Tensor.file` report those paths (absolute, symlinks kept), never the path another task mapped the
@@ -28,7 +28,10 @@ What it promises, and how:
 - Checks: an adaptor's seal (xxh3-128 of its header) is checked on every load and swap (~1.5 ms for
   Gemma-3's 7 MB header): an edited header is refused, as `verify` refuses it. A shared file's seal and
   records are checked when it is mapped, and every load compares them with what its adaptor recorded
-  (content id, position, size), whether the file was already mapped or not. Tensor data is not hashed
+  (content id, position, size), whether the file was already mapped or not. A shared file mapped again
+  (after every task let go of it) whose size and header bytes equal those this process checked before
+  (compared in full: records.HeaderMemo) takes that parse and those checks instead of redoing them: a
+  task of the default cut has up to 33 files, and parsing and checking them was most of its load. Tensor data is not hashed
   (that is `verify`'s job): opening stays independent of model size.
 - Cost independent of model size: gguf-split writes its records first in every file, with a header index,
   so opening an adaptor reads its records and tensor infos and jumps over the tokenizer arrays.
@@ -59,7 +62,7 @@ from ..format.gguf import parse_tensor_infos
 from ..format.model import Field, Metadata, Model, Tensor, _renamed, _Tensors, open_model
 from ..format.names import adaptor_name, check_task_name, show
 from ..disk.commit import pending_view
-from ..format.records import K_SRC_TENSOR_INFOS, K_TASK, ROLE_ADAPTOR, AdaptorInfo, SharedInfo, SplitFile
+from ..format.records import K_SRC_TENSOR_INFOS, K_TASK, ROLE_ADAPTOR, AdaptorInfo, HeaderMemo, SharedInfo, SplitFile
 from ..splitdir.directory import FileFinder, SplitDir, directory_of, match_shared, read_consistently, read_shared
 
 if TYPE_CHECKING:  # imported by the first apply_lora (TaskModel._lora_set), never by a load
@@ -73,41 +76,67 @@ __all__ = ["Split", "Foundation", "Model", "TaskModel", "Tensor", "Field", "Meta
 # Shared mappings
 
 
+HEADERS = HeaderMemo()  # shared files' headers, parsed and checked once per process while their bytes stay the same
+
+
 class _Mapped:
     """One mapping of a gguf-split file (an adaptor or a shared file), shared by every task in this process
     that uses it, whatever path reached it. Closed when the last reference goes (views a caller still
-    holds keep the map itself alive until they go too)."""
+    holds keep the map itself alive until they go too).
 
-    _registry: "weakref.WeakValueDictionary[tuple[int, int], _Mapped]" = weakref.WeakValueDictionary()
-    _lock = threading.Lock()
+    The registry maps (device, inode) to a weak reference whose callback, run once the mapping is
+    unreachable (the reference already dead: no lookup can revive it), removes the entry and closes the
+    file: a plain dict and one weakref per file, where a WeakValueDictionary plus weakref.finalize cost
+    ~5 us per file on every load. The lock is reentrant: a callback can run in a thread that holds it."""
 
-    def __init__(self, file: SplitFile, stamp: tuple[int, int] | None) -> None:
+    _registry: "dict[tuple[int, int], weakref.ref[_Mapped]]" = {}
+    _lock = threading.RLock()
+
+    def __init__(self, file: SplitFile, stamp: tuple[int, int, int] | None) -> None:
         self.file = file
-        self.stamp = stamp  # (size, mtime) when mapped; None: never reused
+        self.stamp = stamp  # (size, mtime, ctime) when mapped; None: never reused
         self.shared: SharedInfo | None = None  # its records, once checked as a shared file
-        weakref.finalize(self, file.close)
 
     @classmethod
-    def get(cls, path: str) -> "_Mapped":
-        """The mapping of the file at `path`: the one this process has, unless the file changed since."""
-        try:
-            st = os.stat(path)
-        except (OSError, ValueError) as e:
-            raise GGUFSplitError(show(path), f"cannot open: {getattr(e, 'strerror', None) or e}") from None
-        key = (st.st_dev, st.st_ino)
-        stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+    def _lookup(cls, key: tuple[int, int]) -> "_Mapped | None":
+        ref = cls._registry.get(key)
+        return ref() if ref is not None else None
+
+    @classmethod
+    def _register(cls, key: tuple[int, int], mapped: "_Mapped") -> None:
+        """Under the lock. A stale mapping this replaces stays with the tasks that use it (its map goes with it)."""
+        cls._registry[key] = weakref.ref(mapped, partial(_Mapped._released, key, mapped.file))
+
+    @classmethod
+    def _released(cls, key: tuple[int, int], file: SplitFile, ref: "weakref.ref[_Mapped]") -> None:
         with cls._lock:
-            got = cls._registry.get(key)
+            if cls._registry.get(key) is ref:
+                del cls._registry[key]
+        file.close()
+
+    @classmethod
+    def get(cls, path: str, st: os.stat_result | None = None, *, shared: bool = False) -> "_Mapped":
+        """The mapping of the file at `path`: the one this process has, unless the file changed since. `st`:
+        the file's stat if the caller just took it (FileFinder found it). A `shared` file's header is parsed
+        and checked once per process while its bytes stay the same (HEADERS)."""
+        if st is None:
+            try:
+                st = os.stat(path)
+            except (OSError, ValueError) as e:
+                raise GGUFSplitError(show(path), f"cannot open: {getattr(e, 'strerror', None) or e}") from None
+        key = (st.st_dev, st.st_ino)
+        stamp: tuple[int, int, int] | None = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        got = cls._lookup(key)  # one dict read and a weakref call: atomic, no lock needed to look
         if got is not None and got.stamp == stamp:
             return got
-        f = SplitFile(path, keep_fd=False)
+        f = SplitFile(path, keep_fd=False, memo=HEADERS if shared else None)
         if f.identity != key or f.size != st.st_size:
             stamp = None  # replaced between the stat and the open: map it, but never reuse the mapping
         with cls._lock:
-            got = cls._registry.get(f.identity)
+            got = cls._lookup(f.identity)
             if got is None or stamp is None or got.stamp != stamp:
                 got = cls(f, stamp)
-                cls._registry[f.identity] = got  # a stale mapping stays with the tasks that use it
+                cls._register(f.identity, got)
                 return got
         f.close()  # another thread mapped it meanwhile
         return got
@@ -115,7 +144,9 @@ class _Mapped:
     @classmethod
     def count(cls) -> int:
         """Files mapped by the loader in this process (for tests and benchmarks)."""
-        return len(cls._registry)
+        with cls._lock:
+            refs = list(cls._registry.values())  # a callback run meanwhile (this thread) may remove an entry
+        return sum(1 for ref in refs if ref() is not None)
 
 
 class _OtherTask(GGUFSplitError):
@@ -149,7 +180,7 @@ class _Overlay:
         files: list[tuple[_Mapped, str]] = [(ad, os.path.abspath(adaptor_path))]
         for ref in info.files:
             path = finder.find(ref, info)
-            m = _Mapped.get(path)
+            m = _Mapped.get(path, finder.stats.get(path), shared=True)
             try:
                 shared = m.shared
                 if shared is None:

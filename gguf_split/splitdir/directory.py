@@ -21,6 +21,7 @@ and the open, say) is retried; one in a directory that did not change is real, a
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -194,6 +195,8 @@ class FileFinder:
             else:
                 raise GGUFSplitError(show(p), f"{SHARED_OPTION}: no such file or directory")
         self._views: dict[str, dict[str, str | None]] = {}
+        self._beside: dict[str, str] = {}  # adaptor path -> its directory (absolute)
+        self.stats: dict[str, os.stat_result] = {}  # path found -> its stat when found (the loader maps it next)
 
     def _in_dir(self, directory: str, name: str) -> str | None:
         view = self._views.get(directory)
@@ -203,7 +206,14 @@ class FileFinder:
             actual = view[name]
             return os.path.join(directory, actual) if actual is not None else None
         p = os.path.join(directory, name)
-        return p if os.path.isfile(p) else None
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        self.stats[p] = st
+        return p
 
     def find(self, ref: FileRef, adaptor: AdaptorInfo) -> str:
         if ref.name in self.files:
@@ -212,7 +222,10 @@ class FileFinder:
             p = self._in_dir(d, ref.name)
             if p is not None:
                 return p
-        p = self._in_dir(os.path.dirname(os.path.abspath(adaptor.path)), ref.name)
+        beside = self._beside.get(adaptor.path)
+        if beside is None:
+            beside = self._beside[adaptor.path] = os.path.dirname(os.path.abspath(adaptor.path))
+        p = self._in_dir(beside, ref.name)
         if p is not None:
             return p
         where = f" nor in {', '.join(map(show, self.dirs))}" if self.dirs else ""
@@ -232,7 +245,7 @@ def read_shared(f: SplitFile) -> SharedInfo:
     """A shared file's seal and records, checked: what `match_shared` compares with each adaptor's record
     (the runtime loader reads a file once per mapping and compares it with every task that uses it)."""
     f.check_seal()
-    return SharedInfo.read(f)
+    return f.remembered("shared", SharedInfo.read)  # read from the header's bytes: once per remembered header
 
 
 def match_shared(info: SharedInfo, size: int, path: str, ref: FileRef, adaptor: AdaptorInfo) -> None:

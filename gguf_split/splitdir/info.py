@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from ..format.gguf import ARCHITECTURE_KEY, GGUFFile
@@ -23,6 +24,7 @@ from ..format.records import (
     ROLE_SHARED,
     SPLIT_KEYS,
     AdaptorInfo,
+    QuantizeRecords,
     SplitFile,
     open_split_file,
     role_of,
@@ -32,6 +34,7 @@ from .directory import OpenTasks, open_tasks
 _ROLE_KEYS = {  # the keys of FileInfo that only some roles have, and which roles print them
     "content_id": ("shared",), "split_no": ("shared",), "hole": ("shared",),
     "task": ("adaptor",), "model_tensors": ("adaptor",), "files": ("adaptor",), "sources": ("adaptor",),
+    "quantized": ("adaptor",),
     "split": ("model",),
 }
 
@@ -59,6 +62,7 @@ class FileInfo:
     model_tensors: int | None = None  # adaptor
     files: list[dict[str, Any]] | None = None  # adaptor: its positions 1..k
     sources: list[dict[str, Any]] | None = None  # adaptor: the original file(s) it restores
+    quantized: dict[str, Any] | None = None  # adaptor of a task the split quantized: recipe, build, input
     split: dict[str, Any] | None = None  # model: llama.cpp's split.* KVs, if any
 
     def to_json(self, tensors: bool = False) -> dict[str, Any]:
@@ -86,6 +90,8 @@ class SplitInfo:
     ratio: float | None
     dedup_optimum_bytes: int
     over_optimum_bytes: int
+    near_misses: list[dict[str, Any]] = field(default_factory=list)  # pairs of tasks, format.nearmiss
+    near_miss_lines: list[str] = field(default_factory=list)
 
     def to_json(self, tensors: bool = False) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +136,19 @@ def _describe_adaptor(f: SplitFile, info: FileInfo) -> None:
     info.files = [{"position": r.position, "name": r.name, "content_id": r.content_id, "bytes": r.size,
                    "sha256": r.sha256} for r in a.files]
     info.sources = [{"name": s.name, "bytes": s.size, "xxh3": s.xxh3} for s in a.sources]
+    info.quantized = quantized_info(a.quantize)
+
+
+def quantized_info(q: QuantizeRecords | None) -> dict[str, Any] | None:
+    """What a quantized task's records say: the recipe, the build that quantized it, the full-precision input
+    it was made from (not kept) and the sha256 of the file restore gives (llama-quantize's output)."""
+    if q is None:
+        return None
+    r = q.recipe
+    return {"type": r.qtype, "options": r.options, "imatrix": r.imatrix_name or None,
+            "imatrix_sha256": r.imatrix_sha256 or None, "template": r.template_name or None,
+            "from": {"name": q.source_name, "bytes": q.source_size, "xxh3": q.source_xxh3},
+            "sha256": q.sha256, "build": q.build}
 
 
 def _type_counts(f: GGUFFile) -> dict[str, int]:
@@ -149,11 +168,18 @@ def savings(directory: str | os.PathLike[str], *, shared: Sequence[str] = ()) ->
                   "position": f.split_no(), "tasks": users.get(os.path.abspath(p), [])}
                  for p, f in sorted(cache.items(), key=lambda kv: (kv[1].split_no(), kv[0]))]
         sd = opened.split
+        from ..format.nearmiss import Version, near_misses  # only here: `info FILE` stays a header read
+
+        near = near_misses({task: [Version(t.name, t.ggml_type, t.shape, d, t.nbytes, partial(f.tensor_view, t))
+                                   for f in tf.files for t, d in zip(f.header.tensors, f.digests())]
+                            for task, tf in opened.tasks.items()})
     unused = [os.path.basename(p) for p in sd.shared.values() if os.path.abspath(p) not in cache]
     inputs = sum(t["source_bytes"] for t in tasks)
     total = sum(f["bytes"] for f in files) + sum(t["bytes"] for t in tasks)
     return SplitInfo(os.fspath(directory), tasks, files, unused, sd.pending, inputs, total, inputs - total,
-                     total / inputs if inputs else None, optimum, total - optimum)
+                     total / inputs if inputs else None, optimum, total - optimum,
+                     [{"tasks": list(p.tasks), "tensors": p.tensors, "bytes": p.bytes} for p in near.pairs],
+                     near.lines())
 
 
 def _tasks_and_users(opened: OpenTasks) -> tuple[list[dict[str, Any]], dict[str, list[str]], int]:
@@ -174,7 +200,8 @@ def _tasks_and_users(opened: OpenTasks) -> tuple[list[dict[str, Any]], dict[str,
                       "tensors": len(tf.adaptor.header.tensors),
                       "files": [os.path.basename(f.path) for f in tf.shared],
                       "sources": [s.name for s in tf.info.sources],
-                      "source_bytes": sum(s.size for s in tf.info.sources)})
+                      "source_bytes": sum(s.size for s in tf.info.sources),
+                      "quantized": quantized_info(tf.info.quantize)})
     return tasks, users, sum(versions.values()) + header_bytes
 
 

@@ -443,6 +443,42 @@ def test_version_imports_nothing_heavy(tmp_path: Path) -> None:
     assert "HEAVY []" in p.stdout, p.stdout + p.stderr
 
 
+def test_a_signal_while_a_class_is_made_is_one_line(tmp_path: Path) -> None:
+    """A SIGTERM landing in a dataclass's `__set_name__` while a module is imported reaches main() wrapped in
+    Python's RuntimeError("Error calling __set_name__"): still one line and 143, never a traceback (seen once
+    in the random-signals test under load)."""
+    code = ("import os, signal, sys, gguf_split.cli.app as app\n"
+            "class Boom:\n"
+            "    def __set_name__(self, owner, name):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "def run(argv):\n"
+            "    type('Made', (), {'x': Boom()})\n"
+            "app.run = run\n"
+            "sys.argv = ['gguf-split', 'info', 'x.gguf']\n"
+            "from gguf_split._main import main\n"
+            "main()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert (p.returncode, p.stderr) == (143, "gguf-split: terminated; no partial output was left behind\n")
+
+
+def test_a_signal_after_the_commit_says_what_stands(project: Path, tmp_path: Path) -> None:
+    """Ctrl-C after the split is committed, outside the transaction's block (while its report is printed):
+    the last line says the split is complete, not that nothing was left (seen once in the unpack kill test
+    under load)."""
+    out = tmp_path / "out"
+    code = ("import os, signal, sys, gguf_split.cli.assemble_cmds as cmds\n"
+            "def printing(report, *a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "cmds.print_split = printing\n"
+            f"sys.argv = ['gguf-split', 'split', '-q', {str(project / 'models' / 'base.gguf')!r}, "
+            f"{str(project / 'models' / 'chat.gguf')!r}, '-o', {str(out)!r}]\n"
+            "from gguf_split._main import main\n"
+            "main()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert (p.returncode, p.stderr) == (130, f"gguf-split: interrupted; the split in {out} is complete\n")
+    assert (out / "adaptor-chat.gguf").is_file()
+
+
 def test_piped_output_is_not_wrapped(project: Path, split_dir: Path) -> None:
     """Tables and reports keep whole lines when stdout is a pipe (scripts, logs)."""
     p = script("info", str(split_dir), cwd=project, env={"COLUMNS": "40"})

@@ -771,6 +771,74 @@ def test_edit_after_load_is_seen_at_the_next_load(tasks: Made, tmp_path: Path) -
         assert first.task == "chat"
 
 
+def test_shared_headers_are_remembered_only_while_their_bytes_stay(tasks: Made, tmp_path: Path) -> None:
+    """A shared file loaded again (nothing mapped meanwhile) takes its parse and checks from the loader's
+    HeaderMemo; the same file then edited in place, same size, its mtime and atime put back (what a key of
+    path, inode, size and mtime alone would take for unchanged), is refused at the next load, as without
+    a memo; put back as it was, it loads again."""
+    work = copy_split(tasks, tmp_path / "work")
+    victim = work.only_used_by("base", "chat")
+    in_shared = set()
+    for f in work.listed("chat"):
+        with GGUFFile(f) as g:
+            in_shared |= {t.name for t in g.header.tensors}
+    with open_split(work.dir) as s, s.load("chat") as model:
+        first = {n: model.tensors.info(n) for n in model.tensors}
+    assert in_shared and not in_shared - set(first)
+    with open_split(work.dir) as s, s.load("chat") as model:
+        again = {n: model.tensors.info(n) for n in model.tensors}
+        assert again == first and all(again[n] is first[n] for n in in_shared)  # remembered: the same objects
+        assert_model_matches(model, tasks.originals["chat"])
+    st = victim.stat()
+    at = kv_value_offset(victim, "general.architecture")
+    old = victim.read_bytes()[at:at + 4]
+    patch_file(victim, at, old.upper() if old != old.upper() else old.lower())
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert victim.stat().st_size == st.st_size and victim.stat().st_mtime_ns == st.st_mtime_ns
+    with open_split(work.dir) as s:
+        with pytest.raises(GGUFSplitError) as e:
+            s.load("chat")
+        assert e.value.path == str(victim) and "seal" in e.value.problem
+    patch_file(victim, at, old)
+    with open_split(work.dir) as s, s.load("chat") as model:  # back as it was: loads again
+        assert_model_matches(model, tasks.originals["chat"])
+
+
+def test_a_mapped_file_edited_with_its_mtime_put_back_is_mapped_anew(tasks: Made, tmp_path: Path) -> None:
+    """While a task holds a shared file's mapping, the file is edited in place (same size, mtime put back):
+    the next load must not reuse the mapping (whose header was checked before the edit) but map the file
+    anew and refuse it (its ctime changed; a stamp of size and mtime alone reused it)."""
+    work = copy_split(tasks, tmp_path / "work")
+    victim = work.only_used_by("base", "chat")
+    with open_split(work.dir) as s, s.load("chat") as held:
+        st = victim.stat()
+        at = kv_value_offset(victim, "general.architecture")
+        old = victim.read_bytes()[at:at + 4]
+        patch_file(victim, at, old.upper() if old != old.upper() else old.lower())
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with open_split(work.dir) as s2:
+            with pytest.raises(GGUFSplitError) as e:
+                s2.load("chat")
+        assert e.value.path == str(victim) and "seal" in e.value.problem
+        assert held.task == "chat"
+
+
+def test_headers_too_long_to_remember_are_read_each_time(tasks: Made, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared header longer than HeaderMemo.READ (here: a few bytes) is parsed from the map on every
+    load and gives the same task; a damaged one is refused with the same problem as without a memo."""
+    from gguf_split.runtime.loader import HEADERS
+
+    monkeypatch.setattr(type(HEADERS), "READ", 64)
+    monkeypatch.setattr(type(HEADERS), "FIRST", 32)
+    HEADERS.clear()
+    for _ in range(2):
+        with open_split(tasks.dir) as s, s.load("chat") as model:
+            assert_model_matches(model, tasks.originals["chat"])
+        remembered = list(HEADERS._entries.values())
+        assert len(remembered) == len(tasks.listed("chat")) and all(r.head is None for r in remembered)
+    HEADERS.clear()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Paths: tasks are found beside the path opened
 
