@@ -216,8 +216,9 @@ class PackReader:
         sources = {t.source for t in self.tensors if t.codec == CODEC_REQUANT}
         pos = 0
         for p in self.files[fi].parts:
-            if p.kind == PART_TENSOR and p.value in sources:  # only what a quant derives from: other
-                self._rebuilt.setdefault(p.value, (fd, pos))  # packs read as they always did
+            if p.kind == PART_TENSOR:
+                if p.value in sources:  # only what a quant derives from: other packs read as they always did
+                    self._rebuilt.setdefault(p.value, (fd, pos))
                 pos += self.tensors[p.value].geo.nbytes
             else:
                 pos += self.blobs[p.value].size if p.kind == PART_BLOB else p.value
