@@ -18,6 +18,14 @@ For each set (base + 3 fine-tunes), in one run:
 Goals (the issue): the SmolLM2 set <= 120 MB; every set below zstd -19 and below CDC + zstd; unpack
 >= 100 MB/s of output averaged over a set on 2 cores.
 
+`--ladder` packs the ladder-* sets (an F16 or BF16 source and the Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 that
+llama-quantize made from it; bench/models.py) and prints per set: each file's cost in the pack (the records
+of the tensors and header pieces it is the first file to hold) as a fraction of its size (the source: goals
+<= 0.84 F16, <= 0.66 BF16; each quant beyond the source: goal <= 2 %), the whole pack against ggufpacker's
+(<work>/ggufpacker/<set>/check.json, made by `models.py --ggufpacker`), the per-file zstd -9 sum and the
+version-1 pack of `--v1-tree` (default: `git archive main`, packed in the same run), and unpack MB/s on
+`--threads` threads with its peak anonymous memory (goal >= 50 MB/s on 2).
+
 Sets: the real ones made with llama.cpp's `llama-export-lora` by the bench-infra branch's bench/models.py,
 read from `<work>/sets/<set>/manifest.json` when present (`--source export-lora`), else the
 export-lora-style fine-tunes of bench/common.py (`--source common`); `auto` (default) prefers the first.
@@ -33,6 +41,7 @@ ratio and single-thread compress / decompress MB/s (thread CPU time, robust to a
     python bench/bench_pack.py                           # both sets
     python bench/bench_pack.py --sets smollm2 --json out.json
     python bench/bench_pack.py --compressors
+    python bench/bench_pack.py --ladder                  # the quantization ladders (issue 22), see below
     git archive HEAD~3 | tar -x -C /tmp/before && python bench/bench_pack.py --against /tmp/before --rounds 5
 """
 
@@ -163,11 +172,14 @@ def largest_tensor(paths: list[Path]) -> int:
 # baselines
 
 
-def zstd19(p: Path) -> int:
+def zstd19(p: Path, level: int = 19) -> int:
     def run() -> int:
-        out = subprocess.run(["zstd", "-19", "-T2", "-q", "-c", str(p)], check=True, stdout=subprocess.PIPE)
+        out = subprocess.run(["zstd", f"-{level}", "-T2", "-q", "-c", str(p)], check=True, stdout=subprocess.PIPE)
         return len(out.stdout)
-    return _cached(f"zstd19:{_file_key(p)}", run)
+    return _cached(f"zstd{level if level != 19 else 19}:{_file_key(p)}", run)
+
+
+LADDER_ZSTD = 9  # --ladder's zstd baseline level: -19 takes ~10 min a ladder here (~3 MB/s)
 
 
 def _gear_chunks(buf: memoryview) -> list[tuple[int, int]]:
@@ -332,6 +344,105 @@ def measure(name: str, source: str, scratch: Path, threads: int, baselines: bool
         print("  CDC + zstd -19 (cached after the first run) ...", file=sys.stderr)
         r["cdc"] = cdc_zstd(paths)
     return r
+
+
+LADDERS = ("ladder-smollm2-f16", "ladder-smollm2-bf16", "ladder-gemma3-f16", "ladder-gemma3-bf16")
+
+
+def _main_tree(scratch: Path) -> Path:
+    """`git archive main` of this checkout: the version-1 writer the ladders are compared with."""
+    import io
+    import tarfile
+
+    d = scratch / "v1-tree"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    tar = subprocess.run(["git", "-C", str(HERE.parent), "archive", "--format=tar", "main", "gguf_split"],
+                         check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(d)
+    return d
+
+
+def file_costs(pack: Path) -> list[tuple[str, int, int]]:
+    """(file name, size, bytes of the records it is the first file to need: its new header pieces and
+    tensors, with every record they decode from that no earlier file needed) of each file, in order."""
+    from gguf_split.pack.format import RecordHeader
+    from gguf_split.pack.reader import PackReader
+
+    with PackReader(pack) as r:
+        seen: set[tuple[str, int]] = set()
+
+        def rec(off: int) -> int:
+            return RecordHeader.SIZE + RecordHeader.read(r.mm, off).body_length
+
+        def cost(kind: str, i: int) -> int:
+            if (kind, i) in seen:
+                return 0
+            seen.add((kind, i))
+            if kind == "b":
+                return rec(r.blobs[i].record)
+            t = r.tensors[i]
+            own = sum(rec(c) for c in t.chunks) + (rec(t.factors) if t.factors is not None else 0)
+            dep = t.base if t.base is not None else t.source
+            return own + (cost("t", dep) if dep is not None else 0)
+
+        return [(f.entry.name, f.entry.size, sum(cost(p.kind, p.value) for p in f.parts if p.kind in "bt"))
+                for f in r.files]
+
+
+def measure_ladder(name: str, scratch: Path, threads: int, v1_tree: Path) -> dict[str, Any]:
+    """One ladder set: our pack (version 2), the version-1 writer's, per-file costs, unpack speed and
+    memory, against ggufpacker's pack and zstd -19."""
+    tasks, origin = model_set(name, "export-lora")
+    src_task = json.loads((WORK / "sets" / name / "manifest.json").read_text()).get("source_task")
+    inputs = [(p.name, p) for p in tasks.values()]
+    total = sum(p.stat().st_size for _, p in inputs)
+    print(f"{name}: {len(inputs)} files, {total / 1e6:.1f} MB", file=sys.stderr)
+    scratch.mkdir(parents=True, exist_ok=True)
+    pk, pk1, out = scratch / f"{name}.ggufpack", scratch / f"{name}-v1.ggufpack", scratch / f"{name}-out"
+    args = {"inputs": [(n, str(p)) for n, p in inputs], "meta": {"tasks": {t: p.name for t, p in tasks.items()}},
+            "threads": threads}
+    for p in (pk, pk1):
+        p.unlink(missing_ok=True)
+    cp = child("pack", {**args, "out": str(pk)})
+    print(f"  pack {cp['seconds']:.1f} s, {cp['pack_bytes'] / 1e6:.1f} MB", file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=False)
+    cu = child("unpack", {"pack": str(pk), "out": str(out), "threads": threads})
+    identical = all(sha256(out / n) == sha256(p) for n, p in inputs)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"  unpack {cu['seconds']:.1f} s, identical {identical}", file=sys.stderr)
+    c1 = child("pack", {**args, "out": str(pk1)}, v1_tree)
+    pk1.unlink(missing_ok=True)
+    print(f"  v1 pack {c1['pack_bytes'] / 1e6:.1f} MB", file=sys.stderr)
+    gp_file = WORK / "ggufpacker" / name / "check.json"
+    gp = json.loads(gp_file.read_text()).get("pack_bytes") if gp_file.exists() else None
+    src_name = tasks[src_task].name if src_task in tasks else inputs[0][0]
+    return {"set": name, "origin": origin, "inputs": total, "pack": cp["pack_bytes"], "pack_s": cp["seconds"],
+            "unpack_s": cu["seconds"], "unpack_MBps": cu["bytes"] / cu["seconds"] / 1e6,
+            "mem_unpack": cu["peak_anon"], "mem_pack": cp["peak_anon"], "identical": identical,
+            "v1_pack": c1["pack_bytes"], "ggufpacker": gp, "zstd": sum(zstd19(p, LADDER_ZSTD) for _, p in inputs),
+            "source": src_name, "files": file_costs(pk), "codecs": cp["codecs"], "threads": threads,
+            "load": round(os.getloadavg()[0], 2)}
+
+
+def ladder_table(results: list[dict[str, Any]]) -> str:
+    out = []
+    for r in results:
+        out.append(f"{r['set']}: pack {r['pack'] / 1e6:,.1f} MB of {r['inputs'] / 1e6:,.1f} MB "
+                   f"(ggufpacker {_mb(r['ggufpacker'])}, our v1 {_mb(r['v1_pack'])}, zstd -{LADDER_ZSTD} {_mb(r['zstd'])}); "
+                   f"pack {r['pack_s']:.1f} s; unpack {r['unpack_s']:.1f} s = {r['unpack_MBps']:.0f} MB/s on "
+                   f"{r['threads']} threads, peak {r['mem_unpack'] / 2**20:.0f} MiB anon; byte-identical "
+                   f"{'yes' if r['identical'] else 'NO'}; load {r['load']}")
+        out.append("| file | size | cost in the pack | of its size |")
+        out.append("|---|---:|---:|---:|")
+        for n, size, cost in r["files"]:
+            what = "x" if n == r["source"] else "%"
+            frac = f"{cost / size:.3f}x" if what == "x" else f"{100 * cost / size:.3f} %"
+            out.append(f"| {n} | {size / 1e6:,.1f} MB | {cost / 1e6:,.2f} MB | {frac} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def child(what: str, args: dict[str, Any], tree: Path | None = None) -> dict[str, Any]:
@@ -595,10 +706,20 @@ def main() -> None:
                     help="compare pack and unpack times with another tree's package (interleaved runs)")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each package with --against")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--ladder", action="store_true", help="the quantization ladders (ladder-* sets) instead")
+    ap.add_argument("--v1-tree", type=Path, help="--ladder: the tree whose version-1 writer packs the ladders "
+                                                  "too (default: git archive main)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         run_child(a.child[0], json.loads(a.child[1]))
+        return
+    if a.ladder:
+        sets = [s for s in a.sets if s.startswith("ladder-")] or list(LADDERS)
+        res = [measure_ladder(s, a.scratch, a.threads, a.v1_tree or _main_tree(a.scratch)) for s in sets]
+        print(ladder_table(res))
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1, default=str))
         return
     if a.compressors:
         print(compare_compressors(a.source))

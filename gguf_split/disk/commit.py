@@ -306,7 +306,8 @@ class NewFile:
             self.closed = True
             return self
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+            # read and write: a writer may read back what it wrote (unpack reads a ladder's source back)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         except OSError as e:
             raise GGUFSplitError(self.final_path, f"cannot create: {os_problem(e)}") from None
         return self

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 MAGIC = b"GGUFPACK"
-VERSION = 1
+VERSION = 2  # what this writer writes
+READABLE_VERSIONS = (1, 2)  # what this reader reads
 SUFFIX = ".ggufpack"
 
 HEAD = struct.Struct("<8sII")  # magic, version, flags
@@ -35,6 +36,10 @@ REC_ZSTD = 1
 # tensor codecs (the index's "codec"; codec.py codes them)
 CODEC_PLAIN = "plain"
 CODEC_DELTA = "delta"
+CODEC_REQUANT = "requant"  # version 2: a quant as the residual against our re-quantization of its source
+CODEC_FPLANES = "fplanes"  # version 2: F16/BF16 sign/exponent planes rANS-coded, mantissa noise stored
+# the codecs each version knows (a reader refuses any other, naming it)
+VERSION_CODECS = {1: (CODEC_PLAIN, CODEC_DELTA), 2: (CODEC_PLAIN, CODEC_DELTA, CODEC_REQUANT, CODEC_FPLANES)}
 
 # parts of a file (the index's "parts"): ["b", blob index], ["t", tensor index], ["z", zero bytes]
 PART_BLOB = "b"
@@ -54,6 +59,10 @@ BIG_KV = 4096
 
 class Corrupt(Exception):
     """A pack whose contents break the format (the reader turns it into GGUFSplitError naming the pack)."""
+
+
+class UnknownCodec(Corrupt):
+    """A tensor coded with a codec (or a requant port) this version does not know: a newer writer's pack."""
 
 
 def need(cond: bool, problem: str) -> None:
@@ -115,5 +124,5 @@ class Tail:
         return cls(*TAIL.unpack_from(buf, file_size - TAIL.size))
 
 
-def encode_head() -> bytes:
-    return HEAD.pack(MAGIC, VERSION, 0)
+def encode_head(version: int = VERSION) -> bytes:
+    return HEAD.pack(MAGIC, version, 0)

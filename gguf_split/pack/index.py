@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from gguf.constants import GGMLQuantizationType as Q
 
 from ..errors import GGUFSplitError
 from ..format.names import check_bare_name
-from . import codec
+from . import codec, ladder
 from .codec import CodecError, Geometry
-from .format import (CODEC_DELTA, CODEC_PLAIN, HEAD, MAX_FILE_BYTES, MAX_RECORD_BYTES, PART_BLOB, PART_TENSOR,
-                     PART_ZEROS, RECORD, Corrupt, Part, need)
+from .format import (CODEC_DELTA, CODEC_FPLANES, CODEC_PLAIN, CODEC_REQUANT, HEAD, MAX_FILE_BYTES,
+                     MAX_RECORD_BYTES, PART_BLOB, PART_TENSOR, PART_ZEROS, RECORD, VERSION_CODECS, Corrupt, Part,
+                     UnknownCodec, need)
 
 FORMAT_NAME = "ggufpack"
 
@@ -71,19 +73,25 @@ class TensorEntry:
     rows_per_chunk: int
     codec: str
     chunks: list[int]
-    shuffle: int = 1  # plain
+    shuffle: int = 1  # plain, fplanes
     base: int | None = None  # delta: the base tensor's index, the factors' record (None at rank 0)
     rank: int = 0
     factor_type: str = "f16"
     residual: str = "sub"
     factors: int | None = None
+    source: int | None = None  # requant: the source tensor's index, the port's version, the importance
+    port: str = ladder.PORT  # vectors' (in_sum2, counts) tensors or None
+    imatrix: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         e: dict[str, Any] = {"name": self.name, "type": int(self.geo.ggml_type), "shape": list(self.geo.shape),
                              "xxh3": self.xxh3, "rows_per_chunk": self.rows_per_chunk, "codec": self.codec,
                              "chunks": self.chunks}
-        if self.codec == CODEC_PLAIN:
+        if self.codec in (CODEC_PLAIN, CODEC_FPLANES):
             e["shuffle"] = self.shuffle
+        elif self.codec == CODEC_REQUANT:
+            e.update({"source": self.source, "port": self.port,
+                      "imatrix": list(self.imatrix) if self.imatrix is not None else None})
         else:
             e.update({"base": self.base, "rank": self.rank, "factor_type": self.factor_type,
                       "residual": self.residual, "factors": self.factors})
@@ -139,10 +147,12 @@ def parse_index(ix: Any, version: int, records_end: int) -> Index:
          "index lacks its blobs, tensors or files list")
     index = Index(ix.get("kind"), ix.get("meta"))
     index.blobs = [_parse_blob(i, b, records_end) for i, b in enumerate(blobs)]
-    index.tensors = [_parse_tensor(i, t, records_end) for i, t in enumerate(tensors)]
+    index.tensors = [_parse_tensor(i, t, records_end, version) for i, t in enumerate(tensors)]
     for i, t in enumerate(index.tensors):
         if t.codec == CODEC_DELTA:
             _check_base(i, t, index.tensors)
+        elif t.codec == CODEC_REQUANT:
+            _check_source(i, t, index.tensors)
     seen: set[str] = set()
     for i, f in enumerate(files):
         index.files.append(_parse_file(i, f, index, seen))
@@ -172,7 +182,7 @@ def _parse_blob(i: int, b: Any, records_end: int) -> BlobEntry:
     return BlobEntry(size, _hexstr(b.get("xxh3"), 16, f"blob {i} xxh3"), rec)
 
 
-def _parse_tensor(i: int, t: Any, records_end: int) -> TensorEntry:
+def _parse_tensor(i: int, t: Any, records_end: int, version: int) -> TensorEntry:
     need(isinstance(t, dict), f"tensor {i} is not an object")
     ty, shape = t.get("type"), t.get("shape")
     need(_is_int(ty) and isinstance(shape, list) and all(_is_int(d) for d in shape), f"tensor {i}: bad type or shape")
@@ -190,17 +200,56 @@ def _parse_tensor(i: int, t: Any, records_end: int) -> TensorEntry:
     for c in chunks:
         _check_offset(c, f"tensor {i} chunk", records_end)
     te = TensorEntry(name[:200], geo, _hexstr(t.get("xxh3"), 16, f"tensor {i} xxh3"), rpc, t.get("codec"), chunks)
-    if te.codec == CODEC_PLAIN:
+    if not isinstance(te.codec, str) or te.codec not in VERSION_CODECS[version]:
+        raise UnknownCodec(f"tensor {te.name!r} is coded with {str(te.codec)[:40]!r}, a codec this gguf-split does "
+                           f"not know in a version {version} pack (a newer gguf-split wrote it?)")
+    if te.codec in (CODEC_PLAIN, CODEC_FPLANES):
         te.shuffle = t.get("shuffle")
         try:
             codec.check_stride(geo, te.shuffle)
         except CodecError as err:
             raise Corrupt(f"tensor {i}: {err}") from None
+        need(te.codec == CODEC_PLAIN or geo.ggml_type in ladder.FPLANES_TYPES,
+             f"tensor {i}: type {geo.ggml_type} cannot be coded fplanes")
     elif te.codec == CODEC_DELTA:
         _parse_delta_fields(i, t, te, records_end)
     else:
-        raise Corrupt(f"tensor {i}: unknown codec {str(te.codec)[:40]!r}")
+        _parse_requant_fields(i, t, te)
     return te
+
+
+def _parse_requant_fields(i: int, t: Any, te: TensorEntry) -> None:
+    te.source, te.port = t.get("source"), t.get("port")
+    if not isinstance(te.port, str) or te.port not in ladder.PORTS:
+        raise UnknownCodec(f"tensor {te.name!r} is coded with requant port {str(te.port)[:40]!r}, which this "
+                           "gguf-split does not know (a newer gguf-split wrote it?)")
+    need(ladder.can_requant(te.geo.ggml_type), f"tensor {i}: type {te.geo.ggml_type} cannot be re-derived")
+    need(_is_int(te.source), f"tensor {i}: bad source")
+    im = t.get("imatrix")
+    need(im is None or (isinstance(im, list) and len(im) == 2 and all(_is_int(v) for v in im)),
+         f"tensor {i}: bad imatrix")
+    te.imatrix = (im[0], im[1]) if im is not None else None
+
+
+def _check_source(i: int, t: TensorEntry, tensors: list[TensorEntry]) -> None:
+    """A requant's source: an F16/BF16/F32 tensor of its shape and chunking, not itself re-derived (so
+    decoding chains at most requant -> delta -> plain or fplanes)."""
+    assert t.source is not None
+    need(0 <= t.source < len(tensors), f"tensor {i}: source {t.source} does not exist")
+    s = tensors[t.source]
+    need(s.codec != CODEC_REQUANT, f"tensor {i}: its source {t.source} is itself re-derived")
+    need(s.geo.ggml_type in ladder.SOURCE_TYPES, f"tensor {i}: source type {s.geo.ggml_type} cannot be a source")
+    need(s.geo.shape == t.geo.shape and s.rows_per_chunk == t.rows_per_chunk,
+         f"tensor {i}: its source has another shape or chunking")
+    if t.imatrix is not None:
+        n_mat = t.geo.shape[2] if len(t.geo.shape) >= 3 else 1
+        need(len(t.geo.shape) <= 3, f"tensor {i}: importance vectors for a 4-D tensor")
+        for j, elems in zip(t.imatrix, (t.geo.row_elems * n_mat, n_mat)):
+            need(0 <= j < len(tensors), f"tensor {i}: imatrix tensor {j} does not exist")
+            m = tensors[j]
+            need(m.geo.ggml_type == Q.F32 and m.codec != CODEC_REQUANT and m.geo.n_elems == elems,
+                 f"tensor {i}: imatrix tensor {j} is not F32 data of {elems} values")
+            need(m.geo.nbytes <= MAX_RECORD_BYTES, f"tensor {i}: imatrix tensor {j} is too large")
 
 
 def _parse_delta_fields(i: int, t: Any, te: TensorEntry, records_end: int) -> None:
@@ -225,7 +274,7 @@ def _check_base(i: int, t: TensorEntry, tensors: list[TensorEntry]) -> None:
     assert t.base is not None
     need(0 <= t.base < len(tensors), f"tensor {i}: base {t.base} does not exist")
     b = tensors[t.base]
-    need(b.codec == CODEC_PLAIN, f"tensor {i}: its base {t.base} is not plainly coded")
+    need(b.codec in (CODEC_PLAIN, CODEC_FPLANES), f"tensor {i}: its base {t.base} is not plainly coded")
     need(b.geo.ggml_type in codec.DELTA_BASE_TYPES, f"tensor {i}: base type {b.geo.ggml_type} cannot be a delta base")
     need(b.geo.shape == t.geo.shape and b.rows_per_chunk == t.rows_per_chunk,
          f"tensor {i}: its base has another shape or chunking")

@@ -28,7 +28,7 @@ import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -39,14 +39,15 @@ from ..disk.jobs import default_threads, map_ordered
 from ..disk.progress import QUIET, Progress, Reporter
 from ..errors import GGUFSplitError
 from ..format.gguf import open_mapped
-from . import codec
+from . import codec, ladder
 from .codec import CodecError, Factors
-from .format import (CODEC_DELTA, CODEC_PLAIN, HEAD, KIND_DATA, KIND_INDEX, MAGIC, MAX_INDEX_BYTES,
-                     MAX_RECORD_BYTES, PART_BLOB, PART_TENSOR, PART_ZEROS, REC_STORED, REC_ZSTD, VERSION, Corrupt,
-                     RecordHeader, Tail, need)
+from .format import (CODEC_DELTA, CODEC_FPLANES, CODEC_PLAIN, CODEC_REQUANT, HEAD, KIND_DATA, KIND_INDEX, MAGIC,
+                     MAX_INDEX_BYTES, MAX_RECORD_BYTES, PART_BLOB, PART_TENSOR, PART_ZEROS, READABLE_VERSIONS,
+                     REC_STORED, REC_ZSTD, Corrupt, RecordHeader, Tail, UnknownCodec, need)
 from .index import BlobEntry, FileEntry, FileParts, PackIndex, TensorEntry, parse_index
 
 _ZERO = bytes(1 << 20)
+FACTORS_KEPT = 8  # delta factors a reader keeps decoded (a file's tensors come one after another)
 
 
 @dataclass
@@ -84,8 +85,16 @@ class PackReader:
                                        too_small=f"not a gguf-split pack: {size} bytes is too short")
         os.close(fd)  # the map keeps what it needs
         self.size = st.st_size
+        self._factors: dict[int, Factors] = {}  # delta-coded tensors' factors, a few at a time
+        self._factors_lock = threading.Lock()
+        self._weights: dict[tuple[int, int, tuple[int, ...]], ladder.Weights] = {}  # importance vectors
+        # tensor -> (descriptor, offset) of its bytes in an output this unpack already wrote and checked
+        self._rebuilt: dict[int, tuple[int, int]] = {}
         try:
             self._read_index()
+        except UnknownCodec as e:
+            self.close()
+            raise GGUFSplitError(self.path, str(e)) from None
         except Corrupt as e:
             self.close()
             raise GGUFSplitError(self.path, f"corrupt pack: {e}") from None
@@ -124,9 +133,10 @@ class PackReader:
         magic, version, flags = HEAD.unpack_from(self.mm, 0)
         if magic != MAGIC:
             raise GGUFSplitError(self.path, "not a gguf-split pack (no GGUFPACK magic)")
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
+            known = " and ".join(str(v) for v in READABLE_VERSIONS)
             raise GGUFSplitError(self.path, f"pack format version {version} is not supported (this gguf-split "
-                                            f"reads version {VERSION}); a newer gguf-split wrote it")
+                                            f"reads versions {known}); a newer gguf-split wrote it")
         need(flags == 0, f"unknown flags {flags:#x} in the head")
         return int(version)
 
@@ -180,6 +190,108 @@ class PackReader:
         need(xxhash.xxh3_128_hexdigest(data) == b.xxh3, f"blob {i}: xxh3 mismatch")
         return data
 
+    def chunk(self, ti: int, c: int) -> bytes:
+        """Chunk c of tensor ti, whatever its codec (a delta reads its base's chunk, a requant its source's:
+        at most requant -> delta -> plain or fplanes, which the index checks). A requant source an earlier
+        output of this unpack holds (checked when written) is read back from it: a ladder's source is
+        decoded once, not once per quant derived from it."""
+        if ti in self._rebuilt:
+            got = self._read_back(ti, c)
+            if got is not None:
+                return got
+        kind = self.tensors[ti].codec
+        if kind == CODEC_PLAIN:
+            return self.plain_chunk(ti, c)
+        if kind == CODEC_FPLANES:
+            return self.fplanes_chunk(ti, c)
+        if kind == CODEC_DELTA:
+            return self.delta_chunk(ti, c, self.factors_cached(ti))
+        return self.requant_chunk(ti, c)
+
+    def note_written(self, fi: int, fd: int) -> None:
+        """File fi's bytes are in `fd` (readable, complete, every tensor and the file checked): its tensors
+        may be read back from it."""
+        if not hasattr(os, "pread"):
+            return
+        sources = {t.source for t in self.tensors if t.codec == CODEC_REQUANT}
+        pos = 0
+        for p in self.files[fi].parts:
+            if p.kind == PART_TENSOR:
+                if p.value in sources:  # only what a quant derives from: other packs read as they always did
+                    self._rebuilt.setdefault(p.value, (fd, pos))
+                pos += self.tensors[p.value].geo.nbytes
+            else:
+                pos += self.blobs[p.value].size if p.kind == PART_BLOB else p.value
+
+    def _read_back(self, ti: int, c: int) -> bytes | None:
+        t = self.tensors[ti]
+        fd, start = self._rebuilt[ti]
+        r0, r1 = t.geo.chunk_span(c, t.rows_per_chunk)
+        n = (r1 - r0) * t.geo.row_bytes
+        try:
+            data = os.pread(fd, n, start + r0 * t.geo.row_bytes)
+        except OSError:
+            return None
+        return data if len(data) == n else None
+
+    def factors_cached(self, ti: int) -> Factors:
+        """A delta-coded tensor's factors, read once for all its chunks (the last few tensors' kept)."""
+        with self._factors_lock:
+            v = self._factors.get(ti)
+            if v is None:
+                v = self.factors(ti)
+                while len(self._factors) >= FACTORS_KEPT:
+                    self._factors.pop(next(iter(self._factors)))
+                self._factors[ti] = v
+            return v
+
+    def fplanes_chunk(self, ti: int, c: int) -> bytes:
+        t = self.tensors[ti]
+        r0, r1 = t.geo.chunk_span(c, t.rows_per_chunk)
+        n = (r1 - r0) * t.geo.row_elems
+        what = f"tensor {t.name!r} chunk {c}"
+        data = self.data(t.chunks[c], None, what, ladder.fplanes_bound(n))
+        try:
+            return ladder.decode_fplanes_chunk(data, t.geo.ggml_type, t.shuffle, n)
+        except CodecError as e:
+            raise Corrupt(f"{what}: {e}") from None
+
+    def requant_chunk(self, ti: int, c: int) -> bytes:
+        t = self.tensors[ti]
+        assert t.source is not None
+        s = self.tensors[t.source]
+        r0, r1 = t.geo.chunk_span(c, t.rows_per_chunk)
+        what = f"tensor {t.name!r} chunk {c}"
+        qtype, n = t.geo.ggml_type, t.geo.row_elems
+        res = self.data(t.chunks[c], None, what, ladder.residual_bound(r1 - r0, n, qtype))
+        source = self.chunk(t.source, c)
+        try:
+            w = self.weights(t) if t.imatrix is not None else None
+            return ladder.decode_requant_chunk(source, s.geo.ggml_type, res, qtype, r1 - r0, n, w, r0)
+        except CodecError as e:
+            raise Corrupt(f"{what}: {e}") from None
+
+    def whole(self, ti: int) -> bytes:
+        """A (small) tensor's bytes, every chunk (an imatrix's in_sum2 or counts)."""
+        t = self.tensors[ti]
+        return b"".join(self.chunk(ti, c) for c in range(t.geo.chunk_count(t.rows_per_chunk)))
+
+    def weights(self, t: TensorEntry) -> ladder.Weights:
+        """A requant tensor's importance vectors (made once per imatrix and shape)."""
+        assert t.imatrix is not None
+        key = (*t.imatrix, t.geo.shape)
+        with self._factors_lock:
+            w = self._weights.get(key)
+        if w is None:
+            sums, counts = (self.whole(j) for j in t.imatrix)
+            for j, data in zip(t.imatrix, (sums, counts)):
+                need(xxhash.xxh3_128_hexdigest(data) == self.tensors[j].xxh3, f"tensor {self.tensors[j].name!r}: "
+                     "rebuilt bytes do not match the recorded xxh3-128")
+            w = ladder.Weights.from_tensors(sums, counts, t.geo.shape)
+            with self._factors_lock:
+                self._weights[key] = w
+        return w
+
     def plain_chunk(self, ti: int, c: int) -> bytes:
         t = self.tensors[ti]
         r0, r1 = t.geo.chunk_span(c, t.rows_per_chunk)
@@ -205,7 +317,7 @@ class PackReader:
         n = rows * t.geo.row_elems
         width = codec.DELTA_TARGET_TYPES[Q(t.geo.ggml_type)][1]
         res = self.data(t.chunks[c], None, f"tensor {t.name!r} chunk {c}", codec.residual_bound(n, width))
-        base_raw = self.plain_chunk(t.base, c)
+        base_raw = self.chunk(t.base, c)
         bt = np.ascontiguousarray(fac[0][:, r0:r1])
         try:
             return codec.decode_delta_chunk(base_raw, b.geo.ggml_type, t.geo.ggml_type, rows, t.geo.row_elems,
@@ -239,8 +351,6 @@ class FileRebuild:
     def __init__(self, reader: PackReader, fi: int) -> None:
         self.reader = reader
         self.file = reader.files[fi]
-        self._factors: dict[int, Factors] = {}  # a delta-coded tensor's, read once for all its chunks
-        self._lock = threading.Lock()
 
     def pieces(self) -> Iterator[Piece]:
         """The file's pieces, in order."""
@@ -260,16 +370,7 @@ class FileRebuild:
             return None
         if piece.kind == PART_BLOB:
             return r.blob(piece.value)
-        if r.tensors[piece.value].codec == CODEC_PLAIN:
-            return r.plain_chunk(piece.value, piece.chunk)
-        return r.delta_chunk(piece.value, piece.chunk, self.factors(piece.value))
-
-    def factors(self, ti: int) -> Factors:
-        with self._lock:
-            v = self._factors.get(ti)
-            if v is None:
-                v = self._factors[ti] = self.reader.factors(ti)
-            return v
+        return r.chunk(piece.value, piece.chunk)
 
     def write(self, out: BinaryIO, pool: Executor, window: int, bar: Reporter) -> None:
         digests = _FileDigests()
@@ -287,7 +388,6 @@ class FileRebuild:
                 if piece.last:
                     self._check_tensor(piece.value, tensor.hexdigest())
                     tensor = xxhash.xxh3_128()
-                    self._factors.pop(piece.value, None)
             bar.advance(n)
         digests.check(self.file.entry)
 
@@ -295,8 +395,8 @@ class FileRebuild:
         t = self.reader.tensors[ti]
         if digest != t.xxh3:
             raise Corrupt(f"tensor {t.name!r} of {self.file.entry.name}: rebuilt bytes do not match the recorded "
-                          "xxh3-128" + (" (a delta: this machine computes its prediction differently, or the pack "
-                                        "is corrupt)" if t.codec == CODEC_DELTA else ""))
+                          "xxh3-128" + (" (a delta or requant: this machine computes its prediction differently, or "
+                                        "the pack is corrupt)" if t.codec in (CODEC_DELTA, CODEC_REQUANT) else ""))
 
 
 class _FileDigests:
@@ -357,12 +457,18 @@ def unpack(pack_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         _check_free_space(out_dir, total)
         entries = {f.entry.name: f.entry for _, f in chosen}
         with ThreadPoolExecutor(nthreads) as pool, progress.bar("unpacking", total) as bar:
-            outputs = [(f.entry.name, buffered(partial(_write_checked, r, i, pool, nthreads + 2, bar)))
-                       for i, f in chosen]
+            outputs = [(f.entry.name, _output(r, i, pool, nthreads + 2, bar)) for i, f in _sources_first(r, chosen)]
             kept = write_files(out_dir, outputs, force=force,
                                keep=lambda name, path: holds_bytes(path, entries[name].size, entries[name].xxh3))
     written = total - sum(entries[name].size for name in kept)
     return UnpackReport(out_dir, [f.entry for _, f in chosen], written, time.perf_counter() - t0, kept)
+
+
+def _sources_first(r: PackReader, chosen: list[tuple[int, FileParts]]) -> list[tuple[int, FileParts]]:
+    """The files holding a tensor that requant tensors derive from first (in pack order otherwise), so the
+    quants read their source back instead of decoding it; the files written do not depend on the order."""
+    sources = {t.source for t in r.tensors if t.codec == CODEC_REQUANT}
+    return sorted(chosen, key=lambda c: not any(p.kind == PART_TENSOR and p.value in sources for p in c[1].parts))
 
 
 def _chosen(r: PackReader, files: Sequence[str] | None) -> list[tuple[int, FileParts]]:
@@ -374,8 +480,8 @@ def _chosen(r: PackReader, files: Sequence[str] | None) -> list[tuple[int, FileP
 
 
 def _check_can_predict(r: PackReader) -> None:
-    """Delta-coded tensors are rebuilt only where float32 arithmetic gives the encoder's bits."""
-    if any(t.codec == CODEC_DELTA for t in r.tensors):
+    """Delta and requant tensors are rebuilt only where float32 arithmetic gives the encoder's bits."""
+    if any(t.codec in (CODEC_DELTA, CODEC_REQUANT) for t in r.tensors):
         try:
             codec.check_float_environment()
         except CodecError as e:
@@ -393,6 +499,17 @@ def _check_free_space(out_dir: str, total: int) -> None:
     free = st.f_bavail * st.f_frsize
     if total > free:
         raise GGUFSplitError(out_dir, f"the pack unpacks to {total} bytes, only {free} are free there")
+
+
+def _output(r: PackReader, fi: int, pool: Executor, window: int, bar: Reporter) -> Callable[[int], None]:
+    """write_files' writer of file fi: through a 1 MiB buffer, then noted as readable (`note_written`)."""
+    write = buffered(partial(_write_checked, r, fi, pool, window, bar))
+
+    def fill(fd: int) -> None:
+        write(fd)
+        r.note_written(fi, fd)
+
+    return fill
 
 
 def _write_checked(r: PackReader, fi: int, pool: Executor, window: int, bar: Reporter, out: BinaryIO) -> None:

@@ -10,6 +10,7 @@ order, a bounded window of jobs in flight (`disk.jobs.map_ordered`), and notes w
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,11 +22,11 @@ import zstandard
 from ..disk.jobs import map_ordered
 from ..disk.progress import Progress
 from ..errors import GGUFSplitError
-from . import codec
+from . import codec, ladder
 from .codec import CodecError
-from .format import CODEC_DELTA, KIND_DATA, PART_BLOB, PART_TENSOR, REC_STORED, REC_ZSTD, Part, RecordHeader
+from .format import CODEC_DELTA, CODEC_FPLANES, CODEC_REQUANT, KIND_DATA, PART_BLOB, PART_TENSOR, REC_STORED, REC_ZSTD, Part, RecordHeader
 from .inventory import Inventory
-from .planning import TensorPlan
+from .planning import TensorPlan, load_weights
 
 LEVEL_TENSORS = 3  # measured: level 3 gives 92 % on Q4_1 (shuffled) at ~230 MB/s; 19 gives 88 % at 6 MB/s
 LEVEL_HEADERS = 19  # headers are small and repeated once: spend the time
@@ -115,16 +116,15 @@ class PackStream:
 
 
 def record_order(inv: Inventory, plans: list[TensorPlan]) -> list[Part]:
-    """Blobs and tensors in order of first use, each once, a delta's base before the delta."""
+    """Blobs and tensors in order of first use, each once, a delta's base (a requant's source) before it."""
     order: list[Part] = []
     seen: set[Part] = set()
 
     def want(p: Part) -> None:
         if p in seen:
             return
-        base = plans[p.value].base if p.kind == PART_TENSOR else None
-        if base is not None:
-            want(Part(PART_TENSOR, base))
+        for dep in (plans[p.value].needs if p.kind == PART_TENSOR else []):
+            want(Part(PART_TENSOR, dep))
         seen.add(p)
         order.append(p)
 
@@ -160,14 +160,38 @@ class Encoder:
 
     def __init__(self, inv: Inventory, plans: list[TensorPlan], level: int, out_path: str) -> None:
         self.inv, self.plans, self.level, self.out_path = inv, plans, level, out_path
+        self._weights: dict[int, ladder.Weights | None] = {}  # a requant tensor's importance vectors
+        self._lock = threading.Lock()
+
+    def weights(self, ti: int) -> ladder.Weights | None:
+        pair = self.plans[ti].imatrix
+        if pair is None:
+            return None
+        with self._lock:
+            if ti not in self._weights:
+                self._weights[ti] = load_weights(self.inv.tensors[pair[0]], self.inv.tensors[pair[1]],
+                                                 self.inv.tensors[ti].shape)
+            w = self._weights[ti]
+        if w is None:
+            raise CodecError("its importance vectors do not fit")
+        return w
 
     def __call__(self, job: RecordJob) -> Encoded:
         if job.what == BLOB:
             return self.blob(job.index)
         if job.what == FACTORS:
             return self.factors(job.index)
-        if self.plans[job.index].codec == CODEC_DELTA:
-            return self.delta_chunk(job.index, job.r0, job.r1)
+        kind = self.plans[job.index].codec
+        try:
+            if kind == CODEC_DELTA:
+                return self.delta_chunk(job.index, job.r0, job.r1)
+            if kind == CODEC_REQUANT:
+                return self.requant_chunk(job.index, job.r0, job.r1)
+            if kind == CODEC_FPLANES:
+                return self.fplanes_chunk(job.index, job.r0, job.r1)
+        except CodecError as e:
+            name = self.inv.tensors[job.index].names[0]
+            raise GGUFSplitError(self.out_path, f"tensor {name!r}: {e} (a bug: please report it)") from None
         return self.plain_chunk(job.index, job.r0, job.r1)
 
     def blob(self, i: int) -> Encoded:
@@ -194,13 +218,26 @@ class Encoder:
         t, plan = self.inv.tensors[ti], self.plans[ti]
         assert plan.delta is not None and plan.base is not None
         b = self.inv.tensors[plan.base]
-        try:
-            body = codec.encode_delta_chunk(plan.delta, b.rows()(r0, r1), b.ggml_type, t.rows()(r0, r1), t.ggml_type,
-                                            r0, r1, t.geo.row_elems, self.level)
-        except CodecError as e:
-            raise GGUFSplitError(self.out_path, f"tensor {t.names[0]!r}: {e} (a bug: please report it)") from None
+        body = codec.encode_delta_chunk(plan.delta, b.rows()(r0, r1), b.ggml_type, t.rows()(r0, r1), t.ggml_type,
+                                        r0, r1, t.geo.row_elems, self.level)
         return Encoded(REC_ZSTD, body, zstandard.frame_content_size(body), xxhash.xxh3_128_digest(body),
                        (r1 - r0) * t.geo.row_bytes)
+
+    def requant_chunk(self, ti: int, r0: int, r1: int) -> Encoded:
+        t, plan = self.inv.tensors[ti], self.plans[ti]
+        assert plan.source is not None
+        s = self.inv.tensors[plan.source]
+        body = ladder.encode_requant_chunk(s.rows()(r0, r1), s.ggml_type, t.rows()(r0, r1), t.ggml_type, r1 - r0,
+                                           t.geo.row_elems, self.level, self.weights(ti), r0)
+        return Encoded(REC_ZSTD, body, zstandard.frame_content_size(body), xxhash.xxh3_128_digest(body),
+                       (r1 - r0) * t.geo.row_bytes)
+
+    def fplanes_chunk(self, ti: int, r0: int, r1: int) -> Encoded:
+        t = self.inv.tensors[ti]
+        raw = t.rows()(r0, r1)
+        data, z = ladder.encode_fplanes_chunk(raw, t.ggml_type, self.plans[ti].stride, self.level)
+        rcodec, body = (REC_STORED, data) if z is None else stored_or_compressed(data, self.level, z)
+        return Encoded(rcodec, body, len(data), xxhash.xxh3_128_digest(body), len(raw))
 
 
 def write_records(out: PackStream, inv: Inventory, plans: list[TensorPlan], level: int, threads: int,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from gguf.constants import GGMLQuantizationType as Q
 
-from .format import CODEC_DELTA
+from .format import CODEC_DELTA, CODEC_FPLANES, CODEC_REQUANT
 from .inventory import Inventory
 from .planning import TensorPlan
 from .records import Written
@@ -25,7 +25,7 @@ class TensorStat:
     name: str
     ggml_type: str
     nbytes: int
-    codec: str  # "zstd", "raw", "delta"
+    codec: str  # "zstd", "raw", "delta", "requant", "fplanes"
     stored_bytes: int
     occurrences: int
     rank: int | None = None
@@ -40,7 +40,8 @@ class PackReport:
     pack_bytes: int
     input_bytes: int
     files: list[tuple[str, int]]
-    codecs: dict[str, CodecStat]  # "delta", "zstd", "raw", "ref" (repeats of a tensor stored once), "headers"
+    codecs: dict[str, CodecStat]  # "delta", "requant", "fplanes", "zstd", "raw", "ref" (repeats of a tensor
+    #                               stored once), "headers"
     tensors: list[TensorStat]
     seconds: float
 
@@ -51,7 +52,8 @@ class PackReport:
 
 def pack_report(out_path: str, pack_bytes: int, names: list[str], inv: Inventory, plans: list[TensorPlan],
                 written: Written, seconds: float) -> PackReport:
-    codecs: dict[str, CodecStat] = {k: CodecStat() for k in ("delta", "zstd", "raw", "ref", "headers")}
+    codecs: dict[str, CodecStat] = {k: CodecStat() for k in ("delta", "requant", "fplanes", "zstd", "raw", "ref",
+                                                              "headers")}
     stats = [_tensor_stat(i, inv, plans, written, codecs) for i in range(len(inv.tensors))]
     hdr = codecs["headers"]
     for f in inv.files:
@@ -66,7 +68,10 @@ def _tensor_stat(i: int, inv: Inventory, plans: list[TensorPlan], written: Writt
                  codecs: dict[str, CodecStat]) -> TensorStat:
     """Tensor i's line of the report, counted into `codecs`."""
     t, plan, rec = inv.tensors[i], plans[i], written.tensors[i]
-    kind = "delta" if plan.codec == CODEC_DELTA else ("raw" if rec.all_stored_raw else "zstd")
+    if plan.codec in (CODEC_DELTA, CODEC_REQUANT, CODEC_FPLANES):
+        kind = plan.codec
+    else:
+        kind = "raw" if rec.all_stored_raw else "zstd"
     c = codecs[kind]
     c.count += 1
     c.input_bytes += t.geo.nbytes
@@ -80,4 +85,7 @@ def _tensor_stat(i: int, inv: Inventory, plans: list[TensorPlan], written: Writt
         b = inv.tensors[plan.base]
         ts.rank, ts.base = plan.delta.rank, b.names[0] + f" ({Q(b.ggml_type).name})"
         ts.factor_type, ts.residual = plan.delta.factor_type, plan.delta.mode
+    if plan.source is not None:
+        s = inv.tensors[plan.source]
+        ts.base = s.names[0] + f" ({Q(s.ggml_type).name})"
     return ts

@@ -37,7 +37,7 @@ from ..errors import GGUFSplitError
 from ..format.gguf import GGUFFile
 from ..format.names import check_bare_name
 from . import codec
-from .format import (KIND_INDEX, MAX_INDEX_BYTES, MAX_META_BYTES, REC_ZSTD, VERSION, RecordHeader, Tail,
+from .format import (KIND_INDEX, MAX_INDEX_BYTES, MAX_META_BYTES, REC_ZSTD, VERSION_CODECS, RecordHeader, Tail,
                      encode_head)
 from .index import BlobEntry, FileEntry, FileParts, Index, TensorEntry
 from .inventory import Inventory, hash_files, take_inventory
@@ -117,9 +117,10 @@ def _pack(files: list[GGUFFile], job: PackJob, progress: Progress, t_start: floa
 
     def write_pack(f: BinaryIO) -> None:
         out = PackStream(f)
-        out.write(encode_head())
+        version = pack_version(plans)
+        out.write(encode_head(version))
         written = write_records(out, inv, plans, job.level, job.threads, progress, job.out_path)
-        write_index(out, build_index(job, inv, plans, written), job.out_path)
+        write_index(out, build_index(job, inv, plans, written), job.out_path, version)
         result.append((out.pos, written))
 
     write_files(out_dir, [(out_name, buffered(write_pack))], force=job.force)
@@ -129,6 +130,12 @@ def _pack(files: list[GGUFFile], job: PackJob, progress: Progress, t_start: floa
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage 5: the index and the tail
+
+
+def pack_version(plans: list[TensorPlan]) -> int:
+    """The lowest format version whose codecs the plans use: a pack that needs none of version 2's codecs
+    is a version-1 pack, which older readers read."""
+    return min(v for v, codecs in VERSION_CODECS.items() if all(p.codec in codecs for p in plans))
 
 
 def build_index(job: PackJob, inv: Inventory, plans: list[TensorPlan], written: Written) -> Index:
@@ -148,17 +155,18 @@ def _tensor_entry(i: int, inv: Inventory, plans: list[TensorPlan], written: Writ
     if plan.delta is not None:
         e.base, e.rank, e.factor_type = plan.base, plan.delta.rank, plan.delta.factor_type
         e.residual, e.factors = plan.delta.mode, rec.factors
+    e.source, e.imatrix = plan.source, plan.imatrix
     return e
 
 
-def write_index(out: PackStream, index: Index, out_path: str) -> None:
+def write_index(out: PackStream, index: Index, out_path: str, version: int) -> None:
     """The index as one zstd record (JSON, compact), then the tail pointing at it."""
-    raw = json.dumps(index.to_json(VERSION, writer_versions()), separators=(",", ":"), allow_nan=False).encode("utf-8")
+    raw = json.dumps(index.to_json(version, writer_versions()), separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(raw) > MAX_INDEX_BYTES:
         raise GGUFSplitError(out_path, f"the index would be {len(raw)} bytes, over the limit of {MAX_INDEX_BYTES}")
     z = codec.compress(raw, LEVEL_HEADERS)
     offset = out.record(KIND_INDEX, REC_ZSTD, z, len(raw))
-    out.write(Tail(offset, RecordHeader.SIZE + len(z)).encode())
+    out.write(Tail(offset, RecordHeader.SIZE + len(z), version).encode())
 
 
 def writer_versions() -> dict[str, Any]:

@@ -368,12 +368,12 @@ def test_map_ordered_keeps_order_and_window() -> None:
 
 def test_unknown_version_is_refused(packed: tuple[str, PackReport], tmp_path: Path) -> None:
     data = bytearray(Path(packed[0]).read_bytes())
-    struct.pack_into("<I", data, 8, 2)
-    p = tmp_path / "v2.ggufpack"
+    struct.pack_into("<I", data, 8, 3)
+    p = tmp_path / "v3.ggufpack"
     p.write_bytes(bytes(data))
-    with pytest.raises(GGUFSplitError, match="version 2 is not supported"):
+    with pytest.raises(GGUFSplitError, match="version 3 is not supported"):
         read_index(p)
-    with pytest.raises(GGUFSplitError, match="version 2 is not supported"):
+    with pytest.raises(GGUFSplitError, match="version 3 is not supported"):
         unpack(p, tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
