@@ -315,3 +315,41 @@ def write_imatrix_dat(path: str | os.PathLike[str], entries: dict[str, tuple[np.
     with open(path, "wb") as f:
         f.write(dat_bytes(rows, **kw))
     return os.fspath(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The version-1 pack writer, from git history: packs it writes must stay readable, and byte-identical to
+# what today's writer makes when no version-2 codec is needed.
+
+# the last commit whose pack writer was container.py (before the writer became stages, issue 18, and before
+# pack format 2); a change that alters a pack's bytes on purpose sets this to its own commit
+OLD_WRITER = "d9942910d2712a008faa5063ca1e557adef25ef8"
+
+
+def pack_with_old_writer(tasks: dict[str, str], out: Path, work: Path) -> None:
+    """Pack `tasks` into `out` with the package of commit OLD_WRITER (extracted under `work`, run in a child
+    process: `pack` is the API both have). Skips the test outside a git checkout holding that commit."""
+    import io
+    import json
+    import subprocess
+    import tarfile
+
+    import pytest
+
+    repo = Path(__file__).resolve().parents[1]  # the checkout's root
+    try:
+        archive = subprocess.run(["git", "-C", os.fspath(repo), "archive", "--format=tar", OLD_WRITER, "gguf_split"],
+                                 check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"no git checkout holding commit {OLD_WRITER[:12]}")
+    old = work / "old-writer"
+    old.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        try:
+            tar.extractall(old, filter="data")
+        except TypeError:  # a Python without extraction filters (our own archive: nothing to filter)
+            tar.extractall(old)
+    script = ("import json, sys\nfrom gguf_split.pack.transport import pack\n"
+              "pack(sys.argv[2], tasks=json.loads(sys.argv[1]), threads=2)\n")
+    subprocess.run([sys.executable, "-c", script, json.dumps(tasks), os.fspath(out)],
+                   check=True, env={**os.environ, "PYTHONPATH": os.fspath(old)}, cwd=work)

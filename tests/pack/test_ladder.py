@@ -29,6 +29,7 @@ from gguf_split.pack import ladder
 from gguf_split.pack.reader import PackReader, read_index, unpack
 from gguf_split.pack.report import PackReport
 from gguf_split.pack.writer import pack_files
+from helpers import pack_with_old_writer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ggml_oracle  # noqa: E402
@@ -362,31 +363,11 @@ def test_packs_without_a_ladder_stay_version_1(tmp_path: Path) -> None:
     assert sha(tmp_path / "o" / "q.gguf") == sha(p)
 
 
-OLD_WRITER = "d9942910d2712a008faa5063ca1e557adef25ef8"  # a version-1 writer (before version 2 existed)
-
-
 @needs_oracle
 def test_version_1_pack_of_the_old_writer_is_read(f16_ladder: list[tuple[str, str]], tmp_path: Path) -> None:
     """A pack written by the version-1 writer (the old package from git, in a child process) of the same
     ladder unpacks byte-identical with this reader. Skipped outside a git checkout."""
-    import io
-    import tarfile
-
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        archive = subprocess.run(["git", "-C", os.fspath(repo), "archive", "--format=tar", OLD_WRITER, "gguf_split"],
-                                 check=True, capture_output=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"no git checkout holding commit {OLD_WRITER[:12]}")
-    old = tmp_path / "old"
-    old.mkdir()
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(old)
-    tasks = {n[:-len(".gguf")]: p for n, p in f16_ladder}
-    script = ("import json, sys\nfrom gguf_split.pack.transport import pack\n"
-              "pack(sys.argv[2], tasks=json.loads(sys.argv[1]), threads=2)\n")
-    subprocess.run([sys.executable, "-c", script, json.dumps(tasks), os.fspath(tmp_path / "v1.ggufpack")],
-                   check=True, env={**os.environ, "PYTHONPATH": os.fspath(old)}, cwd=tmp_path)
+    pack_with_old_writer({n[:-len(".gguf")]: p for n, p in f16_ladder}, tmp_path / "v1.ggufpack", tmp_path)
     assert read_index(tmp_path / "v1.ggufpack").version == 1
     unpack(tmp_path / "v1.ggufpack", tmp_path / "o")
     for n, p in f16_ladder:

@@ -35,6 +35,7 @@ from gguf_split.pack.reader import PackReader, read_index, unpack
 from gguf_split.pack.transport import pack
 from gguf_split.pack.report import PackReport
 from gguf_split.pack.writer import pack_files
+from helpers import pack_with_old_writer
 
 N_EMBD, N_FF, N_VOCAB = 64, 128, 96
 
@@ -234,39 +235,12 @@ def test_pack_bytes_do_not_depend_on_threads(models: list[tuple[str, str]], pack
     assert sha(tmp_path / "t1.ggufpack") == sha(tmp_path / "t3.ggufpack") == sha(packed[0])
 
 
-# the last commit whose pack writer was container.py (before the writer became stages, issue 18); a change
-# that alters a pack's bytes on purpose (a new codec, a new index field) sets this to its own commit
-OLD_WRITER = "d9942910d2712a008faa5063ca1e557adef25ef8"
-
-
 def test_pack_bytes_equal_the_old_writer(models: list[tuple[str, str]], tmp_path: Path) -> None:
     """The staged writer writes the very bytes container.py wrote (the old package from git, in a child
     process): a refactoring of the writer must not change a pack. Skipped outside a git checkout."""
-    import io
-    import subprocess
-    import sys
-    import tarfile
-
-    repo = Path(__file__).resolve().parents[2]  # the checkout's root
-    try:
-        archive = subprocess.run(["git", "-C", os.fspath(repo), "archive", "--format=tar", OLD_WRITER, "gguf_split"],
-                                 check=True, capture_output=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"no git checkout holding commit {OLD_WRITER[:12]}")
-    old = tmp_path / "old"
-    old.mkdir()
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        try:
-            tar.extractall(old, filter="data")
-        except TypeError:  # a Python without extraction filters (our own archive: nothing to filter)
-            tar.extractall(old)
     tasks = {name[:-len(".gguf")]: path for name, path in models}
     tasks["x"] = _with_trailing_bytes(models[1][1], tmp_path)
-    script = ("import json, sys\nfrom gguf_split.pack.transport import pack\n"  # the API both have
-              "pack(sys.argv[2], tasks=json.loads(sys.argv[1]), threads=2)\n")
-    env = {**os.environ, "PYTHONPATH": os.fspath(old)}
-    subprocess.run([sys.executable, "-c", script, json.dumps(tasks), os.fspath(tmp_path / "old.ggufpack")],
-                   check=True, env=env, cwd=tmp_path)
+    pack_with_old_writer(tasks, tmp_path / "old.ggufpack", tmp_path)
     pack(tmp_path / "new.ggufpack", tasks=tasks, threads=2)
     assert sha(tmp_path / "new.ggufpack") == sha(tmp_path / "old.ggufpack")
 
