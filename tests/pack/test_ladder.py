@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
