@@ -21,7 +21,6 @@ from gguf_split.demo import Dims, make_base_model, make_finetune, sha256
 from gguf_split.errors import GGUFSplitError
 from gguf_split.format.gguf import GGUFFile
 from gguf_split.format.records import K_CUT, K_CUT_SCHEME, AdaptorInfo, SplitFile
-from gguf_split.splitdir.directory import SplitDir
 
 DIMS = Dims(n_layer=8)
 N = DIMS.n_layer

@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFValueType as V
+from gguf.constants import GGML_QUANT_SIZES, GGUFValueType as V
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

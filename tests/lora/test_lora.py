@@ -26,7 +26,6 @@ from gguf.constants import GGMLQuantizationType as Q
 from gguf.constants import GGUFValueType as V
 from gguf.quants import quantize
 
-import gguf_split.lora.adapter as adapter_module
 import gguf_split.lora.math as lora_math
 from gguf_split import GGUFSplitError, open_model, open_split
 from gguf_split.demo import make_base_model, make_demo_models

@@ -9,7 +9,6 @@ the compiled kernels' machine code free of FMA instructions and float64 arithmet
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from gguf_split.pack import requant
-from gguf_split.pack.requant import engine, port, residual
+from gguf_split.pack.requant import port, residual
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ggml_oracle  # noqa: E402
