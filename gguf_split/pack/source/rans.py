@@ -28,7 +28,6 @@ state (the decoder's initial one) and the emitted words in reverse order.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
 
 import numpy as np
 
