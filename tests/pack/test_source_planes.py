@@ -79,6 +79,22 @@ def test_rans_numba_path_is_the_numpy_path() -> None:
     assert np.array_equal(states, s2) and np.array_equal(words, w2)
 
 
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
+def test_a_stream_that_ends_early_is_refused(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Words cut short: both engines refuse with RansError (the numba kernel reports it, rans raises it)."""
+    if engine == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(rans, "_numba_ready", lambda: False)
+    rng = np.random.default_rng(3)
+    sym = rng.integers(0, 50, 20_000)
+    freq = rans.normalize(np.bincount(sym, minlength=50))
+    states, words = rans.encode(sym, freq)
+    with pytest.raises(rans.RansError, match="ends early"):
+        rans.decode(states, words[: words.size // 2], freq, sym.size)
+    assert np.array_equal(rans.decode(states, words, freq, sym.size), sym)
+
+
 def test_normalize_keeps_every_symbol_and_the_total() -> None:
     counts = np.array([10**9, 1, 0, 3, 1])
     f = rans.normalize(counts)

@@ -106,6 +106,8 @@ def decode(states: Arr, words: Arr, freq: Arr, n: int) -> Arr:
     else:
         out, used = _decode_numpy(st.astype(np.int64), w, np.asarray(freq, dtype=np.int64), cum.astype(np.int64),
                                   slot2sym, n)
+    if used < 0:
+        raise RansError("the coded stream ends early")
     if used != w.size:
         raise RansError("the coded stream does not end where its words end")
     result: Arr = out
