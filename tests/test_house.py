@@ -1,4 +1,4 @@
-"""The package's shape, checked: layers import only downwards, and functions stay short.
+"""The package's shape, checked: layers import only downwards, no import circles, and functions stay short.
 
 Why a test: the layers (format, disk, splitdir, assemble, lora, runtime, pack, survey, cli) are what lets
 a newcomer find their room, and short functions are what lets a reviewer read one; both erode one commit
@@ -67,6 +67,30 @@ def test_layers_import_only_downwards() -> None:
             if layer_of(target) > layer_of(module):
                 upward.append(f"gguf_split/{module.replace('.', '/')}.py:{line} imports {target}")
     assert not upward, "imports that run up the layers:\n" + "\n".join(upward)
+
+
+def test_no_import_circles() -> None:
+    """No two modules import each other, through any chain (lazy imports count: a circle is still a pair of
+    modules that cannot be read, tested or moved one without the other)."""
+    trees = dict(modules())
+
+    def module_of(target: str) -> str | None:
+        return target if target in trees else target + ".__init__" if target + ".__init__" in trees else None
+
+    graph = {m: {t for _, imp in imported(m, tree) if (t := module_of(imp)) not in (None, m)}
+             for m, tree in trees.items()}
+    circles = []
+    for start in graph:  # a module that reaches itself is on a circle
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m == start:
+                circles.append(start)
+                break
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+    assert not circles, "modules on an import circle: " + ", ".join(sorted(circles))
 
 
 def test_functions_are_short() -> None:
