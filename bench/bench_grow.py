@@ -365,7 +365,7 @@ def files_cost_rows(source: str, cuts: Sequence[str], reps: int) -> list[str]:
             d = WORK / "grow-files" / which / c.replace(":", "_").replace("@", "_cap")
             v = variant(c) if c != "none" else Variant("none", P.NO_CUT, CAP, P.DEFAULT_FILE_COST)
             if not (d / "adaptor-base.gguf").exists():
-                gguf_split.split(models, d, force=True, cut=v.cut, max_shared_files=v.cap)
+                gguf_split.split(models, d, force=True, cut=str(v.cut), max_shared_files=v.cap)
             dirs[c] = d
         paths = {}
         for c, d in dirs.items():
