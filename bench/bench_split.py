@@ -23,8 +23,9 @@ What is measured (page cache warm: every input is read once before any timing):
   (imports untimed; the goal's figure) and again in this process (where the vocabulary memo,
   gguf_format._WalkedArrays, replays the tokenizer arrays: a byte comparison instead of a walk), against
   `gguf.GGUFReader(path)` on each base model.
-- bytes (`--parts bytes`, kept for the 0.1 two-file layout it was written for): the outputs against the
-  per-tensor dedup optimum and the two-file optimum. For the multi-file layout use bench_layout.py, which
+- bytes (`--parts bytes`, for the two-file layout it was written for: a split with `cut="none",
+  max_shared_files=1`, a foundation and an adaptor a task): the outputs against the per-tensor dedup
+  optimum and the two-file optimum. For the multi-file layout use bench_layout.py, which
   measures bytes on the export-lora sets against the optimum, the two-file layout and CDC.
 - hashing: `gguf_split.assemble.scan.hash_models` with threads=1 and threads=2 (python-xxhash releases the GIL),
   in GB/s of the bytes it hashes (each input twice: the whole-file digest and the tensor digests), against
@@ -138,10 +139,10 @@ def cp_and_fsync(sources: list[Path], dest: Path) -> None:
 # Measurements
 
 
-def run_split(tasks: dict[str, str], out: Path, threads: int | None = None) -> None:
+def run_split(tasks: dict[str, str], out: Path, threads: int | None = None, **options: object) -> None:
     # as in a fresh `gguf-split` process: the first input's vocabulary is walked, the others replayed
     _WALKED.clear()
-    split(tasks, out, force=True, threads=threads)
+    split(tasks, out, force=True, threads=threads, **options)
 
 
 def outputs_of(directory: Path) -> list[Path]:
@@ -283,7 +284,8 @@ def byte_accounting(tasks: dict[str, str], out: Path) -> dict[str, object]:
     for k, who in holders.items():
         if 1 < len(who) < len(models):
             repeated[tuple(who)] += unique[k] * (len(who) - 1)
-    placement_ok = set(outs["foundation.gguf"].keys) == common and all(
+    foundation = [o for name, o in outs.items() if name.startswith("foundation-")]
+    placement_ok = len(foundation) == 1 and set(foundation[0].keys) == common and all(
         set(outs[f"adaptor-{t}.gguf"].keys) == set(keys) - common for t, keys in models.items())
     total = lambda attr: sum(getattr(o, attr) for o in outs.values())  # noqa: E731
     padding = total("header_pad") + total("tensor_pad")
@@ -334,9 +336,10 @@ def bench_model(which: str, args: argparse.Namespace) -> dict[str, object]:
     if step("hash", "hashing"):
         result["hash_GBps"] = time_hashing(tasks, args.repeats)
     if step("bytes", "bytes"):
-        if not (scratch / "reference").is_dir():
-            run_split(tasks, scratch / "reference")
-        result["bytes"] = byte_accounting(tasks, scratch / "reference")
+        two_file = scratch / "two-file"  # one shared file a task: the foundation, as 0.1 laid a split out
+        if not two_file.is_dir():
+            run_split(tasks, two_file, cut="none", max_shared_files=1)
+        result["bytes"] = byte_accounting(tasks, two_file)
     if step("phases", f"phases ({args.phases} splits)"):
         result["phases"] = split_phases(tasks, scratch / "phases", args.phases)
     if args.profile:
