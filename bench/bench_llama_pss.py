@@ -8,13 +8,14 @@ decodes a fixed prompt, prints READY and waits. With all three READY, the parent
 /proc/PID/smaps_rollup (Pss, Pss_File, Pss_Anon) and /proc/PID/smaps (Pss of the mappings of .gguf files).
 Three sets of three processes run one after the other (never two sets at once, so no set shares pages
 with another):
-- split: [adaptor-<task>.gguf, foundation.gguf] via llama_model_load_from_splits, tasks chat, code, summarize
+- split: each task's files ([adaptor-<task>.gguf, its shared files in order]) via
+  llama_model_load_from_splits, tasks chat, code, summarize
   of a split of SmolLM2 base + its three fine-tunes (bench/common.py);
 - original: the three original fine-tuned GGUFs;
 - runtime: the same processes loading no model (interpreter, llama-cpp-python, llama.cpp libraries), the
   baseline for what is not model memory.
 
-Goal: sum of PSS of the split set <= 1.1 x (foundation + the three adaptors' file sizes); reported as is and
+Goal: sum of PSS of the split set <= 1.1 x (the sizes of the files the three tasks load); reported as is and
 without the runtime baseline, along with the split/original ratio.
 
 Usage: python bench/bench_llama_pss.py [--model smollm2] [--keep]
@@ -183,7 +184,8 @@ def print_set(s: SetResult) -> None:
 
 
 def report(split_set: SetResult, orig: SetResult, runtime: SetResult, files: dict[str, int]) -> None:
-    """`files`: file name -> size of the split's foundation + 3 adaptors, and of the 3 originals."""
+    """`files`: file name -> size of the files the 3 tasks load (adaptors, shared files), and of the 3
+    originals."""
     for s in (split_set, orig, runtime):
         print_set(s)
     split_files = sum(files[f] for f in split_set.files())
@@ -197,7 +199,7 @@ def report(split_set: SetResult, orig: SetResult, runtime: SetResult, files: dic
         ("sum Pss, runtime only (MiB)", base / MIB),
         ("sum Pss outside .gguf mappings, split (MiB)", (sp - split_set.gguf_pss) / MIB),
         ("sum Pss outside .gguf mappings, original (MiB)", (op - orig.gguf_pss) / MIB),
-        ("split files: foundation + 3 adaptors (MiB)", split_files / MIB),
+        ("split files: 3 adaptors + shared files (MiB)", split_files / MIB),
         ("original files: 3 GGUFs (MiB)", orig_files / MIB),
         (f"split Pss / split files (goal <= {GOAL})", sp / split_files),
         ("split .gguf Pss / split files", split_set.gguf_pss / split_files),
@@ -233,12 +235,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="llama_pss.", dir=WORK))
     try:
         rep = split({t: os.fspath(p) for t, p in models.items()}, tmp / "split")
-        adaptors = {t.task: t.adaptor for t in rep.tasks}
-        served = [rep.foundation, *(adaptors[t] for t in TASKS), *(os.fspath(models[t]) for t in TASKS)]
+        task_files = {t.task: [t.adaptor, *(os.path.join(rep.directory, f) for f in t.files)] for t in rep.tasks}
+        served = [*dict.fromkeys(f for t in TASKS for f in task_files[t]), *(os.fspath(models[t]) for t in TASKS)]
         files = {os.path.basename(f): os.path.getsize(f) for f in served}
         print(f"{args.model}: split of {', '.join(models)} in {tmp}; serving {', '.join(TASKS)}")
-        split_set = run_set("split [adaptor, foundation]",
-                            {f"{t} (split)": [adaptors[t], rep.foundation] for t in TASKS})
+        split_set = run_set("split [adaptor, shared files]", {f"{t} (split)": task_files[t] for t in TASKS})
         orig = run_set("original GGUFs", {f"{t} (original)": [os.fspath(models[t])] for t in TASKS})
         runtime = run_set("runtime only (no model)", {f"runtime {i}": [] for i in range(len(TASKS))})
         report(split_set, orig, runtime, files)

@@ -269,9 +269,9 @@ def run_set(name: str, scratch: Path, skip_memory: bool) -> dict[str, Any]:
     d.mkdir(parents=True)
     print(f"[{name}] splitting {len(paths)} models", file=sys.stderr)
     rep = split({t: str(p) for t, p in paths.items() if t in ("base", *tasks)}, d / "split", link=True)
-    adaptor = {t.task: t.adaptor for t in rep.tasks}
-    base_split = [adaptor["base"], rep.foundation]
-    first_split = str(Path(rep.directory) / "base-00001-of-00002.gguf")
+    base_task = next(t for t in rep.tasks if t.task == "base")
+    base_split = [base_task.adaptor, *(str(Path(rep.directory) / f) for f in base_task.files)]
+    first_split = str(Path(rep.directory) / f"base-00001-of-{len(base_split):05d}.gguf")  # --link's name
 
     result: dict[str, Any] = {"set": name, "tasks": {}}
     with LlamaLora([str(base)], n_ctx=512) as tok:
