@@ -314,6 +314,7 @@ _SCALE = r"""
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[2] + "/survey")
 from test_survey import make_many
 from gguf_split.disk.manifest_cache import RACY_NS, ManifestCache
 from gguf_split.survey.run import survey

@@ -41,7 +41,8 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-import test_fuzz as engine  # noqa: E402  (tests/test_fuzz.py: the mutation engine and the targets)
+sys.path.insert(0, str(HERE.parent / "tests" / "safety"))
+import test_fuzz as engine  # noqa: E402  (tests/safety/test_fuzz.py: the mutation engine and the targets)
 
 ESCAPES = HERE / "work" / "fuzz-escapes"
 
