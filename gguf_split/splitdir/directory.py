@@ -63,15 +63,21 @@ def read_consistently(directories: Iterable[str | os.PathLike[str]], attempt: Ca
                       discard: Callable[[T], None] | None = None) -> T:
     """`attempt()` (list a split directory and open what it needs) as of one state of `directories`: run
     again while a commit changes them meanwhile (`discard` releases a result taken while they changed).
-    A failure while nothing changed is raised at once: it is about the files, not about a race."""
+    A failure while nothing changed is tried once more and then raised: it is about the files, not about a
+    race. (Once more, because a file deleted and made again between the two listings can look unchanged:
+    file systems such as ext4 give the new file the inode number the old one freed. A file the reader holds
+    open keeps its inode, so a read that succeeded cannot be fooled that way.)"""
     dirs = list(dict.fromkeys(os.fspath(d) for d in directories))
+    failed_unchanged = False
     for n in range(READ_TRIES):
         before = _entries(dirs)
         try:
             result = attempt()
         except (GGUFSplitError, OSError):
-            if n + 1 == READ_TRIES or _entries(dirs) == before:
+            unchanged = _entries(dirs) == before
+            if n + 1 == READ_TRIES or (unchanged and failed_unchanged):
                 raise
+            failed_unchanged = failed_unchanged or unchanged
         else:
             if _entries(dirs) == before:
                 return result
