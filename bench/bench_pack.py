@@ -23,8 +23,9 @@ llama-quantize made from it; bench/models.py) and prints per set: each file's co
 of the tensors and header pieces it is the first file to hold) as a fraction of its size (the source: goals
 <= 0.84 F16, <= 0.66 BF16; each quant beyond the source: goal <= 2 %), the whole pack against ggufpacker's
 (<work>/ggufpacker/<set>/check.json, made by `models.py --ggufpacker`), the per-file zstd -9 sum and the
-version-1 pack of `--v1-tree` (default: `git archive main`, packed in the same run), and unpack MB/s on
-`--threads` threads with its peak anonymous memory (goal >= 50 MB/s on 2).
+version-1 pack of `--v1-tree` (default: `git archive` of V1_WRITER, the last commit writing format 1,
+packed in the same run), and unpack MB/s on `--threads` threads with its peak anonymous memory (goal >= 50
+MB/s on 2).
 
 Sets: the real ones made with llama.cpp's `llama-export-lora` by the bench-infra branch's bench/models.py,
 read from `<work>/sets/<set>/manifest.json` when present (`--source export-lora`), else the
@@ -349,15 +350,19 @@ def measure(name: str, source: str, scratch: Path, threads: int, baselines: bool
 LADDERS = ("ladder-smollm2-f16", "ladder-smollm2-bf16", "ladder-gemma3-f16", "ladder-gemma3-bf16")
 
 
+# main just before the ladder merge (d404a4a): the last writer of pack format version 1
+V1_WRITER = "7917642e0ab51ae1e6f5f391951124f1f3b3733e"
+
+
 def _main_tree(scratch: Path) -> Path:
-    """`git archive main` of this checkout: the version-1 writer the ladders are compared with."""
+    """`git archive V1_WRITER` of this checkout: the version-1 writer the ladders are compared with."""
     import io
     import tarfile
 
     d = scratch / "v1-tree"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    tar = subprocess.run(["git", "-C", str(HERE.parent), "archive", "--format=tar", "main", "gguf_split"],
+    tar = subprocess.run(["git", "-C", str(HERE.parent), "archive", "--format=tar", V1_WRITER, "gguf_split"],
                          check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         t.extractall(d)
@@ -708,7 +713,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--ladder", action="store_true", help="the quantization ladders (ladder-* sets) instead")
     ap.add_argument("--v1-tree", type=Path, help="--ladder: the tree whose version-1 writer packs the ladders "
-                                                  "too (default: git archive main)")
+                                                  "too (default: git archive V1_WRITER, main before format 2)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
