@@ -271,7 +271,7 @@ def run_set(name: str, scratch: Path, skip_memory: bool) -> dict[str, Any]:
     rep = split({t: str(p) for t, p in paths.items() if t in ("base", *tasks)}, d / "split", link=True)
     base_task = next(t for t in rep.tasks if t.task == "base")
     base_split = [base_task.adaptor, *(str(Path(rep.directory) / f) for f in base_task.files)]
-    first_split = str(Path(rep.directory) / f"base-00001-of-{len(base_split):05d}.gguf")  # --link's name
+    first_split = base_task.links[0]  # llama.cpp's name for the first file (link=True made it)
 
     result: dict[str, Any] = {"set": name, "tasks": {}}
     with LlamaLora([str(base)], n_ctx=512) as tok:

@@ -354,7 +354,7 @@ LADDERS = ("ladder-smollm2-f16", "ladder-smollm2-bf16", "ladder-gemma3-f16", "la
 V1_WRITER = "7917642e0ab51ae1e6f5f391951124f1f3b3733e"
 
 
-def _main_tree(scratch: Path) -> Path:
+def _v1_tree(scratch: Path) -> Path:
     """`git archive V1_WRITER` of this checkout: the version-1 writer the ladders are compared with."""
     import io
     import tarfile
@@ -721,7 +721,7 @@ def main() -> None:
         return
     if a.ladder:
         sets = [s for s in a.sets if s.startswith("ladder-")] or list(LADDERS)
-        res = [measure_ladder(s, a.scratch, a.threads, a.v1_tree or _main_tree(a.scratch)) for s in sets]
+        res = [measure_ladder(s, a.scratch, a.threads, a.v1_tree or _v1_tree(a.scratch)) for s in sets]
         print(ladder_table(res))
         if a.json:
             a.json.write_text(json.dumps(res, indent=1, default=str))
